@@ -1,0 +1,23 @@
+"""bitcompiler: few-bit, binary and sub-bit neural networks, compiled to fast code.
+
+    >>> import torch, bitcompiler as bc
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    >>> cm = bc.compile(model, (torch.randn(1, 64),), target="cpu", scheme="binary:act=binary")
+    >>> print(cm.report())  # doctest: +SKIP
+"""
+
+from bitcompiler import ops  # noqa: F401 - registers the bitc custom ops
+from bitcompiler.api import CompiledModel, compile, load, prepare
+from bitcompiler.backends.base import Target
+from bitcompiler.backends.lower import LoweringError
+from bitcompiler.capture import CaptureError
+from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, graph_pass
+from bitcompiler.quant.schemes import Scheme
+from bitcompiler.report import Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError", "CompiledModel", "LoweringError", "Pass", "PassError", "Pipeline", "PipelineError",
+    "Report", "Scheme", "Target", "compile", "graph_pass", "load", "prepare",
+]

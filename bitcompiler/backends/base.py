@@ -1,0 +1,109 @@
+"""Targets and the backend interface shared by cpu, cuda and cortex-m.
+
+A backend turns the target-independent Relax ``IRModule`` (bitc kernels as
+plain TIR, no packed-function calls) into something that runs: a shared
+library on the host, a CUDA module, or a C bundle with a static memory plan.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FAMILIES = {
+    "cpu": "cpu",
+    "cuda": "cuda",
+    "cortex-m3": "cortex-m",
+    "cortex-m4": "cortex-m",
+    "cortex-m7": "cortex-m",
+    "cortex-m55": "cortex-m",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where compiled code runs. ``Target("cpu")`` is the host (LLVM, detected ``-mcpu``).
+
+    >>> Target("cpu").family
+    'cpu'
+    """
+
+    name: str = "cpu"
+    options: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __init__(self, name: str = "cpu", **options: Any) -> None:
+        if name not in FAMILIES:
+            raise ValueError(f"unknown target {name!r}; valid targets: {', '.join(FAMILIES)}")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "options", tuple(sorted(options.items())))
+
+    @classmethod
+    def parse(cls, target: str | Target) -> Target:
+        return target if isinstance(target, Target) else cls(target)
+
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.name]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+    def tvm_target(self) -> Any:
+        """The ``tvm.target.Target`` this target compiles with."""
+        import tvm
+
+        if self.family == "cpu":
+            from tvm.target import codegen
+
+            mcpu = self.get("mcpu") or codegen.llvm_get_system_cpu()
+            return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": _cores()})
+        if self.family == "cuda":
+            return tvm.target.Target({"kind": "cuda", "arch": self.get("arch", "sm_80")})
+        return tvm.target.Target({"kind": "c"})
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return self.name + (f"({opts})" if opts else "")
+
+
+def _cores() -> int:
+    import os
+
+    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+
+
+class Runner(ABC):
+    """A compiled model ready to run: numpy arrays in, numpy arrays out."""
+
+    @abstractmethod
+    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+
+    @abstractmethod
+    def export(self, directory: Path) -> list[str]:
+        """Write the artifact files into ``directory``; return their names."""
+
+
+class Backend(ABC):
+    """Builds a Relax IRModule for one target family."""
+
+    family: str = ""
+
+    @abstractmethod
+    def build(self, mod: Any, target: Target) -> Runner: ...
+
+    @abstractmethod
+    def load(self, directory: Path, target: Target) -> Runner: ...
+
+
+def backend_for(target: Target) -> Backend:
+    if target.family == "cpu":
+        from bitcompiler.backends.cpu import CPUBackend
+
+        return CPUBackend()
+    raise NotImplementedError(
+        f"target {target.name!r} ({target.family}) has no backend in this version yet; use target='cpu'"
+    )

@@ -1,0 +1,80 @@
+"""Host CPU backend: LLVM with the detected ``-mcpu``, run by the Relax VM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitcompiler.backends.base import Backend, Runner, Target
+
+LIB = "model.so"
+
+
+def relax_pipeline(target: Any) -> Any:
+    """TVM's CPU pipeline plus default schedules (dlight) for the float ops bitcompiler leaves to Relax.
+
+    The bitc kernels are already scheduled and marked opaque, so fusion and
+    dlight leave them as they are.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend import cpu_generic
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    del relax
+    return _pipeline
+
+
+class CPURunner(Runner):
+    def __init__(self, executable: Any) -> None:
+        import tvm
+        from tvm import relax
+
+        self.executable = executable
+        self.vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._tvm = tvm
+
+    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        args = [self._tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs]
+        out = self.vm["main"](*args)
+        return [o.numpy() for o in _flatten(out)]
+
+    def export(self, directory: Path) -> list[str]:
+        self.executable.export_library(str(directory / LIB))
+        return [LIB]
+
+
+def _flatten(out: Any) -> list:
+    if hasattr(out, "numpy"):
+        return [out]
+    return [t for o in out for t in _flatten(o)]
+
+
+class CPUBackend(Backend):
+    family = "cpu"
+
+    def build(self, mod: Any, target: Target) -> CPURunner:
+        import tvm
+
+        tvm_target = target.tvm_target()
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+        return CPURunner(executable)
+
+    def load(self, directory: Path, target: Target) -> CPURunner:
+        import tvm
+
+        return CPURunner(tvm.runtime.load_module(str(directory / LIB)))

@@ -1,0 +1,149 @@
+"""Rewritten FX graph -> Relax IRModule.
+
+The graph is exported with a dynamic batch dimension and handed to TVM's own
+Relax frontend (``from_exported_program``); only the ``bitc`` ops need
+converters, which emit ``call_tir`` of the TIR bit kernels. Everything else is
+Relax's lowering.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import fx
+
+from bitcompiler.ops import conv_out_size
+
+
+class LoweringError(RuntimeError):
+    """The graph could not be lowered to TVM; names the op."""
+
+
+def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """``torch.export`` with dimension 0 of every input dynamic (the batch)."""
+    batch = torch.export.Dim("batch", min=1, max=2**20)
+    dynamic = tuple({0: batch} for _ in example_inputs)
+    try:
+        return torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # noqa: BLE001
+        # a model that fixes the batch (e.g. x.view(1, -1)) cannot be dynamic: fall back to static
+        try:
+            return torch.export.export(gm, tuple(example_inputs), strict=False)
+        except Exception:  # noqa: BLE001
+            raise LoweringError(f"torch.export of the rewritten graph failed: {e}") from e
+
+
+def _shape(expr: Any) -> list:
+    return list(expr.ty.shape)
+
+
+def _int(v: Any) -> int:
+    return int(v)
+
+
+def _emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
+    from tvm import relax
+
+    prim = prim.with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True)  # opaque: never fused
+    gv = bb.add_func(prim, name)
+    return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
+
+
+def _quantized_input(bb: Any, x: Any, act: str, target: str, nchw: tuple | None, words: tuple | None) -> list:
+    """Activation -> the kernel's input buffers for act mode ``act``."""
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    shape = _shape(x)
+    m, rest = shape[0], [_int(d) for d in shape[1:]]
+    if act == "float":
+        return [x]
+    if act == "int8":
+        prim = kernels.quantize_rows_int8(tuple(rest))
+        out = _emit_kernel(bb, prim, "bitc_quantize_int8", [x],
+                           [relax.TensorType(shape, "int8"), relax.TensorType((m,), "float32")])
+        return [bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))]
+    if nchw is None:
+        (k,) = rest
+        prim = kernels.pack_sign_rows(k)
+        return [_emit_kernel(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
+    c, h, w, groups = nchw
+    prim = kernels.pack_sign_nchw(c, h, w, groups)
+    return [_emit_kernel(bb, prim, "bitc_pack_sign_nchw", [x],
+                         relax.TensorType((m, h, w, groups, words[0]), "int32"))]
+
+
+def _epilogue_args(env: dict, args: tuple, threshold: bool) -> list:
+    planes, scale, offset, bias, thr_sign, thr = (env[a] for a in args[1:7])
+    return [planes, thr_sign, thr] if threshold else [planes, scale, offset, bias]
+
+
+def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    bb, env = importer.block_builder, importer.env
+    x = env[node.args[0]]
+    k, code, act, threshold, has_offset = node.args[7:12]
+    planes = env[node.args[1]]
+    bits, n, kw = (_int(d) for d in _shape(planes))
+    shape = _shape(x)
+    lead = shape[:-1]
+    rows = math.prod(lead) if len(lead) > 1 else lead[0]
+    x2 = bb.emit(relax.op.reshape(x, (rows, k))) if len(lead) > 1 else x
+    inputs = _quantized_input(bb, x2, act, "llvm", None, (kw,))
+    spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
+    name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
+    y = _emit_kernel(bb, kernels.dense_kernel(spec), name, inputs + _epilogue_args(env, node.args, threshold),
+                     relax.TensorType((rows, n), "float32"))
+    return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
+
+
+def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    bb, env = importer.block_builder, importer.env
+    x = env[node.args[0]]
+    c, kernel, stride, padding, dilation, groups, code, act, threshold, has_offset = node.args[7:17]
+    planes = env[node.args[1]]
+    bits, o, _, _, cwg = (_int(d) for d in _shape(planes))
+    m, _, h, w = _shape(x)
+    h, w = _int(h), _int(w)
+    inputs = _quantized_input(bb, x, act, "llvm", (c, h, w, groups), (cwg,))
+    spec = kernels.ConvSpec(c, o, h, w, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups,
+                            bits, code, act, bool(has_offset), bool(threshold))
+    oh = conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0])
+    ow = conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1])
+    name = f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}" + ("_thr" if threshold else "")
+    return _emit_kernel(bb, kernels.conv2d_kernel(spec), name,
+                        inputs + _epilogue_args(env, node.args, threshold),
+                        relax.TensorType((m, o, oh, ow), "float32"))
+
+
+CONVERTERS = {"bit_linear.default": convert_bit_linear, "bit_conv2d.default": convert_bit_conv2d}
+
+
+def to_relax(ep: torch.export.ExportedProgram) -> Any:
+    """ExportedProgram -> Relax IRModule (TVM's frontend + bitc converters)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        return from_exported_program(ep, custom_convert_map=CONVERTERS)
+    except Exception as e:  # noqa: BLE001
+        op = _unsupported_op(str(e))
+        hint = f"op {op} has no TVM lowering" if op else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        raise LoweringError(f"cannot lower the graph to TVM: {hint}. Replace that op in the model or "
+                            "report it; the PyTorch reference (CompiledModel.reference) still runs.") from e
+
+
+def _unsupported_op(message: str) -> str | None:
+    for line in message.splitlines():
+        if "Unsupported function type" in line or "not supported" in line.lower():
+            return line.strip()
+    return None

@@ -1,0 +1,27 @@
+"""Named graph rewrites and the pipeline that runs them (see ``pipeline.py``).
+
+Passes live in ``bitcompiler/passes/`` (not a top-level ``passes`` package) so
+that ``import passes`` never clashes with another distribution.
+"""
+
+from bitcompiler.passes.pipeline import (
+    Pass,
+    PassContext,
+    PassError,
+    Pipeline,
+    PipelineError,
+    check_order,
+    graph_pass,
+    verify_graph,
+)
+from bitcompiler.passes.canonicalize import canonicalize
+from bitcompiler.passes.fold_batchnorm import fold_batchnorm
+from bitcompiler.passes.insert_quantizers import insert_quantizers
+from bitcompiler.passes.fold_scales import fold_scales
+from bitcompiler.passes.pack_weights import pack_weights
+from bitcompiler.passes.lower_bit_ops import lower_bit_ops
+
+__all__ = [
+    "Pass", "PassContext", "PassError", "Pipeline", "PipelineError", "check_order", "graph_pass", "verify_graph",
+    "canonicalize", "fold_batchnorm", "insert_quantizers", "fold_scales", "pack_weights", "lower_bit_ops",
+]

@@ -1,0 +1,94 @@
+"""fold_scales: integer codes with the scales pulled out.
+
+``W = α + δ·Q`` gives ``y = δ·(Q x) + α·Σx``: each quantized layer becomes a
+bit layer holding integer codes and a per-channel affine epilogue. Per-channel
+affines that follow (BatchNorm, scalar mul/add) merge into that epilogue, and
+a binary layer whose output only feeds sign() of other binary layers gets
+integer thresholds (``sign(δ·acc + b)`` -> ``acc >= ⌈−b/δ⌉``).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from bitcompiler.passes.fold_batchnorm import bn_affine
+from bitcompiler.passes.graph_utils import (
+    SIGN_PRESERVING_FUNCS,
+    SIGN_PRESERVING_MODULES,
+    finish,
+    module_of,
+    set_module,
+)
+from bitcompiler.passes.pipeline import Pass
+from bitcompiler.quant.bitlayers import BIT_LAYERS, to_bit_layer
+from bitcompiler.quant.modules import QUANT_LAYERS
+
+_MUL = (operator.mul, torch.mul, "mul")
+_ADD = (operator.add, torch.add, "add")
+
+
+def _following_affine(gm: fx.GraphModule, node: fx.Node, channels: int) -> tuple | None:
+    """(scale, shift) of a per-channel affine applied to ``node``'s only use, else None."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    m = module_of(gm, user)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None and user.args[0] is node:
+        return (user, *bn_affine(m))
+    if user.op in ("call_function", "call_method") and len(user.args) == 2 and not user.kwargs:
+        a, b = user.args
+        other = b if a is node else a
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            ones = torch.ones(channels)
+            if user.target in _MUL:
+                return user, ones * float(other), torch.zeros(channels)
+            if user.target in _ADD:
+                return user, ones, ones * float(other)
+    return None
+
+
+def _feeds_only_binary_layers(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Every path from ``node`` reaches sign() of a binary bit layer through sign-preserving ops."""
+    if not node.users:
+        return False
+    for user in node.users:
+        m = module_of(gm, user)
+        if isinstance(m, BIT_LAYERS):
+            if m.act != "binary" or user.args[0] is not node:
+                return False
+        elif isinstance(m, SIGN_PRESERVING_MODULES) or (
+            user.op in ("call_function", "call_method") and user.target in SIGN_PRESERVING_FUNCS
+            and user.args[0] is node
+        ):
+            if not _feeds_only_binary_layers(gm, user):
+                return False
+        else:
+            return False
+    return True
+
+
+def run(gm: fx.GraphModule) -> fx.GraphModule:
+    for node in gm.graph.nodes:
+        if isinstance(module_of(gm, node), QUANT_LAYERS):
+            set_module(gm, str(node.target), to_bit_layer(module_of(gm, node)))
+    for node in list(gm.graph.nodes):
+        layer = module_of(gm, node)
+        if not isinstance(layer, BIT_LAYERS):
+            continue
+        while (found := _following_affine(gm, node, layer.scale.shape[0])) is not None:
+            user, scale, shift = found
+            layer.merge_affine(scale, shift)
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+    for node in gm.graph.nodes:
+        layer = module_of(gm, node)
+        if (isinstance(layer, BIT_LAYERS) and layer.act == "binary" and not layer.has_offset
+                and _feeds_only_binary_layers(gm, node)):
+            layer.set_thresholds()
+    return finish(gm)
+
+
+fold_scales = Pass("fold_scales", run, frozenset({"quantized"}), frozenset({"folded"}))

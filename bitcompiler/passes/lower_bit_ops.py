@@ -1,0 +1,36 @@
+"""lower_bit_ops: packed bit layers -> ``bitc`` custom-op calls.
+
+The graph stays runnable in PyTorch (the ops' CPU implementation is the
+reference numerics) and is what ``torch.export`` hands the TVM frontend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from bitcompiler.passes.graph_utils import module_of
+from bitcompiler.passes.pipeline import Pass
+from bitcompiler.quant.bitlayers import BIT_LAYERS, BitLinear
+
+_TENSORS = ("planes", "scale", "offset", "bias", "thr_sign", "thr")
+
+
+def run(gm: fx.GraphModule) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        m = module_of(gm, node)
+        if not isinstance(m, BIT_LAYERS) or not m.packed:
+            continue
+        op = torch.ops.bitc.bit_linear.default if isinstance(m, BitLinear) else torch.ops.bitc.bit_conv2d.default
+        with gm.graph.inserting_before(node):
+            tensors = [gm.graph.get_attr(f"{node.target}.{t}") for t in _TENSORS]
+            call = gm.graph.call_function(op, (node.args[0], *tensors, *m.op_args().values()))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+lower_bit_ops = Pass("lower_bit_ops", run, frozenset({"packed"}), frozenset({"bitc_ops"}))

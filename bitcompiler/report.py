@@ -1,0 +1,120 @@
+"""What a compiled model costs: bits per weight and bytes per layer, and what stayed float."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx, nn
+
+from bitcompiler.quant import numerics
+from bitcompiler.quant.bitlayers import BIT_LAYERS
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    op: str
+    scheme: str
+    bits_per_weight: float
+    weight_bytes: int
+    weights: int
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """Per-layer rows plus totals; ``str()`` is a table, ``to_dict()`` is JSON-ready."""
+
+    layers: list[LayerRow]
+    target: str
+    scheme: str
+    float_ops: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(r.weight_bytes for r in self.layers)
+
+    @property
+    def float_weight_bytes(self) -> int:
+        return 4 * sum(r.weights for r in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return numerics.bits_per_weight(sum(r.weights for r in self.layers), self.weight_bytes)
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "scheme": self.scheme,
+            "layers": [asdict(r) for r in self.layers],
+            "bits_per_weight": self.bits_per_weight,
+            "weight_bytes": self.weight_bytes,
+            "float_weight_bytes": self.float_weight_bytes,
+            "float_ops": dict(self.float_ops),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Report:
+        known = {"target", "scheme", "layers", "bits_per_weight", "weight_bytes", "float_weight_bytes", "float_ops"}
+        return cls([LayerRow(**r) for r in d["layers"]], d["target"], d["scheme"], d.get("float_ops", {}),
+                   {k: v for k, v in d.items() if k not in known})
+
+    def __str__(self) -> str:
+        head = ("layer", "op", "scheme", "bits/w", "bytes", "note")
+        rows = [(r.name, r.op, r.scheme, f"{r.bits_per_weight:.3f}", f"{r.weight_bytes:,}", r.note)
+                for r in self.layers]
+        total = ("total", "", self.scheme, f"{self.bits_per_weight:.3f}", f"{self.weight_bytes:,}",
+                 f"float32: {self.float_weight_bytes:,} B ({self.compression:.1f}x smaller)")
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, total)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [f"bitcompiler report — target {self.target}", fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in rows] + [fmt.format(*total)]
+        if self.float_ops:
+            lines.append("ops run in float: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.float_ops.items())))
+        for k, v in self.extra.items():
+            lines.append(f"{k}: {v}")
+        return "\n".join(line.rstrip() for line in lines)
+
+    @property
+    def compression(self) -> float:
+        return self.float_weight_bytes / self.weight_bytes if self.weight_bytes else 1.0
+
+
+def _bit_row(name: str, m: nn.Module) -> LayerRow:
+    numel = m.out_features * m.in_features if m.op == "linear" else (
+        m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+    words = m.planes.numel() if m.packed else m.bits * m.codes.numel() // 32
+    n_bytes = numerics.packed_weight_bytes(words, m.n_floats)
+    note = f"act={m.act}" + (", integer threshold" if m.threshold else "")
+    return LayerRow(name, m.op, m.label, numerics.bits_per_weight(numel, n_bytes), n_bytes, numel, note)
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def build_report(gm: fx.GraphModule, target: str, scheme: str, notes: list) -> Report:
+    """Rows for every weighted layer of the rewritten graph, bit layers and float ones."""
+    noted = dict(notes)
+    rows = []
+    for name, m in gm.named_modules():
+        if isinstance(m, BIT_LAYERS):
+            rows.append(_bit_row(name, m))
+        elif name and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2 and not any(
+            isinstance(c, BIT_LAYERS) for c in m.modules()
+        ):
+            numel = m.weight.numel()
+            rows.append(LayerRow(name, type(m).__name__, "float", 32.0, 4 * numel, numel, noted.get(name, "")))
+    float_ops: Counter[str] = Counter()
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_module", "call_method") and "bitc" not in str(node.target):
+            float_ops[_op_name(gm, node)] += 1
+    return Report(rows, target, scheme, dict(float_ops))
