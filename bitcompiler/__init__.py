@@ -6,7 +6,7 @@
     >>> print(cm.report())  # doctest: +SKIP
 """
 
-from bitcompiler import ops  # noqa: F401 - registers the bitc custom ops
+from bitcompiler import ops, train  # noqa: F401 - ops registers the bitc custom ops
 from bitcompiler.api import CompiledModel, compile, load, prepare
 from bitcompiler.backends.base import Target
 from bitcompiler.backends.lower import LoweringError

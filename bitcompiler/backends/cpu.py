@@ -20,7 +20,7 @@ def relax_pipeline(target: Any) -> Any:
     """
     import tvm
     from tvm import relax
-    from tvm.relax.backend import cpu_generic
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
     @tvm.transform.module_pass(opt_level=0)

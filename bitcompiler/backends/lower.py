@@ -9,6 +9,7 @@ Relax's lowering.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -25,8 +26,12 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.Expo
     """``torch.export`` with dimension 0 of every input dynamic (the batch)."""
     batch = torch.export.Dim("batch", min=1, max=2**20)
     dynamic = tuple({0: batch} for _ in example_inputs)
+    # torch.export specializes a dimension whose example size is 1: trace with a batch of 2
+    traced_with = tuple(torch.cat([x[:1], x[:1]]) for x in example_inputs)
     try:
-        return torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
+        with warnings.catch_warnings():  # torch's own pytree deprecation noise
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.export.export(gm, traced_with, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001
         # a model that fixes the batch (e.g. x.view(1, -1)) cannot be dynamic: fall back to static
         try:
@@ -46,7 +51,8 @@ def _int(v: Any) -> int:
 def _emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
     from tvm import relax
 
-    prim = prim.with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True)  # opaque: never fused
+    # opaque: never fused with neighbours; scheduled: dlight leaves it alone; the symbol comes from the name
+    prim = prim.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
     gv = bb.add_func(prim, name)
     return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
 

@@ -1,0 +1,1 @@
+"""Benchmarks: bitcompiler against baselines run in the same process (``python -m bench``)."""

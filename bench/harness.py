@@ -1,0 +1,49 @@
+"""Timing helpers shared by the benchmarks: median of repeated runs after warm-up."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+
+def median_seconds(fn: Callable[[], object], repeat: int = 50, min_time: float = 0.2) -> float:
+    """Median wall time of ``fn()`` over at least ``repeat`` runs and ``min_time`` seconds."""
+    for _ in range(3):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) > 10_000:
+            break
+    return statistics.median(times)
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    import tvm
+
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
+            "torch": torch.__version__, "tvm": tvm.__version__}
+
+
+def run_in_subprocess(module: str, threads: int, *args: str) -> str:
+    """Run ``python -m module`` with the thread count fixed before torch/TVM import (TVM reads it once)."""
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), BENCH_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-m", module, *args], env=env, check=True, capture_output=True, text=True)
+    return out.stdout

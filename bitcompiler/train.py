@@ -1,0 +1,91 @@
+"""A plain training loop for float and ``prepare``d models, with a progress bar.
+
+    >>> import torch, bitcompiler as bc
+    >>> from torch.utils.data import TensorDataset
+    >>> data = TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
+    >>> net = bc.prepare(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)))
+    >>> history = bc.train.fit(net, data, epochs=1, progress=False)
+    >>> len(history.loss) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+
+@dataclass
+class History:
+    loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on a dataset of (input, label) pairs."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in DataLoader(data, batch_size=batch_size):
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    epochs: int = 1,
+    lr: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    val_data: Dataset | None = None,
+    progress: bool = True,
+    batch_size: int = 128,
+    time_budget: float | None = None,
+    seed: int = 0,
+) -> History:
+    """Train with cross-entropy; Adam (lr 1e-3) unless an optimizer is given.
+
+    ``time_budget`` (seconds) stops training early, keeping runs bounded.
+    """
+    torch.manual_seed(seed)
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr or 1e-3)
+    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True)
+    history = History()
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        correct = seen = 0
+        for x, y in bar:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.loss.append(loss.item())
+            history.steps += 1
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
+            if time_budget is not None and time.perf_counter() - start > time_budget:
+                break
+        history.train_accuracy.append(correct / max(seen, 1))
+        if val_data is not None:
+            history.val_accuracy.append(accuracy(model, val_data))
+        if time_budget is not None and time.perf_counter() - start > time_budget:
+            break
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
