@@ -1,0 +1,101 @@
+# bitcompiler developer tasks. `make setup` is idempotent: the second run is a no-op
+# (a stamp file records the last install; it is redone when pyproject.toml, constraints.txt
+# or this Makefile change).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.setup-stamp
+# torch goes in first and alone: on an empty venv a bare `torch` requirement pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+EXTRAS := dev,bench
+# Debian packages: Fashion-MNIST IDX files, and the Cortex-M toolchain and emulator.
+APT_PACKAGES := dataset-fashion-mnist gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
+TEST_ENV := BITC_DEBUG=1 TVM_NUM_THREADS=2
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup system-deps test test-slow demo lint bench constraints clean distclean
+
+help:
+	@echo "make setup       create $(VENV) (if missing) and install bitcompiler[$(EXTRAS)] + system packages"
+	@echo "make test        fast tests (not marked slow); PYTEST_ARGS='-k name' to select"
+	@echo "make test-slow   every test, slow ones included"
+	@echo "make demo        train, compile and time a binary CNN (examples/demo.py)"
+	@echo "make lint        ruff check, ruff format --check, mypy bitcompiler"
+	@echo "make bench       run the benchmarks (python -m bench)"
+	@echo "make constraints rewrite constraints.txt from the venv's pip freeze"
+	@echo "make clean       remove caches and build artifacts (keeps $(VENV))"
+
+setup: system-deps $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml constraints.txt Makefile | $(PY)
+	@echo "setup: installing into $(VENV)"
+	@# plain xgboost (and its 300 MB nvidia-nccl) is replaced by xgboost-cpu, which owns the same module
+	@if $(PIP) show -q xgboost >/dev/null 2>&1; then $(PIP) uninstall -q -y xgboost nvidia-nccl-cu12; fi
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PIP) install -q -c constraints.txt --no-deps mlxtend
+	@touch $@
+	@echo "setup: done"
+
+# apt-get only when root and only for what is missing; never fails the build.
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	missing=$$(echo $$missing); \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "setup: no apt-get here; skipping system packages: $$missing"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	    echo "setup: not root; skipping system packages. To get them: sudo apt-get install $$missing"; \
+	else \
+	    echo "setup: apt-get install $$missing"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        $$missing >/dev/null; } || echo "setup: WARNING: apt-get failed; continuing without: $$missing"; \
+	fi
+
+test: setup
+	@$(TEST_ENV) $(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc = 5 ]; then echo "make test: FAILED: pytest collected no tests (exit 5)"; fi; exit $$rc
+
+test-slow: setup
+	@$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc = 5 ]; then echo "make test-slow: FAILED: pytest collected no tests (exit 5)"; fi; exit $$rc
+
+demo: setup
+	$(PY) examples/demo.py
+
+bench: setup
+	$(PY) -m bench
+
+lint: setup
+	@rc=0; \
+	$(VENV)/bin/ruff check . || rc=1; \
+	$(VENV)/bin/ruff format --check . || rc=1; \
+	$(VENV)/bin/mypy bitcompiler || rc=1; \
+	exit $$rc
+
+# The exact tested set: pip freeze without nvidia-* wheels and the editable project, torch's
+# local "+cpu" label dropped (==2.13.0 matches 2.13.0+cpu) and xgboost spelled xgboost-cpu.
+constraints: | $(PY)
+	@{ echo "# Exact versions tested with bitcompiler (make setup installs with -c constraints.txt)."; \
+	   echo "# Regenerate with: make constraints"; \
+	   $(PIP) freeze --exclude-editable | grep -v -i -e '^nvidia-' -e '^bitcompiler' -e '^-e ' \
+	     | sed -e 's/^torch==\([^+]*\)+.*/torch==\1/' -e 's/^xgboost==/xgboost-cpu==/I' \
+	     | LC_ALL=C sort -f -u; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
+	@echo "wrote constraints.txt ($$(grep -c '==' constraints.txt) pins)"
+
+clean:
+	rm -rf build dist out .pytest_cache .ruff_cache .mypy_cache .bitc_cache bench/.tmp
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+
+# Also removes the virtual environment (the next `make setup` rebuilds it).
+distclean: clean
+	rm -rf $(VENV)
