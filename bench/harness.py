@@ -29,21 +29,31 @@ def median_seconds(fn: Callable[[], object], repeat: int = 50, min_time: float =
 def machine() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     import torch
     import tvm
 
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
-            "torch": torch.__version__, "tvm": tvm.__version__}
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tvm": tvm.__version__,
+    }
 
 
 def run_in_subprocess(module: str, threads: int, *args: str) -> str:
     """Run ``python -m module`` with the thread count fixed before torch/TVM import (TVM reads it once)."""
-    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), BENCH_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-m", module, *args], env=env, check=True, capture_output=True, text=True)
+    env = dict(
+        os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), BENCH_THREADS=str(threads)
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, check=True, capture_output=True, text=True
+    )
     return out.stdout

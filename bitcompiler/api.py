@@ -1,10 +1,10 @@
 """``compile()``, ``prepare()``, ``load()`` and ``CompiledModel``.
 
-    >>> import torch, bitcompiler as bc
-    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    >>> cm = bc.compile(model, (torch.randn(1, 64),), scheme="binary")
-    >>> cm(torch.randn(8, 64)).shape
-    torch.Size([8, 10])
+>>> import torch, bitcompiler as bc
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+>>> cm = bc.compile(model, (torch.randn(1, 64),), scheme="binary")
+>>> cm(torch.randn(8, 64)).shape
+torch.Size([8, 10])
 """
 
 from __future__ import annotations
@@ -49,8 +49,17 @@ class CompiledModel:
     round-trip without the original model.
     """
 
-    def __init__(self, runner: Runner, graph: fx.GraphModule, exported: Any, inputs: list[InputSpec],
-                 tuple_output: bool, report: Report, target: Target, dynamic_batch: bool) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        graph: fx.GraphModule,
+        exported: Any,
+        inputs: list[InputSpec],
+        tuple_output: bool,
+        report: Report,
+        target: Target,
+        dynamic_batch: bool,
+    ) -> None:
         self._runner = runner
         self.graph = graph
         self._exported = exported
@@ -62,25 +71,41 @@ class CompiledModel:
 
     def _check(self, inputs: tuple) -> None:
         if len(inputs) != len(self.inputs):
-            raise ValueError(f"expected {len(self.inputs)} input(s) ("
-                             + "; ".join(s.describe() for s in self.inputs) + f"), got {len(inputs)}")
+            raise ValueError(
+                f"expected {len(self.inputs)} input(s) ("
+                + "; ".join(s.describe() for s in self.inputs)
+                + f"), got {len(inputs)}"
+            )
         for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"input {i}: expected a torch.Tensor ({spec.describe()}), got {type(x).__name__}")
+                raise TypeError(
+                    f"input {i}: expected a torch.Tensor ({spec.describe()}), got {type(x).__name__}"
+                )
             got = f"{str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
             if x.dim() != len(spec.shape) + 1 or tuple(x.shape[1:]) != spec.shape:
                 raise ValueError(f"input {i}: expected {spec.describe()}, got {got}")
             if str(x.dtype).removeprefix("torch.") != spec.dtype:
-                raise ValueError(f"input {i}: expected {spec.describe()}, got {got}; convert with .to(torch.{spec.dtype})")
+                raise ValueError(
+                    f"input {i}: expected {spec.describe()}, got {got}; convert with .to(torch.{spec.dtype})"
+                )
             if not self.dynamic_batch and x.shape[0] != self._static_batch:
-                raise ValueError(f"input {i}: this model was compiled with a fixed batch of {self._static_batch} "
-                                 f"(its forward fixes the batch size), got batch {x.shape[0]}")
+                raise ValueError(
+                    f"input {i}: this model was compiled with a fixed batch of {self._static_batch} "
+                    f"(its forward fixes the batch size), got batch {x.shape[0]}"
+                )
 
     @property
     def _static_batch(self) -> int:
-        return int(self._exported.graph_signature and next(
-            n for n in self._exported.graph.nodes if n.op == "placeholder" and n.name in
-            self._exported.graph_signature.user_inputs).meta["val"].shape[0])
+        return int(
+            self._exported.graph_signature
+            and next(
+                n
+                for n in self._exported.graph.nodes
+                if n.op == "placeholder" and n.name in self._exported.graph_signature.user_inputs
+            )
+            .meta["val"]
+            .shape[0]
+        )
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         self._check(inputs)
@@ -126,10 +151,14 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     d = Path(directory)
     meta_path = d / "meta.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: {d} is not a directory written by CompiledModel.export")
+        raise FileNotFoundError(
+            f"{meta_path} not found: {d} is not a directory written by CompiledModel.export"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"{meta_path}: format {meta.get('format')} is not supported (expected {FORMAT_VERSION})"
+        )
     target = Target(meta["target"], **meta.get("target_options", {}))
     runner = backend_for(target).load(d, target)
     import bitcompiler.ops  # noqa: F401 - registers the bitc ops the reference graph calls
@@ -137,8 +166,16 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     exported = torch.export.load(str(d / "reference.pt2"))
     graph = exported.module()
     inputs = [InputSpec(tuple(i["shape"]), i["dtype"]) for i in meta["inputs"]]
-    return CompiledModel(runner, graph, exported, inputs, meta["tuple_output"], Report.from_dict(meta["report"]),
-                         target, meta["dynamic_batch"])
+    return CompiledModel(
+        runner,
+        graph,
+        exported,
+        inputs,
+        meta["tuple_output"],
+        Report.from_dict(meta["report"]),
+        target,
+        meta["dynamic_batch"],
+    )
 
 
 def _normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -148,7 +185,9 @@ def _normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         raise TypeError("example_inputs must be a tuple of tensors, e.g. (torch.randn(1, 3, 32, 32),)")
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"example_inputs[{i}] is a {type(x).__name__}; every example input must be a tensor")
+            raise TypeError(
+                f"example_inputs[{i}] is a {type(x).__name__}; every example input must be a tensor"
+            )
         if x.dim() == 0:
             raise ValueError(f"example_inputs[{i}] is a scalar; inputs need a batch dimension first")
     return tuple(x.detach().cpu() for x in example_inputs)
@@ -173,8 +212,9 @@ def compile(
     The batch dimension stays dynamic; other dimensions are fixed by the example.
     """
     if isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"{model!s}: compiling ONNX files is not supported yet; load the model in PyTorch "
-                         "and pass the nn.Module")
+        raise ValueError(  # noqa: TRY004 - a path is a valid kind of model, just not yet supported
+            f"{model!s}: compiling ONNX files is not supported yet; load the model in PyTorch and pass the nn.Module"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example_inputs = _normalize_inputs(example_inputs)
@@ -183,8 +223,10 @@ def compile(
         scheme = Scheme("none") if is_prepared(model) else Scheme("binary")
     scheme = Scheme.parse(scheme)
     if tune:
-        warnings.warn("tuning is not available in this version; compiling with bitcompiler's hand schedules",
-                      stacklevel=2)
+        warnings.warn(
+            "tuning is not available in this version; compiling with bitcompiler's hand schedules",
+            stacklevel=2,
+        )
     backend = backend_for(target)
     gm = capture(model, example_inputs)
     ctx = PassContext(scheme=scheme, strict=strict, target=target.name, example_inputs=example_inputs)
@@ -192,12 +234,18 @@ def compile(
     with torch.no_grad():
         out = gm(*example_inputs)
     exported = export_graph(gm, example_inputs)
-    dynamic = any(not isinstance(d, int) for n in exported.graph.nodes if n.op == "placeholder"
-                  and "val" in n.meta and hasattr(n.meta["val"], "shape") for d in n.meta["val"].shape)
+    dynamic = any(
+        not isinstance(d, int)
+        for n in exported.graph.nodes
+        if n.op == "placeholder" and "val" in n.meta and hasattr(n.meta["val"], "shape")
+        for d in n.meta["val"].shape
+    )
     runner = backend.build(to_relax(exported), target)
     report = build_report(gm, target.name, str(scheme), ctx.notes)
     inputs = [InputSpec(tuple(x.shape[1:]), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
-    return CompiledModel(runner, gm, exported, inputs, isinstance(out, (tuple, list)), report, target, dynamic)
+    return CompiledModel(
+        runner, gm, exported, inputs, isinstance(out, (tuple, list)), report, target, dynamic
+    )
 
 
 def prepare(model: nn.Module, scheme: str | Scheme = "binary") -> nn.Module:
@@ -230,8 +278,11 @@ def _layer_order(model: nn.Module) -> list[str]:
     kinds = (nn.Linear, nn.Conv2d)
     try:
         gm = symbolic_trace(model)
-        names = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"
-                 and isinstance(gm.get_submodule(str(n.target)), kinds)]
+        names = [
+            str(n.target)
+            for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), kinds)
+        ]
     except Exception:  # noqa: BLE001 - tracing is only used for the order
         names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     return list(dict.fromkeys(names))

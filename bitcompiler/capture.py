@@ -61,7 +61,9 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             return gm if isinstance(gm, fx.GraphModule) else symbolic_trace(gm)
         except Exception as export_error:  # noqa: BLE001
             where = _user_frame(fx_error) or _user_frame(export_error) or "(line unknown)"
-            first = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
+            first = (
+                str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
+            )
             raise CaptureError(
                 f"cannot capture {type(model).__name__}: neither torch.fx nor torch.export can trace it.\n"
                 f"  at {where}\n"

@@ -1,7 +1,7 @@
 """The ``bitc`` command: compile, inspect, bench, demo.
 
-    bitc compile mypkg.models:make_net --shape 1,1,28,28 --scheme binary:act=binary --out out/net
-    bitc inspect out/net
+bitc compile mypkg.models:make_net --shape 1,1,28,28 --scheme binary:act=binary --out out/net
+bitc inspect out/net
 """
 
 from __future__ import annotations

@@ -30,8 +30,16 @@ def bit_linear(
     """Dense bit layer over the last axis of ``x`` (any leading shape)."""
     lead = x.shape[:-1]
     y = numerics.bit_linear(
-        x.reshape(-1, k), planes, k, code, act, scale, offset, bias,
-        thr_sign if threshold else None, thr if threshold else None,
+        x.reshape(-1, k),
+        planes,
+        k,
+        code,
+        act,
+        scale,
+        offset,
+        bias,
+        thr_sign if threshold else None,
+        thr if threshold else None,
     )
     return y.reshape(*lead, planes.shape[1])
 
@@ -62,10 +70,23 @@ def bit_conv2d(
     has_offset: bool,
 ) -> torch.Tensor:
     """Conv2d bit layer, NCHW float32 in and out."""
+    kh, kw = kernel
     return numerics.bit_conv2d(
-        x, planes, in_channels, tuple(kernel), code, act, scale, offset, bias,
-        tuple(stride), tuple(padding), tuple(dilation), groups,
-        thr_sign if threshold else None, thr if threshold else None,
+        x,
+        planes,
+        in_channels,
+        (kh, kw),
+        code,
+        act,
+        scale,
+        offset,
+        bias,
+        (stride[0], stride[1]),
+        (padding[0], padding[1]),
+        (dilation[0], dilation[1]),
+        groups,
+        thr_sign if threshold else None,
+        thr if threshold else None,
     )
 
 
@@ -74,8 +95,25 @@ def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
 
 
 @bit_conv2d.register_fake
-def _(x, planes, scale, offset, bias, thr_sign, thr, in_channels, kernel, stride, padding, dilation, groups,
-      code, act, threshold, has_offset):
+def _(
+    x,
+    planes,
+    scale,
+    offset,
+    bias,
+    thr_sign,
+    thr,
+    in_channels,
+    kernel,
+    stride,
+    padding,
+    dilation,
+    groups,
+    code,
+    act,
+    threshold,
+    has_offset,
+):
     oh = conv_out_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
     return x.new_empty(x.shape[0], planes.shape[1], oh, ow)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -59,22 +60,49 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict) -> Report:
-        known = {"target", "scheme", "layers", "bits_per_weight", "weight_bytes", "float_weight_bytes", "float_ops"}
-        return cls([LayerRow(**r) for r in d["layers"]], d["target"], d["scheme"], d.get("float_ops", {}),
-                   {k: v for k, v in d.items() if k not in known})
+        known = {
+            "target",
+            "scheme",
+            "layers",
+            "bits_per_weight",
+            "weight_bytes",
+            "float_weight_bytes",
+            "float_ops",
+        }
+        return cls(
+            [LayerRow(**r) for r in d["layers"]],
+            d["target"],
+            d["scheme"],
+            d.get("float_ops", {}),
+            {k: v for k, v in d.items() if k not in known},
+        )
 
     def __str__(self) -> str:
         head = ("layer", "op", "scheme", "bits/w", "bytes", "note")
-        rows = [(r.name, r.op, r.scheme, f"{r.bits_per_weight:.3f}", f"{r.weight_bytes:,}", r.note)
-                for r in self.layers]
-        total = ("total", "", self.scheme, f"{self.bits_per_weight:.3f}", f"{self.weight_bytes:,}",
-                 f"float32: {self.float_weight_bytes:,} B ({self.compression:.1f}x smaller)")
+        rows = [
+            (r.name, r.op, r.scheme, f"{r.bits_per_weight:.3f}", f"{r.weight_bytes:,}", r.note)
+            for r in self.layers
+        ]
+        total = (
+            "total",
+            "",
+            self.scheme,
+            f"{self.bits_per_weight:.3f}",
+            f"{self.weight_bytes:,}",
+            f"float32: {self.float_weight_bytes:,} B ({self.compression:.1f}x smaller)",
+        )
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, total)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [f"bitcompiler report — target {self.target}", fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines = [
+            f"bitcompiler report — target {self.target}",
+            fmt.format(*head),
+            fmt.format(*("-" * w for w in widths)),
+        ]
         lines += [fmt.format(*r) for r in rows] + [fmt.format(*total)]
         if self.float_ops:
-            lines.append("ops run in float: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.float_ops.items())))
+            lines.append(
+                "ops run in float: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.float_ops.items()))
+            )
         for k, v in self.extra.items():
             lines.append(f"{k}: {v}")
         return "\n".join(line.rstrip() for line in lines)
@@ -84,9 +112,12 @@ class Report:
         return self.float_weight_bytes / self.weight_bytes if self.weight_bytes else 1.0
 
 
-def _bit_row(name: str, m: nn.Module) -> LayerRow:
-    numel = m.out_features * m.in_features if m.op == "linear" else (
-        m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+def _bit_row(name: str, m: Any) -> LayerRow:
+    numel = (
+        m.out_features * m.in_features
+        if m.op == "linear"
+        else (m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+    )
     words = m.planes.numel() if m.packed else m.bits * m.codes.numel() // 32
     n_bytes = numerics.packed_weight_bytes(words, m.n_floats)
     note = f"act={m.act}" + (", integer threshold" if m.threshold else "")
@@ -108,11 +139,16 @@ def build_report(gm: fx.GraphModule, target: str, scheme: str, notes: list) -> R
     for name, m in gm.named_modules():
         if isinstance(m, BIT_LAYERS):
             rows.append(_bit_row(name, m))
-        elif name and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2 and not any(
-            isinstance(c, BIT_LAYERS) for c in m.modules()
+        elif (
+            name
+            and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() >= 2
+            and not any(isinstance(c, BIT_LAYERS) for c in m.modules())
         ):
             numel = m.weight.numel()
-            rows.append(LayerRow(name, type(m).__name__, "float", 32.0, 4 * numel, numel, noted.get(name, "")))
+            rows.append(
+                LayerRow(name, type(m).__name__, "float", 32.0, 4 * numel, numel, noted.get(name, ""))
+            )
     float_ops: Counter[str] = Counter()
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_module", "call_method") and "bitc" not in str(node.target):

@@ -24,10 +24,19 @@ def small_cnn(size: int) -> nn.Module:
     """conv-BN-hardtanh-pool x3, then a linear classifier (no ReLU before sign: it would erase it)."""
     final = size // 4
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Hardtanh(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.MaxPool2d(2), nn.Hardtanh(),
-        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.MaxPool2d(2), nn.Hardtanh(),
-        nn.Flatten(), nn.Linear(128 * final * final, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.Hardtanh(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.MaxPool2d(2),
+        nn.Hardtanh(),
+        nn.Conv2d(64, 128, 3, padding=1),
+        nn.BatchNorm2d(128),
+        nn.MaxPool2d(2),
+        nn.Hardtanh(),
+        nn.Flatten(),
+        nn.Linear(128 * final * final, 10),
     )
 
 
@@ -47,7 +56,9 @@ def main() -> None:
     name = "fashion-mnist"
     if not datasets.available(name):
         name = "digits"
-        print("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); using scikit-learn's digits")
+        print(
+            "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); using scikit-learn's digits"
+        )
     train, test = datasets.load(name, "train"), datasets.load(name, "test")
     size = train.tensors[0].shape[-1]
     print(f"data: {name}, {len(train)} train / {len(test)} test images of {size}x{size}")
@@ -72,16 +83,20 @@ def main() -> None:
     print(f"compile time            {compile_s:6.1f} s")
     print(f"float CNN accuracy      {100 * accuracy(float_model, test):6.2f} %  (torch fp32)")
     print(f"binary CNN accuracy     {100 * accuracy(binary_model, test):6.2f} %  (training graph)")
-    print(f"compiled accuracy       {100 * (compiled_pred == ys).float().mean().item():6.2f} %  "
-          f"(compiled == reference on 256 images: {reference_ok})")
+    print(
+        f"compiled accuracy       {100 * (compiled_pred == ys).float().mean().item():6.2f} %  "
+        f"(compiled == reference on 256 images: {reference_ok})"
+    )
     float_model.eval()
     with torch.no_grad():
         for batch in (1, 64):
             x = xs[:batch]
             t_torch = latency_ms(float_model, x)
             t_bitc = latency_ms(cm, x)
-            print(f"latency batch {batch:>3}: torch fp32 eager {t_torch:7.3f} ms, bitcompiler {t_bitc:7.3f} ms "
-                  f"({t_torch / t_bitc:4.1f}x), {torch.get_num_threads()} threads")
+            print(
+                f"latency batch {batch:>3}: torch fp32 eager {t_torch:7.3f} ms, bitcompiler {t_bitc:7.3f} ms "
+                f"({t_torch / t_bitc:4.1f}x), {torch.get_num_threads()} threads"
+            )
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ import os
 os.environ.setdefault("BITC_DEBUG", "1")  # verify the graph after every pass in tests
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:

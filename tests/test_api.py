@@ -33,8 +33,10 @@ def test_compiled_matches_reference_and_batch_is_dynamic(name, scheme):
 def test_w1a1_integer_parts_are_bit_exact():
     """The popcount sums behind the compiled output equal the reference's integer sums exactly."""
     torch.manual_seed(0)
-    cm = bc.compile(torch.nn.Linear(100, 64), (torch.randn(1, 100),), scheme="binary:act=binary,first_last=quantize")
-    (name, layer), = [(n, m) for n, m in cm.graph.named_modules() if type(m).__name__ == "BitLinear"]
+    cm = bc.compile(
+        torch.nn.Linear(100, 64), (torch.randn(1, 100),), scheme="binary:act=binary,first_last=quantize"
+    )
+    ((_name, layer),) = [(n, m) for n, m in cm.graph.named_modules() if type(m).__name__ == "BitLinear"]
     x = torch.randn(512, 100)
     got = cm(x)
     acc_ref = numerics.sign(x).double() @ numerics.planes_to_code(layer.planes, 100, "pm1").double().t()
@@ -46,8 +48,12 @@ def test_w1a1_integer_parts_are_bit_exact():
 def test_integer_thresholds_survive_compilation():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(100, 64), torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 64),
-        torch.nn.Linear(64, 3)).eval()
+        torch.nn.Linear(100, 64),
+        torch.nn.Linear(64, 64),
+        torch.nn.BatchNorm1d(64),
+        torch.nn.Linear(64, 64),
+        torch.nn.Linear(64, 3),
+    ).eval()
     model[2].running_mean.uniform_(-1, 1)
     cm = bc.compile(model, (torch.randn(1, 100),), scheme="binary:act=binary")
     assert cm.graph.get_submodule("1").threshold  # binary layer feeding sign() of a binary layer

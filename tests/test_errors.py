@@ -25,7 +25,7 @@ def test_unknown_scheme_lists_valid_names():
 
 
 def test_onnx_path_is_rejected_clearly():
-    with pytest.raises(ValueError, match="ONNX files are not supported yet"):
+    with pytest.raises(ValueError, match="compiling ONNX files is not supported yet"):
         bc.compile("model.onnx", (torch.randn(1, 4),))
 
 
@@ -39,11 +39,20 @@ def test_example_inputs_must_be_tensors():
         bc.compile(nn.Linear(4, 4), ([1.0, 2.0],))
 
 
-@pytest.mark.parametrize("x, needle", [
-    (torch.randn(3, 4), "expected float32 tensor of shape (batch, 3, 4), got float32 tensor of shape (3, 4)"),
-    (torch.randn(2, 3, 5), "expected float32 tensor of shape (batch, 3, 4), got float32 tensor of shape (2, 3, 5)"),
-    (torch.randn(2, 3, 4, dtype=torch.float64), "convert with .to(torch.float32)"),
-])
+@pytest.mark.parametrize(
+    "x, needle",
+    [
+        (
+            torch.randn(3, 4),
+            "expected float32 tensor of shape (batch, 3, 4), got float32 tensor of shape (3, 4)",
+        ),
+        (
+            torch.randn(2, 3, 5),
+            "expected float32 tensor of shape (batch, 3, 4), got float32 tensor of shape (2, 3, 5)",
+        ),
+        (torch.randn(2, 3, 4, dtype=torch.float64), "convert with .to(torch.float32)"),
+    ],
+)
 def test_wrong_input_at_call_time_names_expected_and_got(compiled, x, needle):
     with pytest.raises(ValueError) as e:
         compiled(x)

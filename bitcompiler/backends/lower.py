@@ -57,7 +57,7 @@ def _emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
     return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
 
 
-def _quantized_input(bb: Any, x: Any, act: str, target: str, nchw: tuple | None, words: tuple | None) -> list:
+def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple) -> list:
     """Activation -> the kernel's input buffers for act mode ``act``."""
     from tvm import relax
 
@@ -69,8 +69,13 @@ def _quantized_input(bb: Any, x: Any, act: str, target: str, nchw: tuple | None,
         return [x]
     if act == "int8":
         prim = kernels.quantize_rows_int8(tuple(rest))
-        out = _emit_kernel(bb, prim, "bitc_quantize_int8", [x],
-                           [relax.TensorType(shape, "int8"), relax.TensorType((m,), "float32")])
+        out = _emit_kernel(
+            bb,
+            prim,
+            "bitc_quantize_int8",
+            [x],
+            [relax.TensorType(shape, "int8"), relax.TensorType((m,), "float32")],
+        )
         return [bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))]
     if nchw is None:
         (k,) = rest
@@ -78,8 +83,11 @@ def _quantized_input(bb: Any, x: Any, act: str, target: str, nchw: tuple | None,
         return [_emit_kernel(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
     c, h, w, groups = nchw
     prim = kernels.pack_sign_nchw(c, h, w, groups)
-    return [_emit_kernel(bb, prim, "bitc_pack_sign_nchw", [x],
-                         relax.TensorType((m, h, w, groups, words[0]), "int32"))]
+    return [
+        _emit_kernel(
+            bb, prim, "bitc_pack_sign_nchw", [x], relax.TensorType((m, h, w, groups, words[0]), "int32")
+        )
+    ]
 
 
 def _epilogue_args(env: dict, args: tuple, threshold: bool) -> list:
@@ -93,19 +101,25 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     from bitcompiler import kernels
 
     bb, env = importer.block_builder, importer.env
-    x = env[node.args[0]]
-    k, code, act, threshold, has_offset = node.args[7:12]
-    planes = env[node.args[1]]
+    args: Any = node.args  # (x, planes, scale, offset, bias, thr_sign, thr, k, code, act, threshold, has_offset)
+    x = env[args[0]]
+    k, code, act, threshold, has_offset = args[7:12]
+    planes = env[args[1]]
     bits, n, kw = (_int(d) for d in _shape(planes))
     shape = _shape(x)
     lead = shape[:-1]
     rows = math.prod(lead) if len(lead) > 1 else lead[0]
     x2 = bb.emit(relax.op.reshape(x, (rows, k))) if len(lead) > 1 else x
-    inputs = _quantized_input(bb, x2, act, "llvm", None, (kw,))
+    inputs = _quantized_input(bb, x2, act, None, (kw,))
     spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
-    y = _emit_kernel(bb, kernels.dense_kernel(spec), name, inputs + _epilogue_args(env, node.args, threshold),
-                     relax.TensorType((rows, n), "float32"))
+    y = _emit_kernel(
+        bb,
+        kernels.dense_kernel(spec),
+        name,
+        inputs + _epilogue_args(env, args, threshold),
+        relax.TensorType((rows, n), "float32"),
+    )
     return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
 
 
@@ -115,21 +129,40 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     from bitcompiler import kernels
 
     bb, env = importer.block_builder, importer.env
-    x = env[node.args[0]]
-    c, kernel, stride, padding, dilation, groups, code, act, threshold, has_offset = node.args[7:17]
-    planes = env[node.args[1]]
+    args: Any = node.args  # (x, planes, ...6 tensors, in_channels, kernel, stride, padding, dilation, groups, ...)
+    x = env[args[0]]
+    c, kernel, stride, padding, dilation, groups, code, act, threshold, has_offset = args[7:17]
+    planes = env[args[1]]
     bits, o, _, _, cwg = (_int(d) for d in _shape(planes))
     m, _, h, w = _shape(x)
     h, w = _int(h), _int(w)
-    inputs = _quantized_input(bb, x, act, "llvm", (c, h, w, groups), (cwg,))
-    spec = kernels.ConvSpec(c, o, h, w, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups,
-                            bits, code, act, bool(has_offset), bool(threshold))
+    inputs = _quantized_input(bb, x, act, (c, h, w, groups), (cwg,))
+    spec = kernels.ConvSpec(
+        c,
+        o,
+        h,
+        w,
+        tuple(kernel),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        groups,
+        bits,
+        code,
+        act,
+        bool(has_offset),
+        bool(threshold),
+    )
     oh = conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1])
     name = f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}" + ("_thr" if threshold else "")
-    return _emit_kernel(bb, kernels.conv2d_kernel(spec), name,
-                        inputs + _epilogue_args(env, node.args, threshold),
-                        relax.TensorType((m, o, oh, ow), "float32"))
+    return _emit_kernel(
+        bb,
+        kernels.conv2d_kernel(spec),
+        name,
+        inputs + _epilogue_args(env, args, threshold),
+        relax.TensorType((m, o, oh, ow), "float32"),
+    )
 
 
 CONVERTERS = {"bit_linear.default": convert_bit_linear, "bit_conv2d.default": convert_bit_conv2d}
@@ -141,11 +174,15 @@ def to_relax(ep: torch.export.ExportedProgram) -> Any:
 
     try:
         return from_exported_program(ep, custom_convert_map=CONVERTERS)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         op = _unsupported_op(str(e))
-        hint = f"op {op} has no TVM lowering" if op else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-        raise LoweringError(f"cannot lower the graph to TVM: {hint}. Replace that op in the model or "
-                            "report it; the PyTorch reference (CompiledModel.reference) still runs.") from e
+        hint = (
+            f"op {op} has no TVM lowering" if op else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        )
+        raise LoweringError(
+            f"cannot lower the graph to TVM: {hint}. Replace that op in the model or "
+            "report it; the PyTorch reference (CompiledModel.reference) still runs."
+        ) from e
 
 
 def _unsupported_op(message: str) -> str | None:

@@ -7,6 +7,8 @@ pass matches one pattern; dropout and identity disappear.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -21,7 +23,7 @@ _DROPOUT = (F.dropout, torch.dropout, aten.dropout.default)
 _BN_EPS_ARG = {aten.batch_norm.default: 7, aten._native_batch_norm_legit_no_training.default: 6}
 
 
-def _arg(node: fx.Node, i: int, name: str, default: object) -> object:
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
@@ -44,21 +46,31 @@ def _conv_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
         return None
     stride, padding = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0)
     dilation, groups = _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1)
-    m = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride, padding, dilation, groups,
-                  bias=b is not None)
+    m = nn.Conv2d(
+        w.shape[1] * groups,
+        w.shape[0],
+        (w.shape[2], w.shape[3]),
+        stride,
+        padding,
+        dilation,
+        groups,
+        bias=b is not None,
+    )
     m.weight = nn.Parameter(w.detach().clone())
     if b is not None:
         m.bias = nn.Parameter(b.detach().clone())
     return m
 
 
-def _bn_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+def _bn_module(gm: fx.GraphModule, node: Any) -> nn.Module | None:
     w, b, mean, var = (get_attr_value(gm, node.args[i]) for i in (1, 2, 3, 4))
     if mean is None or var is None or (node.target is aten.batch_norm.default and node.args[5]):
         return None  # a training-mode batch norm has no fixed affine
-    m = nn.BatchNorm2d(mean.shape[0], eps=float(node.args[_BN_EPS_ARG[node.target]]), affine=w is not None).eval()
-    m.running_mean.copy_(mean)
-    m.running_var.copy_(var)
+    m = nn.BatchNorm2d(
+        mean.shape[0], eps=float(node.args[_BN_EPS_ARG[node.target]]), affine=w is not None
+    ).eval()
+    m.running_mean.data = mean.detach().clone()
+    m.running_var.data = var.detach().clone()
     if w is not None:
         m.weight.data.copy_(w)
         m.bias.data.copy_(b if b is not None else torch.zeros_like(w))

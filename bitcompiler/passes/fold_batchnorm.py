@@ -8,6 +8,8 @@ epilogue.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
@@ -19,7 +21,7 @@ from bitcompiler.quant.modules import QUANT_LAYERS
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(bn: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``bn(y) == scale·y + shift`` per channel, from running statistics."""
     inv = torch.rsqrt(bn.running_var + bn.eps)
     gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(inv)

@@ -36,7 +36,11 @@ def _following_affine(gm: fx.GraphModule, node: fx.Node, channels: int) -> tuple
         return None
     user = next(iter(node.users))
     m = module_of(gm, user)
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None and user.args[0] is node:
+    if (
+        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+        and m.running_mean is not None
+        and user.args[0] is node
+    ):
         return (user, *bn_affine(m))
     if user.op in ("call_function", "call_method") and len(user.args) == 2 and not user.kwargs:
         a, b = user.args
@@ -60,7 +64,8 @@ def _feeds_only_binary_layers(gm: fx.GraphModule, node: fx.Node) -> bool:
             if m.act != "binary" or user.args[0] is not node:
                 return False
         elif isinstance(m, SIGN_PRESERVING_MODULES) or (
-            user.op in ("call_function", "call_method") and user.target in SIGN_PRESERVING_FUNCS
+            user.op in ("call_function", "call_method")
+            and user.target in SIGN_PRESERVING_FUNCS
             and user.args[0] is node
         ):
             if not _feeds_only_binary_layers(gm, user):
@@ -72,8 +77,9 @@ def _feeds_only_binary_layers(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def run(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
-        if isinstance(module_of(gm, node), QUANT_LAYERS):
-            set_module(gm, str(node.target), to_bit_layer(module_of(gm, node)))
+        quant = module_of(gm, node)
+        if isinstance(quant, QUANT_LAYERS):
+            set_module(gm, str(node.target), to_bit_layer(quant))
     for node in list(gm.graph.nodes):
         layer = module_of(gm, node)
         if not isinstance(layer, BIT_LAYERS):
@@ -85,8 +91,12 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
             gm.graph.erase_node(user)
     for node in gm.graph.nodes:
         layer = module_of(gm, node)
-        if (isinstance(layer, BIT_LAYERS) and layer.act == "binary" and not layer.has_offset
-                and _feeds_only_binary_layers(gm, node)):
+        if (
+            isinstance(layer, BIT_LAYERS)
+            and layer.act == "binary"
+            and not layer.has_offset
+            and _feeds_only_binary_layers(gm, node)
+        ):
             layer.set_thresholds()
     return finish(gm)
 

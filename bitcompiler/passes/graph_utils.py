@@ -56,7 +56,14 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
 
 # ops whose output sign equals the sign of their input (sign(0) = +1 kept)
 SIGN_PRESERVING_FUNCS = (
-    F.max_pool2d, torch.flatten, torch.reshape, F.hardtanh, operator.getitem,
-    "flatten", "view", "reshape", "contiguous",
+    F.max_pool2d,
+    torch.flatten,
+    torch.reshape,
+    F.hardtanh,
+    operator.getitem,
+    "flatten",
+    "view",
+    "reshape",
+    "contiguous",
 )
 SIGN_PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Hardtanh, nn.Identity)

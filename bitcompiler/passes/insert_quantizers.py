@@ -23,7 +23,9 @@ def _weighted(m: nn.Module) -> bool:
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    layers = [n for n in gm.graph.nodes if isinstance(module_of(gm, n), (nn.Linear, nn.Conv2d, *QUANT_LAYERS))]
+    layers = [
+        n for n in gm.graph.nodes if isinstance(module_of(gm, n), (nn.Linear, nn.Conv2d, *QUANT_LAYERS))
+    ]
     first_last = {layers[0], layers[-1]} if layers else set()
     for node in gm.graph.nodes:
         m = module_of(gm, node)
@@ -32,8 +34,12 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         reason = quantizable(m)
         if reason is not None:
             if ctx.strict:
-                raise PassError("insert_quantizers", f"layer {node.target!r} ({type(m).__name__}): {reason}; "
-                                "pass strict=False to keep it in float", node=node.name)
+                raise PassError(
+                    "insert_quantizers",
+                    f"layer {node.target!r} ({type(m).__name__}): {reason}; "
+                    "pass strict=False to keep it in float",
+                    node=node.name,
+                )
             ctx.notes.append((str(node.target), f"kept float: {reason}"))
             continue
         set_module(gm, str(node.target), quantize_layer(m, ctx.scheme, node in first_last))

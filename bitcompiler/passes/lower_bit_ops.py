@@ -21,7 +21,11 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
         m = module_of(gm, node)
         if not isinstance(m, BIT_LAYERS) or not m.packed:
             continue
-        op = torch.ops.bitc.bit_linear.default if isinstance(m, BitLinear) else torch.ops.bitc.bit_conv2d.default
+        op = (
+            torch.ops.bitc.bit_linear.default
+            if isinstance(m, BitLinear)
+            else torch.ops.bitc.bit_conv2d.default
+        )
         with gm.graph.inserting_before(node):
             tensors = [gm.graph.get_attr(f"{node.target}.{t}") for t in _TENSORS]
             call = gm.graph.call_function(op, (node.args[0], *tensors, *m.op_args().values()))

@@ -32,9 +32,15 @@ INITIAL_FACTS = frozenset({"traced"})
 class PassError(RuntimeError):
     """A pass failed or left an invalid graph; names the pass, the node and the dump file."""
 
-    def __init__(self, pass_name: str, message: str, node: str | None = None, dump: str | None = None) -> None:
+    def __init__(
+        self, pass_name: str, message: str, node: str | None = None, dump: str | None = None
+    ) -> None:
         where = f" at node {node!r}" if node else ""
-        see = f" (graph dumped to {dump})" if dump else " (set BITC_DUMP=dir to dump the graph after every pass)"
+        see = (
+            f" (graph dumped to {dump})"
+            if dump
+            else " (set BITC_DUMP=dir to dump the graph after every pass)"
+        )
         super().__init__(f"pass {pass_name!r} failed{where}: {message}{see}")
         self.pass_name, self.node, self.dump = pass_name, node, dump
 
@@ -78,10 +84,10 @@ def graph_pass(
 ) -> Callable[[Callable[..., fx.GraphModule]], Pass]:
     """Decorator turning ``fn(gm[, ctx]) -> gm`` into a :class:`Pass`::
 
-        @graph_pass(requires={"packed"})
-        def count_nodes(gm):
-            print(len(gm.graph.nodes))
-            return gm
+    @graph_pass(requires={"packed"})
+    def count_nodes(gm):
+        print(len(gm.graph.nodes))
+        return gm
     """
 
     def wrap(fn: Callable[..., fx.GraphModule]) -> Pass:
@@ -208,10 +214,12 @@ class Pipeline:
                 gm = p.run(gm, ctx)
             except PassError:
                 raise
-            except Exception as e:  # noqa: BLE001 - re-raised with the pass named
+            except Exception as e:
                 if dump:
                     _dump(gm, Path(dump))
-                raise PassError(p.name, f"{type(e).__name__}: {e}", node=getattr(e, "node", None), dump=dump) from e
+                raise PassError(
+                    p.name, f"{type(e).__name__}: {e}", node=getattr(e, "node", None), dump=dump
+                ) from e
             if dump:
                 _dump(gm, Path(dump))
             if verify:
@@ -225,19 +233,21 @@ def _dump(gm: fx.GraphModule, path: Path) -> None:
     path.write_text(f"{gm.graph}\n\n# modules\n{gm}\n")
 
 
-def verify_graph(gm: fx.GraphModule, pass_name: str, example_inputs: tuple = (), dump: str | None = None) -> None:
+def verify_graph(
+    gm: fx.GraphModule, pass_name: str, example_inputs: tuple = (), dump: str | None = None
+) -> None:
     """Graph lint + the graph still runs on the example inputs with finite outputs."""
     try:
         gm.graph.lint()
         gm.recompile()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise PassError(pass_name, f"invalid graph: {e}", dump=dump) from e
     if not example_inputs:
         return
     try:
         with torch.no_grad():
             out = gm(*example_inputs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise PassError(pass_name, f"graph no longer runs: {type(e).__name__}: {e}", dump=dump) from e
     for t in out if isinstance(out, (tuple, list)) else (out,):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():

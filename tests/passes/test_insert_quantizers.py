@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from bitcompiler.passes import PassError, insert_quantizers
-from bitcompiler.quant.modules import AffineWeight, BinaryWeight, QuantConv2d, QuantLinear
+from bitcompiler.quant.modules import AffineWeight, BinaryWeight, QuantConv2d
 from tests.passes.conftest import ctx, structure, trace
 
 
@@ -15,7 +15,9 @@ def mlp():
 def test_linear_layers_become_quantized_with_first_last_kept_at_8_bits():
     model, x = mlp(), torch.randn(4, 8)
     gm = insert_quantizers.run(trace(model), ctx("binary:act=binary", x))
-    assert [k for op, k in structure(gm) if op == "call_module"] == ["QuantLinear", "ReLU"] * 2 + ["QuantLinear"]
+    assert [k for op, k in structure(gm) if op == "call_module"] == ["QuantLinear", "ReLU"] * 2 + [
+        "QuantLinear"
+    ]
     first, mid, last = gm.get_submodule("0"), gm.get_submodule("2"), gm.get_submodule("4")
     assert isinstance(first.wq, AffineWeight) and first.wq.bits == 8 and first.act == "int8"
     assert isinstance(mid.wq, BinaryWeight) and mid.act == "binary"

@@ -12,8 +12,15 @@ def folded(model, scheme, x):
 
 def model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 40, 3, stride=2, groups=2),
-                         nn.Flatten(), nn.Linear(40 * 16, 70), nn.ReLU(), nn.Linear(70, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 40, 3, stride=2, groups=2),
+        nn.Flatten(),
+        nn.Linear(40 * 16, 70),
+        nn.ReLU(),
+        nn.Linear(70, 3),
+    )
 
 
 def test_pack_weights_writes_planes_in_the_kernel_layout():

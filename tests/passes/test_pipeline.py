@@ -7,7 +7,14 @@ from bitcompiler.capture import symbolic_trace
 from bitcompiler.passes import Pass, PassContext, PassError, Pipeline, PipelineError, graph_pass
 from bitcompiler.quant.schemes import Scheme
 
-DEFAULT = ["canonicalize", "fold_batchnorm", "insert_quantizers", "fold_scales", "pack_weights", "lower_bit_ops"]
+DEFAULT = [
+    "canonicalize",
+    "fold_batchnorm",
+    "insert_quantizers",
+    "fold_scales",
+    "pack_weights",
+    "lower_bit_ops",
+]
 
 
 def test_default_pipeline_names_and_customization():
@@ -28,11 +35,13 @@ def test_default_pipeline_names_and_customization():
 
 def test_order_is_checked_from_requires_and_ensures():
     pipe = Pipeline.default("cpu")
-    canon, bn, insert, fold, pack, lower = pipe.passes
+    canon, bn, insert, _fold, pack, lower = pipe.passes
     with pytest.raises(PipelineError) as e:
         Pipeline([canon, bn, pack, insert, lower])
     assert "'pack_weights' requires ['quantized'] but runs before ['insert_quantizers']" in str(e.value)
-    assert "a valid order: ['canonicalize', 'fold_batchnorm', 'insert_quantizers', 'pack_weights'" in str(e.value)
+    assert "a valid order: ['canonicalize', 'fold_batchnorm', 'insert_quantizers', 'pack_weights'" in str(
+        e.value
+    )
     with pytest.raises(PipelineError, match="which no earlier pass ensures"):
         pipe.without("insert_quantizers")
     late = graph_pass(requires={"packed"})(lambda gm: gm)
@@ -60,7 +69,9 @@ def test_user_pass_runs_and_failures_name_pass_node_and_dump(tmp_path, monkeypat
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     x = torch.randn(1, 4)
-    Pipeline.default().insert_after("lower_bit_ops", spy).run(symbolic_trace(model), PassContext(example_inputs=(x,)))
+    Pipeline.default().insert_after("lower_bit_ops", spy).run(
+        symbolic_trace(model), PassContext(example_inputs=(x,))
+    )
     assert seen and seen[0][1] == "binary"
 
     class Boom(RuntimeError):
@@ -91,7 +102,8 @@ def test_verify_catches_a_pass_that_breaks_the_graph():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.raises(PassError, match="pass 'nan' failed: graph produces non-finite values"):
         Pipeline.default().insert_after("pack_weights", make_nan).run(
-            symbolic_trace(model), PassContext(example_inputs=(x,)))
+            symbolic_trace(model), PassContext(example_inputs=(x,))
+        )
 
 
 def test_public_names():
