@@ -29,6 +29,8 @@ from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report, build_report
 
 FORMAT_VERSION = 1
+# torch's export internals warn about their own pytree API on every deepcopy of an exported graph
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -219,9 +221,11 @@ def compile(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example_inputs = _normalize_inputs(example_inputs)
     target = Target.parse(target)
+    prepared = is_prepared(model)
     if scheme is None:
-        scheme = Scheme("none") if is_prepared(model) else Scheme("binary")
+        scheme = Scheme("none") if prepared else Scheme("binary")
     scheme = Scheme.parse(scheme)
+    label = str(scheme) if scheme.quantizes or not prepared else "as prepared"
     if tune:
         warnings.warn(
             "tuning is not available in this version; compiling with bitcompiler's hand schedules",
@@ -241,7 +245,7 @@ def compile(
         for d in n.meta["val"].shape
     )
     runner = backend.build(to_relax(exported), target)
-    report = build_report(gm, target.name, str(scheme), ctx.notes)
+    report = build_report(gm, target.name, label, ctx.notes)
     inputs = [InputSpec(tuple(x.shape[1:]), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
     return CompiledModel(
         runner, gm, exported, inputs, isinstance(out, (tuple, list)), report, target, dynamic

@@ -77,8 +77,8 @@ class BitLinear(_BitLayer):
         self.codes = None
 
     def op_args(self) -> dict:
-        return dict(k=self.in_features, code=self.code, act=self.act, threshold=self.threshold,
-                    has_offset=self.has_offset)
+        return {"k": self.in_features, "code": self.code, "act": self.act, "threshold": self.threshold,
+                    "has_offset": self.has_offset}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -106,9 +106,9 @@ class BitConv2d(_BitLayer):
         self.codes = None
 
     def op_args(self) -> dict:
-        return dict(in_channels=self.in_channels, kernel=list(self.kernel_size), stride=list(self.stride),
-                    padding=list(self.padding), dilation=list(self.dilation), groups=self.groups,
-                    code=self.code, act=self.act, threshold=self.threshold, has_offset=self.has_offset)
+        return {"in_channels": self.in_channels, "kernel": list(self.kernel_size), "stride": list(self.stride),
+                    "padding": list(self.padding), "dilation": list(self.dilation), "groups": self.groups,
+                    "code": self.code, "act": self.act, "threshold": self.threshold, "has_offset": self.has_offset}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
