@@ -1,0 +1,53 @@
+"""Helpers shared by the kernel builders: int64 constants, targets, word views, schedule bits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+from tvm import te, tirx
+
+WORD_DTYPE = "int32"
+
+
+def i64(v: int) -> tirx.IntImm:
+    return tirx.IntImm("int64", int(v))
+
+
+def i32(v: int) -> tirx.IntImm:
+    return tirx.IntImm("int32", int(v))
+
+
+def shape64(*dims: Any) -> tuple:
+    return tuple(i64(d) if isinstance(d, int) else d for d in dims)
+
+
+def batch_var() -> tirx.Var:
+    """The symbolic batch ``M`` every kernel takes (int64)."""
+    return te.var("M", "int64")
+
+
+def target_kind(target: Any) -> str:
+    """``"llvm"`` for the host-CPU schedules; any other kind gets the plain (portable) TIR."""
+    if isinstance(target, tvm.target.Target):
+        return str(target.kind.name)
+    if isinstance(target, dict):
+        return str(target.get("kind", ""))
+    if isinstance(target, str):
+        return target.split()[0] if target.strip() else ""
+    raise ValueError(f"target must be a string, dict or tvm.target.Target, got {target!r}")
+
+
+def as_i32(e: tirx.PrimExpr) -> tirx.PrimExpr:
+    return e.astype("int32")
+
+
+def or_reducer() -> Any:
+    return te.comm_reducer(lambda a, b: a | b, lambda t: tirx.const(0, t), name="bit_or")
+
+
+def largest_divisor(n: int, candidates: tuple[int, ...]) -> int:
+    for c in candidates:
+        if c >= 1 and n % c == 0:
+            return c
+    return 1

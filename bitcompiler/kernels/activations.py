@@ -1,0 +1,153 @@
+"""Activation quantizers that feed the bit kernels (exactly :mod:`bitcompiler.quant.numerics`).
+
+* :func:`pack_sign_rows` -- ``X f32 (M, K) -> XP int32 (M, KW)``: bit ``j`` of word ``w`` is
+  ``X[m, 32w + j] >= 0`` (``sign(0) = +1``), zero tail.
+* :func:`quantize_rows_int8` -- ``X f32 (M, *rest) -> XQ int8 (M, *rest), XS f32 (M,)``:
+  ``s = max(max|x|, 1e-8) / 127``, ``q = clamp(round_half_even(x / s), -127, 127)``.
+* :func:`pack_sign_nchw` -- ``X f32 (M, C, H, W) -> XP int32 (M, H, W, G, CWg)``: each pixel's
+  group ``g`` channels ``g*cg .. (g+1)*cg - 1`` packed into that group's own ``CWg`` words, the
+  layout :func:`bitcompiler.kernels.conv2d_kernel` reads one tap from contiguously.
+
+Schedules (CPU): the packers OR 32 comparison bits into a word with the bit loop fully unrolled
+(constant shifts; LLVM turns the 32 compares into vector compares), parallel over rows (pixels for
+NCHW). The int8 quantizer reduces ``max|x|`` with an 8-lane rfactor (vectorized ``vmaxps``), then
+divides/rounds/clamps vectorized, parallel over the batch. Rounding uses ``nearbyint`` (the
+default round-half-to-even mode), matching ``torch.round``; ``x / s`` is a true float32 division
+as in the reference, not a multiplication by the reciprocal.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import s_tir, te, tirx
+
+from bitcompiler.kernels._common import batch_var, i64, largest_divisor, or_reducer, shape64, target_kind
+from bitcompiler.quant.numerics import EPS, num_words
+
+F32 = "float32"
+
+
+def _bit(cond, j) -> tirx.PrimExpr:
+    # shift the 0/1 value, never a constant 1: 1 << 31 would not fold into an int32 literal
+    return tirx.Select(cond, tirx.const(1, "int32"), tirx.const(0, "int32")) << j.astype("int32")
+
+
+def pack_sign_rows(k: int, target: str = "llvm") -> tirx.PrimFunc:
+    """``X f32 (M, K) -> XP int32 (M, ceil(K / 32))``; sign bits, LSB first, zero tail."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    kw = num_words(k)
+    M = batch_var()
+    X = te.placeholder(shape64(M, k), F32, "X")
+    j = te.reduce_axis((i64(0), i64(32)), "j")
+    bor = or_reducer()
+
+    def word(m, w):
+        idx = w * 32 + j.var
+        cond = X[m, idx] >= tirx.const(0.0, F32)
+        if k % 32:
+            cond = tirx.if_then_else(idx < k, cond, False)
+        return bor(_bit(cond, j.var), axis=[j])
+
+    XP = te.compute(shape64(M, kw), word, name="XP")
+    func = te.create_prim_func([X, XP])
+    if target_kind(target) == "llvm":
+        sch = s_tir.Schedule(func)
+        b = sch.get_sblock("XP")
+        m, _w, jj = sch.get_loops(b)
+        sch.parallel(m)
+        sch.unroll(jj)
+        func = sch.mod["main"]
+    return func.with_attr("global_symbol", "main")
+
+
+def quantize_rows_int8(shape_without_batch: tuple, target: str = "llvm") -> tirx.PrimFunc:
+    """``X f32 (M, *rest) -> (XQ int8 (M, *rest), XS f32 (M,))``: per-sample symmetric int8."""
+    rest = tuple(shape_without_batch)
+    if not rest or not all(isinstance(d, int) and d >= 1 for d in rest):
+        raise ValueError(
+            f"shape_without_batch must be a non-empty tuple of positive ints, got {shape_without_batch!r}"
+        )
+    n = math.prod(rest)
+    M = batch_var()
+    X = te.placeholder(shape64(M, *rest), F32, "X")
+
+    # flat index -> multi-index over rest
+    def unflat(f):
+        idx = []
+        for d in reversed(rest):
+            idx.append(f % d)
+            f = f // d
+        return tuple(reversed(idx))
+
+    k = te.reduce_axis((i64(0), i64(n)), "k")
+    amax = te.compute(shape64(M), lambda m: te.max(tirx.abs(X[(m, *unflat(k.var))]), axis=[k]), name="amax")
+    XS = te.compute(
+        shape64(M), lambda m: tirx.max(amax[m], tirx.const(EPS, F32)) / tirx.const(127.0, F32), name="XS"
+    )
+
+    def q(m, *idx):
+        r = tirx.nearbyint(X[(m, *idx)] / XS[m])
+        r = tirx.min(tirx.max(r, tirx.const(-127.0, F32)), tirx.const(127.0, F32))
+        return r.astype("int8")
+
+    XQ = te.compute(shape64(M, *rest), q, name="XQ")
+    func = te.create_prim_func([X, XQ, XS])
+    if target_kind(target) == "llvm":
+        sch = s_tir.Schedule(func)
+        b = sch.get_sblock("amax")
+        _m, kk = sch.get_loops(b)
+        v = largest_divisor(n, (8,))
+        if v > 1:
+            _ko, ki = sch.split(kk, [None, v])
+            rf = sch.rfactor(ki, 1)
+            rl = sch.get_loops(rf)  # m, ko, ki
+            sch.reorder(rl[0], rl[1], rl[2])
+            sch.vectorize(rl[2])
+            sch.parallel(rl[0])
+            sch.decompose_reduction(rf, rl[1])
+        qb = sch.get_sblock("XQ")
+        loops = sch.get_loops(qb)
+        inner = sch.fuse(*loops[1:]) if len(loops) > 2 else loops[1]
+        vq = largest_divisor(n, (16, 8))
+        if vq > 1:
+            _, vi = sch.split(inner, [None, vq])
+            sch.vectorize(vi)
+        sch.parallel(loops[0])
+        func = sch.mod["main"]
+    return func.with_attr("global_symbol", "main")
+
+
+def pack_sign_nchw(c: int, h: int, w: int, groups: int, target: str = "llvm") -> tirx.PrimFunc:
+    """``X f32 (M, C, H, W) -> XP int32 (M, H, W, G, CWg)``; group g packs channels g*cg..(g+1)*cg-1."""
+    for name, v in (("c", c), ("h", h), ("w", w), ("groups", groups)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if c % groups:
+        raise ValueError(f"groups={groups} must divide c={c}")
+    cg = c // groups
+    cwg = num_words(cg)
+    M = batch_var()
+    X = te.placeholder(shape64(M, c, h, w), F32, "X")
+    j = te.reduce_axis((i64(0), i64(32)), "j")
+    bor = or_reducer()
+
+    def word(m, y, x, g, wd):
+        ch = wd * 32 + j.var
+        if cg % 32:
+            cond = tirx.if_then_else(ch < cg, X[m, g * cg + ch, y, x] >= tirx.const(0.0, F32), False)
+        else:
+            cond = X[m, g * cg + ch, y, x] >= tirx.const(0.0, F32)
+        return bor(_bit(cond, j.var), axis=[j])
+
+    XP = te.compute(shape64(M, h, w, groups, cwg), word, name="XP")
+    func = te.create_prim_func([X, XP])
+    if target_kind(target) == "llvm":
+        sch = s_tir.Schedule(func)
+        b = sch.get_sblock("XP")
+        m, y, _x, _g, _wd, jj = sch.get_loops(b)
+        sch.parallel(sch.fuse(m, y))
+        sch.unroll(jj)
+        func = sch.mod["main"]
+    return func.with_attr("global_symbol", "main")

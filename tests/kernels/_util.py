@@ -1,0 +1,76 @@
+"""Compile-and-run helpers for the kernel tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import tvm
+
+from bitcompiler.quant import numerics as nu
+
+_TARGET = None
+
+
+def host_target() -> tvm.target.Target:
+    global _TARGET
+    if _TARGET is None:
+        _TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    return _TARGET
+
+
+def build(prim: tvm.tirx.PrimFunc):
+    """Compile one PrimFunc for the host; returns a callable ``f(*numpy_arrays, outs=[...])``."""
+    lib = tvm.compile(tvm.IRModule({"main": prim}), target=host_target())
+
+    def run(inputs: list, out_shapes: list) -> list[np.ndarray]:
+        outs = [tvm.runtime.tensor(np.zeros(s, dtype=d)) for s, d in out_shapes]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(_np(a))) for a in inputs]
+        lib["main"](*args, *outs)
+        return [o.numpy() for o in outs]
+
+    return run
+
+
+def _np(a) -> np.ndarray:
+    return a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def assert_close(got, ref: torch.Tensor, rtol: float = 1e-5) -> None:
+    got = torch.as_tensor(got)
+    assert tuple(got.shape) == tuple(ref.shape), (got.shape, ref.shape)
+    scale = max(ref.abs().max().item(), 1e-6)
+    err = (got.float() - ref.float()).abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} x {scale:.3g}"
+
+
+def random_codes(shape: tuple, bits: int, code: str, g: torch.Generator) -> torch.Tensor:
+    if code == "pm1":
+        return torch.randint(0, 2, shape, generator=g) * 2 - 1
+    return torch.randint(0, 2**bits, shape, generator=g)
+
+
+def act_inputs(x: torch.Tensor, act: str, nchw_groups: int | None = None) -> list:
+    """The kernel's activation buffers for ``x``, built with the numerics reference."""
+    if act == "float":
+        return [x]
+    if act == "int8":
+        q, s = nu.quantize_act_int8(x)
+        return [q, s]
+    bits = (x >= 0).to(torch.int64)
+    if nchw_groups is None:
+        return [nu.pack_bits(bits)]
+    m, c, h, w = x.shape
+    g = nchw_groups
+    per = bits.reshape(m, g, c // g, h, w).permute(0, 3, 4, 1, 2)  # (M, H, W, G, cg)
+    return [nu.pack_bits(per)]
+
+
+def epilogue_params(n: int, threshold: bool, g: torch.Generator, has_offset: bool, span: int):
+    if threshold:
+        ts = torch.randint(-1, 2, (n,), generator=g).to(torch.int32)
+        th = torch.randint(-span, span + 1, (n,), generator=g).to(torch.int32)
+        return [ts, th], {"thr_sign": ts, "thr": th}
+    sc = torch.rand(n, generator=g) + 0.5
+    of = (torch.rand(n, generator=g) - 0.5) if has_offset else torch.zeros(n)
+    bi = torch.rand(n, generator=g) - 0.5
+    return [sc, of, bi], {"scale": sc, "offset": of, "bias": bi}

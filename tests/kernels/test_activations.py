@@ -1,0 +1,64 @@
+"""Activation quantizers: packed words and int8 codes exactly equal to numerics."""
+
+import numpy as np
+import pytest
+import torch
+
+from bitcompiler.kernels import pack_sign_nchw, pack_sign_rows, quantize_rows_int8
+from bitcompiler.quant import numerics as nu
+from tests.kernels._util import act_inputs, build
+
+
+@pytest.mark.parametrize("k", [64, 37, 5])
+def test_pack_sign_rows(k):
+    run = build(pack_sign_rows(k))
+    g = torch.Generator().manual_seed(k)
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=g)
+        x[0, 0] = 0.0
+        x[-1, -1] = -0.0  # sign(-0) = +1 too (-0 >= 0)
+        (y,) = run([x], [((m, nu.num_words(k)), "int32")])
+        assert np.array_equal(y, nu.pack_bits((nu.sign(x) > 0).long()).numpy())
+
+
+@pytest.mark.parametrize("rest", [(40,), (3, 5, 4), (7,)])
+def test_quantize_rows_int8(rest):
+    run = build(quantize_rows_int8(rest))
+    g = torch.Generator().manual_seed(len(rest))
+    for m in (1, 5):
+        x = torch.randn(m, *rest, generator=g) * 3
+        if m == 5:
+            x[1] = 0.0  # all-zero row: s = EPS / 127
+        q, s = run([x], [((m, *rest), "int8"), ((m,), "float32")])
+        rq, rs = nu.quantize_act_int8(x)
+        assert np.array_equal(q, rq.numpy())
+        assert np.array_equal(s, rs.numpy())
+
+
+def test_quantize_rounds_half_to_even():
+    run = build(quantize_rows_int8((8,)))
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]])  # s = 1 exactly
+    q, s = run([x], [((1, 8), "int8"), ((1,), "float32")])
+    assert s[0] == 1.0
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4]]
+    assert np.array_equal(q, nu.quantize_act_int8(x)[0].numpy())
+
+
+@pytest.mark.parametrize("c, h, w, groups", [(6, 3, 4, 1), (40, 2, 3, 2), (8, 3, 3, 8), (70, 2, 2, 1)])
+def test_pack_sign_nchw(c, h, w, groups):
+    run = build(pack_sign_nchw(c, h, w, groups))
+    g = torch.Generator().manual_seed(c)
+    for m in (1, 3):
+        x = torch.randn(m, c, h, w, generator=g)
+        x[0, 0, 0, 0] = 0.0
+        (y,) = run([x], [((m, h, w, groups, nu.num_words(c // groups)), "int32")])
+        assert np.array_equal(y, act_inputs(x, "binary", groups)[0].numpy())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        pack_sign_rows(0)
+    with pytest.raises(ValueError):
+        pack_sign_nchw(6, 2, 2, 4)
+    with pytest.raises(ValueError):
+        quantize_rows_int8(())
