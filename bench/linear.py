@@ -35,7 +35,9 @@ def main() -> None:
     rows = []
     for batch in (1, 64):
         x = torch.randn(batch, n)
-        assert torch.equal(cm(x), cm.reference(x)), "compiled output differs from the reference"
+        got, ref = cm(x), cm.reference(x)
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 1e-5, f"compiled output differs from the reference (relative error {err:.2g})"
         row = {"bench": f"linear{n}_w1a1", "batch": batch, "threads": THREADS}
         row["bitc_ms"] = 1e3 * median_seconds(lambda x=x: cm(x))
         for name, fn in peers.items():

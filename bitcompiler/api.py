@@ -111,8 +111,8 @@ class CompiledModel:
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         self._check(inputs)
-        outs = self._runner([x.detach().cpu().contiguous().numpy() for x in inputs])
-        tensors = tuple(torch.from_numpy(o) for o in outs)
+        outs = self._runner([x.detach().cpu().contiguous() for x in inputs])
+        tensors = tuple(torch.as_tensor(o) for o in outs)
         return tensors if self._tuple_output else tensors[0]
 
     def reference(self, *inputs: torch.Tensor) -> Any:
@@ -244,8 +244,13 @@ def compile(
         if n.op == "placeholder" and "val" in n.meta and hasattr(n.meta["val"], "shape")
         for d in n.meta["val"].shape
     )
-    runner = backend.build(to_relax(exported), target)
+    if hasattr(backend, "build_from_graph"):
+        # backends that generate their own code (cortex-m) walk the rewritten graph, not Relax
+        runner = backend.build_from_graph(gm, exported, example_inputs, target)
+    else:
+        runner = backend.build(to_relax(exported), target)
     report = build_report(gm, target.name, label, ctx.notes)
+    report.extra.update(getattr(runner, "report_extra", {}))
     inputs = [InputSpec(tuple(x.shape[1:]), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
     return CompiledModel(
         runner, gm, exported, inputs, isinstance(out, (tuple, list)), report, target, dynamic

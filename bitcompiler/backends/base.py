@@ -77,10 +77,10 @@ def _cores() -> int:
 
 
 class Runner(ABC):
-    """A compiled model ready to run: numpy arrays in, numpy arrays out."""
+    """A compiled model ready to run: contiguous CPU torch tensors in, tensors (or numpy arrays) out."""
 
     @abstractmethod
-    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+    def __call__(self, inputs: list[Any]) -> list[Any]: ...
 
     @abstractmethod
     def export(self, directory: Path) -> list[str]:
@@ -104,6 +104,10 @@ def backend_for(target: Target) -> Backend:
         from bitcompiler.backends.cpu import CPUBackend
 
         return CPUBackend()
+    if target.family == "cortex-m":
+        from bitcompiler.backends.cortex_m import CortexMBackend
+
+        return CortexMBackend()
     raise NotImplementedError(
         f"target {target.name!r} ({target.family}) has no backend in this version yet; use target='cpu'"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
 from bitcompiler.backends.base import Backend, Runner, Target
 
@@ -46,12 +46,14 @@ class CPURunner(Runner):
 
         self.executable = executable
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._main = self.vm["main"]
         self._tvm = tvm
 
-    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        args = [self._tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs]
-        out = self.vm["main"](*args)
-        return [o.numpy() for o in _flatten(out)]
+    def __call__(self, inputs: list[Any]) -> list[Any]:
+        # DLPack in both directions: no copies around the kernels
+        from_dlpack = self._tvm.runtime.from_dlpack
+        args = [from_dlpack(torch.as_tensor(a).contiguous()) for a in inputs]
+        return [torch.from_dlpack(o) for o in _flatten(self._main(*args))]
 
     def export(self, directory: Path) -> list[str]:
         self.executable.export_library(str(directory / LIB))

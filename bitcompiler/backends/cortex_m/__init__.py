@@ -1,0 +1,144 @@
+"""Cortex-M backend: C source bundle (TVM C kernels + static AOT ``model.c``), run under QEMU.
+
+>>> import torch, bitcompiler as bc                                   # doctest: +SKIP
+>>> net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+>>> cm = bc.compile(net, (torch.randn(1, 64),), target="cortex-m4", scheme="binary:act=binary")
+>>> cm(torch.randn(2, 64)).shape                                      # runs on mps2-an386 in QEMU
+torch.Size([2, 10])
+>>> cm.report().extra["instructions"] > 0
+True
+>>> cm.export("out/")  # model.c/h, kernels.c/h, weights.c/h + harness, Makefile, README
+
+Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., count_instructions=True)``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitcompiler.backends.base import Backend, Runner, Target
+from bitcompiler.backends.cortex_m import qemu
+from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, build_program
+from bitcompiler.backends.cortex_m.boards import Board, board_for
+from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, MODEL_FILES, STACK_BYTES, write_bundle
+
+__all__ = ["CortexMBackend", "CortexMLoweringError", "CortexMRunner", "ModelTooLarge"]
+
+
+class ModelTooLarge(ValueError):
+    """The model does not fit the board's flash or RAM; names the sizes and the largest layers."""
+
+
+def _largest(sizes: dict[str, int], n: int = 3) -> str:
+    top = sorted(sizes.items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{name} {size:,} B" for name, size in top)
+
+
+def check_fits(program: Program, board: Board, flash: int, ram: int) -> None:
+    """Raise :class:`ModelTooLarge` when ``flash`` / ``ram`` bytes exceed the board's."""
+    if flash > board.flash_bytes:
+        raise ModelTooLarge(
+            f"the model needs {flash:,} B of flash but {board.name} ({board.cpu}) has "
+            f"{board.flash_bytes:,} B; largest layers (weights): {_largest(program.layer_bytes)}. "
+            "Use fewer bits per weight (e.g. scheme='binary', 'tiled:p=4') or a smaller model."
+        )
+    if ram > board.ram_bytes:
+        acts = {n: t.nbytes for n, t in program.tensors.items() if t.storage != program.input.storage}
+        raise ModelTooLarge(
+            f"the model needs {ram:,} B of RAM (activation arena {program.plan.arena_bytes:,} B + "
+            f"{STACK_BYTES:,} B stack + static data) but {board.name} ({board.cpu}) has "
+            f"{board.ram_bytes:,} B; largest activations: {_largest(acts)}."
+        )
+
+
+class CortexMRunner(Runner):
+    """A built firmware: ``runner([x])`` runs each sample of the batch under QEMU."""
+
+    def __init__(self, board: Board, bundle: Path, in_shape: tuple, out_shape: tuple, extra: dict) -> None:
+        self.board = board
+        self.bundle = bundle
+        self.elf = bundle / "app.elf"
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.report_extra = extra
+
+    def __call__(self, inputs: list[Any]) -> list[np.ndarray]:
+        (x,) = (np.asarray(a.numpy() if hasattr(a, "numpy") else a) for a in inputs)
+        n_out = int(np.prod(self.out_shape))
+        outs = [
+            qemu.run(self.board, self.elf, x[i : i + 1].astype(np.float32), n_out).output.reshape(
+                self.out_shape
+            )
+            for i in range(x.shape[0])
+        ]
+        return [np.concatenate(outs, axis=0)]
+
+    def instructions(self, x: np.ndarray) -> int:
+        """Instructions the model executes on one sample ``x`` (shape with a batch of 1)."""
+        n_out = int(np.prod(self.out_shape))
+        count = qemu.run(self.board, self.elf, x.astype(np.float32), n_out, count=True).instructions
+        assert count is not None
+        return count
+
+    def export(self, directory: Path) -> list[str]:
+        names = [*MODEL_FILES, *HARNESS_FILES, "app.elf", "shapes.txt"]
+        for name in names:
+            if (directory / name).resolve() != (self.bundle / name).resolve():
+                shutil.copy2(self.bundle / name, directory / name)
+        return names
+
+
+class CortexMBackend(Backend):
+    family = "cortex-m"
+
+    def build(self, mod: Any, target: Target) -> Runner:
+        raise NotImplementedError(
+            "the Cortex-M backend compiles from the rewritten graph: use build_from_graph"
+        )
+
+    def build_from_graph(
+        self, gm: Any, exported: Any, example_inputs: tuple, target: Target
+    ) -> CortexMRunner:
+        qemu.require_toolchain()
+        board = board_for(target)
+        program = build_program(gm, example_inputs)
+        check_fits(program, board, program.weight_bytes, program.plan.arena_bytes)
+        bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
+        write_bundle(program, board, bundle)
+        (bundle / "shapes.txt").write_text(f"{list(program.input.shape)}\n{list(program.output.shape)}\n")
+        elf = qemu.build(bundle)
+        size = qemu.sizes(elf)
+        check_fits(program, board, size.flash_bytes, size.static_ram_bytes + STACK_BYTES)
+        x = example_inputs[0][:1].detach().cpu().numpy().astype(np.float32)
+        count = bool(target.get("count_instructions", True))
+        result = qemu.run(board, elf, x, program.output.numel, count=count)
+        extra = {
+            "board": board.name,
+            "instructions": result.instructions if count else "not measured (count_instructions=False)",
+            "flash_bytes": size.flash_bytes,
+            "ram_bytes": size.static_ram_bytes + result.stack_bytes,
+            "arena_bytes": program.plan.arena_bytes,
+            "arena_naive_bytes": program.plan.naive_bytes,
+            "stack_bytes": result.stack_bytes,
+            "weights_flash_bytes": program.weight_bytes,
+        }
+        runner = CortexMRunner(board, bundle, program.input.shape, program.output.shape, extra)
+        weakref.finalize(runner, shutil.rmtree, bundle, True)
+        return runner
+
+    def load(self, directory: Path, target: Target) -> CortexMRunner:
+        board = board_for(target)
+        bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
+        for name in [*MODEL_FILES, *HARNESS_FILES, "shapes.txt"]:
+            shutil.copy2(directory / name, bundle / name)
+        qemu.build(bundle)
+        lines = (bundle / "shapes.txt").read_text().splitlines()
+        in_shape, out_shape = (tuple(int(v) for v in line.strip("[]").split(",")) for line in lines[:2])
+        runner = CortexMRunner(board, bundle, in_shape, out_shape, {})
+        weakref.finalize(runner, shutil.rmtree, bundle, True)
+        return runner

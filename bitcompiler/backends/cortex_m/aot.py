@@ -1,0 +1,341 @@
+"""Rewritten graph -> a static ahead-of-time C program: ``model.c`` calls the kernels in order.
+
+The graph is exported with a batch of one (every shape static) and walked node by node:
+
+* ``bitc::bit_linear`` / ``bitc::bit_conv2d`` become calls of TIR kernels (C from TVM, see
+  :mod:`.kernel_c`), preceded by the activation quantizer kernel their ``act`` mode needs;
+* float ops (relu, hardtanh, add/sub/mul, max/avg pooling, mean) are a few lines of plain C;
+* views (flatten, reshape, ...) cost nothing: they alias their input's storage.
+
+Every intermediate lives in one static arena at an offset from :mod:`.memory_plan`; weights are
+``const`` arrays (flash). No malloc, no TVM runtime.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bitcompiler.backends.cortex_m import float_ops
+from bitcompiler.backends.cortex_m.kernel_c import Kernel, generate_c, prepare_kernel
+from bitcompiler.backends.cortex_m.memory_plan import ArenaPlan, Buffer, plan_arena
+from bitcompiler.ops import conv_out_size
+
+C_TYPES = {"float32": "float", "int32": "int32_t", "int8": "int8_t"}
+ITEMSIZE = {"float32": 4, "int32": 4, "int8": 1}
+ALIASES = {
+    "flatten.using_ints",
+    "view.default",
+    "reshape.default",
+    "_unsafe_view.default",
+    "squeeze.dim",
+    "squeeze.dims",
+    "unsqueeze.default",
+    "contiguous.default",
+    "clone.default",
+    "dropout.default",
+    "alias.default",
+    "detach.default",
+}
+
+
+class CortexMLoweringError(RuntimeError):
+    """The graph has an op the Cortex-M code generator cannot emit; names the op."""
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage: str  # the arena buffer holding it (an alias shares its source's storage)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
+@dataclass
+class Weight:
+    symbol: str
+    array: np.ndarray  # int32 or float32, flattened in C order
+    layer: str
+
+    @property
+    def c_type(self) -> str:
+        return C_TYPES[str(self.array.dtype)]
+
+
+@dataclass
+class Step:
+    """One statement block of ``bitc_run`` with the tensors it reads and writes."""
+
+    code: list[str]
+    reads: list[str]
+    writes: list[str]
+    label: str
+
+
+@dataclass
+class Program:
+    """Everything ``model.c`` needs: steps in order, tensors, weights, kernels, the arena plan."""
+
+    input: Tensor
+    output: Tensor
+    tensors: dict[str, Tensor]
+    steps: list[Step]
+    weights: list[Weight]
+    kernels: list[Kernel]
+    plan: ArenaPlan
+    layer_bytes: dict[str, int] = field(default_factory=dict)  # flash per layer (weights)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.array.nbytes for w in self.weights)
+
+
+def export_batch_one(gm: torch.fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.export.export(gm, tuple(x[:1] for x in example_inputs), strict=False)
+
+
+class _Builder:
+    def __init__(self, ep: torch.export.ExportedProgram) -> None:
+        self.ep = ep
+        sig = ep.graph_signature
+        self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+        self.param_of.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+        self.state = {**ep.state_dict, **ep.constants}
+        self.user_inputs = list(sig.user_inputs)
+        self.tensors: dict[str, Tensor] = {}
+        self.steps: list[Step] = []
+        self.weights: dict[str, Weight] = {}
+        self.kernels: dict[Any, Kernel] = {}
+        self.layer_bytes: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- tensors
+    def new_tensor(self, name: str, shape: tuple, dtype: str) -> Tensor:
+        t = Tensor(name, tuple(int(d) for d in shape), dtype, name)
+        self.tensors[name] = t
+        return t
+
+    def alias(self, name: str, src: Tensor, shape: tuple) -> Tensor:
+        t = Tensor(name, tuple(int(d) for d in shape), src.dtype, src.storage)
+        self.tensors[name] = t
+        return t
+
+    def weight(self, node: torch.fx.Node, dtype: str) -> str:
+        qual = self.param_of[node.name]
+        sym = "bitc_w_" + qual.replace(".", "_")
+        if sym not in self.weights:
+            arr = self.state[qual].detach().cpu().numpy().astype(dtype).reshape(-1)
+            layer = qual.rpartition(".")[0] or qual
+            self.weights[sym] = Weight(sym, arr, layer)
+            self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + arr.nbytes
+        return sym
+
+    def kernel(self, key: Any, build: Any, symbol: str, unroll: bool = False) -> Kernel:
+        if key not in self.kernels:
+            self.kernels[key] = prepare_kernel(build(), symbol, batch=key[-1], unroll=unroll)
+        return self.kernels[key]
+
+    def call(self, kernel: Kernel, args: list[str], reads: list[str], writes: list[str], label: str) -> None:
+        refs = [f"@{a}@" if a in self.tensors else a for a in args]
+        casts = [f"({p.c_type}*){a}" for p, a in zip(kernel.params, refs)]
+        self.steps.append(Step([f"{kernel.symbol}({', '.join(casts)});"], reads, writes, label))
+
+    # ---------------------------------------------------------------- bit ops
+    def quantized_input(self, x: Tensor, act: str, rows: int, rest: tuple, nchw: tuple | None) -> list[str]:
+        """Emit the activation quantizer ``act`` needs; return the kernel's activation args."""
+        from bitcompiler import kernels
+
+        target = {"kind": "c"}
+        if act == "float":
+            return [x.name]
+        if act == "int8":
+            k = self.kernel(
+                ("q8", rest, rows),
+                lambda: kernels.quantize_rows_int8(rest, target),
+                f"bitc_quantize_int8_{len(self.kernels)}",
+            )
+            q = self.new_tensor(f"{x.name}_q8", (rows, *rest), "int8")
+            s = self.new_tensor(f"{x.name}_s", (rows,), "float32")
+            self.call(k, [x.name, q.name, s.name], [x.name], [q.name, s.name], "quantize_int8")
+            return [q.name, s.name]
+        if nchw is None:
+            (kdim,) = rest
+            k = self.kernel(
+                ("pack", kdim, rows),
+                lambda: kernels.pack_sign_rows(kdim, target),
+                f"bitc_pack_sign_{len(self.kernels)}",
+            )
+            p = self.new_tensor(f"{x.name}_bits", (rows, (kdim + 31) // 32), "int32")
+        else:
+            c, h, w, g = nchw
+            k = self.kernel(
+                ("pack_nchw", nchw, rows),
+                lambda: kernels.pack_sign_nchw(c, h, w, g, target),
+                f"bitc_pack_sign_nchw_{len(self.kernels)}",
+            )
+            p = self.new_tensor(f"{x.name}_bits", (rows, h, w, g, (c // g + 31) // 32), "int32")
+        self.call(k, [x.name, p.name], [x.name], [p.name], "pack_sign")
+        return [p.name]
+
+    def epilogue_args(self, args: tuple, threshold: bool) -> list[str]:
+        planes, scale, offset, bias, thr_sign, thr = args[1:7]
+        if threshold:
+            return [self.weight(planes, "int32"), self.weight(thr_sign, "int32"), self.weight(thr, "int32")]
+        return [self.weight(planes, "int32")] + [self.weight(n, "float32") for n in (scale, offset, bias)]
+
+    def bit_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
+        from bitcompiler import kernels
+
+        args: Any = node.args
+        x = self.tensors[args[0].name]
+        k, code, act, threshold, has_offset = args[7:12]
+        bits, n, _ = (int(d) for d in args[1].meta["val"].shape)
+        rows = math.prod(x.shape[:-1])
+        spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
+        act_args = self.quantized_input(x, act, rows, (k,), None)
+        kern = self.kernel(
+            ("dense", spec, rows),
+            lambda: kernels.dense_kernel(spec, {"kind": "c"}),
+            f"bitc_dense_{act}_{code}{bits}_{k}x{n}_{len(self.kernels)}",
+            unroll=act == "binary",
+        )
+        y = self.new_tensor(node.name, out_shape, "float32")
+        self.call(
+            kern, [*act_args, *self.epilogue_args(args, threshold), y.name], act_args, [y.name], node.name
+        )
+
+    def bit_conv2d(self, node: torch.fx.Node, out_shape: tuple) -> None:
+        from bitcompiler import kernels
+
+        args: Any = node.args
+        x = self.tensors[args[0].name]
+        c, kernel, stride, padding, dilation, groups, code, act, threshold, has_offset = args[7:17]
+        bits, o = (int(d) for d in args[1].meta["val"].shape[:2])
+        _, _, h, w = x.shape
+        spec = kernels.ConvSpec(
+            c, o, h, w, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups,
+            bits, code, act, bool(has_offset), bool(threshold),
+        )  # fmt: skip
+        assert (spec.out_h, spec.out_w) == (
+            conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0]),
+            conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1]),
+        )
+        act_args = self.quantized_input(x, act, 1, (c, h, w), (c, h, w, groups))
+        kern = self.kernel(
+            ("conv", spec, 1),
+            lambda: kernels.conv2d_kernel(spec, {"kind": "c"}),
+            f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}_{len(self.kernels)}",
+            unroll=act == "binary",
+        )
+        y = self.new_tensor(node.name, out_shape, "float32")
+        self.call(
+            kern, [*act_args, *self.epilogue_args(args, threshold), y.name], act_args, [y.name], node.name
+        )
+
+    # ---------------------------------------------------------------- walk
+    def run(self) -> tuple[Tensor, Tensor]:
+        graph_input = output = None
+        for node in self.ep.graph.nodes:
+            if node.op == "placeholder":
+                if node.name in self.user_inputs:
+                    if graph_input is not None:
+                        raise CortexMLoweringError("Cortex-M models take exactly one input tensor")
+                    graph_input = self.new_tensor(node.name, tuple(node.meta["val"].shape), "float32")
+                continue
+            if node.op == "output":
+                outs = node.args[0]
+                if len(outs) != 1:
+                    raise CortexMLoweringError("Cortex-M models return exactly one tensor")
+                output = self.tensors[outs[0].name]
+                continue
+            self.lower_node(node)
+        assert graph_input is not None and output is not None
+        if graph_input.dtype != "float32":
+            raise CortexMLoweringError("Cortex-M models take a float32 input")
+        return graph_input, output
+
+    def lower_node(self, node: torch.fx.Node) -> None:
+        target = node.target
+        name = str(getattr(target, "_opname", "")) + "." + str(getattr(target, "_overloadname", ""))
+        ns = getattr(target, "namespace", "")
+        val = node.meta.get("val")
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+        if ns == "bitc" and name == "bit_linear.default":
+            return self.bit_linear(node, shape)
+        if ns == "bitc" and name == "bit_conv2d.default":
+            return self.bit_conv2d(node, shape)
+        if ns == "aten" and name in ALIASES:
+            src = self.tensors[node.args[0].name]
+            self.alias(node.name, src, shape)
+            return None
+        emit = float_ops.EMITTERS.get(name) if ns == "aten" else None
+        if emit is None:
+            raise CortexMLoweringError(
+                f"op {ns}.{name} (node {node.name}) has no Cortex-M lowering yet; supported float ops: "
+                f"{', '.join(sorted(float_ops.EMITTERS))}. Quantize the layer (bit layers always lower) "
+                "or run it on target='cpu'."
+            )
+        ins = [self.tensors[a.name] for a in node.args if isinstance(a, torch.fx.Node)]
+        y = self.new_tensor(node.name, shape, "float32")
+        try:
+            body = emit(node, [t.shape for t in ins], y.shape)
+        except float_ops.UnsupportedFloatOp as e:
+            raise CortexMLoweringError(f"op aten.{name}: {e}") from e
+        decls = [f"const float* x{i} = (const float*)@{t.name}@;" for i, t in enumerate(ins)]
+        code = [*decls, f"float* y = (float*)@{y.name}@;", *body]
+        self.steps.append(Step(code, [t.name for t in ins], [y.name], f"{node.name} ({name})"))
+        return None
+
+
+def build_program(gm: torch.fx.GraphModule, example_inputs: tuple) -> Program:
+    """Walk the rewritten graph (batch 1) into kernels, C steps, weights and an arena plan."""
+    ep = export_batch_one(gm, example_inputs)
+    b = _Builder(ep)
+    graph_input, output = b.run()
+    plan = plan_storage(b.tensors, b.steps, graph_input)
+    kernels = list(b.kernels.values())
+    return Program(
+        graph_input, output, b.tensors, b.steps, list(b.weights.values()), kernels, plan, b.layer_bytes
+    )
+
+
+def plan_storage(tensors: dict[str, Tensor], steps: list[Step], graph_input: Tensor) -> ArenaPlan:
+    """Lifetimes of the arena buffers (aliases extend their storage's life) -> arena offsets."""
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    size: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for t in (tensors[n] for n in step.writes):
+            first.setdefault(t.storage, i)
+            last[t.storage] = max(last.get(t.storage, i), i)
+            size[t.storage] = max(size.get(t.storage, 0), t.nbytes)
+        for t in (tensors[n] for n in step.reads):
+            last[t.storage] = max(last.get(t.storage, i), i)
+    # the output is copied out after the last step
+    buffers = [Buffer(s, size[s], first[s], last[s]) for s in first if s != graph_input.storage]
+    return plan_arena(buffers)
+
+
+def pointer(program: Program, name: str) -> str:
+    t = program.tensors[name]
+    if t.storage == program.input.storage:
+        return "((float*)in)"
+    return f"((void*)(bitc_arena + {program.plan.offsets[t.storage]}))"
+
+
+def kernels_source(program: Program) -> str:
+    return generate_c(program.kernels)

@@ -1,0 +1,162 @@
+"""The float ops a bit network keeps, as plain C loops (inputs ``x0``, ``x1``; output ``y``).
+
+Each emitter takes the aten node, the input shapes and the output shape (batch 1, NCHW) and
+returns C statements; the arithmetic follows PyTorch's CPU kernels (e.g. average pooling sums
+then divides by the same divisor ATen uses).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class UnsupportedFloatOp(ValueError):
+    pass
+
+
+def _f(v: float) -> str:
+    if math.isinf(v):
+        return "INFINITY" if v > 0 else "-INFINITY"
+    return f"{float(v)!r}f"
+
+
+def _numel(shape: tuple) -> int:
+    return math.prod(shape)
+
+
+def relu(node: Any, shapes: list, out: tuple) -> list[str]:
+    return [f"for (int i = 0; i < {_numel(out)}; ++i) y[i] = x0[i] > 0.0f ? x0[i] : 0.0f;"]
+
+
+def hardtanh(node: Any, shapes: list, out: tuple) -> list[str]:
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+    clamp = f"y[i] = v < {_f(lo)} ? {_f(lo)} : (v > {_f(hi)} ? {_f(hi)} : v);"
+    return [f"for (int i = 0; i < {_numel(out)}; ++i) {{ float v = x0[i]; {clamp} }}"]
+
+
+def _binary(op: str) -> Callable:
+    def emit(node: Any, shapes: list, out: tuple) -> list[str]:
+        a, b = node.args[0], node.args[1]
+        alpha = node.kwargs.get("alpha", 1)
+        if not isinstance(a, torch.fx.Node):
+            raise UnsupportedFloatOp(f"{node.name}: a scalar first operand is not supported")
+        if isinstance(b, torch.fx.Node):
+            if tuple(shapes[1]) != tuple(out) or tuple(shapes[0]) != tuple(out):
+                raise UnsupportedFloatOp(
+                    f"{node.name}: broadcasting {shapes[0]} {op} {shapes[1]} is not supported"
+                )
+            rhs = "x1[i]"
+        else:
+            rhs = _f(float(b))
+        if alpha != 1:
+            rhs = f"({_f(float(alpha))} * {rhs})"
+        return [f"for (int i = 0; i < {_numel(out)}; ++i) y[i] = x0[i] {op} {rhs};"]
+
+    return emit
+
+
+def _pool_loops(shapes: list, out: tuple) -> tuple[int, int, int, int, int, int]:
+    _, c, h, w = shapes[0]
+    _, _, oh, ow = out
+    return c, h, w, oh, ow, h * w
+
+
+def _pair(v: Any, default: Any = None) -> tuple[int, int]:
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        v = default
+    if isinstance(v, int):
+        return v, v
+    return (int(v[0]), int(v[1])) if len(v) == 2 else (int(v[0]), int(v[0]))
+
+
+def max_pool2d(node: Any, shapes: list, out: tuple) -> list[str]:
+    args = list(node.args) + [None] * 6
+    kh, kw = _pair(args[1])
+    sh, sw = _pair(args[2] or node.kwargs.get("stride"), (kh, kw))
+    ph, pw = _pair(args[3] if args[3] is not None else node.kwargs.get("padding", 0), 0)
+    dh, dw = _pair(args[4] if args[4] is not None else node.kwargs.get("dilation", 1), 1)
+    c, h, w, oh, ow, hw = _pool_loops(shapes, out)
+    return [
+        f"for (int c = 0; c < {c}; ++c) for (int oh = 0; oh < {oh}; ++oh) for (int ow = 0; ow < {ow}; ++ow) {{",
+        "  float m = -INFINITY;",
+        f"  for (int kh = 0; kh < {kh}; ++kh) {{ int ih = oh * {sh} - {ph} + kh * {dh}; if (ih < 0 || ih >= {h}) continue;",
+        f"    for (int kw = 0; kw < {kw}; ++kw) {{ int iw = ow * {sw} - {pw} + kw * {dw}; if (iw < 0 || iw >= {w}) continue;",
+        f"      float v = x0[c * {hw} + ih * {w} + iw]; if (v > m || v != v) m = v; }} }}",
+        f"  y[(c * {oh} + oh) * {ow} + ow] = m;",
+        "}",
+    ]
+
+
+def avg_pool2d(node: Any, shapes: list, out: tuple) -> list[str]:
+    args = list(node.args) + [None] * 7
+    kh, kw = _pair(args[1])
+    sh, sw = _pair(args[2] or node.kwargs.get("stride"), (kh, kw))
+    ph, pw = _pair(args[3] if args[3] is not None else node.kwargs.get("padding", 0), 0)
+    include_pad = args[5] if args[5] is not None else node.kwargs.get("count_include_pad", True)
+    override = args[6] if args[6] is not None else node.kwargs.get("divisor_override")
+    c, h, w, oh, ow, hw = _pool_loops(shapes, out)
+    if override:
+        divisor = f"{int(override)}"
+    elif include_pad:
+        divisor = "(he0 - hs0) * (we0 - ws0)"
+    else:
+        divisor = "(he - hs) * (we - ws)"
+    return [
+        f"for (int c = 0; c < {c}; ++c) for (int oh = 0; oh < {oh}; ++oh) for (int ow = 0; ow < {ow}; ++ow) {{",
+        f"  int hs0 = oh * {sh} - {ph}, ws0 = ow * {sw} - {pw};",
+        f"  int he0 = hs0 + {kh} < {h + ph} ? hs0 + {kh} : {h + ph}, we0 = ws0 + {kw} < {w + pw} ? ws0 + {kw} : {w + pw};",
+        f"  int hs = hs0 > 0 ? hs0 : 0, ws = ws0 > 0 ? ws0 : 0, he = he0 < {h} ? he0 : {h}, we = we0 < {w} ? we0 : {w};",
+        "  float s = 0.0f;",
+        f"  for (int ih = hs; ih < he; ++ih) for (int iw = ws; iw < we; ++iw) s += x0[c * {hw} + ih * {w} + iw];",
+        f"  y[(c * {oh} + oh) * {ow} + ow] = s / (float)({divisor});",
+        "}",
+    ]
+
+
+def adaptive_avg_pool2d(node: Any, shapes: list, out: tuple) -> list[str]:
+    c, h, w, oh, ow, hw = _pool_loops(shapes, out)
+    return [
+        f"for (int c = 0; c < {c}; ++c) for (int oh = 0; oh < {oh}; ++oh) for (int ow = 0; ow < {ow}; ++ow) {{",
+        f"  int hs = (oh * {h}) / {oh}, he = ((oh + 1) * {h} + {oh - 1}) / {oh};",
+        f"  int ws = (ow * {w}) / {ow}, we = ((ow + 1) * {w} + {ow - 1}) / {ow};",
+        "  float s = 0.0f;",
+        f"  for (int ih = hs; ih < he; ++ih) for (int iw = ws; iw < we; ++iw) s += x0[c * {hw} + ih * {w} + iw];",
+        f"  y[(c * {oh} + oh) * {ow} + ow] = s / (float)((he - hs) * (we - ws));",
+        "}",
+    ]
+
+
+def mean_dim(node: Any, shapes: list, out: tuple) -> list[str]:
+    shape = tuple(shapes[0])
+    dims = sorted(d % len(shape) for d in node.args[1])
+    if dims != list(range(len(shape) - len(dims), len(shape))):
+        raise UnsupportedFloatOp(
+            f"{node.name}: mean over dims {dims} of {shape}: only trailing dims are supported"
+        )
+    inner = math.prod(shape[len(shape) - len(dims) :])
+    outer = math.prod(shape[: len(shape) - len(dims)])
+    return [
+        f"for (int o = 0; o < {outer}; ++o) {{ float s = 0.0f;",
+        f"  for (int i = 0; i < {inner}; ++i) s += x0[o * {inner} + i];",
+        f"  y[o] = s / {_f(float(inner))}; }}",
+    ]
+
+
+EMITTERS: dict[str, Callable[[Any, list, tuple], list[str]]] = {
+    "relu.default": relu,
+    "relu_.default": relu,
+    "hardtanh.default": hardtanh,
+    "hardtanh_.default": hardtanh,
+    "add.Tensor": _binary("+"),
+    "sub.Tensor": _binary("-"),
+    "mul.Tensor": _binary("*"),
+    "max_pool2d.default": max_pool2d,
+    "avg_pool2d.default": avg_pool2d,
+    "adaptive_avg_pool2d.default": adaptive_avg_pool2d,
+    "mean.dim": mean_dim,
+}
