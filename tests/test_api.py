@@ -121,3 +121,11 @@ def test_custom_pipeline_is_used():
     cm = bc.compile(model, (x,), pipeline=pipe)
     assert calls
     assert_close(cm(x), cm.reference(x))
+
+
+def test_inputs_that_are_slices_or_non_contiguous_work():
+    model, (x,) = make_model("mlp")
+    cm = bc.compile(model, (x,))
+    big = torch.randn(10, *x.shape[1:])
+    for view in (big[3:7], big.transpose(2, 3)):
+        assert_close(cm(view), cm.reference(view.contiguous()))

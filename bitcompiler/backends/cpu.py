@@ -51,13 +51,19 @@ class CPURunner(Runner):
 
     def __call__(self, inputs: list[Any]) -> list[Any]:
         # DLPack in both directions: no copies around the kernels
-        from_dlpack = self._tvm.runtime.from_dlpack
-        args = [from_dlpack(torch.as_tensor(a).contiguous()) for a in inputs]
+        args = [self._tvm.runtime.from_dlpack(_aligned(torch.as_tensor(a))) for a in inputs]
         return [torch.from_dlpack(o) for o in _flatten(self._main(*args))]
 
     def export(self, directory: Path) -> list[str]:
         self.executable.export_library(str(directory / LIB))
         return [LIB]
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """TVM takes DLPack data only 64-byte aligned and contiguous (a slice may be neither): copy then."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.contiguous().clone()
 
 
 def _flatten(out: Any) -> list:
