@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from bitcompiler import cache
 from bitcompiler.backends.base import Runner, Target, backend_for
 from bitcompiler.backends.lower import export_graph, to_relax
 from bitcompiler.capture import capture, symbolic_trace
@@ -248,13 +249,25 @@ def compile(
         # backends that generate their own code (cortex-m) walk the rewritten graph, not Relax
         runner = backend.build_from_graph(gm, exported, example_inputs, target)
     else:
-        runner = backend.build(to_relax(exported), target)
+        runner = _build_cached(backend, exported, target)
     report = build_report(gm, target.name, label, ctx.notes)
     report.extra.update(getattr(runner, "report_extra", {}))
     inputs = [InputSpec(tuple(x.shape[1:]), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
     return CompiledModel(
         runner, gm, exported, inputs, isinstance(out, (tuple, list)), report, target, dynamic
     )
+
+
+def _build_cached(backend: Any, exported: Any, target: Target) -> Runner:
+    """Build through the compile cache: an unchanged graph on the same target is loaded, not rebuilt."""
+    entry = cache.key(exported, str(target) + str(target.tvm_target()))
+    runner = cache.lookup(entry, lambda path: backend.load(path, target))
+    if runner is not None:
+        runner.cache_hit = True  # type: ignore[attr-defined]
+        return runner  # type: ignore[return-value]
+    runner = backend.build(to_relax(exported), target)
+    cache.store(entry, runner.export)
+    return runner
 
 
 def prepare(model: nn.Module, scheme: str | Scheme = "binary") -> nn.Module:

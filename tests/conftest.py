@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("BITC_DEBUG", "1")  # verify the graph after every pass in tests
 os.environ.setdefault("TVM_NUM_THREADS", "2")
+if "BITC_CACHE" not in os.environ:  # a private compile cache per test session, never the user's
+    import tempfile
+
+    os.environ["BITC_CACHE"] = tempfile.mkdtemp(prefix="bitc-test-cache-")
 
 import pytest
 import torch

@@ -1,0 +1,83 @@
+"""Compile cache: built artifacts keyed by the exported graph, its constants and the target.
+
+Recompiling an unchanged model loads the library instead of running TVM again.
+Entries live under ``$BITC_CACHE/compiled`` (default ``~/.cache/bitcompiler``;
+``BITC_CACHE=off`` disables caching). Writes are atomic: an entry is built in
+a private temporary directory and renamed into place, so two processes
+compiling the same model at once both end with a complete entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+FORMAT = "1"
+
+
+def root() -> Path | None:
+    """The cache directory, or None when caching is off."""
+    value = os.environ.get("BITC_CACHE", "~/.cache/bitcompiler")
+    if value.lower() in ("off", "0", "none", ""):
+        return None
+    return Path(value).expanduser()
+
+
+def key(exported: torch.export.ExportedProgram, target: str) -> str:
+    """sha256 of the graph code, every constant's bytes, the target and the tool versions."""
+    import tvm
+
+    import bitcompiler
+
+    h = hashlib.sha256()
+    for part in (FORMAT, bitcompiler.__version__, tvm.__version__, torch.__version__, target):
+        h.update(part.encode() + b"\0")
+    h.update(exported.graph_module.code.encode())
+    tensors = {**exported.state_dict, **exported.constants}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if isinstance(t, torch.Tensor):
+            h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def lookup(entry_key: str, load: Callable[[Path], object]) -> object | None:
+    """The loaded entry, or None (a broken entry is removed with a warning, never an error)."""
+    base = root()
+    if base is None:
+        return None
+    path = base / "compiled" / entry_key
+    if not path.is_dir():
+        return None
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001 - a corrupt cache must never break compile()
+        warnings.warn(f"ignoring unreadable compile cache entry {path}: {e}", stacklevel=3)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def store(entry_key: str, write: Callable[[Path], object]) -> None:
+    """Write an entry atomically; failures (read-only home, full disk) only warn."""
+    base = root()
+    if base is None:
+        return
+    final = base / "compiled" / entry_key
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry_key}-", dir=final.parent))
+        write(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process won the race: its entry is complete too
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        warnings.warn(f"could not write the compile cache under {base}: {e}", stacklevel=3)
