@@ -54,9 +54,11 @@ def machine() -> dict[str, str]:
 
 def run_in_subprocess(module: str, threads: int, *args: str) -> str:
     """Run ``python -m module`` with the thread count fixed before torch/TVM import (TVM reads it once)."""
-    env = dict(
-        os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), BENCH_THREADS=str(threads)
-    )
+    import tempfile
+
+    # a fresh compile cache: compile times are cold, recompiles hit only what this run cached
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               BENCH_THREADS=str(threads), BITC_CACHE=tempfile.mkdtemp(prefix="bitc-bench-cache-"))
     out = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{module} ({threads} threads) failed:\n{out.stderr[-4000:]}")

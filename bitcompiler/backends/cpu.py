@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +59,23 @@ class CPURunner(Runner):
         return [torch.from_dlpack(o) for o in _flatten(self._main(*args))]
 
     def export(self, directory: Path) -> list[str]:
-        self.executable.export_library(str(directory / LIB))
+        with quiet_native_stderr():
+            self.executable.export_library(str(directory / LIB))
         return [LIB]
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence C++ log lines TVM 0.27 prints for every constant when saving or loading an executable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -85,4 +104,6 @@ class CPUBackend(Backend):
     def load(self, directory: Path, target: Target) -> CPURunner:
         import tvm
 
-        return CPURunner(tvm.runtime.load_module(str(directory / LIB)))
+        with quiet_native_stderr():
+            module = tvm.runtime.load_module(str(directory / LIB))
+        return CPURunner(module)
