@@ -1,7 +1,7 @@
 """Run the benchmarks at 1 and 2 threads; write BENCHMARKS.md and bench/results.json.
 
-    python -m bench            # layers, models, tiled
-    python -m bench layers     # one group
+python -m bench            # layers, models, tiled
+python -m bench layers     # one group
 """
 
 from __future__ import annotations
@@ -26,14 +26,28 @@ def _cell(r: dict, peer: str) -> str:
 
 def table(rows: list[dict]) -> list[str]:
     peers = [p for p in PEERS if any(f"{p}_ms" in r for r in rows)]
-    head = ["benchmark", "batch", "thr", "bitcompiler ms", *(f"vs {p}" for p in peers), "cold vs torch_fp32",
-            "of HW floor"]
+    head = [
+        "benchmark",
+        "batch",
+        "thr",
+        "bitcompiler ms",
+        *(f"vs {p}" for p in peers),
+        "cold vs torch_fp32",
+        "of HW floor",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cold = f"{r['cold_torch_fp32_ms'] / r['cold_bitc_ms']:.1f}x" if "cold_bitc_ms" in r else "–"
         floor = f"{100 * r['floor_ms'] / r['bitc_ms']:.0f}%" if "floor_ms" in r else "–"
-        cells = [r["bench"], str(r["batch"]), str(r["threads"]), f"{r['bitc_ms']:.3f}",
-                 *(_cell(r, p) for p in peers), cold, floor]
+        cells = [
+            r["bench"],
+            str(r["batch"]),
+            str(r["threads"]),
+            f"{r['bitc_ms']:.3f}",
+            *(_cell(r, p) for p in peers),
+            cold,
+            floor,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -53,13 +67,15 @@ def main(argv: list[str]) -> None:
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} with `make bench` on {info['cpu']} ({info['cores']} cores), "
-        f"Python {info['python']}, torch {info['torch']}, TVM {info['tvm']}. Every peer runs in the same "
-        "process as bitcompiler; each time is the median of repeated calls of the whole model call "
-        "(Python overhead included). `Nx` = peer time / bitcompiler time: higher favours bitcompiler. "
-        "Cold = caches evicted (64 MiB written) before every call. HW floor = the W1A1 lower bound "
-        "from this machine's measured popcount throughput (bench/limits.py); the percentage is how "
-        "close the kernel gets to it.",
+        (
+            f"Measured {time.strftime('%Y-%m-%d')} with `make bench` on {info['cpu']} ({info['cores']} cores), "
+            f"Python {info['python']}, torch {info['torch']}, TVM {info['tvm']}. Every peer runs in the same "
+            "process as bitcompiler; each time is the median of repeated calls of the whole model call "
+            "(Python overhead included). `Nx` = peer time / bitcompiler time: higher favours bitcompiler. "
+            "Cold = caches evicted (64 MiB written) before every call. HW floor = the W1A1 lower bound "
+            "from this machine's measured popcount throughput (bench/limits.py); the percentage is how "
+            "close the kernel gets to it."
+        ),
         "",
     ]
     for group in GROUPS:
@@ -69,12 +85,18 @@ def main(argv: list[str]) -> None:
         lines += [f"## {group}", ""] + table(group_rows) + [""]
         extra = [r for r in group_rows if "compile_s" in r and r["threads"] == 1]
         for r in extra:
-            cached = f", cached recompile {r['cached_recompile_s']:.1f} s" if "cached_recompile_s" in r else ""
-            lines.append(f"- {r['bench']} ({r['scheme']}, batch {r['batch']}): compile {r['compile_s']:.1f} s{cached}")
+            cached = (
+                f", cached recompile {r['cached_recompile_s']:.1f} s" if "cached_recompile_s" in r else ""
+            )
+            lines.append(
+                f"- {r['bench']} ({r['scheme']}, batch {r['batch']}): compile {r['compile_s']:.1f} s{cached}"
+            )
         lim = next((r["limits"] for r in group_rows if "limits" in r), None)
         if lim:
-            lines.append(f"- machine limits (1 thread): memory {lim['memory_gbs']:.1f} GB/s, popcount "
-                         f"{lim['popcount_gwords_s']:.2f} G 64-bit words/s")
+            lines.append(
+                f"- machine limits (1 thread): memory {lim['memory_gbs']:.1f} GB/s, popcount "
+                f"{lim['popcount_gwords_s']:.2f} G 64-bit words/s"
+            )
         lines.append("")
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print("\n".join(lines))

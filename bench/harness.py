@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable[[], object], repeat: int = 50, min_time: float = 0.2, max_time: float = 3.0) -> float:
+def median_seconds(
+    fn: Callable[[], object], repeat: int = 50, min_time: float = 0.2, max_time: float = 3.0
+) -> float:
     """Median wall time of ``fn()`` over ``repeat`` runs (and at least ``min_time`` seconds).
 
     A slow peer stops after ``max_time`` seconds (at least 3 timed runs).
@@ -57,9 +59,16 @@ def run_in_subprocess(module: str, threads: int, *args: str) -> str:
     import tempfile
 
     # a fresh compile cache: compile times are cold, recompiles hit only what this run cached
-    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               BENCH_THREADS=str(threads), BITC_CACHE=tempfile.mkdtemp(prefix="bitc-bench-cache-"))
-    out = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True)
+    env = dict(
+        os.environ,
+        TVM_NUM_THREADS=str(threads),
+        OMP_NUM_THREADS=str(threads),
+        BENCH_THREADS=str(threads),
+        BITC_CACHE=tempfile.mkdtemp(prefix="bitc-bench-cache-"),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{module} ({threads} threads) failed:\n{out.stderr[-4000:]}")
     return out.stdout

@@ -16,8 +16,8 @@ from bench.harness import median_seconds
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
 
-import bitcompiler as bc  # noqa: E402
-from bench import baselines, limits  # noqa: E402
+import bitcompiler as bc
+from bench import baselines, limits
 
 _EVICT = torch.empty(16 * 2**20, dtype=torch.float32)
 SLOW_PEER_S = 2.0  # a peer slower than this per call is timed once, not repeated
@@ -46,8 +46,9 @@ def check(cm, x) -> None:
     assert err <= 1e-5, f"compiled output differs from the reference (relative error {err:.2g})"
 
 
-def bench_layer(name: str, model: torch.nn.Module, shape: tuple, scheme: str, batches: tuple, peers: tuple,
-                floor=None) -> list[dict]:
+def bench_layer(
+    name: str, model: torch.nn.Module, shape: tuple, scheme: str, batches: tuple, peers: tuple, floor=None
+) -> list[dict]:
     example = torch.randn(1, *shape)
     t0 = time.perf_counter()
     cm = bc.compile(model, (example,), scheme=scheme)
@@ -64,8 +65,14 @@ def bench_layer(name: str, model: torch.nn.Module, shape: tuple, scheme: str, ba
     for batch in batches:
         x = torch.randn(batch, *shape)
         check(cm, x)
-        row = {"bench": name, "scheme": scheme, "batch": batch, "threads": THREADS, "compile_s": compile_s,
-               "bitc_ms": timed_ms(cm, x)}
+        row = {
+            "bench": name,
+            "scheme": scheme,
+            "batch": batch,
+            "threads": THREADS,
+            "compile_s": compile_s,
+            "bitc_ms": timed_ms(cm, x),
+        }
         for p, fn in runners.items():
             if p == "tvm_fp32" and batch > 1:
                 continue  # TVM's default fp32 schedules take seconds per call at batch 64
@@ -87,14 +94,30 @@ def main() -> None:
     all_peers = ("torch_fp32", "torch_int8", "ort_fp32", "ort_int8", "tvm_fp32")
     conv_peers = ("torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32")
     rows = []
-    rows += bench_layer(f"linear{n} W1A1", linear, (n,), "binary:act=binary,first_last=quantize", (1, 64),
-                        all_peers, floor=lambda b: limits.w1a1_floor_ms(n, n, b, lim))
-    rows += bench_layer(f"linear{n} W1 weight-only", linear, (n,), "binary:first_last=quantize", (1,), all_peers)
-    rows += bench_layer(f"linear{n} W2A8", linear, (n,), "uniform:bits=2,act=8,first_last=quantize", (1,),
-                        all_peers)
-    rows += bench_layer("conv3x3 256->256 14x14 W1A1", conv, (256, 14, 14),
-                        "binary:act=binary,first_last=quantize", (1,), conv_peers,
-                        floor=lambda b: limits.w1a1_floor_ms(256 * 9, 256, b * 14 * 14, lim))
+    rows += bench_layer(
+        f"linear{n} W1A1",
+        linear,
+        (n,),
+        "binary:act=binary,first_last=quantize",
+        (1, 64),
+        all_peers,
+        floor=lambda b: limits.w1a1_floor_ms(n, n, b, lim),
+    )
+    rows += bench_layer(
+        f"linear{n} W1 weight-only", linear, (n,), "binary:first_last=quantize", (1,), all_peers
+    )
+    rows += bench_layer(
+        f"linear{n} W2A8", linear, (n,), "uniform:bits=2,act=8,first_last=quantize", (1,), all_peers
+    )
+    rows += bench_layer(
+        "conv3x3 256->256 14x14 W1A1",
+        conv,
+        (256, 14, 14),
+        "binary:act=binary,first_last=quantize",
+        (1,),
+        conv_peers,
+        floor=lambda b: limits.w1a1_floor_ms(256 * 9, 256, b * 14 * 14, lim),
+    )
     for r in rows:
         r["limits"] = lim
     print(json.dumps(rows))

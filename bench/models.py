@@ -14,9 +14,9 @@ import torch
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
 
-import bitcompiler as bc  # noqa: E402
-from bench import zoo  # noqa: E402
-from bench.layers import bench_layer  # noqa: E402
+import bitcompiler as bc
+from bench import zoo
+from bench.layers import bench_layer
 
 SCHEME = "binary:act=binary"
 
@@ -31,8 +31,10 @@ def main() -> None:
     torch.manual_seed(0)
     peers = ("torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32")
     rows = []
-    for name, model, shape in (("ResNet-18 (CIFAR)", zoo.randomized(zoo.ResNet18()), (3, 32, 32)),
-                               ("MLP-Mixer", zoo.MLPMixer().eval(), (3, 32, 32))):
+    for name, model, shape in (
+        ("ResNet-18 (CIFAR)", zoo.randomized(zoo.ResNet18()), (3, 32, 32)),
+        ("MLP-Mixer", zoo.MLPMixer().eval(), (3, 32, 32)),
+    ):
         r = bench_layer(name, model, shape, SCHEME, (1,), peers)
         r[0]["cached_recompile_s"] = recompile_s(model, shape)
         rows += r
