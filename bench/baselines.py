@@ -28,7 +28,9 @@ def torch_int8_dynamic(model: nn.Module) -> Runner:
     """torch's dynamic int8 quantization (Linear layers; convolutions stay float)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+        q = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8
+        )
     return torch_fp32(q)
 
 
@@ -36,8 +38,15 @@ def _onnx_file(model: nn.Module, example: torch.Tensor, directory: Path) -> Path
     path = directory / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        )
     return path
 
 

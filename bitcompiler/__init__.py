@@ -14,10 +14,11 @@ from bitcompiler.capture import CaptureError
 from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, graph_pass
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report
+from bitcompiler.train import regularization_loss, step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "CompiledModel", "LoweringError", "Pass", "PassError", "Pipeline", "PipelineError",
-    "Report", "Scheme", "Target", "compile", "graph_pass", "load", "prepare",
+    "Report", "Scheme", "Target", "compile", "graph_pass", "load", "prepare", "regularization_loss", "step",
 ]

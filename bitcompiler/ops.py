@@ -117,3 +117,31 @@ def _(
     oh = conv_out_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
     return x.new_empty(x.shape[0], planes.shape[1], oh, ow)
+
+
+@torch.library.custom_op("bitc::tiled_linear", mutates_args=())
+def tiled_linear(
+    x: torch.Tensor,
+    tile: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    thr_sign: torch.Tensor,
+    thr: torch.Tensor,
+    k: int,
+    n: int,
+    p: int,
+    act: str,
+    threshold: bool,
+) -> torch.Tensor:
+    """Tiled dense layer (METHODS.md §4) over the last axis of ``x``: one packed tile, p scales."""
+    lead = x.shape[:-1]
+    y = numerics.tiled_linear(
+        x.reshape(-1, k), tile, k, n, p, act, scale, bias,
+        thr_sign if threshold else None, thr if threshold else None,
+    )
+    return y.reshape(*lead, n)
+
+
+@tiled_linear.register_fake
+def _(x, tile, scale, bias, thr_sign, thr, k, n, p, act, threshold):
+    return x.new_empty(*x.shape[:-1], n)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
+from bitcompiler.methods.tiled import TiledBitLinear
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BIT_LAYERS
 
@@ -124,6 +125,16 @@ def _bit_row(name: str, m: Any) -> LayerRow:
     return LayerRow(name, m.op, m.label, numerics.bits_per_weight(numel, n_bytes), n_bytes, numel, note)
 
 
+def _tiled_row(name: str, m: TiledBitLinear) -> LayerRow:
+    """A tiled layer stores its packed tile words and its p (or N) float scales, nothing else."""
+    numel = m.out_features * m.in_features
+    n_bytes = numerics.packed_weight_bytes(m.tile.numel(), m.n_floats)
+    kind = f"row-aligned R={m.out_features // m.p}" if m.row_aligned else "unaligned"
+    note = f"act={m.act}, tile {m.tile_bits} bits ({kind}) + {m.n_floats} scales" + (
+        ", integer threshold" if m.threshold else "")
+    return LayerRow(name, "linear", m.label, numerics.bits_per_weight(numel, n_bytes), n_bytes, numel, note)
+
+
 def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(str(node.target))).__name__
@@ -137,8 +148,12 @@ def build_report(gm: fx.GraphModule, target: str, scheme: str, notes: list) -> R
     noted = dict(notes)
     rows = []
     for name, m in gm.named_modules():
+        if isinstance(m, TiledBitLinear):
+            rows.append(_tiled_row(name, m))
+            continue
         if isinstance(m, BIT_LAYERS):
-            rows.append(_bit_row(name, m))
+            row = _bit_row(name, m)
+            rows.append(replace(row, note=f"{row.note}; {noted[name]}") if name in noted else row)
         elif (
             name
             and isinstance(getattr(m, "weight", None), torch.Tensor)

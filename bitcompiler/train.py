@@ -23,11 +23,46 @@ from tqdm.auto import tqdm
 
 @dataclass
 class History:
-    loss: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)  # the full training loss (CE + regularization)
     train_accuracy: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
+    bits: dict[str, list[int]] = field(default_factory=dict)  # weight bits per quantized layer, after each step
+    val_steps: list[int] = field(default_factory=list)  # optimizer steps done at each val_accuracy entry
+
+
+def _quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from bitcompiler.quant.modules import QUANT_LAYERS
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the weight quantizers' ``regularization(weight)`` terms (0 if none has one).
+
+    Add it to the task loss; :func:`fit` does. BitNet's is ``λ1·½‖W_q − W‖² + λ2·2^B``::
+
+        >>> import torch, bitcompiler as bc
+        >>> net = bc.prepare(torch.nn.Sequential(torch.nn.Linear(4, 2)), "bitnet:first_last=quantize")
+        >>> float(bc.regularization_loss(net).detach()) > 0
+        True
+    """
+    terms = [m.wq.regularization(m.weight) for _, m in _quant_layers(model) if hasattr(m.wq, "regularization")]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def step(model: nn.Module) -> None:
+    """Call after each optimizer step: every weight quantizer with a ``step()`` (BitNet's bit update,
+    gwt's τ schedule) takes it. :func:`fit` does."""
+    for _, m in _quant_layers(model):
+        if hasattr(m.wq, "step"):
+            m.wq.step()
+
+
+def layer_bits(model: nn.Module) -> dict[str, int]:
+    """Weight bits of every quantized layer by name (BitNet's learned B, fixed depths otherwise)."""
+    return {name: int(m.wq.bits) for name, m in _quant_layers(model) if hasattr(m.wq, "bits")}
 
 
 @torch.no_grad()
@@ -55,7 +90,8 @@ def fit(
     time_budget: float | None = None,
     seed: int = 0,
 ) -> History:
-    """Train with cross-entropy; Adam (lr 1e-3) unless an optimizer is given.
+    """Train with cross-entropy plus the quantizers' :func:`regularization_loss`; Adam (lr 1e-3)
+    unless an optimizer is given. After each optimizer step the quantizers :func:`step`.
 
     ``time_budget`` (seconds) stops training early, keeping runs bounded.
     """
@@ -70,20 +106,28 @@ def fit(
         correct = seen = 0
         for x, y in bar:
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y) + regularization_loss(model)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            step(model)
             history.loss.append(loss.item())
             history.steps += 1
+            bits = layer_bits(model)
+            for name, b in bits.items():
+                history.bits.setdefault(name, []).append(b)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
+            postfix = {"loss": f"{loss.item():.3f}", "acc": f"{correct / seen:.3f}"}
+            if bits:
+                postfix["bits"] = f"{sum(bits.values()) / len(bits):.2f}"
+            bar.set_postfix(postfix)
             if time_budget is not None and time.perf_counter() - start > time_budget:
                 break
         history.train_accuracy.append(correct / max(seen, 1))
         if val_data is not None:
             history.val_accuracy.append(accuracy(model, val_data))
+            history.val_steps.append(history.steps)
         if time_budget is not None and time.perf_counter() - start > time_budget:
             break
     model.eval()

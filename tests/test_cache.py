@@ -53,3 +53,13 @@ def test_corrupt_entry_is_ignored_with_a_warning(tmp_path, monkeypatch):
 def test_cache_off(monkeypatch):
     monkeypatch.setenv("BITC_CACHE", "off")
     assert cache.root() is None
+
+
+def test_a_model_loaded_from_the_cache_exports_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITC_CACHE", str(tmp_path / "cache"))
+    model, (x,) = make_model("mlp")
+    bc.compile(model, (x,))
+    hit = bc.compile(model, (x,))
+    assert hit._runner.cache_hit
+    hit.export(tmp_path / "out")
+    assert torch.equal(bc.load(tmp_path / "out")(x), hit(x))

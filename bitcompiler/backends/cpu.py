@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,8 @@ def relax_pipeline(target: Any) -> Any:
 
 
 class CPURunner(Runner):
-    def __init__(self, executable: Any) -> None:
+    def __init__(self, executable: Any, library: Path | None = None) -> None:
+        self.library = library  # the .so it was loaded from (a loaded module cannot be saved again)
         import tvm
         from tvm import relax
 
@@ -59,8 +61,11 @@ class CPURunner(Runner):
         return [torch.from_dlpack(o) for o in _flatten(self._main(*args))]
 
     def export(self, directory: Path) -> list[str]:
-        with quiet_native_stderr():
-            self.executable.export_library(str(directory / LIB))
+        if self.library is not None:
+            shutil.copyfile(self.library, directory / LIB)
+        else:
+            with quiet_native_stderr():
+                self.executable.export_library(str(directory / LIB))
         return [LIB]
 
 
@@ -106,4 +111,4 @@ class CPUBackend(Backend):
 
         with quiet_native_stderr():
             module = tvm.runtime.load_module(str(directory / LIB))
-        return CPURunner(module)
+        return CPURunner(module, directory / LIB)

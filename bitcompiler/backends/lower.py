@@ -165,7 +165,45 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     )
 
 
-CONVERTERS = {"bit_linear.default": convert_bit_linear, "bit_conv2d.default": convert_bit_conv2d}
+def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
+    """Row-aligned: dense kernel of the R distinct rows, then the expand kernel; else the unaligned kernel."""
+    import numpy as np
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    bb, env = importer.block_builder, importer.env
+    args: Any = node.args  # (x, tile, scale, bias, thr_sign, thr, k, n, p, act, threshold)
+    x, tile, scale, bias, thr_sign, thr = (env[a] for a in args[:6])
+    k, n, p, act, threshold = args[6:11]
+    spec = kernels.TiledDenseSpec(k, n, p, act, bool(threshold), _int(_shape(scale)[0]))
+    shape = _shape(x)
+    lead = shape[:-1]
+    rows = math.prod(lead) if len(lead) > 1 else lead[0]
+    x2 = bb.emit(relax.op.reshape(x, (rows, k))) if len(lead) > 1 else x
+    inputs = _quantized_input(bb, x2, act, None, (-(-k // 32),))
+    epi = [thr_sign, thr] if threshold else [scale, bias]
+    out_ty = relax.TensorType((rows, n), "float32")
+    name = f"bitc_tiled_{act}_{k}x{n}_p{p}" + ("_thr" if threshold else "")
+    if spec.aligned:
+        r = spec.rows
+        unit = [relax.const(np.ones(r, "float32")), relax.const(np.zeros(r, "float32")),
+                relax.const(np.zeros(r, "float32"))]
+        stage1 = [inputs[0], bb.emit(relax.op.ones_like(inputs[1]))] if act == "int8" else inputs
+        acc = _emit_kernel(bb, kernels.dense_kernel(spec.rows_spec()), f"{name}_rows", [*stage1, tile, *unit],
+                           relax.TensorType((rows, r), "float32"))
+        xs = [inputs[1]] if act == "int8" and not threshold else []
+        y = _emit_kernel(bb, kernels.tiled_expand_kernel(spec), f"{name}_expand", [acc, *xs, *epi], out_ty)
+    else:
+        y = _emit_kernel(bb, kernels.tiled_unaligned_kernel(spec), name, [*inputs, tile, *epi], out_ty)
+    return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
+
+
+CONVERTERS = {
+    "bit_linear.default": convert_bit_linear,
+    "bit_conv2d.default": convert_bit_conv2d,
+    "tiled_linear.default": convert_tiled_linear,
+}
 
 
 def to_relax(ep: torch.export.ExportedProgram) -> Any:

@@ -20,13 +20,17 @@ from bitcompiler.kernels.activations import pack_sign_nchw, pack_sign_rows, quan
 from bitcompiler.kernels.conv import conv2d_kernel
 from bitcompiler.kernels.dense import dense_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
+from bitcompiler.kernels.tiled import TiledDenseSpec, tiled_expand_kernel, tiled_unaligned_kernel
 
 __all__ = [
     "ConvSpec",
     "DenseSpec",
+    "TiledDenseSpec",
     "conv2d_kernel",
     "dense_kernel",
     "pack_sign_nchw",
     "pack_sign_rows",
     "quantize_rows_int8",
+    "tiled_expand_kernel",
+    "tiled_unaligned_kernel",
 ]

@@ -6,9 +6,8 @@ Computation (exactly :func:`bitcompiler.quant.numerics.bit_linear`):
   ``acc = K - 2 * sum_w popcount(XP ^ P)`` (the zero tails XOR to 0); with uint weights
   ``acc = sum_i 2^i * (popcount(P_i & XP) - popcount(P_i & ~XP))`` (``P_i`` has a zero tail, so
   ``~XP``'s tail never counts). ``sumx = 2 * popcount(XP) - K``.
-* ``act="int8"`` / ``"float"``: the weight code is unpacked on the fly from the planes,
-  ``(P[i, n, k // 32] >> (k % 32)) & 1``, and multiplied into an int32 (int8) or float32 (float)
-  accumulator. ``sumx`` is computed once per row by its own small block (it does not depend on n).
+* ``act="int8"`` / ``"float"``: the weight bits are read on the fly from the planes and select
+  the activation into an int32 (int8) or float32 (float) accumulator (see the schedule notes). ``sumx`` is computed once per row by its own small block (it does not depend on n).
 * Epilogue (block ``Y``): ``(scale[n] * s) * acc + (offset[n] * s) * sumx + bias[n]`` in float32
   (the offset term is dropped when ``has_offset`` is False), or with a threshold
   ``+1 if thr_sign[n] * acc >= thr[n] else -1`` on the exact integer ``acc``.
@@ -30,9 +29,13 @@ AVX2 (see the module-level numbers in the package docstring):
 * Parallel over blocks of NB output rows (outermost), batch rows inside, so a block of weights
   stays in L1 while every batch row streams past it; the epilogue is computed right after each
   block's reduction (``reverse_compute_at``), so ``acc`` never goes to memory.
-* int8 / float: the 32 bits of a word are the vectorized inner loop (rfactor over the bit index,
-  the shift amounts are a constant vector), 2 output rows share each activation vector. A row
-  tail (K % 32) is its own small reduction block so the main loop never needs a bounds check.
+* int8 / float: the 32 bits of a word are the vectorized inner loop (rfactor over the bit index);
+  lane ``j`` tests its bit as ``(word & (1 << j)) == (1 << j)`` (a constant mask vector: and +
+  compare, no variable shift) and selects ``x`` or 0, so a pm1 row accumulates
+  ``sum_{bit=1} x`` and ``acc = 2 * that - sumx`` (``sumx`` then always computed), a uint row
+  ``sum_i 2^i sum_{bit_i=1} x``. 2 output rows share each activation vector for one plane, 1 row
+  for more planes (register pressure). A row tail (K % 32) is its own small reduction block so
+  the main loop never needs a bounds check.
 
 Any other target kind gets the same computation unscheduled (serial loops, int32 words) -- plain
 portable TIR that a C (Cortex-M) or GPU backend schedules or emits as it is.
@@ -172,16 +175,18 @@ def _unpacked_func(spec: DenseSpec) -> tirx.PrimFunc:
             return XQ[m, k].astype("int32")
 
     P = te.placeholder(shape64(B, N, KW), "int32", "P")
+    pm1 = spec.code == "pm1"
 
     def term(m, n, w, j):
+        # bit j selected by a per-lane constant mask: and + compare + and per lane (no variable shift)
         x = xval(m, w * 32 + j)
-        sh = as_i32(j)
-        if spec.code == "pm1":
-            return tirx.Select(((P[0, n, w] >> sh) & 1) != 0, x, -x)
-        q = (P[0, n, w] >> sh) & 1
+        bit = tirx.const(1, "int32") << as_i32(j)
+        zero = tirx.const(0, acc_t)
+        t = tirx.Select((P[0, n, w] & bit) == bit, x, zero)
         for i in range(1, B):
-            q = q + (((P[i, n, w] >> sh) & 1) << i)
-        return q.astype(acc_t) * x if acc_t == F32 else q * x
+            xi = x * tirx.const(2**i, acc_t)
+            t = t + tirx.Select((P[i, n, w] & bit) == bit, xi, zero)
+        return t
 
     parts = []
     if KF:
@@ -198,7 +203,7 @@ def _unpacked_func(spec: DenseSpec) -> tirx.PrimFunc:
             )
         )
     sumx = None
-    if spec.has_offset and not spec.threshold:
+    if pm1 or (spec.has_offset and not spec.threshold):
         k = te.reduce_axis((i64(0), i64(K)), "k")
         sumx = te.compute(shape64(M), lambda m: te.sum(xval(m, k.var), axis=[k]), name="sumx")
 
@@ -206,7 +211,8 @@ def _unpacked_func(spec: DenseSpec) -> tirx.PrimFunc:
         a = parts[0][m, n]
         for p in parts[1:]:
             a = a + p[m, n]
-        return a
+        # pm1: sum q*x = 2 * sum_{bit=1} x - sum x
+        return a * tirx.const(2, acc_t) - sumx[m] if pm1 else a
 
     if spec.threshold:
         TS = te.placeholder(shape64(N), "int32", "TS")
@@ -231,7 +237,7 @@ def _unpacked_func(spec: DenseSpec) -> tirx.PrimFunc:
             s = XS[m] if spec.act == "int8" else None
             a = SC[n] if s is None else SC[n] * s
             v = a * acc_of(m, n).astype(F32)
-            if sumx is not None:
+            if spec.has_offset:
                 b = OF[n] if s is None else OF[n] * s
                 v = v + b * sumx[m].astype(F32)
             return v + BI[n]
@@ -279,7 +285,8 @@ def _schedule_binary(func: tirx.PrimFunc, spec: DenseSpec, wide: bool) -> tirx.P
 
 def _schedule_unpacked(func: tirx.PrimFunc, spec: DenseSpec) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
-    nb = largest_divisor(spec.out_features, (2,))
+    # rows sharing one activation vector: 2 for one plane; more planes need the registers
+    nb = largest_divisor(spec.out_features, (2,)) if spec.bits == 1 else 1
     no, m, _ni = _tile_epilogue(sch, nb)
     if spec.full_words:
         acc = sch.get_sblock("acc")

@@ -20,6 +20,7 @@ from bitcompiler.passes.pipeline import (
     graph_pass,
     verify_graph,
 )
+from bitcompiler.passes.tile_weights import tile_weights
 
 __all__ = [
     "Pass",
@@ -35,5 +36,6 @@ __all__ = [
     "insert_quantizers",
     "lower_bit_ops",
     "pack_weights",
+    "tile_weights",
     "verify_graph",
 ]

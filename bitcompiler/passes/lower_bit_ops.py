@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from bitcompiler.methods.tiled import TiledBitLinear
 from bitcompiler.passes.graph_utils import module_of
 from bitcompiler.passes.pipeline import Pass
 from bitcompiler.quant.bitlayers import BIT_LAYERS, BitLinear
@@ -19,6 +20,9 @@ _TENSORS = ("planes", "scale", "offset", "bias", "thr_sign", "thr")
 def run(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         m = module_of(gm, node)
+        if isinstance(m, TiledBitLinear):
+            _lower_tiled(gm, node, m)
+            continue
         if not isinstance(m, BIT_LAYERS) or not m.packed:
             continue
         op = (
@@ -35,6 +39,16 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _lower_tiled(gm: fx.GraphModule, node: fx.Node, m: TiledBitLinear) -> None:
+    with gm.graph.inserting_before(node):
+        tensors = [gm.graph.get_attr(f"{node.target}.{t}") for t in ("tile", "scale", "bias", "thr_sign", "thr")]
+        call = gm.graph.call_function(torch.ops.bitc.tiled_linear.default,
+                                      (node.args[0], *tensors, *m.op_args().values()))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
 
 
 lower_bit_ops = Pass("lower_bit_ops", run, frozenset({"packed"}), frozenset({"bitc_ops"}))

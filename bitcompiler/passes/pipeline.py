@@ -151,6 +151,7 @@ class Pipeline:
             insert_quantizers,
             lower_bit_ops,
             pack_weights,
+            tile_weights,
         )
 
         return cls(
@@ -162,6 +163,8 @@ class Pipeline:
                 insert_quantizers,
                 # integer codes + per-channel affine; merges affines, BN+sign -> integer thresholds
                 fold_scales,
+                # one tile + p scales per tiled layer; before packing so only the tile is packed
+                tile_weights,
                 pack_weights,
                 # last: bitc custom ops are what the TVM frontend converts
                 lower_bit_ops,

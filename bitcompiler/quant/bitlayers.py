@@ -24,6 +24,7 @@ class _BitLayer(nn.Module):
         n = c.scale.shape[0]
         self.code, self.bits, self.act, self.label = c.code, c.bits, act, label
         self.n_floats = c.n_floats
+        self.tiles = c.tiles  # > 1: codes are one tile repeated (tile_weights stores just the tile)
         self.register_buffer("codes", c.q.to(torch.int16))
         self.register_buffer("planes", None)
         self.register_buffer("scale", c.scale.detach().float().clone())

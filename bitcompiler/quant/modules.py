@@ -27,6 +27,7 @@ class WeightCodes:
     scale: torch.Tensor  # (N,)
     offset: torch.Tensor  # (N,)
     n_floats: int  # float32 scalars the scheme really stores (per-layer vs per-channel)
+    tiles: int = 1  # > 1: q is one pm1 tile repeated this many times (tiled scheme, METHODS.md §4)
 
 
 class _STE(torch.autograd.Function):
@@ -178,15 +179,28 @@ def bit_depth_for(scheme: Scheme, first_or_last: bool) -> tuple[nn.Module, str, 
         return BinaryWeight(), scheme.act, str(scheme)
     if scheme.name == "uniform":
         return AffineWeight(scheme.bits), scheme.act, str(scheme)
+    if scheme.name in ("gwt", "tiled"):
+        from bitcompiler.methods import weight_quantizer
+
+        return weight_quantizer(scheme), scheme.act, str(scheme)
+    if scheme.name == "bitnet":
+        from bitcompiler.methods import bitnet
+
+        return bitnet.from_scheme(scheme), scheme.act, str(scheme)
+    if scheme.name == "bitwise":
+        from bitcompiler.methods import bitwise
+
+        return bitwise.from_scheme(scheme), scheme.act, str(scheme)
     raise ValueError(f"scheme {scheme} does not quantize layers")
 
 
 def quantize_layer(module: nn.Module, scheme: Scheme, first_or_last: bool) -> nn.Module:
     """A ``QuantLinear``/``QuantConv2d`` replacing a float ``Linear``/``Conv2d``."""
     wq, act, label = bit_depth_for(scheme, first_or_last)
-    if isinstance(module, nn.Linear):
-        return QuantLinear(module, wq, act, label)
-    return QuantConv2d(module, wq, act, label)
+    layer = QuantLinear(module, wq, act, label) if isinstance(module, nn.Linear) else QuantConv2d(module, wq, act, label)
+    if hasattr(wq, "bind"):  # quantizers that own per-weight state (bitwise) size it from the layer
+        wq.bind(layer.weight)
+    return layer
 
 
 def quantizable(module: nn.Module) -> str | None:

@@ -17,6 +17,17 @@ _SCHEMES: dict[str, dict[str, str]] = {
     "none": {},
     "binary": {},
     "uniform": {"bits": "4"},
+    # METHODS.md §3: group weight transform, τ annealed over tau_steps optimizer steps
+    "gwt": {"group": "channel", "tau_start": "1", "tau_end": "100", "tau_steps": "1000"},
+    # METHODS.md §4: one tile per layer of >= min_weights weights, α per chunk
+    "tiled": {"p": "4", "min_weights": "65536", "alpha": "chunk"},
+    # METHODS.md §1: per-layer bit depth B learned by a sign step; eps is sign_ε's dead zone (ours)
+    "bitnet": {
+        "init_bits": "8", "min_bits": "2", "max_bits": "8", "lambda1": "1e-3", "lambda2": "1e-6",
+        "mu": "1e-3", "mu_halve_every": "200", "eps": "1e-9", "mode": "quantized",
+    },
+    # METHODS.md §2: n magnitude bits + sign per weight, each bit a parameter; train picks which learn
+    "bitwise": {"bits": "6", "train": "all"},
 }
 _COMMON = {"act": "float", "first_last": "keep"}
 _ACT = {"float": "float", "8": "int8", "int8": "int8", "binary": "binary"}
@@ -27,6 +38,31 @@ def _valid() -> str:
     names = ", ".join(_SCHEMES)
     keys = "; ".join(f"{n}: {', '.join([*_SCHEMES[n], *_COMMON]) or '-'}" for n in _SCHEMES)
     return f"valid names: {names}. Keys per name: {keys} (act=float|8|binary, first_last=keep|quantize)"
+
+
+def bitwise_trained(spec: str, n: int) -> tuple[frozenset[int], bool]:
+    """Which bits a ``bitwise`` layer trains: ``(magnitude bit indices, sign)``; the rest are frozen.
+
+    ``all``; ``sign``; ``topK`` = sign + the K most significant of the n magnitude bits; or a
+    ``.``-separated list of bit indices (0 = least significant) and ``sign``, e.g. ``5.4.sign``.
+
+        >>> bitwise_trained("top2", 6)
+        (frozenset({4, 5}), True)
+    """
+    usage = f"use train=all, train=sign, train=top1..top{n} or a list like {n - 1}.{max(n - 2, 0)}.sign"
+    if spec == "all":
+        return frozenset(range(n)), True
+    if spec == "sign":
+        return frozenset(), True
+    if spec.startswith("top"):
+        k = spec[3:]
+        if not k.isdigit() or not 1 <= int(k) <= n:
+            raise ValueError(f"train={spec!r} is not valid for bits={n}; {usage}")
+        return frozenset(range(n - int(k), n)), True
+    parts = spec.split(".")
+    if not all(p == "sign" or (p.isdigit() and int(p) < n) for p in parts):
+        raise ValueError(f"train={spec!r} is not valid for bits={n}; {usage}")
+    return frozenset(int(p) for p in parts if p != "sign"), "sign" in parts
 
 
 @dataclass(frozen=True)
@@ -49,6 +85,17 @@ class Scheme:
             if key not in allowed:
                 raise ValueError(f"scheme {self.name!r} has no key {key!r}; {_valid()}")
             self._check(key, value)
+        if self.name == "bitnet":
+            lo, init, hi = (int(self.get(k)) for k in ("min_bits", "init_bits", "max_bits"))
+            if not lo <= init <= hi:
+                raise ValueError(f"bitnet needs min_bits <= init_bits <= max_bits, got {lo}, {init}, {hi}")
+        if self.name == "bitwise":
+            if int(self.get("bits")) > 7:
+                raise ValueError(
+                    f"bitwise bits={self.get('bits')} is not valid; use 1..7 (n magnitude bits + sign "
+                    "compile to n + 1 <= 8 bit-planes)"
+                )
+            bitwise_trained(self.get("train"), int(self.get("bits")))
 
     @staticmethod
     def _check(key: str, value: str) -> None:
@@ -56,6 +103,32 @@ class Scheme:
             raise ValueError(f"act={value!r} is not valid; use act=float, act=8 or act=binary")
         if key == "first_last" and value not in _FIRST_LAST:
             raise ValueError(f"first_last={value!r} is not valid; use first_last=keep or first_last=quantize")
+        if key in ("p", "min_weights", "tau_steps") and (not value.isdigit() or int(value) < 1):
+            raise ValueError(f"{key}={value!r} is not valid; use a positive integer")
+        if key == "group" and value != "channel" and (not value.isdigit() or int(value) < 1):
+            raise ValueError(f"group={value!r} is not valid; use group=channel or a positive group size")
+        if key == "alpha" and value not in ("chunk", "learned"):
+            raise ValueError(f"alpha={value!r} is not valid; use alpha=chunk or alpha=learned")
+        if key in ("tau_start", "tau_end"):
+            try:
+                ok = float(value) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{key}={value!r} is not valid; use a positive number")
+        if key in ("init_bits", "min_bits", "max_bits") and (not value.isdigit() or not 1 <= int(value) <= 8):
+            raise ValueError(f"{key}={value!r} is not valid; use an integer 1..8")
+        if key == "mu_halve_every" and (not value.isdigit() or int(value) < 1):
+            raise ValueError(f"{key}={value!r} is not valid; use a positive integer")
+        if key in ("lambda1", "lambda2", "mu", "eps"):
+            try:
+                ok = float(value) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{key}={value!r} is not valid; use a number >= 0")
+        if key == "mode" and value not in ("quantized", "float"):
+            raise ValueError(f"mode={value!r} is not valid; use mode=quantized or mode=float")
         if key == "bits" and (not value.isdigit() or not 1 <= int(value) <= 8):
             raise ValueError(f"bits={value!r} is not valid; use an integer 1..8")
 
@@ -85,7 +158,11 @@ class Scheme:
 
     @property
     def bits(self) -> int:
-        return 1 if self.name == "binary" else int(self.get("bits") or 32)
+        if self.name == "bitnet":
+            return int(self.get("init_bits"))  # where B starts; each layer then learns its own
+        if self.name == "bitwise":
+            return int(self.get("bits")) + 1  # magnitude planes + sign
+        return 1 if self.name in ("binary", "gwt", "tiled") else int(self.get("bits") or 32)
 
     @property
     def keep_first_last(self) -> bool:

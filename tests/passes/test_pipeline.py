@@ -12,6 +12,7 @@ DEFAULT = [
     "fold_batchnorm",
     "insert_quantizers",
     "fold_scales",
+    "tile_weights",
     "pack_weights",
     "lower_bit_ops",
 ]
@@ -27,15 +28,15 @@ def test_default_pipeline_names_and_customization():
         return gm
 
     assert isinstance(count, Pass) and count.name == "count"
-    assert pipe.insert_after("pack_weights", count).names()[5] == "count"
-    assert pipe.insert_before("pack_weights", graph_pass(name="early")(lambda gm: gm)).names()[4] == "early"
+    assert pipe.insert_after("pack_weights", count).names()[6] == "count"
+    assert pipe.insert_before("pack_weights", graph_pass(name="early")(lambda gm: gm)).names()[5] == "early"
     with pytest.raises(KeyError, match="no pass named 'fold'"):
         pipe.without("fold")
 
 
 def test_order_is_checked_from_requires_and_ensures():
     pipe = Pipeline.default("cpu")
-    canon, bn, insert, _fold, pack, lower = pipe.passes
+    canon, bn, insert, _fold, _tile, pack, lower = pipe.passes
     with pytest.raises(PipelineError) as e:
         Pipeline([canon, bn, pack, insert, lower])
     assert "'pack_weights' requires ['quantized'] but runs before ['insert_quantizers']" in str(e.value)
@@ -86,10 +87,10 @@ def test_user_pass_runs_and_failures_name_pass_node_and_dump(tmp_path, monkeypat
         Pipeline.default().insert_after("pack_weights", breaks).run(symbolic_trace(model), PassContext())
     msg = str(e.value)
     assert "pass 'breaks' failed at node 'linear_1'" in msg and "bad rewrite" in msg
-    assert str(tmp_path / "006_breaks.txt") in msg
+    assert str(tmp_path / "007_breaks.txt") in msg
     dumps = sorted(p.name for p in tmp_path.iterdir())
     assert dumps[:3] == ["000_captured.txt", "001_canonicalize.txt", "002_fold_batchnorm.txt"]
-    assert "bit_linear" not in (tmp_path / "005_pack_weights.txt").read_text().split("# modules")[0]
+    assert "bit_linear" not in (tmp_path / "006_pack_weights.txt").read_text().split("# modules")[0]
 
 
 def test_verify_catches_a_pass_that_breaks_the_graph():

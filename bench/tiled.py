@@ -1,0 +1,84 @@
+"""Tiled p=8 W1A1 Linear 4096x4096 against the plain binary layer of the same shape, batch 1.
+
+Both are compiled in this process (``tiled:p=8`` vs ``binary``, act=binary, first_last=quantize);
+the tiled kernel computes the R = N/8 distinct rows once and reuses them 8 times. Prints one JSON
+line; the thread count comes from BENCH_THREADS (set before import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from bench.harness import median_seconds
+
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+import numpy as np
+import tvm
+
+import bitcompiler as bc
+from bitcompiler import kernels
+from bitcompiler.quant import numerics
+
+
+def kernel_us(n: int, p: int) -> tuple[float, float]:
+    """The bit kernels alone (median µs of direct calls, batch 1): plain dense vs tiled rows + expand."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    kw, r = numerics.num_words(n), n // p
+
+    def timed(prim, shapes):
+        f = tvm.compile(tvm.IRModule({"main": prim}), target=target)["main"]
+        args = [tvm.runtime.tensor(np.ones(s, d)) for s, d in shapes]
+        return _median_us(f, args)
+
+    plain = timed(
+        kernels.dense_kernel(kernels.DenseSpec(n, n, 1, "pm1", "binary", False, False)),
+        [((1, kw), "int32"), ((1, n, kw), "int32")] + [((n,), "float32")] * 3 + [((1, n), "float32")],
+    )
+    spec = kernels.TiledDenseSpec(n, n, p, "binary", False, p)
+    rows = timed(
+        kernels.dense_kernel(spec.rows_spec()),
+        [((1, kw), "int32"), ((1, r, kw), "int32")] + [((r,), "float32")] * 3 + [((1, r), "float32")],
+    )
+    expand = timed(
+        kernels.tiled_expand_kernel(spec),
+        [((1, r), "float32"), ((p,), "float32"), ((n,), "float32"), ((1, n), "float32")],
+    )
+    return plain, rows + expand
+
+
+def _median_us(f, args) -> float:
+    return 1e6 * median_seconds(lambda: f(*args), repeat=200)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    n, p = int(os.environ.get("BENCH_N", "4096")), int(os.environ.get("BENCH_P", "8"))
+    model = torch.nn.Linear(n, n).eval()
+    example = torch.randn(1, n)
+    binary = bc.compile(model, (example,), scheme="binary:act=binary,first_last=quantize")
+    tiled = bc.compile(model, (example,), scheme=f"tiled:p={p},act=binary,first_last=quantize")
+    rows = []
+    for batch in (1,):
+        x = torch.randn(batch, n)
+        got, ref = tiled(x), tiled.reference(x)
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 1e-5, f"compiled output differs from the reference (relative error {err:.2g})"
+        row = {"bench": f"linear{n}_w1a1_tiled_p{p}", "batch": batch, "threads": THREADS}
+        row["bitc_ms"] = 1e3 * median_seconds(lambda x=x: tiled(x))
+        row["bitc_binary_ms"] = 1e3 * median_seconds(lambda x=x: binary(x))
+        row["kernel_binary_us"], row["kernel_tiled_us"] = kernel_us(n, p)
+        row["speedup_call"] = row["bitc_binary_ms"] / row["bitc_ms"]
+        row["speedup_kernel"] = row["kernel_binary_us"] / row["kernel_tiled_us"]
+        row["weight_bytes"] = tiled.report().weight_bytes
+        row["binary_weight_bytes"] = binary.report().weight_bytes
+        rows.append(row)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

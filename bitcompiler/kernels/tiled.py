@@ -1,0 +1,164 @@
+"""Tiled dense kernels (METHODS.md §4): one stored tile, exactly :func:`numerics.tiled_linear`.
+
+The layer ``Y (M, N)`` of a weight that is one pm1 tile of q = N·K/p values repeated p times,
+with the per-channel scale ``SC[⌊n·S/N⌋]`` (S = p scales, or N after a merged affine):
+
+* **Row-aligned** (p divides N, q = R·K): only R = N/p distinct rows exist. Two kernels:
+  :func:`dense_kernel` of the R-row tile (``DenseSpec(K, R, ...)``, unit scales, so its output
+  ``A (M, R)`` is the exact integer ``acc`` as float32, exact while ``|acc| < 2^24``), then
+  :func:`tiled_expand_kernel`: ``Y[m, n] = (SC[⌊n·S/N⌋]·s[m])·A[m, n mod R] + BI[n]`` (or the
+  integer threshold on ``A``). Each distinct row's dot product is computed once and reused p
+  times: p× less popcount work than the plain binary layer, and the tile stays in cache.
+* **Unaligned**: :func:`tiled_unaligned_kernel` reads bit ``(n·K + k) mod q`` of the flat tile
+  words per element (``T int32 (⌈q/32⌉,)``); correct for every shape, not fast.
+
+Activations arrive as for the dense kernel: float ``X``, int8 ``XQ, XS``, binary packed ``XP``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, te, tirx
+
+from bitcompiler.kernels._common import batch_var, i64, largest_divisor, shape64, target_kind
+from bitcompiler.kernels.spec import DenseSpec
+from bitcompiler.quant.numerics import ACT_MODES, num_words, row_aligned
+
+F32 = "float32"
+
+
+@dataclass(frozen=True)
+class TiledDenseSpec:
+    """``Y (M, N)`` of a K-input tiled layer with ``p`` chunks and ``scales`` (p or N) scales."""
+
+    in_features: int
+    out_features: int
+    p: int
+    act: str
+    threshold: bool
+    scales: int
+
+    def __post_init__(self) -> None:
+        n, k, p = self.out_features, self.in_features, self.p
+        if min(n, k, p) < 1 or (n * k) % p:
+            raise ValueError(f"p={p} must divide the {n}x{k} weights")
+        if self.act not in ACT_MODES:
+            raise ValueError(f"unknown activation mode {self.act!r}; valid: {', '.join(ACT_MODES)}")
+        if self.threshold and self.act == "float":
+            raise ValueError("threshold needs an integer accumulator: act must be 'binary' or 'int8'")
+        if self.scales not in (p, n):
+            raise ValueError(f"scales must be p={p} or N={n}, got {self.scales}")
+
+    @property
+    def aligned(self) -> bool:
+        return row_aligned(self.out_features, self.p)
+
+    @property
+    def rows(self) -> int:
+        """R: distinct rows of a row-aligned tile."""
+        return self.out_features // self.p
+
+    @property
+    def q(self) -> int:
+        return self.out_features * self.in_features // self.p
+
+    def rows_spec(self) -> DenseSpec:
+        """The dense layer of the R distinct rows (unit scales, no offset, no threshold)."""
+        if not self.aligned:
+            raise ValueError("only a row-aligned tile has distinct rows")
+        return DenseSpec(self.in_features, self.rows, 1, "pm1", self.act, False, False)
+
+
+def _scale_index(n, spec: TiledDenseSpec):
+    return (n * spec.scales) // spec.out_features
+
+
+def _epilogue(spec: TiledDenseSpec, M, acc_of, xs):
+    """Y from an accumulator ``acc_of(m, n)`` (float32 or int); returns (epilogue inputs, Y)."""
+    N = spec.out_features
+    if spec.threshold:
+        TS = te.placeholder(shape64(N), "int32", "TS")
+        TH = te.placeholder(shape64(N), "int32", "TH")
+        Y = te.compute(
+            shape64(M, N),
+            lambda m, n: tirx.Select(
+                TS[n].astype("int64") * acc_of(m, n).astype("int64") >= TH[n].astype("int64"),
+                tirx.const(1.0, F32),
+                tirx.const(-1.0, F32),
+            ),
+            name="Y",
+        )
+        return [TS, TH], Y
+    SC = te.placeholder(shape64(spec.scales), F32, "SC")
+    BI = te.placeholder(shape64(N), F32, "BI")
+
+    def y(m, n):
+        a = SC[_scale_index(n, spec)]
+        if xs is not None:
+            a = a * xs[m]
+        return a * acc_of(m, n).astype(F32) + BI[n]
+
+    return [SC, BI], te.compute(shape64(M, N), y, name="Y")
+
+
+def tiled_expand_kernel(spec: TiledDenseSpec, target: str = "llvm") -> tirx.PrimFunc:
+    """Row-aligned second stage: ``A f32 (M, R)`` [``XS f32 (M,)`` for int8], ``SC, BI`` or ``TS, TH`` -> ``Y``."""
+    if not spec.aligned:
+        raise ValueError("tiled_expand_kernel needs a row-aligned tile (p divides N)")
+    M, R = batch_var(), spec.rows
+    A = te.placeholder(shape64(M, R), F32, "A")
+    XS = te.placeholder(shape64(M), F32, "XS") if spec.act == "int8" and not spec.threshold else None
+    epi, Y = _epilogue(spec, M, lambda m, n: A[m, n % R], XS)
+    func = te.create_prim_func([A, *([XS] if XS is not None else []), *epi, Y])
+    if target_kind(target) == "llvm":
+        sch = s_tir.Schedule(func)
+        m, n = sch.get_loops(sch.get_sblock("Y"))
+        _c, r = sch.split(n, [None, R])  # n = c·R + r: r walks A's row contiguously
+        v = largest_divisor(R, (8, 4))
+        if v > 1:
+            _, ri = sch.split(r, [None, v])
+            sch.vectorize(ri)
+        sch.parallel(m)
+        func = sch.mod["main"]
+    return func.with_attr("global_symbol", "main")
+
+
+def tiled_unaligned_kernel(spec: TiledDenseSpec, target: str = "llvm") -> tirx.PrimFunc:
+    """Any shape: activations, ``T int32 (⌈q/32⌉,)``, ``SC, BI`` or ``TS, TH`` -> ``Y``; bit ``(nK+k) mod q``."""
+    K, N, q = spec.in_features, spec.out_features, spec.q
+    M = batch_var()
+    T = te.placeholder(shape64(num_words(q)), "int32", "T")
+    xs = None
+    if spec.act == "float":
+        X = te.placeholder(shape64(M, K), F32, "X")
+        inputs = [X]
+    elif spec.act == "int8":
+        XQ = te.placeholder(shape64(M, K), "int8", "XQ")
+        XS = te.placeholder(shape64(M), F32, "XS")
+        inputs, xs = [XQ, XS], (None if spec.threshold else XS)
+    else:
+        XP = te.placeholder(shape64(M, num_words(K)), "int32", "XP")
+        inputs = [XP]
+
+    def term(m, n, k):
+        e = (n * i64(K) + k) % i64(q)
+        tb = (T[e // 32] >> (e % 32).astype("int32")) & 1
+        if spec.act == "binary":
+            xb = (XP[m, k // 32] >> (k % 32).astype("int32")) & 1
+            return tirx.Select(tb == xb, tirx.const(1, "int32"), tirx.const(-1, "int32"))
+        x = X[m, k] if spec.act == "float" else XQ[m, k].astype("int32")
+        return tirx.Select(tb != 0, x, -x)
+
+    kk = te.reduce_axis((i64(0), i64(K)), "k")
+    acc = te.compute(shape64(M, N), lambda m, n: te.sum(term(m, n, kk.var), axis=[kk]), name="acc")
+    epi, Y = _epilogue(spec, M, lambda m, n: acc[m, n], xs)
+    func = te.create_prim_func([*inputs, T, *epi, Y])
+    if target_kind(target) == "llvm":
+        sch = s_tir.Schedule(func)
+        m, n = sch.get_loops(sch.get_sblock("Y"))
+        sch.reorder(n, m)
+        sch.compute_at(sch.get_sblock("acc"), m, preserve_unit_loops=True)
+        sch.parallel(n)
+        func = sch.mod["main"]
+    return func.with_attr("global_symbol", "main")

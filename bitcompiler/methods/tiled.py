@@ -1,0 +1,185 @@
+"""Tiled Bit Networks (METHODS.md §4): one binary tile reused across a layer, plus one α per chunk.
+
+Training (:class:`TiledWeight`): the weight is flattened to N·K values and cut into p chunks of
+q = N·K/p; the tile is ``sign(Σ_chunks W)`` with a straight-through gradient (so every weight gets
+the gradient of the tile position it sums into) and the layer uses ``α[c(n)] · tile`` repeated p
+times (α per chunk = mean |W| of the chunk, or learned with ``alpha=learned``). Layers with fewer
+than ``min_weights`` weights, or whose size p does not divide, are plain binary.
+
+Inference (:class:`TiledBitLinear`, made by the ``tile_weights`` pass): stores the packed tile
+(q bits) and the p scales; a row-aligned tile (p divides N) is R = N/p distinct rows whose dot
+products the kernel computes once and reuses p times. Numbers: :mod:`bitcompiler.quant.numerics`.
+
+    >>> import torch, bitcompiler as bc
+    >>> net = bc.prepare(torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)),
+    ...                  scheme="tiled:p=4,first_last=quantize")
+    >>> net(torch.randn(2, 784)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitcompiler import ops
+from bitcompiler.quant import numerics
+from bitcompiler.quant.bitlayers import BitLinear
+from bitcompiler.quant.modules import BinaryWeight, WeightCodes, straight_through
+
+ALPHA_MODES = ("chunk", "learned")
+
+
+class TiledWeight(nn.Module):
+    """Weight quantizer of the ``tiled`` scheme (falls back to :class:`BinaryWeight` per layer)."""
+
+    bits = 1
+    alpha_ready: torch.Tensor
+
+    def __init__(self, p: int, min_weights: int = 65536, alpha: str = "chunk") -> None:
+        super().__init__()
+        if p < 1:
+            raise ValueError(f"tiled needs p >= 1, got p={p}")
+        if alpha not in ALPHA_MODES:
+            raise ValueError(f"alpha={alpha!r} is not valid; use alpha=chunk or alpha=learned")
+        self.p, self.min_weights, self.alpha_mode = int(p), int(min_weights), alpha
+        self.binary = BinaryWeight()
+        # learned α exists from the start (so optimizers see it); it is set from the weights once
+        self.alpha = nn.Parameter(torch.zeros(self.p)) if alpha == "learned" else None
+        self.register_buffer("alpha_ready", torch.tensor(False))
+
+    def tiles_for(self, w: torch.Tensor) -> int:
+        """p if this weight is tiled, 1 if it stays plain binary."""
+        return self.p if why_untiled(w.numel(), self.p, self.min_weights) is None else 1
+
+    def _alpha(self, w: torch.Tensor) -> torch.Tensor:
+        if self.alpha is None:
+            return numerics.tile_alpha(w, self.p)
+        if not bool(self.alpha_ready):
+            with torch.no_grad():
+                self.alpha.copy_(numerics.tile_alpha(w, self.p))
+            self.alpha_ready.fill_(True)
+        return self.alpha
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.tiles_for(w) == 1:
+            return self.binary(w)
+        s = numerics.tile_sum(w, self.p)
+        tile = straight_through(s, numerics.sign(s.detach()))
+        scale = numerics.channel_scale(self._alpha(w), w.shape[0]).to(w.dtype)
+        return numerics.expand_tile(tile, w.shape) * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+
+    def codes(self, w: torch.Tensor) -> WeightCodes:
+        if self.tiles_for(w) == 1:
+            return self.binary.codes(w)
+        q, _tile, _ = numerics.tile_weight(w, self.p)
+        scale = numerics.channel_scale(self._alpha(w).detach(), w.shape[0])
+        return WeightCodes(q, "pm1", 1, scale, torch.zeros_like(scale), n_floats=self.p, tiles=self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, min_weights={self.min_weights}, alpha={self.alpha_mode}"
+
+
+def why_untiled(numel: int, p: int, min_weights: int) -> str | None:
+    """None if a layer of ``numel`` weights is tiled at ``p``, else why it stays plain binary."""
+    if numel < min_weights:
+        return f"{numel} weights < min_weights={min_weights}: plain binary"
+    if not numerics.tile_divides(numel, p):
+        return f"p={p} does not divide its {numel} weights: plain binary"
+    return None
+
+
+def from_scheme(scheme) -> TiledWeight:
+    return TiledWeight(int(scheme.get("p")), int(scheme.get("min_weights")), scheme.get("alpha"))
+
+
+class TiledBitLinear(nn.Module):
+    """Inference dense layer storing one packed tile and p (or, after a merged affine, N) scales.
+
+    ``tile``: int32 words (``(1, R, KW)`` planes if row-aligned, else ``(⌈q/32⌉,)``); ``scale``:
+    ``(p,)`` or ``(N,)``, indexed by ``⌊n·len(scale)/N⌋``; ``bias``; optional integer thresholds.
+    """
+
+    op = "tiled_linear"
+    tile: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+    thr_sign: torch.Tensor
+    thr: torch.Tensor
+
+    def __init__(self, bit: BitLinear, p: int) -> None:
+        super().__init__()
+        n, k = bit.out_features, bit.in_features
+        codes = (
+            bit.codes.long() if bit.codes is not None else numerics.planes_to_code(bit.planes, k, bit.code)
+        )
+        tile = codes.reshape(-1)[: n * k // p]
+        if bit.code != "pm1" or not torch.equal(numerics.expand_tile(tile, (n, k)), codes):
+            raise ValueError(f"layer codes are not a pm1 tile repeated p={p} times")
+        self.in_features, self.out_features, self.p = k, n, p
+        self.act, self.label, self.threshold = bit.act, bit.label, bit.threshold
+        self.register_buffer("tile", numerics.pack_tile(tile, n, k, p))
+        self.register_buffer("scale", _per_chunk_if_exact(bit.scale, p))
+        self.register_buffer("bias", bit.bias.clone())
+        self.register_buffer("thr_sign", bit.thr_sign.clone())
+        self.register_buffer("thr", bit.thr.clone())
+        self.n_floats = self.scale.numel()
+
+    @property
+    def row_aligned(self) -> bool:
+        return numerics.row_aligned(self.out_features, self.p)
+
+    @property
+    def tile_bits(self) -> int:
+        return self.out_features * self.in_features // self.p
+
+    def op_args(self) -> dict:
+        return {
+            "k": self.in_features,
+            "n": self.out_features,
+            "p": self.p,
+            "act": self.act,
+            "threshold": self.threshold,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.tiled_linear(
+            x, self.tile, self.scale, self.bias, self.thr_sign, self.thr, **self.op_args()
+        )
+
+    def extra_repr(self) -> str:
+        kind = f"row-aligned, R={self.out_features // self.p}" if self.row_aligned else "unaligned"
+        return (
+            f"{self.label}, {self.in_features}->{self.out_features}, p={self.p}, tile={self.tile_bits} bits "
+            f"({kind}), {self.n_floats} scales, act={self.act}" + (", threshold" if self.threshold else "")
+        )
+
+
+def _per_chunk_if_exact(scale: torch.Tensor, p: int) -> torch.Tensor:
+    """The per-channel scale as p per-chunk values when it is constant on each chunk's channels."""
+    n = scale.shape[0]
+    c = numerics.chunk_of_channel(n, p)
+    first = torch.clamp(torch.searchsorted(c, torch.arange(p)), max=n - 1)  # c is sorted
+    small = torch.where(c[first] == torch.arange(p), scale[first], torch.zeros((), dtype=scale.dtype))
+    return small if torch.equal(numerics.channel_scale(small, n), scale) else scale.clone()
+
+
+def weight_storage(model: nn.Module) -> list[tuple[str, int, int]]:
+    """``(layer, weights, stored bits)`` for every Linear/Conv2d of a float or ``prepare``d model.
+
+    Exact (no word padding): tile bits + 32 per α for tiled layers, code bits + 32 per scale for
+    other quantized layers, 32 per weight for float ones. The compiler's report counts the padded
+    words it really stores; this is the paper's accounting.
+    """
+    from bitcompiler.quant.modules import QUANT_LAYERS
+
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_LAYERS):
+            c = m.codes()
+            rows.append(
+                (name, m.weight.numel(), numerics.stored_bits(m.weight.numel(), c.bits, c.tiles, c.n_floats))
+            )
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            rows.append((name, m.weight.numel(), 32 * m.weight.numel()))
+    return rows

@@ -1,0 +1,47 @@
+"""The register-blocked binary pm1 conv (CPU schedule) on ResNet-like shapes: int64 words, several
+output-channel blocks, widths that are not a multiple of the pixel vector, stride 2, batch > 1."""
+
+import numpy as np
+import pytest
+import torch
+
+from bitcompiler.kernels import ConvSpec, conv2d_kernel
+from bitcompiler.quant import numerics as nu
+from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
+
+CASES = [
+    # c, o, h, w, stride, padding, groups
+    (64, 16, 7, 7, 1, 1, 1),  # int64 words (CWg = 2), OW = 7 -> padded pixel vector
+    (64, 24, 8, 6, 2, 1, 1),  # stride 2, 3 blocks of 8 channels
+    (96, 8, 5, 9, 1, 0, 1),  # odd word count (int32 words, 8 pixels per vector), no padding
+    (128, 8, 4, 4, 2, 1, 2),  # groups: 64 channels per group, 4 output channels per group
+]
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_binary_pm1_conv(case, threshold):
+    c, o, h, w, s, p, groups = case
+    g = torch.Generator().manual_seed(c + o + h)
+    spec = ConvSpec(c, o, h, w, (3, 3), (s, s), (p, p), (1, 1), groups, 1, "pm1", "binary", False, threshold)
+    run = build(conv2d_kernel(spec))
+    planes = nu.conv_codes_to_planes(random_codes((o, spec.cg, 3, 3), 1, "pm1", g), 1, "pm1")
+    ep, kw = epilogue_params(o, threshold, g, False, spec.reduction // 4)
+    if threshold:
+        kw.update(scale=torch.ones(o), offset=torch.zeros(o), bias=torch.zeros(o))
+    conv = {"stride": (s, s), "padding": (p, p), "dilation": (1, 1), "groups": groups}
+    for m in (1, 3):
+        x = torch.randn(m, c, h, w, generator=g)
+        x[0, :, 0, 0] = 0.0  # sign(0) = +1
+        (y,) = run(act_inputs(x, "binary", groups) + [planes] + ep, [((m, o, spec.out_h, spec.out_w), "float32")])
+        ref = nu.bit_conv2d(x, planes, c, (3, 3), "pm1", "binary", **conv, **kw)
+        if threshold:
+            assert np.array_equal(y, ref.numpy())
+        else:
+            assert_close(y, ref)
+
+
+def test_other_targets_unscheduled():
+    spec = ConvSpec(64, 8, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, False)
+    text = conv2d_kernel(spec, target="c").script()
+    assert "T.parallel" not in text and "T.vectorized" not in text

@@ -1,0 +1,95 @@
+"""Tiled dense kernels against numerics.tiled_linear: row-aligned (two stages) and unaligned shapes."""
+
+import numpy as np
+import pytest
+import torch
+
+from bitcompiler.kernels import TiledDenseSpec, dense_kernel, tiled_expand_kernel, tiled_unaligned_kernel
+from bitcompiler.quant import numerics as nu
+from tests.kernels._util import act_inputs, assert_close, build
+
+MODES = [("binary", False), ("binary", True), ("int8", False), ("int8", True), ("float", False)]
+
+
+def _layer(k, n, p, act, threshold, per_channel, seed):
+    g = torch.Generator().manual_seed(seed)
+    tile = torch.randint(0, 2, (n * k // p,), generator=g) * 2 - 1
+    words = nu.pack_tile(tile, n, k, p)
+    scale = torch.rand(n if per_channel else p, generator=g) + 0.5
+    bias = torch.rand(n, generator=g) - 0.5
+    ts = torch.randint(-1, 2, (n,), generator=g).to(torch.int32)
+    th = torch.randint(-k, k + 1, (n,), generator=g).to(torch.int32)
+    spec = TiledDenseSpec(k, n, p, act, threshold, scale.numel())
+    epi = [ts, th] if threshold else [scale, bias]
+    return spec, words, scale, bias, ts, th, epi, g
+
+
+def _reference(x, words, spec, scale, bias, ts, th):
+    thr = (ts, th) if spec.threshold else (None, None)
+    return nu.tiled_linear(x, words, spec.in_features, spec.out_features, spec.p, spec.act, scale, bias, *thr)
+
+
+def _check(y, ref, threshold):
+    if threshold:
+        assert np.array_equal(y, ref.numpy())
+    else:
+        assert_close(y, ref)
+
+
+# K=100 (even words -> int64 word schedule, tail bits), K=96 (odd words); N=16 at p=4 and p=8
+ALIGNED = [(100, 16, 4, act, thr) for act, thr in MODES if (act, thr) != ("int8", True)] + [
+    (96, 16, 8, "binary", False)
+]
+UNALIGNED = [
+    (100, 10, 4, "binary", False),
+    (100, 10, 4, "int8", True),
+    (100, 10, 4, "float", False),
+    (20, 12, 8, "binary", True),
+]
+
+
+@pytest.mark.parametrize("k, n, p, act, threshold", ALIGNED)
+def test_row_aligned_two_stage_matches_reference(k, n, p, act, threshold):
+    spec, words, scale, bias, ts, th, epi, g = _layer(k, n, p, act, threshold, p == 8, k + n + p)
+    assert spec.aligned and words.shape == (1, n // p, nu.num_words(k))
+    rows = build(dense_kernel(spec.rows_spec()))
+    expand = build(tiled_expand_kernel(spec))
+    r = spec.rows
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=g)
+        x[0, :2] = 0.0
+        xin = act_inputs(x, act)
+        stage1 = xin if act != "int8" else [xin[0], torch.ones(m)]
+        (a,) = rows([*stage1, words, torch.ones(r), torch.zeros(r), torch.zeros(r)], [((m, r), "float32")])
+        # stage 1 is the exact integer dot product of each distinct row, computed once
+        q_rows = nu.unpack_tile(words, n, k, p).reshape(r, k)
+        xi, _ = nu.quantize_act(x, act)
+        exact = (xi @ q_rows.double().t()).float().numpy()
+        if act == "float":
+            assert_close(a, torch.from_numpy(exact))
+        else:
+            assert np.array_equal(a, exact)
+        xs = [xin[1]] if act == "int8" and not threshold else []
+        (y,) = expand([a, *xs, *epi], [((m, n), "float32")])
+        _check(y, _reference(x, words, spec, scale, bias, ts, th), threshold)
+
+
+# q = 10*100/4 = 250 (rows straddle chunks), q = 12*20/8 = 30 > K (a tile spans rows at an offset)
+@pytest.mark.parametrize("k, n, p, act, threshold", UNALIGNED)
+def test_unaligned_matches_reference(k, n, p, act, threshold):
+    spec, words, scale, bias, ts, th, epi, g = _layer(k, n, p, act, threshold, False, k * n + p)
+    assert not spec.aligned and words.shape == (nu.num_words(n * k // p),)
+    run = build(tiled_unaligned_kernel(spec))
+    for m in (1, 4):
+        x = torch.randn(m, k, generator=g)
+        (y,) = run([*act_inputs(x, act), words, *epi], [((m, n), "float32")])
+        _check(y, _reference(x, words, spec, scale, bias, ts, th), threshold)
+
+
+def test_spec_errors():
+    with pytest.raises(ValueError, match="must divide"):
+        TiledDenseSpec(10, 3, 4, "binary", False, 4)
+    with pytest.raises(ValueError, match="row-aligned"):
+        tiled_expand_kernel(TiledDenseSpec(100, 10, 4, "binary", False, 4))
+    with pytest.raises(ValueError, match="threshold"):
+        TiledDenseSpec(16, 8, 4, "float", True, 4)

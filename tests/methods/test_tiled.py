@@ -1,0 +1,93 @@
+"""tiled scheme: tile construction, straight-through gradient, fallbacks, accounting, compile()."""
+
+import torch
+from torch import nn
+
+import bitcompiler as bc
+from bitcompiler.capture import capture
+from bitcompiler.methods.tiled import TiledBitLinear, TiledWeight, weight_storage
+from bitcompiler.passes import PassContext, Pipeline
+from bitcompiler.quant import numerics as nu
+from bitcompiler.quant.schemes import Scheme
+from bitcompiler.report import build_report
+from tests.conftest import assert_close
+
+
+def test_row_aligned_tile_by_hand():
+    w = torch.tensor([[1.0, 2.0], [-3.0, 1.0], [0.5, -4.0], [2.0, 2.0]])
+    q, tile, alpha = nu.tile_weight(w, 2)
+    # chunks [1, 2, -3, 1] and [0.5, -4, 2, 2] sum to [1.5, -2, -1, 3]
+    assert tile.tolist() == [1, -1, -1, 1]
+    assert q.tolist() == [[1, -1], [-1, 1], [1, -1], [-1, 1]]
+    assert alpha.tolist() == [1.75, 2.125]  # mean |W| of each chunk (= its 2 rows)
+    assert nu.row_aligned(4, 2) and nu.pack_tile(tile, 4, 2, 2).shape == (1, 2, 1)
+
+
+def test_unaligned_tile_by_hand():
+    w = torch.tensor([[1.0, -2.0], [3.0, -1.0], [2.0, 1.0]])  # N=3, K=2, p=2: q=3
+    _q, tile, alpha = nu.tile_weight(w, 2)
+    assert tile.tolist() == [1, 1, 1]  # chunks [1, -2, 3] + [-1, 2, 1] = [0, 0, 4]; sign(0) = +1
+    assert nu.chunk_of_channel(3, 2).tolist() == [0, 0, 1]  # a channel keeps its first element's chunk
+    assert alpha.tolist() == [1.75, 1.5]
+    words = nu.pack_tile(tile, 3, 2, 2)
+    assert words.shape == (1,) and torch.equal(nu.unpack_tile(words, 3, 2, 2), tile)
+
+
+def test_straight_through_gradient_reaches_every_summed_weight():
+    torch.manual_seed(0)
+    wq = TiledWeight(p=2, min_weights=1)
+    w = torch.randn(4, 3, requires_grad=True)
+    g = torch.randn(4, 3)
+    (wq(w) * g).sum().backward()
+    alpha = nu.tile_alpha(w, 2)
+    per_pos = alpha[0] * g[:2].reshape(-1) + alpha[1] * g[2:].reshape(-1)  # dL/dtile, through sign
+    assert torch.allclose(w.grad, per_pos.repeat(2).reshape(4, 3))
+
+
+def test_learned_alpha_starts_at_chunk_means_and_trains():
+    torch.manual_seed(1)
+    wq = TiledWeight(p=4, min_weights=1, alpha="learned")
+    w = torch.randn(8, 5)
+    wq(w).sum().backward()
+    assert torch.allclose(wq.alpha.detach(), nu.tile_alpha(w, 4)) and wq.alpha.grad is not None
+
+
+def test_small_or_indivisible_layers_stay_binary():
+    wq = TiledWeight(p=4, min_weights=100)
+    assert wq.tiles_for(torch.randn(8, 10)) == 1  # 80 < min_weights
+    assert wq.tiles_for(torch.randn(7, 15)) == 1  # 105 weights: 4 does not divide
+    assert wq.tiles_for(torch.randn(8, 16)) == 4
+    assert wq.codes(torch.randn(7, 15)).tiles == 1
+
+
+def test_mnist_mlp_accounting():
+    net = bc.prepare(
+        nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)), "tiled:p=4,first_last=quantize"
+    )
+    rows = {n: b for n, _, b in weight_storage(net)}
+    assert rows["0"] == 784 * 128 // 4 + 4 * 32  # one tile + 4 α
+    assert rows["2"] == 128 * 10 + 10 * 32  # too small: binary + per-channel α
+    assert 3.3e3 < sum(rows.values()) / 8 < 3.4e3  # paper: ≈ 3.3 KB
+    x = torch.randn(1, 784)
+    ctx = PassContext(scheme=Scheme("none"), example_inputs=(x,))
+    gm = Pipeline.default().run(capture(net, (x,)), ctx)
+    fc1 = build_report(gm, "cpu", "tiled", ctx.notes).layers[0]
+    assert "tile 25088 bits (row-aligned R=32) + 4 scales" in fc1.note
+    assert fc1.weight_bytes == 4 * 32 * 25 + 4 * 4  # 32 distinct rows of 25 words, 4 α
+
+
+def test_compile_tiled_layers_matches_reference_and_counts_the_tile():
+    torch.manual_seed(2)
+    # fc1: 100x16 at p=4 is row-aligned (R=4); fc2: 16x10 at p=4 is unaligned (q=40)
+    model = nn.Sequential(nn.Linear(100, 16), nn.Hardtanh(), nn.Linear(16, 10))
+    x = torch.randn(3, 100)
+    x[0, :4] = 0.0
+    cm = bc.compile(model, (x,), scheme="tiled:p=4,min_weights=1,act=binary,first_last=quantize")
+    assert sum(isinstance(m, TiledBitLinear) for m in cm.graph.modules()) == 2  # they hold the tiles
+    calls = [n for n in cm.graph.graph.nodes if "tiled_linear" in str(n.target)]
+    assert len(calls) == 2
+    assert_close(cm(x), cm.reference(x))
+    rows = cm.report().layers
+    assert rows[0].weight_bytes == nu.packed_weight_bytes(4 * 4, 4)  # 4 rows of 4 words + 4 α
+    assert rows[1].weight_bytes == nu.packed_weight_bytes(2, 4)  # 40 bits -> 2 words + 4 α
+    assert "row-aligned R=4" in rows[0].note and "unaligned" in rows[1].note
