@@ -7,9 +7,12 @@ import os
 os.environ.setdefault("BITC_DEBUG", "1")  # verify the graph after every pass in tests
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 if "BITC_CACHE" not in os.environ:  # a private compile cache per test session, never the user's
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["BITC_CACHE"] = tempfile.mkdtemp(prefix="bitc-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["BITC_CACHE"], ignore_errors=True)
 
 import pytest
 import torch
