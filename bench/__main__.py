@@ -13,7 +13,14 @@ from pathlib import Path
 
 from bench.harness import machine, run_in_subprocess
 
-GROUPS = {"layers": "bench.layers", "models": "bench.models", "tiled": "bench.tiled"}
+GROUPS = {
+    "layers": "bench.layers",
+    "models": "bench.models",
+    "tiled": "bench.tiled",
+    "cortex_m": "bench.cortex_m",  # instruction counts under QEMU: one run, threads do not matter
+    "tune": "bench.tune",  # MetaSchedule over the W1A1 templates, one thread
+}
+SINGLE_RUN = ("cortex_m", "tune")
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("torch_fp32", "torch_int8", "ort_fp32", "ort_int8", "tvm_fp32")
 
@@ -52,18 +59,131 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def tiled_table(rows: list[dict]) -> list[str]:
+    head = ["benchmark", "batch", "thr", "tiled ms", "binary ms", "call speed-up", "kernel speed-up", "bytes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["bench"],
+            str(r["batch"]),
+            str(r["threads"]),
+            f"{r['bitc_ms']:.3f}",
+            f"{r['bitc_binary_ms']:.3f}",
+            f"**{r['speedup_call']:.1f}x**",
+            f"{r['speedup_kernel']:.1f}x ({r['kernel_binary_us']:.0f} / {r['kernel_tiled_us']:.0f} µs)",
+            f"{r['weight_bytes']:,} vs {r['binary_weight_bytes']:,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _vs(peer: str, key: str = "bitc_ms"):
+    return lambda r: r[f"{peer}_ms"] / r[key]
+
+
+# The issues' "done when" numbers: (issue, what, group, bench name prefix, batch, value(row), goal, unit);
+# a negative goal is an upper bound ("at most").
+# fmt: off
+TARGETS = [
+    ("#3", "W1A1 Linear 4096², batch 1 vs torch fp32", "layers", "linear4096 W1A1", 1, _vs("torch_fp32"), 20, "x"),
+    ("#6", "W1A1 Linear 4096², batch 1 vs torch fp32", "layers", "linear4096 W1A1", 1, _vs("torch_fp32"), 50, "x"),
+    ("#6", "W1A1 Linear 4096², batch 64 vs torch fp32", "layers", "linear4096 W1A1", 64, _vs("torch_fp32"), 10, "x"),
+    ("#6", "weight-only 1-bit, batch 1 vs torch fp32", "layers", "linear4096 W1 weight-only", 1,
+     _vs("torch_fp32"), 5, "x"),
+    ("#6", "W2A8, batch 1 vs torch dynamic int8", "layers", "linear4096 W2A8", 1, _vs("torch_int8"), 2.5, "x"),
+    ("#6", "W2A8, batch 1 vs ONNX Runtime int8", "layers", "linear4096 W2A8", 1, _vs("ort_int8"), 2.5, "x"),
+    ("#6", "binary ResNet-18 (CIFAR), batch 1 vs torch fp32", "models", "ResNet-18", 1, _vs("torch_fp32"), 10, "x"),
+    ("#6", "binary ResNet-18 (CIFAR), batch 1 vs ONNX Runtime int8", "models", "ResNet-18", 1,
+     _vs("ort_int8"), 3, "x"),
+    ("#6", "ResNet-18 compile time without tuning, at most", "models", "ResNet-18", 1,
+     lambda r: -r["compile_s"], -30, " s"),
+    ("#6", "ResNet-18 cached recompile, at most", "models", "ResNet-18", 1,
+     lambda r: -r["cached_recompile_s"], -3, " s"),
+    ("#5", "tiled p=8 W1A1 4096², batch 1 vs plain binary (whole call)", "tiled", "linear4096_w1a1_tiled_p8", 1,
+     lambda r: r["speedup_call"], 4, "x"),
+    ("#6", "tuned vs untuned W1A1 4096², batch 1 (never slower; 3% noise band)", "tune", "linear4096_w1a1_tune", 1,
+     lambda r: r["speedup"], 0.97, "x"),
+    ("#7", "256x256 W1A1 on cortex-m4: fewer instructions than CMSIS-DSP q7", "cortex_m", "dense 256x256", 1,
+     lambda r: r["cmsis_q7_instructions"] / r["w1a1_instructions"], 8, "x"),
+]
+# fmt: on
+
+
+def tune_table(rows: list[dict]) -> list[str]:
+    head = [
+        "benchmark",
+        "batch",
+        "thr",
+        "trials",
+        "tuned kernels",
+        "tuning s",
+        "untuned ms",
+        "tuned ms",
+        "speed-up",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["bench"], str(r["batch"]), str(r["threads"]), str(r["trials"]), str(r["tuned_kernels"])]
+        cells += [
+            f"{r['tune_s']:.1f}",
+            f"{r['untuned_ms']:.3f}",
+            f"{r['tuned_ms']:.3f}",
+            f"{r['speedup']:.2f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets_table(rows: list[dict]) -> list[str]:
+    """The issues' "done when" ratios, one thread, from this run's rows."""
+    lines = ["| issue | target | measured | goal | met |", "|---|---|---|---|---|"]
+    for issue, what, group, prefix, batch, value, goal, unit in TARGETS:
+        row = next(
+            (
+                r
+                for r in rows
+                if r.get("group") == group
+                and r["bench"].startswith(prefix)
+                and r["batch"] == batch
+                and r["threads"] == 1
+            ),
+            None,
+        )
+        try:
+            v = value(row) if row is not None else None
+        except KeyError:
+            v = None
+        if v is None:
+            lines.append(f"| {issue} | {what} | not measured | {abs(goal)}{unit} | – |")
+            continue
+        met = "yes" if v >= goal else "**no**"
+        lines.append(f"| {issue} | {what} | {abs(v):.1f}{unit} | {abs(goal)}{unit} | {met} |")
+    return lines
+
+
 def main(argv: list[str]) -> None:
-    groups = argv or list(GROUPS)
+    """Run the named groups (all by default) and rewrite BENCHMARKS.md; ``render`` only rewrites it."""
     results_path = ROOT / "bench" / "results.json"
     previous = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
-    rows = [r for r in previous.get("rows", []) if r.get("group") not in groups]
-    for group in groups:
-        for threads in (1, 2):
-            print(f"running {group} with {threads} thread(s)...", file=sys.stderr, flush=True)
-            out = run_in_subprocess(GROUPS[group], threads)
-            rows += [{**r, "group": group} for r in json.loads(out.strip().splitlines()[-1])]
-    info = machine()
-    results_path.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    if argv == ["render"]:
+        info, rows = previous["machine"], previous["rows"]
+    else:
+        unknown = [g for g in argv if g not in GROUPS]
+        if unknown:
+            raise SystemExit(f"unknown benchmark group(s) {unknown}; choose from {list(GROUPS)} or 'render'")
+        groups = argv or list(GROUPS)
+        rows = [r for r in previous.get("rows", []) if r.get("group") not in groups]
+        for group in groups:
+            for threads in (1,) if group in SINGLE_RUN else (1, 2):
+                print(f"running {group} with {threads} thread(s)...", file=sys.stderr, flush=True)
+                out = run_in_subprocess(GROUPS[group], threads)
+                rows += [{**r, "group": group} for r in json.loads(out.strip().splitlines()[-1])]
+        info = machine()
+        results_path.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    write(info, rows)
+
+
+def write(info: dict, rows: list[dict]) -> None:
     lines = [
         "# Benchmarks",
         "",
@@ -78,11 +198,15 @@ def main(argv: list[str]) -> None:
         ),
         "",
     ]
+    lines += ["## Targets (one thread)", ""] + targets_table(rows) + [""]
     for group in GROUPS:
         group_rows = [r for r in rows if r.get("group") == group]
         if not group_rows:
             continue
-        lines += [f"## {group}", ""] + table(group_rows) + [""]
+        render = {"tiled": tiled_table, "tune": tune_table}.get(group, table)
+        if group == "cortex_m":
+            from bench.cortex_m import markdown as render
+        lines += [f"## {group}", ""] + render(group_rows) + [""]
         extra = [r for r in group_rows if "compile_s" in r and r["threads"] == 1]
         for r in extra:
             cached = (

@@ -1,14 +1,27 @@
-"""Cortex-M instruction counts: bitcompiler's 256x256 W1A1 dense vs a plain C int8 dot-product loop.
+"""Cortex-M instruction counts: bitcompiler's 256x256 W1A1 dense vs int8 baselines.
 
-Both run as firmware under QEMU (same harness, same markers, same ``-O2``); the count is the
-instructions executed between the markers. Run: ``python -m bench.cortex_m [cortex-m4 ...]``.
+Baselines: a plain C int8 dot-product loop, and CMSIS-DSP's ``arm_dot_prod_q7`` per output row
+(built from the ``cmsisdsp`` sdist's C sources with ``ARM_MATH_LOOPUNROLL``; on cores with the DSP
+extension, M4/M7/M55, ``ARM_MATH_DSP`` is on and the loop runs on ``__SXTB16`` + ``__SMLAD``).
+All run as firmware under QEMU (same harness, same markers, same board flags, ``-O2``); the count
+is the instructions executed between the markers. Run: ``python -m bench.cortex_m [cortex-m4 ...]``.
+
+The CMSIS-DSP sources come from ``$CMSIS_DSP_DIR`` (a CMSIS-DSP checkout) or are fetched once with
+``pip download --no-binary :all: cmsisdsp==<installed version>`` into ``~/.cache/bitcompiler``.
+The pip package has no CMSIS-Core headers, so the few CMSIS-Core macros ``arm_math.h`` needs are
+defined in a small ``cmsis_compiler.h`` here (the same instructions CMSIS-Core's GCC header emits).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
+import tarfile
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +63,99 @@ int bitc_run(const float *in, float *out) {
 """
 
 
-def _int8_bundle(directory: Path, target: bc.Target) -> Path:
+CMSIS_MODEL_C = """\
+/* Baseline: y[n] = s * arm_dot_prod_q7(W[n,:], x), CMSIS-DSP q7 dot product per output row. */
+#include "dsp/basic_math_functions.h"
+#include "model.h"
+#include "weights.h"
+
+static q7_t xq[%(K)d];
+
+int bitc_run(const float *in, float *out) {
+  for (int k = 0; k < %(K)d; ++k) xq[k] = (q7_t)in[k];  /* input already holds int8 values */
+  for (int n = 0; n < %(N)d; ++n) {
+    q31_t acc;
+    arm_dot_prod_q7(bitc_w_int8 + n * %(K)d, xq, %(K)d, &acc);
+    out[n] = bitc_scale * (float)acc;
+  }
+  return 0;
+}
+"""
+
+# CMSIS-Core's compiler macros that CMSIS-DSP's headers use, for GCC (CMSIS-Core is not in the
+# cmsisdsp package). The DSP intrinsics map to the ACLE builtins: the same SXTB16 / SMLAD.
+CMSIS_COMPILER_H = """\
+#pragma once
+#include <stdint.h>
+#define __ASM __asm
+#define __INLINE inline
+#define __STATIC_INLINE static inline
+#define __STATIC_FORCEINLINE __attribute__((always_inline)) static inline
+#define __ALIGNED(x) __attribute__((aligned(x)))
+#define __PACKED __attribute__((packed))
+#define __RESTRICT __restrict
+#define __CLZ(x) ((uint8_t)__builtin_clz(x))
+__STATIC_FORCEINLINE uint32_t __ROR(uint32_t x, uint32_t n) {
+  n &= 31u;
+  return n == 0u ? x : (x >> n) | (x << (32u - n));
+}
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP == 1
+#include <arm_acle.h>
+#define __SMLAD(x, y, sum) ((int32_t)__smlad((x), (y), (sum)))
+#define __SXTB16(x) ((uint32_t)__sxtb16((x)))
+#endif
+"""
+CMSIS_FILES = ("Include", "PrivateInclude", "Source/BasicMathFunctions/arm_dot_prod_q7.c", "LICENSE")
+
+
+def cmsis_dsp_dir() -> Path:
+    """A CMSIS-DSP source tree: ``$CMSIS_DSP_DIR``, or the installed cmsisdsp's sdist (cached)."""
+    if os.environ.get("CMSIS_DSP_DIR"):
+        return Path(os.environ["CMSIS_DSP_DIR"])
+    try:
+        version = metadata.version("cmsisdsp")
+    except metadata.PackageNotFoundError as e:
+        raise RuntimeError("CMSIS-DSP baseline: pip install -e '.[bench]' (needs cmsisdsp)") from e
+    cache = Path("~/.cache/bitcompiler").expanduser() / f"cmsisdsp-{version}"
+    if (cache / CMSIS_FILES[2]).exists():
+        return cache
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        cmd += ["--no-build-isolation", "-d", tmp, f"cmsisdsp=={version}"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        (sdist,) = Path(tmp).glob("cmsisdsp-*.tar.gz")
+        staging = Path(tmp) / "src"
+        with tarfile.open(sdist) as tar:
+            prefix = f"cmsisdsp-{version}/"
+            members = [
+                m for m in tar.getmembers() if m.name.startswith(tuple(prefix + f for f in CMSIS_FILES))
+            ]
+            for m in members:
+                m.name = m.name[len(prefix) :]
+            tar.extractall(staging, members=members, filter="data")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, cache, dirs_exist_ok=True)
+    return cache
+
+
+def _int8_bundle(directory: Path, target: bc.Target, cmsis: Path | None = None) -> Path:
+    """The int8 baseline firmware: the plain C loop, or ``arm_dot_prod_q7`` from ``cmsis``."""
     board = board_for(target)
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, size=(N, K), dtype=np.int8)
     items = ",".join(str(int(v)) for v in w.reshape(-1))
+    model_c, kernels_c, make = INT8_MODEL_C, "", makefile(board)
+    if cmsis is not None:
+        model_c = CMSIS_MODEL_C
+        kernels_c = (cmsis / CMSIS_FILES[2]).read_text(encoding="utf-8-sig")
+        (directory / "cmsis_compiler.h").write_text(CMSIS_COMPILER_H)
+        flags = f"-I. -I{cmsis / 'Include'} -I{cmsis / 'PrivateInclude'} -DARM_MATH_LOOPUNROLL"
+        make = make.replace("\nARCH    := ", f"\nARCH    := {flags} ", 1)
     files = {
         "model.h": f"#pragma once\n#define BITC_INPUT_SIZE {K}\n#define BITC_OUTPUT_SIZE {N}\nint bitc_run(const float *in, float *out);\n",
-        "model.c": INT8_MODEL_C % {"K": K, "N": N},
+        "model.c": model_c % {"K": K, "N": N},
         "kernels.h": "",
-        "kernels.c": "",
+        "kernels.c": kernels_c,
         "weights.h": "#include <stdint.h>\nextern const int8_t bitc_w_int8[];\nextern const float bitc_scale;\n",
         "weights.c": f'#include "weights.h"\nconst int8_t bitc_w_int8[] = {{{items}}};\nconst float bitc_scale = 0.01f;\n',
         "main.c": MAIN_C,
@@ -67,7 +163,7 @@ def _int8_bundle(directory: Path, target: bc.Target) -> Path:
         "semihost.h": SEMIHOST_H,
         "semihost.c": SEMIHOST_C,
         "linker.ld": linker_ld(board),
-        "Makefile": makefile(board),
+        "Makefile": make,
     }
     for name, text in files.items():
         (directory / name).write_text(text)
@@ -75,10 +171,11 @@ def _int8_bundle(directory: Path, target: bc.Target) -> Path:
 
 
 def measure(target_name: str) -> dict:
+    """The 256x256 dense: bitcompiler W1A1 and W1 (float activations) vs the two int8 baselines."""
     target = bc.Target(target_name)
     torch.manual_seed(0)
     x = torch.randn(1, K)
-    row: dict = {"target": target_name, "shape": f"{K}x{N}"}
+    row: dict = {"bench": f"dense {K}x{N}", "target": target_name, "batch": 1, "threads": 1}
     for label, scheme in (
         ("w1a1", "binary:act=binary,first_last=quantize"),
         ("w1a32", "binary:first_last=quantize"),
@@ -92,15 +189,87 @@ def measure(target_name: str) -> dict:
         res = qemu.run(board_for(target), elf, xq, N, count=True)
         row["int8_c_instructions"] = res.instructions
         row["int8_c_flash"] = qemu.sizes(elf).flash_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        elf = _int8_bundle(Path(tmp), target, cmsis_dsp_dir())
+        cmsis = qemu.run(board_for(target), elf, xq, N, count=True)
+        assert np.array_equal(cmsis.output, res.output), "CMSIS-DSP q7 and the C loop disagree"
+        row["cmsis_q7_instructions"] = cmsis.instructions
+        row["cmsis_q7_flash"] = qemu.sizes(elf).flash_bytes
     row["speedup_w1a1_vs_int8_c"] = round(row["int8_c_instructions"] / row["w1a1_instructions"], 2)
+    row["speedup_w1a1_vs_cmsis_q7"] = round(row["cmsis_q7_instructions"] / row["w1a1_instructions"], 2)
     return row
+
+
+MLP_SCHEMES = {
+    "binary": "binary:act=binary,first_last=quantize",
+    "tiled p=4": "tiled:p=4,act=binary,first_last=quantize",  # fc1 tiled; fc2 is too small (binary)
+    "int8": "uniform:bits=8,act=8,first_last=quantize",  # 8 weight bit-planes x int8 activations
+}
+
+
+def measure_mlp(target_name: str) -> list[dict]:
+    """MLP 784-128-10 on the board: instructions, flash and RAM per scheme; output == reference."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    x = torch.randn(1, 1, 28, 28)
+    rows = []
+    for variant, scheme in MLP_SCHEMES.items():
+        cm = bc.compile(net, (x,), target=bc.Target(target_name), scheme=scheme)
+        assert torch.allclose(cm(x), cm.reference(x), rtol=1e-5, atol=1e-5), f"{variant}: output != reference"
+        extra = cm.report().extra
+        rows.append(
+            {
+                "bench": "mlp 784-128-10",
+                "variant": variant,
+                "scheme": scheme,
+                "target": target_name,
+                "batch": 1,
+                "threads": 1,
+                **{k: extra[k] for k in ("instructions", "flash_bytes", "ram_bytes", "weights_flash_bytes")},
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    """The Cortex-M section of BENCHMARKS.md: instruction counts (exact, QEMU), flash and RAM."""
+    lines = [
+        (
+            "Instructions executed by one inference, counted exactly under QEMU between markers around "
+            "the model call (same harness, `arm-none-eabi-gcc -O2`, board flags); `Nx` = baseline "
+            "instructions / W1A1 instructions. Reproduce: `python -m bench.cortex_m cortex-m4`."
+        ),
+        "",
+        "| target | layer | W1A1 | W1 (float act) | plain C int8 | CMSIS-DSP q7 | W1A1 vs C int8 | W1A1 vs CMSIS q7 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["bench"].startswith("dense")):
+        cells = [r["target"], r["bench"]]
+        cells += [
+            f"{r[f'{c}_instructions']:,} ({r[f'{c}_flash']:,} B flash)"
+            for c in ("w1a1", "w1a32", "int8_c", "cmsis_q7")
+        ]
+        cells += [f"**{r['speedup_w1a1_vs_int8_c']:.1f}x**", f"**{r['speedup_w1a1_vs_cmsis_q7']:.1f}x**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| target | model | weights | scheme | instructions | flash B | RAM B |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["bench"].startswith("mlp")):
+        cells = [r["target"], r["bench"], r["variant"], f"`{r['scheme']}`"]
+        cells += [f"{r['instructions']:,}", f"{r['flash_bytes']:,}", f"{r['ram_bytes']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
     targets = sys.argv[1:] or ["cortex-m4"]
-    rows = [measure(t) for t in targets]
-    for r in rows:
-        print(json.dumps(r))
+    rows = []
+    for t in targets:
+        rows += [measure(t), *measure_mlp(t)]
+    print("\n".join(markdown(rows)), file=sys.stderr)
+    print(json.dumps(rows))  # last line: the rows, for bench/__main__.py
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 """
 
 from bitcompiler import ops, train  # noqa: F401 - ops registers the bitc custom ops
-from bitcompiler.api import CompiledModel, compile, load, prepare
+from bitcompiler.api import CompiledModel, TuneOptions, compile, load, prepare, tune
 from bitcompiler.backends.base import Target
 from bitcompiler.backends.lower import LoweringError
 from bitcompiler.capture import CaptureError
@@ -20,5 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "CompiledModel", "LoweringError", "Pass", "PassError", "Pipeline", "PipelineError",
-    "Report", "Scheme", "Target", "compile", "graph_pass", "load", "prepare", "regularization_loss", "step",
+    "Report", "Scheme", "Target", "TuneOptions", "compile", "graph_pass", "load", "prepare",
+    "regularization_loss", "step", "tune",
 ]

@@ -71,8 +71,23 @@ class CompiledModel:
         self._report = report
         self.target = target
         self.dynamic_batch = dynamic_batch
+        # what a valid call looks like, as torch objects: the per-call check is then a few compares
+        self._expected = [(getattr(torch, s.dtype, None), len(s.shape) + 1, s.shape) for s in inputs]
+        self._batch: int | None = None if dynamic_batch else self._static_batch
+
+    def _valid(self, inputs: tuple) -> bool:
+        if len(inputs) != len(self._expected):
+            return False
+        for x, (dtype, dim, shape) in zip(inputs, self._expected):
+            if not isinstance(x, torch.Tensor) or x.dtype != dtype or x.dim() != dim or x.shape[1:] != shape:
+                return False
+            if self._batch is not None and x.shape[0] != self._batch:
+                return False
+        return True
 
     def _check(self, inputs: tuple) -> None:
+        if self._valid(inputs):
+            return
         if len(inputs) != len(self.inputs):
             raise ValueError(
                 f"expected {len(self.inputs)} input(s) ("
@@ -111,10 +126,12 @@ class CompiledModel:
         )
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
-        self._check(inputs)
-        outs = self._runner([x.detach().cpu().contiguous() for x in inputs])
-        tensors = tuple(torch.as_tensor(o) for o in outs)
-        return tensors if self._tuple_output else tensors[0]
+        if not self._valid(inputs):
+            self._check(inputs)  # raises, naming what is wrong
+        outs = self._runner([_plain(x) for x in inputs])
+        if not self._tuple_output:
+            return outs[0] if isinstance(outs[0], torch.Tensor) else torch.as_tensor(outs[0])
+        return tuple(o if isinstance(o, torch.Tensor) else torch.as_tensor(o) for o in outs)
 
     def reference(self, *inputs: torch.Tensor) -> Any:
         """The rewritten graph run in PyTorch: the numbers the compiled code must reproduce."""
@@ -147,6 +164,13 @@ class CompiledModel:
     def __repr__(self) -> str:
         ins = ", ".join(s.describe() for s in self.inputs)
         return f"CompiledModel(target={self.target}, inputs=[{ins}], bits/weight={self._report.bits_per_weight:.3f})"
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the runners take it: detached, on the CPU, contiguous (``x`` itself when it already is)."""
+    if x.requires_grad or not x.is_cpu or not x.is_contiguous():
+        return x.detach().cpu().contiguous()
+    return x
 
 
 def load(directory: str | os.PathLike) -> CompiledModel:
@@ -206,13 +230,16 @@ def compile(
     target: str | Target = "cpu",
     scheme: str | Scheme | None = None,
     pipeline: Pipeline | None = None,
-    tune: bool = False,
+    tune: bool | TuneOptions = False,
     strict: bool = False,
+    db: str | os.PathLike | Any | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``target`` with weights quantized by ``scheme``.
 
     ``scheme=None`` uses a ``prepare``d model's own quantizers, else ``"binary"``.
     The batch dimension stays dynamic; other dimensions are fixed by the example.
+    Kernels with a tuning record in ``db`` (default ``$BITC_CACHE/tuning``) use it; ``tune=True``
+    first tunes the kernels that have none (see :func:`tune`).
     """
     if isinstance(model, (str, os.PathLike)):
         raise ValueError(  # noqa: TRY004 - a path is a valid kind of model, just not yet supported
@@ -227,9 +254,12 @@ def compile(
         scheme = Scheme("none") if prepared else Scheme("binary")
     scheme = Scheme.parse(scheme)
     label = str(scheme) if scheme.quantizes or not prepared else "as prepared"
-    if tune:
+    tuning = TuneOptions() if tune is True else (tune or None)
+    if tuning is not None and not isinstance(tuning, TuneOptions):
+        raise TypeError(f"tune must be a bool or TuneOptions, got {type(tune).__name__}")
+    if tuning is not None and target.family != "cpu":
         warnings.warn(
-            "tuning is not available in this version; compiling with bitcompiler's hand schedules",
+            f"tuning supports target='cpu' only; compiling for {target} with bitcompiler's hand schedules",
             stacklevel=2,
         )
     backend = backend_for(target)
@@ -249,7 +279,7 @@ def compile(
         # backends that generate their own code (cortex-m) walk the rewritten graph, not Relax
         runner = backend.build_from_graph(gm, exported, example_inputs, target)
     else:
-        runner = _build_cached(backend, exported, target)
+        runner = _build_cached(backend, exported, target, tuning, db, example_inputs[0].shape[0])
     report = build_report(gm, target.name, label, ctx.notes)
     report.extra.update(getattr(runner, "report_extra", {}))
     inputs = [InputSpec(tuple(x.shape[1:]), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
@@ -258,15 +288,95 @@ def compile(
     )
 
 
-def _build_cached(backend: Any, exported: Any, target: Target) -> Runner:
-    """Build through the compile cache: an unchanged graph on the same target is loaded, not rebuilt."""
-    entry = cache.key(exported, str(target) + str(target.tvm_target()))
-    runner = cache.lookup(entry, lambda path: backend.load(path, target))
+@dataclass(frozen=True)
+class TuneOptions:
+    """What ``compile(tune=...)`` does: ``trials`` schedules per kernel within ``time_budget`` s.
+
+    ``retune=False`` (``compile(tune=True)``) tunes only kernels without a record.
+    """
+
+    trials: int = 64
+    time_budget: float | None = None
+    retune: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials <= 0:
+            raise ValueError(
+                f"trials must be a positive int (schedules measured per kernel), got {self.trials!r}"
+            )
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(
+                f"time_budget must be a positive number of seconds or None, got {self.time_budget!r}"
+            )
+
+
+def tune(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    target: Any = "cpu",
+    scheme: Any = None,
+    trials: int = 64,
+    time_budget: float | None = None,
+    db: str | os.PathLike | Any | None = None,
+) -> CompiledModel:
+    """Tune every bit kernel of ``model``, store the records in ``db``, return the compiled model.
+
+    ``trials`` schedules are measured per kernel (fewer when ``time_budget`` seconds run out);
+    ``db`` is a directory (default ``$BITC_CACHE/tuning``) or a MetaSchedule database. Later
+    ``compile()`` calls with the same ``db`` apply the records without tuning again::
+
+        >>> import torch, bitcompiler as bc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+        >>> cm = bc.tune(model, (torch.randn(1, 256),), scheme="binary:act=binary", trials=8)  # doctest: +SKIP
+        >>> cm.report().extra["tuned kernels"]  # doctest: +SKIP
+        1.0
+
+    How it works: :mod:`bitcompiler.tuning`.
+    """
+    options = TuneOptions(trials, time_budget, retune=True)  # validates before any work
+    if Target.parse(target).family != "cpu":
+        raise ValueError(f"tuning supports target='cpu' only, got {target!r}")
+    return compile(model, example_inputs, target, scheme, tune=options, db=db)
+
+
+def _build_cached(
+    backend: Any, exported: Any, target: Target, tuning: TuneOptions | None, db: Any, batch: int
+) -> Runner:
+    """Build through the compile cache: an unchanged graph on the same target (and with the same
+    tuning records) is loaded, not rebuilt. Tunes first when ``tuning`` asks for it."""
+    from bitcompiler import tuning as tuner
+
+    tvm_target = target.tvm_target()
+    database, where = tuner.open_database(db, create=tuning is not None)
+    records = tuner.Records(database, tvm_target, batch)
+    extra: dict[str, float] = {}
+    if tuning is not None:
+        kernels = tuner.kernels_of(lambda: to_relax(exported))
+        extra["tuning s"] = tuner.tune_kernels(kernels, records, tuning, where)
+    entry = cache.key(exported, str(target) + str(tvm_target) + records.fingerprint())
+
+    def load(path: Path) -> Runner:
+        loaded = backend.load(path, target)
+        loaded.report_extra = {**extra, **json.loads((path / "tuning.json").read_text())}
+        return loaded  # type: ignore[no-any-return]
+
+    runner = cache.lookup(entry, load)
     if runner is not None:
         runner.cache_hit = True  # type: ignore[attr-defined]
         return runner  # type: ignore[return-value]
-    runner = backend.build(to_relax(exported), target)
-    cache.store(entry, runner.export)
+    from bitcompiler.kernels.template import scheduling_with
+
+    with scheduling_with(records):
+        mod = to_relax(exported)
+    runner = backend.build(mod, target)
+    applied = {"tuned kernels": float(len(records.applied))}
+    runner.report_extra = {**extra, **applied}  # type: ignore[attr-defined]
+
+    def write(path: Path) -> None:
+        runner.export(path)
+        (path / "tuning.json").write_text(json.dumps(applied))
+
+    cache.store(entry, write)
     return runner
 
 

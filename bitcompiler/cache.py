@@ -9,6 +9,7 @@ compiling the same model at once both end with a complete entry.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -30,14 +31,31 @@ def root() -> Path | None:
     return Path(value).expanduser()
 
 
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 of bitcompiler's own Python sources: a changed kernel or pass never reuses an old build."""
+    h = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def key(exported: torch.export.ExportedProgram, target: str) -> str:
-    """sha256 of the graph code, every constant's bytes, the target and the tool versions."""
+    """sha256 of the graph code, every constant's bytes, the target, the tool versions and sources."""
     import tvm
 
     import bitcompiler
 
     h = hashlib.sha256()
-    for part in (FORMAT, bitcompiler.__version__, tvm.__version__, torch.__version__, target):
+    for part in (
+        FORMAT,
+        bitcompiler.__version__,
+        source_digest(),
+        tvm.__version__,
+        torch.__version__,
+        target,
+    ):
         h.update(part.encode() + b"\0")
     h.update(exported.graph_module.code.encode())
     tensors = {**exported.state_dict, **exported.constants}

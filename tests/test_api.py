@@ -129,3 +129,18 @@ def test_inputs_that_are_slices_or_non_contiguous_work():
     big = torch.randn(10, *x.shape[1:])
     for view in (big[3:7], big.transpose(2, 3)):
         assert_close(cm(view), cm.reference(view.contiguous()))
+
+
+def test_w1a1_calls_return_fresh_tensors_at_any_batch():
+    """The fast call path: grad-tracking input, odd K (200 bits), batches 1/5/64, results never reused."""
+    torch.manual_seed(1)
+    cm = bc.compile(
+        torch.nn.Linear(200, 24), (torch.randn(1, 200),), scheme="binary:act=binary,first_last=quantize"
+    )
+    for batch in (1, 5, 64):
+        x = torch.randn(batch, 200, requires_grad=True)
+        first = cm(x)
+        second = cm(-x.detach())  # a second call must not overwrite the first result
+        assert isinstance(first, torch.Tensor) and first.shape == (batch, 24)
+        assert_close(first, cm.reference(x.detach()))
+        assert_close(second, cm.reference(-x.detach()))

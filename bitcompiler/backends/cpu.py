@@ -18,7 +18,8 @@ LIB = "model.so"
 
 
 def relax_pipeline(target: Any) -> Any:
-    """TVM's CPU pipeline plus default schedules (dlight) for the float ops bitcompiler leaves to Relax.
+    """TVM's CPU pipeline plus default schedules (dlight, and bitcompiler's element-wise rule) for the
+    float ops bitcompiler leaves to Relax.
 
     The bitc kernels are already scheduled and marked opaque, so fusion and
     dlight leave them as they are.
@@ -28,19 +29,22 @@ def relax_pipeline(target: Any) -> Any:
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
+    from bitcompiler.backends.fast_math import legalize_map
+    from bitcompiler.backends.injective import Injective
+
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
+                + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
                 + cpu_generic.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), Injective())]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )
             return seq(mod)
 
-    del relax
     return _pipeline
 
 
@@ -56,9 +60,12 @@ class CPURunner(Runner):
         self._tvm = tvm
 
     def __call__(self, inputs: list[Any]) -> list[Any]:
-        # DLPack in both directions: no copies around the kernels
-        args = [self._tvm.runtime.from_dlpack(_aligned(torch.as_tensor(a))) for a in inputs]
-        return [torch.from_dlpack(o) for o in _flatten(self._main(*args))]
+        # torch tensors go straight in: tvm-ffi converts them (and the results, back to torch
+        # tensors) through the C DLPack exchange API, no copies and no Python-side wrapping
+        out = self._main(
+            *[_aligned(a if isinstance(a, torch.Tensor) else torch.as_tensor(a)) for a in inputs]
+        )
+        return [out] if isinstance(out, torch.Tensor) else _flatten(out)
 
     def export(self, directory: Path) -> list[str]:
         if self.library is not None:
@@ -90,9 +97,11 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().clone()
 
 
-def _flatten(out: Any) -> list:
-    if hasattr(out, "numpy"):
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
         return [out]
+    if hasattr(out, "numpy"):  # a TVM tensor (e.g. an executable called without tensor inputs)
+        return [torch.from_dlpack(out)]
     return [t for o in out for t in _flatten(o)]
 
 

@@ -211,7 +211,8 @@ def to_relax(ep: torch.export.ExportedProgram) -> Any:
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
-        return from_exported_program(ep, custom_convert_map=CONVERTERS)
+        # a single output comes back as the tensor itself: unpacking a 1-tuple costs microseconds per call
+        return from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
     except Exception as e:
         op = _unsupported_op(str(e))
         hint = (

@@ -74,6 +74,7 @@ def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
     kw = te.reduce_axis((i64(0), i64(KW)), "kw")
     zero_i = tirx.const(0, "int32")
 
+    XS = None
     if binary:
         XP = te.placeholder(shape64(M, H, W, G, CWG), "int32", "XP")
         inputs = [XP]
@@ -152,35 +153,143 @@ def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
         return a
 
     def sumx_value(m, o, oh, ow):
+        assert sumx is not None
         s = sumx[m, o // OG, oh, ow]
         return 2 * s - n_valid(oh, ow) * CG if binary else s
 
+    epi, Y = _output(spec, M, acc_value, sumx_value if sumx is not None else None, XS)
+    return te.create_prim_func([*inputs, P, *epi, Y])
+
+
+def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tensor]:
+    """The epilogue parameters and ``Y``: a BN threshold (sign) or ``(SC s) acc + (OF s) sumx + BI``."""
+    O, OH, OW = spec.out_channels, spec.out_h, spec.out_w
     if spec.threshold:
         TS = te.placeholder(shape64(O), "int32", "TS")
         TH = te.placeholder(shape64(O), "int32", "TH")
-        epi = [TS, TH]
 
         def y(m, o, oh, ow):
             hit = TS[o].astype("int64") * acc_value(m, o, oh, ow).astype("int64") >= TH[o].astype("int64")
             return tirx.Select(hit, tirx.const(1.0, F32), tirx.const(-1.0, F32))
 
+        return [TS, TH], te.compute(shape64(M, O, OH, OW), y, name="Y")
+
+    SC = te.placeholder(shape64(O), F32, "SC")
+    OF = te.placeholder(shape64(O), F32, "OF")
+    BI = te.placeholder(shape64(O), F32, "BI")
+
+    def y(m, o, oh, ow):
+        s = XS[m] if spec.act == "int8" else None
+        a = SC[o] if s is None else SC[o] * s
+        v = a * acc_value(m, o, oh, ow).astype(F32)
+        if sumx_value is not None:
+            b = OF[o] if s is None else OF[o] * s
+            v = v + b * sumx_value(m, o, oh, ow).astype(F32)
+        return v + BI[o]
+
+    return [SC, OF, BI], te.compute(shape64(M, O, OH, OW), y, name="Y")
+
+
+# --------------------------------------------------------------------------- decoded weights (CPU)
+def _direct_func(spec: ConvSpec) -> tirx.PrimFunc:
+    """act="int8"/"float" conv for the host CPU: decode the codes once per call, then a direct conv.
+
+    ``Q (O, CG, KH, KW)`` holds each weight's integer code (``+-1`` for pm1), decoded from the bit
+    planes at the start of every call (O*CG*KH*KW*B operations, small next to the conv);
+    ``XZ`` is the zero-padded input, so the reduction has no bounds tests. Products accumulate in
+    int32 (int8 activations) or float32, exactly as the reference.
+    """
+    C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    G, CG, OG, CWG, B = spec.groups, spec.cg, spec.og, spec.words_per_group, spec.bits
+    OH, OW = spec.out_h, spec.out_w
+    HP, WP = H + 2 * PH, W + 2 * PW
+    M = batch_var()
+    P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
+    acc_t = F32 if spec.act == "float" else "int32"
+    if spec.act == "float":
+        X = te.placeholder(shape64(M, C, H, W), F32, "X")
+        inputs, XS = [X], None
     else:
-        SC = te.placeholder(shape64(O), F32, "SC")
-        OF = te.placeholder(shape64(O), F32, "OF")
-        BI = te.placeholder(shape64(O), F32, "BI")
-        epi = [SC, OF, BI]
+        X = te.placeholder(shape64(M, C, H, W), "int8", "XQ")
+        XS = te.placeholder(shape64(M), F32, "XS")
+        inputs = [X, XS]
 
-        def y(m, o, oh, ow):
-            s = XS[m] if spec.act == "int8" else None
-            a = SC[o] if s is None else SC[o] * s
-            v = a * acc_value(m, o, oh, ow).astype(F32)
-            if sumx is not None:
-                b = OF[o] if s is None else OF[o] * s
-                v = v + b * sumx_value(m, o, oh, ow).astype(F32)
-            return v + BI[o]
+    def decode(o, c, kh, kw):
+        wd, sh = c // 32, as_i32(c % 32)
+        if spec.code == "pm1":
+            return tirx.Select(((P[0, o, kh, kw, wd] >> sh) & 1) != 0, 1, -1).astype(acc_t)
+        q = (P[0, o, kh, kw, wd] >> sh) & 1
+        for b in range(1, B):
+            q = q | (((P[b, o, kh, kw, wd] >> sh) & 1) << b)
+        return q.astype(acc_t)
 
-    Y = te.compute(shape64(M, O, OH, OW), y, name="Y")
-    return te.create_prim_func([*inputs, P, *epi, Y])
+    Q = te.compute(shape64(O, CG, KH, KW), decode, name="Q")
+    inside = lambda r, c: tirx.all(r >= PH, r < PH + H, c >= PW, c < PW + W)
+    XZ = te.compute(
+        shape64(M, C, HP, WP),
+        lambda m, ch, r, c: tirx.if_then_else(
+            inside(r, c), X[m, ch, r - PH, c - PW].astype(acc_t), tirx.const(0, acc_t)
+        ),
+        name="XZ",
+    )
+    c = te.reduce_axis((i64(0), i64(CG)), "c")
+    kh = te.reduce_axis((i64(0), i64(KH)), "kh")
+    kw = te.reduce_axis((i64(0), i64(KW)), "kw")
+
+    def xz(m, o, oh, ow):
+        return XZ[m, o // OG * CG + c.var, oh * SH + kh.var * DH, ow * SW + kw.var * DW]
+
+    acc = te.compute(
+        shape64(M, O, OH, OW),
+        lambda m, o, oh, ow: te.sum(Q[o, c.var, kh.var, kw.var] * xz(m, o, oh, ow), axis=[c, kh, kw]),
+        name="acc",
+    )
+    sumx = None
+    if spec.has_offset and not spec.threshold:
+        sumx = te.compute(
+            shape64(M, G, OH, OW),
+            lambda m, g, oh, ow: te.sum(xz(m, g * OG, oh, ow), axis=[c, kh, kw]),
+            name="sumx",
+        )
+    epi, Y = _output(
+        spec,
+        M,
+        lambda m, o, oh, ow: acc[m, o, oh, ow],
+        (lambda m, o, oh, ow: sumx[m, o // OG, oh, ow]) if sumx is not None else None,
+        XS,
+    )
+    return _schedule_direct(te.create_prim_func([*inputs, P, *epi, Y]), spec, sumx is not None)
+
+
+def _schedule_direct(func: tirx.PrimFunc, spec: ConvSpec, has_sumx: bool) -> tirx.PrimFunc:
+    """Register block OB output channels x VL output pixels; reduce over (c, kh, kw) outside it."""
+    sch = s_tir.Schedule(func)
+    OW = spec.out_w
+    VL = largest_divisor(OW, (8, 4, 2))
+    OB = largest_divisor(spec.og, (4, 2))
+    for name in ("Q", "XZ"):
+        b = sch.get_sblock(name)
+        sch.parallel(sch.get_loops(b)[0])
+    blocks = [("acc", OB)] + ([("sumx", 1)] if has_sumx else [])
+    for name, ob in blocks:
+        b = sch.get_sblock(name)
+        m, o, oh, ow, c, kh, kw = sch.get_loops(b)
+        oo, oi = sch.split(o, [None, ob])
+        wo, wi = sch.split(ow, [None, VL])
+        sch.reorder(m, oo, oh, wo, c, kh, kw, oi, wi)
+        sch.parallel(sch.fuse(m, oo, oh))
+        if VL > 1:
+            sch.vectorize(wi)
+        if ob > 1:
+            sch.unroll(oi)
+        sch.decompose_reduction(b, c)
+    y = sch.get_sblock("Y")
+    loops = sch.get_loops(y)
+    sch.parallel(sch.fuse(*loops[:3]))
+    if VL > 1:
+        sch.vectorize(sch.split(loops[3], [None, VL])[1])
+    return sch.mod["main"]
 
 
 # --------------------------------------------------------------------------- fast binary pm1 (CPU)
@@ -347,6 +456,8 @@ def conv2d_kernel(spec: ConvSpec, target: str = "llvm") -> tirx.PrimFunc:
     cpu = target_kind(target) == "llvm"
     if cpu and spec.act == "binary" and spec.code == "pm1":
         func = _binary_pm1_func(spec)
+    elif cpu and spec.act != "binary":
+        func = _direct_func(spec)
     else:
         func = _conv_func(spec)
         if cpu:

@@ -3,7 +3,8 @@
 Training (:class:`TiledWeight`): the weight is flattened to N·K values and cut into p chunks of
 q = N·K/p; the tile is ``sign(Σ_chunks W)`` with a straight-through gradient (so every weight gets
 the gradient of the tile position it sums into) and the layer uses ``α[c(n)] · tile`` repeated p
-times (α per chunk = mean |W| of the chunk, or learned with ``alpha=learned``). Layers with fewer
+times (α per chunk = mean |W| of the chunk, or learned with ``alpha=learned``, its gradient scaled
+by 1/√q so that plain SGD at the paper's lr stays stable). Layers with fewer
 than ``min_weights`` weights, or whose size p does not divide, are plain binary.
 
 Inference (:class:`TiledBitLinear`, made by the ``tile_weights`` pass): stores the packed tile
@@ -59,7 +60,11 @@ class TiledWeight(nn.Module):
             with torch.no_grad():
                 self.alpha.copy_(numerics.tile_alpha(w, self.p))
             self.alpha_ready.fill_(True)
-        return self.alpha
+        # each α multiplies q = N/p weights, so its raw gradient is ~√q times a weight's and SGD at
+        # the paper's lr 0.1 blows it up (NaN within 50 steps on the MNIST MLP); scale the gradient
+        # by 1/√q (as LSQ does for its step size), leaving the value unchanged
+        g = (self.p / w.numel()) ** 0.5
+        return self.alpha * g + (self.alpha * (1 - g)).detach()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.tiles_for(w) == 1:

@@ -17,8 +17,9 @@ _SCHEMES: dict[str, dict[str, str]] = {
     "none": {},
     "binary": {},
     "uniform": {"bits": "4"},
-    # METHODS.md §3: group weight transform, τ annealed over tau_steps optimizer steps
-    "gwt": {"group": "channel", "tau_start": "1", "tau_end": "100", "tau_steps": "1000"},
+    # METHODS.md §3: group weight transform; τ stays at tau_start for the first tau_hold fraction of
+    # tau_steps optimizer steps, then grows geometrically to tau_end (an early rise saturates tanh)
+    "gwt": {"group": "channel", "tau_start": "1", "tau_end": "100", "tau_steps": "1000", "tau_hold": "0.5"},
     # METHODS.md §4: one tile per layer of >= min_weights weights, α per chunk
     "tiled": {"p": "4", "min_weights": "65536", "alpha": "chunk"},
     # METHODS.md §1: per-layer bit depth B learned by a sign step; eps is sign_ε's dead zone (ours)
@@ -116,6 +117,13 @@ class Scheme:
                 ok = False
             if not ok:
                 raise ValueError(f"{key}={value!r} is not valid; use a positive number")
+        if key == "tau_hold":
+            try:
+                ok = 0 <= float(value) < 1
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"tau_hold={value!r} is not valid; use a fraction 0 <= tau_hold < 1")
         if key in ("init_bits", "min_bits", "max_bits") and (not value.isdigit() or not 1 <= int(value) <= 8):
             raise ValueError(f"{key}={value!r} is not valid; use an integer 1..8")
         if key == "mu_halve_every" and (not value.isdigit() or int(value) < 1):

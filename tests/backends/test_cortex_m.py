@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -115,6 +116,33 @@ def test_binary_cnn_on_cortex_m4_matches_reference(tmp_path):
     assert run.returncode == 0, run.stderr
     got = np.frombuffer((out / "bitc_out.bin").read_bytes(), dtype="<f4").reshape(1, -1)
     assert_close(torch.from_numpy(got.copy()), cm.reference(xs[:1]))
+
+
+@needs_toolchain
+def test_tiled_mlp_on_cortex_m4_matches_reference():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    x = (torch.randn(1, 1, 28, 28),)
+    cm = bc.compile(net, x, target="cortex-m4", scheme="tiled:p=4,act=binary,first_last=quantize")
+    ops = [str(n.target) for n in cm.graph.graph.nodes if "bitc" in str(n.target)]
+    assert ops == ["bitc.tiled_linear.default", "bitc.bit_linear.default"]  # fc1 tiled, fc2 binary
+    kernels_c = (cm._runner.bundle / "kernels.c").read_text()
+    assert "bitc_tiled_rows_binary_784x128_p4" in kernels_c and "bitc_tiled_expand" in kernels_c
+    # the tile (R = 32 distinct rows of 25 words) is stored once, not the 128 rows
+    assert re.search(r"const int32_t bitc_w_\w*tile\[800\]", (cm._runner.bundle / "weights.c").read_text())
+    xs = torch.randn(2, 1, 28, 28)
+    assert torch.equal(cm(xs), cm.reference(xs))  # binary activations: integer sums, exact
+
+
+@needs_toolchain
+def test_popcount_sums_fuse_three_words_per_fold():
+    torch.manual_seed(0)
+    x = (torch.randn(1, 224),)  # 7 words per row: two groups of three and one single popcount
+    cm = bc.compile(nn.Linear(224, 8), x, target="cortex-m4", scheme="binary:act=binary,first_last=quantize")
+    dense = (cm._runner.bundle / "kernels.c").read_text().split("void bitc_dense_binary")[-1]
+    assert dense.count("bitc_popcount_acc3(") == 2 and dense.count("bitc_popcount(") == 1
+    xs = torch.randn(3, 224)
+    assert torch.equal(cm(xs), cm.reference(xs))
 
 
 @needs_toolchain

@@ -66,3 +66,21 @@ def test_unscheduled_for_other_targets():
 def test_wrong_spec_type():
     with pytest.raises(ValueError, match="DenseSpec"):
         dense_kernel("not a spec")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k, n", [(8168, 24), (4096, 20)])
+def test_binary_pm1_long_rows_exact(k, n):
+    """W1A1 integer sums stay exact over long rows (uint8 lane partial sums) at batch 1 and 64."""
+    g = torch.Generator().manual_seed(k + n)
+    codes = random_codes((n, k), 1, "pm1", g)
+    codes[0] = 1  # row 0 against an all-negative x: every bit differs
+    planes = nu.code_to_planes(codes, 1, "pm1")
+    run = build(dense_kernel(DenseSpec(k, n, 1, "pm1", "binary", False, False)))
+    ones, zeros = torch.ones(n), torch.zeros(n)
+    for m in (1, 64):
+        x = torch.randn(m, k, generator=g)
+        x[0] = -1.0
+        (y,) = run(act_inputs(x, "binary") + [planes, ones, zeros, zeros], [((m, n), "float32")])
+        ref = nu.bit_linear(x, planes, k, "pm1", "binary", scale=ones, offset=zeros, bias=zeros)
+        assert np.array_equal(y, ref.numpy())
+        assert y[0, 0] == -k

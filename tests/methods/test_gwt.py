@@ -89,3 +89,16 @@ def test_compiled_gwt_model_is_the_binarized_network():
     assert_close(cm(x), cm.reference(x))
     assert_close(cm.reference(x), want)
     assert cm.report().layers[0].scheme.startswith("gwt")
+
+
+def test_tau_is_held_then_grows_geometrically():
+    q = gwt.from_scheme(Scheme.parse("gwt:tau_start=1,tau_end=100,tau_steps=10,tau_hold=0.6"))
+    seen = []
+    for _ in range(12):
+        q.step()
+        seen.append(float(q.tau))
+    # held at τ0 through step 6 of 10, then τ0·(τ1/τ0)^((t/T − 0.6)/0.4): 10^0.5, 10, 10^1.5, 100, then stays
+    assert seen[:6] == [1.0] * 6
+    assert seen[6:] == pytest.approx([10**0.5, 10.0, 10**1.5, 100.0, 100.0, 100.0])
+    with pytest.raises(ValueError, match="tau_hold"):
+        Scheme.parse("gwt:tau_hold=1")

@@ -49,7 +49,11 @@ def test_learned_alpha_starts_at_chunk_means_and_trains():
     wq = TiledWeight(p=4, min_weights=1, alpha="learned")
     w = torch.randn(8, 5)
     wq(w).sum().backward()
-    assert torch.allclose(wq.alpha.detach(), nu.tile_alpha(w, 4)) and wq.alpha.grad is not None
+    assert torch.allclose(wq.alpha.detach(), nu.tile_alpha(w, 4))
+    # dL/dα_k = Σ of the tile over chunk k's channels, scaled by 1/√q (q = 40/4) so SGD stays stable
+    rows = nu.expand_tile(nu.sign(nu.tile_sum(w, 4)), w.shape).sum(1)
+    want = torch.zeros(4).index_add_(0, nu.chunk_of_channel(8, 4), rows) / 10**0.5
+    assert torch.allclose(wq.alpha.grad, want)
 
 
 def test_small_or_indivisible_layers_stay_binary():

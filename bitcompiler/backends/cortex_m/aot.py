@@ -2,8 +2,9 @@
 
 The graph is exported with a batch of one (every shape static) and walked node by node:
 
-* ``bitc::bit_linear`` / ``bitc::bit_conv2d`` become calls of TIR kernels (C from TVM, see
-  :mod:`.kernel_c`), preceded by the activation quantizer kernel their ``act`` mode needs;
+* ``bitc::bit_linear`` / ``bitc::bit_conv2d`` / ``bitc::tiled_linear`` become calls of TIR
+  kernels (C from TVM, see :mod:`.kernel_c`), preceded by the activation quantizer kernel their
+  ``act`` mode needs;
 * float ops (relu, hardtanh, add/sub/mul, max/avg pooling, mean) are a few lines of plain C;
 * views (flatten, reshape, ...) cost nothing: they alias their input's storage.
 
@@ -102,6 +103,12 @@ class Program:
     def weight_bytes(self) -> int:
         return sum(w.array.nbytes for w in self.weights)
 
+    @property
+    def writes_output_in_place(self) -> bool:
+        """The last layer writes the caller's ``out`` (no arena buffer, no copy) unless the
+        output is the input itself."""
+        return self.output.storage != self.input.storage
+
 
 def export_batch_one(gm: torch.fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
     with warnings.catch_warnings():
@@ -144,6 +151,13 @@ class _Builder:
             self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + arr.nbytes
         return sym
 
+    def constant(self, symbol: str, array: np.ndarray, layer: str) -> str:
+        """A ``const`` array the graph does not hold (unit scales of a tile's row kernel)."""
+        if symbol not in self.weights:
+            self.weights[symbol] = Weight(symbol, array.reshape(-1), layer)
+            self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + array.nbytes
+        return symbol
+
     def kernel(self, key: Any, build: Any, symbol: str, unroll: bool = False) -> Kernel:
         if key not in self.kernels:
             self.kernels[key] = prepare_kernel(build(), symbol, batch=key[-1], unroll=unroll)
@@ -178,6 +192,7 @@ class _Builder:
                 ("pack", kdim, rows),
                 lambda: kernels.pack_sign_rows(kdim, target),
                 f"bitc_pack_sign_{len(self.kernels)}",
+                unroll=True,
             )
             p = self.new_tensor(f"{x.name}_bits", (rows, (kdim + 31) // 32), "int32")
         else:
@@ -217,6 +232,61 @@ class _Builder:
         self.call(
             kern, [*act_args, *self.epilogue_args(args, threshold), y.name], act_args, [y.name], node.name
         )
+
+    def tiled_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
+        """Row-aligned tile: the dense kernel of the R distinct rows (unit scales: ``A`` is the exact
+        integer accumulator as float), then the expand kernel reuses each row p times. Unaligned:
+        one kernel reading the tile bit of every weight."""
+        from bitcompiler import kernels
+
+        args: Any = node.args  # (x, tile, scale, bias, thr_sign, thr, k, n, p, act, threshold)
+        x = self.tensors[args[0].name]
+        k, n, p, act, threshold = args[6:11]
+        spec = kernels.TiledDenseSpec(k, n, p, act, bool(threshold), int(args[2].meta["val"].shape[0]))
+        rows = math.prod(x.shape[:-1])
+        act_args = self.quantized_input(x, act, rows, (k,), None)
+        tile = self.weight(args[1], "int32")
+        layer = self.weights[tile].layer
+        if threshold:
+            epi = [self.weight(args[4], "int32"), self.weight(args[5], "int32")]
+        else:
+            epi = [self.weight(args[2], "float32"), self.weight(args[3], "float32")]
+        y = self.new_tensor(node.name, out_shape, "float32")
+        tag = f"{act}_{k}x{n}_p{p}"
+        if not spec.aligned:
+            kern = self.kernel(
+                ("tiled", spec, rows),
+                lambda: kernels.tiled_unaligned_kernel(spec, {"kind": "c"}),
+                f"bitc_tiled_{tag}_{len(self.kernels)}",
+            )
+            self.call(kern, [*act_args, tile, *epi, y.name], act_args, [y.name], node.name)
+            return
+        r = spec.rows
+        base = tile.removeprefix("bitc_w_")
+        unit = [
+            self.constant(f"bitc_c_{base}_one", np.ones(r, np.float32), layer),
+            self.constant(f"bitc_c_{base}_zero", np.zeros(r, np.float32), layer),
+        ]
+        stage1 = act_args
+        if act == "int8":  # the row kernel's int8 scale is 1: A stays the integer accumulator
+            stage1 = [act_args[0], self.constant(f"bitc_c_{base}_xs1", np.ones(rows, np.float32), layer)]
+        rows_kernel = self.kernel(
+            ("dense", spec.rows_spec(), rows),
+            lambda: kernels.dense_kernel(spec.rows_spec(), {"kind": "c"}),
+            f"bitc_tiled_rows_{tag}_{len(self.kernels)}",
+            unroll=act == "binary",
+        )
+        a = self.new_tensor(f"{node.name}_rows", (rows, r), "float32")
+        self.call(
+            rows_kernel, [*stage1, tile, unit[0], unit[1], unit[1], a.name], act_args, [a.name], node.name
+        )
+        xs = [act_args[1]] if act == "int8" and not threshold else []
+        expand = self.kernel(
+            ("tiled_expand", spec, rows),
+            lambda: kernels.tiled_expand_kernel(spec, {"kind": "c"}),
+            f"bitc_tiled_expand_{tag}_{len(self.kernels)}",
+        )
+        self.call(expand, [a.name, *xs, *epi, y.name], [a.name, *xs], [y.name], f"{node.name} (expand)")
 
     def bit_conv2d(self, node: torch.fx.Node, out_shape: tuple) -> None:
         from bitcompiler import kernels
@@ -278,6 +348,8 @@ class _Builder:
             return self.bit_linear(node, shape)
         if ns == "bitc" and name == "bit_conv2d.default":
             return self.bit_conv2d(node, shape)
+        if ns == "bitc" and name == "tiled_linear.default":
+            return self.tiled_linear(node, shape)
         if ns == "aten" and name in ALIASES:
             src = self.tensors[node.args[0].name]
             self.alias(node.name, src, shape)
@@ -306,15 +378,19 @@ def build_program(gm: torch.fx.GraphModule, example_inputs: tuple) -> Program:
     ep = export_batch_one(gm, example_inputs)
     b = _Builder(ep)
     graph_input, output = b.run()
-    plan = plan_storage(b.tensors, b.steps, graph_input)
+    plan = plan_storage(b.tensors, b.steps, graph_input, output)
     kernels = list(b.kernels.values())
     return Program(
         graph_input, output, b.tensors, b.steps, list(b.weights.values()), kernels, plan, b.layer_bytes
     )
 
 
-def plan_storage(tensors: dict[str, Tensor], steps: list[Step], graph_input: Tensor) -> ArenaPlan:
-    """Lifetimes of the arena buffers (aliases extend their storage's life) -> arena offsets."""
+def plan_storage(
+    tensors: dict[str, Tensor], steps: list[Step], graph_input: Tensor, graph_output: Tensor
+) -> ArenaPlan:
+    """Lifetimes of the arena buffers (aliases extend their storage's life) -> arena offsets.
+
+    The input and output live in the caller's ``in`` / ``out``, not in the arena."""
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     size: dict[str, int] = {}
@@ -325,8 +401,8 @@ def plan_storage(tensors: dict[str, Tensor], steps: list[Step], graph_input: Ten
             size[t.storage] = max(size.get(t.storage, 0), t.nbytes)
         for t in (tensors[n] for n in step.reads):
             last[t.storage] = max(last.get(t.storage, i), i)
-    # the output is copied out after the last step
-    buffers = [Buffer(s, size[s], first[s], last[s]) for s in first if s != graph_input.storage]
+    outside = {graph_input.storage, graph_output.storage}
+    buffers = [Buffer(s, size[s], first[s], last[s]) for s in first if s not in outside]
     return plan_arena(buffers)
 
 
@@ -334,6 +410,8 @@ def pointer(program: Program, name: str) -> str:
     t = program.tensors[name]
     if t.storage == program.input.storage:
         return "((float*)in)"
+    if t.storage == program.output.storage:
+        return "((void*)out)"
     return f"((void*)(bitc_arena + {program.plan.offsets[t.storage]}))"
 
 

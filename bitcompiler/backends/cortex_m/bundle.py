@@ -87,6 +87,7 @@ def model_h(program: Program) -> str:
 /* Run the model on one sample.
  *   in:  BITC_INPUT_SIZE floats, shape {list(i.shape)} (batch of one)
  *   out: BITC_OUTPUT_SIZE floats, shape {list(o.shape)}
+ * in and out must not overlap: the last layer writes out directly.
  * Returns 0. Not reentrant: activations live in one static arena. */
 int bitc_run(const float *in, float *out);
 """
@@ -116,13 +117,9 @@ def model_c(program: Program) -> str:
         out.append(f"  {{ /* {step.label} */")
         out += [f"    {_resolve(program, line)}" for line in step.code]
         out.append("  }")
-    src = pointer(program, program.output.name)
-    out += [
-        f"  {{ const float* y = (const float*){src};",
-        f"    for (int i = 0; i < {program.output.numel}; ++i) out[i] = y[i]; }}",
-        "  return 0;",
-        "}",
-    ]
+    if not program.writes_output_in_place:  # the model returns its input
+        out.append(f"  for (int i = 0; i < {program.output.numel}; ++i) out[i] = in[i];")
+    out += ["  return 0;", "}"]
     return "\n".join(out) + "\n"
 
 

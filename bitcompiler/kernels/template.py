@@ -1,0 +1,85 @@
+"""Schedule templates: a kernel's unscheduled TIR plus a schedule whose choices can be sampled.
+
+A kernel builder that can be tuned returns ``scheduled(Template(...))`` instead of scheduling
+its function itself. ``template.apply(sch, choose)`` is the kernel's hand schedule; every
+choice it makes (rows per register block, vector width, unroll) goes through
+``choose(name, candidates, default)``:
+
+* :func:`hand` returns the default: the hand schedule, used when there is no tuning record;
+* :func:`sampled` draws the choice with ``sch.sample_categorical``, so MetaSchedule records it
+  in the trace (see :mod:`bitcompiler.tuning`).
+
+Which of the two (or a tuning record) schedules a kernel is decided by whoever built it:
+:func:`scheduling_with` installs a scheduler for the kernels built inside the ``with``.
+
+>>> from bitcompiler.kernels import DenseSpec, dense_kernel
+>>> with scheduling_with(lambda t: apply_hand(t)):
+...     f = dense_kernel(DenseSpec(64, 8, 1, "pm1", "binary", False, False))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+
+Choose = Callable[[str, Sequence[int], int], int]
+"""``choose(name, candidates, default) -> value`` for one schedule choice."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """``func`` unscheduled; ``apply(sch, choose)`` schedules ``sch`` (a schedule of ``func``) in place."""
+
+    kind: str  # which kernel builder made it, for messages ("dense")
+    func: tirx.PrimFunc
+    apply: Callable[[s_tir.Schedule, Choose], None]
+
+
+def hand(_name: str, candidates: Sequence[int], default: int) -> int:
+    """The hand schedule's choice."""
+    if default not in candidates:
+        raise ValueError(f"default {default} is not among the candidates {list(candidates)}")
+    return default
+
+
+def sampled(sch: s_tir.Schedule) -> Choose:
+    """Choices drawn (uniformly) by ``sch.sample_categorical``: recorded in ``sch.trace``."""
+
+    def choose(_name: str, candidates: Sequence[int], default: int) -> int:
+        hand(_name, candidates, default)
+        values = list(candidates)
+        rv = sch.sample_categorical(values, [1.0 / len(values)] * len(values))
+        return int(sch.get(rv))
+
+    return choose
+
+
+def apply_hand(template: Template) -> tirx.PrimFunc:
+    """``template.func`` with the hand schedule."""
+    sch = s_tir.Schedule(template.func)
+    template.apply(sch, hand)
+    return sch.mod["main"]
+
+
+Scheduler = Callable[[Template], tirx.PrimFunc]
+_ACTIVE: contextvars.ContextVar[Scheduler | None] = contextvars.ContextVar("bitc_scheduler", default=None)
+
+
+@contextlib.contextmanager
+def scheduling_with(scheduler: Scheduler) -> Iterator[None]:
+    """Kernels built inside the ``with`` are scheduled by ``scheduler`` (e.g. from tuning records)."""
+    token = _ACTIVE.set(scheduler)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def scheduled(template: Template) -> tirx.PrimFunc:
+    """``template`` scheduled by the active scheduler, or by hand when none is active."""
+    scheduler = _ACTIVE.get()
+    return scheduler(template) if scheduler is not None else apply_hand(template)

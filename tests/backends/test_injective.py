@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import tvm
+from tvm import te, tirx
+
+from bitcompiler.backends.injective import Injective
+
+TARGET = tvm.target.Target({"kind": "llvm"})
+
+
+def _clip_add(shape):
+    m = te.var("M", "int64")
+    full = (m, *(tirx.IntImm("int64", d) for d in shape))
+    a = te.placeholder(full, "float32", "A")
+    b = te.placeholder(full, "float32", "B")
+    s = te.compute(full, lambda *i: a(*i) + b(*i), name="sum")
+    y = te.compute(full, lambda *i: tirx.max(tirx.min(s(*i), 1.0), -1.0), name="clip")
+    return te.create_prim_func([a, b, y])
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 32), (3, 5, 7), (16,)])
+def test_injective_inlines_vectorizes_parallelizes_and_matches_numpy(shape):
+    sch = Injective().apply(_clip_add(shape), TARGET, False)
+    assert sch is not None
+    func = sch.mod["main"]
+    text = func.script()
+    assert 'T.sblock("sum")' not in text and 'T.sblock("clip")' in text  # the add is inlined
+    assert "T.parallel(" in text
+    assert ("T.vectorized(" in text) == (np.prod(shape) % 4 == 0)
+    f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)["main"]
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(3, *shape)).astype("float32") for _ in range(2))
+    y = tvm.runtime.tensor(np.zeros((3, *shape), "float32"))
+    f(tvm.runtime.tensor(a), tvm.runtime.tensor(b), y)
+    np.testing.assert_array_equal(y.numpy(), np.clip(a + b, -1, 1))
+
+
+def test_injective_leaves_reductions_to_other_rules():
+    m = te.var("M", "int64")
+    a = te.placeholder((m, tirx.IntImm("int64", 8)), "float32", "A")
+    k = te.reduce_axis((0, 8), "k")
+    s = te.compute((m,), lambda i: te.sum(a[i, k], axis=k), name="s")
+    assert Injective().apply(te.create_prim_func([a, s]), TARGET, False) is None

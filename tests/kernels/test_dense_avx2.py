@@ -1,0 +1,80 @@
+"""AVX2 dense kernels (int8 ``vpmaddubsw``, float ``vpermps`` tables) against numerics.bit_linear."""
+
+import numpy as np
+import pytest
+import torch
+
+from bitcompiler.kernels import DenseSpec, dense_avx2, dense_kernel
+from bitcompiler.quant import numerics as nu
+from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
+
+pytestmark = pytest.mark.skipif(not dense_avx2.avx2_target("llvm"), reason="host CPU has no AVX2")
+
+# K = 20: a tail only; 600: two 256-blocks + a tail of 88 (2 full words, one partial)
+INT8_WEIGHTS = [("pm1", 1, False), ("uint", 1, True), ("uint", 2, True), ("uint", 3, False), ("uint", 4, True),
+                ("uint", 5, True), ("uint", 7, True)]  # fmt: skip
+
+
+def _run(spec, planes, x, ep):
+    run = build(dense_kernel(spec))
+    (y,) = run(act_inputs(x, spec.act) + [planes] + ep, [((x.shape[0], spec.out_features), "float32")])
+    return y
+
+
+@pytest.mark.parametrize("k, n", [(20, 6), (600, 7)])
+@pytest.mark.parametrize("code, bits, has_offset", INT8_WEIGHTS)
+@pytest.mark.parametrize("threshold", [False, True])
+def test_int8_matches_reference(k, n, code, bits, has_offset, threshold):
+    spec = DenseSpec(k, n, bits, code, "int8", has_offset, threshold)
+    assert "pmadd.ub.sw" in dense_kernel(spec).script()  # the AVX2 kernel was chosen
+    g = torch.Generator().manual_seed(k + 13 * bits + n)
+    planes = nu.code_to_planes(random_codes((n, k), bits, code, g), bits, code)
+    ep, kw = epilogue_params(n, threshold, g, has_offset, k * 2**bits)
+    if threshold:
+        kw.update(scale=torch.ones(n), offset=torch.zeros(n), bias=torch.zeros(n))
+    for m in (1, 5, 64):
+        x = torch.randn(m, k, generator=g)
+        y = _run(spec, planes, x, ep)
+        ref = nu.bit_linear(x, planes, k, code, "int8", **kw)
+        if threshold:  # the integer accumulator is exact: identical decisions
+            assert np.array_equal(y, ref.numpy())
+        else:
+            assert_close(y, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 7])
+def test_int8_largest_products_exact(bits):
+    """Every code at 2^B - 1 against x = -127: int16 partial sums must neither saturate nor wrap."""
+    k, n = 4096 + 40, 4
+    spec = DenseSpec(k, n, bits, "uint", "int8", False, True)
+    planes = nu.code_to_planes(torch.full((n, k), 2**bits - 1), bits, "uint")
+    acc = -(2**bits - 1) * 127 * k
+    ts, th = torch.ones(n, dtype=torch.int32), torch.tensor([acc, acc + 1, acc - 1, 0], dtype=torch.int32)
+    y = _run(spec, planes, -torch.ones(2, k), [ts, th])
+    assert y.tolist() == [[1.0, -1.0, 1.0, -1.0]] * 2  # acc >= acc, not >= acc + 1: exact
+
+
+@pytest.mark.parametrize("k, n", [(20, 8), (100, 16), (4129, 24)])
+@pytest.mark.parametrize("code, bits, has_offset", [("pm1", 1, False), ("uint", 1, True), ("uint", 3, True),
+                                                    ("uint", 8, False)])  # fmt: skip
+def test_float_matches_reference(k, n, code, bits, has_offset):
+    spec = DenseSpec(k, n, bits, code, "float", has_offset, False)
+    assert "permps" in dense_kernel(spec).script()
+    g = torch.Generator().manual_seed(k + 7 * bits + n)
+    planes = nu.code_to_planes(random_codes((n, k), bits, code, g), bits, code)
+    ep, kw = epilogue_params(n, False, g, has_offset, k)
+    for m in (1, 5, 37, 64):  # 37: tables built for 16 batch rows at a time, the last chunk partial
+        x = torch.randn(m, k, generator=g)
+        assert_close(_run(spec, planes, x, ep), nu.bit_linear(x, planes, k, code, "float", **kw))
+
+
+def test_selection_falls_back():
+    """bits = 8 (u8 codes overflow vpmaddubsw), N % 8 (float lanes) and non-AVX2 targets: the schedule."""
+    int8 = DenseSpec(64, 8, 8, "uint", "int8", True, False)
+    odd = DenseSpec(64, 12, 1, "pm1", "float", False, False)
+    w2a8 = DenseSpec(64, 8, 2, "uint", "int8", True, False)
+    assert "pmadd" not in dense_kernel(int8).script()
+    assert "permps" not in dense_kernel(odd).script()
+    assert "pmadd" not in dense_kernel(w2a8, target={"kind": "llvm", "mcpu": "x86-64"}).script()
+    assert "pmadd" not in dense_kernel(w2a8, target="c").script()
+    assert not dense_avx2.avx2_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
