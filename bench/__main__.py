@@ -123,7 +123,13 @@ def tune_table(rows: list[dict]) -> list[str]:
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["bench"], str(r["batch"]), str(r["threads"]), str(r["trials"]), str(r["tuned_kernels"])]
+        cells = [
+            r["bench"],
+            str(r["batch"]),
+            str(r["threads"]),
+            str(r["trials"]),
+            str(int(r["tuned_kernels"])),
+        ]
         cells += [
             f"{r['tune_s']:.1f}",
             f"{r['untuned_ms']:.3f}",
@@ -192,9 +198,10 @@ def write(info: dict, rows: list[dict]) -> None:
             f"Python {info['python']}, torch {info['torch']}, TVM {info['tvm']}. Every peer runs in the same "
             "process as bitcompiler; each time is the median of repeated calls of the whole model call "
             "(Python overhead included). `Nx` = peer time / bitcompiler time: higher favours bitcompiler. "
-            "Cold = caches evicted (64 MiB written) before every call. HW floor = the W1A1 lower bound "
-            "from this machine's measured popcount throughput (bench/limits.py); the percentage is how "
-            "close the kernel gets to it."
+            "Cold = caches evicted (64 MiB written) before every call. HW floor = the W1A1 time at this "
+            "machine's measured scalar `popcnt` throughput (bench/limits.py), as a percentage of the "
+            "measured time: above 100% means the byte-lane vector kernel beats the scalar-popcount bound. "
+            "Machine load varies between runs (a shared 2-core VM): compare ratios within a row."
         ),
         "",
     ]
