@@ -1,9 +1,9 @@
 """bitcompiler: few-bit, binary and sub-bit neural networks, compiled to fast code.
 
-    >>> import torch, bitcompiler as bc
-    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    >>> cm = bc.compile(model, (torch.randn(1, 64),), target="cpu", scheme="binary:act=binary")
-    >>> print(cm.report())  # doctest: +SKIP
+>>> import torch, bitcompiler as bc
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+>>> cm = bc.compile(model, (torch.randn(1, 64),), target="cpu", scheme="binary:act=binary")
+>>> print(cm.report())  # doctest: +SKIP
 """
 
 from bitcompiler import ops, train  # noqa: F401 - ops registers the bitc custom ops
@@ -19,7 +19,22 @@ from bitcompiler.train import regularization_loss, step
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "CompiledModel", "LoweringError", "Pass", "PassError", "Pipeline", "PipelineError",
-    "Report", "Scheme", "Target", "TuneOptions", "compile", "graph_pass", "load", "prepare",
-    "regularization_loss", "step", "tune",
+    "CaptureError",
+    "CompiledModel",
+    "LoweringError",
+    "Pass",
+    "PassError",
+    "Pipeline",
+    "PipelineError",
+    "Report",
+    "Scheme",
+    "Target",
+    "TuneOptions",
+    "compile",
+    "graph_pass",
+    "load",
+    "prepare",
+    "regularization_loss",
+    "step",
+    "tune",
 ]

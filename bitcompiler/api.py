@@ -369,7 +369,7 @@ def _build_cached(
     with scheduling_with(records):
         mod = to_relax(exported)
     runner = backend.build(mod, target)
-    applied = {"tuned kernels": float(len(records.applied))}
+    applied = {"tuned kernels": len(records.applied)}
     runner.report_extra = {**extra, **applied}  # type: ignore[attr-defined]
 
     def write(path: Path) -> None:

@@ -136,8 +136,16 @@ def tiled_linear(
     """Tiled dense layer (METHODS.md §4) over the last axis of ``x``: one packed tile, p scales."""
     lead = x.shape[:-1]
     y = numerics.tiled_linear(
-        x.reshape(-1, k), tile, k, n, p, act, scale, bias,
-        thr_sign if threshold else None, thr if threshold else None,
+        x.reshape(-1, k),
+        tile,
+        k,
+        n,
+        p,
+        act,
+        scale,
+        bias,
+        thr_sign if threshold else None,
+        thr if threshold else None,
     )
     return y.reshape(*lead, n)
 

@@ -131,7 +131,8 @@ def _tiled_row(name: str, m: TiledBitLinear) -> LayerRow:
     n_bytes = numerics.packed_weight_bytes(m.tile.numel(), m.n_floats)
     kind = f"row-aligned R={m.out_features // m.p}" if m.row_aligned else "unaligned"
     note = f"act={m.act}, tile {m.tile_bits} bits ({kind}) + {m.n_floats} scales" + (
-        ", integer threshold" if m.threshold else "")
+        ", integer threshold" if m.threshold else ""
+    )
     return LayerRow(name, "linear", m.label, numerics.bits_per_weight(numel, n_bytes), n_bytes, numel, note)
 
 

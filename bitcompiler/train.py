@@ -1,24 +1,28 @@
 """A plain training loop for float and ``prepare``d models, with a progress bar.
 
-    >>> import torch, bitcompiler as bc
-    >>> from torch.utils.data import TensorDataset
-    >>> data = TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
-    >>> net = bc.prepare(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)))
-    >>> history = bc.train.fit(net, data, epochs=1, progress=False)
-    >>> len(history.loss) > 0
-    True
+>>> import torch, bitcompiler as bc
+>>> from torch.utils.data import TensorDataset
+>>> data = TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
+>>> net = bc.prepare(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)))
+>>> history = bc.train.fit(net, data, epochs=1, progress=False)
+>>> len(history.loss) > 0
+True
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from bitcompiler.quant.modules import QuantConv2d, QuantLinear
 
 
 @dataclass
@@ -28,11 +32,13 @@ class History:
     val_accuracy: list[float] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
-    bits: dict[str, list[int]] = field(default_factory=dict)  # weight bits per quantized layer, after each step
+    bits: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # weight bits per quantized layer, after each step
     val_steps: list[int] = field(default_factory=list)  # optimizer steps done at each val_accuracy entry
 
 
-def _quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
     from bitcompiler.quant.modules import QUANT_LAYERS
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
@@ -48,7 +54,9 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
         >>> float(bc.regularization_loss(net).detach()) > 0
         True
     """
-    terms = [m.wq.regularization(m.weight) for _, m in _quant_layers(model) if hasattr(m.wq, "regularization")]
+    terms = [
+        m.wq.regularization(m.weight) for _, m in _quant_layers(model) if hasattr(m.wq, "regularization")
+    ]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 

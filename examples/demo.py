@@ -23,8 +23,15 @@ BUDGET = float(os.environ.get("BITC_DEMO_SECONDS", "45"))  # training seconds pe
 def small_cnn(size: int) -> nn.Module:
     """(conv-BN-pool-hardtanh) x3, then a linear classifier (no ReLU before sign: it would erase it)."""
     final = size // 8
-    block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.MaxPool2d(2), nn.Hardtanh()]
-    return nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(), nn.Linear(128 * final**2, 10))
+    block = lambda cin, cout: [
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.MaxPool2d(2),
+        nn.Hardtanh(),
+    ]
+    return nn.Sequential(
+        *block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(), nn.Linear(128 * final**2, 10)
+    )
 
 
 def latency_ms(fn, x: torch.Tensor, repeat: int = 30) -> float:

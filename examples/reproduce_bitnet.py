@@ -33,8 +33,9 @@ BATCH = 200
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                         nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
 
 
 def spread(xs: list[float]) -> str:
@@ -62,13 +63,27 @@ def run(name: str, epochs: int, limit: int | None, lambda2s: list[float]) -> dic
         h = fit(net, train, epochs, lr=best_lr, val_data=test, progress=False, batch_size=BATCH, seed=seed)
         float_final = out["float"][best_lr][SEEDS.index(seed)]["acc"]
         reach = next((s for s, a in zip(h.val_steps, h.val_accuracy) if a >= float_final), None)
-        float_reach = next(s for s, a in zip(h.val_steps, out["float"][best_lr][SEEDS.index(seed)]["curve"])
-                           if a >= float_final)
+        float_reach = next(
+            s
+            for s, a in zip(h.val_steps, out["float"][best_lr][SEEDS.index(seed)]["curve"])
+            if a >= float_final
+        )
         final_bits = {k: v[-1] for k, v in h.bits.items()}
-        out["bitnet"].setdefault(lambda2, []).append({"acc": h.val_accuracy[-1], "bits": final_bits, "trajectory": h.bits,
-                              "steps_to_float": reach, "float_steps": float_reach, "seconds": h.seconds})
-        print(f"{name} bitnet λ2={lambda2:g} seed={seed}: acc {100 * h.val_accuracy[-1]:.2f} bits {final_bits} "
-              f"steps to float's {100 * float_final:.2f}: {reach} (float: {float_reach})", flush=True)
+        out["bitnet"].setdefault(lambda2, []).append(
+            {
+                "acc": h.val_accuracy[-1],
+                "bits": final_bits,
+                "trajectory": h.bits,
+                "steps_to_float": reach,
+                "float_steps": float_reach,
+                "seconds": h.seconds,
+            }
+        )
+        print(
+            f"{name} bitnet λ2={lambda2:g} seed={seed}: acc {100 * h.val_accuracy[-1]:.2f} bits {final_bits} "
+            f"steps to float's {100 * float_final:.2f}: {reach} (float: {float_reach})",
+            flush=True,
+        )
     return out
 
 
@@ -90,8 +105,10 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def table(results: list[dict]) -> str:
-    header = ("| dataset | epochs | float (best LR) test error % | λ2 | BitNet test error % | Δ vs float (pt) "
-              "| BitNet avg bits/layer (per seed) | steps to float's final acc: BitNet / float |")
+    header = (
+        "| dataset | epochs | float (best LR) test error % | λ2 | BitNet test error % | Δ vs float (pt) "
+        "| BitNet avg bits/layer (per seed) | steps to float's final acc: BitNet / float |"
+    )
     rows = [header, "|---|---|---|---|---|---|---|---|"]
     for r in results:
         f = [1 - x["acc"] for x in r["float"][r["best_lr"]]]
@@ -100,9 +117,11 @@ def table(results: list[dict]) -> str:
             avg = [statistics.mean(x["bits"].values()) for x in runs]
             steps = " ".join(f"{x['steps_to_float'] or 'never'}/{x['float_steps']}" for x in runs)
             delta = 100 * (statistics.mean(b) - statistics.mean(f))
-            rows.append(f"| {r['dataset']} | {r['epochs']} | {spread(f)} (lr {r['best_lr']:g}) | {lambda2:g} | "
-                        f"{spread(b)} | {delta:+.2f} | {statistics.mean(avg):.2f} "
-                        f"({', '.join(str(x['bits']) for x in runs)}) | {steps} |")
+            rows.append(
+                f"| {r['dataset']} | {r['epochs']} | {spread(f)} (lr {r['best_lr']:g}) | {lambda2:g} | "
+                f"{spread(b)} | {delta:+.2f} | {statistics.mean(avg):.2f} "
+                f"({', '.join(str(x['bits']) for x in runs)}) | {steps} |"
+            )
     return "\n".join(rows)
 
 
@@ -116,8 +135,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    plan = [("fashion-mnist", 1, 2000), ("mnist-5k", 2, None)] if args.quick else \
-           [("fashion-mnist", 6, None), ("mnist-5k", 30, None)]
+    plan = (
+        [("fashion-mnist", 1, 2000), ("mnist-5k", 2, None)]
+        if args.quick
+        else [("fashion-mnist", 6, None), ("mnist-5k", 30, None)]
+    )
     lambda2s = [float(x) for x in args.lambda2.split(",")]
     wanted = args.datasets.split(",")
     results = [run(name, epochs, limit, lambda2s) for name, epochs, limit in plan if name in wanted]

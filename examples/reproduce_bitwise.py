@@ -36,9 +36,16 @@ CONFIGS = {
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 7, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -68,8 +75,11 @@ def main() -> None:
             net = cnn() if scheme is None else bc.prepare(cnn(), scheme)
             data = b""
             if label.startswith("payload"):
-                data = bytes(torch.randint(0, 256, (payload.capacity(net),),
-                                           generator=torch.Generator().manual_seed(100 + seed)).tolist())
+                data = bytes(
+                    torch.randint(
+                        0, 256, (payload.capacity(net),), generator=torch.Generator().manual_seed(100 + seed)
+                    ).tolist()
+                )
                 payload.embed(net, data)
             h = fit(net, train, epochs, lr=1e-3, val_data=test, progress=False, seed=seed)
             r = {"acc": h.val_accuracy[-1], "seconds": h.seconds}
@@ -79,15 +89,23 @@ def main() -> None:
                 r.update(payload_bytes=len(data), payload_intact=payload.extract(net, len(data)) == data)
             results[label].append(r)
             print(f"{label} seed={seed}: {r}", flush=True)
-    rows = ["| config | test error % | Δ vs float (pt) | zero weights % | frozen bits % |", "|---|---|---|---|---|"]
+    rows = [
+        "| config | test error % | Δ vs float (pt) | zero weights % | frozen bits % |",
+        "|---|---|---|---|---|",
+    ]
     f_err = statistics.mean(1 - r["acc"] for r in results["float"])
     for label, runs in results.items():
         err = [1 - r["acc"] for r in runs]
         zeros = spread([r["zeros"] for r in runs]) if "zeros" in runs[0] else "-"
         frozen = f"{100 * runs[0]['frozen']:.1f}" if "frozen" in runs[0] else "-"
-        extra = f" (payload {runs[0]['payload_bytes']} B, intact: {all(r['payload_intact'] for r in runs)})" \
-            if "payload_bytes" in runs[0] else ""
-        rows.append(f"| {label}{extra} | {spread(err)} | {100 * (statistics.mean(err) - f_err):+.2f} | {zeros} | {frozen} |")
+        extra = (
+            f" (payload {runs[0]['payload_bytes']} B, intact: {all(r['payload_intact'] for r in runs)})"
+            if "payload_bytes" in runs[0]
+            else ""
+        )
+        rows.append(
+            f"| {label}{extra} | {spread(err)} | {100 * (statistics.mean(err) - f_err):+.2f} | {zeros} | {frozen} |"
+        )
     print("\n".join(rows))
     print(f"epochs {epochs}, train images {len(train)}, wall time {time.perf_counter() - start:.0f} s")
     with open(args.out, "w") as f:

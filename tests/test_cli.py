@@ -15,7 +15,12 @@ def test_compile_and_inspect_from_the_command_line(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     out = tmp_path / "out"
-    assert main(["compile", "netdef:make", "--shape", "1,12", "--scheme", "binary:act=binary", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["compile", "netdef:make", "--shape", "1,12", "--scheme", "binary:act=binary", "--out", str(out)]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "binary:act=binary" in text and "exported to" in text
     assert (out / "meta.json").exists()

@@ -101,7 +101,9 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     from bitcompiler import kernels
 
     bb, env = importer.block_builder, importer.env
-    args: Any = node.args  # (x, planes, scale, offset, bias, thr_sign, thr, k, code, act, threshold, has_offset)
+    args: Any = (
+        node.args
+    )  # (x, planes, scale, offset, bias, thr_sign, thr, k, code, act, threshold, has_offset)
     x = env[args[0]]
     k, code, act, threshold, has_offset = args[7:12]
     planes = env[args[1]]
@@ -129,7 +131,9 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     from bitcompiler import kernels
 
     bb, env = importer.block_builder, importer.env
-    args: Any = node.args  # (x, planes, ...6 tensors, in_channels, kernel, stride, padding, dilation, groups, ...)
+    args: Any = (
+        node.args
+    )  # (x, planes, ...6 tensors, in_channels, kernel, stride, padding, dilation, groups, ...)
     x = env[args[0]]
     c, kernel, stride, padding, dilation, groups, code, act, threshold, has_offset = args[7:17]
     planes = env[args[1]]
@@ -187,11 +191,19 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     name = f"bitc_tiled_{act}_{k}x{n}_p{p}" + ("_thr" if threshold else "")
     if spec.aligned:
         r = spec.rows
-        unit = [relax.const(np.ones(r, "float32")), relax.const(np.zeros(r, "float32")),
-                relax.const(np.zeros(r, "float32"))]
+        unit = [
+            relax.const(np.ones(r, "float32")),
+            relax.const(np.zeros(r, "float32")),
+            relax.const(np.zeros(r, "float32")),
+        ]
         stage1 = [inputs[0], bb.emit(relax.op.ones_like(inputs[1]))] if act == "int8" else inputs
-        acc = _emit_kernel(bb, kernels.dense_kernel(spec.rows_spec()), f"{name}_rows", [*stage1, tile, *unit],
-                           relax.TensorType((rows, r), "float32"))
+        acc = _emit_kernel(
+            bb,
+            kernels.dense_kernel(spec.rows_spec()),
+            f"{name}_rows",
+            [*stage1, tile, *unit],
+            relax.TensorType((rows, r), "float32"),
+        )
         xs = [inputs[1]] if act == "int8" and not threshold else []
         y = _emit_kernel(bb, kernels.tiled_expand_kernel(spec), f"{name}_expand", [acc, *xs, *epi], out_ty)
     else:

@@ -21,6 +21,7 @@ as in the reference, not a multiplication by the reciprocal.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from tvm import s_tir, te, tirx
 
@@ -35,7 +36,7 @@ def _bit(cond, j) -> tirx.PrimExpr:
     return tirx.Select(cond, tirx.const(1, "int32"), tirx.const(0, "int32")) << j.astype("int32")
 
 
-def pack_sign_rows(k: int, target: str = "llvm") -> tirx.PrimFunc:
+def pack_sign_rows(k: int, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """``X f32 (M, K) -> XP int32 (M, ceil(K / 32))``; sign bits, LSB first, zero tail."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
@@ -64,7 +65,7 @@ def pack_sign_rows(k: int, target: str = "llvm") -> tirx.PrimFunc:
     return func.with_attr("global_symbol", "main")
 
 
-def quantize_rows_int8(shape_without_batch: tuple, target: str = "llvm") -> tirx.PrimFunc:
+def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """``X f32 (M, *rest) -> (XQ int8 (M, *rest), XS f32 (M,))``: per-sample symmetric int8."""
     rest = tuple(shape_without_batch)
     if not rest or not all(isinstance(d, int) and d >= 1 for d in rest):
@@ -121,7 +122,7 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str = "llvm") -> tirx
     return func.with_attr("global_symbol", "main")
 
 
-def pack_sign_nchw(c: int, h: int, w: int, groups: int, target: str = "llvm") -> tirx.PrimFunc:
+def pack_sign_nchw(c: int, h: int, w: int, groups: int, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """``X f32 (M, C, H, W) -> XP int32 (M, H, W, G, CWg)``; group g packs channels g*cg..(g+1)*cg-1."""
     for name, v in (("c", c), ("h", h), ("w", w), ("groups", groups)):
         if not isinstance(v, int) or v < 1:

@@ -36,6 +36,8 @@ Any other target kind gets the unscheduled, portable TIR.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
@@ -178,7 +180,7 @@ def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tens
     OF = te.placeholder(shape64(O), F32, "OF")
     BI = te.placeholder(shape64(O), F32, "BI")
 
-    def y(m, o, oh, ow):
+    def y(m, o, oh, ow):  # type: ignore[no-redef]
         s = XS[m] if spec.act == "int8" else None
         a = SC[o] if s is None else SC[o] * s
         v = a * acc_value(m, o, oh, ow).astype(F32)
@@ -417,7 +419,7 @@ def _binary_pm1_func(spec: ConvSpec) -> tirx.PrimFunc:
 
         return func
 
-    @T.prim_func(s_tir=True)
+    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
     def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
         M = T.int64()
         XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
@@ -443,7 +445,7 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def conv2d_kernel(spec: ConvSpec, target: str = "llvm") -> tirx.PrimFunc:
+def conv2d_kernel(spec: ConvSpec, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """The conv bit kernel for ``spec``; scheduled for the host CPU when ``target`` is LLVM.
 
     Buffer arguments, in order: the activation inputs for ``spec.act`` (float ``X f32 (M,C,H,W)``;

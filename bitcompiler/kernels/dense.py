@@ -55,6 +55,8 @@ portable TIR that a C (Cortex-M) or GPU backend schedules or emits as it is.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
@@ -447,7 +449,7 @@ def _schedule_unpacked(sch: s_tir.Schedule, spec: DenseSpec, choose: Choose = ha
     sch.parallel(no)
 
 
-def dense_kernel(spec: DenseSpec, target: str = "llvm") -> tirx.PrimFunc:
+def dense_kernel(spec: DenseSpec, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """The dense bit kernel for ``spec``; scheduled for the host CPU when ``target`` is LLVM.
 
     Buffer arguments, in order: the activation inputs for ``spec.act`` (float ``X f32 (M, K)``;

@@ -18,6 +18,7 @@ Activations arrive as for the dense kernel: float ``X``, int8 ``XQ, XS``, binary
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tvm import s_tir, te, tirx
 
@@ -102,7 +103,7 @@ def _epilogue(spec: TiledDenseSpec, M, acc_of, xs):
     return [SC, BI], te.compute(shape64(M, N), y, name="Y")
 
 
-def tiled_expand_kernel(spec: TiledDenseSpec, target: str = "llvm") -> tirx.PrimFunc:
+def tiled_expand_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """Row-aligned second stage: ``A f32 (M, R)`` [``XS f32 (M,)`` for int8], ``SC, BI`` or ``TS, TH`` -> ``Y``."""
     if not spec.aligned:
         raise ValueError("tiled_expand_kernel needs a row-aligned tile (p divides N)")
@@ -124,7 +125,7 @@ def tiled_expand_kernel(spec: TiledDenseSpec, target: str = "llvm") -> tirx.Prim
     return func.with_attr("global_symbol", "main")
 
 
-def tiled_unaligned_kernel(spec: TiledDenseSpec, target: str = "llvm") -> tirx.PrimFunc:
+def tiled_unaligned_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """Any shape: activations, ``T int32 (⌈q/32⌉,)``, ``SC, BI`` or ``TS, TH`` -> ``Y``; bit ``(nK+k) mod q``."""
     K, N, q = spec.in_features, spec.out_features, spec.q
     M = batch_var()

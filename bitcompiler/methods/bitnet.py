@@ -32,6 +32,9 @@ MODES = ("quantized", "float")
 class BitNetWeight(nn.Module):
     """Weight quantizer of the ``bitnet`` scheme: affine at a learned per-layer bit depth B."""
 
+    b: torch.Tensor
+    steps: torch.Tensor
+
     def __init__(
         self,
         init_bits: int = 8,

@@ -19,6 +19,7 @@ n + 1 uint planes, exact.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -87,7 +88,10 @@ class BitwiseWeight(nn.Module):
 
     def magnitude(self) -> torch.Tensor:
         """Integer magnitudes ``Σ 2^i·bit_i`` (int64)."""
-        return sum((self._tensor(f"m{i}").detach() > 0).to(torch.int64) << i for i in range(self.n))
+        return cast(
+            torch.Tensor,
+            sum((self._tensor(f"m{i}").detach() > 0).to(torch.int64) << i for i in range(self.n)),
+        )
 
     def codes(self, w: torch.Tensor) -> WeightCodes:
         sign_bit = self._tensor("sign").detach() > 0

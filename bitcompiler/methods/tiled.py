@@ -20,6 +20,8 @@ products the kernel computes once and reuses p times. Numbers: :mod:`bitcompiler
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -116,7 +118,9 @@ class TiledBitLinear(nn.Module):
         super().__init__()
         n, k = bit.out_features, bit.in_features
         codes = (
-            bit.codes.long() if bit.codes is not None else numerics.planes_to_code(bit.planes, k, bit.code)
+            bit.codes.long()
+            if bit.codes is not None
+            else numerics.planes_to_code(cast(torch.Tensor, bit.planes), k, bit.code)
         )
         tile = codes.reshape(-1)[: n * k // p]
         if bit.code != "pm1" or not torch.equal(numerics.expand_tile(tile, (n, k)), codes):

@@ -7,7 +7,7 @@ pass matches one pattern; dropout and identity disappear.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +69,8 @@ def _bn_module(gm: fx.GraphModule, node: Any) -> nn.Module | None:
     m = nn.BatchNorm2d(
         mean.shape[0], eps=float(node.args[_BN_EPS_ARG[node.target]]), affine=w is not None
     ).eval()
-    m.running_mean.data = mean.detach().clone()
-    m.running_var.data = var.detach().clone()
+    cast(torch.Tensor, m.running_mean).data = mean.detach().clone()
+    cast(torch.Tensor, m.running_var).data = var.detach().clone()
     if w is not None:
         m.weight.data.copy_(w)
         m.bias.data.copy_(b if b is not None else torch.zeros_like(w))

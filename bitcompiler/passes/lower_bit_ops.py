@@ -43,9 +43,12 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _lower_tiled(gm: fx.GraphModule, node: fx.Node, m: TiledBitLinear) -> None:
     with gm.graph.inserting_before(node):
-        tensors = [gm.graph.get_attr(f"{node.target}.{t}") for t in ("tile", "scale", "bias", "thr_sign", "thr")]
-        call = gm.graph.call_function(torch.ops.bitc.tiled_linear.default,
-                                      (node.args[0], *tensors, *m.op_args().values()))
+        tensors = [
+            gm.graph.get_attr(f"{node.target}.{t}") for t in ("tile", "scale", "bias", "thr_sign", "thr")
+        ]
+        call = gm.graph.call_function(
+            torch.ops.bitc.tiled_linear.default, (node.args[0], *tensors, *m.op_args().values())
+        )
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)

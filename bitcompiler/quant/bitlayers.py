@@ -7,6 +7,8 @@ thresholds, ``±1``. Runnable in PyTorch through the reference numerics.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -19,6 +21,13 @@ class _BitLayer(nn.Module):
     """Shared state: codes or planes, per-channel affine, bias, optional thresholds."""
 
     op = ""
+    codes: torch.Tensor | None
+    planes: torch.Tensor | None
+    scale: torch.Tensor
+    offset: torch.Tensor
+    bias: torch.Tensor
+    thr_sign: torch.Tensor
+    thr: torch.Tensor
 
     def _init_bits(self, c: WeightCodes, bias: torch.Tensor | None, act: str, label: str) -> None:
         n = c.scale.shape[0]
@@ -68,56 +77,118 @@ class _BitLayer(nn.Module):
 class BitLinear(_BitLayer):
     op = "linear"
 
-    def __init__(self, in_features: int, c: WeightCodes, bias: torch.Tensor | None, act: str, label: str) -> None:
+    def __init__(
+        self, in_features: int, c: WeightCodes, bias: torch.Tensor | None, act: str, label: str
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, c.q.shape[0]
         self._init_bits(c, bias, act, label)
 
     def pack(self) -> None:
-        self.planes = numerics.code_to_planes(self.codes.long(), self.bits, self.code)
+        self.planes = numerics.code_to_planes(cast(torch.Tensor, self.codes).long(), self.bits, self.code)
         self.codes = None
 
     def op_args(self) -> dict:
-        return {"k": self.in_features, "code": self.code, "act": self.act, "threshold": self.threshold,
-                    "has_offset": self.has_offset}
+        return {
+            "k": self.in_features,
+            "code": self.code,
+            "act": self.act,
+            "threshold": self.threshold,
+            "has_offset": self.has_offset,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return ops.bit_linear(x, self.planes, self.scale, self.offset, self.bias, self.thr_sign, self.thr,
-                                  **self.op_args())
+            return ops.bit_linear(
+                x,
+                cast(torch.Tensor, self.planes),
+                self.scale,
+                self.offset,
+                self.bias,
+                self.thr_sign,
+                self.thr,
+                **self.op_args(),
+            )
         thr = (self.thr_sign, self.thr) if self.threshold else (None, None)
         lead = x.shape[:-1]
-        y = numerics.linear_codes(x.reshape(-1, self.in_features), self.codes, self.act, self.scale,
-                                  self.offset, self.bias, *thr)
+        y = numerics.linear_codes(
+            x.reshape(-1, self.in_features),
+            cast(torch.Tensor, self.codes),
+            self.act,
+            self.scale,
+            self.offset,
+            self.bias,
+            *thr,
+        )
         return y.reshape(*lead, self.out_features)
 
 
 class BitConv2d(_BitLayer):
     op = "conv2d"
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
 
     def __init__(self, conv: QuantConv2d, c: WeightCodes, label: str) -> None:
         super().__init__()
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(self, name, tuple(getattr(conv, name)) if isinstance(getattr(conv, name), tuple)
-                    else getattr(conv, name))
+            setattr(
+                self,
+                name,
+                tuple(getattr(conv, name)) if isinstance(getattr(conv, name), tuple) else getattr(conv, name),
+            )
         self._init_bits(c, conv.bias, conv.act, label)
 
     def pack(self) -> None:
-        self.planes = numerics.conv_codes_to_planes(self.codes.long(), self.bits, self.code)
+        self.planes = numerics.conv_codes_to_planes(
+            cast(torch.Tensor, self.codes).long(), self.bits, self.code
+        )
         self.codes = None
 
     def op_args(self) -> dict:
-        return {"in_channels": self.in_channels, "kernel": list(self.kernel_size), "stride": list(self.stride),
-                    "padding": list(self.padding), "dilation": list(self.dilation), "groups": self.groups,
-                    "code": self.code, "act": self.act, "threshold": self.threshold, "has_offset": self.has_offset}
+        return {
+            "in_channels": self.in_channels,
+            "kernel": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "code": self.code,
+            "act": self.act,
+            "threshold": self.threshold,
+            "has_offset": self.has_offset,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return ops.bit_conv2d(x, self.planes, self.scale, self.offset, self.bias, self.thr_sign, self.thr,
-                                  **self.op_args())
+            return ops.bit_conv2d(
+                x,
+                cast(torch.Tensor, self.planes),
+                self.scale,
+                self.offset,
+                self.bias,
+                self.thr_sign,
+                self.thr,
+                **self.op_args(),
+            )
         thr = (self.thr_sign, self.thr) if self.threshold else (None, None)
-        return numerics.conv2d_codes(x, self.codes, self.act, self.scale, self.offset, self.bias,
-                                     self.stride, self.padding, self.dilation, self.groups, *thr)
+        return numerics.conv2d_codes(
+            x,
+            cast(torch.Tensor, self.codes),
+            self.act,
+            self.scale,
+            self.offset,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            *thr,
+        )
 
 
 BIT_LAYERS = (BitLinear, BitConv2d)
@@ -131,5 +202,5 @@ def to_bit_layer(layer: QuantLinear | QuantConv2d) -> BitLinear | BitConv2d:
     else:
         bit = BitConv2d(layer, c, layer.label)
     if layer.post_scale is not None:
-        bit.merge_affine(layer.post_scale, layer.post_shift)
+        bit.merge_affine(layer.post_scale, cast(torch.Tensor, layer.post_shift))
     return bit

@@ -8,6 +8,7 @@ bit layers. Every number comes from :mod:`bitcompiler.quant.numerics`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,10 @@ class _QuantLayer(nn.Module):
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    wq: Any  # a weight quantizer module (duck-typed: codes, and optionally regularization/step/bits/bind)
+    aq: ActQuant
+    post_scale: torch.Tensor | None
+    post_shift: torch.Tensor | None
 
     def _init_quant(self, wq: nn.Module, act: str, label: str) -> None:
         self.wq = wq
@@ -120,7 +125,7 @@ class _QuantLayer(nn.Module):
             self.register_buffer("post_scale", scale.detach().clone())
             self.register_buffer("post_shift", shift.detach().clone())
         else:
-            self.post_shift = scale * self.post_shift + shift
+            self.post_shift = scale * cast(torch.Tensor, self.post_shift) + shift
             self.post_scale = scale * self.post_scale
 
     def codes(self) -> WeightCodes:
@@ -134,7 +139,7 @@ class _QuantLayer(nn.Module):
         if self.post_scale is None:
             return y
         shape = (1, -1) + (1,) * (y.dim() - 2)
-        return y * self.post_scale.reshape(shape) + self.post_shift.reshape(shape)
+        return y * self.post_scale.reshape(shape) + cast(torch.Tensor, self.post_shift).reshape(shape)
 
 
 class QuantLinear(_QuantLayer):
@@ -154,6 +159,14 @@ class QuantLinear(_QuantLayer):
 class QuantConv2d(_QuantLayer):
     """``nn.Conv2d`` (zero padding) with quantized weights and activations (trainable)."""
 
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
     def __init__(self, conv: nn.Conv2d, wq: nn.Module, act: str, label: str) -> None:
         super().__init__()
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
@@ -163,7 +176,9 @@ class QuantConv2d(_QuantLayer):
         self._init_quant(wq, act, label)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(self.aq(x), self.wq(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(
+            self.aq(x), self.wq(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
         return self._post(y)
 
 
@@ -197,9 +212,13 @@ def bit_depth_for(scheme: Scheme, first_or_last: bool) -> tuple[nn.Module, str, 
 def quantize_layer(module: nn.Module, scheme: Scheme, first_or_last: bool) -> nn.Module:
     """A ``QuantLinear``/``QuantConv2d`` replacing a float ``Linear``/``Conv2d``."""
     wq, act, label = bit_depth_for(scheme, first_or_last)
-    layer = QuantLinear(module, wq, act, label) if isinstance(module, nn.Linear) else QuantConv2d(module, wq, act, label)
+    layer = (
+        QuantLinear(module, wq, act, label)
+        if isinstance(module, nn.Linear)
+        else QuantConv2d(cast(nn.Conv2d, module), wq, act, label)
+    )
     if hasattr(wq, "bind"):  # quantizers that own per-weight state (bitwise) size it from the layer
-        wq.bind(layer.weight)
+        cast(Any, wq).bind(layer.weight)
     return layer
 
 

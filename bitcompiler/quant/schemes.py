@@ -24,8 +24,15 @@ _SCHEMES: dict[str, dict[str, str]] = {
     "tiled": {"p": "4", "min_weights": "65536", "alpha": "chunk"},
     # METHODS.md §1: per-layer bit depth B learned by a sign step; eps is sign_ε's dead zone (ours)
     "bitnet": {
-        "init_bits": "8", "min_bits": "2", "max_bits": "8", "lambda1": "1e-3", "lambda2": "1e-6",
-        "mu": "1e-3", "mu_halve_every": "200", "eps": "1e-9", "mode": "quantized",
+        "init_bits": "8",
+        "min_bits": "2",
+        "max_bits": "8",
+        "lambda1": "1e-3",
+        "lambda2": "1e-6",
+        "mu": "1e-3",
+        "mu_halve_every": "200",
+        "eps": "1e-9",
+        "mode": "quantized",
     },
     # METHODS.md §2: n magnitude bits + sign per weight, each bit a parameter; train picks which learn
     "bitwise": {"bits": "6", "train": "all"},

@@ -33,7 +33,9 @@ def test_binary_pm1_conv(case, threshold):
     for m in (1, 3):
         x = torch.randn(m, c, h, w, generator=g)
         x[0, :, 0, 0] = 0.0  # sign(0) = +1
-        (y,) = run(act_inputs(x, "binary", groups) + [planes] + ep, [((m, o, spec.out_h, spec.out_w), "float32")])
+        (y,) = run(
+            act_inputs(x, "binary", groups) + [planes] + ep, [((m, o, spec.out_h, spec.out_w), "float32")]
+        )
         ref = nu.bit_conv2d(x, planes, c, (3, 3), "pm1", "binary", **conv, **kw)
         if threshold:
             assert np.array_equal(y, ref.numpy())

@@ -60,7 +60,9 @@ def test_large_bit_cost_lowers_bits_and_large_error_weight_raises_them():
 
 def test_mu_halving_stops_the_updates():
     # μ_k·λ2·2^B = 1e-6·0.5^k·2^B: 2.56e-4, 6.4e-5, 1.6e-5 move B to 7, 6, 5; then 4e-6 < ε = 1e-5
-    net = _train_steps("bitnet:first_last=quantize,lambda1=0,lambda2=1e-3,mu_halve_every=1,eps=1e-5", steps=10)
+    net = _train_steps(
+        "bitnet:first_last=quantize,lambda1=0,lambda2=1e-3,mu_halve_every=1,eps=1e-5", steps=10
+    )
     assert [q.bits for q in bitnet.quantizers(net)] == [5, 5, 5]
 
 
@@ -95,7 +97,7 @@ def test_regularization_formula_and_gradient():
 def test_fit_adds_regularization_steps_bits_and_lowers_loss():
     torch.manual_seed(0)
     x = torch.randn(256, 16)
-    y = (x[:, :4].argmax(1))
+    y = x[:, :4].argmax(1)
     data = torch.utils.data.TensorDataset(x, y)
     net = bc.prepare(_mlp(), "bitnet:first_last=quantize,lambda2=1e-4")
     h = fit(net, data, epochs=4, progress=False, batch_size=64)

@@ -19,8 +19,15 @@ from tests.conftest import assert_close
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 16), nn.ReLU(),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 16),
+        nn.ReLU(),
         nn.Linear(16, 4),
     )
 
@@ -37,9 +44,14 @@ def test_train_spec():
     assert bitwise_trained("top2", 6) == (frozenset({4, 5}), True)
     assert bitwise_trained("5.4.sign", 6) == (frozenset({4, 5}), True)
     assert bitwise_trained("0", 6) == (frozenset({0}), False)
-    for bad, needle in [("bitwise:train=top7", "top1..top6"), ("bitwise:train=6.sign", "list like"),
-                        ("bitwise:bits=8", "1..7"), ("bitnet:mode=int", "mode=quantized"),
-                        ("bitnet:min_bits=5,init_bits=4", "min_bits <= init_bits"), ("bitnet:mu=-1", ">= 0")]:
+    for bad, needle in [
+        ("bitwise:train=top7", "top1..top6"),
+        ("bitwise:train=6.sign", "list like"),
+        ("bitwise:bits=8", "1..7"),
+        ("bitnet:mode=int", "mode=quantized"),
+        ("bitnet:min_bits=5,init_bits=4", "min_bits <= init_bits"),
+        ("bitnet:mu=-1", ">= 0"),
+    ]:
         with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
             Scheme.parse(bad)
 
@@ -95,7 +107,9 @@ def test_codes_are_exact_offset_binary():
 def test_payload_survives_training_and_capacity_error():
     net = bc.prepare(_cnn(), "bitwise:bits=6,train=top2")
     cap = payload.capacity(net)
-    assert cap == (1152 + 1152 + 8192) * 4 // 8  # conv2, conv3, fc1: 4 frozen bits each (first/last are 8-bit)
+    assert (
+        cap == (1152 + 1152 + 8192) * 4 // 8
+    )  # conv2, conv3, fc1: 4 frozen bits each (first/last are 8-bit)
     data = bytes(torch.randint(0, 256, (cap,), generator=torch.Generator().manual_seed(1)).tolist())
     payload.embed(net, data)
     x = torch.randn(64, 1, 8, 8)
@@ -124,7 +138,9 @@ def test_compile_mixed_bits():
     # int8 activations: the integer accumulation is exact, so the offset-binary epilogue's cancellation
     # (offset·Σx against scale·acc) loses nothing; with float activations 7 bits can exceed 1e-5 in float32
     net = bc.prepare(_cnn(), "bitwise:bits=3,train=sign,act=8")
-    net[4] = bc.prepare(_cnn(), "bitwise:bits=7,train=all,act=8")[4]  # a second depth; first/last 8-bit affine
+    net[4] = bc.prepare(_cnn(), "bitwise:bits=7,train=all,act=8")[
+        4
+    ]  # a second depth; first/last 8-bit affine
     net.eval()
     x = torch.rand(4, 1, 8, 8)
     cm = bc.compile(net, (x,))

@@ -98,8 +98,9 @@ def test_conv_reference_zero_pads_quantized_activations():
     q = torch.randint(0, 2, (4, 3, 3, 3)) * 2 - 1
     planes = nm.conv_codes_to_planes(q, 1, "pm1")
     assert planes.shape == (1, 4, 3, 3, 1)
-    y = nm.bit_conv2d(x, planes, 3, (3, 3), "pm1", "binary", torch.ones(4), torch.zeros(4), torch.zeros(4),
-                      padding=(1, 1))
+    y = nm.bit_conv2d(
+        x, planes, 3, (3, 3), "pm1", "binary", torch.ones(4), torch.zeros(4), torch.zeros(4), padding=(1, 1)
+    )
     want = torch.nn.functional.conv2d(nm.sign(x), q.float(), padding=1)
     assert torch.equal(y, want)
     # a corner sees 4 of 9 taps: |acc| <= 4*3

@@ -15,14 +15,17 @@ def test_object_and_string_are_equivalent():
     assert Scheme.parse(Scheme("none")) == Scheme("none")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("ternary", "unknown scheme 'ternary'"),
-    ("binary:bits=2", "no key 'bits'"),
-    ("uniform:bits=9", "integer 1..8"),
-    ("binary:act=4", "act=float, act=8 or act=binary"),
-    ("binary:act", "key=value"),
-    ("", "valid names"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("ternary", "unknown scheme 'ternary'"),
+        ("binary:bits=2", "no key 'bits'"),
+        ("uniform:bits=9", "integer 1..8"),
+        ("binary:act=4", "act=float, act=8 or act=binary"),
+        ("binary:act", "key=value"),
+        ("", "valid names"),
+    ],
+)
 def test_malformed_scheme_lists_valid_names_and_keys(text, needle):
     with pytest.raises(ValueError) as e:
         Scheme.parse(text)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -351,7 +351,7 @@ class _Builder:
         if ns == "bitc" and name == "tiled_linear.default":
             return self.tiled_linear(node, shape)
         if ns == "aten" and name in ALIASES:
-            src = self.tensors[node.args[0].name]
+            src = self.tensors[cast(torch.fx.Node, node.args[0]).name]
             self.alias(node.name, src, shape)
             return None
         emit = float_ops.EMITTERS.get(name) if ns == "aten" else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +200,7 @@ def linear_codes(
     xi, s = quantize_act(x, act)
     acc = xi @ q.double().t()
     if thr is not None:
-        return threshold(acc, thr_sign, thr, channel_dim=1)
+        return threshold(acc, cast(torch.Tensor, thr_sign), thr, channel_dim=1)
     sumx = xi.sum(1, keepdim=True)
     return epilogue(acc, sumx, s, scale, offset, bias, channel_dim=1)
 
@@ -237,10 +238,10 @@ def conv2d_codes(
     """Reference conv bit layer on codes ``q (O, Cg, KH, KW)``; NCHW float32, zero padding."""
     q = q.double()
     xi, s = quantize_act(x, act)
-    conv = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    conv: dict[str, Any] = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
     acc = F.conv2d(xi, q, **conv)
     if thr is not None:
-        return threshold(acc, thr_sign, thr, channel_dim=1)
+        return threshold(acc, cast(torch.Tensor, thr_sign), thr, channel_dim=1)
     sumx = F.conv2d(xi, torch.ones_like(q), **conv)
     return epilogue(acc, sumx, s, scale, offset, bias, channel_dim=1)
 
