@@ -51,3 +51,8 @@ def largest_divisor(n: int, candidates: tuple[int, ...]) -> int:
         if c >= 1 and n % c == 0:
             return c
     return 1
+
+
+def divisors(n: int, candidates: tuple[int, ...]) -> list[int]:
+    """The candidates that divide ``n`` (``[1]`` when none does): a schedule's legal choices."""
+    return [c for c in candidates if n % c == 0] or [1]
