@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import machine, run_in_subprocess
+from bench.harness import machine, markdown_table, run_in_subprocess
 
 GROUPS = {
     "layers": "bench.layers",
@@ -42,7 +42,7 @@ def table(rows: list[dict]) -> list[str]:
         "cold vs torch_fp32",
         "of HW floor",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cold = f"{r['cold_torch_fp32_ms'] / r['cold_bitc_ms']:.1f}x" if "cold_bitc_ms" in r else "–"
         floor = f"{100 * r['floor_ms'] / r['bitc_ms']:.0f}%" if "floor_ms" in r else "–"
@@ -55,13 +55,13 @@ def table(rows: list[dict]) -> list[str]:
             cold,
             floor,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append(cells)
+    return markdown_table(head, body)
 
 
 def tiled_table(rows: list[dict]) -> list[str]:
     head = ["benchmark", "batch", "thr", "tiled ms", "binary ms", "call speed-up", "kernel speed-up", "bytes"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [
             r["bench"],
@@ -73,8 +73,8 @@ def tiled_table(rows: list[dict]) -> list[str]:
             f"{r['speedup_kernel']:.1f}x ({r['kernel_binary_us']:.0f} / {r['kernel_tiled_us']:.0f} µs)",
             f"{r['weight_bytes']:,} vs {r['binary_weight_bytes']:,}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append(cells)
+    return markdown_table(head, body)
 
 
 def _vs(peer: str, key: str = "bitc_ms"):
@@ -121,7 +121,7 @@ def tune_table(rows: list[dict]) -> list[str]:
         "tuned ms",
         "speed-up",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [
             r["bench"],
@@ -136,13 +136,13 @@ def tune_table(rows: list[dict]) -> list[str]:
             f"{r['tuned_ms']:.3f}",
             f"{r['speedup']:.2f}x",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append(cells)
+    return markdown_table(head, body)
 
 
 def targets_table(rows: list[dict]) -> list[str]:
     """The issues' "done when" ratios, one thread, from this run's rows."""
-    lines = ["| issue | target | measured | goal | met |", "|---|---|---|---|---|"]
+    body = []
     for issue, what, group, prefix, batch, value, goal, unit in TARGETS:
         row = next(
             (
@@ -160,11 +160,11 @@ def targets_table(rows: list[dict]) -> list[str]:
         except KeyError:
             v = None
         if v is None:
-            lines.append(f"| {issue} | {what} | not measured | {abs(goal)}{unit} | – |")
+            body.append([issue, what, "not measured", f"{abs(goal)}{unit}", "–"])
             continue
         met = "yes" if v >= goal else "**no**"
-        lines.append(f"| {issue} | {what} | {abs(v):.1f}{unit} | {abs(goal)}{unit} | {met} |")
-    return lines
+        body.append([issue, what, f"{abs(v):.1f}{unit}", f"{abs(goal)}{unit}", met])
+    return markdown_table(["issue", "target", "measured", "goal", "met"], body)
 
 
 def main(argv: list[str]) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import bitcompiler as bc
+from bench.harness import markdown_table
 from bitcompiler.backends.cortex_m import qemu
 from bitcompiler.backends.cortex_m.boards import board_for
 from bitcompiler.backends.cortex_m.bundle import (
@@ -240,9 +241,8 @@ def markdown(rows: list[dict]) -> list[str]:
             "instructions / W1A1 instructions. Reproduce: `python -m bench.cortex_m cortex-m4`."
         ),
         "",
-        "| target | layer | W1A1 | W1 (float act) | plain C int8 | CMSIS-DSP q7 | W1A1 vs C int8 | W1A1 vs CMSIS q7 |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    dense = []
     for r in (r for r in rows if r["bench"].startswith("dense")):
         cells = [r["target"], r["bench"]]
         cells += [
@@ -250,16 +250,17 @@ def markdown(rows: list[dict]) -> list[str]:
             for c in ("w1a1", "w1a32", "int8_c", "cmsis_q7")
         ]
         cells += [f"**{r['speedup_w1a1_vs_int8_c']:.1f}x**", f"**{r['speedup_w1a1_vs_cmsis_q7']:.1f}x**"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| target | model | weights | scheme | instructions | flash B | RAM B |",
-        "|---|---|---|---|---|---|---|",
+        dense.append(cells)
+    head = ["target", "layer", "W1A1", "W1 (float act)", "plain C int8", "CMSIS-DSP q7"]
+    lines += markdown_table([*head, "W1A1 vs C int8", "W1A1 vs CMSIS q7"], dense) + [""]
+    mlp = [
+        [r["target"], r["bench"], r["variant"], f"`{r['scheme']}`"]
+        + [f"{r['instructions']:,}", f"{r['flash_bytes']:,}", f"{r['ram_bytes']:,}"]
+        for r in rows
+        if r["bench"].startswith("mlp")
     ]
-    for r in (r for r in rows if r["bench"].startswith("mlp")):
-        cells = [r["target"], r["bench"], r["variant"], f"`{r['scheme']}`"]
-        cells += [f"{r['instructions']:,}", f"{r['flash_bytes']:,}", f"{r['ram_bytes']:,}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    head = ["target", "model", "weights", "scheme", "instructions", "flash B", "RAM B"]
+    lines += markdown_table(head, mlp)
     return lines
 
 

@@ -32,6 +32,11 @@ def median_seconds(
     return statistics.median(times)
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A GitHub markdown table, one string per line."""
+    return ["| " + " | ".join(line) + " |" for line in [head, ["---"] * len(head), *rows]]
+
+
 def machine() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
