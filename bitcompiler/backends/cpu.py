@@ -36,7 +36,9 @@ def relax_pipeline(target: Any) -> Any:
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
+                # one activation packing per tensor, however many bit layers read it
+                [relax.transform.EliminateCommonSubexpr()]
+                + cpu_generic.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
                 + cpu_generic.legalize_passes(target)
                 + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), Injective())]

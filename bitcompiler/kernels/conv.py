@@ -31,6 +31,7 @@ from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, shape64, target_kind
 from bitcompiler.kernels.conv_binary import binary_pm1_func
+from bitcompiler.kernels.dense_avx2 import avx2_target
 from bitcompiler.kernels.spec import ConvSpec
 
 F32 = "float32"
@@ -307,7 +308,7 @@ def conv2d_kernel(spec: ConvSpec, target: str | dict | Any = "llvm") -> tirx.Pri
         raise ValueError(f"conv2d_kernel needs a ConvSpec, got {type(spec).__name__}")  # noqa: TRY004
     cpu = target_kind(target) == "llvm"
     if cpu and spec.act == "binary" and spec.code == "pm1":
-        func = binary_pm1_func(spec)
+        func = binary_pm1_func(spec, byte_lanes=avx2_target(target))
     elif cpu and spec.act != "binary":
         func = _direct_func(spec)
     else:

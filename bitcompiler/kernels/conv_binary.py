@@ -30,8 +30,9 @@ from bitcompiler.kernels.spec import ConvSpec
 F32 = "float32"
 
 
-def binary_pm1_func(spec: ConvSpec) -> tirx.PrimFunc:
-    """Register-blocked act="binary", code="pm1" conv for the host CPU (see the module docstring)."""
+def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False) -> tirx.PrimFunc:
+    """Register-blocked act="binary", code="pm1" conv for the host CPU (see the module docstring);
+    ``byte_lanes`` (AVX2) sums the popcounts in uint8 lanes where the shape allows."""
     O, H, W = spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     G, CG, OG, CWG = spec.groups, spec.cg, spec.og, spec.words_per_group
@@ -46,7 +47,11 @@ def binary_pm1_func(spec: ConvSpec) -> tirx.PrimFunc:
     OB = largest_divisor(OG, (8, 4, 2))  # output channels per register block
     NOB = O // OB
     ZERO = tirx.const(0, WT)
-    I32 = "int32"
+    I32, U8 = "int32", "uint8"
+    STEPS = KH * KW * CV
+    CH = max(c for c in range(1, min(STEPS, 31) + 1) if STEPS % c == 0)  # steps per uint8 chunk
+    byte_lanes = byte_lanes and wide and DH == 1 and CH >= 4
+    NIB = tirx.const(0x0F0F0F0F0F0F0F0F, "int64")
 
     def row_ok(oh, kh):
         ih = oh * SH - PH + kh * DH
@@ -59,40 +64,109 @@ def binary_pm1_func(spec: ConvSpec) -> tirx.PrimFunc:
     def n_rows(oh):
         return sum(tirx.Select(row_ok(oh, k), 1, 0) for k in range(KH))
 
-    def acc_value(S, RC, PCK, o, r, l, oh, ow):
+    def acc_value(S, RC, PCK, r, l, oh, ow):
         # sum over valid taps of popcount(a ^ w) = S - (popcount of the weights on padding taps)
         nw = sum(tirx.Select(col_ok(ow, b), 1, 0) for b in range(KW))
-        corr = sum(tirx.Select(col_ok(ow, b), RC[r, b], PCK[o, b]) for b in range(KW))
+        corr = sum(tirx.Select(col_ok(ow, b), RC[r, b], PCK[r, b]) for b in range(KW))
         return (n_rows(oh) * nw) * CG - 2 * (as_i32(S[r, l]) - corr)
 
+    def interior(v):
+        # all VL pixels of vector v are real outputs whose KW taps all lie inside the image
+        first, last = v * VL, v * VL + (VL - 1)
+        return tirx.all(first * SW - PW >= 0, last * SW - PW + (KW - 1) * DW < W, last < OW)
+
+    def acc_inner(S, RC, r, l, oh):
+        # acc_value where every column is valid: a vector subtract and shift per output
+        return (n_rows(oh) * KW) * CG - 2 * (as_i32(S[r, l]) - sum(RC[r, b] for b in range(KW)))
+
     def thr_value(TS, TH, a, o):
-        s = tirx.Select(TS[o] > 0, a, tirx.Select(TS[o] < 0, -a, tirx.const(0, I32)))
-        return tirx.Select(s >= TH[o], tirx.const(1.0, F32), tirx.const(-1.0, F32))
+        # the reference's s = sign(TS) * a (0 when TS = 0), then s >= TH
+        sgn = tirx.Select(TS[o] > 0, 1, 0) - tirx.Select(TS[o] < 0, 1, 0)
+        return tirx.Select(sgn * a >= TH[o], tirx.const(1.0, F32), tirx.const(-1.0, F32))
 
     def aff_value(SC, BI, a, o):
         return SC[o] * a.astype(F32) + BI[o]
+
+    @T.macro
+    def reduce_words(XK, PV, S, o0, row0, p0):
+        # S[r, l] += popcount(x ^ w) in WT lanes, one lane per output pixel
+        for a, b, w in T.grid(T.int64(KH), T.int64(KW), T.int64(CV)):
+            for r in T.unroll(T.int64(OB)):
+                for l in T.vectorized(T.int64(VL)):
+                    S[r, l] = S[r, l] + T.popcount(
+                        XK[o0 // OG, row0 + a * DH, b, w, p0 + l] ^ PV[o0 + r, a, b, w]
+                    )
+
+    @T.macro
+    def block_tables(PV, WN, PC, PCK, o0):
+        # per block of OB output channels: PC[r, kh, kw] = popcount of the weights of one tap,
+        # PCK[r, kw] = the same summed over kh (for the padding correction), and with byte lanes
+        # WN[r, 0 | 1, s] = the low | high nibbles of weight word s
+        PF = T.decl_buffer((T.int64(O), T.int64(STEPS)), WT, data=PV.data)
+        for r in range(T.int64(OB)):
+            if byte_lanes:
+                for j in T.vectorized(T.int64(STEPS)):
+                    WN[r, 0, j] = PF[o0 + r, j] & NIB
+                    WN[r, 1, j] = (PF[o0 + r, j] >> T.int64(4)) & NIB
+            for a, b in T.grid(T.int64(KH), T.int64(KW)):
+                cnt = T.alloc_buffer((1,), I32, scope="global")
+                cnt[0] = 0
+                for w in range(T.int64(CV)):
+                    cnt[0] = cnt[0] + T.Cast(I32, T.popcount(PV[o0 + r, a, b, w]))
+                PC[r, a, b] = cnt[0]
+            for b in range(T.int64(KW)):
+                PCK[r, b] = 0
+                for a in range(T.int64(KH)):
+                    PCK[r, b] = PCK[r, b] + PC[r, a, b]
+
+    def lut_shuffle(lut, idx):
+        return T.call_llvm_pure_intrin(
+            "uint8x32", "llvm.x86.avx2.pshuf.b", lut, T.reinterpret("uint8x32", idx)
+        )
+
+    @T.macro
+    def reduce_bytes(XK, WN, LUT, S, o0, row0, p0):
+        # the (kh, kw, word) steps are one flat index (dilation 1). popcount(x ^ w) is the table
+        # lookup of x's low nibbles ^ w's plus that of the high nibbles: x's nibbles are split once
+        # per step for all OB channels, w's once per block (WN). The byte counts are summed in
+        # uint8 lanes for CH steps (at most 8 per byte per step: exact), then widened with one
+        # vpsadbw per chunk.
+        XF = T.decl_buffer((T.int64(G), T.int64(HP * KW * CV), T.int64(OWP)), WT, data=XK.data)
+        S8 = T.alloc_buffer((T.int64(OB), T.int64(32)), U8, scope="global")
+        for c in range(T.int64(STEPS // CH)):
+            for r in T.unroll(T.int64(OB)):
+                S8[r, T.ramp(0, 1, 32)] = T.Broadcast(T.uint8(0), 32)
+            for j in range(T.int64(CH)):
+                x = T.bind(XF[o0 // OG, row0 * (KW * CV) + c * CH + j, T.ramp(p0, 1, 4)])
+                xl = T.bind(x & T.Broadcast(NIB, 4))
+                xh = T.bind((x >> T.Broadcast(T.int64(4), 4)) & T.Broadcast(NIB, 4))
+                for r in T.unroll(T.int64(OB)):
+                    S8[r, T.ramp(0, 1, 32)] = (
+                        S8[r, T.ramp(0, 1, 32)]
+                        + lut_shuffle(LUT[T.ramp(0, 1, 32)], xl ^ T.Broadcast(WN[r, 0, c * CH + j], 4))
+                        + lut_shuffle(LUT[T.ramp(0, 1, 32)], xh ^ T.Broadcast(WN[r, 1, c * CH + j], 4))
+                    )
+            for r in T.unroll(T.int64(OB)):
+                S[r, T.ramp(0, 1, 4)] = S[r, T.ramp(0, 1, 4)] + T.call_llvm_pure_intrin(
+                    "int64x4", "llvm.x86.avx2.psad.bw", S8[r, T.ramp(0, 1, 32)], T.Broadcast(T.uint8(0), 32)
+                )
 
     def make(out_value, E0, E1):
         @T.macro
         def body(XP, P, Y, M):
             XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(G), T.int64(CV)), WT, data=XP.data)
             PV = T.decl_buffer((T.int64(O), T.int64(KH), T.int64(KW), T.int64(CV)), WT, data=P.data)
-            PC = T.alloc_buffer((T.int64(O), T.int64(KH), T.int64(KW)), I32)
-            PCK = T.alloc_buffer((T.int64(O), T.int64(KW)), I32)
-            for o, a, b in T.grid(T.int64(O), T.int64(KH), T.int64(KW)):
-                PC[o, a, b] = 0
-                for w in range(T.int64(CV)):
-                    PC[o, a, b] = PC[o, a, b] + T.Cast(I32, T.popcount(PV[o, a, b, w]))
-            for o, b in T.grid(T.int64(O), T.int64(KW)):
-                PCK[o, b] = 0
-                for a in range(T.int64(KH)):
-                    PCK[o, b] = PCK[o, b] + PC[o, a, b]
+            # the nibble popcount table, written here and read in the parallel body (a separate
+            # function): LLVM keeps it in a register there instead of reloading it as a constant
+            LUT = T.alloc_buffer((T.int64(32),), U8)
+            for i in range(T.int64(32)):
+                LUT[i] = T.Cast(U8, T.popcount(i % 16))
             for m in range(M):
-                # width-im2col of the padded activations: XK[g, kw, row, word, ow]
-                XK = T.alloc_buffer((T.int64(G), T.int64(KW), T.int64(HP), T.int64(CV), T.int64(OWP)), WT)
-                for g, b, r in T.grid(T.int64(G), T.int64(KW), T.int64(HP)):
+                # width-im2col of the padded activations: XK[g, row, kw, word, ow]
+                XK = T.alloc_buffer((T.int64(G), T.int64(HP), T.int64(KW), T.int64(CV), T.int64(OWP)), WT)
+                for g, r, b in T.grid(T.int64(G), T.int64(HP), T.int64(KW)):
                     for w, l in T.grid(T.int64(CV), T.int64(OWP)):
-                        XK[g, b, r, w, l] = T.if_then_else(
+                        XK[g, r, b, w, l] = T.if_then_else(
                             r >= PH
                             and r < PH + H
                             and l < OW
@@ -101,42 +175,53 @@ def binary_pm1_func(spec: ConvSpec) -> tirx.PrimFunc:
                             XV[m, r - PH, l * SW - PW + b * DW, g, w],
                             ZERO,
                         )
-                for t in T.parallel(T.int64(NOB * OH)):
-                    RC = T.alloc_buffer((T.int64(OB), T.int64(KW)), I32, scope="global")
-                    for r, b in T.grid(T.int64(OB), T.int64(KW)):
-                        RC[r, b] = 0
-                        for a in range(T.int64(KH)):
-                            RC[r, b] = RC[r, b] + T.Select(row_ok(t % OH, a), 0, PC[t // OH * OB + r, a, b])
-                    for v in range(T.int64(NV)):
-                        S = T.alloc_buffer((T.int64(OB), T.int64(VL)), WT, scope="global")
-                        for r in T.unroll(T.int64(OB)):
-                            for l in T.vectorized(T.int64(VL)):
-                                S[r, l] = ZERO
-                        for a, b, w in T.grid(T.int64(KH), T.int64(KW), T.int64(CV)):
+                for ob in T.parallel(T.int64(NOB)):
+                    WN = T.alloc_buffer(
+                        (T.int64(OB), T.int64(2), T.int64(STEPS if byte_lanes else 1)), WT, scope="global"
+                    )
+                    PC = T.alloc_buffer((T.int64(OB), T.int64(KH), T.int64(KW)), I32, scope="global")
+                    PCK = T.alloc_buffer((T.int64(OB), T.int64(KW)), I32, scope="global")
+                    block_tables(PV, WN, PC, PCK, ob * OB)
+                    for t in range(ob * OH, ob * OH + OH):
+                        RC = T.alloc_buffer((T.int64(OB), T.int64(KW)), I32, scope="global")
+                        for r, b in T.grid(T.int64(OB), T.int64(KW)):
+                            RC[r, b] = 0
+                            for a in range(T.int64(KH)):
+                                RC[r, b] = RC[r, b] + T.Select(row_ok(t % OH, a), 0, PC[r, a, b])
+                        for v in range(T.int64(NV)):
+                            S = T.alloc_buffer((T.int64(OB), T.int64(VL)), WT, scope="global")
                             for r in T.unroll(T.int64(OB)):
                                 for l in T.vectorized(T.int64(VL)):
-                                    S[r, l] = S[r, l] + T.popcount(
-                                        XK[(t // OH * OB) // OG, b, t % OH * SH + a * DH, w, v * VL + l]
-                                        ^ PV[t // OH * OB + r, a, b, w]
-                                    )
-                        if OWP == OW:
-                            for r in T.unroll(T.int64(OB)):
-                                for l in T.vectorized(T.int64(VL)):
-                                    Y[m, t // OH * OB + r, t % OH, v * VL + l] = out_value(
-                                        E0,
-                                        E1,
-                                        acc_value(S, RC, PCK, t // OH * OB + r, r, l, t % OH, v * VL + l),
-                                        t // OH * OB + r,
-                                    )
-                        else:
-                            for r, l in T.grid(T.int64(OB), T.int64(VL)):
-                                if v * VL + l < OW:
-                                    Y[m, t // OH * OB + r, t % OH, v * VL + l] = out_value(
-                                        E0,
-                                        E1,
-                                        acc_value(S, RC, PCK, t // OH * OB + r, r, l, t % OH, v * VL + l),
-                                        t // OH * OB + r,
-                                    )
+                                    S[r, l] = ZERO
+                            if byte_lanes:
+                                reduce_bytes(XK, WN, LUT, S, t // OH * OB, t % OH * SH, v * VL)
+                            else:
+                                reduce_words(XK, PV, S, t // OH * OB, t % OH * SH, v * VL)
+                            if interior(v):
+                                # every tap of these VL pixels is inside the image horizontally
+                                for r in T.unroll(T.int64(OB)):
+                                    for l in T.vectorized(T.int64(VL)):
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = out_value(
+                                            E0, E1, acc_inner(S, RC, r, l, t % OH), t // OH * OB + r
+                                        )
+                            elif OWP == OW:
+                                for r in T.unroll(T.int64(OB)):
+                                    for l in T.vectorized(T.int64(VL)):
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = out_value(
+                                            E0,
+                                            E1,
+                                            acc_value(S, RC, PCK, r, l, t % OH, v * VL + l),
+                                            t // OH * OB + r,
+                                        )
+                            else:
+                                for r, l in T.grid(T.int64(OB), T.int64(VL)):
+                                    if v * VL + l < OW:
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = out_value(
+                                            E0,
+                                            E1,
+                                            acc_value(S, RC, PCK, r, l, t % OH, v * VL + l),
+                                            t // OH * OB + r,
+                                        )
 
         return body
 

@@ -4,7 +4,8 @@
 bit layer holding integer codes and a per-channel affine epilogue. Per-channel
 affines that follow (BatchNorm, scalar mul/add) merge into that epilogue, and
 a binary layer whose output only feeds sign() of other binary layers gets
-integer thresholds (``sign(δ·acc + b)`` -> ``acc >= ⌈−b/δ⌉``).
+integer thresholds (``sign(δ·acc + b)`` -> ``acc >= ⌈−b/δ⌉``); it then outputs +-1, so a
+hardtanh right after it is dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from bitcompiler.passes.fold_batchnorm import bn_affine
@@ -75,6 +77,26 @@ def _feeds_only_binary_layers(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+def _identity_on_pm1(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
+    """``node`` is a hardtanh of ``src`` whose range contains [-1, 1]: the identity on +-1 values."""
+    m = module_of(gm, node)
+    if isinstance(m, nn.Hardtanh):
+        lo, hi = m.min_val, m.max_val
+    elif node.op == "call_function" and node.target is F.hardtanh and node.args[:1] == (src,):
+        bounds = {"min_val": -1.0, "max_val": 1.0}
+        bounds.update(zip(("min_val", "max_val"), node.args[1:3], strict=False))
+        bounds.update({k: v for k, v in node.kwargs.items() if k in bounds})
+        lo, hi = bounds["min_val"], bounds["max_val"]
+    else:
+        return False
+    return (
+        node.args[:1] == (src,)
+        and isinstance(lo, (int, float))
+        and isinstance(hi, (int, float))
+        and lo <= -1 <= 1 <= hi
+    )
+
+
 def run(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         quant = module_of(gm, node)
@@ -98,6 +120,11 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
             and _feeds_only_binary_layers(gm, node)
         ):
             layer.set_thresholds()
+            # the layer now outputs exactly +-1: a hardtanh after it changes nothing
+            for user in list(node.users):
+                if _identity_on_pm1(gm, user, node):
+                    user.replace_all_uses_with(node)
+                    gm.graph.erase_node(user)
     return finish(gm)
 
 

@@ -1,5 +1,6 @@
 """The register-blocked binary pm1 conv (CPU schedule) on ResNet-like shapes: int64 words, several
-output-channel blocks, widths that are not a multiple of the pixel vector, stride 2, batch > 1."""
+output-channel blocks, widths that are not a multiple of the pixel vector, stride 2, batch > 1,
+pixel vectors away from the border, and the byte-lane reduction's uint8 chunks (on AVX2)."""
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ CASES = [
     (64, 24, 8, 6, 2, 1, 1),  # stride 2, 3 blocks of 8 channels
     (96, 8, 5, 9, 1, 0, 1),  # odd word count (int32 words, 8 pixels per vector), no padding
     (128, 8, 4, 4, 2, 1, 2),  # groups: 64 channels per group, 4 output channels per group
+    (64, 16, 12, 12, 1, 1, 1),  # border vectors and interior ones (their short epilogue)
+    (256, 8, 9, 9, 1, 1, 1),  # 36 steps per pixel: two uint8 chunks before widening
 ]
 
 

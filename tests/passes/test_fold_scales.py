@@ -78,3 +78,39 @@ def test_linear_codes_are_pm1_for_binary():
     mid = gm.get_submodule("1")
     assert isinstance(mid, BitLinear) and mid.code == "pm1"
     assert set(mid.codes.unique().tolist()) <= {-1, 1}
+
+
+class ThresholdThenHardtanh(nn.Module):
+    """c1 gets thresholds (it feeds only sign() of c2/c3); the hardtanhs after it are identities on
+    +-1 except the narrow one, which must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.act = nn.Hardtanh()
+        self.c2, self.c3 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = self.b1(self.c1(self.c0(x)))
+        a = self.c2(self.act(y))
+        b = self.c3(F.hardtanh(F.hardtanh(y, -2.0, 2.0), min_val=-0.5, max_val=0.5))
+        return self.fc(torch.cat([a.mean((2, 3)), b.mean((2, 3))], 1))
+
+
+def test_hardtanh_after_a_threshold_layer_is_dropped():
+    torch.manual_seed(1)
+    model = _randomize_bn(ThresholdThenHardtanh())
+    x = torch.randn(2, 1, 8, 8)
+    gm = quantized(model, "binary:act=binary", x)
+    want = gm(x)
+    gm = fold_scales.run(gm)
+    assert gm.get_submodule("c1").threshold
+    kinds = structure(gm)
+    assert ("call_module", "Hardtanh") not in kinds  # the module form went
+    hardtanhs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.hardtanh]
+    assert len(hardtanhs) == 1
+    assert (hardtanhs[0].kwargs["min_val"], hardtanhs[0].kwargs["max_val"]) == (-0.5, 0.5)
+    gm.graph.lint()
+    torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
