@@ -1,7 +1,8 @@
 """Tiled p=8 W1A1 Linear 4096x4096 against the plain binary layer of the same shape, batch 1.
 
 Both are compiled in this process (``tiled:p=8`` vs ``binary``, act=binary, first_last=quantize);
-the tiled kernel computes the R = N/8 distinct rows once and reuses them 8 times. Prints one JSON
+the tiled kernel computes the R = N/8 distinct rows once and reuses them 8 times (one fused kernel:
+the rows' byte-lane W1A1 dense with the 8-fold expand as its epilogue). Prints one JSON
 line; the thread count comes from BENCH_THREADS (set before import).
 """
 
@@ -26,7 +27,7 @@ from bitcompiler.quant import numerics
 
 
 def kernel_us(n: int, p: int) -> tuple[float, float]:
-    """The bit kernels alone (median µs of direct calls, batch 1): plain dense vs tiled rows + expand."""
+    """The bit kernels alone (median µs of direct calls, batch 1): plain dense vs the fused tiled kernel."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     kw, r = numerics.num_words(n), n // p
 
@@ -40,15 +41,13 @@ def kernel_us(n: int, p: int) -> tuple[float, float]:
         [((1, kw), "int32"), ((1, n, kw), "int32")] + [((n,), "float32")] * 3 + [((1, n), "float32")],
     )
     spec = kernels.TiledDenseSpec(n, n, p, "binary", False, p)
-    rows = timed(
-        kernels.dense_kernel(spec.rows_spec()),
-        [((1, kw), "int32"), ((1, r, kw), "int32")] + [((r,), "float32")] * 3 + [((1, r), "float32")],
+    fused = kernels.tiled_fused_kernel(spec)
+    assert fused is not None, "the fused tiled kernel applies to binary row-aligned layers of 256+ bits"
+    tiled = timed(
+        fused,
+        [((1, kw), "int32"), ((1, r, kw), "int32"), ((p,), "float32"), ((n,), "float32"), ((1, n), "float32")],
     )
-    expand = timed(
-        kernels.tiled_expand_kernel(spec),
-        [((1, r), "float32"), ((p,), "float32"), ((n,), "float32"), ((1, n), "float32")],
-    )
-    return plain, rows + expand
+    return plain, tiled
 
 
 def _median_us(f, args) -> float:

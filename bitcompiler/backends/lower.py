@@ -189,7 +189,10 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     epi = [thr_sign, thr] if threshold else [scale, bias]
     out_ty = relax.TensorType((rows, n), "float32")
     name = f"bitc_tiled_{act}_{k}x{n}_p{p}" + ("_thr" if threshold else "")
-    if spec.aligned:
+    fused = kernels.tiled_fused_kernel(spec)
+    if fused is not None:
+        y = _emit_kernel(bb, fused, name, [*inputs, tile, *epi], out_ty)
+    elif spec.aligned:
         r = spec.rows
         unit = [
             relax.const(np.ones(r, "float32")),

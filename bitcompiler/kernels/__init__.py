@@ -21,7 +21,12 @@ from bitcompiler.kernels.activations import pack_sign_nchw, pack_sign_rows, quan
 from bitcompiler.kernels.conv import conv2d_kernel
 from bitcompiler.kernels.dense import dense_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
-from bitcompiler.kernels.tiled import TiledDenseSpec, tiled_expand_kernel, tiled_unaligned_kernel
+from bitcompiler.kernels.tiled import (
+    TiledDenseSpec,
+    tiled_expand_kernel,
+    tiled_fused_kernel,
+    tiled_unaligned_kernel,
+)
 
 __all__ = [
     "ConvSpec",
@@ -33,5 +38,6 @@ __all__ = [
     "pack_sign_rows",
     "quantize_rows_int8",
     "tiled_expand_kernel",
+    "tiled_fused_kernel",
     "tiled_unaligned_kernel",
 ]

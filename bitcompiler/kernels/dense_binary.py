@@ -143,17 +143,29 @@ def binary_words_func(spec: DenseSpec, wide: bool) -> tirx.PrimFunc:
 
 
 # --------------------------------------------------------------------------- W1A1 on the CPU: byte lanes
-def binary_bytes_func(spec: DenseSpec, lanes: int, chunk: int) -> tirx.PrimFunc:
+def binary_bytes_func(
+    spec: DenseSpec, lanes: int, chunk: int, expand: int = 1, scales: int = 0
+) -> tirx.PrimFunc:
     """TVMScript for act="binary" with pm1 weights, read as bytes: ``cnt`` sums byte popcounts in uint8.
 
     ``acc[m, n] = sum_{g, v} cnt[m, n, g, v]`` with ``cnt[m, n, g, v] = sum_{l < chunk}
     popcount(XB[m, b] ^ PB[n, b])``, ``b = (g * chunk + l) * lanes + v``: each term is at most 8,
     so ``chunk <= 31`` keeps every uint8 lane exact (see the module docstring).
+
+    ``expand = p > 1`` is the fused row-aligned tiled layer (:mod:`bitcompiler.kernels.tiled`): the
+    N rows are the tile's distinct rows and ``Y (M, p*N)`` reuses each row's ``acc`` p times,
+    ``Y[m, c*N + n] = SC[(c*N + n) * scales // (p*N)] * acc[m, n] + BI[c*N + n]`` (or the threshold);
+    its buffers are ``XP, P, SC (scales,), BI`` or ``XP, P, TS, TH`` (no offsets: pm1 has none).
     """
     K, N, NB8 = spec.in_features, spec.out_features, 4 * spec.words
     if chunk > 31 or NB8 % (lanes * chunk):
         raise ValueError(f"{lanes} lanes x {chunk} steps must divide the {NB8} bytes of a row (chunk <= 31)")
     G, U8 = NB8 // (lanes * chunk), "uint8"
+    NO = N * expand  # outputs per batch row
+    S = scales or NO
+
+    def sidx(o):
+        return o if S == NO else (o * S) // NO
 
     def term(XB, PB, m, n, g, v, l):
         b = (g * chunk + l) * lanes + v
@@ -164,7 +176,7 @@ def binary_bytes_func(spec: DenseSpec, lanes: int, chunk: int) -> tirx.PrimFunc:
         return T.Select(hit, T.float32(1.0), T.float32(-1.0))
 
     def aff_value(SC, BI, a, n):
-        return SC[n] * T.Cast(F32, a) + BI[n]
+        return SC[sidx(n)] * T.Cast(F32, a) + BI[n]
 
     def make(out_value):
         @T.macro
@@ -183,10 +195,16 @@ def binary_bytes_func(spec: DenseSpec, lanes: int, chunk: int) -> tirx.PrimFunc:
                     with T.init():
                         acc[vm, vn] = 0
                     acc[vm, vn] = acc[vm, vn] + T.Cast("int32", cnt[vm, vn, vg, vv])
-            for m, n in T.grid(M, T.int64(N)):
-                with T.sblock("Y"):
-                    vm, vn = T.axis.remap("SS", [m, n])
-                    Y[vm, vn] = out_value(E0, E1, K - 2 * acc[vm, vn], vn)
+            if expand == 1:
+                for m, n in T.grid(M, T.int64(N)):
+                    with T.sblock("Y"):
+                        vm, vn = T.axis.remap("SS", [m, n])
+                        Y[vm, vn] = out_value(E0, E1, K - 2 * acc[vm, vn], vn)
+            else:
+                for m, n, c in T.grid(M, T.int64(N), T.int64(expand)):
+                    with T.sblock("Y"):
+                        vm, vn, vc = T.axis.remap("SSS", [m, n, c])
+                        Y[vm, vc * N + vn] = out_value(E0, E1, K - 2 * acc[vm, vn], vc * N + vn)
 
         return body
 
@@ -197,12 +215,28 @@ def binary_bytes_func(spec: DenseSpec, lanes: int, chunk: int) -> tirx.PrimFunc:
             M = T.int64()
             XP = T.match_buffer(xp, (M, T.int64(spec.words)), "int32")
             P = T.match_buffer(p, (T.int64(1), T.int64(N), T.int64(spec.words)), "int32")
-            TS = T.match_buffer(ts, (T.int64(N),), "int32")
-            TH = T.match_buffer(th, (T.int64(N),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(N)), F32)
+            TS = T.match_buffer(ts, (T.int64(NO),), "int32")
+            TH = T.match_buffer(th, (T.int64(NO),), "int32")
+            Y = T.match_buffer(y, (M, T.int64(NO)), F32)
             cnt = T.sblock_alloc_buffer((M, T.int64(N), T.int64(G), T.int64(lanes)), U8)
             acc = T.sblock_alloc_buffer((M, T.int64(N)), "int32")
             make(thr_value)(XP, P, Y, M, TS, TH, cnt, acc)
+
+        return func
+
+    if expand > 1:
+
+        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+        def func(xp: T.handle, p: T.handle, sc: T.handle, bi: T.handle, y: T.handle):
+            M = T.int64()
+            XP = T.match_buffer(xp, (M, T.int64(spec.words)), "int32")
+            P = T.match_buffer(p, (T.int64(1), T.int64(N), T.int64(spec.words)), "int32")
+            SC = T.match_buffer(sc, (T.int64(S),), F32)
+            BI = T.match_buffer(bi, (T.int64(NO),), F32)
+            Y = T.match_buffer(y, (M, T.int64(NO)), F32)
+            cnt = T.sblock_alloc_buffer((M, T.int64(N), T.int64(G), T.int64(lanes)), U8)
+            acc = T.sblock_alloc_buffer((M, T.int64(N)), "int32")
+            make(aff_value)(XP, P, Y, M, SC, BI, cnt, acc)
 
         return func
 
@@ -224,11 +258,14 @@ def binary_bytes_func(spec: DenseSpec, lanes: int, chunk: int) -> tirx.PrimFunc:
 
 # --------------------------------------------------------------------------- schedule
 def tile_epilogue(sch: s_tir.Schedule, nb: int):
-    """Y loops -> (n // nb) parallel, m, n % nb; returns (no, m, ni)."""
+    """Y loops -> (n // nb) parallel, m, n % nb; returns (no, m, ni). A fused tiled epilogue's
+    copy loop c (``Y[m, c*N + n]``) goes between m and ni, and ni is vectorized (contiguous in Y)."""
     y = sch.get_sblock("Y")
-    m, n = sch.get_loops(y)
+    m, n, *copies = sch.get_loops(y)
     no, ni = sch.split(n, [None, nb])
-    sch.reorder(no, m, ni)
+    sch.reorder(no, m, *copies, ni)
+    if copies:
+        sch.vectorize(ni)
     return no, m, ni
 
 

@@ -9,6 +9,8 @@ with the per-channel scale ``SC[⌊n·S/N⌋]`` (S = p scales, or N after a merg
   :func:`tiled_expand_kernel`: ``Y[m, n] = (SC[⌊n·S/N⌋]·s[m])·A[m, n mod R] + BI[n]`` (or the
   integer threshold on ``A``). Each distinct row's dot product is computed once and reused p
   times: p× less popcount work than the plain binary layer, and the tile stays in cache.
+* **Fused** (row-aligned, binary activations, CPU): :func:`tiled_fused_kernel` is both stages in
+  one kernel, the expand being the epilogue of the rows' byte-lane W1A1 kernel.
 * **Unaligned**: :func:`tiled_unaligned_kernel` reads bit ``(n·K + k) mod q`` of the flat tile
   words per element (``T int32 (⌈q/32⌉,)``); correct for every shape, not fast.
 
@@ -122,6 +124,28 @@ def tiled_expand_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llvm")
             sch.vectorize(ri)
         sch.parallel(m)
         func = sch.mod["main"]
+    return func.with_attr("global_symbol", "main")
+
+
+def tiled_fused_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llvm") -> tirx.PrimFunc | None:
+    """Row-aligned, binary activations, host CPU: both stages in one kernel, else None.
+
+    The byte-lane W1A1 dense kernel of the R distinct rows with the expand as its epilogue:
+    each row block's ``acc`` stays in registers and is written p times (``Y[m, c*R + r]``), so
+    there is no ``A`` round trip and one kernel call instead of two. Buffers: ``XP, T (1, R, KW)``,
+    then ``SC (S,), BI (N,)`` or ``TS, TH (N,)``, and ``Y (M, N)``.
+    """
+    from bitcompiler.kernels.dense_binary import binary_bytes_func, byte_layout, schedule_binary
+    from bitcompiler.kernels.template import Template, scheduled
+
+    if not spec.aligned or spec.act != "binary" or target_kind(target) != "llvm":
+        return None
+    rows = DenseSpec(spec.in_features, spec.rows, 1, "pm1", "binary", False, spec.threshold)
+    lanes, chunk = byte_layout(rows)
+    if lanes != 32:  # short rows: the two-stage path (the word kernel) is faster there
+        return None
+    func = binary_bytes_func(rows, lanes, chunk, expand=spec.p, scales=0 if spec.threshold else spec.scales)
+    func = scheduled(Template("tiled", func, lambda sch, choose: schedule_binary(sch, rows, False, choose)))
     return func.with_attr("global_symbol", "main")
 
 

@@ -1,10 +1,17 @@
-"""Tiled dense kernels against numerics.tiled_linear: row-aligned (two stages) and unaligned shapes."""
+"""Tiled dense kernels against numerics.tiled_linear: row-aligned (two stages, and fused for binary
+activations on the CPU) and unaligned shapes."""
 
 import numpy as np
 import pytest
 import torch
 
-from bitcompiler.kernels import TiledDenseSpec, dense_kernel, tiled_expand_kernel, tiled_unaligned_kernel
+from bitcompiler.kernels import (
+    TiledDenseSpec,
+    dense_kernel,
+    tiled_expand_kernel,
+    tiled_fused_kernel,
+    tiled_unaligned_kernel,
+)
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, assert_close, build
 
@@ -72,6 +79,36 @@ def test_row_aligned_two_stage_matches_reference(k, n, p, act, threshold):
         xs = [xin[1]] if act == "int8" and not threshold else []
         (y,) = expand([a, *xs, *epi], [((m, n), "float32")])
         _check(y, _reference(x, words, spec, scale, bias, ts, th), threshold)
+
+
+# K = 512 / 256 (full 32-byte vectors: the byte-lane rows kernel), R = 8 / 4 / 6 rows per block,
+# p scales or N scales (after a merged affine), threshold
+FUSED = [
+    (512, 64, 8, False, False),
+    (512, 64, 8, True, False),
+    (256, 16, 4, False, True),
+    (256, 24, 4, True, True),
+]
+
+
+@pytest.mark.parametrize("k, n, p, threshold, per_channel", FUSED)
+def test_row_aligned_fused_matches_reference(k, n, p, threshold, per_channel):
+    spec, words, scale, bias, ts, th, epi, g = _layer(k, n, p, "binary", threshold, per_channel, k + n)
+    func = tiled_fused_kernel(spec)
+    assert func is not None and "T.parallel" in func.script()
+    run = build(func)
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=g)
+        x[0, :2] = 0.0
+        (y,) = run([*act_inputs(x, "binary"), words, *epi], [((m, n), "float32")])
+        _check(y, _reference(x, words, spec, scale, bias, ts, th), threshold)
+
+
+def test_fused_only_where_it_applies():
+    assert tiled_fused_kernel(TiledDenseSpec(512, 64, 8, "int8", False, 8)) is None  # not binary
+    assert tiled_fused_kernel(TiledDenseSpec(100, 16, 4, "binary", False, 4)) is None  # short rows
+    assert tiled_fused_kernel(TiledDenseSpec(100, 10, 4, "binary", False, 4)) is None  # unaligned
+    assert tiled_fused_kernel(TiledDenseSpec(512, 64, 8, "binary", False, 8), target="c") is None
 
 
 # q = 10*100/4 = 250 (rows straddle chunks), q = 12*20/8 = 30 > K (a tile spans rows at an offset)

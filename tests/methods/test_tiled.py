@@ -95,3 +95,25 @@ def test_compile_tiled_layers_matches_reference_and_counts_the_tile():
     assert rows[0].weight_bytes == nu.packed_weight_bytes(4 * 4, 4)  # 4 rows of 4 words + 4 α
     assert rows[1].weight_bytes == nu.packed_weight_bytes(2, 4)  # 40 bits -> 2 words + 4 α
     assert "row-aligned R=4" in rows[0].note and "unaligned" in rows[1].note
+
+
+def test_compile_fuses_the_two_stages_of_a_binary_row_aligned_layer():
+    torch.manual_seed(3)
+    # fc1: 512x32 at p=4, binary activations, rows of 512 bits: one fused kernel (threshold: it
+    # feeds fc2's sign); fc2: 32x16 at p=4 has short rows and keeps the two stages
+    model = nn.Sequential(nn.Linear(512, 32), nn.BatchNorm1d(32), nn.Hardtanh(), nn.Linear(32, 16))
+    model[1].running_mean.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(3, 512)
+    cm = bc.compile(model, (x,), scheme="tiled:p=4,min_weights=1,act=binary,first_last=quantize")
+    calls = [
+        line.split()[1]
+        for line in cm._runner.executable.as_text().splitlines()
+        if line.split()[:1] == ["call"] and "bitc_tiled" in line
+    ]
+    assert calls == [
+        "bitc_tiled_binary_512x32_p4_thr",
+        "bitc_tiled_binary_32x16_p4_rows",
+        "bitc_tiled_binary_32x16_p4_expand",
+    ]
+    assert_close(cm(x), cm.reference(x))
