@@ -153,3 +153,62 @@ def tiled_linear(
 @tiled_linear.register_fake
 def _(x, tile, scale, bias, thr_sign, thr, k, n, p, act, threshold):
     return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("bitc::tiled_conv2d", mutates_args=())
+def tiled_conv2d(
+    x: torch.Tensor,
+    tile: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    thr_sign: torch.Tensor,
+    thr: torch.Tensor,
+    in_channels: int,
+    out_channels: int,
+    kernel: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    p: int,
+    act: str,
+    threshold: bool,
+) -> torch.Tensor:
+    """Row-aligned tiled conv (METHODS.md §4), NCHW float32: R = O/p stored filters, p scales."""
+    return numerics.tiled_conv2d(
+        x,
+        tile,
+        in_channels,
+        out_channels,
+        p,
+        act,
+        scale,
+        bias,
+        (stride[0], stride[1]),
+        (padding[0], padding[1]),
+        (dilation[0], dilation[1]),
+        thr_sign if threshold else None,
+        thr if threshold else None,
+    )
+
+
+@tiled_conv2d.register_fake
+def _(
+    x,
+    tile,
+    scale,
+    bias,
+    thr_sign,
+    thr,
+    in_channels,
+    out_channels,
+    kernel,
+    stride,
+    padding,
+    dilation,
+    p,
+    act,
+    threshold,
+):
+    oh = conv_out_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
+    ow = conv_out_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+    return x.new_empty(x.shape[0], out_channels, oh, ow)

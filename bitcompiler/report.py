@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from bitcompiler.methods.tiled import TiledBitLinear
+from bitcompiler.methods.tiled import TILED_LAYERS, TiledBitConv2d, TiledBitLinear
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BIT_LAYERS
 
@@ -125,7 +125,7 @@ def _bit_row(name: str, m: Any) -> LayerRow:
     return LayerRow(name, m.op, m.label, numerics.bits_per_weight(numel, n_bytes), n_bytes, numel, note)
 
 
-def _tiled_row(name: str, m: TiledBitLinear) -> LayerRow:
+def _tiled_row(name: str, m: TiledBitLinear | TiledBitConv2d) -> LayerRow:
     """A tiled layer stores its packed tile words and its p (or N) float scales, nothing else."""
     numel = m.out_features * m.in_features
     n_bytes = numerics.packed_weight_bytes(m.tile.numel(), m.n_floats)
@@ -133,7 +133,8 @@ def _tiled_row(name: str, m: TiledBitLinear) -> LayerRow:
     note = f"act={m.act}, tile {m.tile_bits} bits ({kind}) + {m.n_floats} scales" + (
         ", integer threshold" if m.threshold else ""
     )
-    return LayerRow(name, "linear", m.label, numerics.bits_per_weight(numel, n_bytes), n_bytes, numel, note)
+    op = "linear" if isinstance(m, TiledBitLinear) else "conv2d"
+    return LayerRow(name, op, m.label, numerics.bits_per_weight(numel, n_bytes), n_bytes, numel, note)
 
 
 def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -149,7 +150,7 @@ def build_report(gm: fx.GraphModule, target: str, scheme: str, notes: list) -> R
     noted = dict(notes)
     rows = []
     for name, m in gm.named_modules():
-        if isinstance(m, TiledBitLinear):
+        if isinstance(m, TILED_LAYERS):
             rows.append(_tiled_row(name, m))
             continue
         if isinstance(m, BIT_LAYERS):

@@ -126,11 +126,12 @@ def part_cnn() -> None:
     configs.update(
         {f"tiled p={p}": f"tiled:p={p},min_weights=4096,first_last=quantize" for p in (4, 8, 16, 32)}
     )
-    rows = []
+    rows, points = [], []
     for label, scheme in configs.items():
         res = [run(small_cnn, scheme, tr, te, epochs, s) for s in SEEDS]
         n = sum(w for _, w, _ in weight_storage(small_cnn()))
         bpw = 8 * res[0][1] / n
+        points.append((label, bpw, [r[0] for r in res]))
         rows.append(
             (
                 label,
@@ -142,6 +143,30 @@ def part_cnn() -> None:
         print(f"[cnn] {label}: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"\n### Small CNN on Fashion-MNIST ({n_train} training images, {epochs} epochs, seeds {SEEDS})\n")
     table(rows)
+    plot_accuracy_vs_bits(points, os.environ.get("CNN_PLOT", "docs/img/tbn_accuracy_bits.png"), n_train, epochs)
+
+
+def plot_accuracy_vs_bits(points: list[tuple], path: str, n_train: int, epochs: int) -> None:
+    """Test accuracy (mean, error bar = seed range) against stored bits per weight, log x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, bpw, accs in points:
+        mean = 100 * statistics.mean(accs)
+        lo, hi = mean - 100 * min(accs), 100 * max(accs) - mean
+        ax.errorbar([bpw], [mean], yerr=[[lo], [hi]], fmt="o", capsize=3)
+        ax.annotate(label, (bpw, mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bits per weight (tile bits + α floats)")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"Small CNN, Fashion-MNIST ({n_train} images, {epochs} epochs, seeds {SEEDS})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}", file=sys.stderr)
 
 
 class BasicBlock(nn.Module):

@@ -36,8 +36,9 @@ def relax_pipeline(target: Any) -> Any:
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             seq = tvm.transform.Sequential(
-                # one activation packing per tensor, however many bit layers read it
-                [relax.transform.EliminateCommonSubexpr()]
+                # one activation packing per tensor, however many bit layers read it; the float
+                # output of a threshold conv whose consumers read its packed variant goes
+                [relax.transform.EliminateCommonSubexpr(), relax.transform.DeadCodeElimination()]
                 + cpu_generic.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
                 + cpu_generic.legalize_passes(target)

@@ -57,6 +57,36 @@ def _emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
     return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
 
 
+# threshold convs whose +-1 output a packed-output variant can write directly (see
+# ``_packed_by_producer``): [(output var, (spec, kernel name, argument list))] on the block builder
+_PACKABLE = "_bitc_packable"
+
+
+def _packed_by_producer(bb: Any, x: Any, nchw: tuple) -> Any | None:
+    """``x`` packed for a groups-1 binary layer by the threshold conv that produced it, or None.
+
+    The conv is emitted again with its packed-output kernel (same arguments); its float output
+    then has no use left and dead-code elimination drops the float call and the packing.
+    """
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    entry = next((e for var, e in getattr(bb, _PACKABLE, []) if var.same_as(x)), None)
+    if entry is None or nchw[3] != 1:
+        return None
+    spec, name, args = entry
+    m = _shape(x)[0]
+    prim = kernels.conv2d_kernel(spec, packed_output=True)
+    return _emit_kernel(
+        bb,
+        prim,
+        f"{name}_packed",
+        args,
+        relax.TensorType((m, spec.out_h, spec.out_w, 1, spec.out_channels // 32), "int32"),
+    )
+
+
 def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple) -> list:
     """Activation -> the kernel's input buffers for act mode ``act``."""
     from tvm import relax
@@ -82,6 +112,9 @@ def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple
         prim = kernels.pack_sign_rows(k)
         return [_emit_kernel(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
     c, h, w, groups = nchw
+    packed = _packed_by_producer(bb, x, nchw)
+    if packed is not None:
+        return [packed]
     prim = kernels.pack_sign_nchw(c, h, w, groups)
     return [
         _emit_kernel(
@@ -160,13 +193,17 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     oh = conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1])
     name = f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}" + ("_thr" if threshold else "")
-    return _emit_kernel(
-        bb,
-        kernels.conv2d_kernel(spec),
-        name,
-        inputs + _epilogue_args(env, args, threshold),
-        relax.TensorType((m, o, oh, ow), "float32"),
+    kargs = inputs + _epilogue_args(env, args, threshold)
+    y = _emit_kernel(
+        bb, kernels.conv2d_kernel(spec), name, kargs, relax.TensorType((m, o, oh, ow), "float32")
     )
+    from bitcompiler.kernels.conv_binary import packs_output
+
+    if packs_output(spec):
+        if not hasattr(bb, _PACKABLE):
+            setattr(bb, _PACKABLE, [])
+        getattr(bb, _PACKABLE).append((y, (spec, name, kargs)))
+    return y
 
 
 def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
@@ -214,10 +251,72 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
 
 
+def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
+    """Row-aligned tiled conv: the conv kernel of the R distinct filters (unit scales, so its output is
+    the exact integer accumulator as float), then the expand kernel reuses each filter p times."""
+    import numpy as np
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    bb, env = importer.block_builder, importer.env
+    args: Any = (
+        node.args
+    )  # (x, tile, scale, bias, thr_sign, thr, c, o, kernel, stride, padding, dilation, p, act, threshold)
+    x, tile, scale, bias, thr_sign, thr = (env[a] for a in args[:6])
+    c, o, kernel, stride, padding, dilation, p, act, threshold = args[6:15]
+    cw = _int(_shape(tile)[-1])
+    m, _, h, w = _shape(x)
+    h, w = _int(h), _int(w)
+    r = o // p
+    rows = kernels.ConvSpec(
+        c,
+        r,
+        h,
+        w,
+        tuple(kernel),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        1,
+        1,
+        "pm1",
+        act,
+        False,
+        False,
+    )
+    inputs = _quantized_input(bb, x, act, (c, h, w, 1), (cw,))
+    unit = [
+        relax.const(np.ones(r, "float32")),
+        relax.const(np.zeros(r, "float32")),
+        relax.const(np.zeros(r, "float32")),
+    ]
+    stage1 = [inputs[0], bb.emit(relax.op.ones_like(inputs[1]))] if act == "int8" else inputs
+    name = f"bitc_tiled_conv2d_{act}_{c}x{o}_{kernel[0]}x{kernel[1]}_p{p}" + ("_thr" if threshold else "")
+    acc = _emit_kernel(
+        bb,
+        kernels.conv2d_kernel(rows),
+        f"{name}_rows",
+        [*stage1, tile, *unit],
+        relax.TensorType((m, r, rows.out_h, rows.out_w), "float32"),
+    )
+    spec = kernels.TiledConvSpec(o, rows.out_h, rows.out_w, p, act, bool(threshold), _int(_shape(scale)[0]))
+    xs = [inputs[1]] if act == "int8" and not threshold else []
+    epi = [thr_sign, thr] if threshold else [scale, bias]
+    return _emit_kernel(
+        bb,
+        kernels.tiled_conv_expand_kernel(spec),
+        f"{name}_expand",
+        [acc, *xs, *epi],
+        relax.TensorType((m, o, rows.out_h, rows.out_w), "float32"),
+    )
+
+
 CONVERTERS = {
     "bit_linear.default": convert_bit_linear,
     "bit_conv2d.default": convert_bit_conv2d,
     "tiled_linear.default": convert_tiled_linear,
+    "tiled_conv2d.default": convert_tiled_conv2d,
 }
 
 

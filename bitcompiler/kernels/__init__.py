@@ -22,7 +22,9 @@ from bitcompiler.kernels.conv import conv2d_kernel
 from bitcompiler.kernels.dense import dense_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
 from bitcompiler.kernels.tiled import (
+    TiledConvSpec,
     TiledDenseSpec,
+    tiled_conv_expand_kernel,
     tiled_expand_kernel,
     tiled_fused_kernel,
     tiled_unaligned_kernel,
@@ -31,12 +33,14 @@ from bitcompiler.kernels.tiled import (
 __all__ = [
     "ConvSpec",
     "DenseSpec",
+    "TiledConvSpec",
     "TiledDenseSpec",
     "conv2d_kernel",
     "dense_kernel",
     "pack_sign_nchw",
     "pack_sign_rows",
     "quantize_rows_int8",
+    "tiled_conv_expand_kernel",
     "tiled_expand_kernel",
     "tiled_fused_kernel",
     "tiled_unaligned_kernel",

@@ -30,7 +30,7 @@ from typing import Any
 from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, shape64, target_kind
-from bitcompiler.kernels.conv_binary import binary_pm1_func
+from bitcompiler.kernels.conv_binary import binary_pm1_func, packs_output
 from bitcompiler.kernels.dense_avx2 import avx2_target
 from bitcompiler.kernels.spec import ConvSpec
 
@@ -296,19 +296,27 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def conv2d_kernel(spec: ConvSpec, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
+def conv2d_kernel(
+    spec: ConvSpec, target: str | dict | Any = "llvm", packed_output: bool = False
+) -> tirx.PrimFunc:
     """The conv bit kernel for ``spec``; scheduled for the host CPU when ``target`` is LLVM.
 
     Buffer arguments, in order: the activation inputs for ``spec.act`` (float ``X f32 (M,C,H,W)``;
     int8 ``XQ int8 (M,C,H,W), XS f32 (M,)``; binary ``XP int32 (M,H,W,G,CWg)``),
     ``P int32 (B,O,KH,KW,CWg)``, then ``TS, TH int32 (O,)`` or ``SC, OF, BI f32 (O,)``, and the output
     ``Y f32 (M,O,OH,OW)``. ``M`` is a symbolic int64 batch.
+
+    ``packed_output=True`` (CPU, :func:`packs_output` specs: binary pm1 threshold layers with 32k
+    output channels) writes ``Y int32 (M,OH,OW,1,O/32)`` instead: the +-1 outputs already packed
+    as :func:`bitcompiler.kernels.pack_sign_nchw` packs them for a groups-1 binary layer.
     """
     if not isinstance(spec, ConvSpec):
         raise ValueError(f"conv2d_kernel needs a ConvSpec, got {type(spec).__name__}")  # noqa: TRY004
     cpu = target_kind(target) == "llvm"
+    if packed_output and not (cpu and packs_output(spec)):
+        raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
     if cpu and spec.act == "binary" and spec.code == "pm1":
-        func = binary_pm1_func(spec, byte_lanes=avx2_target(target))
+        func = binary_pm1_func(spec, byte_lanes=avx2_target(target), packed=packed_output)
     elif cpu and spec.act != "binary":
         func = _direct_func(spec)
     else:

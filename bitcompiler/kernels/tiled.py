@@ -1,4 +1,6 @@
-"""Tiled dense kernels (METHODS.md §4): one stored tile, exactly :func:`numerics.tiled_linear`.
+"""Tiled kernels (METHODS.md §4): one stored tile, exactly :func:`numerics.tiled_linear` and
+:func:`numerics.tiled_conv2d` (row-aligned convs: the conv kernel of the R filters, then
+:func:`tiled_conv_expand_kernel`, as the dense two-stage path below).
 
 The layer ``Y (M, N)`` of a weight that is one pm1 tile of q = N·K/p values repeated p times,
 with the per-channel scale ``SC[⌊n·S/N⌋]`` (S = p scales, or N after a merged affine):
@@ -146,6 +148,79 @@ def tiled_fused_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llvm") 
         return None
     func = binary_bytes_func(rows, lanes, chunk, expand=spec.p, scales=0 if spec.threshold else spec.scales)
     func = scheduled(Template("tiled", func, lambda sch, choose: schedule_binary(sch, rows, False, choose)))
+    return func.with_attr("global_symbol", "main")
+
+
+@dataclass(frozen=True)
+class TiledConvSpec:
+    """The expand stage of a row-aligned tiled conv: ``A (M, R, OH, OW)`` -> ``Y (M, O, OH, OW)``."""
+
+    out_channels: int
+    out_h: int
+    out_w: int
+    p: int
+    act: str
+    threshold: bool
+    scales: int
+
+    def __post_init__(self) -> None:
+        o, p = self.out_channels, self.p
+        if min(o, p, self.out_h, self.out_w) < 1 or o % p:
+            raise ValueError(f"p={p} must divide the {o} filters of a tiled conv")
+        if self.act not in ACT_MODES:
+            raise ValueError(f"unknown activation mode {self.act!r}; valid: {', '.join(ACT_MODES)}")
+        if self.scales not in (p, o):
+            raise ValueError(f"scales must be p={p} or O={o}, got {self.scales}")
+
+    @property
+    def rows(self) -> int:
+        """R: distinct filters."""
+        return self.out_channels // self.p
+
+
+def tiled_conv_expand_kernel(spec: TiledConvSpec, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
+    """Second stage of a tiled conv: ``A f32 (M, R, OH, OW)`` [``XS f32 (M,)`` for int8], ``SC, BI`` or
+    ``TS, TH`` -> ``Y[m, o] = (SC[⌊o·S/O⌋]·s[m])·A[m, o mod R] + BI[o]`` (or the threshold on A).
+
+    The first stage is :func:`bitcompiler.kernels.conv2d_kernel` of the R filters with unit scales,
+    so ``A`` is the exact integer accumulator as float32 (exact while ``|acc| < 2^24``).
+    """
+    M, R, O, OH, OW = batch_var(), spec.rows, spec.out_channels, spec.out_h, spec.out_w
+    A = te.placeholder(shape64(M, R, OH, OW), F32, "A")
+    XS = te.placeholder(shape64(M), F32, "XS") if spec.act == "int8" and not spec.threshold else None
+    if spec.threshold:
+        TS = te.placeholder(shape64(O), "int32", "TS")
+        TH = te.placeholder(shape64(O), "int32", "TH")
+        epi = [TS, TH]
+
+        def y(m, o, h, w):
+            a = A[m, o % R, h, w]
+            hit = TS[o].astype("int64") * a.astype("int64") >= TH[o].astype("int64")
+            return tirx.Select(hit, tirx.const(1.0, F32), tirx.const(-1.0, F32))
+
+    else:
+        SC = te.placeholder(shape64(spec.scales), F32, "SC")
+        BI = te.placeholder(shape64(O), F32, "BI")
+        epi = [SC, BI]
+
+        def y(m, o, h, w):
+            a = SC[(o * spec.scales) // O]
+            if XS is not None:
+                a = a * XS[m]
+            return a * A[m, o % R, h, w] + BI[o]
+
+    Y = te.compute(shape64(M, O, OH, OW), y, name="Y")
+    func = te.create_prim_func([A, *([XS] if XS is not None else []), *epi, Y])
+    if target_kind(target) == "llvm":
+        sch = s_tir.Schedule(func)
+        m, o, h, w = sch.get_loops(sch.get_sblock("Y"))
+        hw = sch.fuse(h, w)
+        v = largest_divisor(OH * OW, (8, 4))
+        if v > 1:
+            _, hi = sch.split(hw, [None, v])
+            sch.vectorize(hi)
+        sch.parallel(sch.fuse(m, o))
+        func = sch.mod["main"]
     return func.with_attr("global_symbol", "main")
 
 

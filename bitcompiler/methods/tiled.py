@@ -7,9 +7,9 @@ times (α per chunk = mean |W| of the chunk, or learned with ``alpha=learned``, 
 by 1/√q so that plain SGD at the paper's lr stays stable). Layers with fewer
 than ``min_weights`` weights, or whose size p does not divide, are plain binary.
 
-Inference (:class:`TiledBitLinear`, made by the ``tile_weights`` pass): stores the packed tile
-(q bits) and the p scales; a row-aligned tile (p divides N) is R = N/p distinct rows whose dot
-products the kernel computes once and reuses p times. Numbers: :mod:`bitcompiler.quant.numerics`.
+Inference (:class:`TiledBitLinear`, :class:`TiledBitConv2d`, made by the ``tile_weights`` pass):
+stores the packed tile (q bits) and the p scales; a row-aligned tile (p divides N) is R = N/p
+distinct rows (filters, for a conv) whose dot products the kernel computes once and reuses p times. Numbers: :mod:`bitcompiler.quant.numerics`.
 
     >>> import torch, bitcompiler as bc
     >>> net = bc.prepare(torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)),
@@ -27,7 +27,7 @@ from torch import nn
 
 from bitcompiler import ops
 from bitcompiler.quant import numerics
-from bitcompiler.quant.bitlayers import BitLinear
+from bitcompiler.quant.bitlayers import BitConv2d, BitLinear
 from bitcompiler.quant.modules import BinaryWeight, WeightCodes, straight_through
 
 ALPHA_MODES = ("chunk", "learned")
@@ -162,6 +162,88 @@ class TiledBitLinear(nn.Module):
             f"{self.label}, {self.in_features}->{self.out_features}, p={self.p}, tile={self.tile_bits} bits "
             f"({kind}), {self.n_floats} scales, act={self.act}" + (", threshold" if self.threshold else "")
         )
+
+
+class TiledBitConv2d(nn.Module):
+    """Inference conv layer (groups 1) storing one row-aligned tile: R = O/p filters, p (or O) scales.
+
+    ``tile``: int32 planes ``(1, R, KH, KW, CW)`` (the conv kernels' layout); output channel ``o``
+    uses filter ``o mod R`` and scale ``scale[⌊o·len(scale)/O⌋]``; ``bias``; optional thresholds.
+    """
+
+    op = "tiled_conv2d"
+    tile: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+    thr_sign: torch.Tensor
+    thr: torch.Tensor
+
+    def __init__(self, bit: BitConv2d, p: int) -> None:
+        super().__init__()
+        o, cg = bit.out_channels, bit.in_channels // bit.groups
+        if bit.groups != 1 or not numerics.row_aligned(o, p):
+            raise ValueError(f"a tiled conv needs groups=1 and p={p} dividing its {o} filters")
+        codes = (
+            bit.codes.long()
+            if bit.codes is not None
+            else numerics.conv_planes_to_codes(cast(torch.Tensor, bit.planes), cg, bit.code)
+        )
+        r = o // p
+        if bit.code != "pm1" or not torch.equal(codes[:r].repeat(p, 1, 1, 1), codes):
+            raise ValueError(f"layer codes are not a pm1 tile repeated p={p} times")
+        self.in_channels, self.out_channels, self.p = bit.in_channels, o, p
+        self.kernel_size, self.stride = bit.kernel_size, bit.stride
+        self.padding, self.dilation = bit.padding, bit.dilation
+        self.act, self.label, self.threshold = bit.act, bit.label, bit.threshold
+        self.register_buffer("tile", numerics.conv_codes_to_planes(codes[:r], 1, "pm1"))
+        self.register_buffer("scale", _per_chunk_if_exact(bit.scale, p))
+        self.register_buffer("bias", bit.bias.clone())
+        self.register_buffer("thr_sign", bit.thr_sign.clone())
+        self.register_buffer("thr", bit.thr.clone())
+        self.n_floats = self.scale.numel()
+
+    @property
+    def in_features(self) -> int:
+        """Weights per output channel (K of the flattened layer)."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    @property
+    def tile_bits(self) -> int:
+        return self.out_channels * self.in_features // self.p
+
+    row_aligned = True
+
+    def op_args(self) -> dict:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "p": self.p,
+            "act": self.act,
+            "threshold": self.threshold,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.tiled_conv2d(
+            x, self.tile, self.scale, self.bias, self.thr_sign, self.thr, **self.op_args()
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.label}, {self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, p={self.p}, "
+            f"tile={self.tile_bits} bits (R={self.out_channels // self.p} filters), {self.n_floats} scales, "
+            f"act={self.act}" + (", threshold" if self.threshold else "")
+        )
+
+
+TILED_LAYERS = (TiledBitLinear, TiledBitConv2d)
 
 
 def _per_chunk_if_exact(scale: torch.Tensor, p: int) -> torch.Tensor:

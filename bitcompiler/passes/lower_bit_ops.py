@@ -7,9 +7,9 @@ reference numerics) and is what ``torch.export`` hands the TVM frontend.
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from bitcompiler.methods.tiled import TiledBitLinear
+from bitcompiler.methods.tiled import TILED_LAYERS, TiledBitLinear
 from bitcompiler.passes.graph_utils import module_of
 from bitcompiler.passes.pipeline import Pass
 from bitcompiler.quant.bitlayers import BIT_LAYERS, BitLinear
@@ -20,7 +20,7 @@ _TENSORS = ("planes", "scale", "offset", "bias", "thr_sign", "thr")
 def run(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         m = module_of(gm, node)
-        if isinstance(m, TiledBitLinear):
+        if isinstance(m, TILED_LAYERS):
             _lower_tiled(gm, node, m)
             continue
         if not isinstance(m, BIT_LAYERS) or not m.packed:
@@ -41,14 +41,17 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _lower_tiled(gm: fx.GraphModule, node: fx.Node, m: TiledBitLinear) -> None:
+def _lower_tiled(gm: fx.GraphModule, node: fx.Node, m: nn.Module) -> None:
     with gm.graph.inserting_before(node):
         tensors = [
             gm.graph.get_attr(f"{node.target}.{t}") for t in ("tile", "scale", "bias", "thr_sign", "thr")
         ]
-        call = gm.graph.call_function(
-            torch.ops.bitc.tiled_linear.default, (node.args[0], *tensors, *m.op_args().values())
+        op = (
+            torch.ops.bitc.tiled_linear.default
+            if isinstance(m, TiledBitLinear)
+            else torch.ops.bitc.tiled_conv2d.default
         )
+        call = gm.graph.call_function(op, (node.args[0], *tensors, *m.op_args().values()))
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)

@@ -7,8 +7,10 @@ distinct rows) and the kernel computes each distinct row's dot product once.
 
 Layers the scheme wanted tiled but could not (fewer than ``min_weights`` weights, or p does not
 divide their size) stay plain binary and are noted for the report; under ``strict=True`` the
-second case is an error naming the layer. Tiled convolutions stay binary ``BitConv2d`` layers of
-the expanded tile (no tiled conv kernel yet) and are noted. Without this pass, tiled layers compile
+second case is an error naming the layer. A tiled convolution (groups 1) whose p divides its
+filters becomes a :class:`~bitcompiler.methods.tiled.TiledBitConv2d` (R = O/p filters computed once);
+any other tiled conv, and every tiled conv on Cortex-M, stays a binary ``BitConv2d`` of the expanded
+tile, and the report says why. Without this pass, tiled layers compile
 as plain binary layers with the same numbers. It runs after ``fold_scales`` (so merged affines
 and thresholds are in place); if ``fold_scales`` is removed it folds each layer itself.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from bitcompiler.methods.tiled import TiledBitLinear, why_untiled
+from bitcompiler.methods.tiled import TiledBitConv2d, TiledBitLinear, why_untiled
 from bitcompiler.passes.graph_utils import finish, module_of, set_module
 from bitcompiler.passes.pipeline import Pass, PassContext, PassError
 from bitcompiler.quant import numerics
@@ -49,7 +51,12 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             kind = "row-aligned" if numerics.row_aligned(m.out_features, tiles) else "unaligned"
             ctx.notes.append((name, f"tiled p={tiles} ({kind})"))
         elif tiles > 1:
-            ctx.notes.append((name, f"tiled p={tiles} conv stored expanded (no tiled conv kernel yet)"))
+            why = _why_conv_expanded(m, tiles, ctx.target)
+            if why is None:
+                set_module(gm, name, TiledBitConv2d(m, tiles))
+                ctx.notes.append((name, f"tiled p={tiles} (row-aligned)"))
+            else:
+                ctx.notes.append((name, f"tiled p={tiles} conv stored expanded ({why})"))
         elif (scheme := _tiled_scheme(m.label)) is not None:
             numel = m.codes.numel() if m.codes is not None else m.scale.shape[0] * _per_channel(m)
             reason = why_untiled(numel, int(scheme.get("p")), int(scheme.get("min_weights")))
@@ -62,6 +69,17 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if reason:
                 ctx.notes.append((name, reason))
     return finish(gm)
+
+
+def _why_conv_expanded(m, p: int, target: str) -> str | None:
+    """Why a tiled conv stays a binary conv of the expanded tile, or None when it gets a tiled kernel."""
+    if target.startswith("cortex"):
+        return f"no tiled conv kernel for {target} yet"
+    if m.groups != 1:
+        return f"groups={m.groups}: the tiled conv kernel takes groups=1"
+    if not numerics.row_aligned(m.out_channels, p):
+        return f"p={p} does not divide its {m.out_channels} filters (not row-aligned)"
+    return None
 
 
 def _per_channel(m) -> int:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bitcompiler.kernels import ConvSpec, conv2d_kernel
+from bitcompiler.kernels.conv_binary import packs_output
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
 
@@ -50,3 +51,32 @@ def test_other_targets_unscheduled():
     spec = ConvSpec(64, 8, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, False)
     text = conv2d_kernel(spec, target="c").script()
     assert "T.parallel" not in text and "T.vectorized" not in text
+
+
+@pytest.mark.parametrize("c, o, hw, s", [(64, 32, 9, 1), (64, 64, 8, 2), (96, 32, 12, 1)])
+def test_packed_output_is_the_packed_threshold_output(c, o, hw, s):
+    g = torch.Generator().manual_seed(c + o + hw)
+    spec = ConvSpec(c, o, hw, hw, (3, 3), (s, s), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, True)
+    assert packs_output(spec)
+    planes = nu.conv_codes_to_planes(random_codes((o, c, 3, 3), 1, "pm1", g), 1, "pm1")
+    ts = torch.randint(-1, 2, (o,), generator=g).to(torch.int32)
+    th = torch.randint(-20, 21, (o,), generator=g).to(torch.int32)
+    run = build(conv2d_kernel(spec, packed_output=True))
+    for m in (1, 2):
+        x = torch.randn(m, c, hw, hw, generator=g)
+        (y,) = run(
+            act_inputs(x, "binary", 1) + [planes, ts, th],
+            [((m, spec.out_h, spec.out_w, 1, o // 32), "int32")],
+        )
+        ref = nu.bit_conv2d(
+            x, planes, c, (3, 3), "pm1", "binary", torch.ones(o), torch.zeros(o), torch.zeros(o),
+            stride=(s, s), padding=(1, 1), thr_sign=ts, thr=th,
+        )  # fmt: skip
+        assert np.array_equal(y, act_inputs(ref, "binary", 1)[0].numpy())
+
+
+def test_packed_output_needs_a_threshold_layer():
+    spec = ConvSpec(64, 32, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, False)
+    assert not packs_output(spec)
+    with pytest.raises(ValueError, match="packed-output"):
+        conv2d_kernel(spec, packed_output=True)

@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from bitcompiler.kernels import (
+    ConvSpec,
+    TiledConvSpec,
     TiledDenseSpec,
+    conv2d_kernel,
     dense_kernel,
+    tiled_conv_expand_kernel,
     tiled_expand_kernel,
     tiled_fused_kernel,
     tiled_unaligned_kernel,
@@ -130,3 +134,69 @@ def test_spec_errors():
         tiled_expand_kernel(TiledDenseSpec(100, 10, 4, "binary", False, 4))
     with pytest.raises(ValueError, match="threshold"):
         TiledDenseSpec(16, 8, 4, "float", True, 4)
+
+
+# conv: c, o, hw, p, stride, act, threshold, per-channel scales. 64 input channels with binary
+# activations take the register-blocked byte-lane conv for the R filters; 20 take the generic one
+CONV = [
+    (64, 32, 8, 4, 1, "binary", False, False),
+    (64, 32, 8, 8, 2, "binary", True, False),
+    (20, 12, 7, 3, 1, "binary", False, True),
+    (16, 16, 6, 4, 1, "int8", False, False),
+    (16, 16, 6, 4, 2, "int8", True, False),
+    (8, 12, 5, 2, 1, "float", False, True),
+]
+
+
+@pytest.mark.parametrize("c, o, hw, p, s, act, threshold, per_channel", CONV)
+def test_row_aligned_tiled_conv_matches_reference(c, o, hw, p, s, act, threshold, per_channel):
+    g = torch.Generator().manual_seed(c + o + p)
+    r = o // p
+    filters = torch.randint(0, 2, (r, c, 3, 3), generator=g) * 2 - 1
+    planes = nu.conv_codes_to_planes(filters, 1, "pm1")
+    scale = torch.rand(o if per_channel else p, generator=g) + 0.5
+    bias = torch.rand(o, generator=g) - 0.5
+    ts = torch.randint(-1, 2, (o,), generator=g).to(torch.int32)
+    th = torch.randint(-9 * c, 9 * c + 1, (o,), generator=g).to(torch.int32)
+    rows = ConvSpec(c, r, hw, hw, (3, 3), (s, s), (1, 1), (1, 1), 1, 1, "pm1", act, False, False)
+    spec = TiledConvSpec(o, rows.out_h, rows.out_w, p, act, threshold, scale.numel())
+    stage1, stage2 = build(conv2d_kernel(rows)), build(tiled_conv_expand_kernel(spec))
+    conv = {"stride": (s, s), "padding": (1, 1)}
+    for m in (1, 2):
+        x = torch.randn(m, c, hw, hw, generator=g)
+        x[0, :, 0, 0] = 0.0
+        xin = act_inputs(x, act, 1 if act == "binary" else None)
+        first = xin if act != "int8" else [xin[0], torch.ones(m)]
+        unit = [torch.ones(r), torch.zeros(r), torch.zeros(r)]
+        (a,) = stage1([*first, planes, *unit], [((m, r, rows.out_h, rows.out_w), "float32")])
+        # stage 1 is the exact integer accumulator of each distinct filter, computed once
+        xi, _ = nu.quantize_act(x, act)
+        exact = torch.nn.functional.conv2d(xi, filters.double(), **conv).float().numpy()
+        if act == "float":
+            assert_close(a, torch.from_numpy(exact))
+        else:
+            assert np.array_equal(a, exact)
+        xs = [xin[1]] if act == "int8" and not threshold else []
+        (y,) = stage2(
+            [a, *xs, *([ts, th] if threshold else [scale, bias])],
+            [((m, o, rows.out_h, rows.out_w), "float32")],
+        )
+        thr = (ts, th) if threshold else (None, None)
+        ref = nu.tiled_conv2d(x, planes, c, o, p, act, scale, bias, (s, s), (1, 1), (1, 1), *thr)
+        _check(y, ref, threshold)
+
+
+def test_tiled_conv_reference_is_the_expanded_binary_conv():
+    g = torch.Generator().manual_seed(0)
+    filters = torch.randint(0, 2, (3, 8, 3, 3), generator=g) * 2 - 1
+    x, scale, bias = torch.randn(2, 8, 5, 5, generator=g), torch.rand(4) + 0.5, torch.randn(12, generator=g)
+    got = nu.tiled_conv2d(
+        x, nu.conv_codes_to_planes(filters, 1, "pm1"), 8, 12, 4, "binary", scale, bias, padding=(1, 1)
+    )
+    full = nu.expand_tile(filters.reshape(-1), (12, 8, 3, 3))
+    want = nu.conv2d_codes(
+        x, full, "binary", scale.repeat_interleave(3), torch.zeros(12), bias, padding=(1, 1)
+    )
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="divide"):
+        nu.tiled_conv2d(x, nu.conv_codes_to_planes(filters, 1, "pm1"), 8, 10, 4, "binary", scale, bias)

@@ -1,11 +1,12 @@
 """tiled scheme: tile construction, straight-through gradient, fallbacks, accounting, compile()."""
 
+import pytest
 import torch
 from torch import nn
 
 import bitcompiler as bc
 from bitcompiler.capture import capture
-from bitcompiler.methods.tiled import TiledBitLinear, TiledWeight, weight_storage
+from bitcompiler.methods.tiled import TiledBitConv2d, TiledBitLinear, TiledWeight, weight_storage
 from bitcompiler.passes import PassContext, Pipeline
 from bitcompiler.quant import numerics as nu
 from bitcompiler.quant.schemes import Scheme
@@ -117,3 +118,43 @@ def test_compile_fuses_the_two_stages_of_a_binary_row_aligned_layer():
         "bitc_tiled_binary_32x16_p4_expand",
     ]
     assert_close(cm(x), cm.reference(x))
+
+
+@pytest.mark.parametrize("act", ["binary", "float"])
+def test_compile_tiled_convs(act):
+    torch.manual_seed(4)
+    # c1: 16 -> 32 filters at p=4 (8 stored, computed once); c2: 32 -> 32 at p=4 (8 stored)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.Hardtanh(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.Hardtanh(),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
+    ).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 1, 8, 8)
+    cm = bc.compile(model, (x,), scheme=f"tiled:p=4,min_weights=1,act={act},first_last=keep")
+    assert sum(isinstance(m, TiledBitConv2d) for m in cm.graph.modules()) == 2
+    calls = [
+        line.split()[1]
+        for line in cm._runner.executable.as_text().splitlines()
+        if line.split()[:1] == ["call"] and "bitc_tiled_conv2d" in line
+    ]
+    assert [c.split("_p4")[0].split("_")[-2:] + [c.rsplit("_", 1)[-1]] for c in calls] == [
+        ["16x32", "3x3", "rows"],
+        ["16x32", "3x3", "expand"],
+        ["32x32", "3x3", "rows"],
+        ["32x32", "3x3", "expand"],
+    ]
+    assert_close(cm(x), cm.reference(x))
+    row = {r.name: r for r in cm.report().layers}["3"]
+    # 8 stored filters x 9 taps x one word of 16 channels, plus the p=4 scales: nothing else
+    assert row.weight_bytes == nu.packed_weight_bytes(8 * 9, 4) and row.op == "conv2d"
+    assert "row-aligned R=8" in row.note and row.bits_per_weight == 8 * row.weight_bytes / (32 * 16 * 9)

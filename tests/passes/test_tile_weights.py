@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitcompiler.methods.tiled import TiledBitLinear
+from bitcompiler.methods.tiled import TiledBitConv2d, TiledBitLinear
 from bitcompiler.passes import (
     PassError,
     Pipeline,
@@ -92,3 +92,48 @@ def test_scale_after_a_merged_affine_stays_per_channel():
     layer = gm.get_submodule("1")
     assert isinstance(layer, TiledBitLinear) and layer.scale.shape == (16,) and layer.n_floats == 16
     assert torch.equal(gm(x), want)
+
+
+class TiledConvs(nn.Module):
+    """conv1 (8 -> 16 filters, p=4: 4 filters stored), conv2 (groups 2: stays expanded), fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c1, self.b1 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(self.c0(x))))
+        return self.fc(self.c2(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("target", ["cpu", "cortex-m4"])
+def test_row_aligned_conv_becomes_a_tiled_conv(target):
+    torch.manual_seed(1)
+    m = TiledConvs().eval()
+    x = torch.randn(2, 1, 6, 6)
+    c = ctx("tiled:p=4,min_weights=1,first_last=keep", x)
+    c = type(c)(scheme=c.scheme, strict=c.strict, target=target, example_inputs=c.example_inputs)
+    before = fold_scales.run(insert_quantizers.run(trace(m), c))
+    want = before(x)
+    codes = before.get_submodule("c1").codes.clone()
+    after = tile_weights.run(before, c)
+    notes = dict(c.notes)
+    assert type(after.get_submodule("c2")).__name__ == "BitConv2d"
+    assert "groups=2" in notes["c2"] or target != "cpu"
+    if target == "cpu":
+        c1 = after.get_submodule("c1")
+        assert isinstance(c1, TiledBitConv2d) and notes["c1"] == "tiled p=4 (row-aligned)"
+        assert c1.tile.shape == (1, 4, 3, 3, 1) and c1.scale.shape[0] in (4, 16)
+        assert torch.equal(nu.conv_planes_to_codes(c1.tile, 8, "pm1").repeat(4, 1, 1, 1), codes.long())
+        lowered = lower_bit_ops.run(pack_weights.run(after))
+        ops = [str(n.target) for n in lowered.graph.nodes if n.op == "call_function"]
+        assert "bitc.tiled_conv2d.default" in ops
+        torch.testing.assert_close(lowered(x), want, rtol=1e-5, atol=1e-5)
+    else:
+        assert type(after.get_submodule("c1")).__name__ == "BitConv2d"
+        assert "no tiled conv kernel for cortex-m4" in notes["c1"]
+    # the same numbers up to float rounding (float-activation convs accumulate in double)
+    torch.testing.assert_close(after(x), want, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,8 @@ from bitcompiler.quant.numerics.core import (
     EPS,
     affine_weight,
     code_to_planes,
+    conv2d_codes,
+    conv_planes_to_codes,
     linear_codes,
     num_words,
     pack_bits,
@@ -123,6 +125,34 @@ def tiled_linear(
     """
     q = expand_tile(unpack_tile(words, n, k, p), (n, k))
     return linear_codes(x, q, act, channel_scale(scale, n), torch.zeros(n), bias, thr_sign, thr)
+
+
+def tiled_conv2d(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    in_channels: int,
+    out_channels: int,
+    p: int,
+    act: str,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    thr_sign: torch.Tensor | None = None,
+    thr: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference row-aligned tiled conv (groups 1): the bit conv of the expanded tile, scale ``scale[c(o)]``.
+
+    ``planes (1, R, KH, KW, CW)`` are the tile's R = O/p distinct filters; output channel ``o`` uses
+    filter ``o mod R``, so ``acc[m, o] = acc[m, o mod R]``: what the kernel computes once.
+    """
+    if not row_aligned(out_channels, p) or planes.shape[1] * p != out_channels:
+        raise ValueError(f"a tiled conv tile needs p={p} to divide its {out_channels} filters")
+    q = conv_planes_to_codes(planes, in_channels, "pm1").repeat(p, 1, 1, 1)
+    zeros = torch.zeros(out_channels)
+    scale = channel_scale(scale, out_channels)
+    return conv2d_codes(x, q, act, scale, zeros, bias, stride, padding, dilation, 1, thr_sign, thr)
 
 
 # --------------------------------------------------------------------------- group weight transforms (§3)
