@@ -143,7 +143,9 @@ def part_cnn() -> None:
         print(f"[cnn] {label}: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"\n### Small CNN on Fashion-MNIST ({n_train} training images, {epochs} epochs, seeds {SEEDS})\n")
     table(rows)
-    plot_accuracy_vs_bits(points, os.environ.get("CNN_PLOT", "docs/img/tbn_accuracy_bits.png"), n_train, epochs)
+    plot_accuracy_vs_bits(
+        points, os.environ.get("CNN_PLOT", "docs/img/tbn_accuracy_bits.png"), n_train, epochs
+    )
 
 
 def plot_accuracy_vs_bits(points: list[tuple], path: str, n_train: int, epochs: int) -> None:
