@@ -102,11 +102,7 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
         # the threshold outputs of channels o0 .. o0 + 7 (accumulators ``accs``) as the bits of one
         # byte (1 = +1), i.e. exactly what pack_sign_nchw makes of them
         bits = [
-            tirx.Select(
-                thr_value(TS, TH, a, o0 + r) > tirx.const(0.0, F32),
-                tirx.const(1 << r, I32),
-                tirx.const(0, I32),
-            )
+            tirx.Select(thr_hit(TS, TH, a, o0 + r), tirx.const(1 << r, I32), tirx.const(0, I32))
             for r, a in enumerate(accs)
         ]
         return tirx.Cast(U8, sum(bits[1:], bits[0]))
@@ -120,10 +116,13 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
         # acc_value where every column is valid: a vector subtract and shift per output
         return (n_rows(oh) * KW) * CG - 2 * (as_i32(S[r, l]) - sum(RC[r, b] for b in range(KW)))
 
-    def thr_value(TS, TH, a, o):
+    def thr_hit(TS, TH, a, o):
         # the reference's s = sign(TS) * a (0 when TS = 0), then s >= TH
         sgn = tirx.Select(TS[o] > 0, 1, 0) - tirx.Select(TS[o] < 0, 1, 0)
-        return tirx.Select(sgn * a >= TH[o], tirx.const(1.0, F32), tirx.const(-1.0, F32))
+        return sgn * a >= TH[o]
+
+    def thr_value(TS, TH, a, o):
+        return tirx.Select(thr_hit(TS, TH, a, o), tirx.const(1.0, F32), tirx.const(-1.0, F32))
 
     def aff_value(SC, BI, a, o):
         return SC[o] * a.astype(F32) + BI[o]
@@ -249,6 +248,17 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
                                             E0,
                                             E1,
                                             [acc_inner(S, RC, r, l, t % OH) for r in range(OB)],
+                                            t // OH * OB,
+                                        )
+                                elif OWP == OW:
+                                    for l in T.vectorized(T.int64(VL)):
+                                        YB[m, t % OH, v * VL + l, t // OH] = packed_byte(
+                                            E0,
+                                            E1,
+                                            [
+                                                acc_value(S, RC, PCK, r, l, t % OH, v * VL + l)
+                                                for r in range(OB)
+                                            ],
                                             t // OH * OB,
                                         )
                                 else:
