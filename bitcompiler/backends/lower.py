@@ -72,7 +72,7 @@ def _packed_by_producer(bb: Any, x: Any, nchw: tuple) -> Any | None:
 
     from bitcompiler import kernels
 
-    entry = next((e for var, e in getattr(bb, _PACKABLE, []) if var.same_as(x)), None)
+    entry = _recall(bb, _PACKABLE, x)
     if entry is None or nchw[3] != 1:
         return None
     spec, name, args = entry
@@ -197,13 +197,64 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     y = _emit_kernel(
         bb, kernels.conv2d_kernel(spec), name, kargs, relax.TensorType((m, o, oh, ow), "float32")
     )
-    from bitcompiler.kernels.conv_binary import packs_output
+    from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
 
     if packs_output(spec):
-        if not hasattr(bb, _PACKABLE):
-            setattr(bb, _PACKABLE, [])
-        getattr(bb, _PACKABLE).append((y, (spec, name, kargs)))
+        _remember(bb, _PACKABLE, y, (spec, name, kargs))
+    if fuses_residual(spec) and _only_feeds_add_then_hardtanh(node):
+        _remember(bb, _RESIDUAL, y, (spec, name, kargs))
     return y
+
+
+def _remember(bb: Any, registry: str, var: Any, entry: tuple) -> None:
+    if not hasattr(bb, registry):
+        setattr(bb, registry, [])
+    getattr(bb, registry).append((var, entry))
+
+
+def _recall(bb: Any, registry: str, var: Any) -> tuple | None:
+    return next((e for v, e in getattr(bb, registry, []) if v.same_as(var)), None)
+
+
+# affine binary convs whose only use is ``hardtanh(conv + residual)`` (a ResNet block's end)
+_RESIDUAL = "_bitc_residual"
+
+
+def _only_feeds_add_then_hardtanh(node: fx.Node) -> bool:
+    users = list(node.users)
+    if len(users) != 1 or "add" not in str(users[0].target):
+        return False
+    after = list(users[0].users)
+    return len(after) == 1 and "hardtanh" in str(after[0].target)
+
+
+def convert_hardtanh(node: fx.Node, importer: Any) -> Any:
+    """``hardtanh(conv + residual)`` of a binary conv: one conv kernel with the add and the clamp
+    in its epilogue (the unfused conv and add are left unused and dead-code elimination drops
+    them); any other hardtanh: ``clip``, as the frontend converts it."""
+    import tvm
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
+    if isinstance(bound, relax.Call) and bound.op.same_as(tvm.ir.Op.get("relax.add")):
+        for conv, res in (bound.args, bound.args[::-1]):
+            entry = _recall(bb, _RESIDUAL, conv)
+            if entry is None or [_int(d) for d in _shape(res)[1:]] != [_int(d) for d in _shape(conv)[1:]]:
+                continue
+            spec, name, kargs = entry
+            if res.ty.dtype != "float32" or str(_shape(res)[0]) != str(_shape(conv)[0]):
+                continue
+            prim = kernels.conv2d_kernel(spec, residual_clip=(float(lo), float(hi)))
+            return _emit_kernel(
+                bb, prim, f"{name}_res", [*kargs, res], relax.TensorType(_shape(conv), "float32")
+            )
+    return bb.emit(relax.op.clip(x, lo, hi))
 
 
 def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
@@ -317,6 +368,7 @@ CONVERTERS = {
     "bit_conv2d.default": convert_bit_conv2d,
     "tiled_linear.default": convert_tiled_linear,
     "tiled_conv2d.default": convert_tiled_conv2d,
+    "hardtanh.default": convert_hardtanh,
 }
 
 

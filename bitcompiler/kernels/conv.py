@@ -30,7 +30,7 @@ from typing import Any
 from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, shape64, target_kind
-from bitcompiler.kernels.conv_binary import binary_pm1_func, packs_output
+from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
 from bitcompiler.kernels.dense_avx2 import avx2_target
 from bitcompiler.kernels.spec import ConvSpec
 
@@ -297,7 +297,10 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
 
 
 def conv2d_kernel(
-    spec: ConvSpec, target: str | dict | Any = "llvm", packed_output: bool = False
+    spec: ConvSpec,
+    target: str | dict | Any = "llvm",
+    packed_output: bool = False,
+    residual_clip: tuple[float, float] | None = None,
 ) -> tirx.PrimFunc:
     """The conv bit kernel for ``spec``; scheduled for the host CPU when ``target`` is LLVM.
 
@@ -309,14 +312,18 @@ def conv2d_kernel(
     ``packed_output=True`` (CPU, :func:`packs_output` specs: binary pm1 threshold layers with 32k
     output channels) writes ``Y int32 (M,OH,OW,1,O/32)`` instead: the +-1 outputs already packed
     as :func:`bitcompiler.kernels.pack_sign_nchw` packs them for a groups-1 binary layer.
+    ``residual_clip=(lo, hi)`` (CPU, :func:`fuses_residual` specs) adds a residual input ``RES f32
+    (M,O,OH,OW)`` after the epilogue buffers and writes ``Y = hardtanh(epilogue + RES, lo, hi)``.
     """
     if not isinstance(spec, ConvSpec):
         raise ValueError(f"conv2d_kernel needs a ConvSpec, got {type(spec).__name__}")  # noqa: TRY004
     cpu = target_kind(target) == "llvm"
+    if residual_clip is not None and not (cpu and fuses_residual(spec)):
+        raise ValueError(f"no residual-epilogue conv kernel for {spec} on {target!r}")
     if packed_output and not (cpu and packs_output(spec)):
         raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
     if cpu and spec.act == "binary" and spec.code == "pm1":
-        func = binary_pm1_func(spec, byte_lanes=avx2_target(target), packed=packed_output)
+        func = binary_pm1_func(spec, byte_lanes=avx2_target(target), packed=packed_output, clip=residual_clip)
     elif cpu and spec.act != "binary":
         func = _direct_func(spec)
     else:

@@ -27,6 +27,11 @@ CPU schedule, ``act="binary"`` with pm1 weights (``binary_pm1_func``, written di
   ``PCK[r, kw]`` (per column) and a per-(block, row) ``RC``. Pixel vectors whose taps are all
   inside the image horizontally (most of them) skip the per-column selects: one subtract and
   shift per output. The threshold is ``sign(TS)·acc >= TH`` with one multiply.
+* Two epilogue variants the CPU lowering (``backends/lower.py``) picks from the graph: a
+  threshold layer feeding only binary layers writes their **packed input** directly (one byte =
+  the 8 channels of a block, ``packed=True``; it replaces the float +-1 output and the packing
+  kernel), and an affine layer whose only use is ``hardtanh(conv + residual)`` adds the
+  **residual** and clamps in its epilogue (``clip=(lo, hi)``; replaces an add and a clip kernel).
 * Parallel over output-channel blocks (each builds its tables once), rows inside; the epilogue
   is vectorized over the pixels (scalar with a bounds test when the width is not a multiple of
   ``VL``).
@@ -54,11 +59,22 @@ def packs_output(spec: ConvSpec) -> bool:
     )
 
 
-def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = False) -> tirx.PrimFunc:
+def fuses_residual(spec: ConvSpec) -> bool:
+    """Whether :func:`binary_pm1_func` can fold ``hardtanh(conv + residual)`` into ``spec``'s epilogue."""
+    return spec.act == "binary" and spec.code == "pm1" and not spec.threshold
+
+
+def binary_pm1_func(
+    spec: ConvSpec, byte_lanes: bool = False, packed: bool = False, clip: tuple[float, float] | None = None
+) -> tirx.PrimFunc:
     """Register-blocked act="binary", code="pm1" conv for the host CPU (see the module docstring);
     ``byte_lanes`` (AVX2) sums the popcounts in uint8 lanes where the shape allows. ``packed``
     (threshold layers, :func:`packs_output`) writes ``Y int32 (M, OH, OW, 1, O/32)`` in the layout
-    :func:`bitcompiler.kernels.pack_sign_nchw` gives (groups 1) instead of +-1 floats."""
+    :func:`bitcompiler.kernels.pack_sign_nchw` gives (groups 1) instead of +-1 floats. ``clip =
+    (lo, hi)`` (affine layers) takes a residual ``RES f32 (M, O, OH, OW)`` before ``Y`` and writes
+    ``Y = hardtanh(epilogue + RES, lo, hi)``: a ResNet block's add and activation in the epilogue."""
+    if clip is not None and (spec.threshold or packed):
+        raise ValueError("a residual epilogue needs the float (non-threshold) output")
     if packed and not packs_output(spec):
         raise ValueError("a packed output needs a binary pm1 threshold conv with 32k output channels")
     O, H, W = spec.out_channels, spec.in_h, spec.in_w
@@ -106,6 +122,13 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
             for r, a in enumerate(accs)
         ]
         return tirx.Cast(U8, sum(bits[1:], bits[0]))
+
+    def post(v, RES, at):
+        # with a residual: hardtanh(v + RES[at]) as PyTorch computes it (float32 add, then clamp)
+        if clip is None:
+            return v
+        lo, hi = (tirx.const(float(b), F32) for b in clip)
+        return tirx.min(tirx.max(v + RES[at], lo), hi)
 
     def interior(v):
         # all VL pixels of vector v are real outputs whose KW taps all lie inside the image
@@ -193,7 +216,7 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
 
     def make(out_value, E0, E1):
         @T.macro
-        def body(XP, P, Y, M):
+        def body(XP, P, Y, M, RES):
             XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(G), T.int64(CV)), WT, data=XP.data)
             PV = T.decl_buffer((T.int64(O), T.int64(KH), T.int64(KW), T.int64(CV)), WT, data=P.data)
             # the nibble popcount table, written here and read in the parallel body (a separate
@@ -277,26 +300,38 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
                                 # every tap of these VL pixels is inside the image horizontally
                                 for r in T.unroll(T.int64(OB)):
                                     for l in T.vectorized(T.int64(VL)):
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = out_value(
-                                            E0, E1, acc_inner(S, RC, r, l, t % OH), t // OH * OB + r
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = post(
+                                            out_value(
+                                                E0, E1, acc_inner(S, RC, r, l, t % OH), t // OH * OB + r
+                                            ),
+                                            RES,
+                                            (m, t // OH * OB + r, t % OH, v * VL + l),
                                         )
                             elif OWP == OW:
                                 for r in T.unroll(T.int64(OB)):
                                     for l in T.vectorized(T.int64(VL)):
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = out_value(
-                                            E0,
-                                            E1,
-                                            acc_value(S, RC, PCK, r, l, t % OH, v * VL + l),
-                                            t // OH * OB + r,
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = post(
+                                            out_value(
+                                                E0,
+                                                E1,
+                                                acc_value(S, RC, PCK, r, l, t % OH, v * VL + l),
+                                                t // OH * OB + r,
+                                            ),
+                                            RES,
+                                            (m, t // OH * OB + r, t % OH, v * VL + l),
                                         )
                             else:
                                 for r, l in T.grid(T.int64(OB), T.int64(VL)):
                                     if v * VL + l < OW:
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = out_value(
-                                            E0,
-                                            E1,
-                                            acc_value(S, RC, PCK, r, l, t % OH, v * VL + l),
-                                            t // OH * OB + r,
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = post(
+                                            out_value(
+                                                E0,
+                                                E1,
+                                                acc_value(S, RC, PCK, r, l, t % OH, v * VL + l),
+                                                t // OH * OB + r,
+                                            ),
+                                            RES,
+                                            (m, t // OH * OB + r, t % OH, v * VL + l),
                                         )
 
         return body
@@ -311,7 +346,7 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
             TS = T.match_buffer(ts, (T.int64(O),), "int32")
             TH = T.match_buffer(th, (T.int64(O),), "int32")
             Y = T.match_buffer(y, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
-            make(thr_value, TS, TH)(XP, P, Y, M)
+            make(thr_value, TS, TH)(XP, P, Y, M, Y)
 
         return func
 
@@ -325,7 +360,7 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
             TS = T.match_buffer(ts, (T.int64(O),), "int32")
             TH = T.match_buffer(th, (T.int64(O),), "int32")
             Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-            make(thr_value, TS, TH)(XP, P, Y, M)
+            make(thr_value, TS, TH)(XP, P, Y, M, Y)
 
         return func
 
@@ -338,6 +373,21 @@ def binary_pm1_func(spec: ConvSpec, byte_lanes: bool = False, packed: bool = Fal
         T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
         BI = T.match_buffer(bi, (T.int64(O),), F32)
         Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        make(aff_value, SC, BI)(XP, P, Y, M)
+        make(aff_value, SC, BI)(XP, P, Y, M, Y)
+
+    if clip is None:
+        return func
+
+    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, res: T.handle, y: T.handle):
+        M = T.int64()
+        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
+        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+        SC = T.match_buffer(sc, (T.int64(O),), F32)
+        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
+        BI = T.match_buffer(bi, (T.int64(O),), F32)
+        RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        make(aff_value, SC, BI)(XP, P, Y, M, RES)
 
     return func

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bitcompiler.kernels import ConvSpec, conv2d_kernel
-from bitcompiler.kernels.conv_binary import packs_output
+from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
 
@@ -80,3 +80,31 @@ def test_packed_output_needs_a_threshold_layer():
     assert not packs_output(spec)
     with pytest.raises(ValueError, match="packed-output"):
         conv2d_kernel(spec, packed_output=True)
+
+
+@pytest.mark.parametrize(
+    "c, o, hw, s, clip",
+    [(64, 16, 9, 1, (-1.0, 1.0)), (64, 24, 8, 2, (-0.5, 2.0)), (96, 8, 7, 1, (-100.0, 100.0))],
+)
+def test_residual_epilogue_is_hardtanh_of_conv_plus_residual(c, o, hw, s, clip):
+    g = torch.Generator().manual_seed(c + o + hw)
+    spec = ConvSpec(c, o, hw, hw, (3, 3), (s, s), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, False)
+    assert fuses_residual(spec)
+    planes = nu.conv_codes_to_planes(random_codes((o, c, 3, 3), 1, "pm1", g), 1, "pm1")
+    ep, kw = epilogue_params(o, False, g, False, spec.reduction // 4)
+    run = build(conv2d_kernel(spec, residual_clip=clip))
+    for m in (1, 2):
+        x = torch.randn(m, c, hw, hw, generator=g)
+        res = torch.randn(m, o, spec.out_h, spec.out_w, generator=g)
+        (y,) = run(
+            act_inputs(x, "binary", 1) + [planes] + ep + [res], [((m, o, spec.out_h, spec.out_w), "float32")]
+        )
+        conv = nu.bit_conv2d(x, planes, c, (3, 3), "pm1", "binary", stride=(s, s), padding=(1, 1), **kw)
+        assert_close(y, torch.nn.functional.hardtanh(conv + res, *clip))
+
+
+def test_residual_epilogue_needs_a_float_output():
+    spec = ConvSpec(64, 32, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, True)
+    assert not fuses_residual(spec)
+    with pytest.raises(ValueError, match="residual"):
+        conv2d_kernel(spec, residual_clip=(-1.0, 1.0))

@@ -1,0 +1,53 @@
+"""CPU lowering rewrites: one packing per tensor, threshold convs writing the next layer's packed
+input, and a ResNet block's add + hardtanh folded into its last conv; outputs == reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitcompiler as bc
+from tests.conftest import _randomize_bn, assert_close
+
+
+class Block(nn.Module):
+    """A binary basic block (conv-BN-hardtanh, conv-BN, + shortcut, hardtanh) between 8-bit ends."""
+
+    def __init__(self, use_sum_twice: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.c1, self.b1 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.c2, self.b2 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 5)
+        self.use_sum_twice = use_sum_twice
+
+    def forward(self, x):
+        x = F.hardtanh(self.stem(x))
+        s = self.b2(self.c2(F.hardtanh(self.b1(self.c1(x))))) + x
+        out = F.hardtanh(s)
+        if self.use_sum_twice:  # the sum is needed on its own: no fusion
+            out = out + s
+        return self.fc(out.mean((2, 3)))
+
+
+def kernels_called(cm) -> list[str]:
+    text = cm._runner.executable.as_text()
+    return [line.split()[1] for line in text.splitlines() if line.split()[:1] == ["call"] and "bitc_" in line]
+
+
+@pytest.mark.parametrize("use_sum_twice", [False, True])
+def test_block_rewrites(use_sum_twice):
+    torch.manual_seed(0)
+    model = _randomize_bn(Block(use_sum_twice)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    cm = bc.compile(model, (x,), scheme="binary:act=binary")
+    calls = kernels_called(cm)
+    convs = [c for c in calls if c.startswith("bitc_conv2d_binary")]
+    # c1 (threshold: it only feeds c2's sign) writes c2's packed input; no packing in between
+    assert convs[0].endswith("_thr_packed") and calls[calls.index(convs[0]) + 1] == convs[1]
+    if use_sum_twice:
+        assert not convs[1].endswith("_res")
+    else:
+        assert convs[1].endswith("_res")  # hardtanh(b2(c2) + x) in c2's epilogue
+    assert sum(c.startswith("bitc_pack_sign_nchw") for c in calls) == 1  # the stem's output only
+    assert_close(cm(x), cm.reference(x))
