@@ -45,7 +45,11 @@ def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
     M = batch_var()
     P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
     binary = spec.act == "binary"
-    acc_t = F32 if spec.act == "float" else "int32"
+    # int8 x k-bit products summed in float32 are exact while every partial sum stays below 2^24
+    # (vfmadd instead of vpmulld + vpaddd): true for small reductions such as an RGB stem
+    qmax = 1 if spec.code == "pm1" else 2**B - 1
+    exact_f32 = spec.act == "int8" and CG * KH * KW * 127 * qmax < 2**24
+    acc_t = F32 if spec.act == "float" or exact_f32 else "int32"
 
     def rows(oh, kh):
         return oh * SH - PH + kh * DH
@@ -189,7 +193,8 @@ def _direct_func(spec: ConvSpec) -> tirx.PrimFunc:
     ``Q (O, CG, KH, KW)`` holds each weight's integer code (``+-1`` for pm1), decoded from the bit
     planes at the start of every call (O*CG*KH*KW*B operations, small next to the conv);
     ``XZ`` is the zero-padded input, so the reduction has no bounds tests. Products accumulate in
-    int32 (int8 activations) or float32, exactly as the reference.
+    float32: exact for int8 activations whenever every partial sum stays below 2^24
+    (``CG*KH*KW*127*qmax < 2^24``, e.g. an RGB stem; else int32), as the reference for float ones.
     """
     C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
@@ -198,7 +203,11 @@ def _direct_func(spec: ConvSpec) -> tirx.PrimFunc:
     HP, WP = H + 2 * PH, W + 2 * PW
     M = batch_var()
     P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
-    acc_t = F32 if spec.act == "float" else "int32"
+    # int8 x k-bit products summed in float32 are exact while every partial sum stays below 2^24
+    # (vfmadd instead of vpmulld + vpaddd): true for small reductions such as an RGB stem
+    qmax = 1 if spec.code == "pm1" else 2**B - 1
+    exact_f32 = spec.act == "int8" and CG * KH * KW * 127 * qmax < 2**24
+    acc_t = F32 if spec.act == "float" or exact_f32 else "int32"
     if spec.act == "float":
         X = te.placeholder(shape64(M, C, H, W), F32, "X")
         inputs, XS = [X], None
@@ -259,7 +268,7 @@ def _schedule_direct(func: tirx.PrimFunc, spec: ConvSpec, has_sumx: bool) -> tir
     sch = s_tir.Schedule(func)
     OW = spec.out_w
     VL = largest_divisor(OW, (8, 4, 2))
-    OB = largest_divisor(spec.og, (4, 2))
+    OB = largest_divisor(spec.og, (8, 4, 2))
     for name in ("Q", "XZ"):
         b = sch.get_sblock(name)
         sch.parallel(sch.get_loops(b)[0])
