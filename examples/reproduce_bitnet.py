@@ -55,14 +55,20 @@ def spread(xs: list[float]) -> str:
 
 
 def run(
-    name: str, epochs: int, limit: int | None, lambda2s: list[float], model: str, modes: list[str]
+    name: str,
+    epochs: int,
+    limit: int | None,
+    lambda2s: list[float],
+    model: str,
+    modes: list[str],
+    lrs: tuple[float, ...] = LRS,
 ) -> dict:
     make = MODELS[model]
     train, test = datasets.load(name, "train"), datasets.load(name, "test")
     if limit:
         train = torch.utils.data.Subset(train, range(limit))
     out: dict = {"dataset": name, "model": model, "epochs": epochs, "limit": limit, "float": {}, "bitnet": []}
-    for lr in LRS:
+    for lr in lrs:
         runs = []
         for seed in SEEDS:
             torch.manual_seed(seed)
@@ -74,7 +80,7 @@ def run(
             f"({sum(r['seconds'] for r in runs):.0f} s)",
             flush=True,
         )
-    best_lr = max(LRS, key=lambda lr: statistics.mean(r["acc"] for r in out["float"][lr]))
+    best_lr = max(lrs, key=lambda lr: statistics.mean(r["acc"] for r in out["float"][lr]))
     out["best_lr"] = best_lr
     for mode in modes:
         for lambda2 in lambda2s:
@@ -110,23 +116,32 @@ def run(
     return out
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, window: int = 50) -> None:
+    """One panel per dataset × BitNet setting (seed 0): every layer's B after each step (thin; B often
+    flips ±1 every step) and its ``window``-step running mean (bold)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.2), squeeze=False)
-    for ax, r in zip(axes[0], results):
-        for b, style in zip(r["bitnet"], ("-", "--", ":", "-.", (0, (1, 3)), (0, (5, 5)))):
-            for layer, traj in b["runs"][0]["trajectory"].items():
-                ax.plot(traj, linestyle=style, label=f"{layer}, {b['mode']}, λ2={b['lambda2']:g}", lw=1)
+    panels = [(r, b) for r in results for b in r["bitnet"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (r, b) in zip(axes[0], panels):
+        for i, (layer, traj) in enumerate(b["runs"][0]["trajectory"].items()):
+            t = torch.tensor(traj, dtype=torch.float)
+            smooth = t.unfold(0, window, 1).mean(1) if len(t) >= window else t
+            ax.plot(t, color=f"C{i}", lw=0.4, alpha=0.35)
+            ax.plot(
+                range(len(t) - len(smooth), len(t)), smooth, color=f"C{i}", lw=1.8, label=f"layer {layer}"
+            )
         ax.set(
-            title=f"BitNet bits per layer, {r['dataset']} {r['model']} (seed 0)",
+            title=f"{r['dataset']} {r['model']}, mode={b['mode']}, λ2={b['lambda2']:g}",
             xlabel="optimizer step",
-            ylabel="B",
+            ylabel="B (bold: running mean)",
         )
+        ax.title.set_fontsize("medium")
         ax.legend(fontsize="small")
+    fig.suptitle("BitNet bits per layer (seed 0)", fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -172,6 +187,11 @@ def main() -> None:
         "--epochs", type=int, default=None, help="override the epochs of every dataset (budget cuts)"
     )
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
+    p.add_argument(
+        "--lrs",
+        default=",".join(f"{lr:g}" for lr in LRS),
+        help="float baseline's Adam learning rates (the best one is BitNet's); one LR re-runs a known best",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -183,9 +203,10 @@ def main() -> None:
     plan = [(name, args.epochs or epochs, args.limit or limit) for name, epochs, limit in plan]
     lambda2s = [float(x) for x in args.lambda2.split(",")]
     modes = args.mode.split(",")
+    lrs = tuple(float(x) for x in args.lrs.split(","))
     wanted = args.datasets.split(",")
     results = [
-        run(name, epochs, limit, lambda2s, args.model, modes)
+        run(name, epochs, limit, lambda2s, args.model, modes, lrs)
         for name, epochs, limit in plan
         if name in wanted
     ]
