@@ -173,7 +173,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="/tmp/bitnet_results.json")
     p.add_argument("--lambda2", default="1e-6,1e-5,3e-5", help="comma-separated bit-cost weights λ2 to run")
-    p.add_argument("--plot", default="docs/img/bitnet_bits.png", help="where the bits-per-layer plot goes")
+    p.add_argument(
+        "--plot",
+        default="/tmp/bitnet_bits.png",
+        help="where the bits-per-layer plot goes (the committed one: docs/img/)",
+    )
     p.add_argument("--datasets", default="fashion-mnist,mnist-5k", help="comma-separated subset to run")
     p.add_argument(
         "--model", default="mlp", choices=sorted(MODELS), help="MLP 784-256-128-10 or the small CNN"
