@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import tvm
@@ -56,3 +57,34 @@ def largest_divisor(n: int, candidates: tuple[int, ...]) -> int:
 def divisors(n: int, candidates: tuple[int, ...]) -> list[int]:
     """The candidates that divide ``n`` (``[1]`` when none does): a schedule's legal choices."""
     return [c for c in candidates if n % c == 0] or [1]
+
+
+def _find_parser_by_frame_walk() -> None:
+    """Make TVMScript's macro expansion find its parser without ``inspect.getouterframes``.
+
+    ``ScriptMacro._find_parser_def`` looks for the running parser in the globals of the calling
+    frames, but builds a ``FrameInfo`` (source lines and module lookup) for every outer frame to
+    do so: that was most of the time of building a conv kernel (0.45 s, 3.8 s at the stack depth
+    of the Relax importer, 20 of the 30 s of compiling ResNet-18). This walks ``f_back`` and
+    checks the same globals in the same order. Left alone if TVM's parser looks different.
+    """
+    from tvm.script.parser.core import parser as script_parser
+
+    macro = getattr(script_parser, "ScriptMacro", None)
+    name = getattr(macro, "parser_object_name", None)
+    if macro is None or not isinstance(name, str) or not hasattr(macro, "_find_parser_def"):
+        return
+
+    def _find_parser_def(self: Any) -> Any:
+        frame = sys._getframe(0)
+        while frame is not None:
+            parser = frame.f_globals.get(name)
+            if parser is not None:
+                return parser
+            frame = frame.f_back
+        raise RuntimeError(f"{name} not available")
+
+    macro._find_parser_def = _find_parser_def
+
+
+_find_parser_by_frame_walk()

@@ -25,6 +25,7 @@ Any other target kind gets the unscheduled, portable TIR.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from tvm import s_tir, te, tirx
@@ -306,6 +307,26 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
 
 
 def conv2d_kernel(
+    spec: ConvSpec,
+    target: str | dict | Any = "llvm",
+    packed_output: bool = False,
+    residual_clip: tuple[float, float] | None = None,
+) -> tirx.PrimFunc:
+    """See :func:`_conv2d_kernel`; built once per spec and target string (ResNet-18 has 3 to 4
+    convolutions of each shape), as every kernel here is a pure function of its arguments."""
+    if isinstance(target, str):
+        return _cached_conv2d_kernel(spec, target, packed_output, residual_clip)
+    return _conv2d_kernel(spec, target, packed_output, residual_clip)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_conv2d_kernel(
+    spec: ConvSpec, target: str, packed_output: bool, residual_clip: tuple[float, float] | None
+) -> tirx.PrimFunc:
+    return _conv2d_kernel(spec, target, packed_output, residual_clip)
+
+
+def _conv2d_kernel(
     spec: ConvSpec,
     target: str | dict | Any = "llvm",
     packed_output: bool = False,
