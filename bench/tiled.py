@@ -45,7 +45,13 @@ def kernel_us(n: int, p: int) -> tuple[float, float]:
     assert fused is not None, "the fused tiled kernel applies to binary row-aligned layers of 256+ bits"
     tiled = timed(
         fused,
-        [((1, kw), "int32"), ((1, r, kw), "int32"), ((p,), "float32"), ((n,), "float32"), ((1, n), "float32")],
+        [
+            ((1, kw), "int32"),
+            ((1, r, kw), "int32"),
+            ((p,), "float32"),
+            ((n,), "float32"),
+            ((1, n), "float32"),
+        ],
     )
     return plain, tiled
 

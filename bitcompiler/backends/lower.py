@@ -250,7 +250,7 @@ def convert_hardtanh(node: fx.Node, importer: Any) -> Any:
             spec, name, kargs = entry
             if res.ty.dtype != "float32" or str(_shape(res)[0]) != str(_shape(conv)[0]):
                 continue
-            prim = kernels.conv2d_kernel(spec, residual_clip=(float(lo), float(hi)))
+            prim = kernels.conv2d_kernel(spec, residual_clip=(float(lo), float(hi)))  # type: ignore[arg-type]
             return _emit_kernel(
                 bb, prim, f"{name}_res", [*kargs, res], relax.TensorType(_shape(conv), "float32")
             )

@@ -76,7 +76,7 @@ def _find_parser_by_frame_walk() -> None:
         return
 
     def _find_parser_def(self: Any) -> Any:
-        frame = sys._getframe(0)
+        frame: Any = sys._getframe(0)
         while frame is not None:
             parser = frame.f_globals.get(name)
             if parser is not None:

@@ -215,6 +215,23 @@ def binary_pm1_func(
                 )
 
     def make(out_value, E0, E1):
+        def acc_at(S, RC, PCK, t, v, r, l, inner):
+            # output row t % OH, pixel v * VL + l, channel r of the block: the short form when the
+            # whole vector is interior
+            if inner:
+                return acc_inner(S, RC, r, l, t % OH)
+            return acc_value(S, RC, PCK, r, l, t % OH, v * VL + l)
+
+        def y_at(E0, E1, S, RC, PCK, RES, m, t, v, r, l, inner):
+            o = t // OH * OB + r
+            value = out_value(E0, E1, acc_at(S, RC, PCK, t, v, r, l, inner), o)
+            return post(value, RES, (m, o, t % OH, v * VL + l))
+
+        def byte_at(E0, E1, S, RC, PCK, t, v, l, inner):
+            return packed_byte(
+                E0, E1, [acc_at(S, RC, PCK, t, v, r, l, inner) for r in range(OB)], t // OH * OB
+            )
+
         @T.macro
         def body(XP, P, Y, M, RES):
             XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(G), T.int64(CV)), WT, data=XP.data)
@@ -267,71 +284,38 @@ def binary_pm1_func(
                                 )
                                 if interior(v):
                                     for l in T.vectorized(T.int64(VL)):
-                                        YB[m, t % OH, v * VL + l, t // OH] = packed_byte(
-                                            E0,
-                                            E1,
-                                            [acc_inner(S, RC, r, l, t % OH) for r in range(OB)],
-                                            t // OH * OB,
+                                        YB[m, t % OH, v * VL + l, t // OH] = byte_at(
+                                            E0, E1, S, RC, PCK, t, v, l, True
                                         )
                                 elif OWP == OW:
                                     for l in T.vectorized(T.int64(VL)):
-                                        YB[m, t % OH, v * VL + l, t // OH] = packed_byte(
-                                            E0,
-                                            E1,
-                                            [
-                                                acc_value(S, RC, PCK, r, l, t % OH, v * VL + l)
-                                                for r in range(OB)
-                                            ],
-                                            t // OH * OB,
+                                        YB[m, t % OH, v * VL + l, t // OH] = byte_at(
+                                            E0, E1, S, RC, PCK, t, v, l, False
                                         )
                                 else:
                                     for l in range(T.int64(VL)):
                                         if v * VL + l < OW:
-                                            YB[m, t % OH, v * VL + l, t // OH] = packed_byte(
-                                                E0,
-                                                E1,
-                                                [
-                                                    acc_value(S, RC, PCK, r, l, t % OH, v * VL + l)
-                                                    for r in range(OB)
-                                                ],
-                                                t // OH * OB,
+                                            YB[m, t % OH, v * VL + l, t // OH] = byte_at(
+                                                E0, E1, S, RC, PCK, t, v, l, False
                                             )
                             elif interior(v):
                                 # every tap of these VL pixels is inside the image horizontally
                                 for r in T.unroll(T.int64(OB)):
                                     for l in T.vectorized(T.int64(VL)):
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = post(
-                                            out_value(
-                                                E0, E1, acc_inner(S, RC, r, l, t % OH), t // OH * OB + r
-                                            ),
-                                            RES,
-                                            (m, t // OH * OB + r, t % OH, v * VL + l),
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = y_at(
+                                            E0, E1, S, RC, PCK, RES, m, t, v, r, l, True
                                         )
                             elif OWP == OW:
                                 for r in T.unroll(T.int64(OB)):
                                     for l in T.vectorized(T.int64(VL)):
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = post(
-                                            out_value(
-                                                E0,
-                                                E1,
-                                                acc_value(S, RC, PCK, r, l, t % OH, v * VL + l),
-                                                t // OH * OB + r,
-                                            ),
-                                            RES,
-                                            (m, t // OH * OB + r, t % OH, v * VL + l),
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = y_at(
+                                            E0, E1, S, RC, PCK, RES, m, t, v, r, l, False
                                         )
                             else:
                                 for r, l in T.grid(T.int64(OB), T.int64(VL)):
                                     if v * VL + l < OW:
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = post(
-                                            out_value(
-                                                E0,
-                                                E1,
-                                                acc_value(S, RC, PCK, r, l, t % OH, v * VL + l),
-                                                t // OH * OB + r,
-                                            ),
-                                            RES,
-                                            (m, t // OH * OB + r, t % OH, v * VL + l),
+                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = y_at(
+                                            E0, E1, S, RC, PCK, RES, m, t, v, r, l, False
                                         )
 
         return body

@@ -113,6 +113,7 @@ class TiledBitLinear(nn.Module):
     bias: torch.Tensor
     thr_sign: torch.Tensor
     thr: torch.Tensor
+    n_floats: int
 
     def __init__(self, bit: BitLinear, p: int) -> None:
         super().__init__()
@@ -127,12 +128,7 @@ class TiledBitLinear(nn.Module):
             raise ValueError(f"layer codes are not a pm1 tile repeated p={p} times")
         self.in_features, self.out_features, self.p = k, n, p
         self.act, self.label, self.threshold = bit.act, bit.label, bit.threshold
-        self.register_buffer("tile", numerics.pack_tile(tile, n, k, p))
-        self.register_buffer("scale", _per_chunk_if_exact(bit.scale, p))
-        self.register_buffer("bias", bit.bias.clone())
-        self.register_buffer("thr_sign", bit.thr_sign.clone())
-        self.register_buffer("thr", bit.thr.clone())
-        self.n_floats = self.scale.numel()
+        _keep_tile_and_epilogue(self, numerics.pack_tile(tile, n, k, p), bit, p)
 
     @property
     def row_aligned(self) -> bool:
@@ -177,6 +173,7 @@ class TiledBitConv2d(nn.Module):
     bias: torch.Tensor
     thr_sign: torch.Tensor
     thr: torch.Tensor
+    n_floats: int
 
     def __init__(self, bit: BitConv2d, p: int) -> None:
         super().__init__()
@@ -195,12 +192,7 @@ class TiledBitConv2d(nn.Module):
         self.kernel_size, self.stride = bit.kernel_size, bit.stride
         self.padding, self.dilation = bit.padding, bit.dilation
         self.act, self.label, self.threshold = bit.act, bit.label, bit.threshold
-        self.register_buffer("tile", numerics.conv_codes_to_planes(codes[:r], 1, "pm1"))
-        self.register_buffer("scale", _per_chunk_if_exact(bit.scale, p))
-        self.register_buffer("bias", bit.bias.clone())
-        self.register_buffer("thr_sign", bit.thr_sign.clone())
-        self.register_buffer("thr", bit.thr.clone())
-        self.n_floats = self.scale.numel()
+        _keep_tile_and_epilogue(self, numerics.conv_codes_to_planes(codes[:r], 1, "pm1"), bit, p)
 
     @property
     def in_features(self) -> int:
@@ -244,6 +236,16 @@ class TiledBitConv2d(nn.Module):
 
 
 TILED_LAYERS = (TiledBitLinear, TiledBitConv2d)
+
+
+def _keep_tile_and_epilogue(layer: nn.Module, tile: torch.Tensor, bit: BitLinear | BitConv2d, p: int) -> None:
+    """A tiled layer's buffers: the packed tile, p (or N) scales, and the bit layer's bias and thresholds."""
+    layer.register_buffer("tile", tile)
+    layer.register_buffer("scale", _per_chunk_if_exact(bit.scale, p))
+    layer.register_buffer("bias", bit.bias.clone())
+    layer.register_buffer("thr_sign", bit.thr_sign.clone())
+    layer.register_buffer("thr", bit.thr.clone())
+    layer.n_floats = cast(torch.Tensor, layer.scale).numel()  # type: ignore[assignment]
 
 
 def _per_chunk_if_exact(scale: torch.Tensor, p: int) -> torch.Tensor:

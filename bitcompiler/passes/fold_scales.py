@@ -11,6 +11,7 @@ hardtanh right after it is dropped.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ def _identity_on_pm1(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
     if isinstance(m, nn.Hardtanh):
         lo, hi = m.min_val, m.max_val
     elif node.op == "call_function" and node.target is F.hardtanh and node.args[:1] == (src,):
-        bounds = {"min_val": -1.0, "max_val": 1.0}
+        bounds: dict[str, Any] = {"min_val": -1.0, "max_val": 1.0}
         bounds.update(zip(("min_val", "max_val"), node.args[1:3], strict=False))
         bounds.update({k: v for k, v in node.kwargs.items() if k in bounds})
         lo, hi = bounds["min_val"], bounds["max_val"]

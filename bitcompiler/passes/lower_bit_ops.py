@@ -7,9 +7,9 @@ reference numerics) and is what ``torch.export`` hands the TVM frontend.
 from __future__ import annotations
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from bitcompiler.methods.tiled import TILED_LAYERS, TiledBitLinear
+from bitcompiler.methods.tiled import TILED_LAYERS, TiledBitConv2d, TiledBitLinear
 from bitcompiler.passes.graph_utils import module_of
 from bitcompiler.passes.pipeline import Pass
 from bitcompiler.quant.bitlayers import BIT_LAYERS, BitLinear
@@ -41,7 +41,7 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _lower_tiled(gm: fx.GraphModule, node: fx.Node, m: nn.Module) -> None:
+def _lower_tiled(gm: fx.GraphModule, node: fx.Node, m: TiledBitLinear | TiledBitConv2d) -> None:
     with gm.graph.inserting_before(node):
         tensors = [
             gm.graph.get_attr(f"{node.target}.{t}") for t in ("tile", "scale", "bias", "thr_sign", "thr")

@@ -17,13 +17,15 @@ and thresholds are in place); if ``fold_scales`` is removed it folds each layer 
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import fx
 
 from bitcompiler.methods.tiled import TiledBitConv2d, TiledBitLinear, why_untiled
 from bitcompiler.passes.graph_utils import finish, module_of, set_module
 from bitcompiler.passes.pipeline import Pass, PassContext, PassError
 from bitcompiler.quant import numerics
-from bitcompiler.quant.bitlayers import BIT_LAYERS, BitLinear, to_bit_layer
+from bitcompiler.quant.bitlayers import BIT_LAYERS, BitConv2d, BitLinear, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
 from bitcompiler.quant.schemes import Scheme
 
@@ -53,7 +55,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         elif tiles > 1:
             why = _why_conv_expanded(m, tiles, ctx.target)
             if why is None:
-                set_module(gm, name, TiledBitConv2d(m, tiles))
+                set_module(gm, name, TiledBitConv2d(cast(BitConv2d, m), tiles))
                 ctx.notes.append((name, f"tiled p={tiles} (row-aligned)"))
             else:
                 ctx.notes.append((name, f"tiled p={tiles} conv stored expanded ({why})"))
