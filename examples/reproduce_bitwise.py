@@ -1,17 +1,23 @@
 """Reproduce bit-wise training (METHODS.md §2) on Fashion-MNIST with a small CNN.
 
-Float vs sign-only vs top-2-of-6 vs all bits (6 magnitude bits + sign, Adam lr 1e-3), plus a run
-whose frozen bits hold a random payload (bits=7, sign trained: 7 of 8 bits per weight frozen) that
-must come back unchanged after training. First and last layers stay 8-bit affine (bitcompiler's
+Float vs sign-only vs top-2-of-6 vs all bits (6 magnitude bits + sign, Adam), plus a run whose
+frozen bits hold a random payload (bits=7, sign trained: 7 of 8 bits per weight frozen) that must
+come back unchanged after training. First and last layers stay 8-bit affine (bitcompiler's
 default). Reports test error (mean ± spread over 3 seeds), zero-weight fraction, frozen fraction.
 
-    PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py           # ≈ 10 min on one core (20k images, 2 epochs)
+``--lrs`` (Adam learning rates): float runs at each and its best by mean test accuracy is kept;
+every bit-wise config then runs at float's best lr and at 1e-3, and each is reported at its best.
+``--jobs N`` runs N trainings at once in separate processes (one thread each; same numbers).
+
+    PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py           # ≈ 7 min on one core (20k images, 2 epochs, lr 1e-3)
+    PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py --train-limit 0 --epochs 4 --lrs 1e-3,3e-3,1e-2 --jobs 2  # 1012 s on 2 cores
     PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py --quick   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import statistics
 import time
@@ -53,48 +59,102 @@ def spread(xs: list[float], scale: float = 100) -> str:
     return f"{scale * statistics.mean(xs):.2f} ± {scale * (max(xs) - min(xs)) / 2:.2f}"
 
 
+_DATA: dict[int, tuple] = {}
+
+
+def data(limit: int) -> tuple:
+    if limit not in _DATA:
+        train, test = datasets.load("fashion-mnist", "train"), datasets.load("fashion-mnist", "test")
+        if limit:
+            train = torch.utils.data.Subset(train, range(limit))
+        _DATA[limit] = train, test
+    return _DATA[limit]
+
+
+def run(label: str, seed: int, lr: float, epochs: int, limit: int) -> dict:
+    """One training of config ``label`` (one thread); returns its test accuracy and bit statistics."""
+    torch.set_num_threads(1)
+    train, test = data(limit)
+    scheme = CONFIGS[label]
+    torch.manual_seed(seed)
+    net = cnn() if scheme is None else bc.prepare(cnn(), scheme)
+    blob = b""
+    if label.startswith("payload"):
+        blob = bytes(
+            torch.randint(
+                0, 256, (payload.capacity(net),), generator=torch.Generator().manual_seed(100 + seed)
+            ).tolist()
+        )
+        payload.embed(net, blob)
+    h = fit(net, train, epochs, lr=lr, val_data=test, progress=False, seed=seed)
+    r = {"lr": lr, "seed": seed, "acc": h.val_accuracy[-1], "seconds": h.seconds}
+    if scheme is not None:
+        r.update(zeros=bitwise.sparsity(net), frozen=bitwise.frozen_fraction(net))
+    if blob:
+        r.update(payload_bytes=len(blob), payload_intact=payload.extract(net, len(blob)) == blob)
+    return r
+
+
+def run_all(pool, jobs: list[tuple[str, float]], seeds, epochs: int, limit: int) -> dict:
+    """Every (config, lr) in ``jobs`` at every seed, in the pool if there is one."""
+    tasks = [(label, seed, lr, epochs, limit) for label, lr in jobs for seed in seeds]
+    if pool is None:
+        outs = (run(*t) for t in tasks)
+    else:
+        outs = pool.map(run, *zip(*tasks))
+    results: dict[tuple[str, float], list[dict]] = {}
+    for (label, seed, lr, *_), r in zip(tasks, outs):
+        results.setdefault((label, lr), []).append(r)
+        print(f"{label} lr={lr:g} seed={seed}: {r}", flush=True)
+    return results
+
+
+def mean_err(runs: list[dict]) -> float:
+    return statistics.mean(1 - r["acc"] for r in runs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=20000, help="first N training images (0: all 60,000)")
+    p.add_argument(
+        "--lrs",
+        default="1e-3",
+        help="comma-separated Adam lrs for float; bit-wise configs run at float's best and at 1e-3",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once, one process and thread each")
     p.add_argument("--out", default="/tmp/bitwise_results.json")
     args = p.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    train, test = datasets.load("fashion-mnist", "train"), datasets.load("fashion-mnist", "test")
     epochs = 1 if args.quick else args.epochs
     limit = 2000 if args.quick else args.train_limit
-    if limit:
-        train = torch.utils.data.Subset(train, range(limit))
-    results: dict[str, list[dict]] = {}
-    for label, scheme in CONFIGS.items():
-        results[label] = []
-        for seed in SEEDS:
-            torch.manual_seed(seed)
-            net = cnn() if scheme is None else bc.prepare(cnn(), scheme)
-            data = b""
-            if label.startswith("payload"):
-                data = bytes(
-                    torch.randint(
-                        0, 256, (payload.capacity(net),), generator=torch.Generator().manual_seed(100 + seed)
-                    ).tolist()
-                )
-                payload.embed(net, data)
-            h = fit(net, train, epochs, lr=1e-3, val_data=test, progress=False, seed=seed)
-            r = {"acc": h.val_accuracy[-1], "seconds": h.seconds}
-            if scheme is not None:
-                r.update(zeros=bitwise.sparsity(net), frozen=bitwise.frozen_fraction(net))
-            if data:
-                r.update(payload_bytes=len(data), payload_intact=payload.extract(net, len(data)) == data)
-            results[label].append(r)
-            print(f"{label} seed={seed}: {r}", flush=True)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    pool = concurrent.futures.ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
+    results = run_all(pool, [("float", lr) for lr in lrs], SEEDS, epochs, limit)
+    float_lr = min(lrs, key=lambda lr: mean_err(results["float", lr]))
+    bit_lrs = sorted({float_lr, 1e-3})
+    results |= run_all(
+        pool, [(label, lr) for label in CONFIGS if label != "float" for lr in bit_lrs], SEEDS, epochs, limit
+    )
+    if pool is not None:
+        pool.shutdown()
+    best = {
+        label: min((lr for lb, lr in results if lb == label), key=lambda lr: mean_err(results[label, lr]))
+        for label in CONFIGS
+    }
+    print("lr search (test error %, mean ± half-range over seeds):")
+    for (label, lr), runs in results.items():
+        mark = " <- best" if best[label] == lr and len([k for k in results if k[0] == label]) > 1 else ""
+        print(f"  {label} lr={lr:g}: {spread([1 - r['acc'] for r in runs])}{mark}")
     rows = [
-        "| config | test error % | Δ vs float (pt) | zero weights % | frozen bits % |",
-        "|---|---|---|---|---|",
+        "| config | lr | test error % | Δ vs float (pt) | zero weights % | frozen bits % |",
+        "|---|---|---|---|---|---|",
     ]
-    f_err = statistics.mean(1 - r["acc"] for r in results["float"])
-    for label, runs in results.items():
+    f_err = mean_err(results["float", best["float"]])
+    for label in CONFIGS:
+        runs = results[label, best[label]]
         err = [1 - r["acc"] for r in runs]
         zeros = spread([r["zeros"] for r in runs]) if "zeros" in runs[0] else "-"
         frozen = f"{100 * runs[0]['frozen']:.1f}" if "frozen" in runs[0] else "-"
@@ -104,12 +164,14 @@ def main() -> None:
             else ""
         )
         rows.append(
-            f"| {label}{extra} | {spread(err)} | {100 * (statistics.mean(err) - f_err):+.2f} | {zeros} | {frozen} |"
+            f"| {label}{extra} | {best[label]:g} | {spread(err)} | {100 * (statistics.mean(err) - f_err):+.2f} | {zeros} | {frozen} |"
         )
     print("\n".join(rows))
-    print(f"epochs {epochs}, train images {len(train)}, wall time {time.perf_counter() - start:.0f} s")
+    print(
+        f"epochs {epochs}, train images {len(data(limit)[0])}, wall time {time.perf_counter() - start:.0f} s"
+    )
     with open(args.out, "w") as f:
-        json.dump(results, f)
+        json.dump({f"{label} lr={lr:g}": runs for (label, lr), runs in results.items()}, f)
 
 
 if __name__ == "__main__":
