@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("torch_fp32", "torch_int8", "ort_fp32", "ort_int8", "tvm_fp32")
 
 
+def _key_cells(r: dict) -> list[str]:
+    """The benchmark, batch and thread count: the first three columns of every table."""
+    return [r["bench"], str(r["batch"]), str(r["threads"])]
+
+
 def _cell(r: dict, peer: str) -> str:
     if f"{peer}_ms" not in r:
         return "–"
@@ -47,9 +52,7 @@ def table(rows: list[dict]) -> list[str]:
         cold = f"{r['cold_torch_fp32_ms'] / r['cold_bitc_ms']:.1f}x" if "cold_bitc_ms" in r else "–"
         floor = f"{100 * r['floor_ms'] / r['bitc_ms']:.0f}%" if "floor_ms" in r else "–"
         cells = [
-            r["bench"],
-            str(r["batch"]),
-            str(r["threads"]),
+            *_key_cells(r),
             f"{r['bitc_ms']:.3f}",
             *(_cell(r, p) for p in peers),
             cold,
@@ -64,9 +67,7 @@ def tiled_table(rows: list[dict]) -> list[str]:
     body = []
     for r in rows:
         cells = [
-            r["bench"],
-            str(r["batch"]),
-            str(r["threads"]),
+            *_key_cells(r),
             f"{r['bitc_ms']:.3f}",
             f"{r['bitc_binary_ms']:.3f}",
             f"**{r['speedup_call']:.1f}x**",
@@ -124,9 +125,7 @@ def tune_table(rows: list[dict]) -> list[str]:
     body = []
     for r in rows:
         cells = [
-            r["bench"],
-            str(r["batch"]),
-            str(r["threads"]),
+            *_key_cells(r),
             str(r["trials"]),
             str(int(r["tuned_kernels"])),
         ]

@@ -319,13 +319,6 @@ def conv2d_kernel(
     return _conv2d_kernel(spec, target, packed_output, residual_clip)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_conv2d_kernel(
-    spec: ConvSpec, target: str, packed_output: bool, residual_clip: tuple[float, float] | None
-) -> tirx.PrimFunc:
-    return _conv2d_kernel(spec, target, packed_output, residual_clip)
-
-
 def _conv2d_kernel(
     spec: ConvSpec,
     target: str | dict | Any = "llvm",
@@ -361,3 +354,7 @@ def _conv2d_kernel(
         if cpu:
             func = _schedule(func, spec)
     return func.with_attr("global_symbol", "main")
+
+
+# kernels are pure functions of their arguments: build each once per spec and target string
+_cached_conv2d_kernel = functools.lru_cache(maxsize=256)(_conv2d_kernel)

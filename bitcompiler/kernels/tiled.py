@@ -27,7 +27,9 @@ from typing import Any
 from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels._common import batch_var, i64, largest_divisor, shape64, target_kind
+from bitcompiler.kernels.dense_binary import binary_bytes_func, byte_layout, schedule_binary
 from bitcompiler.kernels.spec import DenseSpec
+from bitcompiler.kernels.template import Template, scheduled
 from bitcompiler.quant.numerics import ACT_MODES, num_words, row_aligned
 
 F32 = "float32"
@@ -137,9 +139,6 @@ def tiled_fused_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llvm") 
     there is no ``A`` round trip and one kernel call instead of two. Buffers: ``XP, T (1, R, KW)``,
     then ``SC (S,), BI (N,)`` or ``TS, TH (N,)``, and ``Y (M, N)``.
     """
-    from bitcompiler.kernels.dense_binary import binary_bytes_func, byte_layout, schedule_binary
-    from bitcompiler.kernels.template import Template, scheduled
-
     if not spec.aligned or spec.act != "binary" or target_kind(target) != "llvm":
         return None
     rows = DenseSpec(spec.in_features, spec.rows, 1, "pm1", "binary", False, spec.threshold)

@@ -80,22 +80,19 @@ def _feeds_only_binary_layers(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _identity_on_pm1(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
     """``node`` is a hardtanh of ``src`` whose range contains [-1, 1]: the identity on +-1 values."""
+    if node.args[:1] != (src,):
+        return False
     m = module_of(gm, node)
     if isinstance(m, nn.Hardtanh):
         lo, hi = m.min_val, m.max_val
-    elif node.op == "call_function" and node.target is F.hardtanh and node.args[:1] == (src,):
+    elif node.op == "call_function" and node.target is F.hardtanh:
         bounds: dict[str, Any] = {"min_val": -1.0, "max_val": 1.0}
         bounds.update(zip(("min_val", "max_val"), node.args[1:3], strict=False))
         bounds.update({k: v for k, v in node.kwargs.items() if k in bounds})
         lo, hi = bounds["min_val"], bounds["max_val"]
     else:
         return False
-    return (
-        node.args[:1] == (src,)
-        and isinstance(lo, (int, float))
-        and isinstance(hi, (int, float))
-        and lo <= -1 <= 1 <= hi
-    )
+    return isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo <= -1 <= 1 <= hi
 
 
 def run(gm: fx.GraphModule) -> fx.GraphModule:
