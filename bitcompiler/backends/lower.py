@@ -8,6 +8,7 @@ Relax's lowering.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import warnings
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from bitcompiler.kernels import dense_avx2, dense_lanes
+from bitcompiler.kernels.dense_avx2 import avx2_target
 from bitcompiler.ops import conv_out_size
 
 
@@ -148,13 +151,19 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     inputs = _quantized_input(bb, x2, act, None, (kw,))
     spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
-    y = _emit_kernel(
-        bb,
-        kernels.dense_kernel(spec),
-        name,
-        inputs + _epilogue_args(env, args, threshold),
-        relax.TensorType((rows, n), "float32"),
-    )
+    epilogue = _epilogue_args(env, args, threshold)
+    # two AVX2 kernels read the weights stored in another order (same bytes): W1A1 with rows in
+    # vector lanes, and 2-bit codes interleaved from their two planes for int8 activations
+    weights = _constant(args[1]) if avx2_target("llvm") else None
+    if weights is not None and dense_lanes.fits(spec):
+        epilogue[0] = relax.const(dense_lanes.lanes_layout(weights.numpy()))
+        prim, name = dense_lanes.lanes_kernel(spec), f"{name}_lanes"
+    elif weights is not None and dense_avx2.w2_interleaved_fits(spec):
+        epilogue[0] = relax.const(dense_avx2.interleave_w2(weights.numpy()))
+        prim, name = dense_avx2.int8_dense_func(spec, interleaved=True), f"{name}_il"
+    else:
+        prim = kernels.dense_kernel(spec)
+    y = _emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))
     return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
 
 
@@ -372,10 +381,34 @@ CONVERTERS = {
 }
 
 
+# the program being converted, for converters that store a weight in another layout
+_PROGRAM: contextvars.ContextVar[torch.export.ExportedProgram | None] = contextvars.ContextVar(
+    "bitc_program", default=None
+)
+
+
+def _constant(node: Any) -> torch.Tensor | None:
+    """The tensor behind a lifted buffer/constant/parameter input of the program, or None."""
+    ep = _PROGRAM.get()
+    if ep is None or not isinstance(node, fx.Node) or node.op != "placeholder":
+        return None
+    sig = ep.graph_signature
+    for table, store in (
+        (sig.inputs_to_buffers, ep.state_dict),
+        (sig.inputs_to_parameters, ep.state_dict),
+        (sig.inputs_to_lifted_tensor_constants, ep.constants),
+    ):
+        if node.name in table:
+            value = store.get(table[node.name])
+            return value.detach() if isinstance(value, torch.Tensor) else None
+    return None
+
+
 def to_relax(ep: torch.export.ExportedProgram) -> Any:
     """ExportedProgram -> Relax IRModule (TVM's frontend + bitc converters)."""
     from tvm.relax.frontend.torch import from_exported_program
 
+    token = _PROGRAM.set(ep)
     try:
         # a single output comes back as the tensor itself: unpacking a 1-tuple costs microseconds per call
         return from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
@@ -388,6 +421,8 @@ def to_relax(ep: torch.export.ExportedProgram) -> Any:
             f"cannot lower the graph to TVM: {hint}. Replace that op in the model or "
             "report it; the PyTorch reference (CompiledModel.reference) still runs."
         ) from e
+    finally:
+        _PROGRAM.reset(token)
 
 
 def _unsupported_op(message: str) -> str | None:

@@ -5,14 +5,17 @@ Every kernel is a plain TIR ``PrimFunc`` (no extern or packed calls) with a symb
 other target kind it is the same computation unscheduled. Word layout and numerics are those of
 :mod:`bitcompiler.quant.numerics`.
 
-Measured on the 2-core AMD EPYC (znver3, AVX2) dev machine, ``TVM_NUM_THREADS=1`` vs
-``torch.nn.functional.linear`` fp32 eager with ``torch.set_num_threads(1)``, K = N = 4096
-(median of many runs; see ``dense.py`` for the schedule):
+Measured on the 2-core AMD EPYC (znver3, AVX2) dev machine, ``TVM_NUM_THREADS=1``, kernel alone,
+K = N = 4096, batch 1 (median of many runs; torch fp32 ``F.linear`` takes 3.0-4.2 ms there):
 
-* W1A1 dense (pm1, binary act, no offset), batch 1: ~90 us vs ~4.2 ms  (~45x)
-* W1A1 dense, batch 64:                            ~6.0 ms vs ~54 ms   (~9x, popcount-bound)
-* W1 weight-only dense (pm1, float act), batch 1:  ~0.55 ms vs ~4.3 ms (~7x, ``dense_avx2``)
-* W2A8 dense (uint 2-bit, int8 act), batch 1:      ~0.33 ms vs ~4.3 ms (~12x; ORT int8 ~1.1 ms)
+* W1A1 dense, rows in lanes (:mod:`~bitcompiler.kernels.dense_lanes`, Harley-Seal): ~46 us
+  (the byte-lane kernel of :mod:`~bitcompiler.kernels.dense_binary`: ~65 us); batch 64: ~3.2 ms
+* W1 weight-only dense (pm1, float act), batch 1: ~0.55 ms (``dense_avx2``, table lookup)
+* W2A8 dense (uint 2-bit, int8 act), batch 1: ~0.22 ms with pre-interleaved codes (~0.29 ms from
+  the planes); ORT dynamic int8 takes 0.64-1.1 ms
+
+The CPU lowering (``backends/lower.py``) picks the lanes and interleaved kernels when the shapes
+fit and stores those layers' weights in the order they read.
 
 (Timings on a shared 2-core VM vary by 10-20% from run to run.)
 """

@@ -54,6 +54,56 @@ def test_int8_largest_products_exact(bits):
     assert y.tolist() == [[1.0, -1.0, 1.0, -1.0]] * 2  # acc >= acc, not >= acc + 1: exact
 
 
+def _run_interleaved(spec, planes, x, ep):
+    run = build(dense_avx2.int8_dense_func(spec, interleaved=True))
+    pil = torch.from_numpy(dense_avx2.interleave_w2(planes.numpy()))
+    (y,) = run(act_inputs(x, "int8") + [pil] + ep, [((x.shape[0], spec.out_features), "float32")])
+    return y
+
+
+@pytest.mark.parametrize("k, n", [(256, 6), (768, 7)])
+@pytest.mark.parametrize("has_offset, threshold", [(True, False), (False, True), (False, False)])
+def test_int8_w2_interleaved_matches_reference(k, n, has_offset, threshold):
+    spec = DenseSpec(k, n, 2, "uint", "int8", has_offset, threshold)
+    assert dense_avx2.w2_interleaved_fits(spec)
+    g = torch.Generator().manual_seed(k + n)
+    planes = nu.code_to_planes(random_codes((n, k), 2, "uint", g), 2, "uint")
+    ep, kw = epilogue_params(n, threshold, g, has_offset, k * 4)
+    if threshold:
+        kw.update(scale=torch.ones(n), offset=torch.zeros(n), bias=torch.zeros(n))
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=g)
+        y = _run_interleaved(spec, planes, x, ep)
+        ref = nu.bit_linear(x, planes, k, "uint", "int8", **kw)
+        if threshold:
+            assert np.array_equal(y, ref.numpy())
+        else:
+            assert_close(y, ref)
+
+
+@pytest.mark.parametrize("code_value, x_value", [(3, -1.0), (3, 1.0), (2, -1.0)])
+def test_int8_w2_interleaved_extremes_exact(code_value, x_value):
+    """Every code at its largest against x = +-127: the scaled int16 sums (up to 16 x 3 x 127 x 4)
+    must neither saturate nor lose bits when shifted back."""
+    k, n = 4096, 4
+    spec = DenseSpec(k, n, 2, "uint", "int8", False, True)
+    planes = nu.code_to_planes(torch.full((n, k), code_value), 2, "uint")
+    acc = int(code_value * 127 * k * x_value)
+    ts, th = torch.ones(n, dtype=torch.int32), torch.tensor([acc, acc + 1, acc - 1, 0], dtype=torch.int32)
+    y = _run_interleaved(spec, planes, torch.full((2, k), x_value), [ts, th])
+    assert y.tolist() == [[1.0, -1.0, 1.0, float(acc >= 0) * 2 - 1]] * 2
+
+
+def test_interleave_w2_refuses_other_layers():
+    for spec in (
+        DenseSpec(300, 4, 2, "uint", "int8", True, False),
+        DenseSpec(256, 4, 3, "uint", "int8", True, False),
+    ):
+        assert not dense_avx2.w2_interleaved_fits(spec)
+        with pytest.raises(ValueError, match="interleaved"):
+            dense_avx2.int8_dense_func(spec, interleaved=True)
+
+
 @pytest.mark.parametrize("k, n", [(20, 8), (100, 16), (4129, 24)])
 @pytest.mark.parametrize("code, bits, has_offset", [("pm1", 1, False), ("uint", 1, True), ("uint", 3, True),
                                                     ("uint", 8, False)])  # fmt: skip
@@ -78,3 +128,19 @@ def test_selection_falls_back():
     assert "pmadd" not in dense_kernel(w2a8, target={"kind": "llvm", "mcpu": "x86-64"}).script()
     assert "pmadd" not in dense_kernel(w2a8, target="c").script()
     assert not dense_avx2.avx2_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+
+
+def test_compile_uses_interleaved_w2a8_kernel():
+    import bitcompiler as bc
+    from tests.backends.test_lower import kernels_called
+    from tests.conftest import assert_close as assert_close_t
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    cm = bc.compile(model, (torch.randn(1, 512),), scheme="uniform:bits=2,act=8,first_last=quantize")
+    names = kernels_called(cm)
+    assert any("512x64" in name and name.endswith("_il") for name in names), names
+    assert not any("64x10" in name and name.endswith("_il") for name in names), names  # K=64: planes
+    for batch in (1, 3):
+        x = torch.randn(batch, 512)
+        assert_close_t(cm(x), cm.reference(x))
