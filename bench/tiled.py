@@ -2,7 +2,7 @@
 
 Both are compiled in this process (``tiled:p=8`` vs ``binary``, act=binary, first_last=quantize);
 the tiled kernel computes the R = N/8 distinct rows once and reuses them 8 times (one fused kernel:
-the rows' byte-lane W1A1 dense with the 8-fold expand as its epilogue). Prints one JSON
+the rows' W1A1 dense -- rows in vector lanes -- with the 8-fold expand as its epilogue). Prints one JSON
 line; the thread count comes from BENCH_THREADS (set before import).
 """
 
@@ -27,7 +27,10 @@ from bitcompiler.quant import numerics
 
 
 def kernel_us(n: int, p: int) -> tuple[float, float]:
-    """The bit kernels alone (median µs of direct calls, batch 1): plain dense vs the fused tiled kernel."""
+    """The bit kernels alone (median µs of direct calls, batch 1): the plain dense vs the fused tiled
+    kernel, each the one the CPU lowering picks for this shape (rows in lanes when it fits)."""
+    from bitcompiler.kernels import dense_lanes
+
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     kw, r = numerics.num_words(n), n // p
 
@@ -36,23 +39,20 @@ def kernel_us(n: int, p: int) -> tuple[float, float]:
         args = [tvm.runtime.tensor(np.ones(s, d)) for s, d in shapes]
         return _median_us(f, args)
 
-    plain = timed(
-        kernels.dense_kernel(kernels.DenseSpec(n, n, 1, "pm1", "binary", False, False)),
-        [((1, kw), "int32"), ((1, n, kw), "int32")] + [((n,), "float32")] * 3 + [((1, n), "float32")],
-    )
+    def weights(rows: int) -> tuple:
+        return ((rows // 32, n // 8, 32), "uint8") if lanes else ((1, rows, kw), "int32")
+
+    dense = kernels.DenseSpec(n, n, 1, "pm1", "binary", False, False)
     spec = kernels.TiledDenseSpec(n, n, p, "binary", False, p)
-    fused = kernels.tiled_fused_kernel(spec)
+    lanes = dense_lanes.fits(dense) and dense_lanes.fits(spec.rows_spec())
+    if lanes:
+        plain_k, fused = dense_lanes.lanes_kernel(dense), dense_lanes.lanes_kernel(spec.rows_spec(), p, p)
+    else:
+        plain_k, fused = kernels.dense_kernel(dense), kernels.tiled_fused_kernel(spec)
     assert fused is not None, "the fused tiled kernel applies to binary row-aligned layers of 256+ bits"
-    tiled = timed(
-        fused,
-        [
-            ((1, kw), "int32"),
-            ((1, r, kw), "int32"),
-            ((p,), "float32"),
-            ((n,), "float32"),
-            ((1, n), "float32"),
-        ],
-    )
+    x = ((1, kw), "int32")
+    plain = timed(plain_k, [x, weights(n)] + [((n,), "float32")] * 3 + [((1, n), "float32")])
+    tiled = timed(fused, [x, weights(r), ((p,), "float32"), ((n,), "float32"), ((1, n), "float32")])
     return plain, tiled
 
 

@@ -9,6 +9,7 @@ Relax's lowering.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -286,8 +287,16 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     epi = [thr_sign, thr] if threshold else [scale, bias]
     out_ty = relax.TensorType((rows, n), "float32")
     name = f"bitc_tiled_{act}_{k}x{n}_p{p}" + ("_thr" if threshold else "")
-    fused = kernels.tiled_fused_kernel(spec)
-    if fused is not None:
+    weights = _constant(args[1]) if avx2_target("llvm") else None
+    rows_spec = spec.rows_spec() if spec.aligned else None
+    if weights is not None and rows_spec is not None and dense_lanes.fits(rows_spec):
+        # both stages in one rows-in-lanes kernel, the tile stored transposed (as convert_bit_linear)
+        rows_spec = dataclasses.replace(rows_spec, threshold=bool(threshold))
+        epi_scales = 0 if threshold else spec.scales
+        prim = dense_lanes.lanes_kernel(rows_spec, expand=spec.p, scales=epi_scales)
+        tile_t = relax.const(dense_lanes.lanes_layout(weights.numpy()))
+        y = _emit_kernel(bb, prim, f"{name}_lanes", [*inputs, tile_t, *epi], out_ty)
+    elif (fused := kernels.tiled_fused_kernel(spec)) is not None:
         y = _emit_kernel(bb, fused, name, [*inputs, tile, *epi], out_ty)
     elif spec.aligned:
         r = spec.rows
@@ -393,13 +402,10 @@ def _constant(node: Any) -> torch.Tensor | None:
     if ep is None or not isinstance(node, fx.Node) or node.op != "placeholder":
         return None
     sig = ep.graph_signature
-    for table, store in (
-        (sig.inputs_to_buffers, ep.state_dict),
-        (sig.inputs_to_parameters, ep.state_dict),
-        (sig.inputs_to_lifted_tensor_constants, ep.constants),
-    ):
+    for table in (sig.inputs_to_buffers, sig.inputs_to_parameters, sig.inputs_to_lifted_tensor_constants):
         if node.name in table:
-            value = store.get(table[node.name])
+            # persistent buffers and parameters are in the state dict, the others in constants
+            value = ep.state_dict.get(table[node.name], ep.constants.get(table[node.name]))
             return value.detach() if isinstance(value, torch.Tensor) else None
     return None
 

@@ -66,9 +66,15 @@ def lanes_layout(planes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rows.reshape(n // ROWS, ROWS, 4 * kw).transpose(0, 2, 1))
 
 
-def lanes_func(spec: DenseSpec) -> tirx.PrimFunc:
+def lanes_func(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFunc:
     """TVMScript of the kernel: ``XP (M, KW) int32, PT (G, KB, 32) uint8``, then ``TS, TH`` or
     ``SC, OF, BI``, then ``Y (M, N) f32``.
+
+    ``expand = p > 1`` is the fused row-aligned tiled layer (as
+    :func:`bitcompiler.kernels.dense_binary.binary_bytes_func`): the N rows are the tile's distinct
+    rows, ``Y (M, p*N)`` gets each row's accumulator p times, ``Y[m, c*N + n] = SC[(c*N + n) *
+    scales // (p*N)] * acc[m, n] + BI[c*N + n]`` or the threshold; the buffers are then ``XP, PT, SC
+    (scales,), BI`` or ``XP, PT, TS, TH`` (no offsets).
 
     Written as scalar statements in ``T.vectorized(32)`` lane loops (one vector statement each
     after lowering), so that MetaSchedule can analyse it as a template; a Python-level ``x = e``
@@ -79,6 +85,15 @@ def lanes_func(spec: DenseSpec) -> tirx.PrimFunc:
     blocks = KB // BLOCK
     chunk = max(c for c in range(1, min(blocks, MAX_CHUNK) + 1) if blocks % c == 0)
     chunks = blocks // chunk
+    NO = N * expand  # outputs per batch row
+    S_ = scales or NO
+
+    def sidx(c, o):
+        """Scale index of output ``o = c*N + n`` (copy c): per output, or per chunk (scales = p:
+        ``o * p // (p*N)`` is c, given directly so that no lane divides)."""
+        if S_ == NO:
+            return o
+        return c if S_ == expand else (o * S_) // NO
 
     def val(S, PT, XB, g, m, ch, blk, src, r):
         """Lane r of a carry-save operand: input vector ``src < BLOCK`` of block (ch, blk) (weights
@@ -107,12 +122,12 @@ def lanes_func(spec: DenseSpec) -> tirx.PrimFunc:
             count = count * T.uint16(2) + T.Cast(U16, T.popcount(S[slot * ROWS + r]))
         return K - 2 * T.Cast("int32", count)
 
-    def thr_value(TS, TH, acc, n):
+    def thr_value(TS, TH, acc, c, n):
         hit = T.Cast("int64", TS[n]) * T.Cast("int64", acc) >= T.Cast("int64", TH[n])
         return T.Select(hit, T.float32(1.0), T.float32(-1.0))
 
-    def aff_value(SC, BI, acc, n):
-        return SC[n] * T.Cast(F32, acc) + BI[n]
+    def aff_value(SC, BI, acc, c, n):
+        return SC[sidx(c, n)] * T.Cast(F32, acc) + BI[n]
 
     t = BLOCK  # slot operands are BLOCK + slot (see val)
 
@@ -127,9 +142,8 @@ def lanes_func(spec: DenseSpec) -> tirx.PrimFunc:
             for g, m in T.grid(T.int64(G), M):
                 with T.sblock("rows"):
                     vg, vm = T.axis.remap("SS", [g, m])
-                    T.reads(PT[vg, 0:KB, 0:ROWS], XB[vm, 0:KB, 0:ROWS], E0[vg * ROWS : vg * ROWS + ROWS],
-                            E1[vg * ROWS : vg * ROWS + ROWS])  # fmt: skip
-                    T.writes(Y[vm, vg * ROWS : vg * ROWS + ROWS])
+                    T.reads(PT[vg, 0:KB, 0:ROWS], XB[vm, 0:KB, 0:ROWS], E0[0 : E0.shape[0]], E1[0:NO])
+                    T.writes(Y[vm, 0:NO])
                     # "global" scope: a stack array whose constant-index vectors LLVM keeps in registers
                     S = T.alloc_buffer((13 * ROWS,), U8, scope="global")
                     C = T.alloc_buffer((ROWS,), U16, scope="global")
@@ -160,8 +174,11 @@ def lanes_func(spec: DenseSpec) -> tirx.PrimFunc:
                                 S[C16 * ROWS + r] = S[C16 * ROWS + r] + T.popcount(S[SIX * ROWS + r])
                         for r in T.vectorized(ROWS):
                             C[r] = C[r] + T.Cast(U16, S[C16 * ROWS + r])
-                    for r in T.vectorized(ROWS):
-                        Y[vm, vg * ROWS + r] = out_value(E0, E1, acc_of(S, C, r), vg * ROWS + r)
+                    for c in T.unroll(expand):
+                        for r in T.vectorized(ROWS):
+                            Y[vm, c * N + vg * ROWS + r] = out_value(
+                                E0, E1, acc_of(S, C, r), c, c * N + vg * ROWS + r
+                            )
 
         return body
 
@@ -172,10 +189,24 @@ def lanes_func(spec: DenseSpec) -> tirx.PrimFunc:
             M = T.int64()
             XP = T.match_buffer(xp, (M, T.int64(spec.words)), "int32")
             PT = T.match_buffer(pt, (T.int64(G), T.int64(KB), T.int64(ROWS)), U8)
-            TS = T.match_buffer(ts, (T.int64(N),), "int32")
-            TH = T.match_buffer(th, (T.int64(N),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(N)), F32)
+            TS = T.match_buffer(ts, (T.int64(NO),), "int32")
+            TH = T.match_buffer(th, (T.int64(NO),), "int32")
+            Y = T.match_buffer(y, (M, T.int64(NO)), F32)
             make(thr_value)(XP, PT, Y, M, TS, TH)
+
+        return func
+
+    if expand > 1:
+
+        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+        def func(xp: T.handle, pt: T.handle, sc: T.handle, bi: T.handle, y: T.handle):
+            M = T.int64()
+            XP = T.match_buffer(xp, (M, T.int64(spec.words)), "int32")
+            PT = T.match_buffer(pt, (T.int64(G), T.int64(KB), T.int64(ROWS)), U8)
+            SC = T.match_buffer(sc, (T.int64(S_),), F32)
+            BI = T.match_buffer(bi, (T.int64(NO),), F32)
+            Y = T.match_buffer(y, (M, T.int64(NO)), F32)
+            make(aff_value)(XP, PT, Y, M, SC, BI)
 
         return func
 
@@ -203,9 +234,11 @@ def schedule_lanes(sch: Any, choose: Choose) -> None:
     sch.parallel(go)
 
 
-def lanes_kernel(spec: DenseSpec) -> tirx.PrimFunc:
-    """The scheduled (or tuned) rows-in-lanes W1A1 kernel for ``spec`` (:func:`fits` must hold)."""
+def lanes_kernel(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFunc:
+    """The scheduled (or tuned) rows-in-lanes W1A1 kernel for ``spec`` (:func:`fits` must hold);
+    ``expand``/``scales``: the fused tiled layer (:func:`lanes_func`)."""
     if not fits(spec):
         raise ValueError(f"the rows-in-lanes W1A1 kernel does not take {spec}")
-    func = scheduled(Template("dense-lanes", lanes_func(spec), schedule_lanes))
+    kind = "dense-lanes" if expand == 1 else "tiled-lanes"
+    func = scheduled(Template(kind, lanes_func(spec, expand, scales), schedule_lanes))
     return func.with_attr("global_symbol", "main")

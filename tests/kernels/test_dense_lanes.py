@@ -59,6 +59,32 @@ def test_lanes_accumulator_is_exact():
     assert y[0, 0] == k and y[0, 1] == -k
 
 
+@pytest.mark.parametrize("p, scales, threshold", [(4, 4, False), (2, 128, False), (4, 0, True)])
+def test_lanes_expand_equals_byte_lane_fused_kernel(p, scales, threshold):
+    """The fused tiled epilogue (Y[m, c*R + n] from row n's accumulator, p or N scales) is the same
+    as the byte-lane fused kernel's, exactly."""
+    from bitcompiler.kernels.dense_binary import binary_bytes_func, byte_layout, schedule_binary
+    from bitcompiler.kernels.template import Template, apply_hand
+
+    k, r = 256, 64
+    rows = DenseSpec(k, r, 1, "pm1", "binary", False, threshold)
+    g = torch.Generator().manual_seed(p + scales)
+    planes = nu.code_to_planes(random_codes((r, k), 1, "pm1", g), 1, "pm1")
+    ref_func = apply_hand(Template("tiled", binary_bytes_func(rows, *byte_layout(rows), expand=p, scales=scales),
+                                   lambda sch, choose: schedule_binary(sch, rows, False, choose)))  # fmt: skip
+    if threshold:
+        ep = [torch.randint(-1, 2, (p * r,), generator=g, dtype=torch.int32),
+              torch.randint(-40, 40, (p * r,), generator=g, dtype=torch.int32)]  # fmt: skip
+    else:
+        ep = [torch.randn(scales, generator=g), torch.randn(p * r, generator=g)]
+    x = act_inputs(torch.randn(3, k, generator=g), "binary")
+    out = [((3, p * r), "float32")]
+    (want,) = build(ref_func)(x + [planes] + ep, out)
+    pt = torch.from_numpy(lanes_layout(planes.numpy()))
+    (got,) = build(lanes_kernel(rows, expand=p, scales=scales))(x + [pt] + ep, out)
+    assert np.array_equal(got, want)
+
+
 def test_lanes_layout_transposes_bytes():
     planes = torch.arange(2 * 64 * 4, dtype=torch.int32).reshape(1, 64, 8)  # N=64, K=256
     pt = lanes_layout(planes.numpy())

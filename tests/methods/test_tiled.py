@@ -120,6 +120,30 @@ def test_compile_fuses_the_two_stages_of_a_binary_row_aligned_layer():
     assert_close(cm(x), cm.reference(x))
 
 
+@pytest.mark.parametrize("final_bn", [False, True])
+def test_compile_tiled_rows_in_lanes(final_bn):
+    """R = N/p a multiple of 32 and K of 128: the fused kernel is the rows-in-lanes one (threshold
+    and affine epilogues, with and without a batch norm after the last layer)."""
+    torch.manual_seed(5)
+    layers = [nn.Linear(256, 256), nn.BatchNorm1d(256), nn.Hardtanh(), nn.Linear(256, 128)]
+    model = nn.Sequential(*layers, *([nn.BatchNorm1d(128)] if final_bn else []))
+    for bn in (m for m in model if isinstance(m, nn.BatchNorm1d)):
+        bn.running_mean.uniform_(-1, 1)
+        bn.weight.data.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(1, 256)
+    cm = bc.compile(model, (x,), scheme="tiled:p=4,min_weights=1,act=binary,first_last=quantize")
+    calls = [
+        line.split()[1]
+        for line in cm._runner.executable.as_text().splitlines()
+        if line.split()[:1] == ["call"] and "bitc_tiled" in line
+    ]
+    assert calls == ["bitc_tiled_binary_256x256_p4_thr_lanes", "bitc_tiled_binary_256x128_p4_lanes"]
+    for batch in (1, 3):
+        xb = torch.randn(batch, 256)
+        assert_close(cm(xb), cm.reference(xb))
+
+
 @pytest.mark.parametrize("act", ["binary", "float"])
 def test_compile_tiled_convs(act):
     torch.manual_seed(4)
