@@ -36,6 +36,7 @@ class History:
         default_factory=dict
     )  # weight bits per quantized layer, after each step
     val_steps: list[int] = field(default_factory=list)  # optimizer steps done at each val_accuracy entry
+    lr: list[float] = field(default_factory=list)  # learning rate (first param group) of each step
 
 
 def _quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
@@ -97,15 +98,27 @@ def fit(
     batch_size: int = 128,
     time_budget: float | None = None,
     seed: int = 0,
+    schedule: str = "constant",
 ) -> History:
     """Train with cross-entropy plus the quantizers' :func:`regularization_loss`; Adam (lr 1e-3)
     unless an optimizer is given. After each optimizer step the quantizers :func:`step`.
 
-    ``time_budget`` (seconds) stops training early, keeping runs bounded.
+    ``schedule``: ``"constant"`` (default) keeps the optimizer's lr; ``"cosine"`` decays it per
+    step from its initial value to 0 at the end of the last epoch (half a cosine,
+    ``lr·(1 + cos(π·t/T))/2`` before step t of T = ``epochs · len(loader)``). ``History.lr`` records
+    the lr of every step. ``time_budget`` (seconds) stops training early, keeping runs bounded
+    (the schedule still spans all ``epochs``).
     """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     torch.manual_seed(seed)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr or 1e-3)
     loader = DataLoader(train_data, batch_size=batch_size, shuffle=True)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
+        if schedule == "cosine"
+        else None
+    )
     history = History()
     start = time.perf_counter()
     model.train()
@@ -117,7 +130,10 @@ def fit(
             loss = F.cross_entropy(logits, y) + regularization_loss(model)
             opt.zero_grad()
             loss.backward()
+            history.lr.append(float(opt.param_groups[0]["lr"]))
             opt.step()
+            if sched is not None:
+                sched.step()
             step(model)
             history.loss.append(loss.item())
             history.steps += 1

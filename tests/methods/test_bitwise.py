@@ -151,3 +151,37 @@ def test_compile_mixed_bits():
     assert 0 <= bitwise.sparsity(net) <= 1
     # conv2 and fc1 freeze 3 of 4 bits, conv3 trains all 8
     assert bitwise.frozen_fraction(net) == pytest.approx((1152 + 8192) * 3 / ((1152 + 8192) * 4 + 1152 * 8))
+
+
+def test_batchnorm_after_bitwise_layers_folds_and_compile_matches_reference():
+    # the reproduction's CNN with BatchNorm before each ReLU: BN folds into the bit layers' epilogues
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 2 * 2, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    )
+    x = torch.rand(128, 1, 8, 8)
+    y = (x.mean((1, 2, 3)) > 0.5).long() + 2 * (x[:, 0, :4].mean((1, 2)) > 0.5).long()
+    net = bc.prepare(net, "bitwise:bits=5,train=top2")
+    fit(net, torch.utils.data.TensorDataset(x, y), epochs=3, progress=False, batch_size=32)
+    bn = net[5]
+    assert not torch.allclose(bn.running_var, torch.ones(16))  # trained statistics, not the identity
+    net.eval()
+    cm = bc.compile(net, (x[:2],))
+    kinds = [type(m).__name__ for m in cm.graph.modules()]
+    assert not any("BatchNorm" in k for k in kinds)
+    assert kinds.count("BitConv2d") == 2 and kinds.count("BitLinear") == 2
+    xs = x[:8]
+    assert_close(cm(xs), cm.reference(xs))
+    assert_close(cm.reference(xs), net(xs), rtol=1e-4)
