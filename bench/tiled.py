@@ -50,7 +50,7 @@ def kernel_us(n: int, p: int) -> tuple[float, float]:
     else:
         plain_k, fused = kernels.dense_kernel(dense), kernels.tiled_fused_kernel(spec)
     assert fused is not None, "the fused tiled kernel applies to binary row-aligned layers of 256+ bits"
-    x = ((1, kw), "int32")
+    x = ((1, n), "float32") if lanes else ((1, kw), "int32")  # the lanes kernel packs the signs itself
     plain = timed(plain_k, [x, weights(n)] + [((n,), "float32")] * 3 + [((1, n), "float32")])
     tiled = timed(fused, [x, weights(r), ((p,), "float32"), ((n,), "float32"), ((1, n), "float32")])
     return plain, tiled

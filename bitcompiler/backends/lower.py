@@ -149,21 +149,22 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     lead = shape[:-1]
     rows = math.prod(lead) if len(lead) > 1 else lead[0]
     x2 = bb.emit(relax.op.reshape(x, (rows, k))) if len(lead) > 1 else x
-    inputs = _quantized_input(bb, x2, act, None, (kw,))
     spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
     epilogue = _epilogue_args(env, args, threshold)
     # two AVX2 kernels read the weights stored in another order (same bytes): W1A1 with rows in
-    # vector lanes, and 2-bit codes interleaved from their two planes for int8 activations
+    # vector lanes (it packs the activation signs itself), and 2-bit codes interleaved from their
+    # two planes for int8 activations
     weights = _constant(args[1]) if avx2_target("llvm") else None
     if weights is not None and dense_lanes.fits(spec):
         epilogue[0] = relax.const(dense_lanes.lanes_layout(weights.numpy()))
-        prim, name = dense_lanes.lanes_kernel(spec), f"{name}_lanes"
+        prim, name, inputs = dense_lanes.lanes_kernel(spec), f"{name}_lanes", [x2]
     elif weights is not None and dense_avx2.w2_interleaved_fits(spec):
         epilogue[0] = relax.const(dense_avx2.interleave_w2(weights.numpy()))
         prim, name = dense_avx2.int8_dense_func(spec, interleaved=True), f"{name}_il"
+        inputs = _quantized_input(bb, x2, act, None, (kw,))
     else:
-        prim = kernels.dense_kernel(spec)
+        prim, inputs = kernels.dense_kernel(spec), _quantized_input(bb, x2, act, None, (kw,))
     y = _emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))
     return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
 
@@ -268,7 +269,9 @@ def convert_hardtanh(node: fx.Node, importer: Any) -> Any:
 
 
 def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
-    """Row-aligned: dense kernel of the R distinct rows, then the expand kernel; else the unaligned kernel."""
+    """Row-aligned: one fused kernel of the R distinct rows with the expand as its epilogue (rows in
+    lanes, or byte lanes) or, where neither applies, the rows' dense kernel then the expand kernel;
+    else the unaligned kernel."""
     import numpy as np
     from tvm import relax
 
@@ -283,7 +286,6 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     lead = shape[:-1]
     rows = math.prod(lead) if len(lead) > 1 else lead[0]
     x2 = bb.emit(relax.op.reshape(x, (rows, k))) if len(lead) > 1 else x
-    inputs = _quantized_input(bb, x2, act, None, (-(-k // 32),))
     epi = [thr_sign, thr] if threshold else [scale, bias]
     out_ty = relax.TensorType((rows, n), "float32")
     name = f"bitc_tiled_{act}_{k}x{n}_p{p}" + ("_thr" if threshold else "")
@@ -295,8 +297,10 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
         epi_scales = 0 if threshold else spec.scales
         prim = dense_lanes.lanes_kernel(rows_spec, expand=spec.p, scales=epi_scales)
         tile_t = relax.const(dense_lanes.lanes_layout(weights.numpy()))
-        y = _emit_kernel(bb, prim, f"{name}_lanes", [*inputs, tile_t, *epi], out_ty)
-    elif (fused := kernels.tiled_fused_kernel(spec)) is not None:
+        y = _emit_kernel(bb, prim, f"{name}_lanes", [x2, tile_t, *epi], out_ty)
+        return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
+    inputs = _quantized_input(bb, x2, act, None, (-(-k // 32),))
+    if (fused := kernels.tiled_fused_kernel(spec)) is not None:
         y = _emit_kernel(bb, fused, name, [*inputs, tile, *epi], out_ty)
     elif spec.aligned:
         r = spec.rows

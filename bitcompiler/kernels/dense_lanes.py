@@ -67,14 +67,15 @@ def lanes_layout(planes: np.ndarray) -> np.ndarray:
 
 
 def lanes_func(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFunc:
-    """TVMScript of the kernel: ``XP (M, KW) int32, PT (G, KB, 32) uint8``, then ``TS, TH`` or
-    ``SC, OF, BI``, then ``Y (M, N) f32``.
+    """TVMScript of the kernel: ``X (M, K) f32, PT (G, KB, 32) uint8``, then ``TS, TH`` or
+    ``SC, OF, BI``, then ``Y (M, N) f32``. The kernel packs X's signs itself (bit 1 = ``x >= 0``, as
+    :func:`bitcompiler.kernels.pack_sign_rows`): one call instead of two.
 
     ``expand = p > 1`` is the fused row-aligned tiled layer (as
     :func:`bitcompiler.kernels.dense_binary.binary_bytes_func`): the N rows are the tile's distinct
     rows, ``Y (M, p*N)`` gets each row's accumulator p times, ``Y[m, c*N + n] = SC[(c*N + n) *
-    scales // (p*N)] * acc[m, n] + BI[c*N + n]`` or the threshold; the buffers are then ``XP, PT, SC
-    (scales,), BI`` or ``XP, PT, TS, TH`` (no offsets).
+    scales // (p*N)] * acc[m, n] + BI[c*N + n]`` or the threshold; the buffers are then ``X, PT, SC
+    (scales,), BI`` or ``X, PT, TS, TH`` (no offsets).
 
     Written as scalar statements in ``T.vectorized(32)`` lane loops (one vector statement each
     after lowering), so that MetaSchedule can analyse it as a template; a Python-level ``x = e``
@@ -133,7 +134,12 @@ def lanes_func(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFu
 
     def make(out_value):
         @T.macro
-        def body(XP, PT, Y, M, E0, E1):
+        def body(X, PT, Y, M, E0, E1):
+            XP = T.alloc_buffer((M, T.int64(spec.words)), "int32")
+            for m, w in T.grid(M, T.int64(spec.words)):
+                XP[m, w] = 0
+                for j in T.unroll(32):
+                    XP[m, w] = XP[m, w] | (T.Cast("int32", X[m, w * 32 + j] >= T.float32(0)) << j)
             XB8 = T.decl_buffer((M, T.int64(KB)), U8, data=XP.data)
             XB = T.alloc_buffer((M, T.int64(KB), T.int64(ROWS)), U8)
             for m, kb in T.grid(M, T.int64(KB)):
@@ -185,41 +191,41 @@ def lanes_func(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFu
     if spec.threshold:
 
         @T.prim_func(s_tir=True)
-        def func(xp: T.handle, pt: T.handle, ts: T.handle, th: T.handle, y: T.handle):
+        def func(x: T.handle, pt: T.handle, ts: T.handle, th: T.handle, y: T.handle):
             M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(spec.words)), "int32")
+            X = T.match_buffer(x, (M, T.int64(K)), F32)
             PT = T.match_buffer(pt, (T.int64(G), T.int64(KB), T.int64(ROWS)), U8)
             TS = T.match_buffer(ts, (T.int64(NO),), "int32")
             TH = T.match_buffer(th, (T.int64(NO),), "int32")
             Y = T.match_buffer(y, (M, T.int64(NO)), F32)
-            make(thr_value)(XP, PT, Y, M, TS, TH)
+            make(thr_value)(X, PT, Y, M, TS, TH)
 
         return func
 
     if expand > 1:
 
         @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-        def func(xp: T.handle, pt: T.handle, sc: T.handle, bi: T.handle, y: T.handle):
+        def func(x: T.handle, pt: T.handle, sc: T.handle, bi: T.handle, y: T.handle):
             M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(spec.words)), "int32")
+            X = T.match_buffer(x, (M, T.int64(K)), F32)
             PT = T.match_buffer(pt, (T.int64(G), T.int64(KB), T.int64(ROWS)), U8)
             SC = T.match_buffer(sc, (T.int64(S_),), F32)
             BI = T.match_buffer(bi, (T.int64(NO),), F32)
             Y = T.match_buffer(y, (M, T.int64(NO)), F32)
-            make(aff_value)(XP, PT, Y, M, SC, BI)
+            make(aff_value)(X, PT, Y, M, SC, BI)
 
         return func
 
     @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(xp: T.handle, pt: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
+    def func(x: T.handle, pt: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
         M = T.int64()
-        XP = T.match_buffer(xp, (M, T.int64(spec.words)), "int32")
+        X = T.match_buffer(x, (M, T.int64(K)), F32)
         PT = T.match_buffer(pt, (T.int64(G), T.int64(KB), T.int64(ROWS)), U8)
         SC = T.match_buffer(sc, (T.int64(N),), F32)
         OF = T.match_buffer(of, (T.int64(N),), F32)  # noqa: F841 - pm1 has no offset; kept for the signature
         BI = T.match_buffer(bi, (T.int64(N),), F32)
         Y = T.match_buffer(y, (M, T.int64(N)), F32)
-        make(aff_value)(XP, PT, Y, M, SC, BI)
+        make(aff_value)(X, PT, Y, M, SC, BI)
 
     return func
 
