@@ -231,12 +231,18 @@ def lanes_func(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFu
 
 
 def schedule_lanes(sch: Any, choose: Choose) -> None:
-    """Row groups per parallel task (``groups``), batch rows inside: a task's weights stay in L1/L2."""
-    g, _m = sch.get_loops(sch.get_sblock("rows"))
+    """Batch rows in blocks of ``batch_block`` (outermost), then row groups, ``groups`` per parallel
+    task, then the block's batch rows: a group's weights (16 KiB at K = 4096) stay in L1 while the
+    block's broadcast activations (16 KiB per row) stay in L2. Measured at 4096x4096 (one thread,
+    kernel alone, one process): batch 64 takes 3.47 ms with blocks of 4 and 3.82 ms with no
+    blocking; blocks of 8 save another 5 % there but cost 12 % at batch 1 (the guarded tail)."""
+    g, m = sch.get_loops(sch.get_sblock("rows"))
     n_groups = int(sch.get(g).extent)
-    cands = [t for t in (1, 2, 4, 8) if n_groups % t == 0]
-    t = choose("groups", cands, 1)
-    go, _gi = sch.split(g, [None, t])
+    t = choose("groups", [t for t in (1, 2, 4, 8) if n_groups % t == 0], 1)
+    b = choose("batch_block", [1, 4, 8, 16], 4)
+    mo, mi = sch.split(m, [None, b])
+    go, gi = sch.split(g, [None, t])
+    sch.reorder(mo, go, gi, mi)
     sch.parallel(go)
 
 
