@@ -144,3 +144,44 @@ def test_compile_uses_interleaved_w2a8_kernel():
     for batch in (1, 3):
         x = torch.randn(batch, 512)
         assert_close_t(cm(x), cm.reference(x))
+
+
+@pytest.mark.parametrize("k, n", [(48, 8), (100, 10), (4096 + 40, 4)])
+@pytest.mark.parametrize("has_offset, threshold", [(True, False), (False, True)])
+def test_int8_codes_matches_reference(k, n, has_offset, threshold):
+    spec = DenseSpec(k, n, 8, "uint", "int8", has_offset, threshold)
+    assert dense_avx2.codes_fits(spec)
+    g = torch.Generator().manual_seed(k + n)
+    q = random_codes((n, k), 8, "uint", g)
+    q[0] = 255  # the largest products: 2 x 255 x 127 per int32 pair sum
+    planes = nu.code_to_planes(q, 8, "uint")
+    codes = dense_avx2.weight_codes(planes.numpy(), k)
+    assert np.array_equal(codes, q.numpy())  # the same bits, one byte per weight
+    ep, kw = epilogue_params(n, threshold, g, has_offset, k * 255)
+    if threshold:
+        kw.update(scale=torch.ones(n), offset=torch.zeros(n), bias=torch.zeros(n))
+    run = build(dense_avx2.int8_codes_dense_func(spec))
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=g)
+        x[:, 0] = -100.0  # x quantizes to -127 there
+        (y,) = run(act_inputs(x, "int8") + [torch.from_numpy(codes)] + ep, [((m, n), "float32")])
+        ref = nu.bit_linear(x, planes, k, "uint", "int8", **kw)
+        if threshold:
+            assert np.array_equal(y, ref.numpy())
+        else:
+            assert_close(y, ref)
+
+
+def test_compile_uses_codes_kernel_for_8bit_layers():
+    import bitcompiler as bc
+    from tests.backends.test_lower import kernels_called
+    from tests.conftest import assert_close as assert_close_t
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    cm = bc.compile(model, (torch.randn(1, 48),), scheme="uniform:bits=8,act=8,first_last=quantize")
+    names = kernels_called(cm)
+    assert sum(name.endswith("_codes") for name in names) == 2, names
+    for batch in (1, 3):
+        x = torch.randn(batch, 48)
+        assert_close_t(cm(x), cm.reference(x))
