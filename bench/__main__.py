@@ -199,7 +199,8 @@ def write(info: dict, rows: list[dict]) -> None:
             "(Python overhead included). `Nx` = peer time / bitcompiler time: higher favours bitcompiler. "
             "Cold = caches evicted (64 MiB written) before every call. HW floor = the W1A1 time at this "
             "machine's measured scalar `popcnt` throughput (bench/limits.py), as a percentage of the "
-            "measured time: above 100% means the byte-lane vector kernel beats the scalar-popcount bound. "
+            "measured time: above 100% means the kernel beats one popcount per 64-bit word (byte-lane "
+            "sums, or Harley-Seal carry-save adders that popcount one word in 16). "
             "Machine load varies between runs (a shared 2-core VM): compare ratios within a row."
         ),
         "",
