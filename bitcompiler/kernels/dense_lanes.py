@@ -170,7 +170,9 @@ def lanes_func(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFu
                     C[r] = C[r] + T.Cast(U16, S[C16 * ROWS + r])
             for c in T.unroll(expand):
                 for r in T.vectorized(ROWS):
-                    Y[vm, c * N + vg * ROWS + r] = out_value(E0, E1, acc_of(S, C, r), c, c * N + vg * ROWS + r)
+                    Y[vm, c * N + vg * ROWS + r] = out_value(
+                        E0, E1, acc_of(S, C, r), c, c * N + vg * ROWS + r
+                    )
 
         @T.macro
         def body(X, PT, Y, M, E0, E1):
