@@ -152,9 +152,10 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
     epilogue = _epilogue_args(env, args, threshold)
-    # three AVX2 kernels read the weights stored in another order (same bits): W1A1 with rows in
+    # four AVX2 kernels read the weights stored in another order (same bits): W1A1 with rows in
     # vector lanes (it packs the activation signs itself), 2-bit codes interleaved from their two
-    # planes, and 8-bit codes as bytes (the last two for int8 activations)
+    # planes and 8-bit codes as bytes (both int8 activations), and float activations' table lookup
+    # with 8 rows' words side by side
     weights = _constant(args[1]) if avx2_target("llvm") else None
     if weights is not None and dense_lanes.fits(spec):
         epilogue[0] = relax.const(dense_lanes.lanes_layout(weights.numpy()))
@@ -167,6 +168,9 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
         epilogue[0] = relax.const(dense_avx2.weight_codes(weights.numpy(), k))
         prim, name = dense_avx2.int8_codes_dense_func(spec), f"{name}_codes"
         inputs = _quantized_input(bb, x2, act, None, (kw,))
+    elif weights is not None and dense_avx2.float_fits(spec):
+        epilogue[0] = relax.const(dense_avx2.rows8_layout(weights.numpy()))
+        prim, name, inputs = dense_avx2.float_dense_func(spec, rows8=True), f"{name}_r8", [x2]
     else:
         prim, inputs = kernels.dense_kernel(spec), _quantized_input(bb, x2, act, None, (kw,))
     y = _emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))

@@ -367,8 +367,20 @@ def float_fits(spec: DenseSpec) -> bool:
     return spec.act == "float" and spec.out_features % LUT_ROWS == 0
 
 
-def float_dense_func(spec: DenseSpec) -> tirx.PrimFunc:
-    """``act="float"``: 8-entry subset-sum tables per 3 activations, looked up for 8 rows by ``vpermps``."""
+def rows8_layout(planes: np.ndarray) -> np.ndarray:
+    """``P (B, N, KW) int32`` reordered as ``(B, N/8, KW, 8)`` (and given back in P's shape): word w
+    of rows 8j .. 8j+7 side by side, so the float kernel's 8 lanes are one contiguous load instead
+    of 8 strided ones (the same words)."""
+    b, n, kw = planes.shape
+    lanes = planes.reshape(b, n // LUT_ROWS, LUT_ROWS, kw).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(lanes).reshape(b, n, kw)
+
+
+def float_dense_func(spec: DenseSpec, rows8: bool = False) -> tirx.PrimFunc:
+    """``act="float"``: 8-entry subset-sum tables per 3 activations, looked up for 8 rows by ``vpermps``.
+
+    ``rows8``: ``P`` is in :func:`rows8_layout`, each lane vector one load.
+    """
     K, N, B, KW = spec.in_features, spec.out_features, spec.bits, spec.words
     pm1 = spec.code == "pm1"
     nv = 2 if N % (2 * LUT_ROWS) == 0 else 1  # row vectors per block: each table load serves nv of them
@@ -408,6 +420,12 @@ def float_dense_func(spec: DenseSpec) -> tirx.PrimFunc:
 
     def lanes(start):
         return T.ramp(start, 1, LUT_ROWS)
+
+    def word_lanes(PF, i, j, w):
+        """Word w of plane i for rows 8j .. 8j+7, one per lane."""
+        if rows8:
+            return PF[T.ramp(((i * (N // LUT_ROWS) + j) * KW + w) * LUT_ROWS, 1, LUT_ROWS)]
+        return PF[T.ramp((i * N + j * LUT_ROWS) * KW + w, KW, LUT_ROWS)]
 
     def row_acc(acc, v):
         tot = None
@@ -450,7 +468,7 @@ def float_dense_func(spec: DenseSpec) -> tirx.PrimFunc:
                                 LUT,
                                 mi,
                                 w,
-                                PF[T.ramp((i * N + no * nb + v * LUT_ROWS) * KW + w, KW, LUT_ROWS)],
+                                word_lanes(PF, i, no * nv + v, w),
                             )
                     for v in range(nv):
                         ys[lanes(v * LUT_ROWS)] = row_acc(acc, v)

@@ -185,3 +185,34 @@ def test_compile_uses_codes_kernel_for_8bit_layers():
     for batch in (1, 3):
         x = torch.randn(batch, 48)
         assert_close_t(cm(x), cm.reference(x))
+
+
+@pytest.mark.parametrize("code, bits, has_offset", [("pm1", 1, False), ("uint", 3, True)])
+def test_float_rows8_layout_matches_reference(code, bits, has_offset):
+    k, n = 100, 16
+    spec = DenseSpec(k, n, bits, code, "float", has_offset, False)
+    g = torch.Generator().manual_seed(bits)
+    planes = nu.code_to_planes(random_codes((n, k), bits, code, g), bits, code)
+    ep, kw = epilogue_params(n, False, g, has_offset, k)
+    p8 = torch.from_numpy(dense_avx2.rows8_layout(planes.numpy()))
+    assert p8.shape == planes.shape and not torch.equal(p8, planes)
+    run = build(dense_avx2.float_dense_func(spec, rows8=True))
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=g)
+        (y,) = run([x, p8] + ep, [((m, n), "float32")])
+        assert_close(y, nu.bit_linear(x, planes, k, code, "float", **kw))
+
+
+def test_compile_uses_rows8_float_kernel():
+    import bitcompiler as bc
+    from tests.backends.test_lower import kernels_called
+    from tests.conftest import assert_close as assert_close_t
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+    cm = bc.compile(model, (torch.randn(1, 64),), scheme="binary:first_last=quantize")
+    names = kernels_called(cm)
+    assert any("64x32" in name and name.endswith("_r8") for name in names), names
+    for batch in (1, 3):
+        x = torch.randn(batch, 64)
+        assert_close_t(cm(x), cm.reference(x))
