@@ -9,7 +9,6 @@ Relax's lowering.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import math
 import warnings
 from typing import Any
@@ -17,8 +16,6 @@ from typing import Any
 import torch
 from torch import fx
 
-from bitcompiler.kernels import dense_avx2, dense_lanes
-from bitcompiler.kernels.dense_avx2 import avx2_target
 from bitcompiler.ops import conv_out_size
 
 
@@ -152,25 +149,12 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
     epilogue = _epilogue_args(env, args, threshold)
-    # four AVX2 kernels read the weights stored in another order (same bits): W1A1 with rows in
-    # vector lanes (it packs the activation signs itself), 2-bit codes interleaved from their two
-    # planes and 8-bit codes as bytes (both int8 activations), and float activations' table lookup
-    # with 8 rows' words side by side
-    weights = _constant(args[1]) if avx2_target("llvm") else None
-    if weights is not None and dense_lanes.fits(spec):
-        epilogue[0] = relax.const(dense_lanes.lanes_layout(weights.numpy()))
-        prim, name, inputs = dense_lanes.lanes_kernel(spec), f"{name}_lanes", [x2]
-    elif weights is not None and dense_avx2.w2_interleaved_fits(spec):
-        epilogue[0] = relax.const(dense_avx2.interleave_w2(weights.numpy()))
-        prim, name = dense_avx2.int8_dense_func(spec, interleaved=True), f"{name}_il"
-        inputs = _quantized_input(bb, x2, act, None, (kw,))
-    elif weights is not None and dense_avx2.codes_fits(spec):
-        epilogue[0] = relax.const(dense_avx2.weight_codes(weights.numpy(), k))
-        prim, name = dense_avx2.int8_codes_dense_func(spec), f"{name}_codes"
-        inputs = _quantized_input(bb, x2, act, None, (kw,))
-    elif weights is not None and dense_avx2.float_fits(spec):
-        epilogue[0] = relax.const(dense_avx2.rows8_layout(weights.numpy()))
-        prim, name, inputs = dense_avx2.float_dense_func(spec, rows8=True), f"{name}_r8", [x2]
+    weights = _constant(args[1])
+    relaid = kernels.relaid_dense_kernel(spec, weights.numpy()) if weights is not None else None
+    if relaid is not None:  # the weights stored in the order that kernel reads (same bits)
+        epilogue[0] = relax.const(relaid.weights)
+        prim, name = relaid.func, f"{name}_{relaid.suffix}"
+        inputs = [x2] if relaid.float_input else _quantized_input(bb, x2, act, None, (kw,))
     else:
         prim, inputs = kernels.dense_kernel(spec), _quantized_input(bb, x2, act, None, (kw,))
     y = _emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))
@@ -297,15 +281,12 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     epi = [thr_sign, thr] if threshold else [scale, bias]
     out_ty = relax.TensorType((rows, n), "float32")
     name = f"bitc_tiled_{act}_{k}x{n}_p{p}" + ("_thr" if threshold else "")
-    weights = _constant(args[1]) if avx2_target("llvm") else None
-    rows_spec = spec.rows_spec() if spec.aligned else None
-    if weights is not None and rows_spec is not None and dense_lanes.fits(rows_spec):
-        # both stages in one rows-in-lanes kernel, the tile stored transposed (as convert_bit_linear)
-        rows_spec = dataclasses.replace(rows_spec, threshold=bool(threshold))
-        epi_scales = 0 if threshold else spec.scales
-        prim = dense_lanes.lanes_kernel(rows_spec, expand=spec.p, scales=epi_scales)
-        tile_t = relax.const(dense_lanes.lanes_layout(weights.numpy()))
-        y = _emit_kernel(bb, prim, f"{name}_lanes", [x2, tile_t, *epi], out_ty)
+    weights = _constant(args[1])
+    relaid = kernels.relaid_tiled_kernel(spec, weights.numpy()) if weights is not None else None
+    if relaid is not None:  # both stages in one kernel reading the tile in its order (same bits)
+        y = _emit_kernel(
+            bb, relaid.func, f"{name}_{relaid.suffix}", [x2, relax.const(relaid.weights), *epi], out_ty
+        )
         return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
     inputs = _quantized_input(bb, x2, act, None, (-(-k // 32),))
     if (fused := kernels.tiled_fused_kernel(spec)) is not None:

@@ -22,11 +22,12 @@ fit and stores those layers' weights in the order they read.
 
 from bitcompiler.kernels.activations import pack_sign_nchw, pack_sign_rows, quantize_rows_int8
 from bitcompiler.kernels.conv import conv2d_kernel
-from bitcompiler.kernels.dense import dense_kernel
+from bitcompiler.kernels.dense import Relaid, dense_kernel, relaid_dense_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
 from bitcompiler.kernels.tiled import (
     TiledConvSpec,
     TiledDenseSpec,
+    relaid_tiled_kernel,
     tiled_conv_expand_kernel,
     tiled_expand_kernel,
     tiled_fused_kernel,
@@ -36,6 +37,7 @@ from bitcompiler.kernels.tiled import (
 __all__ = [
     "ConvSpec",
     "DenseSpec",
+    "Relaid",
     "TiledConvSpec",
     "TiledDenseSpec",
     "conv2d_kernel",
@@ -43,6 +45,8 @@ __all__ = [
     "pack_sign_nchw",
     "pack_sign_rows",
     "quantize_rows_int8",
+    "relaid_dense_kernel",
+    "relaid_tiled_kernel",
     "tiled_conv_expand_kernel",
     "tiled_expand_kernel",
     "tiled_fused_kernel",

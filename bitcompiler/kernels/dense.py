@@ -34,11 +34,13 @@ portable TIR that a C (Cortex-M) or GPU backend schedules or emits as it is.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import dense_avx2
+from bitcompiler.kernels import dense_avx2, dense_lanes
 from bitcompiler.kernels._common import (
     as_i32,
     batch_var,
@@ -212,3 +214,38 @@ def dense_kernel(spec: DenseSpec, target: str | dict | Any = "llvm") -> tirx.Pri
                 Template("dense", func, lambda sch, choose: _schedule_unpacked(sch, spec, choose))
             )
     return func.with_attr("global_symbol", "main")
+
+
+@dataclass(frozen=True)
+class Relaid:
+    """A host-CPU dense kernel that reads its weights stored in another order (the same bits)."""
+
+    func: tirx.PrimFunc
+    weights: np.ndarray  # the layer's planes in the order ``func`` reads
+    suffix: str  # appended to the kernel's name
+    float_input: bool  # ``func`` takes the float activations (it quantizes them itself)
+
+
+def relaid_dense_kernel(spec: DenseSpec, planes: np.ndarray) -> Relaid | None:
+    """The kernel for ``spec`` on an AVX2 host when one reads a better weight order, else None
+    (then :func:`dense_kernel` on the planes as they are):
+
+    * W1A1, N % 32 == 0, K % 128 == 0: rows in vector lanes (:mod:`~bitcompiler.kernels.dense_lanes`);
+    * 2-bit weights, int8 activations, K % 256 == 0: codes interleaved from the two planes;
+    * 8-bit weights, int8 activations: the codes as bytes;
+    * float activations: 8 rows' words side by side for the table lookup.
+    """
+    if not dense_avx2.avx2_target("llvm"):
+        return None
+    if dense_lanes.fits(spec):
+        return Relaid(dense_lanes.lanes_kernel(spec), dense_lanes.lanes_layout(planes), "lanes", True)
+    if dense_avx2.w2_interleaved_fits(spec):
+        func = dense_avx2.int8_dense_func(spec, interleaved=True)
+        return Relaid(func, dense_avx2.interleave_w2(planes), "il", False)
+    if dense_avx2.codes_fits(spec):
+        codes = dense_avx2.weight_codes(planes, spec.in_features)
+        return Relaid(dense_avx2.int8_codes_dense_func(spec), codes, "codes", False)
+    if dense_avx2.float_fits(spec):
+        func = dense_avx2.float_dense_func(spec, rows8=True)
+        return Relaid(func, dense_avx2.rows8_layout(planes), "r8", True)
+    return None

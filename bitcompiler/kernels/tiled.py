@@ -21,12 +21,16 @@ Activations arrive as for the dense kernel: float ``X``, int8 ``XQ, XS``, binary
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from tvm import s_tir, te, tirx
 
+from bitcompiler.kernels import dense_avx2, dense_lanes
 from bitcompiler.kernels._common import batch_var, i64, largest_divisor, shape64, target_kind
+from bitcompiler.kernels.dense import Relaid
 from bitcompiler.kernels.dense_binary import binary_bytes_func, byte_layout, schedule_binary
 from bitcompiler.kernels.spec import DenseSpec
 from bitcompiler.kernels.template import Template, scheduled
@@ -261,3 +265,16 @@ def tiled_unaligned_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llv
         sch.parallel(n)
         func = sch.mod["main"]
     return func.with_attr("global_symbol", "main")
+
+
+def relaid_tiled_kernel(spec: TiledDenseSpec, tile: np.ndarray) -> Relaid | None:
+    """Row-aligned binary tiled layer on an AVX2 host whose R rows fit the rows-in-lanes kernel: both
+    stages in that kernel (the p-fold expand as its epilogue) on the tile stored transposed, with
+    the float activations as input; else None."""
+    if not spec.aligned or not dense_avx2.avx2_target("llvm"):
+        return None
+    rows = dataclasses.replace(spec.rows_spec(), threshold=spec.threshold)
+    if not dense_lanes.fits(rows):
+        return None
+    func = dense_lanes.lanes_kernel(rows, expand=spec.p, scales=0 if spec.threshold else spec.scales)
+    return Relaid(func, dense_lanes.lanes_layout(tile), "lanes", True)
