@@ -101,6 +101,42 @@ def _epilogue(spec: DenseSpec, acc: Any, sumx: Any, s: Any, n: Any, E0: Any, E1:
     return v + BI[n]
 
 
+def _int8_entry(spec: DenseSpec, body: Any, w_shape: tuple, w_dtype: str) -> tirx.PrimFunc:
+    """The int8-activation kernels' entry: ``XQ int8 (M, K), XS f32 (M,)``, the weights ``W``
+    (``w_shape``, ``w_dtype``), then ``TS, TH`` or ``SC, OF, BI``, then ``Y``; ``body(XQ, XS, W, Y,
+    E0, E1, E2, M)`` is the kernel's macro."""
+    K, N = spec.in_features, spec.out_features
+    ws = tuple(T.int64(d) for d in w_shape)
+    if spec.threshold:
+
+        @T.prim_func(s_tir=True)
+        def func(xq: T.handle, xs: T.handle, w: T.handle, ts: T.handle, th: T.handle, y: T.handle):
+            M = T.int64()
+            XQ = T.match_buffer(xq, (M, T.int64(K)), "int8")
+            XS = T.match_buffer(xs, (M,), F32)
+            W = T.match_buffer(w, ws, w_dtype)
+            TS = T.match_buffer(ts, (T.int64(N),), "int32")
+            TH = T.match_buffer(th, (T.int64(N),), "int32")
+            Y = T.match_buffer(y, (M, T.int64(N)), F32)
+            body(XQ, XS, W, Y, TS, TH, TH, M)
+
+        return func
+
+    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+    def func(xq: T.handle, xs: T.handle, w: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
+        M = T.int64()
+        XQ = T.match_buffer(xq, (M, T.int64(K)), "int8")
+        XS = T.match_buffer(xs, (M,), F32)
+        W = T.match_buffer(w, ws, w_dtype)
+        SC = T.match_buffer(sc, (T.int64(N),), F32)
+        OF = T.match_buffer(of, (T.int64(N),), F32)
+        BI = T.match_buffer(bi, (T.int64(N),), F32)
+        Y = T.match_buffer(y, (M, T.int64(N)), F32)
+        body(XQ, XS, W, Y, SC, OF, BI, M)
+
+    return func
+
+
 # --------------------------------------------------------------------------- int8 activations
 def w2_interleaved_fits(spec: DenseSpec) -> bool:
     """2-bit weights with int8 activations and whole 256-weight blocks: :func:`interleave_w2` applies."""
@@ -240,34 +276,7 @@ def int8_dense_func(spec: DenseSpec, interleaved: bool = False) -> tirx.PrimFunc
                         spec, acc_of(red, SX, m, r), SX[m], XS[m], no * nb + r, E0, E1, E2
                     )
 
-    if spec.threshold:
-
-        @T.prim_func(s_tir=True)
-        def func(xq: T.handle, xs: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-            M = T.int64()
-            XQ = T.match_buffer(xq, (M, T.int64(K)), "int8")
-            XS = T.match_buffer(xs, (M,), F32)
-            P = T.match_buffer(p, (T.int64(B), T.int64(N), T.int64(KW)), "int32")
-            TS = T.match_buffer(ts, (T.int64(N),), "int32")
-            TH = T.match_buffer(th, (T.int64(N),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(N)), F32)
-            body(XQ, XS, P, Y, TS, TH, TH, M)
-
-        return func
-
-    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(xq: T.handle, xs: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
-        M = T.int64()
-        XQ = T.match_buffer(xq, (M, T.int64(K)), "int8")
-        XS = T.match_buffer(xs, (M,), F32)
-        P = T.match_buffer(p, (T.int64(B), T.int64(N), T.int64(KW)), "int32")
-        SC = T.match_buffer(sc, (T.int64(N),), F32)
-        OF = T.match_buffer(of, (T.int64(N),), F32)
-        BI = T.match_buffer(bi, (T.int64(N),), F32)
-        Y = T.match_buffer(y, (M, T.int64(N)), F32)
-        body(XQ, XS, P, Y, SC, OF, BI, M)
-
-    return func
+    return _int8_entry(spec, body, (B, N, KW), "int32")
 
 
 # --------------------------------------------------------------------------- 8-bit codes, int8 activations
@@ -327,34 +336,7 @@ def int8_codes_dense_func(spec: DenseSpec) -> tirx.PrimFunc:
                         red[r] = red[r] + T.Cast("int32", Q[no * nb + r, k]) * T.Cast("int32", XQ[m, k])
                     Y[m, no * nb + r] = _epilogue(spec, red[r], SX[m], XS[m], no * nb + r, E0, E1, E2)
 
-    if spec.threshold:
-
-        @T.prim_func(s_tir=True)
-        def func(xq: T.handle, xs: T.handle, q: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-            M = T.int64()
-            XQ = T.match_buffer(xq, (M, T.int64(K)), "int8")
-            XS = T.match_buffer(xs, (M,), F32)
-            Q = T.match_buffer(q, (T.int64(N), T.int64(K)), U8)
-            TS = T.match_buffer(ts, (T.int64(N),), "int32")
-            TH = T.match_buffer(th, (T.int64(N),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(N)), F32)
-            body(XQ, XS, Q, Y, TS, TH, TH, M)
-
-        return func
-
-    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(xq: T.handle, xs: T.handle, q: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
-        M = T.int64()
-        XQ = T.match_buffer(xq, (M, T.int64(K)), "int8")
-        XS = T.match_buffer(xs, (M,), F32)
-        Q = T.match_buffer(q, (T.int64(N), T.int64(K)), U8)
-        SC = T.match_buffer(sc, (T.int64(N),), F32)
-        OF = T.match_buffer(of, (T.int64(N),), F32)
-        BI = T.match_buffer(bi, (T.int64(N),), F32)
-        Y = T.match_buffer(y, (M, T.int64(N)), F32)
-        body(XQ, XS, Q, Y, SC, OF, BI, M)
-
-    return func
+    return _int8_entry(spec, body, (N, K), U8)
 
 
 # --------------------------------------------------------------------------- float activations
