@@ -9,13 +9,15 @@ Measured on the 2-core AMD EPYC (znver3, AVX2) dev machine, ``TVM_NUM_THREADS=1`
 K = N = 4096, batch 1 (median of many runs; torch fp32 ``F.linear`` takes 3.0-4.2 ms there):
 
 * W1A1 dense, rows in lanes (:mod:`~bitcompiler.kernels.dense_lanes`, Harley-Seal): ~46 us
-  (the byte-lane kernel of :mod:`~bitcompiler.kernels.dense_binary`: ~65 us); batch 64: ~3.2 ms
-* W1 weight-only dense (pm1, float act), batch 1: ~0.55 ms (``dense_avx2``, table lookup)
+  (the byte-lane kernel of :mod:`~bitcompiler.kernels.dense_binary`: ~65 us); batch 64: ~2.9 ms
+* W1 weight-only dense (pm1, float act), batch 1: ~0.43 ms (``dense_avx2``, table lookup; 0.54 ms
+  with the rows' words strided)
+* 8-bit weights, int8 act: one byte per code, ``vpmaddwd`` (4096 -> 256 at batch 1: ~28 us)
 * W2A8 dense (uint 2-bit, int8 act), batch 1: ~0.22 ms with pre-interleaved codes (~0.29 ms from
   the planes); ORT dynamic int8 takes 0.64-1.1 ms
 
-The CPU lowering (``backends/lower.py``) picks the lanes and interleaved kernels when the shapes
-fit and stores those layers' weights in the order they read.
+The CPU lowering picks these through :func:`relaid_dense_kernel` / :func:`relaid_tiled_kernel` and
+stores the layers' weights in the order the kernels read (the same bits).
 
 (Timings on a shared 2-core VM vary by 10-20% from run to run.)
 """
