@@ -5,12 +5,18 @@ frozen bits hold a random payload (bits=7, sign trained: 7 of 8 bits per weight 
 come back unchanged after training. First and last layers stay 8-bit affine (bitcompiler's
 default). Reports test error (mean ± spread over 3 seeds), zero-weight fraction, frozen fraction.
 
-``--lrs`` (Adam learning rates): float runs at each and its best by mean test accuracy is kept;
-every bit-wise config then runs at float's best lr and at 1e-3, and each is reported at its best.
-``--jobs N`` runs N trainings at once in separate processes (one thread each; same numbers).
+``--lrs`` (Adam learning rates): float runs at each and its best by mean test accuracy is kept
+(there is no validation split: the lr is picked on the test set, for every arm alike).
+``--bit-lrs``: every bit-wise config runs at each and is reported at its best; without it they run
+at float's best lr and at 1e-3. ``--bn`` puts BatchNorm before every ReLU and ``--width`` sets
+the channels (both for every arm, float included); ``--schedule cosine`` decays every arm's lr to 0
+(:func:`bitcompiler.train.fit`). ``--jobs N`` runs N trainings at once in separate processes (one
+thread each; same numbers).
 
     PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py           # ≈ 7 min on one core (20k images, 2 epochs, lr 1e-3)
     PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py --train-limit 0 --epochs 4 --lrs 1e-3,3e-3,1e-2 --jobs 2  # 1012 s on 2 cores
+    PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py --train-limit 0 --epochs 3 --bn --schedule cosine --lrs 3e-3,1e-2,3e-2 --bit-lrs 3e-3,1e-2,3e-2 --jobs 2  # 1277 s on 2 cores
+    PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py --train-limit 0 --epochs 3 --width 16,32,128 --bn --schedule cosine --lrs 1e-2 --bit-lrs 1e-2  # 1695 s on one core
     PYTHONPATH=. .venv/bin/python examples/reproduce_bitwise.py --quick   # a smoke run
 """
 
@@ -40,18 +46,28 @@ CONFIGS = {
 }
 
 
-def cnn() -> nn.Module:
+def cnn(width: tuple[int, int, int] = (8, 16, 64), bn: bool = False) -> nn.Module:
+    """conv(1→c1)-pool-conv(c1→c2)-pool-fc(49·c2→f)-fc(f→10), ReLUs; ``bn``: BatchNorm before each
+    ReLU (it folds into the compiled layers' epilogues). The same network for every arm."""
+    c1, c2, f = width
+
+    def norm(kind: type[nn.Module], c: int) -> list[nn.Module]:
+        return [kind(c)] if bn else []
+
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Conv2d(1, c1, 3, padding=1),
+        *norm(nn.BatchNorm2d, c1),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        *norm(nn.BatchNorm2d, c2),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * 7 * 7, 64),
+        nn.Linear(c2 * 7 * 7, f),
+        *norm(nn.BatchNorm1d, f),
         nn.ReLU(),
-        nn.Linear(64, 10),
+        nn.Linear(f, 10),
     )
 
 
@@ -71,13 +87,17 @@ def data(limit: int) -> tuple:
     return _DATA[limit]
 
 
-def run(label: str, seed: int, lr: float, epochs: int, limit: int) -> dict:
-    """One training of config ``label`` (one thread); returns its test accuracy and bit statistics."""
+def run(label: str, seed: int, lr: float, opts: dict) -> dict:
+    """One training of config ``label`` (one thread); returns its test accuracy and bit statistics.
+
+    ``opts``: epochs, limit (training images, 0: all), width, bn, schedule."""
     torch.set_num_threads(1)
-    train, test = data(limit)
+    train, test = data(opts["limit"])
     scheme = CONFIGS[label]
     torch.manual_seed(seed)
-    net = cnn() if scheme is None else bc.prepare(cnn(), scheme)
+    net = cnn(opts["width"], opts["bn"])
+    if scheme is not None:
+        net = bc.prepare(net, scheme)
     blob = b""
     if label.startswith("payload"):
         blob = bytes(
@@ -86,7 +106,16 @@ def run(label: str, seed: int, lr: float, epochs: int, limit: int) -> dict:
             ).tolist()
         )
         payload.embed(net, blob)
-    h = fit(net, train, epochs, lr=lr, val_data=test, progress=False, seed=seed)
+    h = fit(
+        net,
+        train,
+        opts["epochs"],
+        lr=lr,
+        val_data=test,
+        progress=False,
+        seed=seed,
+        schedule=opts["schedule"],
+    )
     r = {"lr": lr, "seed": seed, "acc": h.val_accuracy[-1], "seconds": h.seconds}
     if scheme is not None:
         r.update(zeros=bitwise.sparsity(net), frozen=bitwise.frozen_fraction(net))
@@ -95,9 +124,9 @@ def run(label: str, seed: int, lr: float, epochs: int, limit: int) -> dict:
     return r
 
 
-def run_all(pool, jobs: list[tuple[str, float]], seeds, epochs: int, limit: int) -> dict:
+def run_all(pool, jobs: list[tuple[str, float]], seeds, opts: dict) -> dict:
     """Every (config, lr) in ``jobs`` at every seed, in the pool if there is one."""
-    tasks = [(label, seed, lr, epochs, limit) for label, lr in jobs for seed in seeds]
+    tasks = [(label, seed, lr, opts) for label, lr in jobs for seed in seeds]
     if pool is None:
         outs = (run(*t) for t in tasks)
     else:
@@ -118,10 +147,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=20000, help="first N training images (0: all 60,000)")
+    p.add_argument("--lrs", default="1e-3", help="comma-separated Adam lrs for float")
     p.add_argument(
-        "--lrs",
-        default="1e-3",
-        help="comma-separated Adam lrs for float; bit-wise configs run at float's best and at 1e-3",
+        "--bit-lrs",
+        default="",
+        help="comma-separated Adam lrs for every bit-wise config (default: float's best and 1e-3)",
+    )
+    p.add_argument(
+        "--width", default="8,16,64", help="c1,c2,f: conv1 and conv2 channels, fc1 width (every arm)"
+    )
+    p.add_argument("--bn", action="store_true", help="BatchNorm before every ReLU (every arm)")
+    p.add_argument(
+        "--schedule", default="constant", choices=["constant", "cosine"], help="lr schedule (every arm)"
     )
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once, one process and thread each")
     p.add_argument("--out", default="/tmp/bitwise_results.json")
@@ -130,14 +167,21 @@ def main() -> None:
     start = time.perf_counter()
     epochs = 1 if args.quick else args.epochs
     limit = 2000 if args.quick else args.train_limit
+    width = tuple(int(x) for x in args.width.split(","))
+    opts = {"epochs": epochs, "limit": limit, "width": width, "bn": args.bn, "schedule": args.schedule}
     lrs = [float(x) for x in args.lrs.split(",")]
     pool = concurrent.futures.ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
-    results = run_all(pool, [("float", lr) for lr in lrs], SEEDS, epochs, limit)
-    float_lr = min(lrs, key=lambda lr: mean_err(results["float", lr]))
-    bit_lrs = sorted({float_lr, 1e-3})
-    results |= run_all(
-        pool, [(label, lr) for label in CONFIGS if label != "float" for lr in bit_lrs], SEEDS, epochs, limit
-    )
+    if args.bit_lrs:
+        bit_lrs = [float(x) for x in args.bit_lrs.split(",")]
+        jobs = [(label, lr) for label in CONFIGS for lr in (lrs if label == "float" else bit_lrs)]
+        results = run_all(pool, jobs, SEEDS, opts)  # one pool map: no idle worker between phases
+    else:
+        results = run_all(pool, [("float", lr) for lr in lrs], SEEDS, opts)
+        float_lr = min(lrs, key=lambda lr: mean_err(results["float", lr]))
+        bit_lrs = sorted({float_lr, 1e-3})
+        results |= run_all(
+            pool, [(label, lr) for label in CONFIGS if label != "float" for lr in bit_lrs], SEEDS, opts
+        )
     if pool is not None:
         pool.shutdown()
     best = {
@@ -168,7 +212,8 @@ def main() -> None:
         )
     print("\n".join(rows))
     print(
-        f"epochs {epochs}, train images {len(data(limit)[0])}, wall time {time.perf_counter() - start:.0f} s"
+        f"epochs {epochs}, train images {len(data(limit)[0])}, width {width}, bn {args.bn}, "
+        f"schedule {args.schedule}, wall time {time.perf_counter() - start:.0f} s"
     )
     with open(args.out, "w") as f:
         json.dump({f"{label} lr={lr:g}": runs for (label, lr), runs in results.items()}, f)
