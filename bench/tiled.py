@@ -28,31 +28,31 @@ from bitcompiler.quant import numerics
 
 def kernel_us(n: int, p: int) -> tuple[float, float]:
     """The bit kernels alone (median µs of direct calls, batch 1): the plain dense vs the fused tiled
-    kernel, each the one the CPU lowering picks for this shape (rows in lanes when it fits)."""
-    from bitcompiler.kernels import dense_lanes
-
+    kernel, each the one the CPU lowering picks for this shape, on its weights in the order it reads."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     kw, r = numerics.num_words(n), n // p
 
-    def timed(prim, shapes):
+    def timed(prim, args):
         f = tvm.compile(tvm.IRModule({"main": prim}), target=target)["main"]
-        args = [tvm.runtime.tensor(np.ones(s, d)) for s, d in shapes]
-        return _median_us(f, args)
+        return _median_us(f, [tvm.runtime.tensor(a) for a in args])
 
-    def weights(rows: int) -> tuple:
-        return ((rows // 32, n // 8, 32), "uint8") if lanes else ((1, rows, kw), "int32")
+    def pick(relaid, plain_func, rows: int):
+        """(func, activation input, weights): the relaid kernel when the lowering would take it."""
+        planes = np.ones((1, rows, kw), "int32")
+        if relaid is not None:
+            x = np.ones((1, n), "float32") if relaid.float_input else np.ones((1, kw), "int32")
+            return relaid.func, x, relaid.weights
+        return plain_func(), np.ones((1, kw), "int32"), planes
 
     dense = kernels.DenseSpec(n, n, 1, "pm1", "binary", False, False)
     spec = kernels.TiledDenseSpec(n, n, p, "binary", False, p)
-    lanes = dense_lanes.fits(dense) and dense_lanes.fits(spec.rows_spec())
-    if lanes:
-        plain_k, fused = dense_lanes.lanes_kernel(dense), dense_lanes.lanes_kernel(spec.rows_spec(), p, p)
-    else:
-        plain_k, fused = kernels.dense_kernel(dense), kernels.tiled_fused_kernel(spec)
-    assert fused is not None, "the fused tiled kernel applies to binary row-aligned layers of 256+ bits"
-    x = ((1, n), "float32") if lanes else ((1, kw), "int32")  # the lanes kernel packs the signs itself
-    plain = timed(plain_k, [x, weights(n)] + [((n,), "float32")] * 3 + [((1, n), "float32")])
-    tiled = timed(fused, [x, weights(r), ((p,), "float32"), ((n,), "float32"), ((1, n), "float32")])
+    ones = np.ones((1, n, kw), "int32")
+    func, x, w = pick(kernels.relaid_dense_kernel(dense, ones), lambda: kernels.dense_kernel(dense), n)
+    plain = timed(func, [x, w] + [np.ones(n, "float32")] * 3 + [np.zeros((1, n), "float32")])
+    tile = np.ones((1, r, kw), "int32")
+    func, x, w = pick(kernels.relaid_tiled_kernel(spec, tile), lambda: kernels.tiled_fused_kernel(spec), r)
+    assert func is not None, "the fused tiled kernel applies to binary row-aligned layers of 256+ bits"
+    tiled = timed(func, [x, w, np.ones(p, "float32"), np.ones(n, "float32"), np.zeros((1, n), "float32")])
     return plain, tiled
 
 

@@ -64,6 +64,7 @@ class CompiledModel:
         dynamic_batch: bool,
     ) -> None:
         self._runner = runner
+        self._runner_checks = bool(getattr(runner, "checks_inputs", False))
         self.graph = graph
         self._exported = exported
         self.inputs = inputs
@@ -126,18 +127,16 @@ class CompiledModel:
         )
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
-        if getattr(self._runner, "checks_inputs", False):
-            # the runner checks count, dtypes and shapes itself (the Relax VM's entry does): only a
-            # failed call pays for the checks that turn its error into one naming the input
-            try:
-                outs = self._runner([_plain(inputs[0])] if len(inputs) == 1 else [_plain(x) for x in inputs])
-            except Exception:
-                self._check(inputs)  # raises, naming what is wrong
-                raise
-        else:
-            if not self._valid(inputs):
-                self._check(inputs)  # raises, naming what is wrong
-            outs = self._runner([_plain(x) for x in inputs])
+        # a runner that checks count, dtypes and shapes itself (the Relax VM's entry does) is called
+        # directly: only a failed call pays for the checks that turn its error into one naming the input
+        if not self._runner_checks and not self._valid(inputs):
+            self._check(inputs)  # raises, naming what is wrong
+        try:
+            outs = self._runner([_plain(inputs[0])] if len(inputs) == 1 else [_plain(x) for x in inputs])
+        except Exception:
+            if self._runner_checks:
+                self._check(inputs)
+            raise
         if not self._tuple_output:
             return outs[0] if isinstance(outs[0], torch.Tensor) else torch.as_tensor(outs[0])
         return tuple(o if isinstance(o, torch.Tensor) else torch.as_tensor(o) for o in outs)

@@ -16,7 +16,7 @@ Schedule for the host CPU (``target="llvm"``), chosen by measuring the W1A1 4096
 AVX2 (see the module-level numbers in the package docstring):
 
 * W1A1 and the other packed-activation kernels: :mod:`bitcompiler.kernels.dense_binary`.
-* int8 (bits <= 7) / float (N % 8 == 0) on an AVX2 CPU: :mod:`bitcompiler.kernels.dense_avx2`,
+* int8 (bits <= 7) / float (N % 8 == 0) on an AVX2 CPU: :mod:`bitcompiler.kernels.dense_int8` / :mod:`bitcompiler.kernels.dense_avx2`,
   explicit vector TIR (``vpmaddubsw`` on codes decoded from 256-bit plane loads; ``vpermps``
   lookups in per-3-activation subset-sum tables). W2A8 4096x4096 batch 1: 2.5 -> 0.33 ms,
   W1 float: 1.0 -> 0.54 ms; batch 64: ~7x and ~2x faster than the schedule below.
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import dense_avx2, dense_lanes
+from bitcompiler.kernels import dense_avx2, dense_int8, dense_lanes
 from bitcompiler.kernels._common import (
     as_i32,
     batch_var,
@@ -203,8 +203,8 @@ def dense_kernel(spec: DenseSpec, target: str | dict | Any = "llvm") -> tirx.Pri
             func = scheduled(
                 Template("dense", func, lambda sch, choose: schedule_binary(sch, spec, wide, choose))
             )
-    elif cpu and dense_avx2.int8_fits(spec) and dense_avx2.avx2_target(target):
-        func = dense_avx2.int8_dense_func(spec)  # explicit vector TIR: nothing to schedule or tune
+    elif cpu and dense_int8.int8_fits(spec) and dense_avx2.avx2_target(target):
+        func = dense_int8.int8_dense_func(spec)  # explicit vector TIR: nothing to schedule or tune
     elif cpu and dense_avx2.float_fits(spec) and dense_avx2.avx2_target(target):
         func = dense_avx2.float_dense_func(spec)
     else:
@@ -239,12 +239,12 @@ def relaid_dense_kernel(spec: DenseSpec, planes: np.ndarray) -> Relaid | None:
         return None
     if dense_lanes.fits(spec):
         return Relaid(dense_lanes.lanes_kernel(spec), dense_lanes.lanes_layout(planes), "lanes", True)
-    if dense_avx2.w2_interleaved_fits(spec):
-        func = dense_avx2.int8_dense_func(spec, interleaved=True)
-        return Relaid(func, dense_avx2.interleave_w2(planes), "il", False)
-    if dense_avx2.codes_fits(spec):
-        codes = dense_avx2.weight_codes(planes, spec.in_features)
-        return Relaid(dense_avx2.int8_codes_dense_func(spec), codes, "codes", False)
+    if dense_int8.w2_interleaved_fits(spec):
+        func = dense_int8.int8_dense_func(spec, interleaved=True)
+        return Relaid(func, dense_int8.interleave_w2(planes), "il", False)
+    if dense_int8.codes_fits(spec):
+        codes = dense_int8.weight_codes(planes, spec.in_features)
+        return Relaid(dense_int8.int8_codes_dense_func(spec), codes, "codes", False)
     if dense_avx2.float_fits(spec):
         func = dense_avx2.float_dense_func(spec, rows8=True)
         return Relaid(func, dense_avx2.rows8_layout(planes), "r8", True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitcompiler.kernels import DenseSpec, dense_avx2, dense_kernel
+from bitcompiler.kernels import DenseSpec, dense_avx2, dense_int8, dense_kernel
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
 
@@ -55,8 +55,8 @@ def test_int8_largest_products_exact(bits):
 
 
 def _run_interleaved(spec, planes, x, ep):
-    run = build(dense_avx2.int8_dense_func(spec, interleaved=True))
-    pil = torch.from_numpy(dense_avx2.interleave_w2(planes.numpy()))
+    run = build(dense_int8.int8_dense_func(spec, interleaved=True))
+    pil = torch.from_numpy(dense_int8.interleave_w2(planes.numpy()))
     (y,) = run(act_inputs(x, "int8") + [pil] + ep, [((x.shape[0], spec.out_features), "float32")])
     return y
 
@@ -65,7 +65,7 @@ def _run_interleaved(spec, planes, x, ep):
 @pytest.mark.parametrize("has_offset, threshold", [(True, False), (False, True), (False, False)])
 def test_int8_w2_interleaved_matches_reference(k, n, has_offset, threshold):
     spec = DenseSpec(k, n, 2, "uint", "int8", has_offset, threshold)
-    assert dense_avx2.w2_interleaved_fits(spec)
+    assert dense_int8.w2_interleaved_fits(spec)
     g = torch.Generator().manual_seed(k + n)
     planes = nu.code_to_planes(random_codes((n, k), 2, "uint", g), 2, "uint")
     ep, kw = epilogue_params(n, threshold, g, has_offset, k * 4)
@@ -99,9 +99,9 @@ def test_interleave_w2_refuses_other_layers():
         DenseSpec(300, 4, 2, "uint", "int8", True, False),
         DenseSpec(256, 4, 3, "uint", "int8", True, False),
     ):
-        assert not dense_avx2.w2_interleaved_fits(spec)
+        assert not dense_int8.w2_interleaved_fits(spec)
         with pytest.raises(ValueError, match="interleaved"):
-            dense_avx2.int8_dense_func(spec, interleaved=True)
+            dense_int8.int8_dense_func(spec, interleaved=True)
 
 
 @pytest.mark.parametrize("k, n", [(20, 8), (100, 16), (4129, 24)])
@@ -150,17 +150,17 @@ def test_compile_uses_interleaved_w2a8_kernel():
 @pytest.mark.parametrize("has_offset, threshold", [(True, False), (False, True)])
 def test_int8_codes_matches_reference(k, n, has_offset, threshold):
     spec = DenseSpec(k, n, 8, "uint", "int8", has_offset, threshold)
-    assert dense_avx2.codes_fits(spec)
+    assert dense_int8.codes_fits(spec)
     g = torch.Generator().manual_seed(k + n)
     q = random_codes((n, k), 8, "uint", g)
     q[0] = 255  # the largest products: 2 x 255 x 127 per int32 pair sum
     planes = nu.code_to_planes(q, 8, "uint")
-    codes = dense_avx2.weight_codes(planes.numpy(), k)
+    codes = dense_int8.weight_codes(planes.numpy(), k)
     assert np.array_equal(codes, q.numpy())  # the same bits, one byte per weight
     ep, kw = epilogue_params(n, threshold, g, has_offset, k * 255)
     if threshold:
         kw.update(scale=torch.ones(n), offset=torch.zeros(n), bias=torch.zeros(n))
-    run = build(dense_avx2.int8_codes_dense_func(spec))
+    run = build(dense_int8.int8_codes_dense_func(spec))
     for m in (1, 5):
         x = torch.randn(m, k, generator=g)
         x[:, 0] = -100.0  # x quantizes to -127 there
