@@ -361,14 +361,18 @@ def _build_cached(
     if tuning is not None:
         kernels = tuner.kernels_of(lambda: to_relax(exported))
         extra["tuning s"] = tuner.tune_kernels(kernels, records, tuning, where)
-    entry = cache.key(exported, str(target) + str(tvm_target) + records.fingerprint())
+    try:
+        entry: str | None = cache.key(exported, str(target) + str(tvm_target) + records.fingerprint())
+    except Exception as e:  # noqa: BLE001 - the cache is an optimization: never a reason to fail
+        warnings.warn(f"compile cache skipped (could not hash the graph: {e}); compiling uncached", stacklevel=3)
+        entry = None
 
     def load(path: Path) -> Runner:
         loaded = backend.load(path, target)
         loaded.report_extra = {**extra, **json.loads((path / "tuning.json").read_text())}
         return loaded  # type: ignore[no-any-return]
 
-    runner = cache.lookup(entry, load)
+    runner = cache.lookup(entry, load) if entry is not None else None
     if runner is not None:
         runner.cache_hit = True  # type: ignore[attr-defined]
         return runner  # type: ignore[return-value]
@@ -384,7 +388,8 @@ def _build_cached(
         runner.export(path)
         (path / "tuning.json").write_text(json.dumps(applied))
 
-    cache.store(entry, write)
+    if entry is not None:
+        cache.store(entry, write)
     return runner
 
 

@@ -63,8 +63,18 @@ def key(exported: torch.export.ExportedProgram, target: str) -> str:
         t = tensors[name]
         if isinstance(t, torch.Tensor):
             h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            h.update(tensor_bytes(t))
     return h.hexdigest()[:32]
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The values of any tensor as bytes: 0-dim, stride-0 (expanded), non-contiguous, integer and bool."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.is_quantized:
+        flat = flat.int_repr().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return bytes(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else b""
 
 
 def lookup(entry_key: str, load: Callable[[Path], object]) -> object | None:
@@ -89,6 +99,7 @@ def store(entry_key: str, write: Callable[[Path], object]) -> None:
     if base is None:
         return
     final = base / "compiled" / entry_key
+    tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry_key}-", dir=final.parent))
@@ -97,5 +108,7 @@ def store(entry_key: str, write: Callable[[Path], object]) -> None:
             os.rename(tmp, final)
         except OSError:  # another process won the race: its entry is complete too
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - read-only home, full disk, an unserializable build: only warn
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         warnings.warn(f"could not write the compile cache under {base}: {e}", stacklevel=3)
