@@ -272,6 +272,7 @@ def compile(
         )
     backend = backend_for(target)
     gm = capture(model, example_inputs)
+    fixed_by_capture = gm.meta.get("bitc_fixed_batch", "")
     ctx = PassContext(scheme=scheme, strict=strict, target=target.name, example_inputs=example_inputs)
     gm = (pipeline or Pipeline.default(target)).run(gm, ctx)
     with torch.no_grad():
@@ -290,6 +291,16 @@ def compile(
         runner = _build_cached(backend, exported, target, tuning, db, example_inputs[0].shape[0])
     report = build_report(gm, target.name, label, ctx.notes)
     report.extra.update(getattr(runner, "report_extra", {}))
+    if not dynamic:
+        why = fixed_by_capture or getattr(exported, "bitc_fixed_batch", "") or "unknown"
+        batch = example_inputs[0].shape[0]
+        report.extra["batch"] = f"fixed at {batch}: {why}"
+        warnings.warn(
+            f"{type(model).__name__} compiled with a fixed batch of {batch}: the batch dimension could not "
+            f"be kept dynamic ({why}). Calls must use batch {batch}; to get a dynamic batch, avoid "
+            "shapes computed from the batch size in forward() (e.g. use x.flatten(1) or x.view(x.shape[0], -1)).",
+            stacklevel=2,
+        )
     inputs = [InputSpec(tuple(x.shape[1:]), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
     return CompiledModel(
         runner, gm, exported, inputs, isinstance(out, (tuple, list)), report, target, dynamic

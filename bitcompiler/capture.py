@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import copy
 import linecache
+import logging
 import os
+import re
 import traceback
+import warnings
 
 import torch
 from torch import fx, nn
@@ -47,8 +50,57 @@ def _user_frame(exc: BaseException) -> str:
     return found
 
 
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def export_dynamic(model: nn.Module, example_inputs: tuple) -> tuple[torch.export.ExportedProgram, str]:
+    """``torch.export`` with dimension 0 of every input dynamic (the batch), else static.
+
+    Returns the program and, when the batch had to be fixed, why (empty when it is dynamic).
+    """
+    batch = torch.export.Dim("batch", min=1)  # no upper bound: TVM would plan memory for it
+    dynamic = tuple({0: batch} for _ in example_inputs)
+    # torch.export specializes a dimension whose example size is 1: trace with a batch of 2
+    traced_with = tuple(torch.cat([x[:1], x[:1]]) for x in example_inputs)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a failed dynamic trace logs a full trace before raising
+    try:
+        with warnings.catch_warnings():  # torch's own pytree deprecation noise
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                ep = torch.export.export(model, traced_with, dynamic_shapes=dynamic, strict=False)
+                reason = _computed_from_batch(ep)
+                if not reason:
+                    return ep, ""
+            except Exception as e:  # noqa: BLE001 - e.g. x.view(1, -1): the model fixes the batch
+                where = _user_frame(e)
+                reason = first_line(e) + (f" (at {where})" if where else "")
+            return torch.export.export(model, tuple(example_inputs), strict=False), reason
+    finally:
+        fake_log.setLevel(level)
+
+
+def _computed_from_batch(ep: torch.export.ExportedProgram) -> str:
+    """Why a dynamic-batch program cannot be compiled: a shape computed from the batch (a view
+    that folds the batch into features gives ``16*batch``), or "" when there is none."""
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        for d in getattr(val, "shape", ()):
+            if isinstance(d, torch.SymInt) and not d.node.expr.is_symbol:
+                shape = re.sub(r"\bs\d+\b", "batch", str(d.node.expr))
+                return f"`{node.name}` has a dimension computed from the batch ({shape})"
+    return ""
+
+
 def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    """Trace ``model`` (a copy, in eval mode) into a GraphModule."""
+    """Trace ``model`` (a copy, in eval mode) into a GraphModule.
+
+    torch.fx comes first; a model it cannot trace goes through ``torch.export`` with a dynamic
+    batch. When only a fixed batch exports, ``gm.meta["bitc_fixed_batch"]`` says why.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
@@ -56,9 +108,12 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
         return symbolic_trace(model)
     except Exception as fx_error:  # noqa: BLE001 - fall back to torch.export
         try:
-            ep = torch.export.export(model, example_inputs, strict=False)
-            gm = ep.module()
-            return gm if isinstance(gm, fx.GraphModule) else symbolic_trace(gm)
+            ep, fixed = export_dynamic(model, example_inputs)
+            gm = ep.module(check_guards=False)  # no export-internal guard node in the graph
+            gm = gm if isinstance(gm, fx.GraphModule) else symbolic_trace(gm)
+            if fixed:
+                gm.meta["bitc_fixed_batch"] = fixed
+            return gm
         except Exception as export_error:  # noqa: BLE001
             where = _user_frame(fx_error) or _user_frame(export_error) or "(line unknown)"
             first = (

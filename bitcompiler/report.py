@@ -166,8 +166,13 @@ def build_report(gm: fx.GraphModule, target: str, scheme: str, notes: list) -> R
             rows.append(
                 LayerRow(name, type(m).__name__, "float", 32.0, 4 * numel, numel, noted.get(name, ""))
             )
+    shown = {r.name for r in rows}
+    unplaced = [f"{name}: {message}" for name, message in notes if name not in shown]
     float_ops: Counter[str] = Counter()
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_module", "call_method") and "bitc" not in str(node.target):
             float_ops[_op_name(gm, node)] += 1
-    return Report(rows, target, scheme, dict(float_ops))
+    report = Report(rows, target, scheme, dict(float_ops))
+    if unplaced:  # notes on graph nodes that are not layers (e.g. a functional conv kept float)
+        report.extra["notes"] = "; ".join(unplaced)  # type: ignore[assignment]
+    return report

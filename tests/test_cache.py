@@ -63,3 +63,60 @@ def test_a_model_loaded_from_the_cache_exports_and_loads(tmp_path, monkeypatch):
     assert hit._runner.cache_hit
     hit.export(tmp_path / "out")
     assert torch.equal(bc.load(tmp_path / "out")(x), hit(x))
+
+
+class _Buffers(torch.nn.Module):
+    """Constants of every awkward kind: 0-dim, stride-0 (expanded), non-contiguous, bool, integer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("zero_dim", torch.tensor(0.5))
+        self.register_buffer("expanded", torch.tensor([1.5]).expand(8))
+        self.register_buffer("transposed", torch.randn(8, 8).t())
+        self.register_buffer("mask", torch.rand(8) > 0.5)
+        self.register_buffer("count", torch.arange(8))
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x) * self.zero_dim + self.expanded + x @ self.transposed
+        return torch.where(self.mask, y, y * self.count)
+
+
+@pytest.mark.parametrize("scheme", ["none", "binary"])
+def test_any_constant_tensor_hashes_into_the_key(tmp_path, monkeypatch, scheme):
+    # a BatchNorm that does not fold keeps its 0-dim num_batches_tracked buffer: this crashed the key
+    monkeypatch.setenv("BITC_CACHE", str(tmp_path))
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    cm = bc.compile(bn, (x,), scheme=scheme)
+    assert torch.allclose(cm(x), bn(x), atol=1e-5)
+    model, x = _Buffers().eval(), torch.randn(1, 8)
+    first = bc.compile(model, (x,), scheme=scheme)
+    with torch.no_grad():
+        assert torch.allclose(first(x), model(x), atol=1e-5) or scheme != "none"
+    assert bc.compile(model, (x,), scheme=scheme)._runner.cache_hit
+    with torch.no_grad():
+        model.zero_dim.fill_(0.25)  # a changed 0-dim constant is a new entry
+    assert not getattr(bc.compile(model, (x,), scheme=scheme)._runner, "cache_hit", False)
+
+
+def test_tensor_bytes_covers_every_layout():
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert cache.tensor_bytes(base.t()) == cache.tensor_bytes(base.t().contiguous())
+    assert cache.tensor_bytes(torch.tensor(2.0)) == torch.tensor([2.0]).numpy().tobytes()
+    assert cache.tensor_bytes(torch.tensor([True, False])) == b"\x01\x00"
+    assert cache.tensor_bytes(torch.zeros(0)) == b""
+
+
+def test_a_cache_that_fails_only_warns(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITC_CACHE", str(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot hash")
+
+    monkeypatch.setattr(cache, "key", broken)
+    model, (x,) = make_model("mlp")
+    with pytest.warns(UserWarning, match="compile cache skipped"):
+        cm = bc.compile(model, (x,))
+    assert torch.allclose(cm(x), cm.reference(x), atol=1e-5)
+    assert not (tmp_path / "compiled").exists()

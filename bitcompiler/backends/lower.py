@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from bitcompiler.capture import export_dynamic, first_line
 from bitcompiler.ops import conv_out_size
 
 
@@ -24,21 +25,14 @@ class LoweringError(RuntimeError):
 
 
 def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """``torch.export`` with dimension 0 of every input dynamic (the batch)."""
-    batch = torch.export.Dim("batch", min=1)  # no upper bound: TVM would plan memory for it
-    dynamic = tuple({0: batch} for _ in example_inputs)
-    # torch.export specializes a dimension whose example size is 1: trace with a batch of 2
-    traced_with = tuple(torch.cat([x[:1], x[:1]]) for x in example_inputs)
+    """``torch.export`` with dimension 0 of every input dynamic (the batch); static when the graph
+    fixes the batch (``ep.bitc_fixed_batch`` then says why)."""
     try:
-        with warnings.catch_warnings():  # torch's own pytree deprecation noise
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.export.export(gm, traced_with, dynamic_shapes=dynamic, strict=False)
+        ep, fixed = export_dynamic(gm, example_inputs)
     except Exception as e:  # noqa: BLE001
-        # a model that fixes the batch (e.g. x.view(1, -1)) cannot be dynamic: fall back to static
-        try:
-            return torch.export.export(gm, tuple(example_inputs), strict=False)
-        except Exception:  # noqa: BLE001
-            raise LoweringError(f"torch.export of the rewritten graph failed: {e}") from e
+        raise LoweringError(f"torch.export of the rewritten graph failed: {first_line(e)}") from e
+    ep.bitc_fixed_batch = fixed  # type: ignore[attr-defined]
+    return ep
 
 
 def _shape(expr: Any) -> list:
@@ -144,8 +138,9 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     bits, n, kw = (_int(d) for d in _shape(planes))
     shape = _shape(x)
     lead = shape[:-1]
-    rows = math.prod(lead) if len(lead) > 1 else lead[0]
-    x2 = bb.emit(relax.op.reshape(x, (rows, k))) if len(lead) > 1 else x
+    flat = len(lead) != 1  # a 1-D input (no batch) or several leading dimensions: one row each
+    rows = math.prod(lead) if flat else lead[0]
+    x2 = bb.emit(relax.op.reshape(x, (rows, k))) if flat else x
     spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
     epilogue = _epilogue_args(env, args, threshold)
@@ -158,7 +153,7 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     else:
         prim, inputs = kernels.dense_kernel(spec), _quantized_input(bb, x2, act, None, (kw,))
     y = _emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))
-    return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
+    return bb.emit(relax.op.reshape(y, (*lead, n))) if flat else y
 
 
 def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
@@ -276,8 +271,9 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     spec = kernels.TiledDenseSpec(k, n, p, act, bool(threshold), _int(_shape(scale)[0]))
     shape = _shape(x)
     lead = shape[:-1]
-    rows = math.prod(lead) if len(lead) > 1 else lead[0]
-    x2 = bb.emit(relax.op.reshape(x, (rows, k))) if len(lead) > 1 else x
+    flat = len(lead) != 1  # a 1-D input (no batch) or several leading dimensions: one row each
+    rows = math.prod(lead) if flat else lead[0]
+    x2 = bb.emit(relax.op.reshape(x, (rows, k))) if flat else x
     epi = [thr_sign, thr] if threshold else [scale, bias]
     out_ty = relax.TensorType((rows, n), "float32")
     name = f"bitc_tiled_{act}_{k}x{n}_p{p}" + ("_thr" if threshold else "")

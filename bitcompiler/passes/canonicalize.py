@@ -1,8 +1,11 @@
 """canonicalize: one form for the float graph.
 
-Functional and ATen linear/conv2d/batch_norm calls on constant weights become
-module calls (``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``), so every later
-pass matches one pattern; dropout and identity disappear.
+Values computed only from parameters and buffers (a masked weight ``w * mask``, weight
+normalization, a reparametrization) are constant at inference: they are computed once and
+stored as buffers. Functional and ATen linear/conv2d/batch_norm calls on constant weights
+then become module calls (``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``), so every later
+pass matches one pattern; dropout and identity disappear. A functional linear/conv2d whose
+weight depends on the input stays float and the report says why (``strict=True``: an error).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bitcompiler.passes.graph_utils import fresh_name, get_attr_value, is_call, module_of
-from bitcompiler.passes.pipeline import Pass
+from bitcompiler.passes.pipeline import Pass, PassError
 
 aten = torch.ops.aten
 _LINEAR = (F.linear, torch._C._nn.linear, aten.linear.default)
@@ -85,18 +88,101 @@ def _to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str, 
     return new
 
 
-def run(gm: fx.GraphModule) -> fx.GraphModule:
+# calls that are not pure functions of their inputs: never evaluated at compile time
+_IMPURE = {"dropout", "rand", "randn", "randint", "bernoulli", "normal", "uniform", "rand_like", "randn_like"}
+
+
+def _is_constant(node: fx.Node, constant: set[fx.Node]) -> bool:
+    """Whether ``node`` is computed from parameters and buffers only (at least one of them)."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    name = str(getattr(node.target, "__name__", node.target)).split(".")[-1].rstrip("_")
+    if name in _IMPURE or str(node.target).endswith("_"):  # random, or in place
+        return False
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(n in constant for n in inputs)
+
+
+def fold_constants(gm: fx.GraphModule) -> int:
+    """Replace each maximal parameter-only subgraph that feeds the rest of the graph by a buffer
+    holding its value; returns how many were folded."""
+    constant: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or _is_constant(node, constant):
+            constant.add(node)
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" or node not in constant:
+            continue
+        if all(user in constant for user in node.users):
+            continue  # an inner node of a larger constant: folded with it
+        env = {n: _value(gm, n) for n in constant if n.op == "get_attr"}
+        value = _evaluate(gm, node, env)
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = fresh_name(gm, f"{node.name}_folded")
+        gm.register_buffer(name, value.detach().clone())
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        node.replace_all_uses_with(attr)
+        folded += 1
+    return folded
+
+
+def _value(gm: fx.GraphModule, node: fx.Node) -> Any:
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    """``node``'s value, computing its constant inputs first (memoized in ``env``)."""
+    if node in env:
+        return env[node]
+    for inp in node.all_input_nodes:
+        _evaluate(gm, inp, env)
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    with torch.no_grad():
+        if node.op == "call_function":
+            value = node.target(*args, **kwargs)  # type: ignore[operator]
+        elif node.op == "call_method":
+            value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        else:
+            value = gm.get_submodule(str(node.target))(*args, **kwargs)
+    env[node] = value
+    return value
+
+
+def _computed_weight_reason(node: fx.Node) -> str:
+    w = _arg(node, 1, "weight", None)
+    what = "conv2d" if is_call(node, *_CONV) else "linear"
+    src = w.name if isinstance(w, fx.Node) else repr(w)
+    return (
+        f"functional {what} `{node.name}` stays float: its weight `{src}` depends on the input, "
+        "so it is not constant at inference and cannot be quantized"
+    )
+
+
+def run(gm: fx.GraphModule, ctx: Any = None) -> fx.GraphModule:
+    fold_constants(gm)
     for node in list(gm.graph.nodes):
         m = module_of(gm, node)
         if isinstance(m, (nn.Dropout, nn.Identity)) or is_call(node, *_DROPOUT):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         elif is_call(node, *_LINEAR) and (lin := _linear_module(gm, node)) is not None:
-            node.replace_all_uses_with(_to_module(gm, node, lin, "linear", node.args[0]))
+            node.replace_all_uses_with(_to_module(gm, node, lin, "linear", _arg(node, 0, "input", None)))
             gm.graph.erase_node(node)
         elif is_call(node, *_CONV) and (conv := _conv_module(gm, node)) is not None:
-            node.replace_all_uses_with(_to_module(gm, node, conv, "conv", node.args[0]))
+            node.replace_all_uses_with(_to_module(gm, node, conv, "conv", _arg(node, 0, "input", None)))
             gm.graph.erase_node(node)
+        elif is_call(node, *_LINEAR, *_CONV) and ctx is not None and ctx.scheme.quantizes:
+            reason = _computed_weight_reason(node)
+            if ctx.strict:
+                raise PassError("canonicalize", reason + "; pass strict=False to keep it in float", node.name)
+            ctx.notes.append((node.name, f"kept float: {reason}"))
         elif is_call(node, *_BN_EPS_ARG) and (bn := _bn_module(gm, node)) is not None:
             new = _to_module(gm, node, bn, "batchnorm", node.args[0])
             if node.target is aten.batch_norm.default:

@@ -47,3 +47,62 @@ def test_exported_aten_graph_is_canonicalized():
     assert {"Conv2d", "BatchNorm2d", "Linear"} <= set(kinds)
     assert not any("aten.conv2d" in str(n.target) or "aten.linear" in str(n.target) for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class ComputedWeights(nn.Module):
+    """Weights computed from parameters: a pruning mask (X-DenseNet style) and weight normalization."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 8, 3, 3))
+        self.register_buffer("mask", (torch.rand(16, 8, 3, 3) > 0.5).float())
+        self.fc = nn.utils.parametrizations.weight_norm(nn.Linear(16, 10))
+
+    def forward(self, x):
+        y = F.relu(F.conv2d(x, self.weight * self.mask, padding=1))
+        return self.fc(y.mean((2, 3)))
+
+
+class InputDependentWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gen = nn.Linear(8, 8 * 8 * 9)
+
+    def forward(self, x):
+        return F.conv2d(x, self.gen(x.mean((0, 2, 3))).view(8, 8, 3, 3), padding=1)
+
+
+def test_weights_computed_from_parameters_are_folded_and_quantized():
+    import bitcompiler as bc
+
+    model, x = ComputedWeights().eval(), torch.randn(1, 8, 6, 6)
+    gm = canonicalize.run(trace(model))
+    kinds = [k for op, k in structure(gm) if op == "call_module"]
+    # the masked weight became a buffer; the weight-normalized Linear is an nn.Linear module already
+    assert kinds.count("Conv2d") == 1 and kinds.count("ParametrizedLinear") == 1
+    assert not any(n.op == "call_function" and "mul" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x))
+    cm = bc.compile(model, (x,), scheme="binary")
+    rows = {r.op: r for r in cm.report().layers}
+    assert rows["conv2d"].scheme != "float" and rows["linear"].scheme != "float"
+    assert cm.report().weight_bytes < cm.report().float_weight_bytes
+    xb = torch.randn(3, 8, 6, 6)
+    ref = cm.reference(xb)
+    assert (ref - model(xb)).abs().max() > 1e-3  # quantized, not float
+    torch.testing.assert_close(cm(xb), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_that_depends_on_the_input_stays_float_with_the_reason():
+    import pytest
+
+    import bitcompiler as bc
+    from bitcompiler.passes.pipeline import PassError
+
+    model, x = InputDependentWeight().eval(), torch.randn(1, 8, 6, 6)
+    cm = bc.compile(model, (x,), scheme="binary")
+    assert "depends on the input" in cm.report().extra["notes"]
+    assert cm.report().float_ops.get("conv2d") == 1
+    xb = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(cm(xb), cm.reference(xb), rtol=1e-5, atol=1e-5)
+    with pytest.raises(PassError, match="depends on the input"):
+        bc.compile(model, (x,), scheme="binary", strict=True)
