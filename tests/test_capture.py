@@ -85,7 +85,7 @@ def test_export_fallback_keeps_the_batch_dynamic():
     import bitcompiler as bc
 
     model, x = SplitBranches().eval(), torch.randn(1, 8, 6, 6)
-    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever fx raises: the fallback is what is tested
+    with pytest.raises(Exception):  # noqa: B017 - whatever fx raises: the fallback is what is tested
         torch.fx.symbolic_trace(model)
     gm = capture(model, (x,))
     assert "bitc_fixed_batch" not in gm.meta

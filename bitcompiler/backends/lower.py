@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.Expo
     fixes the batch (``ep.bitc_fixed_batch`` then says why)."""
     try:
         ep, fixed = export_dynamic(gm, example_inputs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise LoweringError(f"torch.export of the rewritten graph failed: {first_line(e)}") from e
     ep.bitc_fixed_batch = fixed  # type: ignore[attr-defined]
     return ep
