@@ -18,6 +18,39 @@ from bitcompiler.train import regularization_loss, step
 
 __version__ = "0.1.0"
 
+# public submodules reachable as attributes (``bc.datasets``), imported on first use: the data
+# loaders and payload code are not needed to compile
+_SUBMODULES = (
+    "api",
+    "backends",
+    "cache",
+    "capture",
+    "cli",
+    "datasets",
+    "kernels",
+    "methods",
+    "ops",
+    "passes",
+    "payload",
+    "quant",
+    "report",
+    "train",
+    "tuning",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"bitcompiler.{name}")
+    raise AttributeError(f"module 'bitcompiler' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})
+
+
 __all__ = [
     "CaptureError",
     "CompiledModel",

@@ -108,6 +108,31 @@ class Report:
             lines.append(f"{k}: {v}")
         return "\n".join(line.rstrip() for line in lines)
 
+    # Cortex-M figures (None on other targets): measured under QEMU for one inference
+    @property
+    def instructions(self) -> int | None:
+        """Instructions executed for one sample (Cortex-M, QEMU's exact count)."""
+        v = self.extra.get("instructions")
+        return int(v) if isinstance(v, (int, float)) else None
+
+    @property
+    def flash_bytes(self) -> int | None:
+        """Flash the firmware takes: code, weights and constants (Cortex-M)."""
+        v = self.extra.get("flash_bytes")
+        return int(v) if v is not None else None
+
+    @property
+    def ram_bytes(self) -> int | None:
+        """RAM at run time: static data, the activation arena and the measured stack (Cortex-M)."""
+        v = self.extra.get("ram_bytes")
+        return int(v) if v is not None else None
+
+    @property
+    def arena_bytes(self) -> int | None:
+        """The planned activation arena (Cortex-M)."""
+        v = self.extra.get("arena_bytes")
+        return int(v) if v is not None else None
+
     @property
     def compression(self) -> float:
         return self.float_weight_bytes / self.weight_bytes if self.weight_bytes else 1.0

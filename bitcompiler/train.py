@@ -75,12 +75,23 @@ def layer_bits(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on a dataset of (input, label) pairs."""
+def _loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool) -> DataLoader:
+    """A DataLoader over ``data``; a DataLoader is used as it is (its own batch size and order)."""
+    if isinstance(data, DataLoader):
+        return data
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise TypeError(
+            f"expected a Dataset of (input, label) pairs or a DataLoader, got {type(data).__name__}"
+        )
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle)
+
+
+def accuracy(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on a dataset of (input, label) pairs or a DataLoader."""
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in DataLoader(data, batch_size=batch_size):
+    for x, y in _loader(data, batch_size, shuffle=False):
         correct += (model(x).argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
@@ -89,11 +100,11 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
 
 def fit(
     model: nn.Module,
-    train_data: Dataset,
+    train_data: Dataset | DataLoader,
     epochs: int = 1,
     lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    val_data: Dataset | None = None,
+    val_data: Dataset | DataLoader | None = None,
     progress: bool = True,
     batch_size: int = 128,
     time_budget: float | None = None,
@@ -101,7 +112,8 @@ def fit(
     schedule: str = "constant",
 ) -> History:
     """Train with cross-entropy plus the quantizers' :func:`regularization_loss`; Adam (lr 1e-3)
-    unless an optimizer is given. After each optimizer step the quantizers :func:`step`.
+    unless an optimizer is given. ``train_data`` is a Dataset of (input, label) pairs (batched by
+    ``batch_size``, shuffled) or a DataLoader (used as it is). After each optimizer step the quantizers :func:`step`.
 
     ``schedule``: ``"constant"`` (default) keeps the optimizer's lr; ``"cosine"`` decays it per
     step from its initial value to 0 at the end of the last epoch (half a cosine,
@@ -113,7 +125,7 @@ def fit(
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     torch.manual_seed(seed)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr or 1e-3)
-    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True)
+    loader = _loader(train_data, batch_size, shuffle=True)
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
         if schedule == "cosine"
