@@ -51,3 +51,16 @@ def test_block_rewrites(use_sum_twice):
         assert convs[1].endswith("_res")  # hardtanh(b2(c2) + x) in c2's epilogue
     assert sum(c.startswith("bitc_pack_sign_nchw") for c in calls) == 1  # the stem's output only
     assert_close(cm(x), cm.reference(x))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, (2, 5)])
+def test_adaptive_max_pool2d_lowers_exactly(size):
+    # TVM's frontend has no adaptive_max_pool2d (CBAM's channel attention uses it)
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            return F.adaptive_max_pool2d(x, size) * 2
+
+    model = Pool().eval()
+    cm = bc.compile(model, (torch.randn(1, 4, 10, 10),), scheme="none")
+    x = torch.randn(3, 4, 10, 10)
+    assert torch.equal(cm(x), model(x))
