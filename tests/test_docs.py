@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
 def _blocks() -> list:
@@ -24,4 +24,4 @@ def _blocks() -> list:
 @pytest.mark.parametrize("code", _blocks())
 def test_doc_example_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that write files (cm.export("out/net")) write here
-    exec(compile(code, "<doc example>", "exec"), {"__name__": "__doc_example__"})
+    exec(compile(code, "<doc example>", "exec"), {"__name__": "__doc_example__"})  # noqa: S102 - our own docs
