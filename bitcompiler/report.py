@@ -33,7 +33,7 @@ class Report:
     target: str
     scheme: str
     float_ops: dict[str, int] = field(default_factory=dict)
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # figures and notes: numbers or text
 
     @property
     def weight_bytes(self) -> int:
@@ -199,5 +199,5 @@ def build_report(gm: fx.GraphModule, target: str, scheme: str, notes: list) -> R
             float_ops[_op_name(gm, node)] += 1
     report = Report(rows, target, scheme, dict(float_ops))
     if unplaced:  # notes on graph nodes that are not layers (e.g. a functional conv kept float)
-        report.extra["notes"] = "; ".join(unplaced)  # type: ignore[assignment]
+        report.extra["notes"] = "; ".join(unplaced)
     return report

@@ -376,8 +376,8 @@ def convert_adaptive_max_pool2d(node: fx.Node, importer: Any) -> Any:
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
-    out = node.args[1]
-    oh, ow = (out, out) if isinstance(out, int) else out
+    out: Any = node.args[1]
+    oh, ow = (out, out) if isinstance(out, int) else (out[0], out[1])
     h, w = (_int(d) for d in _shape(x)[-2:])
     oh, ow = oh or h, ow or w
     if h % oh == 0 and w % ow == 0:  # equal windows: one max pool
