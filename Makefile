@@ -26,7 +26,7 @@ help:
 	@echo "make demo        train, compile and time a binary CNN (examples/demo.py)"
 	@echo "make lint        ruff check, ruff format --check, mypy bitcompiler"
 	@echo "make bench       run the benchmarks (python -m bench)"
-	@echo "make zoo         time 48 third-party architectures x 4 schemes (python -m bench wild)"
+	@echo "make zoo         time 45 third-party architectures x 4 schemes (python -m bench wild)"
 	@echo "make test-zoo    the zoo as a test: compile, exactness and storage on every architecture"
 	@echo "make constraints rewrite constraints.txt from the venv's pip freeze"
 	@echo "make clean       remove caches and build artifacts (keeps $(VENV))"

@@ -28,7 +28,6 @@ from torch import nn
 # shuffle, h-swish, mixed kernels, learned group convs) at 64x64.
 CIFAR = (
     "resnet20_cifar10",
-    "resnet56_cifar10",
     "preresnet20_cifar10",
     "resnext20_16x4d_cifar10",
     "seresnet20_cifar10",
@@ -42,7 +41,6 @@ CIFAR = (
     "diaresnet20_cifar10",
     "diapreresnet20_cifar10",
     "nin_cifar10",
-    "pyramidnet110_a48_cifar10",
 )
 IMAGENET = (
     "resnet10",
@@ -52,7 +50,6 @@ IMAGENET = (
     "bam_resnet18",
     "cbam_resnet18",
     "diracnet18v2",
-    "densenet121",
     "dla34",
     "regnetx002",
     "regnety002",
