@@ -133,7 +133,7 @@ def tiled_linear(
     act: str,
     threshold: bool,
 ) -> torch.Tensor:
-    """Tiled dense layer (METHODS.md §4) over the last axis of ``x``: one packed tile, p scales."""
+    """Tiled dense layer (docs/methods.md §4) over the last axis of ``x``: one packed tile, p scales."""
     lead = x.shape[:-1]
     y = numerics.tiled_linear(
         x.reshape(-1, k),
@@ -173,7 +173,7 @@ def tiled_conv2d(
     act: str,
     threshold: bool,
 ) -> torch.Tensor:
-    """Row-aligned tiled conv (METHODS.md §4), NCHW float32: R = O/p stored filters, p scales."""
+    """Row-aligned tiled conv (docs/methods.md §4), NCHW float32: R = O/p stored filters, p scales."""
     return numerics.tiled_conv2d(
         x,
         tile,

@@ -1,4 +1,4 @@
-"""Store bytes in the frozen bits of ``bitwise`` layers (METHODS.md §2: frozen bits hold any code).
+"""Store bytes in the frozen bits of ``bitwise`` layers (docs/methods.md §2: frozen bits hold any code).
 
 Frozen bits are buffers, so training never changes them. Order (deterministic): quantizers in module
 order; within one, frozen magnitude bits from most to least significant, then the sign if frozen; each

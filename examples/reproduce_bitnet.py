@@ -1,4 +1,4 @@
-"""Reproduce BitNet (METHODS.md §1) on Fashion-MNIST and MNIST-5k with an MLP or a small CNN.
+"""Reproduce BitNet (docs/methods.md §1) on Fashion-MNIST and MNIST-5k with an MLP or a small CNN.
 
 For each dataset: a float baseline at the best of 3 Adam learning rates (3 seeds each), and BitNet
 at the float's best LR with the paper's settings (λ1 = 1e-3, μ = 1e-3 halved every 200 steps, batch

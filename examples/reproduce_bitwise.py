@@ -1,4 +1,4 @@
-"""Reproduce bit-wise training (METHODS.md §2) on Fashion-MNIST with a small CNN.
+"""Reproduce bit-wise training (docs/methods.md §2) on Fashion-MNIST with a small CNN.
 
 Float vs sign-only vs top-2-of-6 vs all bits (6 magnitude bits + sign, Adam), plus a run whose
 frozen bits hold a random payload (bits=7, sign trained: 7 of 8 bits per weight frozen) that must

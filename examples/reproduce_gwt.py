@@ -1,4 +1,4 @@
-"""Reproduce exact backprop with group weight transforms (METHODS.md §3) on Fashion-MNIST.
+"""Reproduce exact backprop with group weight transforms (docs/methods.md §3) on Fashion-MNIST.
 
 MLP 784->128->10, all layers binary (first_last=quantize), float activations; the same float
 recipe for every run: SGD momentum 0.9, cosine, wd 1e-4, and the learning rate tuned per network

@@ -1,4 +1,4 @@
-"""Reproduce Tiled Bit Networks (METHODS.md §4) at small scale; prints markdown tables.
+"""Reproduce Tiled Bit Networks (docs/methods.md §4) at small scale; prints markdown tables.
 
 1. MLP 784->128->10, fc1 tiled at p=4 (fc2 is too small: plain binary), on MNIST-5k and
    Fashion-MNIST: exact weight bytes and test accuracy vs binary and float, with α per chunk =

@@ -1,4 +1,4 @@
-"""Tiled kernels (METHODS.md §4): one stored tile, exactly :func:`numerics.tiled_linear` and
+"""Tiled kernels (docs/methods.md §4): one stored tile, exactly :func:`numerics.tiled_linear` and
 :func:`numerics.tiled_conv2d` (row-aligned convs: the conv kernel of the R filters, then
 :func:`tiled_conv_expand_kernel`, as the dense two-stage path below).
 

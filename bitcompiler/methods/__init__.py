@@ -1,4 +1,4 @@
-"""Training methods beyond plain straight-through quantization (METHODS.md §3-§4)."""
+"""Training methods beyond plain straight-through quantization (docs/methods.md §3-§4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""BitNet (METHODS.md §1): each layer learns its own bit depth B by a sign step.
+"""BitNet (docs/methods.md §1): each layer learns its own bit depth B by a sign step.
 
 The layer keeps real weights W; the forward uses the affine quantization ``α + δ·Q`` at B bits with a
 straight-through gradient (``mode=quantized``) or W itself (``mode=float``, quantized in eval mode,

@@ -1,4 +1,4 @@
-"""Bit-wise training (METHODS.md §2): every bit of every weight is its own real parameter.
+"""Bit-wise training (docs/methods.md §2): every bit of every weight is its own real parameter.
 
 A layer has n magnitude bits and a sign per weight; bit i is ``1[m_i > 0]`` of a real tensor m_i,
 the weight ``α · (1 − 2·s) · Σ 2^i·bit_i`` with α fixed at init (He std for random bits), and each

@@ -1,4 +1,4 @@
-"""Group weight transforms (METHODS.md §3): binary weights trained with exact gradients.
+"""Group weight transforms (docs/methods.md §3): binary weights trained with exact gradients.
 
 Each group of real parameters θ_g (default: one output channel) is mapped by a deterministic,
 differentiable :class:`GroupTransform` to training weights; the default :class:`TanhTransform` is
@@ -45,7 +45,7 @@ class GroupTransform(Protocol):
 
 
 class TanhTransform:
-    """The default transform (ours, see METHODS.md §3): ``a_g · tanh(τ·z)`` -> ``a_g · sign(z)``."""
+    """The default transform (ours, see docs/methods.md §3): ``a_g · tanh(τ·z)`` -> ``a_g · sign(z)``."""
 
     def __init__(self, group: int | None = None) -> None:
         self.group = group

@@ -1,4 +1,4 @@
-"""Tiled Bit Networks (METHODS.md §4): one binary tile reused across a layer, plus one α per chunk.
+"""Tiled Bit Networks (docs/methods.md §4): one binary tile reused across a layer, plus one α per chunk.
 
 Training (:class:`TiledWeight`): the weight is flattened to N·K values and cut into p chunks of
 q = N·K/p; the tile is ``sign(Σ_chunks W)`` with a straight-through gradient (so every weight gets

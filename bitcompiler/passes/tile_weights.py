@@ -1,4 +1,4 @@
-"""tile_weights: store one tile per tiled layer (METHODS.md §4).
+"""tile_weights: store one tile per tiled layer (docs/methods.md §4).
 
 A folded ``BitLinear`` whose codes are one pm1 tile repeated p times (``tiles > 1``, set by the
 ``tiled`` scheme's quantizer) becomes a :class:`~bitcompiler.methods.tiled.TiledBitLinear` holding

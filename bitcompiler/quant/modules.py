@@ -28,7 +28,7 @@ class WeightCodes:
     scale: torch.Tensor  # (N,)
     offset: torch.Tensor  # (N,)
     n_floats: int  # float32 scalars the scheme really stores (per-layer vs per-channel)
-    tiles: int = 1  # > 1: q is one pm1 tile repeated this many times (tiled scheme, METHODS.md §4)
+    tiles: int = 1  # > 1: q is one pm1 tile repeated this many times (tiled scheme, docs/methods.md §4)
 
 
 class _STE(torch.autograd.Function):
@@ -62,7 +62,7 @@ class BinaryWeight(nn.Module):
 
 
 class AffineWeight(nn.Module):
-    """BitNet's per-layer affine ``W ≈ α + δ·Q`` with B-bit Q (METHODS.md §1), straight-through round."""
+    """BitNet's per-layer affine ``W ≈ α + δ·Q`` with B-bit Q (docs/methods.md §1), straight-through round."""
 
     def __init__(self, bits: int) -> None:
         super().__init__()

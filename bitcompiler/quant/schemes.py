@@ -17,12 +17,12 @@ _SCHEMES: dict[str, dict[str, str]] = {
     "none": {},
     "binary": {},
     "uniform": {"bits": "4"},
-    # METHODS.md §3: group weight transform; τ stays at tau_start for the first tau_hold fraction of
+    # docs/methods.md §3: group weight transform; τ stays at tau_start for the first tau_hold fraction of
     # tau_steps optimizer steps, then grows geometrically to tau_end (an early rise saturates tanh)
     "gwt": {"group": "channel", "tau_start": "1", "tau_end": "100", "tau_steps": "1000", "tau_hold": "0.5"},
-    # METHODS.md §4: one tile per layer of >= min_weights weights, α per chunk
+    # docs/methods.md §4: one tile per layer of >= min_weights weights, α per chunk
     "tiled": {"p": "4", "min_weights": "65536", "alpha": "chunk"},
-    # METHODS.md §1: per-layer bit depth B learned by a sign step; eps is sign_ε's dead zone (ours)
+    # docs/methods.md §1: per-layer bit depth B learned by a sign step; eps is sign_ε's dead zone (ours)
     "bitnet": {
         "init_bits": "8",
         "min_bits": "2",
@@ -34,7 +34,7 @@ _SCHEMES: dict[str, dict[str, str]] = {
         "eps": "1e-9",
         "mode": "quantized",
     },
-    # METHODS.md §2: n magnitude bits + sign per weight, each bit a parameter; train picks which learn
+    # docs/methods.md §2: n magnitude bits + sign per weight, each bit a parameter; train picks which learn
     "bitwise": {"bits": "6", "train": "all"},
 }
 _COMMON = {"act": "float", "first_last": "keep"}

@@ -1,4 +1,4 @@
-"""BitNet (METHODS.md §1): formulas, bit-update direction, regularized training, compile."""
+"""BitNet (docs/methods.md §1): formulas, bit-update direction, regularized training, compile."""
 
 import pytest
 import torch

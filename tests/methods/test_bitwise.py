@@ -1,4 +1,4 @@
-"""Bit-wise training (METHODS.md §2): formulas, per-bit STE, frozen bits, payload, compile."""
+"""Bit-wise training (docs/methods.md §2): formulas, per-bit STE, frozen bits, payload, compile."""
 
 import math
 

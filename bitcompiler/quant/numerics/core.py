@@ -104,7 +104,7 @@ def affine_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def affine_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``W ≈ α + δ·Q`` with Q in 0..2^B−1 (METHODS.md §1). Returns ``(Q, α, δ)``."""
+    """``W ≈ α + δ·Q`` with Q in 0..2^B−1 (docs/methods.md §1). Returns ``(Q, α, δ)``."""
     alpha, delta = affine_params(w, bits)
     q = torch.clamp(torch.round((w.detach() - alpha) / delta), 0, 2**bits - 1).to(torch.int64)
     return q, alpha, delta

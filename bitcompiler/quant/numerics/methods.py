@@ -1,4 +1,4 @@
-"""Numbers of the four methods (METHODS.md): tiles, group transforms, BitNet bit updates, bit-wise weights.
+"""Numbers of the four methods (docs/methods.md): tiles, group transforms, BitNet bit updates, bit-wise weights.
 
 Part of :mod:`bitcompiler.quant.numerics`; import from there.
 """
@@ -23,7 +23,7 @@ from bitcompiler.quant.numerics.core import (
     unpack_bits,
 )
 
-# --------------------------------------------------------------------------- tiles (METHODS.md §4)
+# --------------------------------------------------------------------------- tiles (docs/methods.md §4)
 # A weight with N output channels and K values per channel is flattened row-major (PyTorch's own
 # order, (N, C, KH, KW) for a conv) to N·K values and cut into p chunks of q = N·K / p; chunk c holds
 # flat elements [c·q, (c+1)·q). One tile t ∈ {-1, +1}^q is stored (bit 1 = +1) and repeated p times.
@@ -182,7 +182,7 @@ def gwt_normalize(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gwt_weight(theta: torch.Tensor, tau: float, group: int | None) -> torch.Tensor:
-    """Training weights ``w = a_g · tanh(τ·z)`` (METHODS.md §3), exact gradients, shaped like θ."""
+    """Training weights ``w = a_g · tanh(τ·z)`` (docs/methods.md §3), exact gradients, shaped like θ."""
     z, a = gwt_normalize(gwt_groups(theta, group))
     return (a * torch.tanh(tau * z)).reshape(theta.shape)
 
@@ -202,7 +202,7 @@ def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- BitNet bit updates (§1)
 def quantization_error(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """``½‖W_q − W‖²`` at ``bits`` (METHODS.md §1); differentiable in ``W`` with ``W_q`` held constant."""
+    """``½‖W_q − W‖²`` at ``bits`` (docs/methods.md §1); differentiable in ``W`` with ``W_q`` held constant."""
     q, alpha, delta = affine_weight(w, bits)
     wq = (alpha + delta * q.to(w.dtype)).detach()
     return 0.5 * ((wq - w) ** 2).sum()
