@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from bitcompiler.backends import lower_conv
 from bitcompiler.ops import conv_out_size
 
 
@@ -380,6 +381,8 @@ CONVERTERS = {
     "tiled_linear.default": convert_tiled_linear,
     "tiled_conv2d.default": convert_tiled_conv2d,
     "hardtanh.default": convert_hardtanh,
+    "conv2d.default": lower_conv.convert_conv2d,
+    "convolution.default": lower_conv.convert_convolution,
 }
 
 
