@@ -244,7 +244,7 @@ def decoded_conv_func(spec: ConvSpec, acc_t: str, output: Callable) -> tirx.Prim
             ),
             name="sumx",
         )
-        sumx_value = lambda m, o, oh, ow: sumx[m, o // OG, oh, ow]  # noqa: E731
+        sumx_value = lambda m, o, oh, ow: sumx[m, o // OG, oh, ow]
     epi, Y = output(spec, M, acc, sumx_value, XS)
     func = te.create_prim_func([*inputs, P, *epi, Y])
     func = _schedule(func, spec, vb, ("XZ", "WQ"))
