@@ -37,9 +37,16 @@ KERNEL_NAME = "bitc_fconv"  # prefix of the Relax function names of these kernel
 
 def lanes(spec: ConvSpec) -> int:
     """Output channels per vector block for the channel-lanes nest, or 0 for width lanes."""
-    if spec.og % 8 or spec.cg * spec.kernel[0] * spec.kernel[1] < 4:
+    if spec.og % 8 and not (spec.groups == 1 and spec.reduction >= 16):
+        return 0  # (groups 1: the channels padded to a multiple of 8, e.g. a DenseNet's 12)
+    if spec.reduction < 4:
         return 0
     return 16 if spec.og % 16 == 0 and spec.out_w % 4 == 0 else 8
+
+
+def _blocks(spec: ConvSpec, vb: int) -> int:
+    """Channel blocks of ``vb`` lanes (the last one zero-padded when ``vb`` does not divide O)."""
+    return -(-spec.out_channels // vb)
 
 
 def _register_width(spec: ConvSpec, vb: int) -> int:
@@ -81,7 +88,7 @@ def _accumulate(spec: ConvSpec, XZ: te.Tensor, WT: te.Tensor, vb: int) -> Callab
 
     if vb:
         acc = te.compute(
-            shape64(M, O // vb, spec.out_h, spec.out_w, vb),
+            shape64(M, _blocks(spec, vb), spec.out_h, spec.out_w, vb),
             lambda m, ob, oh, ow, oi: te.sum(
                 x(m, ob * vb // OG * CG + c.var, oh, ow) * WT[ob, c.var, kh.var, kw.var, oi],
                 axis=[c, kh, kw],
@@ -112,7 +119,9 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, extra: tuple[str, ..
     y = sch.get_sblock("Y")
     acc = sch.get_sblock("acc")
     m, o, oh, ow = sch.get_loops(y)
-    if vb:
+    if vb and spec.out_channels % vb:
+        _schedule_padded(sch, spec, vb)
+    elif vb:
         rw = _register_width(spec, vb)
         ob, oi = sch.split(o, [None, vb])
         owo, owi = sch.split(ow, [None, rw])
@@ -146,6 +155,20 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, extra: tuple[str, ..
     return sch.mod["main"]
 
 
+def _schedule_padded(sch: s_tir.Schedule, spec: ConvSpec, vb: int) -> None:
+    """Channel lanes with O padded: the accumulator's loops drive, Y's guarded stores follow."""
+    acc = sch.get_sblock("acc")
+    m, ob, oh, ow, oi, *red = sch.get_loops(acc)
+    owo, owi = sch.split(ow, [None, _register_width(spec, vb)])
+    sch.reorder(m, ob, oh, owo, *red, owi, oi)
+    sch.parallel(sch.fuse(m, ob, oh))
+    sch.vectorize(oi)
+    sch.unroll(owi)
+    sch.decompose_reduction(acc, red[0])
+    sch.set_scope(acc, 0, "local")
+    sch.reverse_compute_at(sch.get_sblock("Y"), owo)
+
+
 def _inner_loops(sch: s_tir.Schedule, block: Any, outer: Any, n_spatial: int) -> tuple[list, list]:
     """The loops of ``block`` (computed at ``outer``, unit loops kept) below ``outer``: its
     ``n_spatial`` spatial ones, then its reduction ones."""
@@ -166,7 +189,7 @@ def _float_conv_kernel(spec: ConvSpec, bias: bool) -> tirx.PrimFunc:
     M = batch_var()
     X = te.placeholder(shape64(M, spec.in_channels, spec.in_h, spec.in_w), F32, "X")
     (KH, KW), CG, O = spec.kernel, spec.cg, spec.out_channels
-    wshape = (O // vb, CG, KH, KW, vb) if vb else (O, CG, KH, KW)
+    wshape = (_blocks(spec, vb), CG, KH, KW, vb) if vb else (O, CG, KH, KW)
     WT = te.placeholder(shape64(*wshape), F32, "WT")
     acc = _accumulate(spec, _padded(spec, X, F32), WT, vb)
     args = [X, WT]
@@ -191,7 +214,8 @@ def relayout_weights(spec: ConvSpec, weight: Any) -> Any:
     if not vb:
         return w
     O, CG, KH, KW = w.shape
-    return np.ascontiguousarray(w.reshape(O // vb, vb, CG, KH, KW).transpose(0, 2, 3, 4, 1))
+    w = np.concatenate([w, np.zeros((_blocks(spec, vb) * vb - O, CG, KH, KW), "float32")])
+    return np.ascontiguousarray(w.reshape(-1, vb, CG, KH, KW).transpose(0, 2, 3, 4, 1))
 
 
 def decoded_conv_func(spec: ConvSpec, acc_t: str, output: Callable) -> tirx.PrimFunc:
@@ -224,8 +248,10 @@ def decoded_conv_func(spec: ConvSpec, acc_t: str, output: Callable) -> tirx.Prim
 
     if vb:
         WT = te.compute(
-            shape64(O // vb, CG, KH, KW, vb),
-            lambda ob, c, kh, kw, oi: decode(ob * vb + oi, c, kh, kw),
+            shape64(_blocks(spec, vb), CG, KH, KW, vb),
+            lambda ob, c, kh, kw, oi: tirx.if_then_else(
+                ob * vb + oi < O, decode(tirx.min(ob * vb + oi, O - 1), c, kh, kw), tirx.const(0, acc_t)
+            ),
             name="WQ",
         )
     else:
