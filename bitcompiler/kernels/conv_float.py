@@ -37,7 +37,8 @@ KERNEL_NAME = "bitc_fconv"  # prefix of the Relax function names of these kernel
 
 def lanes(spec: ConvSpec) -> int:
     """Output channels per vector block for the channel-lanes nest, or 0 for width lanes."""
-    if spec.og % 8 and not (spec.groups == 1 and spec.reduction >= 16):
+    sums = spec.has_offset and not spec.threshold  # the window sums: Y has a second producer
+    if spec.og % 8 and not (spec.groups == 1 and spec.reduction >= 16 and not sums):
         return 0  # (groups 1: the channels padded to a multiple of 8, e.g. a DenseNet's 12)
     if spec.reduction < 4:
         return 0
