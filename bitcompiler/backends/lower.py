@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from bitcompiler.backends import lower_conv
 from bitcompiler.capture import export_dynamic, first_line
 from bitcompiler.ops import conv_out_size
 
@@ -170,6 +171,11 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     bits, o, _, _, cwg = (_int(d) for d in _shape(planes))
     m, _, h, w = _shape(x)
     h, w = _int(h), _int(w)
+    if act != "binary" and (h, w, *kernel, *padding, groups) == (1, 1, 1, 1, 0, 0, 1):
+        # a 1x1 conv on a 1x1 image (a classifier head) is a dense layer: its weight-order kernel
+        dense = _conv_as_dense(bb, env, args, x, (c, o, bits, code, act, bool(threshold), bool(has_offset)))
+        if dense is not None:
+            return dense
     inputs = _quantized_input(bb, x, act, (c, h, w, groups), (cwg,))
     spec = kernels.ConvSpec(
         c,
@@ -201,6 +207,31 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     if fuses_residual(spec) and _only_feeds_add_then_hardtanh(node):
         _remember(bb, _RESIDUAL, y, (spec, name, kargs))
     return y
+
+
+def _conv_as_dense(bb: Any, env: dict, args: Any, x: Any, geometry: tuple) -> Any | None:
+    """``Y (M, O, 1, 1)`` of a 1x1 conv on a 1x1 input through the dense kernel that reads its
+    weights in a better order (same bits, same epilogue), or None when there is none."""
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    c, o, bits, code, act, threshold, has_offset = geometry
+    weights = _constant(args[1])
+    spec = kernels.DenseSpec(c, o, bits, code, act, has_offset, threshold)
+    relaid = (
+        None if weights is None else kernels.relaid_dense_kernel(spec, weights.numpy().reshape(bits, o, -1))
+    )
+    if relaid is None:
+        return None
+    m = _shape(x)[0]
+    x2 = bb.emit(relax.op.reshape(x, (m, c)))
+    epilogue = _epilogue_args(env, args, threshold)
+    epilogue[0] = relax.const(relaid.weights)
+    inputs = [x2] if relaid.float_input else _quantized_input(bb, x2, act, None, (-(-c // 32),))
+    name = f"bitc_dense_{act}_{code}{bits}_{c}x{o}_{relaid.suffix}" + ("_thr" if threshold else "")
+    y = _emit_kernel(bb, relaid.func, name, inputs + epilogue, relax.TensorType((m, o), "float32"))
+    return bb.emit(relax.op.reshape(y, (m, o, 1, 1)))
 
 
 def _remember(bb: Any, registry: str, var: Any, entry: tuple) -> None:
@@ -406,6 +437,8 @@ CONVERTERS = {
     "tiled_linear.default": convert_tiled_linear,
     "tiled_conv2d.default": convert_tiled_conv2d,
     "hardtanh.default": convert_hardtanh,
+    "conv2d.default": lower_conv.convert_conv2d,
+    "convolution.default": lower_conv.convert_convolution,
 }
 
 

@@ -294,6 +294,16 @@ def _schedule_direct(func: tirx.PrimFunc, spec: ConvSpec, has_sumx: bool) -> tir
     return sch.mod["main"]
 
 
+def _decoded_direct(spec: ConvSpec) -> tirx.PrimFunc:
+    """act="int8"/"float" on the CPU: the codes decoded once per call into the scheduled float conv
+    core (:mod:`bitcompiler.kernels.conv_float`), accumulating as ``_direct_func`` reasons."""
+    from bitcompiler.kernels.conv_float import decoded_conv_func
+
+    qmax = 1 if spec.code == "pm1" else 2**spec.bits - 1
+    exact_f32 = spec.act == "int8" and spec.reduction * 127 * qmax < 2**24
+    return decoded_conv_func(spec, F32 if spec.act == "float" or exact_f32 else "int32", _output)
+
+
 def _schedule(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     y = sch.get_sblock("Y")
@@ -348,7 +358,7 @@ def _conv2d_kernel(
     if cpu and spec.act == "binary" and spec.code == "pm1":
         func = binary_pm1_func(spec, byte_lanes=avx2_target(target), packed=packed_output, clip=residual_clip)
     elif cpu and spec.act != "binary":
-        func = _direct_func(spec)
+        func = _decoded_direct(spec)
     else:
         func = _conv_func(spec)
         if cpu:
