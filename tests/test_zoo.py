@@ -3,11 +3,13 @@
 Each model must compile under every scheme; ``none`` must equal eager float; every scheme's
 compiled output must equal its reference; a quantized reference must differ from float (the
 scheme really quantized). The whole corpus is marked ``zoo`` (``make test-zoo``, ~40 min);
-one model runs in the fast tests.
+one model runs in the fast tests. Float comparisons allow 1e-4 relative, or ten times the
+model's own float32-vs-float64 difference where random weights make it ill-conditioned.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -20,11 +22,19 @@ corpus = pytest.importorskip("bench.corpus")
 pytest.importorskip("pytorchcv")
 
 
+def float32_noise(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """How far eager float32 is from float64 on ``x``: random-weight nets can amplify rounding
+    (IGCV3's grouped 1x1 convs: 1.2e-3), and no float32 implementation can do better than that."""
+    with torch.no_grad():
+        return relative_error(model(x), copy.deepcopy(model).double()(x.double()).float())
+
+
 def check(name: str) -> None:
     model, x = corpus.build(name)
     xb = torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         float_out = {1: model(x), 4: model(xb)}
+    tol = max(1e-4, 10 * float32_noise(model, xb))
     for scheme in SCHEMES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -33,10 +43,10 @@ def check(name: str) -> None:
         for inp in (x, xb):
             got, ref = cm(inp), cm.reference(inp)
             err = relative_error(got, ref)
-            assert err <= 1e-4, f"{name} {scheme} batch {inp.shape[0]}: compiled vs reference {err:.2e}"
+            assert err <= tol, f"{name} {scheme} batch {inp.shape[0]}: compiled vs reference {err:.2e}"
             if scheme == "none":
                 err = relative_error(got, float_out[inp.shape[0]])
-                assert err <= 1e-4, f"{name}: none vs eager float {err:.2e}"
+                assert err <= tol, f"{name}: none vs eager float {err:.2e}"
             else:
                 assert relative_error(ref, float_out[inp.shape[0]]) > 1e-3, f"{name} {scheme}: not quantized"
 
