@@ -374,12 +374,31 @@ def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
     )
 
 
+def convert_window_mean(node: fx.Node, importer: Any) -> Any:
+    """Average pooling in the reference's fixed order (``kernels.window_mean_kernel``)."""
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in node.args[1:5])
+    m, c, h, w = _shape(x)
+    prim = kernels.window_mean_kernel(_int(c), _int(h), _int(w), kernel, stride, padding, bool(include_pad))
+    val = node.meta["val"]
+    name = f"bitc_window_mean_{kernel[0]}x{kernel[1]}_s{stride[0]}x{stride[1]}"
+    return _emit_kernel(
+        bb, prim, name, [x], relax.TensorType((m, *(int(d) for d in val.shape[1:])), "float32")
+    )
+
+
 CONVERTERS = {
     "bit_linear.default": convert_bit_linear,
     "bit_conv2d.default": convert_bit_conv2d,
     "tiled_linear.default": convert_tiled_linear,
     "tiled_conv2d.default": convert_tiled_conv2d,
     "hardtanh.default": convert_hardtanh,
+    "window_mean.default": convert_window_mean,
 }
 
 
