@@ -364,7 +364,9 @@ def _build_cached(
     try:
         entry: str | None = cache.key(exported, str(target) + str(tvm_target) + records.fingerprint())
     except Exception as e:  # noqa: BLE001 - the cache is an optimization: never a reason to fail
-        warnings.warn(f"compile cache skipped (could not hash the graph: {e}); compiling uncached", stacklevel=3)
+        warnings.warn(
+            f"compile cache skipped (could not hash the graph: {e}); compiling uncached", stacklevel=3
+        )
         entry = None
 
     def load(path: Path) -> Runner:
