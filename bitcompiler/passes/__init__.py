@@ -5,7 +5,6 @@ that ``import passes`` never clashes with another distribution.
 """
 
 from bitcompiler.passes.canonicalize import canonicalize
-from bitcompiler.passes.exact_floats import exact_floats
 from bitcompiler.passes.fold_batchnorm import fold_batchnorm
 from bitcompiler.passes.fold_scales import fold_scales
 from bitcompiler.passes.insert_quantizers import insert_quantizers
@@ -31,7 +30,6 @@ __all__ = [
     "PipelineError",
     "canonicalize",
     "check_order",
-    "exact_floats",
     "fold_batchnorm",
     "fold_scales",
     "graph_pass",

@@ -1,4 +1,4 @@
-"""exact_floats: the float ops between quantized layers in one order every backend repeats.
+"""Part of lower_bit_ops: the float ops between quantized layers in one order every backend repeats.
 
 An int8 quantizer rounds ``x / s``, so a float that feeds one must be the same to the last bit
 in the compiled code and in the reference (docs/guide.md, "Exactness"). Two kinds of op are
@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bitcompiler.passes.fold_batchnorm import bn_affine
 from bitcompiler.passes.graph_utils import finish, fresh_name, module_of
-from bitcompiler.passes.pipeline import Pass, PassContext
+from bitcompiler.passes.pipeline import PassContext
 
 aten = torch.ops.aten
 _AVG = (F.avg_pool2d, aten.avg_pool2d.default)
@@ -84,6 +84,7 @@ def _window(node: fx.Node, m: nn.Module | None, hw: tuple[int, int]) -> tuple | 
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Average pools -> ``bitc::window_mean``, leftover BatchNorm -> multiply then add."""
     if ctx.example_inputs:
         ShapeProp(gm).propagate(*ctx.example_inputs)
     for node in list(gm.graph.nodes):
@@ -126,6 +127,3 @@ def _affine(gm: fx.GraphModule, node: fx.Node, bn: nn.BatchNorm2d) -> None:
         y = gm.graph.call_function(torch.add, (y, b))
     node.replace_all_uses_with(y)
     gm.graph.erase_node(node)
-
-
-exact_floats = Pass("exact_floats", run, frozenset({"folded"}), frozenset({"exact_floats"}))

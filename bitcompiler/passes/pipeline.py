@@ -146,7 +146,6 @@ class Pipeline:
         """The default pipeline for ``target`` (the same passes for every target today)."""
         from bitcompiler.passes import (
             canonicalize,
-            exact_floats,
             fold_batchnorm,
             fold_scales,
             insert_quantizers,
@@ -164,8 +163,6 @@ class Pipeline:
                 insert_quantizers,
                 # integer codes + per-channel affine; merges affines, BN+sign -> integer thresholds
                 fold_scales,
-                # pooling and leftover BatchNorm in an order every backend repeats (docs: Exactness)
-                exact_floats,
                 # one tile + p scales per tiled layer; before packing so only the tile is packed
                 tile_weights,
                 pack_weights,
