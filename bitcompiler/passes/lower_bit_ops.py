@@ -21,7 +21,9 @@ _TENSORS = ("planes", "scale", "offset", "bias", "thr_sign", "thr")
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    gm = exact_floats.run(gm, ctx)
+    # only int8 / binary activations make a promise of exactness (docs/guide.md, "Exactness")
+    if any(isinstance(m, (*BIT_LAYERS, *TILED_LAYERS)) and m.act != "float" for m in gm.modules()):
+        gm = exact_floats.run(gm, ctx)
     for node in list(gm.graph.nodes):
         m = module_of(gm, node)
         if isinstance(m, TILED_LAYERS):
