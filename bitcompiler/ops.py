@@ -212,3 +212,24 @@ def _(
     oh = conv_out_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
     return x.new_empty(x.shape[0], out_channels, oh, ow)
+
+
+@torch.library.custom_op("bitc::window_mean", mutates_args=())
+def window_mean(
+    x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int], count_include_pad: bool
+) -> torch.Tensor:
+    """Average pooling, NCHW float32, summed in one fixed order (``numerics.window_mean``)."""
+    return numerics.window_mean(
+        x,
+        (kernel[0], kernel[1]),
+        (stride[0], stride[1]),
+        (padding[0], padding[1]),
+        count_include_pad,
+    )
+
+
+@window_mean.register_fake
+def _(x, kernel, stride, padding, count_include_pad):
+    oh = numerics.pool_out_size(x.shape[2], kernel[0], stride[0], padding[0])
+    ow = numerics.pool_out_size(x.shape[3], kernel[1], stride[1], padding[1])
+    return x.new_empty(x.shape[0], x.shape[1], oh, ow)

@@ -29,6 +29,7 @@ def relax_pipeline(target: Any) -> Any:
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
+    from bitcompiler.backends.exact_float import no_contraction
     from bitcompiler.backends.fast_math import legalize_map
     from bitcompiler.backends.injective import Injective
 
@@ -45,6 +46,8 @@ def relax_pipeline(target: Any) -> Any:
                 + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), Injective())]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
+                # every float a*b+c rounds twice, as in PyTorch (no FMA contraction)
+                + [no_contraction()]
             )
             return seq(mod)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from bitcompiler.backends import lower_conv
+from bitcompiler.backends import lower_conv, lower_pool
 from bitcompiler.capture import export_dynamic, first_line
 from bitcompiler.ops import conv_out_size
 
@@ -400,38 +400,8 @@ def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
     )
 
 
-def convert_adaptive_max_pool2d(node: fx.Node, importer: Any) -> Any:
-    """``adaptive_max_pool2d`` (CBAM's channel attention), which TVM's frontend lacks: each output
-    cell is the max over its window ``[floor(i·H/out), ceil((i+1)·H/out))``, exactly torch's."""
-    from tvm import relax
-
-    bb = importer.block_builder
-    x = importer.env[node.args[0]]
-    out: Any = node.args[1]
-    oh, ow = (out, out) if isinstance(out, int) else (out[0], out[1])
-    h, w = (_int(d) for d in _shape(x)[-2:])
-    oh, ow = oh or h, ow or w
-    if h % oh == 0 and w % ow == 0:  # equal windows: one max pool
-        y = bb.emit(relax.op.nn.max_pool2d(x, (h // oh, w // ow), (h // oh, w // ow)))
-    else:
-        rows = []
-        for i in range(oh):
-            h0, h1 = (i * h) // oh, -((-(i + 1) * h) // oh)
-            cols = []
-            for j in range(ow):
-                w0, w1 = (j * w) // ow, -((-(j + 1) * w) // ow)
-                window = relax.op.strided_slice(x, axes=[2, 3], begin=[h0, w0], end=[h1, w1])
-                cols.append(bb.emit(relax.op.max(window, axis=[2, 3], keepdims=True)))
-            rows.append(bb.emit(relax.op.concat(cols, axis=3)))
-        y = bb.emit(relax.op.concat(rows, axis=2))
-    # the ATen op returns (values, indices); inference graphs read only the values
-    if any(u.args[1] != 0 for u in node.users):
-        raise LoweringError(f"`{node.name}`: the indices of adaptive_max_pool2d are not supported")
-    return relax.Tuple([y, y])
-
-
 CONVERTERS = {
-    "adaptive_max_pool2d.default": convert_adaptive_max_pool2d,
+    "adaptive_max_pool2d.default": lower_pool.convert_adaptive_max_pool2d,
     "bit_linear.default": convert_bit_linear,
     "bit_conv2d.default": convert_bit_conv2d,
     "tiled_linear.default": convert_tiled_linear,
@@ -439,6 +409,7 @@ CONVERTERS = {
     "hardtanh.default": convert_hardtanh,
     "conv2d.default": lower_conv.convert_conv2d,
     "convolution.default": lower_conv.convert_convolution,
+    "window_mean.default": lower_pool.convert_window_mean,
 }
 
 

@@ -25,6 +25,7 @@ stores the layers' weights in the order the kernels read (the same bits).
 from bitcompiler.kernels.activations import pack_sign_nchw, pack_sign_rows, quantize_rows_int8
 from bitcompiler.kernels.conv import conv2d_kernel
 from bitcompiler.kernels.dense import Relaid, dense_kernel, relaid_dense_kernel
+from bitcompiler.kernels.pooling import window_mean_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
 from bitcompiler.kernels.tiled import (
     TiledConvSpec,
@@ -53,4 +54,5 @@ __all__ = [
     "tiled_expand_kernel",
     "tiled_fused_kernel",
     "tiled_unaligned_kernel",
+    "window_mean_kernel",
 ]

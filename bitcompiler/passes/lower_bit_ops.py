@@ -1,5 +1,7 @@
 """lower_bit_ops: packed bit layers -> ``bitc`` custom-op calls.
 
+Average pooling becomes ``bitc::window_mean`` and a leftover BatchNorm a multiply then an add
+(``exact_floats``): the float ops between quantized layers in an order every backend repeats.
 The graph stays runnable in PyTorch (the ops' CPU implementation is the
 reference numerics) and is what ``torch.export`` hands the TVM frontend.
 """
@@ -10,14 +12,18 @@ import torch
 from torch import fx
 
 from bitcompiler.methods.tiled import TILED_LAYERS, TiledBitConv2d, TiledBitLinear
+from bitcompiler.passes import exact_floats
 from bitcompiler.passes.graph_utils import module_of
-from bitcompiler.passes.pipeline import Pass
+from bitcompiler.passes.pipeline import Pass, PassContext
 from bitcompiler.quant.bitlayers import BIT_LAYERS, BitLinear
 
 _TENSORS = ("planes", "scale", "offset", "bias", "thr_sign", "thr")
 
 
-def run(gm: fx.GraphModule) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    # only int8 / binary activations make a promise of exactness (docs/guide.md, "Exactness")
+    if any(isinstance(m, (*BIT_LAYERS, *TILED_LAYERS)) and m.act != "float" for m in gm.modules()):
+        gm = exact_floats.run(gm, ctx)
     for node in list(gm.graph.nodes):
         m = module_of(gm, node)
         if isinstance(m, TILED_LAYERS):

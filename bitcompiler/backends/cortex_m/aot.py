@@ -354,7 +354,7 @@ class _Builder:
             src = self.tensors[cast(torch.fx.Node, node.args[0]).name]
             self.alias(node.name, src, shape)
             return None
-        emit = float_ops.EMITTERS.get(name) if ns == "aten" else None
+        emit = (float_ops.EMITTERS if ns == "aten" else float_ops.BITC_EMITTERS).get(name)
         if emit is None:
             raise CortexMLoweringError(
                 f"op {ns}.{name} (node {node.name}) has no Cortex-M lowering yet; supported float ops: "

@@ -99,6 +99,25 @@ def avg_pool2d(node: Any, shapes: list, out: tuple) -> list[str]:
     ph, pw = _pair(args[3] if args[3] is not None else node.kwargs.get("padding", 0), 0)
     include_pad = args[5] if args[5] is not None else node.kwargs.get("count_include_pad", True)
     override = args[6] if args[6] is not None else node.kwargs.get("divisor_override")
+    return _avg_pool((kh, kw), (sh, sw), (ph, pw), include_pad, override, shapes, out)
+
+
+def window_mean(node: Any, shapes: list, out: tuple) -> list[str]:
+    """``bitc::window_mean``: the taps summed in row-major order from 0, then one division."""
+    kernel, stride, padding, include_pad = node.args[1:5]
+    return _avg_pool(_pair(kernel), _pair(stride), _pair(padding), include_pad, None, shapes, out)
+
+
+def _avg_pool(
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    include_pad: bool,
+    override: Any,
+    shapes: list,
+    out: tuple,
+) -> list[str]:
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     c, h, w, oh, ow, hw = _pool_loops(shapes, out)
     if override:
         divisor = f"{int(override)}"
@@ -160,3 +179,6 @@ EMITTERS: dict[str, Callable[[Any, list, tuple], list[str]]] = {
     "adaptive_avg_pool2d.default": adaptive_avg_pool2d,
     "mean.dim": mean_dim,
 }
+
+# bitc ops that are float ops (the bit layers have their own kernels)
+BITC_EMITTERS: dict[str, Callable[[Any, list, tuple], list[str]]] = {"window_mean.default": window_mean}

@@ -29,4 +29,5 @@ Conventions (the kernels in ``bitcompiler/kernels`` read exactly this):
 
 from bitcompiler.quant.numerics.core import *
 from bitcompiler.quant.numerics.core import _check_code  # noqa: F401
+from bitcompiler.quant.numerics.floats import *
 from bitcompiler.quant.numerics.methods import *

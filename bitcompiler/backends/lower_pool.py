@@ -1,0 +1,62 @@
+"""Relax converters for pooling ops: ``adaptive_max_pool2d`` (which TVM's frontend lacks) and
+``bitc::window_mean`` (average pooling in the reference's fixed summation order).
+
+Part of the CPU lowering (:mod:`bitcompiler.backends.lower` lists them in its converter table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+
+def convert_adaptive_max_pool2d(node: fx.Node, importer: Any) -> Any:
+    """``adaptive_max_pool2d`` (CBAM's channel attention), which TVM's frontend lacks: each output
+    cell is the max over its window ``[floor(i·H/out), ceil((i+1)·H/out))``, exactly torch's."""
+    from tvm import relax
+
+    from bitcompiler.backends.lower import LoweringError, _int, _shape
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    out: Any = node.args[1]
+    oh, ow = (out, out) if isinstance(out, int) else (out[0], out[1])
+    h, w = (_int(d) for d in _shape(x)[-2:])
+    oh, ow = oh or h, ow or w
+    if h % oh == 0 and w % ow == 0:  # equal windows: one max pool
+        y = bb.emit(relax.op.nn.max_pool2d(x, (h // oh, w // ow), (h // oh, w // ow)))
+    else:
+        rows = []
+        for i in range(oh):
+            h0, h1 = (i * h) // oh, -((-(i + 1) * h) // oh)
+            cols = []
+            for j in range(ow):
+                w0, w1 = (j * w) // ow, -((-(j + 1) * w) // ow)
+                window = relax.op.strided_slice(x, axes=[2, 3], begin=[h0, w0], end=[h1, w1])
+                cols.append(bb.emit(relax.op.max(window, axis=[2, 3], keepdims=True)))
+            rows.append(bb.emit(relax.op.concat(cols, axis=3)))
+        y = bb.emit(relax.op.concat(rows, axis=2))
+    # the ATen op returns (values, indices); inference graphs read only the values
+    if any(u.args[1] != 0 for u in node.users):
+        raise LoweringError(f"`{node.name}`: the indices of adaptive_max_pool2d are not supported")
+    return relax.Tuple([y, y])
+
+
+def convert_window_mean(node: fx.Node, importer: Any) -> Any:
+    """Average pooling in the reference's fixed order (``kernels.window_mean_kernel``)."""
+    from tvm import relax
+
+    from bitcompiler import kernels
+    from bitcompiler.backends.lower import _emit_kernel, _int, _shape
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in node.args[1:5])
+    m, c, h, w = _shape(x)
+    prim = kernels.window_mean_kernel(_int(c), _int(h), _int(w), kernel, stride, padding, bool(include_pad))
+    val = node.meta["val"]
+    name = f"bitc_window_mean_{kernel[0]}x{kernel[1]}_s{stride[0]}x{stride[1]}"
+    return _emit_kernel(
+        bb, prim, name, [x], relax.TensorType((m, *(int(d) for d in val.shape[1:])), "float32")
+    )

@@ -1,0 +1,129 @@
+"""Part of lower_bit_ops: the float ops between quantized layers in one order every backend repeats.
+
+An int8 quantizer rounds ``x / s``, so a float that feeds one must be the same to the last bit
+in the compiled code and in the reference (docs/guide.md, "Exactness"). Two kinds of op are
+not, as PyTorch runs them, and are rewritten here:
+
+* average pooling (``AvgPool2d``, ``AdaptiveAvgPool2d`` with whole windows, ``mean`` over H and W)
+  sums in an order of PyTorch's choosing: it becomes ``bitc::window_mean`` (serial row-major sum,
+  then one division), which the CPU kernel and the Cortex-M C loop compute the same way;
+* a BatchNorm that no layer absorbed runs ATen's kernel (its own formula, possibly fused
+  multiply-adds): it becomes ``x * a + b``, a multiply then an add with ``a``, ``b`` per channel.
+
+Ops this pass does not match (other pools, ceil mode, transcendental functions) keep their
+PyTorch form and are outside the contract.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from bitcompiler.passes.fold_batchnorm import bn_affine
+from bitcompiler.passes.graph_utils import finish, fresh_name, module_of
+from bitcompiler.passes.pipeline import PassContext
+
+aten = torch.ops.aten
+_AVG = (F.avg_pool2d, aten.avg_pool2d.default)
+_ADAPTIVE = (F.adaptive_avg_pool2d, aten.adaptive_avg_pool2d.default)
+_MEAN = (torch.mean, aten.mean.dim)
+
+
+def _pair(v: object) -> tuple[int, int] | None:
+    if isinstance(v, int):
+        return v, v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return int(v[0]), int(v[1])
+    return None
+
+
+def _window(node: fx.Node, m: nn.Module | None, hw: tuple[int, int]) -> tuple | None:
+    """``(kernel, stride, padding, count_include_pad, keepdim)`` of an average pool / mean, else None."""
+    h, w = hw
+    if isinstance(m, nn.AvgPool2d) or (node.op == "call_function" and node.target in _AVG):
+        if isinstance(m, nn.AvgPool2d):
+            opts = {
+                "kernel_size": m.kernel_size,
+                "stride": m.stride,
+                "padding": m.padding,
+                "ceil_mode": m.ceil_mode,
+                "count_include_pad": m.count_include_pad,
+                "divisor_override": m.divisor_override,
+            }
+        else:
+            names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+            opts = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True}
+            opts.update(zip(names, node.args[1:], strict=False))
+            opts.update(node.kwargs)
+        k = _pair(opts["kernel_size"])
+        s = _pair(opts["stride"]) if opts.get("stride") not in (None, [], ()) else k
+        p = _pair(opts.get("padding", 0))
+        if k is None or s is None or p is None or opts.get("ceil_mode") or opts.get("divisor_override"):
+            return None
+        return k, s, p, bool(opts.get("count_include_pad", True)), True
+    if isinstance(m, nn.AdaptiveAvgPool2d) or (node.op == "call_function" and node.target in _ADAPTIVE):
+        size = m.output_size if isinstance(m, nn.AdaptiveAvgPool2d) else node.args[1]
+        o = _pair(size)
+        if o is None or h % o[0] or w % o[1]:
+            return None
+        k = (h // o[0], w // o[1])
+        return k, k, (0, 0), True, True
+    if (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target in _MEAN
+    ):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if node.kwargs.get("dtype") is not None or not isinstance(dims, (tuple, list)):
+            return None
+        if sorted(d % 4 for d in dims) != [2, 3]:
+            return None
+        return (h, w), (1, 1), (0, 0), True, bool(keep)
+    return None
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Average pools -> ``bitc::window_mean``, leftover BatchNorm -> multiply then add."""
+    if ctx.example_inputs:
+        ShapeProp(gm).propagate(*ctx.example_inputs)
+    for node in list(gm.graph.nodes):
+        m = module_of(gm, node)
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and not m.training:
+            _affine(gm, node, m)
+            continue
+        if node.op not in ("call_module", "call_function", "call_method") or not node.args:
+            continue
+        x = node.args[0]
+        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+        if meta is None or len(meta.shape) != 4 or meta.dtype != torch.float32:
+            continue
+        found = _window(node, m, (int(meta.shape[2]), int(meta.shape[3])))
+        if found is None:
+            continue
+        k, s, p, include_pad, keep = found
+        with gm.graph.inserting_before(node):
+            y = gm.graph.call_function(
+                torch.ops.bitc.window_mean.default, (x, list(k), list(s), list(p), include_pad)
+            )
+            if not keep:
+                y = gm.graph.call_function(torch.flatten, (y, 2))
+                y = gm.graph.call_function(torch.flatten, (y, 1))
+        node.replace_all_uses_with(y)
+        gm.graph.erase_node(node)
+    return finish(gm)
+
+
+def _affine(gm: fx.GraphModule, node: fx.Node, bn: nn.BatchNorm2d) -> None:
+    scale, shift = bn_affine(bn)
+    names = []
+    for t in (scale, shift):
+        name = fresh_name(gm, f"{node.name}_affine")
+        gm.register_buffer(name, t.detach().float().reshape(-1, 1, 1).clone())
+        names.append(name)
+    with gm.graph.inserting_before(node):
+        a, b = (gm.graph.get_attr(n) for n in names)
+        y = gm.graph.call_function(torch.mul, (node.args[0], a))
+        y = gm.graph.call_function(torch.add, (y, b))
+    node.replace_all_uses_with(y)
+    gm.graph.erase_node(node)

@@ -1,0 +1,133 @@
+"""Exactness (docs/guide.md): with int8 or binary activations the compiled model reproduces the
+reference bit for bit at any depth, so its outputs are *equal*, not close."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitcompiler as bc
+from bitcompiler.backends.cortex_m.qemu import missing_tools
+from tests.conftest import _randomize_bn
+
+
+class Block(nn.Module):
+    """A residual block; ``pre=True`` is the pre-activation form (a BatchNorm after the add)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, pre: bool) -> None:
+        super().__init__()
+        self.pre = pre
+        self.bn0 = nn.BatchNorm2d(cin) if pre else nn.Identity()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        y = F.relu(self.bn0(x)) if self.pre else x
+        skip = self.down(y) if self.down is not None else x
+        y = self.b2(self.c2(F.relu(self.b1(self.c1(y)))))
+        return y + skip if self.pre else F.relu(y + skip)
+
+
+class DeepNet(nn.Module):
+    """Stem, ``3 * blocks`` residual blocks, an average pool mid-way, a global mean, a classifier:
+    ``6 * blocks + 4`` quantized layers."""
+
+    def __init__(self, blocks: int = 3, width: int = 8, pre: bool = False) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for b in range(blocks):
+                layers.append(Block(cin, cout, 2 if stage and not b else 1, pre))
+                cin = cout
+        self.early, self.late = nn.Sequential(*layers[:blocks]), nn.Sequential(*layers[blocks:])
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.avg_pool2d(self.early(x), 3, 1, 1)  # padded windows of 9 taps
+        x = self.late(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _net(pre: bool = False, blocks: int = 3, width: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize_bn(DeepNet(blocks, width, pre))
+
+
+def _mismatches(cm: bc.CompiledModel, x: torch.Tensor, chunk: int = 250) -> int:
+    """Output elements where the compiled model and the reference differ (any bit)."""
+    return sum(int((cm(c) != cm.reference(c)).sum()) for c in x.split(chunk))
+
+
+def _inputs(shape: tuple, n: int = 1000) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(7))
+
+
+def test_no_fused_multiply_add_in_cpu_code():
+    """TVM's LLVM target contracts a*b+c into one FMA; the pass keeps the two roundings."""
+    import tvm
+    from tvm import te
+
+    from bitcompiler.backends.cpu import relax_pipeline  # noqa: F401 (the pipeline adds the pass)
+    from bitcompiler.backends.exact_float import fence_products
+
+    a, b, c = (te.placeholder((64,), "float32", n) for n in "abc")
+    d = te.compute((64,), lambda i: a[i] * b[i] + c[i], name="d")
+    func = fence_products(te.create_prim_func([a, b, c, d]).with_attr("global_symbol", "main"))
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=bc.Target("cpu").tvm_target())
+    assert "fmadd" not in lib.mod.inspect_source("s")
+    x, y, z = (torch.randn(64) for _ in range(3))
+    out = tvm.runtime.tensor(torch.zeros(64).numpy())
+    lib["main"](*(tvm.runtime.tensor(t.numpy()) for t in (x, y, z)), out)
+    assert torch.equal(torch.from_numpy(out.numpy()), x * y + z)
+
+
+def test_window_mean_is_average_pooling():
+    from bitcompiler.quant import numerics
+
+    x = torch.randn(2, 3, 9, 9)
+    for k, s, p, inc in (((9, 9), (1, 1), (0, 0), True), ((3, 3), (2, 2), (1, 1), False)):
+        ref = F.avg_pool2d(x, k, s, p, count_include_pad=inc)
+        torch.testing.assert_close(numerics.window_mean(x, k, s, p, inc), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_deep_residual_net_int8_is_bit_exact():
+    """22 quantized layers (int8 activations, 2-bit weights), 1,000 inputs: zero mismatches."""
+    net = _net()
+    cm = bc.compile(net, (torch.randn(1, 3, 16, 16),), scheme="uniform:bits=2,act=8")
+    assert sum("bitc" in str(n.target) and "window" not in str(n.target) for n in cm.graph.graph.nodes) >= 22
+    assert _mismatches(cm, _inputs((3, 16, 16))) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["binary", "binary:act=binary", "uniform:bits=4,act=8"])
+@pytest.mark.parametrize("pre", [False, True])
+def test_deep_residual_nets_are_bit_exact(scheme: str, pre: bool):
+    cm = bc.compile(_net(pre), (torch.randn(1, 3, 16, 16),), scheme=scheme)
+    assert _mismatches(cm, _inputs((3, 16, 16))) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet20_cifar10", "preresnet20_cifar10", "densenet40_k12_cifar10"])
+@pytest.mark.parametrize("scheme", ["uniform:bits=2,act=8", "binary"])
+def test_third_party_nets_are_bit_exact(name: str, scheme: str):
+    pytest.importorskip("pytorchcv")
+    from bench.corpus import build
+
+    model, x = build(name)
+    cm = bc.compile(model, (x,), scheme=scheme)
+    assert _mismatches(cm, _inputs(tuple(x.shape[1:]))) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing_tools()), reason="arm-none-eabi-gcc / qemu-system-arm missing")
+def test_cortex_m_deep_net_is_bit_exact():
+    """10 quantized layers on Cortex-M4 (QEMU), C bundle built with -ffp-contract=off."""
+    net = _net(blocks=1, width=8)
+    cm = bc.compile(net, (torch.randn(1, 3, 8, 8),), target="cortex-m4", scheme="binary")
+    x = _inputs((3, 8, 8), 16)
+    assert torch.equal(cm(x), cm.reference(x))
