@@ -171,9 +171,11 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     bits, o, _, _, cwg = (_int(d) for d in _shape(planes))
     m, _, h, w = _shape(x)
     h, w = _int(h), _int(w)
-    if act != "binary" and (h, w, *kernel, *padding, groups) == (1, 1, 1, 1, 0, 0, 1):
-        # a 1x1 conv on a 1x1 image (a classifier head) is a dense layer: its weight-order kernel
-        dense = _conv_as_dense(bb, env, args, x, (c, o, bits, code, act, bool(threshold), bool(has_offset)))
+    if act != "binary" and (*kernel, *padding, *dilation, groups) == (1, 1, 0, 0, 1, 1, 1):
+        # a 1x1 conv (a classifier head, a pointwise or squeeze conv) is a dense layer over pixels:
+        # its weight-order kernel, with the sample's activation scale on every pixel's row
+        geometry = (c, o, h, w, tuple(stride), bits, code, act, bool(threshold), bool(has_offset))
+        dense = _conv_as_dense(bb, env, args, x, geometry)
         if dense is not None:
             return dense
     inputs = _quantized_input(bb, x, act, (c, h, w, groups), (cwg,))
@@ -210,28 +212,44 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
 
 
 def _conv_as_dense(bb: Any, env: dict, args: Any, x: Any, geometry: tuple) -> Any | None:
-    """``Y (M, O, 1, 1)`` of a 1x1 conv on a 1x1 input through the dense kernel that reads its
-    weights in a better order (same bits, same epilogue), or None when there is none."""
+    """``Y (M, O, OH, OW)`` of a 1x1 conv (no padding, groups 1) through the dense kernel that
+    reads its weights in a better order, or None when there is none.
+
+    Every output pixel is a row: ``(M, C, H, W)`` strided, moved to ``(M·OH·OW, C)``. With int8
+    activations the codes and the per-sample scale ``s`` come from the conv's own quantizer (one
+    ``s`` per sample), and each row gets its sample's ``s``: the same numbers as the conv's epilogue.
+    """
     from tvm import relax
 
     from bitcompiler import kernels
 
-    c, o, bits, code, act, threshold, has_offset = geometry
+    c, o, h, w, stride, bits, code, act, threshold, has_offset = geometry
     weights = _constant(args[1])
     spec = kernels.DenseSpec(c, o, bits, code, act, has_offset, threshold)
     relaid = (
         None if weights is None else kernels.relaid_dense_kernel(spec, weights.numpy().reshape(bits, o, -1))
     )
-    if relaid is None:
+    if relaid is None or (not relaid.float_input and act != "int8"):
         return None
     m = _shape(x)[0]
-    x2 = bb.emit(relax.op.reshape(x, (m, c)))
+    oh, ow = -(-h // stride[0]), -(-w // stride[1])
+    if act == "int8":
+        codes, s = _quantized_input(bb, x, act, (c, h, w, 1), ())
+    else:
+        codes, s = x, None
+    if stride != (1, 1):
+        codes = bb.emit(
+            relax.op.strided_slice(codes, axes=[2, 3], begin=[0, 0], end=[h, w], strides=list(stride))
+        )
+    rows = bb.emit(relax.op.reshape(relax.op.permute_dims(codes, [0, 2, 3, 1]), (m * oh * ow, c)))
+    inputs = [rows] if s is None else [rows, bb.emit(relax.op.repeat(s, oh * ow, axis=0))]
     epilogue = _epilogue_args(env, args, threshold)
     epilogue[0] = relax.const(relaid.weights)
-    inputs = [x2] if relaid.float_input else _quantized_input(bb, x2, act, None, (-(-c // 32),))
     name = f"bitc_dense_{act}_{code}{bits}_{c}x{o}_{relaid.suffix}" + ("_thr" if threshold else "")
-    y = _emit_kernel(bb, relaid.func, name, inputs + epilogue, relax.TensorType((m, o), "float32"))
-    return bb.emit(relax.op.reshape(y, (m, o, 1, 1)))
+    y = _emit_kernel(bb, relaid.func, name, inputs + epilogue, relax.TensorType((m * oh * ow, o), "float32"))
+    if oh * ow == 1:
+        return bb.emit(relax.op.reshape(y, (m, o, 1, 1)))
+    return bb.emit(relax.op.permute_dims(relax.op.reshape(y, (m, oh, ow, o)), [0, 3, 1, 2]))
 
 
 def _remember(bb: Any, registry: str, var: Any, entry: tuple) -> None:

@@ -64,3 +64,32 @@ def test_adaptive_max_pool2d_lowers_exactly(size):
     cm = bc.compile(model, (torch.randn(1, 4, 10, 10),), scheme="none")
     x = torch.randn(3, 4, 10, 10)
     assert torch.equal(cm(x), model(x))
+
+
+@pytest.mark.parametrize("scheme", ["binary", "uniform:bits=2,act=8", "uniform:bits=8,act=8"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_convs_run_on_the_dense_kernels(scheme, stride):
+    # a 1x1 conv is a dense layer over pixels: the weight-order dense kernels, with the sample's
+    # int8 scale on every pixel's row, give exactly the conv's numbers (2-bit codes: K % 256 == 0)
+    from bitcompiler.backends.lower import to_relax
+
+    out = -(-9 // stride)
+    model = nn.Sequential(
+        nn.Conv2d(16, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 64, 1, stride=stride),
+        nn.ReLU(),
+        nn.Conv2d(64, 48, 1),
+        nn.Flatten(),
+        nn.Linear(48 * out * out, 10),
+    ).eval()
+    x = torch.randn(1, 16, 9, 9)
+    cm = bc.compile(model, (x,), scheme=scheme)
+    names = [gv.name_hint for gv in to_relax(cm._exported).functions]
+    assert not any("conv2d" in n and "256x64_1x1" in n for n in names), names
+    assert any("bitc_dense" in n and "256x64" in n for n in names), names
+    xb = torch.randn(5, 16, 9, 9)
+    if "act=8" in scheme:
+        assert torch.equal(cm(xb), cm.reference(xb))
+    else:  # float32 sums of 256 products, in another order than the reference's float64 ones
+        assert_close(cm(xb), cm.reference(xb), rtol=3e-5)
