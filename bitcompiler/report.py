@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -138,13 +139,26 @@ class Report:
         return self.float_weight_bytes / self.weight_bytes if self.weight_bytes else 1.0
 
 
-def _bit_row(name: str, m: Any) -> LayerRow:
+def _stored_words(m: Any, target: str) -> int:
+    """Words the compiled layer stores: its planes, or on the CPU the compact stream the lowering
+    keeps instead when the planes' padding would waste more (``numerics.stores_compact``)."""
+    if not m.packed:
+        return m.bits * m.codes.numel() // 32
+    words = m.planes.numel()
+    cg = m.in_features if m.op == "linear" else m.in_channels // m.groups
+    rows = math.prod(m.planes.shape[1:-1])
+    if target == "cpu" and numerics.stores_compact(m.bits, rows, cg, words):
+        return numerics.stream_words(m.bits * rows * cg)
+    return words
+
+
+def _bit_row(name: str, m: Any, target: str = "cpu") -> LayerRow:
     numel = (
         m.out_features * m.in_features
         if m.op == "linear"
         else (m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
     )
-    words = m.planes.numel() if m.packed else m.bits * m.codes.numel() // 32
+    words = _stored_words(m, target)
     n_bytes = numerics.packed_weight_bytes(words, m.n_floats)
     note = f"act={m.act}" + (", integer threshold" if m.threshold else "")
     return LayerRow(name, m.op, m.label, numerics.bits_per_weight(numel, n_bytes), n_bytes, numel, note)
@@ -179,7 +193,7 @@ def build_report(gm: fx.GraphModule, target: str, scheme: str, notes: list) -> R
             rows.append(_tiled_row(name, m))
             continue
         if isinstance(m, BIT_LAYERS):
-            row = _bit_row(name, m)
+            row = _bit_row(name, m, target)
             rows.append(replace(row, note=f"{row.note}; {noted[name]}") if name in noted else row)
         elif (
             name

@@ -17,6 +17,7 @@ import torch
 
 import bitcompiler as bc
 from bench.wild import SCHEMES, relative_error
+from tests.test_storage import layer_ratios
 
 corpus = pytest.importorskip("bench.corpus")
 pytest.importorskip("pytorchcv")
@@ -40,6 +41,8 @@ def check(name: str) -> None:
             warnings.simplefilter("ignore")
             cm = bc.compile(model, (x,), scheme=scheme)
         assert cm.dynamic_batch, f"{name} {scheme}: batch fixed ({cm.report().extra.get('batch')})"
+        worst = max(layer_ratios(cm).values(), default=1.0)
+        assert worst <= 1.1, f"{name} {scheme}: a layer stores {worst:.2f}x its nominal bits"
         for inp in (x, xb):
             got, ref = cm(inp), cm.reference(inp)
             err = relative_error(got, ref)

@@ -118,9 +118,52 @@ def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple
     ]
 
 
-def _epilogue_args(env: dict, args: tuple, threshold: bool) -> list:
+def _epilogue_args(env: dict, args: tuple, threshold: bool, bb: Any = None, cg: int = 0) -> list:
+    """The kernel's weight and epilogue buffers; with ``bb`` and ``cg`` (codes per row), a layer
+    that stores compactly (:func:`numerics.stores_compact`) keeps its stream and expands it."""
     planes, scale, offset, bias, thr_sign, thr = (env[a] for a in args[1:7])
+    expanded = _expanded_planes(bb, args[1], cg) if bb is not None else None
+    if expanded is not None:
+        planes = expanded
     return [planes, thr_sign, thr] if threshold else [planes, scale, offset, bias]
+
+
+# relaid kernels whose stored order wastes nothing (they fit only whole words, or store bytes)
+_NO_PADDING = ("lanes", "il", "codes")
+
+
+def _compact(node: Any, cg: int) -> bool:
+    """Whether the layer's planes are stored as a stream (same rule as the report's bytes)."""
+    from bitcompiler.quant import numerics
+
+    weights = _constant(node)
+    if weights is None:
+        return False
+    bits, rows = weights.shape[0], math.prod(weights.shape[1:-1])
+    return numerics.stores_compact(bits, rows, cg, weights.numel())
+
+
+def _expanded_planes(bb: Any, node: Any, cg: int) -> Any | None:
+    """The planes expanded from their stream on every call, or None when stored as they are."""
+    from tvm import relax
+
+    from bitcompiler.kernels.expand import expand_planes_kernel
+    from bitcompiler.quant import numerics
+
+    if not _compact(node, cg):
+        return None
+    weights = _constant(node)
+    assert weights is not None
+    shape = tuple(weights.shape)
+    stream = relax.const(numerics.planes_to_stream(weights, cg).numpy())
+    flat = _emit_kernel(
+        bb,
+        expand_planes_kernel(shape, cg),
+        "bitc_expand_planes",
+        [stream],
+        relax.TensorType((math.prod(shape),), "int32"),
+    )
+    return bb.emit(relax.op.reshape(flat, shape))
 
 
 def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
@@ -143,9 +186,11 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     x2 = bb.emit(relax.op.reshape(x, (rows, k))) if flat else x
     spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
-    epilogue = _epilogue_args(env, args, threshold)
+    epilogue = _epilogue_args(env, args, threshold, bb, k)
     weights = _constant(args[1])
     relaid = kernels.relaid_dense_kernel(spec, weights.numpy()) if weights is not None else None
+    if relaid is not None and relaid.suffix not in _NO_PADDING and _compact(args[1], k):
+        relaid = None  # its order pads the rows: the compact stream, expanded, is smaller
     if relaid is not None:  # the weights stored in the order that kernel reads (same bits)
         epilogue[0] = relax.const(relaid.weights)
         prim, name = relaid.func, f"{name}_{relaid.suffix}"
@@ -198,7 +243,7 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     oh = conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1])
     name = f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}" + ("_thr" if threshold else "")
-    kargs = inputs + _epilogue_args(env, args, threshold)
+    kargs = inputs + _epilogue_args(env, args, threshold, bb, c // groups)
     y = _emit_kernel(
         bb, kernels.conv2d_kernel(spec), name, kargs, relax.TensorType((m, o, oh, ow), "float32")
     )
@@ -231,6 +276,8 @@ def _conv_as_dense(bb: Any, env: dict, args: Any, x: Any, geometry: tuple) -> An
     )
     if relaid is None or (not relaid.float_input and act != "int8"):
         return None
+    if relaid.suffix not in _NO_PADDING and _compact(args[1], c):
+        return None  # its order pads the rows: the conv reads the compact stream, expanded
     m = _shape(x)[0]
     oh, ow = -(-h // stride[0]), -(-w // stride[1])
     if act == "int8":

@@ -96,7 +96,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         x = node.args[0]
         meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
-        if meta is None or len(meta.shape) != 4 or meta.dtype != torch.float32:
+        # a tuple-valued input (split's outputs) has a list of metas: not a pooled tensor
+        if getattr(meta, "shape", None) is None or len(meta.shape) != 4 or meta.dtype != torch.float32:
             continue
         found = _window(node, m, (int(meta.shape[2]), int(meta.shape[3])))
         if found is None:

@@ -282,6 +282,37 @@ def bit_conv2d(
     return conv2d_codes(x, q, act, scale, offset, bias, stride, padding, dilation, groups, thr_sign, thr)
 
 
+# --------------------------------------------------------------------------- compact storage
+# Planes pad every row (a conv: every tap of every filter) to whole 32-bit words: a depthwise 3x3
+# filter spends a word per tap on one bit. A layer whose padding wastes more than COMPACT_SLACK is
+# stored as one stream instead: the planes' bits in their own order (plane, row, tap, channel)
+# with the padding left out. The CPU code expands the stream into the planes the kernels read on
+# every call (each word is one funnel shift of two stream words: about a microsecond a layer).
+COMPACT_SLACK = 1.05
+
+
+def stores_compact(bits: int, rows: int, k: int, padded_words: int) -> bool:
+    """Whether a layer of ``rows`` x ``k`` codes of ``bits`` planes is stored as a stream."""
+    return padded_words > COMPACT_SLACK * stream_words(bits * rows * k)
+
+
+def stream_words(n_bits: int) -> int:
+    """Words of a stream holding ``n_bits`` bits."""
+    return num_words(n_bits)
+
+
+def planes_to_stream(planes: torch.Tensor, cg: int) -> torch.Tensor:
+    """Planes ``(B, O, KH, KW, CWg)`` (or dense ``(B, N, KW)``) of ``cg`` codes per row -> stream words."""
+    return pack_bits(unpack_bits(planes, cg).reshape(1, -1)).reshape(-1)
+
+
+def stream_to_planes(stream: torch.Tensor, shape: tuple[int, ...], cg: int) -> torch.Tensor:
+    """Inverse of :func:`planes_to_stream`: the planes of ``shape`` (last axis: words per row)."""
+    rows = math.prod(shape[:-1])
+    bits = unpack_bits(stream.reshape(1, -1), rows * cg).reshape(*shape[:-1], cg)
+    return pack_bits(bits)
+
+
 # --------------------------------------------------------------------------- accounting
 def packed_weight_bytes(n_words: int, n_floats: int) -> int:
     """Bytes a packed layer stores: its int32 plane words (padded rows included) plus float32 scales."""
