@@ -17,7 +17,7 @@ from bitcompiler.kernels._common import i64
 from bitcompiler.quant.numerics import num_words, stream_words
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expand_planes_kernel(shape: tuple[int, ...], cg: int) -> tirx.PrimFunc:
     """``S (stream) -> P (shape)`` where ``shape[-1] == ceil(cg / 32)`` words per row."""
     rows, rw = math.prod(shape[:-1]), shape[-1]
