@@ -69,11 +69,14 @@ def key(exported: torch.export.ExportedProgram, target: str) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The values of any tensor as bytes: 0-dim, stride-0 (expanded), non-contiguous, integer and bool."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    if flat.is_quantized:
-        flat = flat.int_repr().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
+    t = t.detach().cpu()
+    if t.is_quantized:
+        t = t.int_repr()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    # a fresh tensor: contiguous() keeps a size-1 dimension's stride (0 when expanded), which
+    # view(torch.uint8) rejects
+    flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
     return bytes(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else b""
 
 

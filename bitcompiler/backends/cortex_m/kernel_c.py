@@ -52,6 +52,10 @@ static inline int32_t bitc_popcount(int32_t v) {
    (x & 0xAAAAAAAA) >> 1 into (x >> 1) & 0x55555555, which loses Thumb-2's shifted operand (5
    instructions here, 7 from C). */
 static inline uint32_t bitc_nibble_counts(uint32_t x) {
+#if !defined(__thumb2__)
+  x = x - ((x >> 1) & 0x55555555u); /* plain C elsewhere (host builds, ARMv6-M) */
+  return (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+#else
   uint32_t t;
   __asm("and %1, %0, #0xAAAAAAAA\\n\\t"
         "sub %0, %0, %1, lsr #1\\n\\t"
@@ -60,15 +64,20 @@ static inline uint32_t bitc_nibble_counts(uint32_t x) {
         "add %0, %0, %1, lsr #2"
         : "+r"(x), "=&r"(t));
   return x;
+#endif
 }
 
 /* acc + the sum of the nibbles of n (each at most 12, so byte sums stay below 256). */
 static inline int32_t bitc_nibbles_acc(int32_t acc, uint32_t n) {
+#if !defined(__thumb2__)
+  n = (n & 0x0F0F0F0Fu) + ((n >> 4) & 0x0F0F0F0Fu);
+#else
   uint32_t t;
   __asm("and %1, %0, #0xF0F0F0F0\\n\\t"
         "and %0, %0, #0x0F0F0F0F\\n\\t"
         "add %0, %0, %1, lsr #4"
         : "+r"(n), "=&r"(t));
+#endif
 #if defined(__ARM_FEATURE_DSP)
   uint32_t r;
   __asm("usada8 %0, %1, %2, %3" : "=r"(r) : "r"(n), "r"(0u), "r"(acc));
@@ -253,7 +262,9 @@ def generate_c(kernels: list[Kernel]) -> str:
         with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
             mod = pipeline(mod)
             # after UnrollLoop (the runs exist), before LowerIntrin (popcount is still an op)
-            mod = tvm.IRModule({gv: fuse_popcount_sums(f) for gv, f in mod.functions.items()})
+            mod = tvm.IRModule(
+                {gv: unsigned_shifts(fuse_popcount_sums(f)) for gv, f in mod.functions.items()}
+            )
             mod = finalize_host()(mod)
     finally:
         tirx.transform.MakePackedAPI = real
@@ -322,6 +333,28 @@ def fuse_popcount_sums(func: Any) -> Any:
         return tirx.SeqStmt(out) if changed else seq
 
     return tvm_ffi.structural_map(func, [(tirx.SeqStmt, rewrite)], order="post")
+
+
+def unsigned_shifts(func: Any) -> Any:
+    """Signed ``a << b`` -> ``(int32_t)((uint32_t)a << (uint32_t)b)``.
+
+    In C, shifting a 1 into the sign bit (``1 << 31`` when packing the 32nd sign bit) or shifting a
+    negative value (a plane's signed popcount difference) is undefined behaviour; TIR means the
+    two's-complement result, which the unsigned shift gives with the same instruction.
+    """
+    import tvm_ffi
+    from tvm import tirx
+
+    shl = type(tirx.Var("v", "int32") << 1)  # the LShift node type
+
+    def rewrite(node: Any) -> Any:
+        dtype = str(node.ty)
+        if not dtype.startswith("int") or dtype == "int64":
+            return node
+        unsigned = "u" + dtype
+        return tirx.Cast(dtype, shl(tirx.Cast(unsigned, node.a), tirx.Cast(unsigned, node.b)))
+
+    return tvm_ffi.structural_map(func, [(shl, rewrite)], order="post")
 
 
 def _strip_runtime(source: str) -> str:
