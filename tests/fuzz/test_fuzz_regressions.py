@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
 import bitcompiler as bc
+from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
 from bitcompiler.cache import tensor_bytes
 from tests.conftest import assert_close
 
@@ -29,7 +31,20 @@ def test_cache_hashes_an_expanded_size_one_constant():
     assert tensor_bytes(t) == tensor_bytes(torch.tensor([[2.0]]))
     torch.manual_seed(0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "compile cache skipped"
+        warnings.filterwarnings("error", message="compile cache skipped")
         cm = bc.compile(nn.Linear(1, 1).eval(), (torch.randn(1, 1),), target="cpu", scheme="none")
+    x = torch.randn(3, 1)
+    assert_close(cm(x), cm.reference(x))
+
+
+@pytest.mark.skipif(bool(missing_tools()), reason=f"{', '.join(missing_tools())} missing; {INSTALL}")
+def test_cortex_m_int8_quantizer_of_one_feature_uses_the_updated_amax():
+    """K=1 with int8 activations on Cortex-M: TVM's C codegen reused the load of ``amax`` from
+    before ``amax = max(amax, |x|)`` (-FLT_MAX), so the scale was 1e-8 / 127 and every output
+    ~-7e-11. Max/min over loads are now printed as selects."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 1, bias=False)).eval()
+    target = bc.Target("cortex-m4", count_instructions=False)
+    cm = bc.compile(net, (torch.randn(1, 1),), target=target, scheme="binary:act=8")
     x = torch.randn(3, 1)
     assert_close(cm(x), cm.reference(x))

@@ -263,7 +263,10 @@ def generate_c(kernels: list[Kernel]) -> str:
             mod = pipeline(mod)
             # after UnrollLoop (the runs exist), before LowerIntrin (popcount is still an op)
             mod = tvm.IRModule(
-                {gv: unsigned_shifts(fuse_popcount_sums(f)) for gv, f in mod.functions.items()}
+                {
+                    gv: select_min_max(unsigned_shifts(fuse_popcount_sums(f)))
+                    for gv, f in mod.functions.items()
+                }
             )
             mod = finalize_host()(mod)
     finally:
@@ -355,6 +358,30 @@ def unsigned_shifts(func: Any) -> Any:
         return tirx.Cast(dtype, shl(tirx.Cast(unsigned, node.a), tirx.Cast(unsigned, node.b)))
 
     return tvm_ffi.structural_map(func, [(shl, rewrite)], order="post")
+
+
+def select_min_max(func: Any) -> Any:
+    """``max(a, b)`` / ``min(a, b)`` -> ``a > b ? a : b`` / ``a < b ? a : b`` (the same C).
+
+    TVM's C codegen binds max/min operands to temporaries and reuses a temporary for the same
+    text later in the block, even across a store to that buffer: the int8 quantizer of a
+    one-value row (K=1) stored ``amax = max(amax, |x|)`` and then scaled by the stale ``amax``
+    (-FLT_MAX). A Select prints its operands in place. Only operands that load from memory can
+    go stale, so only those are rewritten (a computed operand keeps its single evaluation)."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    def to_select(op: Any) -> Any:
+        def rewrite(node: Any) -> Any:
+            if not any(isinstance(x, tvm.ir.TensorLoad) for x in (node.a, node.b)):
+                return node
+            return tirx.Select(op(node.a, node.b), node.a, node.b)
+
+        return rewrite
+
+    pairs = [(tirx.Max, to_select(lambda a, b: a > b)), (tirx.Min, to_select(lambda a, b: a < b))]
+    return tvm_ffi.structural_map(func, pairs, order="post")
 
 
 def _strip_runtime(source: str) -> str:
