@@ -42,7 +42,8 @@ def source_digest() -> str:
 
 
 def key(exported: torch.export.ExportedProgram, target: str) -> str:
-    """sha256 of the graph code, every constant's bytes, the target, the tool versions and sources."""
+    """sha256 of the graph code, the input shapes, every constant's bytes, the target, the tool
+    versions and sources."""
     import tvm
 
     import bitcompiler
@@ -58,6 +59,11 @@ def key(exported: torch.export.ExportedProgram, target: str) -> str:
     ):
         h.update(part.encode() + b"\0")
     h.update(exported.graph_module.code.encode())
+    # the code names no shapes: the same model at another input size must not share an entry
+    for node in exported.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            h.update(f"{node.name}{tuple(str(d) for d in val.shape)}{val.dtype}".encode())
     tensors = {**exported.state_dict, **exported.constants}
     for name in sorted(tensors):
         t = tensors[name]

@@ -209,25 +209,25 @@ def models(acts: tuple[str, ...] = ACTS, cat: bool = True) -> st.SearchStrategy[
     return st.one_of(image_model(acts, cat), vector_model(acts))
 
 
+FAMILIES = ("none", "binary", "uniform", "tiled", "bitnet", "bitwise", "gwt")
+
+
 @st.composite
-def schemes(draw: st.DrawFn) -> str:
-    """A scheme string with its ``act`` mode and ``first_last`` choice."""
+def schemes(draw: st.DrawFn, family: str | None = None) -> str:
+    """A scheme string of ``family`` (any when None) with its ``act`` mode and ``first_last``."""
+    name = family or draw(st.sampled_from(FAMILIES))
+    if name == "none":
+        return name
     bits = draw(st.integers(1, 8))
-    base = draw(
-        st.sampled_from(
-            [
-                "none",
-                "binary",
-                f"uniform:bits={bits}",
-                f"tiled:p={draw(st.sampled_from([2, 4, 8]))},min_weights={draw(st.sampled_from([16, 64, 65536]))}",
-                f"bitnet:init_bits={max(bits, 2)}",
-                f"bitwise:bits={min(bits, 7)}",
-                "gwt",
-            ]
-        )
-    )
-    if base == "none":
-        return base
+    base = {
+        "binary": "binary",
+        "uniform": f"uniform:bits={bits}",
+        # min_weights below the layers' sizes, so that tiny layers are tiled too
+        "tiled": f"tiled:p={draw(st.sampled_from([2, 4, 8]))},min_weights={draw(st.sampled_from([16, 64, 65536]))}",
+        "bitnet": f"bitnet:init_bits={max(bits, 2)}",
+        "bitwise": f"bitwise:bits={min(bits, 7)}",
+        "gwt": "gwt",
+    }[name]
     opts = []
     act = draw(st.sampled_from(["float", "8", "binary"]))
     if act != "float":
