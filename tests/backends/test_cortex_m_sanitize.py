@@ -51,25 +51,31 @@ SCHEMES = [
     "tiled:p=4,min_weights=64,act=binary",  # fc1 (2048 weights) tiled, first/last int8
     "tiled:p=4,min_weights=64",
     "bitnet",
+    "tiled:p=64,min_weights=64",  # p does not divide fc1's 32 rows: the unaligned tile kernel
 ]
+
+
+def _model(scheme: str) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    if scheme == "threshold":  # binary layers feeding binary layers: integer threshold epilogues
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.Hardtanh(), nn.Linear(48, 32), nn.Hardtanh())
+        return nn.Sequential(net, nn.Linear(32, 10)).eval(), (1, 64)
+    return _randomize_bn(Net()), (1, 1, 8, 8)
 
 
 @needs_tools
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", [*SCHEMES, "threshold"])
 def test_bundle_is_sanitizer_clean_on_the_host(scheme):
-    torch.manual_seed(0)
-    model = _randomize_bn(Net())
-    cm = bc.compile(
-        model,
-        (torch.randn(1, 1, 8, 8),),
-        target=bc.Target("cortex-m4", count_instructions=False),
-        scheme=scheme,
-    )
+    model, shape = _model(scheme)
+    if scheme == "threshold":
+        scheme = "binary:act=binary,first_last=quantize"
+    target = bc.Target("cortex-m4", count_instructions=False)
+    cm = bc.compile(model, (torch.randn(*shape),), target=target, scheme=scheme)
     exe = host_build(cm._runner.bundle, sanitize=True)
     g = torch.Generator().manual_seed(2)
     for _ in range(4):
-        x = torch.randn(1, 1, 8, 8, generator=g)
+        x = torch.randn(*shape, generator=g)
         got = torch.from_numpy(host_run(exe, x.numpy())).reshape(1, -1)
         assert_close(got, cm.reference(x))
     assert_close(cm(x), cm.reference(x))  # the firmware under QEMU agrees too
