@@ -13,6 +13,7 @@ from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
 from bitcompiler.cache import tensor_bytes
 from tests.conftest import assert_close
 from tests.fuzz.strategies import Spec, build
+from tests.fuzz.test_fuzz_cpu import check_cpu
 
 
 def test_linear_with_one_input_feature_adds_its_bias_once():
@@ -77,3 +78,29 @@ def test_cache_keys_the_input_shape():
         cm = bc.compile(build(spec), (torch.randn(1, 1, hw, hw),), target="cpu", scheme="binary")
         x = torch.randn(2, 1, hw, hw)
         assert_close(cm(x), cm.reference(x))
+
+
+# Three examples of make fuzz's 500 that exposed the comparison rule, not the compiler: they pin
+# SCALE_FLOOR and QUANTIZER_STEP in test_fuzz_cpu (see there).
+def test_output_that_cancels_to_near_zero_is_compared_against_the_floor():
+    check_cpu(Spec(input=(1, 8), layers=(("linear", 8, 1, True),)), "bitnet:init_bits=2")
+    check_cpu(
+        Spec(
+            input=(1, 1, 6, 6),
+            layers=(
+                ("maxpool", 2, 1),
+                ("conv", 1, 1, 1, 1, 0, 1, False),
+                ("conv", 1, 1, 1, 1, 0, 1, False),
+                ("flatten",),
+                ("linear", 25, 1, False),
+            ),
+        ),
+        "bitwise:bits=1,act=8",
+    )
+
+
+def test_gelu_branch_before_an_int8_layer_may_move_one_quantizer_step():
+    gelu = (("conv", 3, 3, 3, 1, 1, 3, True), ("bn", 3), ("act", "gelu"))
+    relu = (("conv", 3, 3, 3, 1, 1, 1, False), ("act", "relu"))
+    spec = Spec(input=(1, 3, 6, 6), layers=(("cat", gelu, relu), ("flatten",), ("linear", 216, 1, False)))
+    check_cpu(spec, "uniform:bits=1,act=8")
