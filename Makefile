@@ -17,7 +17,7 @@ TEST_ENV := BITC_DEBUG=1 TVM_NUM_THREADS=2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test test-slow test-zoo demo lint bench zoo constraints clean distclean
+.PHONY: help setup system-deps test test-slow test-zoo fuzz demo lint bench zoo constraints clean distclean
 
 help:
 	@echo "make setup       create $(VENV) (if missing) and install bitcompiler[$(EXTRAS)] + system packages"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench       run the benchmarks (python -m bench)"
 	@echo "make zoo         time 45 third-party architectures x 4 schemes (python -m bench wild)"
 	@echo "make test-zoo    the zoo as a test: compile, exactness and storage on every architecture"
+	@echo "make fuzz        hypothesis-generated models vs their reference, BITC_FUZZ_EXAMPLES=500 (make test runs 50)"
 	@echo "make constraints rewrite constraints.txt from the venv's pip freeze"
 	@echo "make clean       remove caches and build artifacts (keeps $(VENV))"
 
@@ -69,6 +70,11 @@ test: setup
 test-slow: setup
 	@$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "make test-slow: FAILED: pytest collected no tests (exit 5)"; fi; exit $$rc
+
+# the graph fuzzer at length: random models x schemes on the CPU against cm.reference (~30 min on 2 cores)
+BITC_FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	@$(TEST_ENV) BITC_FUZZ_EXAMPLES=$(BITC_FUZZ_EXAMPLES) $(PY) -m pytest -q -m fuzz $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) examples/demo.py

@@ -42,7 +42,8 @@ def source_digest() -> str:
 
 
 def key(exported: torch.export.ExportedProgram, target: str) -> str:
-    """sha256 of the graph code, every constant's bytes, the target, the tool versions and sources."""
+    """sha256 of the graph code, the input shapes, every constant's bytes, the target, the tool
+    versions and sources."""
     import tvm
 
     import bitcompiler
@@ -58,6 +59,11 @@ def key(exported: torch.export.ExportedProgram, target: str) -> str:
     ):
         h.update(part.encode() + b"\0")
     h.update(exported.graph_module.code.encode())
+    # the code names no shapes: the same model at another input size must not share an entry
+    for node in exported.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            h.update(f"{node.name}{tuple(str(d) for d in val.shape)}{val.dtype}".encode())
     tensors = {**exported.state_dict, **exported.constants}
     for name in sorted(tensors):
         t = tensors[name]
@@ -69,11 +75,14 @@ def key(exported: torch.export.ExportedProgram, target: str) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The values of any tensor as bytes: 0-dim, stride-0 (expanded), non-contiguous, integer and bool."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    if flat.is_quantized:
-        flat = flat.int_repr().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
+    t = t.detach().cpu()
+    if t.is_quantized:
+        t = t.int_repr()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    # a fresh tensor: contiguous() keeps a size-1 dimension's stride (0 when expanded), which
+    # view(torch.uint8) rejects
+    flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
     return bytes(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else b""
 
 

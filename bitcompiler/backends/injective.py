@@ -29,6 +29,11 @@ class Injective(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if not infos or not all(bi.is_injective() for bi in infos):
             return None
+        # normalize_prim_func drops unit loops: a reduction over K=1 (Linear(1, n), a 1x1 conv of
+        # one channel) then looks spatial but keeps its T.init, and scheduling it as element-wise
+        # adds its consumer's bias twice. Such a block is a reduction: leave it to the default.
+        if any(sch.get(bi.block_rv).init is not None for bi in infos):
+            return None
         for info in try_inline(sch, infos):
             loops = sch.get_loops(info.block_rv)
             if not loops:
