@@ -29,12 +29,10 @@ FUZZ = settings(
 )
 
 
-# Whether the CPU module's float epilogues are computed exactly as the reference computes them.
-# Not yet: TVM's LLVM target contracts an epilogue's multiply and add into one FMA, which rounds
-# once where PyTorch rounds twice, so binary- and int8-activation outputs can differ in the last
-# bit (test_fuzz_regressions.test_binary_epilogue_is_bit_exact_at_batch_3, xfail). Until that
-# lands every CPU comparison is 1e-5 relative; the Cortex-M C (-ffp-contract=off) is held exact.
-CPU_EPILOGUE_EXACT = False
+# The CPU module's float epilogues are computed exactly as the reference computes them (no FMA
+# contraction: backends/exact_float.py), so models that :func:`exact` admits are compared bit for
+# bit (test_fuzz_regressions.test_binary_epilogue_is_bit_exact_at_batch_3 was the first case).
+CPU_EPILOGUE_EXACT = True
 
 
 # Outputs that cancel to near zero: 1e-5 of the output is below the float32 rounding of the terms
@@ -55,10 +53,9 @@ def close(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
 def check_cpu(spec: Spec, scheme: str) -> None:
     """Compile ``spec``'s model for the CPU and compare it with its reference at batch 1 and 3.
 
-    Tolerance: 1e-5 relative to max(|ref|, ``SCALE_FLOOR``) for every scheme, ``act=8`` and
-    ``act=binary`` included, because of the FMA contraction above; ``QUANTIZER_STEP`` relative
-    where activations are quantized; bit-exact where :func:`exact` says so once
-    ``CPU_EPILOGUE_EXACT`` is True.
+    Tolerance: bit-exact where :func:`exact` says so; else 1e-5 relative to max(|ref|,
+    ``SCALE_FLOOR``), or ``QUANTIZER_STEP`` where activations are quantized after a float op
+    outside the exactness contract (sigmoid, GELU: docs/guide.md, "Exactness").
     """
     model = build(spec)
     cm = bc.compile(model, (torch.randn(*spec.input),), target="cpu", scheme=scheme)

@@ -52,12 +52,6 @@ def test_cortex_m_int8_quantizer_of_one_feature_uses_the_updated_amax():
     assert_close(cm(x), cm.reference(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CPU module contracts the float epilogue's multiply-add into an FMA (1 ulp); "
-    "the exactness work removes the contraction: then drop this mark and set "
-    "test_fuzz_cpu.CPU_EPILOGUE_EXACT",
-)
 def test_binary_epilogue_is_bit_exact_at_batch_3():
     """Binary activations: integer popcount sums, so the output should equal the reference bit
     for bit; at batch 3 one element differed in the last bit (0.36432904 vs 0.36432907)."""
