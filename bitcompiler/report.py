@@ -33,7 +33,7 @@ class Report:
     target: str
     scheme: str
     float_ops: dict[str, int] = field(default_factory=dict)
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weight_bytes(self) -> int:

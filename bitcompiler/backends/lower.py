@@ -16,11 +16,8 @@ import torch
 from torch import fx
 
 from bitcompiler.capture import export_dynamic, first_line
+from bitcompiler.errors import LoweringError
 from bitcompiler.ops import conv_out_size
-
-
-class LoweringError(RuntimeError):
-    """The graph could not be lowered to TVM; names the op."""
 
 
 def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
