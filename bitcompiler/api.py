@@ -141,7 +141,7 @@ class CompiledModel:
                 self._check(inputs)  # raises, naming the input
             if x.is_meta:
                 raise InputError(f"input {i} is on the meta device and holds no data; pass a CPU tensor")
-            if x.is_floating_point() and x.numel() and not math.isfinite(x.sum()):
+            if x.is_floating_point() and x.numel() and not math.isfinite(x.detach().sum()):
                 bad = ~torch.isfinite(x)
                 if bad.any():
                     sample = int(bad.flatten(1).any(1).nonzero()[0]) if x.dim() > 1 else 0
