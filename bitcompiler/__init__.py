@@ -6,11 +6,22 @@
 >>> print(cm.report())  # doctest: +SKIP
 """
 
-from bitcompiler import ops, train  # noqa: F401 - ops registers the bitc custom ops
+from bitcompiler import errors, ops, train  # noqa: F401 - ops registers the bitc custom ops
 from bitcompiler.api import CompiledModel, TuneOptions, compile, load, prepare, tune
 from bitcompiler.backends.base import Target
-from bitcompiler.backends.lower import LoweringError
-from bitcompiler.capture import CaptureError
+from bitcompiler.errors import (
+    BitcError,
+    CaptureError,
+    ExportError,
+    InputError,
+    LoadError,
+    LoweringError,
+    ModelError,
+    ModelTooLarge,
+    SchemeError,
+    TargetError,
+    ToolchainError,
+)
 from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, graph_pass
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report
@@ -52,18 +63,28 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BitcError",
     "CaptureError",
     "CompiledModel",
+    "ExportError",
+    "InputError",
+    "LoadError",
     "LoweringError",
+    "ModelError",
+    "ModelTooLarge",
     "Pass",
     "PassError",
     "Pipeline",
     "PipelineError",
     "Report",
     "Scheme",
+    "SchemeError",
     "Target",
+    "TargetError",
+    "ToolchainError",
     "TuneOptions",
     "compile",
+    "errors",
     "graph_pass",
     "load",
     "prepare",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,17 +20,19 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
-from bitcompiler import cache
+from bitcompiler import artifact, cache
+from bitcompiler.artifact import FORMAT_VERSION
 from bitcompiler.backends.base import Runner, Target, backend_for
 from bitcompiler.backends.lower import export_graph, to_relax
 from bitcompiler.capture import capture, symbolic_trace
+from bitcompiler.errors import InputError, InputTypeError, LoadError, ModelError, ModelTypeError
 from bitcompiler.passes.pipeline import PassContext, Pipeline
 from bitcompiler.quant.modules import QUANT_LAYERS, quantizable, quantize_layer
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report, build_report
 
-FORMAT_VERSION = 1
 # torch's export internals warn about their own pytree API on every deepcopy of an exported graph
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
 
@@ -62,8 +65,11 @@ class CompiledModel:
         report: Report,
         target: Target,
         dynamic_batch: bool,
+        out_tree: str | None = None,
     ) -> None:
         self._runner = runner
+        self._out_tree = out_tree  # pytree of a dict / nested output (None: a tensor or a flat tuple)
+        self._out_spec = pytree.treespec_loads(out_tree) if out_tree else None
         self._runner_checks = bool(getattr(runner, "checks_inputs", False))
         self.graph = graph
         self._exported = exported
@@ -90,25 +96,25 @@ class CompiledModel:
         if self._valid(inputs):
             return
         if len(inputs) != len(self.inputs):
-            raise ValueError(
+            raise InputError(
                 f"expected {len(self.inputs)} input(s) ("
                 + "; ".join(s.describe() for s in self.inputs)
                 + f"), got {len(inputs)}"
             )
         for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
             if not isinstance(x, torch.Tensor):
-                raise TypeError(
+                raise InputTypeError(
                     f"input {i}: expected a torch.Tensor ({spec.describe()}), got {type(x).__name__}"
                 )
             got = f"{str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
             if x.dim() != len(spec.shape) + 1 or tuple(x.shape[1:]) != spec.shape:
-                raise ValueError(f"input {i}: expected {spec.describe()}, got {got}")
+                raise InputError(f"input {i}: expected {spec.describe()}, got {got}")
             if str(x.dtype).removeprefix("torch.") != spec.dtype:
-                raise ValueError(
+                raise InputError(
                     f"input {i}: expected {spec.describe()}, got {got}; convert with .to(torch.{spec.dtype})"
                 )
             if not self.dynamic_batch and x.shape[0] != self._static_batch:
-                raise ValueError(
+                raise InputError(
                     f"input {i}: this model was compiled with a fixed batch of {self._static_batch} "
                     f"(its forward fixes the batch size), got batch {x.shape[0]}"
                 )
@@ -126,48 +132,80 @@ class CompiledModel:
             .shape[0]
         )
 
+    def _check_values(self, inputs: tuple) -> None:
+        """Inputs the compiled code cannot take: on the meta device (no data) or holding NaN/Inf
+        (quantized kernels would turn them into arbitrary finite numbers). The same on every target
+        and in :meth:`reference`; one float32 sum per input (a NaN or Inf makes it non-finite)."""
+        for i, x in enumerate(inputs):
+            if not isinstance(x, torch.Tensor):
+                self._check(inputs)  # raises, naming the input
+            if x.is_meta:
+                raise InputError(f"input {i} is on the meta device and holds no data; pass a CPU tensor")
+            if x.is_floating_point() and x.numel() and not math.isfinite(x.detach().sum()):
+                bad = ~torch.isfinite(x)
+                if bad.any():
+                    sample = int(bad.flatten(1).any(1).nonzero()[0]) if x.dim() > 1 else 0
+                    raise InputError(
+                        f"input {i} holds NaN or Inf (first in sample {sample}); bitcompiler does not "
+                        "define results for non-finite inputs: replace them (e.g. torch.nan_to_num(x))"
+                    )
+
+    def _structure(self, outs: list) -> Any:
+        outs = [o if isinstance(o, torch.Tensor) else torch.as_tensor(o) for o in outs]
+        if self._out_spec is not None:
+            return pytree.tree_unflatten(outs, self._out_spec)
+        return tuple(outs) if self._tuple_output else outs[0]
+
     def __call__(self, *inputs: torch.Tensor) -> Any:
         # a runner that checks count, dtypes and shapes itself (the Relax VM's entry does) is called
         # directly: only a failed call pays for the checks that turn its error into one naming the input
         if not self._runner_checks and not self._valid(inputs):
             self._check(inputs)  # raises, naming what is wrong
+        self._check_values(inputs)
         try:
             outs = self._runner([_plain(inputs[0])] if len(inputs) == 1 else [_plain(x) for x in inputs])
         except Exception:
             if self._runner_checks:
                 self._check(inputs)
             raise
-        if not self._tuple_output:
+        if not self._tuple_output and self._out_spec is None:
             return outs[0] if isinstance(outs[0], torch.Tensor) else torch.as_tensor(outs[0])
-        return tuple(o if isinstance(o, torch.Tensor) else torch.as_tensor(o) for o in outs)
+        return self._structure(outs)
 
     def reference(self, *inputs: torch.Tensor) -> Any:
         """The rewritten graph run in PyTorch: the numbers the compiled code must reproduce."""
         self._check(inputs)
+        self._check_values(inputs)
         with torch.no_grad():
-            return self.graph(*inputs)
+            return self.graph(*[_plain(x) for x in inputs])
 
     def report(self) -> Report:
         return self._report
 
     def export(self, directory: str | os.PathLike) -> Path:
-        """Write the compiled library, the reference graph and metadata into ``directory``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        files = self._runner.export(d)
-        torch.export.save(self._exported, str(d / "reference.pt2"))
-        meta = {
-            "format": FORMAT_VERSION,
-            "target": self.target.name,
-            "target_options": dict(self.target.options),
-            "inputs": [{"shape": list(s.shape), "dtype": s.dtype} for s in self.inputs],
-            "tuple_output": self._tuple_output,
-            "dynamic_batch": self.dynamic_batch,
-            "files": files + ["reference.pt2"],
-            "report": self._report.to_dict(),
-        }
-        (d / "meta.json").write_text(json.dumps(meta, indent=2))
-        return d
+        """Write the compiled library, the reference graph and metadata into ``directory``.
+
+        The bundle is written into a temporary directory beside it and renamed into place: a
+        failed export leaves nothing half-written (:class:`~bitcompiler.errors.ExportError`).
+        """
+
+        def write(d: Path) -> None:
+            files = [*self._runner.export(d), *artifact.save_reference(self._exported, d)]
+            meta = {
+                "format": FORMAT_VERSION,
+                "target": self.target.name,
+                "target_options": dict(self.target.options),
+                "inputs": [{"shape": list(s.shape), "dtype": s.dtype} for s in self.inputs],
+                "tuple_output": self._tuple_output,
+                "output_tree": self._out_tree,
+                "dynamic_batch": self.dynamic_batch,
+                "files": files,
+                "sha256": {name: artifact.sha256(d / name) for name in files},
+                "report": self._report.to_dict(),
+            }
+            (d / "meta.json").write_text(json.dumps(meta, indent=2))
+
+        return artifact.write_atomic(Path(directory), write)
 
     def __repr__(self) -> str:
         ins = ", ".join(s.describe() for s in self.inputs)
@@ -182,34 +220,35 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 
 
 def load(directory: str | os.PathLike) -> CompiledModel:
-    """Load what :meth:`CompiledModel.export` wrote; the original model is not needed."""
+    """Load what :meth:`CompiledModel.export` wrote; the original model is not needed.
+
+    The bundle is validated first (format version, file list, the sha256 of every file recorded
+    at export): a mismatch raises :class:`~bitcompiler.errors.LoadError` naming the file. Nothing
+    is unpickled, but the bundle's native library is run: load bundles you trust.
+    """
     d = Path(directory)
-    meta_path = d / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f"{meta_path} not found: {d} is not a directory written by CompiledModel.export"
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_path}: format {meta.get('format')} is not supported (expected {FORMAT_VERSION})"
-        )
-    target = Target(meta["target"], **meta.get("target_options", {}))
+    meta = artifact.read_meta(d)
+    try:
+        target = Target(meta["target"], **meta.get("target_options", {}))
+        inputs = [InputSpec(tuple(i["shape"]), i["dtype"]) for i in meta["inputs"]]
+        report = Report.from_dict(meta["report"])
+    except Exception as e:
+        raise LoadError(f"{d / 'meta.json'} has invalid fields ({e}); export the model again") from e
     runner = backend_for(target).load(d, target)
     import bitcompiler.ops  # noqa: F401 - registers the bitc ops the reference graph calls
 
-    exported = torch.export.load(str(d / "reference.pt2"))
+    exported = artifact.load_reference(d)
     graph = exported.module()
-    inputs = [InputSpec(tuple(i["shape"]), i["dtype"]) for i in meta["inputs"]]
     return CompiledModel(
         runner,
         graph,
         exported,
         inputs,
-        meta["tuple_output"],
-        Report.from_dict(meta["report"]),
+        bool(meta.get("tuple_output")),
+        report,
         target,
-        meta["dynamic_batch"],
+        bool(meta["dynamic_batch"]),
+        meta.get("output_tree"),
     )
 
 
@@ -217,14 +256,23 @@ def _normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise TypeError("example_inputs must be a tuple of tensors, e.g. (torch.randn(1, 3, 32, 32),)")
+        raise InputTypeError("example_inputs must be a tuple of tensors, e.g. (torch.randn(1, 3, 32, 32),)")
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(
+            raise InputTypeError(
                 f"example_inputs[{i}] is a {type(x).__name__}; every example input must be a tensor"
             )
         if x.dim() == 0:
-            raise ValueError(f"example_inputs[{i}] is a scalar; inputs need a batch dimension first")
+            raise InputError(f"example_inputs[{i}] is a scalar; inputs need a batch dimension first")
+        if x.numel() == 0:
+            raise InputError(
+                f"example_inputs[{i}] has shape {tuple(x.shape)}: a 0-size dimension; give an example "
+                "with at least one sample and no empty dimension (calls may still use batch 0)"
+            )
+        if x.is_meta:
+            raise InputError(
+                f"example_inputs[{i}] is on the meta device and holds no data; pass a CPU tensor"
+            )
     return tuple(x.detach().cpu() for x in example_inputs)
 
 
@@ -250,11 +298,11 @@ def compile(
     first tunes the kernels that have none (see :func:`tune`).
     """
     if isinstance(model, (str, os.PathLike)):
-        raise ValueError(  # noqa: TRY004 - a path is a valid kind of model, just not yet supported
+        raise ModelError(
             f"{model!s}: compiling ONNX files is not supported yet; load the model in PyTorch and pass the nn.Module"
         )
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example_inputs = _normalize_inputs(example_inputs)
     target = Target.parse(target)
     prepared = is_prepared(model)
@@ -277,6 +325,17 @@ def compile(
     gm = (pipeline or Pipeline.default(target)).run(gm, ctx)
     with torch.no_grad():
         out = gm(*example_inputs)
+    leaves, spec = pytree.tree_flatten(out)
+    if not all(isinstance(t, torch.Tensor) for t in leaves) or not leaves:
+        kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor)}) or ["nothing"]
+        raise ModelError(
+            f"{type(model).__name__}.forward returns {', '.join(kinds)} besides tensors; bitcompiler "
+            "returns tensors, tuples, lists and dicts of tensors: return only tensors from forward()"
+        )
+    flat = isinstance(out, torch.Tensor) or (
+        isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
+    )
+    out_tree = None if flat else pytree.treespec_dumps(spec)
     exported = export_graph(gm, example_inputs)
     dynamic = any(
         not isinstance(d, int)
@@ -303,7 +362,7 @@ def compile(
         )
     inputs = [InputSpec(tuple(x.shape[1:]), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
     return CompiledModel(
-        runner, gm, exported, inputs, isinstance(out, (tuple, list)), report, target, dynamic
+        runner, gm, exported, inputs, isinstance(out, (tuple, list)), report, target, dynamic, out_tree
     )
 
 

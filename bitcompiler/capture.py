@@ -17,12 +17,9 @@ import warnings
 import torch
 from torch import fx, nn
 
+from bitcompiler.errors import CaptureError, ModelError
 from bitcompiler.quant.bitlayers import BIT_LAYERS
 from bitcompiler.quant.modules import QUANT_LAYERS
-
-
-class CaptureError(RuntimeError):
-    """The model could not be turned into a graph."""
 
 
 class _Tracer(fx.Tracer):
@@ -95,6 +92,34 @@ def _computed_from_batch(ep: torch.export.ExportedProgram) -> str:
     return ""
 
 
+def _on_cpu_float32(model: nn.Module) -> nn.Module:
+    """``model`` with its parameters and buffers on the CPU and its float ones in float32.
+
+    A parameter on the meta device has no values: a :class:`ModelError` names it. Half, bfloat16
+    and float64 weights are converted with a warning (bitcompiler quantizes from float32).
+    """
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if t.is_meta:
+            raise ModelError(
+                f"parameter {name!r} is on the meta device and holds no values; load the weights "
+                "first (e.g. model.to_empty(device='cpu') then load_state_dict)"
+            )
+    if any(not t.is_cpu for _, t in tensors):
+        model = model.cpu()
+    others = sorted(
+        {str(t.dtype).removeprefix("torch.") for _, t in tensors if t.is_floating_point()} - {"float32"}
+    )
+    if others:
+        warnings.warn(
+            f"{type(model).__name__} has {', '.join(others)} weights: compiling a float32 copy "
+            "(call model.float() to silence this)",
+            stacklevel=3,
+        )
+        model = model.float()
+    return model
+
+
 def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """Trace ``model`` (a copy, in eval mode) into a GraphModule.
 
@@ -103,7 +128,7 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model).eval()
+    model = _on_cpu_float32(copy.deepcopy(model).eval())
     try:
         return symbolic_trace(model)
     except Exception as fx_error:  # noqa: BLE001 - fall back to torch.export

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from bitcompiler.errors import DatasetUnavailable
+
 __all__ = ["DatasetUnavailable", "available", "load", "names"]
 
 #: Where ``dataset-fashion-mnist`` puts the IDX files (checked in order after $BITC_FASHION_MNIST_DIR).
@@ -50,10 +52,6 @@ _IDX_DTYPES: dict[int, np.dtype] = {
     code: np.dtype(t)
     for code, t in {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}.items()
 }
-
-
-class DatasetUnavailable(RuntimeError):
-    """The package that provides a dataset is not installed; the message names the install command."""
 
 
 def names() -> list[str]:

@@ -105,7 +105,12 @@ def test_export_load_round_trip(tmp_path):
     assert torch.equal(loaded(xs), cm(xs))
     assert_close(loaded.reference(xs), cm.reference(xs))
     assert loaded.report().to_dict() == cm.report().to_dict()
-    assert {p.name for p in (tmp_path / "m").iterdir()} >= {"model.so", "reference.pt2", "meta.json"}
+    assert {p.name for p in (tmp_path / "m").iterdir()} >= {
+        "model.so",
+        "reference.json",
+        "reference_weights.pt",
+        "meta.json",
+    }
 
 
 def test_custom_pipeline_is_used():

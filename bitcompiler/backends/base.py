@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bitcompiler.errors import TargetError
+
 FAMILIES = {
     "cpu": "cpu",
     "cuda": "cuda",
@@ -35,7 +37,7 @@ class Target:
 
     def __init__(self, name: str = "cpu", **options: Any) -> None:
         if name not in FAMILIES:
-            raise ValueError(f"unknown target {name!r}; valid targets: {', '.join(FAMILIES)}")
+            raise TargetError(f"unknown target {name!r}; valid targets: {', '.join(FAMILIES)}")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "options", tuple(sorted(options.items())))
 

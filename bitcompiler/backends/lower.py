@@ -17,11 +17,8 @@ from torch import fx
 
 from bitcompiler.backends import lower_conv, lower_pool
 from bitcompiler.capture import export_dynamic, first_line
+from bitcompiler.errors import LoweringError
 from bitcompiler.ops import conv_out_size
-
-
-class LoweringError(RuntimeError):
-    """The graph could not be lowered to TVM; names the op."""
 
 
 def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:

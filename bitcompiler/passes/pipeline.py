@@ -24,29 +24,10 @@ import networkx as nx
 import torch
 from torch import fx
 
+from bitcompiler.errors import PassError, PipelineError
 from bitcompiler.quant.schemes import Scheme
 
 INITIAL_FACTS = frozenset({"traced"})
-
-
-class PassError(RuntimeError):
-    """A pass failed or left an invalid graph; names the pass, the node and the dump file."""
-
-    def __init__(
-        self, pass_name: str, message: str, node: str | None = None, dump: str | None = None
-    ) -> None:
-        where = f" at node {node!r}" if node else ""
-        see = (
-            f" (graph dumped to {dump})"
-            if dump
-            else " (set BITC_DUMP=dir to dump the graph after every pass)"
-        )
-        super().__init__(f"pass {pass_name!r} failed{where}: {message}{see}")
-        self.pass_name, self.node, self.dump = pass_name, node, dump
-
-
-class PipelineError(ValueError):
-    """The pass list is not in an order its requires/ensures allow."""
 
 
 @dataclass(frozen=True)

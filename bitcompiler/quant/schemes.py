@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from bitcompiler.errors import SchemeError
+
 # name -> (keys of its own, defaults)
 _SCHEMES: dict[str, dict[str, str]] = {
     "none": {},
@@ -65,11 +67,11 @@ def bitwise_trained(spec: str, n: int) -> tuple[frozenset[int], bool]:
     if spec.startswith("top"):
         k = spec[3:]
         if not k.isdigit() or not 1 <= int(k) <= n:
-            raise ValueError(f"train={spec!r} is not valid for bits={n}; {usage}")
+            raise SchemeError(f"train={spec!r} is not valid for bits={n}; {usage}")
         return frozenset(range(n - int(k), n)), True
     parts = spec.split(".")
     if not all(p == "sign" or (p.isdigit() and int(p) < n) for p in parts):
-        raise ValueError(f"train={spec!r} is not valid for bits={n}; {usage}")
+        raise SchemeError(f"train={spec!r} is not valid for bits={n}; {usage}")
     return frozenset(int(p) for p in parts if p != "sign"), "sign" in parts
 
 
@@ -87,19 +89,24 @@ class Scheme:
 
     def __post_init__(self) -> None:
         if self.name not in _SCHEMES:
-            raise ValueError(f"unknown scheme {self.name!r}; {_valid()}")
+            raise SchemeError(f"unknown scheme {self.name!r}; {_valid()}")
         allowed = {**_SCHEMES[self.name], **_COMMON}
+        keys = [key for key, _ in self.options]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            values = "; ".join(f"{k}={', '.join(v for kk, v in self.options if kk == k)}" for k in repeated)
+            raise SchemeError(f"scheme {self.name!r} gives {values}: give each key once")
         for key, value in self.options:
             if key not in allowed:
-                raise ValueError(f"scheme {self.name!r} has no key {key!r}; {_valid()}")
+                raise SchemeError(f"scheme {self.name!r} has no key {key!r}; {_valid()}")
             self._check(key, value)
         if self.name == "bitnet":
             lo, init, hi = (int(self.get(k)) for k in ("min_bits", "init_bits", "max_bits"))
             if not lo <= init <= hi:
-                raise ValueError(f"bitnet needs min_bits <= init_bits <= max_bits, got {lo}, {init}, {hi}")
+                raise SchemeError(f"bitnet needs min_bits <= init_bits <= max_bits, got {lo}, {init}, {hi}")
         if self.name == "bitwise":
             if int(self.get("bits")) > 7:
-                raise ValueError(
+                raise SchemeError(
                     f"bitwise bits={self.get('bits')} is not valid; use 1..7 (n magnitude bits + sign "
                     "compile to n + 1 <= 8 bit-planes)"
                 )
@@ -108,44 +115,46 @@ class Scheme:
     @staticmethod
     def _check(key: str, value: str) -> None:
         if key == "act" and value not in _ACT:
-            raise ValueError(f"act={value!r} is not valid; use act=float, act=8 or act=binary")
+            raise SchemeError(f"act={value!r} is not valid; use act=float, act=8 or act=binary")
         if key == "first_last" and value not in _FIRST_LAST:
-            raise ValueError(f"first_last={value!r} is not valid; use first_last=keep or first_last=quantize")
+            raise SchemeError(
+                f"first_last={value!r} is not valid; use first_last=keep or first_last=quantize"
+            )
         if key in ("p", "min_weights", "tau_steps") and (not value.isdigit() or int(value) < 1):
-            raise ValueError(f"{key}={value!r} is not valid; use a positive integer")
+            raise SchemeError(f"{key}={value!r} is not valid; use a positive integer")
         if key == "group" and value != "channel" and (not value.isdigit() or int(value) < 1):
-            raise ValueError(f"group={value!r} is not valid; use group=channel or a positive group size")
+            raise SchemeError(f"group={value!r} is not valid; use group=channel or a positive group size")
         if key == "alpha" and value not in ("chunk", "learned"):
-            raise ValueError(f"alpha={value!r} is not valid; use alpha=chunk or alpha=learned")
+            raise SchemeError(f"alpha={value!r} is not valid; use alpha=chunk or alpha=learned")
         if key in ("tau_start", "tau_end"):
             try:
                 ok = float(value) > 0
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError(f"{key}={value!r} is not valid; use a positive number")
+                raise SchemeError(f"{key}={value!r} is not valid; use a positive number")
         if key == "tau_hold":
             try:
                 ok = 0 <= float(value) < 1
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError(f"tau_hold={value!r} is not valid; use a fraction 0 <= tau_hold < 1")
+                raise SchemeError(f"tau_hold={value!r} is not valid; use a fraction 0 <= tau_hold < 1")
         if key in ("init_bits", "min_bits", "max_bits") and (not value.isdigit() or not 1 <= int(value) <= 8):
-            raise ValueError(f"{key}={value!r} is not valid; use an integer 1..8")
+            raise SchemeError(f"{key}={value!r} is not valid; use an integer 1..8")
         if key == "mu_halve_every" and (not value.isdigit() or int(value) < 1):
-            raise ValueError(f"{key}={value!r} is not valid; use a positive integer")
+            raise SchemeError(f"{key}={value!r} is not valid; use a positive integer")
         if key in ("lambda1", "lambda2", "mu", "eps"):
             try:
                 ok = float(value) >= 0
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError(f"{key}={value!r} is not valid; use a number >= 0")
+                raise SchemeError(f"{key}={value!r} is not valid; use a number >= 0")
         if key == "mode" and value not in ("quantized", "float"):
-            raise ValueError(f"mode={value!r} is not valid; use mode=quantized or mode=float")
+            raise SchemeError(f"mode={value!r} is not valid; use mode=quantized or mode=float")
         if key == "bits" and (not value.isdigit() or not 1 <= int(value) <= 8):
-            raise ValueError(f"bits={value!r} is not valid; use an integer 1..8")
+            raise SchemeError(f"bits={value!r} is not valid; use an integer 1..8")
 
     @classmethod
     def parse(cls, text: str | Scheme) -> Scheme:
@@ -153,13 +162,15 @@ class Scheme:
         if isinstance(text, Scheme):
             return text
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"a scheme is a string like 'binary:act=binary'; got {text!r}; {_valid()}")
+            raise SchemeError(f"a scheme is a string like 'binary:act=binary'; got {text!r}; {_valid()}")
         name, _, rest = text.strip().partition(":")
         options = []
         for item in filter(None, (p.strip() for p in rest.split(","))):
             key, eq, value = item.partition("=")
             if not eq:
-                raise ValueError(f"malformed scheme option {item!r} in {text!r}: write key=value; {_valid()}")
+                raise SchemeError(
+                    f"malformed scheme option {item!r} in {text!r}: write key=value; {_valid()}"
+                )
             options.append((key.strip(), value.strip()))
         return cls(name.strip(), tuple(options))
 

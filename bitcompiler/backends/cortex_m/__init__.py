@@ -27,12 +27,9 @@ from bitcompiler.backends.cortex_m import qemu
 from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, build_program
 from bitcompiler.backends.cortex_m.boards import Board, board_for
 from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, MODEL_FILES, STACK_BYTES, write_bundle
+from bitcompiler.errors import ModelTooLarge
 
 __all__ = ["CortexMBackend", "CortexMLoweringError", "CortexMRunner", "ModelTooLarge"]
-
-
-class ModelTooLarge(ValueError):
-    """The model does not fit the board's flash or RAM; names the sizes and the largest layers."""
 
 
 def _largest(sizes: dict[str, int], n: int = 3) -> str:

@@ -25,6 +25,7 @@ import torch
 from bitcompiler.backends.cortex_m import float_ops
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, generate_c, prepare_kernel
 from bitcompiler.backends.cortex_m.memory_plan import ArenaPlan, Buffer, plan_arena
+from bitcompiler.errors import CortexMLoweringError
 from bitcompiler.ops import conv_out_size
 
 C_TYPES = {"float32": "float", "int32": "int32_t", "int8": "int8_t"}
@@ -43,10 +44,6 @@ ALIASES = {
     "alias.default",
     "detach.default",
 }
-
-
-class CortexMLoweringError(RuntimeError):
-    """The graph has an op the Cortex-M code generator cannot emit; names the op."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bitcompiler.backends.base import Target
+from bitcompiler.errors import TargetError
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,10 @@ def board_for(target: Target) -> Board:
     """The board ``target`` runs on: its ``board=`` option or the core's default board."""
     name = target.get("board") or DEFAULT_BOARD[target.name]
     if name not in BOARDS:
-        raise ValueError(f"unknown board {name!r} for {target.name}; valid boards: {', '.join(BOARDS)}")
+        raise TargetError(f"unknown board {name!r} for {target.name}; valid boards: {', '.join(BOARDS)}")
     board = BOARDS[name]
     if board.cpu != target.name:
-        raise ValueError(
+        raise TargetError(
             f"board {name} has a {board.cpu}, not a {target.name}; "
             f"use board={DEFAULT_BOARD[target.name]!r} or target={board.cpu!r}"
         )

@@ -13,9 +13,7 @@ from typing import Any
 
 import torch
 
-
-class UnsupportedFloatOp(ValueError):
-    pass
+from bitcompiler.errors import UnsupportedFloatOp
 
 
 def _f(v: float) -> str:

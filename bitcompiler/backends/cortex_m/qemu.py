@@ -20,17 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from bitcompiler.backends.cortex_m.boards import Board
+from bitcompiler.errors import FirmwareError, ToolchainMissing
 
 INSTALL = "sudo apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm (or `make setup`)"
 RUN_TIMEOUT_S = 600
-
-
-class ToolchainMissing(RuntimeError):
-    pass
-
-
-class FirmwareError(RuntimeError):
-    pass
 
 
 def missing_tools() -> list[str]:
