@@ -51,7 +51,7 @@ def _float_conv(node: fx.Node, importer: Any, args: tuple) -> Any | None:
     if cg * groups != c:
         return None
     try:
-        spec = ConvSpec(c, o, h, w, (kh, kw), *pairs, groups, 1, "pm1", "float", False, False)
+        spec = ConvSpec(c, o, h, w, (kh, kw), *pairs, groups, 1, "pm1", "float", False, False)  # type: ignore[arg-type, call-arg, misc]
     except ValueError:
         return None
     prim = float_conv_kernel(spec, bias is not None)

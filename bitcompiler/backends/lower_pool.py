@@ -52,7 +52,8 @@ def convert_window_mean(node: fx.Node, importer: Any) -> Any:
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
-    kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in node.args[1:5])
+    args: Any = node.args
+    kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in args[1:5])
     m, c, h, w = _shape(x)
     prim = kernels.window_mean_kernel(_int(c), _int(h), _int(w), kernel, stride, padding, bool(include_pad))
     val = node.meta["val"]

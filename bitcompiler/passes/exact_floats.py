@@ -16,6 +16,8 @@ PyTorch form and are outside the contract.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -43,6 +45,7 @@ def _window(node: fx.Node, m: nn.Module | None, hw: tuple[int, int]) -> tuple | 
     """``(kernel, stride, padding, count_include_pad, keepdim)`` of an average pool / mean, else None."""
     h, w = hw
     if isinstance(m, nn.AvgPool2d) or (node.op == "call_function" and node.target in _AVG):
+        opts: dict[str, Any]
         if isinstance(m, nn.AvgPool2d):
             opts = {
                 "kernel_size": m.kernel_size,
@@ -95,7 +98,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if node.op not in ("call_module", "call_function", "call_method") or not node.args:
             continue
         x = node.args[0]
-        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+        meta: Any = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
         # a tuple-valued input (split's outputs) has a list of metas: not a pooled tensor
         if getattr(meta, "shape", None) is None or len(meta.shape) != 4 or meta.dtype != torch.float32:
             continue
