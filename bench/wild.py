@@ -108,7 +108,16 @@ def markdown(rows: list[dict]) -> list[str]:
         body.append(cells)
     med = medians(rows)
     body.append(["**median**", ""] + [f"**{med[s]:.2f}x**" if s in med else "–" for s in SCHEMES])
-    return markdown_table(head, body)
+    done = len(models)
+    note = (
+        []
+        if done == len(MODELS)
+        else [
+            "",
+            f"Partial run: {done} of the {len(MODELS)} corpus models were measured; `make zoo` measures all.",
+        ]
+    )
+    return markdown_table(head, body) + note
 
 
 if __name__ == "__main__":
