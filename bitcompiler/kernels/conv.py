@@ -16,7 +16,7 @@ already-quantized activations); the generic computation guards every load with
 
 The register-blocked W1A1 CPU kernel (``act="binary"``, pm1 weights) lives in
 :mod:`bitcompiler.kernels.conv_binary`. ``act="int8"``/``"float"`` on the CPU decode the codes once per
-call and run a direct convolution (``_direct_func``).
+call and run the scheduled float convolution core (``_decoded_direct``).
 
 Other modes: batch and output channels are fused into one parallel loop; each output pixel
 reduces over its taps and words in registers (scalar accumulator) and its epilogue follows.
@@ -30,7 +30,7 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, shape64, target_kind
+from bitcompiler.kernels._common import as_i32, batch_var, i64, shape64, target_kind
 from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
 from bitcompiler.kernels.dense_avx2 import avx2_target
 from bitcompiler.kernels.spec import ConvSpec
@@ -46,11 +46,7 @@ def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
     M = batch_var()
     P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
     binary = spec.act == "binary"
-    # int8 x k-bit products summed in float32 are exact while every partial sum stays below 2^24
-    # (vfmadd instead of vpmulld + vpaddd): true for small reductions such as an RGB stem
-    qmax = 1 if spec.code == "pm1" else 2**B - 1
-    exact_f32 = spec.act == "int8" and CG * KH * KW * 127 * qmax < 2**24
-    acc_t = F32 if spec.act == "float" or exact_f32 else "int32"
+    acc_t = accumulator_type(spec)
 
     def rows(oh, kh):
         return oh * SH - PH + kh * DH
@@ -188,120 +184,20 @@ def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tens
 
 
 # --------------------------------------------------------------------------- decoded weights (CPU)
-def _direct_func(spec: ConvSpec) -> tirx.PrimFunc:
-    """act="int8"/"float" conv for the host CPU: decode the codes once per call, then a direct conv.
-
-    ``Q (O, CG, KH, KW)`` holds each weight's integer code (``+-1`` for pm1), decoded from the bit
-    planes at the start of every call (O*CG*KH*KW*B operations, small next to the conv);
-    ``XZ`` is the zero-padded input, so the reduction has no bounds tests. Products accumulate in
-    float32: exact for int8 activations whenever every partial sum stays below 2^24
-    (``CG*KH*KW*127*qmax < 2^24``, e.g. an RGB stem; else int32), as the reference for float ones.
-    """
-    C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
-    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
-    G, CG, OG, CWG, B = spec.groups, spec.cg, spec.og, spec.words_per_group, spec.bits
-    OH, OW = spec.out_h, spec.out_w
-    HP, WP = H + 2 * PH, W + 2 * PW
-    M = batch_var()
-    P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
-    # int8 x k-bit products summed in float32 are exact while every partial sum stays below 2^24
-    # (vfmadd instead of vpmulld + vpaddd): true for small reductions such as an RGB stem
-    qmax = 1 if spec.code == "pm1" else 2**B - 1
-    exact_f32 = spec.act == "int8" and CG * KH * KW * 127 * qmax < 2**24
-    acc_t = F32 if spec.act == "float" or exact_f32 else "int32"
-    if spec.act == "float":
-        X = te.placeholder(shape64(M, C, H, W), F32, "X")
-        inputs, XS = [X], None
-    else:
-        X = te.placeholder(shape64(M, C, H, W), "int8", "XQ")
-        XS = te.placeholder(shape64(M), F32, "XS")
-        inputs = [X, XS]
-
-    def decode(o, c, kh, kw):
-        wd, sh = c // 32, as_i32(c % 32)
-        if spec.code == "pm1":
-            return tirx.Select(((P[0, o, kh, kw, wd] >> sh) & 1) != 0, 1, -1).astype(acc_t)
-        q = (P[0, o, kh, kw, wd] >> sh) & 1
-        for b in range(1, B):
-            q = q | (((P[b, o, kh, kw, wd] >> sh) & 1) << b)
-        return q.astype(acc_t)
-
-    Q = te.compute(shape64(O, CG, KH, KW), decode, name="Q")
-    inside = lambda r, c: tirx.all(r >= PH, r < PH + H, c >= PW, c < PW + W)
-    XZ = te.compute(
-        shape64(M, C, HP, WP),
-        lambda m, ch, r, c: tirx.if_then_else(
-            inside(r, c), X[m, ch, r - PH, c - PW].astype(acc_t), tirx.const(0, acc_t)
-        ),
-        name="XZ",
-    )
-    c = te.reduce_axis((i64(0), i64(CG)), "c")
-    kh = te.reduce_axis((i64(0), i64(KH)), "kh")
-    kw = te.reduce_axis((i64(0), i64(KW)), "kw")
-
-    def xz(m, o, oh, ow):
-        return XZ[m, o // OG * CG + c.var, oh * SH + kh.var * DH, ow * SW + kw.var * DW]
-
-    acc = te.compute(
-        shape64(M, O, OH, OW),
-        lambda m, o, oh, ow: te.sum(Q[o, c.var, kh.var, kw.var] * xz(m, o, oh, ow), axis=[c, kh, kw]),
-        name="acc",
-    )
-    sumx = None
-    if spec.has_offset and not spec.threshold:
-        sumx = te.compute(
-            shape64(M, G, OH, OW),
-            lambda m, g, oh, ow: te.sum(xz(m, g * OG, oh, ow), axis=[c, kh, kw]),
-            name="sumx",
-        )
-    epi, Y = _output(
-        spec,
-        M,
-        lambda m, o, oh, ow: acc[m, o, oh, ow],
-        (lambda m, o, oh, ow: sumx[m, o // OG, oh, ow]) if sumx is not None else None,
-        XS,
-    )
-    return _schedule_direct(te.create_prim_func([*inputs, P, *epi, Y]), spec, sumx is not None)
-
-
-def _schedule_direct(func: tirx.PrimFunc, spec: ConvSpec, has_sumx: bool) -> tirx.PrimFunc:
-    """Register block OB output channels x VL output pixels; reduce over (c, kh, kw) outside it."""
-    sch = s_tir.Schedule(func)
-    OW = spec.out_w
-    VL = largest_divisor(OW, (8, 4, 2))
-    OB = largest_divisor(spec.og, (8, 4, 2))
-    for name in ("Q", "XZ"):
-        b = sch.get_sblock(name)
-        sch.parallel(sch.get_loops(b)[0])
-    blocks = [("acc", OB)] + ([("sumx", 1)] if has_sumx else [])
-    for name, ob in blocks:
-        b = sch.get_sblock(name)
-        m, o, oh, ow, c, kh, kw = sch.get_loops(b)
-        oo, oi = sch.split(o, [None, ob])
-        wo, wi = sch.split(ow, [None, VL])
-        sch.reorder(m, oo, oh, wo, c, kh, kw, oi, wi)
-        sch.parallel(sch.fuse(m, oo, oh))
-        if VL > 1:
-            sch.vectorize(wi)
-        if ob > 1:
-            sch.unroll(oi)
-        sch.decompose_reduction(b, c)
-    y = sch.get_sblock("Y")
-    loops = sch.get_loops(y)
-    sch.parallel(sch.fuse(*loops[:3]))
-    if VL > 1:
-        sch.vectorize(sch.split(loops[3], [None, VL])[1])
-    return sch.mod["main"]
-
-
 def _decoded_direct(spec: ConvSpec) -> tirx.PrimFunc:
     """act="int8"/"float" on the CPU: the codes decoded once per call into the scheduled float conv
-    core (:mod:`bitcompiler.kernels.conv_float`), accumulating as ``_direct_func`` reasons."""
+    core (:mod:`bitcompiler.kernels.conv_float`), accumulating in :func:`accumulator_type`."""
     from bitcompiler.kernels.conv_float import decoded_conv_func
 
+    return decoded_conv_func(spec, accumulator_type(spec), _output)
+
+
+def accumulator_type(spec: ConvSpec) -> str:
+    """float32 for float activations, and for int8 x k-bit products while every partial sum provably
+    stays below 2^24 (exact; vfmadd instead of vpmulld + vpaddd, e.g. an RGB stem); else int32."""
     qmax = 1 if spec.code == "pm1" else 2**spec.bits - 1
     exact_f32 = spec.act == "int8" and spec.reduction * 127 * qmax < 2**24
-    return decoded_conv_func(spec, F32 if spec.act == "float" or exact_f32 else "int32", _output)
+    return F32 if spec.act == "float" or exact_f32 else "int32"
 
 
 def _schedule(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
