@@ -139,11 +139,27 @@ class Report:
         return self.float_weight_bytes / self.weight_bytes if self.weight_bytes else 1.0
 
 
+def _stored_codes_bytes(m: Any) -> int:
+    """Bytes of a conv whose codes the CPU lowering stores in the integer conv's order, else 0
+    (the same rule: :func:`bitcompiler.kernels.conv_int8.stores_codes`, which reads no image size)."""
+    from bitcompiler.kernels import ConvSpec, conv_int8
+
+    (kh, kw), (dh, dw) = m.kernel_size, m.dilation
+    h, w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    args = (m.in_channels, m.out_channels, h, w, tuple(m.kernel_size), (1, 1), (0, 0), tuple(m.dilation))
+    spec = ConvSpec(*args, m.groups, m.bits, m.code, m.act, bool(m.has_offset), bool(m.threshold))
+    return conv_int8.codes_bytes(spec) if conv_int8.stores_codes(spec) else 0
+
+
 def _stored_words(m: Any, target: str) -> int:
     """Words the compiled layer stores: its planes, or on the CPU the compact stream the lowering
     keeps instead when the planes' padding would waste more (``numerics.stores_compact``)."""
     if not m.packed:
         return m.bits * m.codes.numel() // 32
+    if target == "cpu" and m.op == "conv2d":
+        stored = _stored_codes_bytes(m)
+        if stored:
+            return -(-stored // 4)
     words = m.planes.numel()
     cg = m.in_features if m.op == "linear" else m.in_channels // m.groups
     rows = math.prod(m.planes.shape[1:-1])

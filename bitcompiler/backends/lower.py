@@ -202,6 +202,7 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     from tvm import relax
 
     from bitcompiler import kernels
+    from bitcompiler.kernels import conv_int8
 
     bb, env = importer.block_builder, importer.env
     args: Any = (
@@ -240,10 +241,16 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     oh = conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1])
     name = f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}" + ("_thr" if threshold else "")
-    kargs = inputs + _epilogue_args(env, args, threshold, bb, c // groups)
-    y = _emit_kernel(
-        bb, kernels.conv2d_kernel(spec), name, kargs, relax.TensorType((m, o, oh, ow), "float32")
-    )
+    weights = _constant(args[1])
+    if weights is not None and conv_int8.stores_codes(spec):
+        # the codes stored as the integer conv reads them (same bits, 4-channel steps)
+        kargs = inputs + _epilogue_args(env, args, threshold)
+        kargs[len(inputs)] = relax.const(conv_int8.relayout_codes(spec, weights.numpy()))
+        prim, name = kernels.stored_codes_conv_kernel(spec), f"{name}_codes"
+    else:
+        kargs = inputs + _epilogue_args(env, args, threshold, bb, c // groups)
+        prim = kernels.conv2d_kernel(spec)
+    y = _emit_kernel(bb, prim, name, kargs, relax.TensorType((m, o, oh, ow), "float32"))
     from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
 
     if packs_output(spec):

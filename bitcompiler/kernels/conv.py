@@ -30,6 +30,7 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
+from bitcompiler.kernels import conv_int8
 from bitcompiler.kernels._common import as_i32, batch_var, i64, shape64, target_kind
 from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
 from bitcompiler.kernels.dense_avx2 import avx2_target
@@ -253,6 +254,8 @@ def _conv2d_kernel(
         raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
     if cpu and spec.act == "binary" and spec.code == "pm1":
         func = binary_pm1_func(spec, byte_lanes=avx2_target(target), packed=packed_output, clip=residual_clip)
+    elif cpu and conv_int8.fits(spec, target):
+        func = conv_int8.int8_conv_func(spec, _output, target)
     elif cpu and spec.act != "binary":
         func = _decoded_direct(spec)
     else:
@@ -264,3 +267,13 @@ def _conv2d_kernel(
 
 # kernels are pure functions of their arguments: build each once per spec and target string
 _cached_conv2d_kernel = functools.lru_cache(maxsize=256)(_conv2d_kernel)
+
+
+@functools.lru_cache(maxsize=256)
+def stored_codes_conv_kernel(spec: ConvSpec, target: str = "llvm") -> tirx.PrimFunc:
+    """The integer conv reading its codes in :func:`conv_int8.relayout_codes`' order (specs
+    :func:`conv_int8.stores_codes` accepts); buffers as :func:`conv2d_kernel`'s with ``P``
+    replaced by those bytes."""
+    if not conv_int8.stores_codes(spec, target):
+        raise ValueError(f"no stored-codes conv kernel for {spec} on {target!r}")
+    return conv_int8.int8_conv_func(spec, _output, target, stored=True).with_attr("global_symbol", "main")

@@ -1,0 +1,335 @@
+"""Integer convolution for int8 activations and k-bit unsigned codes (W2A8 and its kind) on x86.
+
+``acc = sum_{c, kh, kw} x[c, ih, iw] * q[o, c, kh, kw]`` is computed in int32 with byte dot
+products instead of float multiply-adds:
+
+* the input, zero-padded, as ``XZ (M, C/4, HP, WP, 4) int8``: four neighbouring channels of a
+  pixel are one 32-bit word, broadcast to every lane;
+* the codes decoded once per call from the stored planes into ``WQ (O/VB, C/4, KH, KW, VB, 4)
+  uint8``: ``VB`` output channels x four input channels, one 256-bit load per 8 channels;
+* each step multiplies the broadcast word into the codes of 8 output channels and adds each
+  lane's four products into its int32 sum: ``vpdpbusd`` where the CPU has AVX-512 VNNI (one
+  instruction), else ``vpmaddubsw`` (u8 code x s8 activation, pairs summed in int16: exact, since
+  ``2 * 128 * (2^B - 1) < 2^15`` for B <= 7) then ``vpmaddwd`` by ones and ``vpaddd``.
+
+A register block of ``VB`` output channels x ``RW`` pixels of one output row stays in registers
+over the whole reduction, then the bit conv's own epilogue (``(SC s) acc + (OF s) sumx + BI`` or
+the threshold) writes ``Y (M, O, OH, OW)``. Channels are zero-padded to multiples of 4 (input) and
+``VB`` (output); a zero code or a zero activation adds nothing, so every sum is the reference's.
+The window sums ``sumx`` of affine codes are a separate int32 pass over ``XZ``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tvm import s_tir, te, tirx
+from tvm.script import tirx as T
+
+from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, shape64
+from bitcompiler.kernels.spec import ConvSpec
+
+F32 = "float32"
+MAX_BITS = 7  # u8 codes up to 127: a vpmaddubsw pair sum (2 * 128 * 127) stays below 2^15
+LANES = 8  # int32 sums per 256-bit register
+
+
+@T.prim_func(s_tir=True)
+def _dot_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (8, 4), "uint8", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_avx2(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (8, 4), "uint8", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        x = T.reinterpret(T.broadcast(word, 8), dtype="int8x32")
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+            B.vload([0, 0], dtype="uint8x32"),
+            x,
+            dtype="int16x16",
+        )
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8"
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (8, 4), "uint8", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+            C.vload([0], dtype="int32x8"),
+            B.vload([0, 0], dtype="uint8x32"),
+            T.reinterpret(T.broadcast(word, 8), dtype="int8x32"),
+            dtype="int32x8",
+        )
+
+
+DOT_AVX2 = "bitc_dot_8x4_u8s8_avx2"
+DOT_VNNI = "bitc_dot_8x4_u8s8_vnni"
+
+
+@functools.cache
+def _register() -> None:
+    s_tir.TensorIntrin.register(DOT_AVX2, _dot_desc, _dot_avx2)
+    s_tir.TensorIntrin.register(DOT_VNNI, _dot_desc, _dot_vnni)
+
+
+def _features(target: Any, *names: str) -> bool:
+    import tvm
+    from tvm.target import codegen
+
+    from bitcompiler.kernels.dense_avx2 import avx2_target
+
+    if not avx2_target(target):
+        return False
+    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if not t.attrs.get("mcpu"):
+        t = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    try:
+        return all(bool(codegen.target_has_features(n, t)) for n in names)
+    except Exception:  # noqa: BLE001 - an LLVM without these feature names: not this kernel
+        return False
+
+
+def fits(spec: ConvSpec, target: Any = "llvm") -> bool:
+    """Whether ``spec`` runs on this kernel for ``target`` (an x86 CPU with AVX2)."""
+    return (
+        spec.act == "int8"
+        and spec.code == "uint"
+        and spec.bits <= MAX_BITS
+        and not spec.threshold
+        and spec.groups == 1
+        and spec.out_channels >= LANES
+        and spec.reduction >= 16
+        and _features(target)
+    )
+
+
+def uses_vnni(target: Any = "llvm") -> bool:
+    return _features(target, "avx512vnni", "avx512vl")
+
+
+def _vb(spec: ConvSpec) -> int:
+    return 16 if spec.out_channels % 16 == 0 else LANES
+
+
+def _register_width(spec: ConvSpec, vb: int) -> int:
+    return largest_divisor(spec.out_w, (6, 4, 5, 3, 2) if vb == 16 else (12, 8, 7, 6, 5, 4, 3, 2))
+
+
+def int8_conv_func(
+    spec: ConvSpec, output: Callable, target: Any = "llvm", stored: bool = False
+) -> tirx.PrimFunc:
+    """The kernel for ``spec`` (:func:`fits`); arguments as :func:`bitcompiler.kernels.conv2d_kernel`
+    documents for int8 activations: ``XQ, XS, P``, the epilogue buffers, ``Y``. ``output`` builds
+    the epilogue (the bit conv's). ``stored=True`` (:func:`stores_codes` specs) takes the codes in
+    :func:`relayout_codes`' order instead of ``P``."""
+    _register()
+    C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    B = spec.bits
+    vb = _vb(spec)
+    C4, OB = -(-C // 4), -(-O // vb)
+    M = batch_var()
+    XQ = te.placeholder(shape64(M, C, H, W), "int8", "XQ")
+    XS = te.placeholder(shape64(M), F32, "XS")
+    if stored:
+        P = te.placeholder(shape64(*codes_shape(spec)), "uint8", "WP")
+    else:
+        P = te.placeholder(shape64(B, O, KH, KW, spec.words_per_group), "int32", "P")
+
+    def inside(c, r, w):
+        return tirx.all(c < C, r >= PH, r < PH + H, w >= PW, w < PW + W)
+
+    XZ = te.compute(
+        shape64(M, C4, H + 2 * PH, W + 2 * PW, 4),
+        lambda m, c4, r, w, ci: tirx.if_then_else(
+            inside(c4 * 4 + ci, r, w),
+            XQ[m, tirx.min(c4 * 4 + ci, C - 1), r - PH, w - PW],
+            tirx.const(0, "int8"),
+        ),
+        name="XZ",
+    )
+
+    def decode(o, c, kh, kw):
+        wd, sh = c // 32, as_i32(c % 32)
+        q = (P[0, o, kh, kw, wd] >> sh) & 1
+        for b in range(1, B):
+            q = q | (((P[b, o, kh, kw, wd] >> sh) & 1) << b)
+        return q.astype("uint8")
+
+    if stored:
+        per = 8 // B
+
+        def unpack(ob, c4, kh, kw, oi, ci):
+            step = (c4 * KH + kh) * KW + kw
+            shift = (step % per * B).astype("uint8")
+            return (P[ob, step // per, oi, ci] >> shift) & tirx.const(2**B - 1, "uint8")
+
+        WQ = te.compute(shape64(OB, C4, KH, KW, vb, 4), unpack, name="WQ")
+    else:
+        WQ = te.compute(
+            shape64(OB, C4, KH, KW, vb, 4),
+            lambda ob, c4, kh, kw, oi, ci: tirx.if_then_else(
+                tirx.all(ob * vb + oi < O, c4 * 4 + ci < C),
+                decode(tirx.min(ob * vb + oi, O - 1), tirx.min(c4 * 4 + ci, C - 1), kh, kw),
+                tirx.const(0, "uint8"),
+            ),
+            name="WQ",
+        )
+    c4 = te.reduce_axis((i64(0), i64(C4)), "c4")
+    kh = te.reduce_axis((i64(0), i64(KH)), "kh")
+    kw = te.reduce_axis((i64(0), i64(KW)), "kw")
+    ci = te.reduce_axis((i64(0), i64(4)), "ci")
+    acc = te.compute(
+        shape64(M, OB, spec.out_h, spec.out_w, vb),
+        lambda m, ob, oh, ow, oi: te.sum(
+            XZ[m, c4.var, oh * SH + kh.var * DH, ow * SW + kw.var * DW, ci.var].astype("int32")
+            * WQ[ob, c4.var, kh.var, kw.var, oi, ci.var].astype("int32"),
+            axis=[c4, kh, kw, ci],
+        ),
+        name="acc",
+    )
+    sumx_value = None
+    if spec.has_offset:
+        r = [
+            te.reduce_axis((i64(0), i64(n)), nm) for n, nm in ((C4, "c4"), (KH, "kh"), (KW, "kw"), (4, "ci"))
+        ]
+        sumx = te.compute(
+            shape64(M, spec.out_h, spec.out_w),
+            lambda m, oh, ow: te.sum(
+                XZ[m, r[0].var, oh * SH + r[1].var * DH, ow * SW + r[2].var * DW, r[3].var].astype("int32"),
+                axis=r,
+            ),
+            name="sumx",
+        )
+        sumx_value = lambda m, o, oh, ow: sumx[m, oh, ow]
+    acc_value = lambda m, o, oh, ow: acc[m, o // vb, oh, ow, o % vb]
+    epi, Y = output(spec, M, acc_value, sumx_value, XS)
+    func = te.create_prim_func([XQ, XS, P, *epi, Y])
+    return _schedule(func, spec, vb, DOT_VNNI if uses_vnni(target) else DOT_AVX2, stored)
+
+
+def codes_shape(spec: ConvSpec) -> tuple[int, int, int, int]:
+    """``(O/VB, S/T, VB, 4)``: the codes of ``T = 8/B`` consecutive reduction steps (a step is
+    four input channels of one tap, ``S = C/4 * KH * KW`` of them) share a byte, step ``t`` in
+    bits ``[B t, B t + B)``, each 32 (or 64) bytes one step's ``VB x 4`` codes."""
+    per = 8 // spec.bits
+    steps = -(-spec.in_channels // 4) * spec.kernel[0] * spec.kernel[1]
+    return (-(-spec.out_channels // _vb(spec)), -(-steps // per), _vb(spec), 4)
+
+
+def stores_codes(spec: ConvSpec, target: Any = "llvm") -> bool:
+    """Whether the lowering stores this conv's codes in :func:`relayout_codes`' order: ``B`` divides
+    8 and the padding (channels to 4 and ``VB``, steps to ``8/B``) adds at most 5% to the bits."""
+    if not fits(spec, target) or 8 % spec.bits:
+        return False
+    return codes_bytes(spec) * 8 <= 1.05 * spec.bits * spec.out_channels * spec.reduction
+
+
+def codes_bytes(spec: ConvSpec) -> int:
+    return math.prod(codes_shape(spec))
+
+
+def relayout_codes(spec: ConvSpec, planes: np.ndarray) -> np.ndarray:
+    """The planes ``(B, O, KH, KW, CWg) int32`` as :func:`codes_shape` bytes (same codes; padding 0)."""
+    B, O, C = spec.bits, spec.out_channels, spec.in_channels
+    (KH, KW), vb = spec.kernel, _vb(spec)
+    ob, groups, _, _ = codes_shape(spec)
+    bits = np.unpackbits(np.ascontiguousarray(planes).view(np.uint8), axis=-1, bitorder="little")[..., :C]
+    q = np.tensordot(1 << np.arange(B, dtype=np.int64), bits, axes=1)  # (O, KH, KW, C)
+    c4 = -(-C // 4)
+    full = np.zeros((ob * vb, KH, KW, c4 * 4), np.int64)
+    full[:O, :, :, :C] = q
+    # (OB, vb, KH, KW, C4, 4) -> (OB, C4, KH, KW, vb, 4) -> (OB, S, vb, 4)
+    steps = full.reshape(ob, vb, KH, KW, c4, 4).transpose(0, 4, 2, 3, 1, 5).reshape(ob, -1, vb, 4)
+    per = 8 // B
+    padded = np.zeros((ob, groups * per, vb, 4), np.int64)
+    padded[:, : steps.shape[1]] = steps
+    padded = padded.reshape(ob, groups, per, vb, 4)
+    out = np.zeros(padded.shape[:2] + padded.shape[3:], np.int64)
+    for t in range(per):
+        out |= padded[:, :, t] << (B * t)
+    return np.ascontiguousarray(out.astype(np.uint8))
+
+
+def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, intrin: str, stored: bool) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    for name in ("XZ", "WQ"):
+        b = sch.get_sblock(name)
+        loops = sch.get_loops(b)
+        sch.parallel(sch.fuse(*loops[:2]))
+        if name == "WQ" and stored:  # one step's VB x 4 bytes: a shift and a mask
+            sch.vectorize(sch.fuse(*loops[-2:]))
+    acc, y = sch.get_sblock("acc"), sch.get_sblock("Y")
+    rw = _register_width(spec, vb)
+    if spec.out_channels % vb == 0:
+        m, o, _oh, ow = sch.get_loops(y)
+        ob, oi = sch.split(o, [None, vb])
+        owo, owi = sch.split(ow, [None, rw])
+        sch.reorder(m, ob, _oh, owo, oi, owi)
+        sch.parallel(sch.fuse(m, ob, _oh))
+        sch.compute_at(acc, owo, preserve_unit_loops=True)
+        sch.unroll(oi)
+        sch.unroll(owi)
+        loops = sch.get_loops(acc)
+        a_owi, a_oi, c4, kh, kw, ci = loops[-6:]
+    else:
+        m, ob, oh, ow, oi, c4, kh, kw, ci = sch.get_loops(acc)
+        owo, a_owi = sch.split(ow, [None, rw])
+        sch.reorder(m, ob, oh, owo, a_owi, oi)
+        sch.parallel(sch.fuse(m, ob, oh))
+        a_oi = oi
+        if spec.has_offset:  # Y reads the window sums too: a pass of its own after the sums
+            sch.reverse_compute_at(sch.cache_write(acc, 0, "local"), owo)
+            sch.parallel(sch.fuse(*sch.get_loops(y)[:2]))
+        else:
+            sch.reverse_compute_at(y, owo)
+    if spec.out_channels % vb == 0 or not spec.has_offset:
+        sch.set_scope(acc, 0, "local")
+    sch.reorder(c4, kh, kw, a_owi, a_oi, ci)
+    oio, oii = sch.split(a_oi, [None, LANES])
+    init = sch.decompose_reduction(acc, c4)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(a_owi)
+    sch.unroll(oio)
+    sch.tensorize(oii, intrin)
+    if spec.has_offset:
+        b = sch.get_sblock("sumx")
+        m, oh, ow, *red = sch.get_loops(b)
+        vl = largest_divisor(spec.out_w, (8, 4, 2))
+        wo, wi = sch.split(ow, [None, vl])
+        sch.reorder(m, oh, wo, *red, wi)
+        sch.parallel(sch.fuse(m, oh))
+        if vl > 1:
+            sch.vectorize(wi)
+        sch.decompose_reduction(b, red[0])
+    return sch.mod["main"]

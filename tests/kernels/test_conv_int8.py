@@ -1,0 +1,90 @@
+"""The integer conv (int8 activations x k-bit codes, byte dot products) against the reference.
+
+Each geometry runs with ``vpdpbusd`` (a VNNI host) and with ``vpmaddubsw`` (the same host asked
+for an AVX2-only CPU); its integer sums must equal the reference's, so the float epilogue agrees
+to float rounding and every layer that follows sees the same int8 codes.
+"""
+
+import pytest
+import torch
+import tvm
+
+from bitcompiler.kernels import ConvSpec, conv2d_kernel, conv_int8
+from bitcompiler.kernels.conv import _output
+from bitcompiler.quant import numerics as nu
+from tests.kernels._util import act_inputs, assert_close, epilogue_params, random_codes
+
+pytestmark = pytest.mark.skipif(
+    not conv_int8.fits(
+        ConvSpec(16, 8, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2, "uint", "int8", True, False)
+    ),
+    reason="needs an x86 CPU with AVX2",
+)
+
+# (C, O, H, W, kernel, stride, padding, dilation): 3 input channels (a stem), C not a multiple
+# of 4, O padded to 8 or 16 lanes, stride 2, dilation, no padding, odd widths
+GEOMETRIES = [
+    (3, 16, 9, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (6, 20, 7, 6, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (16, 32, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (70, 8, 5, 7, (2, 3), (1, 2), (0, 1), (2, 1)),
+    (32, 24, 6, 5, (1, 1), (1, 1), (0, 0), (1, 1)),
+]
+TARGETS = {"avx2": "znver3", "host": None}
+
+
+def _target(name):
+    mcpu = TARGETS[name] or tvm.target.codegen.llvm_get_system_cpu()
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "c{}o{}_{}x{}".format(g[0], g[1], *g[4]))
+@pytest.mark.parametrize("bits, has_offset", [(2, True), (4, False), (7, True)])
+@pytest.mark.parametrize("isa", sorted(TARGETS))
+@pytest.mark.parametrize("stored", [False, True], ids=["planes", "stored"])
+def test_int8_conv_matches_reference(geom, bits, has_offset, isa, stored):
+    c, o, h, w, k, s, p, d = geom
+    target = _target(isa)
+    spec = ConvSpec(c, o, h, w, k, s, p, d, 1, bits, "uint", "int8", has_offset, False)
+    assert conv_int8.fits(spec, target)
+    if stored and 8 % bits:
+        pytest.skip("codes are stored in bytes only for 1, 2 and 4 bits")
+    func = (
+        conv_int8.int8_conv_func(spec, _output, target, stored=True)
+        if stored
+        else conv2d_kernel(spec, target)
+    )
+    assert "vpdpbusd" in func.script() or "pmadd" in func.script()
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    g = torch.Generator().manual_seed(c * o + bits)
+    codes = random_codes((o, c, *k), bits, "uint", g)
+    planes = nu.conv_codes_to_planes(codes, bits, "uint")
+    ep, kw = epilogue_params(o, False, g, has_offset, spec.reduction)
+    for m in (1, 3):
+        x = torch.randn(m, c, h, w, generator=g) * 3
+        weights = conv_int8.relayout_codes(spec, planes.numpy()) if stored else planes.numpy()
+        args = [
+            tvm.runtime.tensor(a)
+            for a in [*(t.numpy() for t in act_inputs(x, "int8")), weights, *(t.numpy() for t in ep)]
+        ]
+        y = tvm.runtime.tensor(torch.zeros(m, o, spec.out_h, spec.out_w).numpy())
+        lib["main"](*args, y)
+        ref = nu.bit_conv2d(x, planes, c, k, "uint", "int8", stride=s, padding=p, dilation=d, groups=1, **kw)
+        assert_close(y.numpy(), ref)
+
+
+def test_vnni_choice_follows_the_target():
+    assert not conv_int8.uses_vnni(_target("avx2"))
+    assert conv_int8.uses_vnni(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"}))
+
+
+@pytest.mark.parametrize(
+    "c, o, k, bits, stores",
+    [(64, 64, 3, 2, True), (16, 24, 3, 4, True), (3, 16, 3, 2, False), (64, 64, 3, 3, False)],
+)
+def test_stored_codes_only_without_padding(c, o, k, bits, stores):
+    """Stored bytes hold B bits per code; a layout whose padding adds more than 5% keeps the planes."""
+    spec = ConvSpec(c, o, 8, 8, (k, k), (1, 1), (1, 1), (1, 1), 1, bits, "uint", "int8", True, False)
+    assert conv_int8.stores_codes(spec) == stores
+    if stores:
+        assert conv_int8.codes_bytes(spec) * 8 <= 1.05 * bits * o * c * k * k
