@@ -138,7 +138,10 @@ def uses_vnni(target: Any = "llvm") -> bool:
 
 
 def _vb(spec: ConvSpec) -> int:
-    return 16 if spec.out_channels % 16 == 0 else LANES
+    """Output channels per register block: 16 (two registers) when a 16-lane block has a register
+    width above 1, else 8."""
+    wide = spec.out_w == 1 or largest_divisor(spec.out_w, (6, 4, 5, 3, 2)) > 1
+    return 16 if spec.out_channels % 16 == 0 and wide else LANES
 
 
 def _register_width(spec: ConvSpec, vb: int) -> int:
@@ -192,7 +195,8 @@ def int8_conv_func(
         def unpack(ob, c4, kh, kw, oi, ci):
             step = (c4 * KH + kh) * KW + kw
             shift = (step % per * B).astype("uint8")
-            return (P[ob, step // per, oi, ci] >> shift) & tirx.const(2**B - 1, "uint8")
+            o = ob * vb + oi
+            return (P[o // LANES, step // per, o % LANES, ci] >> shift) & tirx.const(2**B - 1, "uint8")
 
         WQ = te.compute(shape64(OB, C4, KH, KW, vb, 4), unpack, name="WQ")
     else:
@@ -239,12 +243,13 @@ def int8_conv_func(
 
 
 def codes_shape(spec: ConvSpec) -> tuple[int, int, int, int]:
-    """``(O/VB, S/T, VB, 4)``: the codes of ``T = 8/B`` consecutive reduction steps (a step is
-    four input channels of one tap, ``S = C/4 * KH * KW`` of them) share a byte, step ``t`` in
-    bits ``[B t, B t + B)``, each 32 (or 64) bytes one step's ``VB x 4`` codes."""
+    """``(O/8, S/T, 8, 4)``: the codes of ``T = 8/B`` consecutive reduction steps (a step is four
+    input channels of one tap, ``S = C/4 * KH * KW`` of them) share a byte, step ``t`` in bits
+    ``[B t, B t + B)``; 32 bytes hold one step's codes of 8 output channels x 4 input channels.
+    The layout does not depend on the image size (the report computes it from the layer alone)."""
     per = 8 // spec.bits
     steps = -(-spec.in_channels // 4) * spec.kernel[0] * spec.kernel[1]
-    return (-(-spec.out_channels // _vb(spec)), -(-steps // per), _vb(spec), 4)
+    return (-(-spec.out_channels // LANES), -(-steps // per), LANES, 4)
 
 
 def stores_codes(spec: ConvSpec, target: Any = "llvm") -> bool:
@@ -262,7 +267,7 @@ def codes_bytes(spec: ConvSpec) -> int:
 def relayout_codes(spec: ConvSpec, planes: np.ndarray) -> np.ndarray:
     """The planes ``(B, O, KH, KW, CWg) int32`` as :func:`codes_shape` bytes (same codes; padding 0)."""
     B, O, C = spec.bits, spec.out_channels, spec.in_channels
-    (KH, KW), vb = spec.kernel, _vb(spec)
+    (KH, KW), vb = spec.kernel, LANES
     ob, groups, _, _ = codes_shape(spec)
     bits = np.unpackbits(np.ascontiguousarray(planes).view(np.uint8), axis=-1, bitorder="little")[..., :C]
     q = np.tensordot(1 << np.arange(B, dtype=np.int64), bits, axes=1)  # (O, KH, KW, C)
@@ -287,8 +292,9 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, intrin: str, stored:
         b = sch.get_sblock(name)
         loops = sch.get_loops(b)
         sch.parallel(sch.fuse(*loops[:2]))
-        if name == "WQ" and stored:  # one step's VB x 4 bytes: a shift and a mask
-            sch.vectorize(sch.fuse(*loops[-2:]))
+        if name == "WQ" and stored:  # one step's 8 x 4 bytes: a shift and a mask
+            _, inner = sch.split(loops[-2], [None, LANES])
+            sch.vectorize(sch.fuse(inner, loops[-1]))
     acc, y = sch.get_sblock("acc"), sch.get_sblock("Y")
     rw = _register_width(spec, vb)
     if spec.out_channels % vb == 0:
