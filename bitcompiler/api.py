@@ -22,16 +22,17 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from bitcompiler import artifact, cache
+from bitcompiler import artifact
 from bitcompiler.artifact import FORMAT_VERSION
-from bitcompiler.backends.base import Runner, Target, backend_for
-from bitcompiler.backends.lower import export_graph, to_relax
+from bitcompiler.backends.base import BuildInput, Runner
+from bitcompiler.backends.lower import export_graph
 from bitcompiler.capture import capture, symbolic_trace
 from bitcompiler.errors import InputError, InputTypeError, LoadError, ModelError, ModelTypeError
 from bitcompiler.passes.pipeline import PassContext, Pipeline
 from bitcompiler.quant.modules import QUANT_LAYERS, quantizable, quantize_layer
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report, build_report
+from bitcompiler.target import Target, backend_for
 
 # torch's export internals warn about their own pytree API on every deepcopy of an exported graph
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -313,15 +314,15 @@ def compile(
     tuning = TuneOptions() if tune is True else (tune or None)
     if tuning is not None and not isinstance(tuning, TuneOptions):
         raise TypeError(f"tune must be a bool or TuneOptions, got {type(tune).__name__}")
-    if tuning is not None and target.family != "cpu":
+    backend = backend_for(target)
+    if tuning is not None and not backend.tunable:
         warnings.warn(
             f"tuning supports target='cpu' only; compiling for {target} with bitcompiler's hand schedules",
             stacklevel=2,
         )
-    backend = backend_for(target)
     gm = capture(model, example_inputs)
     fixed_by_capture = gm.meta.get("bitc_fixed_batch", "")
-    ctx = PassContext(scheme=scheme, strict=strict, target=target.name, example_inputs=example_inputs)
+    ctx = PassContext(scheme=scheme, strict=strict, target=target, example_inputs=example_inputs)
     gm = (pipeline or Pipeline.default(target)).run(gm, ctx)
     with torch.no_grad():
         out = gm(*example_inputs)
@@ -343,11 +344,7 @@ def compile(
         if n.op == "placeholder" and "val" in n.meta and hasattr(n.meta["val"], "shape")
         for d in n.meta["val"].shape
     )
-    if hasattr(backend, "build_from_graph"):
-        # backends that generate their own code (cortex-m) walk the rewritten graph, not Relax
-        runner = backend.build_from_graph(gm, exported, example_inputs, target)
-    else:
-        runner = _build_cached(backend, exported, target, tuning, db, example_inputs[0].shape[0])
+    runner = backend.build(BuildInput(gm, exported, example_inputs, tuning, db), target)
     report = build_report(gm, target.name, label, ctx.notes)
     report.extra.update(getattr(runner, "report_extra", {}))
     if not dynamic:
@@ -412,57 +409,9 @@ def tune(
     How it works: :mod:`bitcompiler.tuning`.
     """
     options = TuneOptions(trials, time_budget, retune=True)  # validates before any work
-    if Target.parse(target).family != "cpu":
+    if not backend_for(Target.parse(target)).tunable:
         raise ValueError(f"tuning supports target='cpu' only, got {target!r}")
     return compile(model, example_inputs, target, scheme, tune=options, db=db)
-
-
-def _build_cached(
-    backend: Any, exported: Any, target: Target, tuning: TuneOptions | None, db: Any, batch: int
-) -> Runner:
-    """Build through the compile cache: an unchanged graph on the same target (and with the same
-    tuning records) is loaded, not rebuilt. Tunes first when ``tuning`` asks for it."""
-    from bitcompiler import tuning as tuner
-
-    tvm_target = target.tvm_target()
-    database, where = tuner.open_database(db, create=tuning is not None)
-    records = tuner.Records(database, tvm_target, batch)
-    extra: dict[str, float] = {}
-    if tuning is not None:
-        kernels = tuner.kernels_of(lambda: to_relax(exported))
-        extra["tuning s"] = tuner.tune_kernels(kernels, records, tuning, where)
-    try:
-        entry: str | None = cache.key(exported, str(target) + str(tvm_target) + records.fingerprint())
-    except Exception as e:  # noqa: BLE001 - the cache is an optimization: never a reason to fail
-        warnings.warn(
-            f"compile cache skipped (could not hash the graph: {e}); compiling uncached", stacklevel=3
-        )
-        entry = None
-
-    def load(path: Path) -> Runner:
-        loaded = backend.load(path, target)
-        loaded.report_extra = {**extra, **json.loads((path / "tuning.json").read_text())}
-        return loaded  # type: ignore[no-any-return]
-
-    runner = cache.lookup(entry, load) if entry is not None else None
-    if runner is not None:
-        runner.cache_hit = True  # type: ignore[attr-defined]
-        return runner  # type: ignore[return-value]
-    from bitcompiler.kernels.template import scheduling_with
-
-    with scheduling_with(records):
-        mod = to_relax(exported)
-    runner = backend.build(mod, target)
-    applied = {"tuned kernels": len(records.applied)}
-    runner.report_extra = {**extra, **applied}  # type: ignore[attr-defined]
-
-    def write(path: Path) -> None:
-        runner.export(path)
-        (path / "tuning.json").write_text(json.dumps(applied))
-
-    if entry is not None:
-        cache.store(entry, write)
-    return runner
 
 
 def prepare(model: nn.Module, scheme: str | Scheme = "binary") -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from bitcompiler.backends import lower_conv, lower_pool
 from bitcompiler.capture import export_dynamic, first_line
 from bitcompiler.errors import LoweringError
 from bitcompiler.ops import conv_out_size
+from bitcompiler.target import Target
 
 
 def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
@@ -69,7 +71,7 @@ def _packed_by_producer(bb: Any, x: Any, nchw: tuple) -> Any | None:
         return None
     spec, name, args = entry
     m = _shape(x)[0]
-    prim = kernels.conv2d_kernel(spec, packed_output=True)
+    prim = kernels.conv2d_kernel(spec, kernel_target(), packed_output=True)
     return _emit_kernel(
         bb,
         prim,
@@ -90,7 +92,7 @@ def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple
     if act == "float":
         return [x]
     if act == "int8":
-        prim = kernels.quantize_rows_int8(tuple(rest))
+        prim = kernels.quantize_rows_int8(tuple(rest), kernel_target())
         out = _emit_kernel(
             bb,
             prim,
@@ -101,13 +103,13 @@ def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple
         return [bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))]
     if nchw is None:
         (k,) = rest
-        prim = kernels.pack_sign_rows(k)
+        prim = kernels.pack_sign_rows(k, kernel_target())
         return [_emit_kernel(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
     c, h, w, groups = nchw
     packed = _packed_by_producer(bb, x, nchw)
     if packed is not None:
         return [packed]
-    prim = kernels.pack_sign_nchw(c, h, w, groups)
+    prim = kernels.pack_sign_nchw(c, h, w, groups, kernel_target())
     return [
         _emit_kernel(
             bb, prim, "bitc_pack_sign_nchw", [x], relax.TensorType((m, h, w, groups, words[0]), "int32")
@@ -185,7 +187,9 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
     epilogue = _epilogue_args(env, args, threshold, bb, k)
     weights = _constant(args[1])
-    relaid = kernels.relaid_dense_kernel(spec, weights.numpy()) if weights is not None else None
+    relaid = (
+        kernels.relaid_dense_kernel(spec, weights.numpy(), kernel_target()) if weights is not None else None
+    )
     if relaid is not None and relaid.suffix not in _NO_PADDING and _compact(args[1], k):
         relaid = None  # its order pads the rows: the compact stream, expanded, is smaller
     if relaid is not None:  # the weights stored in the order that kernel reads (same bits)
@@ -193,7 +197,7 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
         prim, name = relaid.func, f"{name}_{relaid.suffix}"
         inputs = [x2] if relaid.float_input else _quantized_input(bb, x2, act, None, (kw,))
     else:
-        prim, inputs = kernels.dense_kernel(spec), _quantized_input(bb, x2, act, None, (kw,))
+        prim, inputs = kernels.dense_kernel(spec, kernel_target()), _quantized_input(bb, x2, act, None, (kw,))
     y = _emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))
     return bb.emit(relax.op.reshape(y, (*lead, n))) if flat else y
 
@@ -242,7 +246,11 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     name = f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}" + ("_thr" if threshold else "")
     kargs = inputs + _epilogue_args(env, args, threshold, bb, c // groups)
     y = _emit_kernel(
-        bb, kernels.conv2d_kernel(spec), name, kargs, relax.TensorType((m, o, oh, ow), "float32")
+        bb,
+        kernels.conv2d_kernel(spec, kernel_target()),
+        name,
+        kargs,
+        relax.TensorType((m, o, oh, ow), "float32"),
     )
     from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
 
@@ -269,7 +277,9 @@ def _conv_as_dense(bb: Any, env: dict, args: Any, x: Any, geometry: tuple) -> An
     weights = _constant(args[1])
     spec = kernels.DenseSpec(c, o, bits, code, act, has_offset, threshold)
     relaid = (
-        None if weights is None else kernels.relaid_dense_kernel(spec, weights.numpy().reshape(bits, o, -1))
+        None
+        if weights is None
+        else kernels.relaid_dense_kernel(spec, weights.numpy().reshape(bits, o, -1), kernel_target())
     )
     if relaid is None or (not relaid.float_input and act != "int8"):
         return None
@@ -340,7 +350,7 @@ def convert_hardtanh(node: fx.Node, importer: Any) -> Any:
             spec, name, kargs = entry
             if res.ty.dtype != "float32" or str(_shape(res)[0]) != str(_shape(conv)[0]):
                 continue
-            prim = kernels.conv2d_kernel(spec, residual_clip=(float(lo), float(hi)))  # type: ignore[arg-type]
+            prim = kernels.conv2d_kernel(spec, kernel_target(), residual_clip=(float(lo), float(hi)))  # type: ignore[arg-type]
             return _emit_kernel(
                 bb, prim, f"{name}_res", [*kargs, res], relax.TensorType(_shape(conv), "float32")
             )
@@ -370,14 +380,16 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     out_ty = relax.TensorType((rows, n), "float32")
     name = f"bitc_tiled_{act}_{k}x{n}_p{p}" + ("_thr" if threshold else "")
     weights = _constant(args[1])
-    relaid = kernels.relaid_tiled_kernel(spec, weights.numpy()) if weights is not None else None
+    relaid = (
+        kernels.relaid_tiled_kernel(spec, weights.numpy(), kernel_target()) if weights is not None else None
+    )
     if relaid is not None:  # both stages in one kernel reading the tile in its order (same bits)
         y = _emit_kernel(
             bb, relaid.func, f"{name}_{relaid.suffix}", [x2, relax.const(relaid.weights), *epi], out_ty
         )
         return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
     inputs = _quantized_input(bb, x2, act, None, (-(-k // 32),))
-    if (fused := kernels.tiled_fused_kernel(spec)) is not None:
+    if (fused := kernels.tiled_fused_kernel(spec, kernel_target())) is not None:
         y = _emit_kernel(bb, fused, name, [*inputs, tile, *epi], out_ty)
     elif spec.aligned:
         r = spec.rows
@@ -389,15 +401,19 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
         stage1 = [inputs[0], bb.emit(relax.op.ones_like(inputs[1]))] if act == "int8" else inputs
         acc = _emit_kernel(
             bb,
-            kernels.dense_kernel(spec.rows_spec()),
+            kernels.dense_kernel(spec.rows_spec(), kernel_target()),
             f"{name}_rows",
             [*stage1, tile, *unit],
             relax.TensorType((rows, r), "float32"),
         )
         xs = [inputs[1]] if act == "int8" and not threshold else []
-        y = _emit_kernel(bb, kernels.tiled_expand_kernel(spec), f"{name}_expand", [acc, *xs, *epi], out_ty)
+        y = _emit_kernel(
+            bb, kernels.tiled_expand_kernel(spec, kernel_target()), f"{name}_expand", [acc, *xs, *epi], out_ty
+        )
     else:
-        y = _emit_kernel(bb, kernels.tiled_unaligned_kernel(spec), name, [*inputs, tile, *epi], out_ty)
+        y = _emit_kernel(
+            bb, kernels.tiled_unaligned_kernel(spec, kernel_target()), name, [*inputs, tile, *epi], out_ty
+        )
     return bb.emit(relax.op.reshape(y, (*lead, n))) if len(lead) > 1 else y
 
 
@@ -445,7 +461,7 @@ def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
     name = f"bitc_tiled_conv2d_{act}_{c}x{o}_{kernel[0]}x{kernel[1]}_p{p}" + ("_thr" if threshold else "")
     acc = _emit_kernel(
         bb,
-        kernels.conv2d_kernel(rows),
+        kernels.conv2d_kernel(rows, kernel_target()),
         f"{name}_rows",
         [*stage1, tile, *unit],
         relax.TensorType((m, r, rows.out_h, rows.out_w), "float32"),
@@ -455,7 +471,7 @@ def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
     epi = [thr_sign, thr] if threshold else [scale, bias]
     return _emit_kernel(
         bb,
-        kernels.tiled_conv_expand_kernel(spec),
+        kernels.tiled_conv_expand_kernel(spec, kernel_target()),
         f"{name}_expand",
         [acc, *xs, *epi],
         relax.TensorType((m, o, rows.out_h, rows.out_w), "float32"),
@@ -475,17 +491,30 @@ CONVERTERS = {
 }
 
 
-# the program being converted, for converters that store a weight in another layout
-_PROGRAM: contextvars.ContextVar[torch.export.ExportedProgram | None] = contextvars.ContextVar(
-    "bitc_program", default=None
-)
+@dataclass(frozen=True)
+class Lowering:
+    """What the converters read besides the node: the program being converted (for weights they
+    store in another layout) and the target its kernels are built for (a TVM target string)."""
+
+    program: torch.export.ExportedProgram
+    target: str
+
+
+_LOWERING: contextvars.ContextVar[Lowering | None] = contextvars.ContextVar("bitc_lowering", default=None)
+
+
+def kernel_target() -> str:
+    """The TVM target the kernels being lowered are built for (the host CPU outside a lowering)."""
+    lowering = _LOWERING.get()
+    return lowering.target if lowering is not None else str(Target().tvm_target())
 
 
 def _constant(node: Any) -> torch.Tensor | None:
     """The tensor behind a lifted buffer/constant/parameter input of the program, or None."""
-    ep = _PROGRAM.get()
-    if ep is None or not isinstance(node, fx.Node) or node.op != "placeholder":
+    lowering = _LOWERING.get()
+    if lowering is None or not isinstance(node, fx.Node) or node.op != "placeholder":
         return None
+    ep = lowering.program
     sig = ep.graph_signature
     for table in (sig.inputs_to_buffers, sig.inputs_to_parameters, sig.inputs_to_lifted_tensor_constants):
         if node.name in table:
@@ -495,11 +524,12 @@ def _constant(node: Any) -> torch.Tensor | None:
     return None
 
 
-def to_relax(ep: torch.export.ExportedProgram) -> Any:
-    """ExportedProgram -> Relax IRModule (TVM's frontend + bitc converters)."""
+def to_relax(ep: torch.export.ExportedProgram, target: Target | None = None) -> Any:
+    """ExportedProgram -> Relax IRModule (TVM's frontend + bitc converters), its kernels built
+    for ``target`` (default: the host CPU)."""
     from tvm.relax.frontend.torch import from_exported_program
 
-    token = _PROGRAM.set(ep)
+    token = _LOWERING.set(Lowering(ep, str((target or Target()).tvm_target())))
     try:
         # a single output comes back as the tensor itself: unpacking a 1-tuple costs microseconds per call
         return from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
@@ -513,7 +543,7 @@ def to_relax(ep: torch.export.ExportedProgram) -> Any:
             "report it; the PyTorch reference (CompiledModel.reference) still runs."
         ) from e
     finally:
-        _PROGRAM.reset(token)
+        _LOWERING.reset(token)
 
 
 def _unsupported_op(message: str) -> str | None:

@@ -48,14 +48,16 @@ def convert_window_mean(node: fx.Node, importer: Any) -> Any:
     from tvm import relax
 
     from bitcompiler import kernels
-    from bitcompiler.backends.lower import _emit_kernel, _int, _shape
+    from bitcompiler.backends.lower import _emit_kernel, _int, _shape, kernel_target
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
     args: Any = node.args
     kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in args[1:5])
     m, c, h, w = _shape(x)
-    prim = kernels.window_mean_kernel(_int(c), _int(h), _int(w), kernel, stride, padding, bool(include_pad))
+    prim = kernels.window_mean_kernel(
+        _int(c), _int(h), _int(w), kernel, stride, padding, bool(include_pad), kernel_target()
+    )
     val = node.meta["val"]
     name = f"bitc_window_mean_{kernel[0]}x{kernel[1]}_s{stride[0]}x{stride[1]}"
     return _emit_kernel(

@@ -267,11 +267,13 @@ def tiled_unaligned_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llv
     return func.with_attr("global_symbol", "main")
 
 
-def relaid_tiled_kernel(spec: TiledDenseSpec, tile: np.ndarray) -> Relaid | None:
+def relaid_tiled_kernel(
+    spec: TiledDenseSpec, tile: np.ndarray, target: str | dict | Any = "llvm"
+) -> Relaid | None:
     """Row-aligned binary tiled layer on an AVX2 host whose R rows fit the rows-in-lanes kernel: both
     stages in that kernel (the p-fold expand as its epilogue) on the tile stored transposed, with
     the float activations as input; else None."""
-    if not spec.aligned or not dense_avx2.avx2_target("llvm"):
+    if not spec.aligned or not dense_avx2.avx2_target(target):
         return None
     rows = dataclasses.replace(spec.rows_spec(), threshold=spec.threshold)
     if not dense_lanes.fits(rows):

@@ -26,6 +26,7 @@ from torch import fx
 
 from bitcompiler.errors import PassError, PipelineError
 from bitcompiler.quant.schemes import Scheme
+from bitcompiler.target import Target
 
 INITIAL_FACTS = frozenset({"traced"})
 
@@ -36,9 +37,13 @@ class PassContext:
 
     scheme: Scheme = field(default_factory=lambda: Scheme("binary"))
     strict: bool = False
-    target: str = "cpu"
+    target: Target = field(default_factory=Target)
     example_inputs: tuple = ()
     notes: list = field(default_factory=list)  # passes append (layer, message) for the report
+
+    def __post_init__(self) -> None:
+        # a target name ("cortex-m4") is accepted and parsed: passes always see a Target
+        object.__setattr__(self, "target", Target.parse(self.target))
 
 
 @dataclass(frozen=True)

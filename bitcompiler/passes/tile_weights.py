@@ -9,7 +9,8 @@ Layers the scheme wanted tiled but could not (fewer than ``min_weights`` weights
 divide their size) stay plain binary and are noted for the report; under ``strict=True`` the
 second case is an error naming the layer. A tiled convolution (groups 1) whose p divides its
 filters becomes a :class:`~bitcompiler.methods.tiled.TiledBitConv2d` (R = O/p filters computed once);
-any other tiled conv, and every tiled conv on Cortex-M, stays a binary ``BitConv2d`` of the expanded
+any other tiled conv, and every tiled conv on a target whose backend has no tiled conv kernel
+(``Capabilities.missing_kernels``: Cortex-M), stays a binary ``BitConv2d`` of the expanded
 tile, and the report says why. Without this pass, tiled layers compile
 as plain binary layers with the same numbers. It runs after ``fold_scales`` (so merged affines
 and thresholds are in place); if ``fold_scales`` is removed it folds each layer itself.
@@ -28,6 +29,7 @@ from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BIT_LAYERS, BitConv2d, BitLinear, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
 from bitcompiler.quant.schemes import Scheme
+from bitcompiler.target import Target
 
 
 def _tiled_scheme(label: str) -> Scheme | None:
@@ -73,10 +75,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return finish(gm)
 
 
-def _why_conv_expanded(m, p: int, target: str) -> str | None:
+def _why_conv_expanded(m, p: int, target: Target) -> str | None:
     """Why a tiled conv stays a binary conv of the expanded tile, or None when it gets a tiled kernel."""
-    if target.startswith("cortex"):
-        return f"no tiled conv kernel for {target} yet"
+    if not target.capabilities.has_kernel("tiled_conv2d"):
+        return f"no tiled conv kernel for {target.name} yet"
     if m.groups != 1:
         return f"groups={m.groups}: the tiled conv kernel takes groups=1"
     if not numerics.row_aligned(m.out_channels, p):
