@@ -138,19 +138,15 @@ class TiledBitLinear(nn.Module):
     def tile_bits(self) -> int:
         return self.out_features * self.in_features // self.p
 
-    def op_args(self) -> dict:
-        return {
-            "k": self.in_features,
-            "n": self.out_features,
-            "p": self.p,
-            "act": self.act,
-            "threshold": self.threshold,
-        }
+    def attrs(self) -> ops.TiledLinearAttrs:
+        """The ``bitc::tiled_linear`` attributes of this layer."""
+        return ops.TiledLinearAttrs(self.in_features, self.out_features, self.p, self.act, self.threshold)
+
+    def op_tensors(self) -> dict[str, torch.Tensor]:
+        return {t: getattr(self, t) for t in ops.TiledLinearAttrs.TENSORS}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.tiled_linear(
-            x, self.tile, self.scale, self.bias, self.thr_sign, self.thr, **self.op_args()
-        )
+        return self.attrs().call(x, self.op_tensors())
 
     def extra_repr(self) -> str:
         kind = f"row-aligned, R={self.out_features // self.p}" if self.row_aligned else "unaligned"
@@ -209,23 +205,18 @@ class TiledBitConv2d(nn.Module):
 
     row_aligned = True
 
-    def op_args(self) -> dict:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-            "dilation": list(self.dilation),
-            "p": self.p,
-            "act": self.act,
-            "threshold": self.threshold,
-        }
+    def attrs(self) -> ops.TiledConv2dAttrs:
+        """The ``bitc::tiled_conv2d`` attributes of this layer."""
+        return ops.TiledConv2dAttrs(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.p, self.act, self.threshold,
+        )  # fmt: skip
+
+    def op_tensors(self) -> dict[str, torch.Tensor]:
+        return {t: getattr(self, t) for t in ops.TiledConv2dAttrs.TENSORS}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.tiled_conv2d(
-            x, self.tile, self.scale, self.bias, self.thr_sign, self.thr, **self.op_args()
-        )
+        return self.attrs().call(x, self.op_tensors())
 
     def extra_repr(self) -> str:
         return (

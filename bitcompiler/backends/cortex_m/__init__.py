@@ -123,7 +123,7 @@ class CortexMBackend(Backend):
         gm, example_inputs = inp.graph, inp.example_inputs
         qemu.require_toolchain()
         board = board_for(target)
-        program = build_program(gm, example_inputs)
+        program = build_program(gm, example_inputs, self.tvm_target(target))
         check_fits(program, board, program.weight_bytes, program.plan.arena_bytes)
         bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
         write_bundle(program, board, bundle)
