@@ -1,7 +1,7 @@
 """Rewritten FX graph -> Relax IRModule.
 
-The graph is exported with a dynamic batch dimension and handed to TVM's own
-Relax frontend (``from_exported_program``); only the ``bitc`` ops (and a few float ops
+The graph, exported with a dynamic batch dimension (:func:`bitcompiler.capture.export_graph`),
+is handed to TVM's own Relax frontend (``from_exported_program``); only the ``bitc`` ops (and a few float ops
 whose order must match the reference) need converters, which emit ``call_tir`` of the TIR
 kernels built for the target being compiled for. Everything else is Relax's lowering.
 
@@ -16,25 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import fx
 
 from bitcompiler.backends import lower_bit, lower_conv, lower_pool, lower_tiled
 from bitcompiler.backends.relax_emit import lowering
-from bitcompiler.capture import export_dynamic, first_line
 from bitcompiler.errors import LoweringError
 from bitcompiler.target import Target
-
-
-def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """``torch.export`` with dimension 0 of every input dynamic (the batch); static when the graph
-    fixes the batch (``ep.bitc_fixed_batch`` then says why)."""
-    try:
-        ep, fixed = export_dynamic(gm, example_inputs)
-    except Exception as e:
-        raise LoweringError(f"torch.export of the rewritten graph failed: {first_line(e)}") from e
-    ep.bitc_fixed_batch = fixed  # type: ignore[attr-defined]
-    return ep
-
 
 CONVERTERS = {
     "adaptive_max_pool2d.default": lower_pool.convert_adaptive_max_pool2d,

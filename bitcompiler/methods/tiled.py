@@ -28,7 +28,7 @@ from torch import nn
 from bitcompiler import ops
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BitConv2d, BitLinear
-from bitcompiler.quant.modules import BinaryWeight, WeightCodes, straight_through
+from bitcompiler.quant.modules import BinaryWeight, WeightCodes, register_weight_quantizer, straight_through
 
 ALPHA_MODES = ("chunk", "learned")
 
@@ -96,6 +96,7 @@ def why_untiled(numel: int, p: int, min_weights: int) -> str | None:
     return None
 
 
+@register_weight_quantizer("tiled")
 def from_scheme(scheme) -> TiledWeight:
     return TiledWeight(int(scheme.get("p")), int(scheme.get("min_weights")), scheme.get("alpha"))
 

@@ -39,8 +39,8 @@ def load_library(directory: Path) -> CPURunner:
 
 def build_cached(inp: BuildInput, target: Target) -> CPURunner:
     """Build through the compile cache. Tunes first when ``inp.tune`` asks for it."""
-    from bitcompiler import tuning as tuner
     from bitcompiler.kernels.template import scheduling_with
+    from bitcompiler.tuning import search as tuner
 
     tvm_target = target.tvm_target()
     database, where = tuner.open_database(inp.db, create=inp.tune is not None)
