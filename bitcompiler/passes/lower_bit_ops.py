@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from bitcompiler.methods.tiled import TILED_LAYERS
 from bitcompiler.passes import exact_floats
 from bitcompiler.passes.graph_utils import module_of
 from bitcompiler.passes.pipeline import Pass, PassContext
 from bitcompiler.quant.bitlayers import BIT_LAYERS
+from bitcompiler.quant.tiled_layers import TILED_LAYERS
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

@@ -1,14 +1,14 @@
 """tile_weights: store one tile per tiled layer (docs/methods.md §4).
 
 A folded ``BitLinear`` whose codes are one pm1 tile repeated p times (``tiles > 1``, set by the
-``tiled`` scheme's quantizer) becomes a :class:`~bitcompiler.methods.tiled.TiledBitLinear` holding
+``tiled`` scheme's quantizer) becomes a :class:`~bitcompiler.quant.tiled_layers.TiledBitLinear` holding
 the packed tile (q = N·K/p bits) and p scales. When p divides N the tile is row-aligned (R = N/p
 distinct rows) and the kernel computes each distinct row's dot product once.
 
 Layers the scheme wanted tiled but could not (fewer than ``min_weights`` weights, or p does not
 divide their size) stay plain binary and are noted for the report; under ``strict=True`` the
 second case is an error naming the layer. A tiled convolution (groups 1) whose p divides its
-filters becomes a :class:`~bitcompiler.methods.tiled.TiledBitConv2d` (R = O/p filters computed once);
+filters becomes a :class:`~bitcompiler.quant.tiled_layers.TiledBitConv2d` (R = O/p filters computed once);
 any other tiled conv, and every tiled conv on a target whose backend has no tiled conv kernel
 (``Capabilities.missing_kernels``: Cortex-M), stays a binary ``BitConv2d`` of the expanded
 tile, and the report says why. Without this pass, tiled layers compile
@@ -22,13 +22,13 @@ from typing import cast
 
 from torch import fx
 
-from bitcompiler.methods.tiled import TiledBitConv2d, TiledBitLinear, why_untiled
 from bitcompiler.passes.graph_utils import finish, module_of, set_module
 from bitcompiler.passes.pipeline import Pass, PassContext, PassError
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BIT_LAYERS, BitConv2d, BitLinear, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
 from bitcompiler.quant.schemes import Scheme
+from bitcompiler.quant.tiled_layers import TiledBitConv2d, TiledBitLinear, why_untiled
 from bitcompiler.target import Target
 
 
