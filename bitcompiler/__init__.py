@@ -6,9 +6,9 @@
 >>> print(cm.report())  # doctest: +SKIP
 """
 
-from bitcompiler import errors, ops, train  # noqa: F401 - ops registers the bitc custom ops
-from bitcompiler.api import CompiledModel, TuneOptions, compile, load, prepare, tune
-from bitcompiler.backends.base import Target
+from bitcompiler import errors, methods, ops, train  # noqa: F401 - ops registers the bitc custom ops, methods their schemes' quantizers
+from bitcompiler.api import compile, prepare, tune
+from bitcompiler.compiled import CompiledModel, load
 from bitcompiler.errors import (
     BitcError,
     CaptureError,
@@ -25,7 +25,9 @@ from bitcompiler.errors import (
 from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, graph_pass
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report
+from bitcompiler.target import Target
 from bitcompiler.train import regularization_loss, step
+from bitcompiler.tuning import TuneOptions
 
 __version__ = "0.1.0"
 

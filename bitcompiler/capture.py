@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import fx, nn
 
-from bitcompiler.errors import CaptureError, ModelError
+from bitcompiler.errors import CaptureError, LoweringError, ModelError
 from bitcompiler.quant.bitlayers import BIT_LAYERS
 from bitcompiler.quant.modules import QUANT_LAYERS
 
@@ -152,3 +152,14 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
                 "  fix: make control flow independent of tensor values (use torch.where or torch.cond), "
                 "or move data-dependent branches out of forward()."
             ) from fx_error
+
+
+def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """``torch.export`` with dimension 0 of every input dynamic (the batch); static when the graph
+    fixes the batch (``ep.bitc_fixed_batch`` then says why)."""
+    try:
+        ep, fixed = export_dynamic(gm, example_inputs)
+    except Exception as e:
+        raise LoweringError(f"torch.export of the rewritten graph failed: {first_line(e)}") from e
+    ep.bitc_fixed_batch = fixed  # type: ignore[attr-defined]
+    return ep

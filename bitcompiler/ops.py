@@ -1,15 +1,116 @@
-"""The ``bitc`` custom ops.
+"""The ``bitc`` custom ops and their schemas.
 
-Their CPU implementation *is* the reference numerics; ``torch.export`` keeps
-them as single nodes, and the TVM lowering converts each into calls of TIR bit
-kernels (``bitcompiler.backends.lower``).
+Their CPU implementation *is* the reference numerics; ``torch.export`` keeps them as single
+nodes, and each backend lowers them (``bitcompiler.backends.lower`` to TIR bit kernels,
+``bitcompiler.backends.cortex_m.aot`` to C). Every op's non-tensor arguments are one frozen
+attributes dataclass defined beside its registration (:class:`BitLinearAttrs`, ...); whoever
+builds or reads a call (the layers, ``lower_bit_ops``, the lowerings, the report) goes through
+it and :func:`bind`, by argument name::
+
+    >>> import torch
+    >>> a = BitLinearAttrs(k=64, code="pm1", act="binary", threshold=False, has_offset=False)
+    >>> a.op_kwargs()["k"], BitLinearAttrs.TENSORS[0]
+    (64, 'planes')
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
+from torch import fx
 
 from bitcompiler.quant import numerics
+from bitcompiler.quant.numerics import conv_out_size
+
+__all__ = [
+    "ATTRS",
+    "BitConv2dAttrs",
+    "BitLinearAttrs",
+    "BoundCall",
+    "TiledConv2dAttrs",
+    "TiledLinearAttrs",
+    "bind",
+    "bit_conv2d",
+    "bit_linear",
+    "conv_out_hw",
+    "conv_out_size",
+    "op_name",
+    "tiled_conv2d",
+    "tiled_linear",
+    "window_mean",
+]
+
+
+class OpAttrs:
+    """The non-tensor arguments of a bitc op (a frozen dataclass); ``TENSORS``: its tensor
+    arguments after the input ``x``, by name, in the op's order."""
+
+    OP: ClassVar[str]
+    TENSORS: ClassVar[tuple[str, ...]]
+
+    def op_kwargs(self) -> dict[str, Any]:
+        """The attributes as the op takes them (pairs as lists)."""
+        return {
+            f.name: list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            for v in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> Any:
+        """The attributes among ``values`` (argument name -> value; lists become tuples)."""
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        return cls(**{n: tuple(values[n]) if isinstance(values[n], list) else values[n] for n in names})
+
+    @classmethod
+    def overload(cls) -> Any:
+        """The op (``torch.ops.bitc.<OP>.default``)."""
+        return getattr(torch.ops.bitc, cls.OP).default
+
+    def op_args(self, x: Any, tensors: dict[str, Any]) -> tuple:
+        """The op's positional arguments, placed by the schema's argument names."""
+        values = {"x": x, **tensors, **self.op_kwargs()}
+        return tuple(values[a.name] for a in self.overload()._schema.arguments)
+
+    def call(self, x: Any, tensors: dict[str, Any]) -> Any:
+        """Call the op on ``x`` and the named ``tensors``."""
+        return self.overload()(*self.op_args(x, tensors))
+
+
+def conv_out_hw(h: int, w: int, kernel: Any, stride: Any, padding: Any, dilation: Any) -> tuple[int, int]:
+    """The output (height, width) of a convolution window: the one place it is computed."""
+    k, s, p, d = kernel, stride, padding, dilation
+    return conv_out_size(h, k[0], s[0], p[0], d[0]), conv_out_size(w, k[1], s[1], p[1], d[1])
+
+
+class ConvWindow:
+    """For attributes with ``kernel``, ``stride``, ``padding``, ``dilation`` (h, w) pairs."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        return conv_out_hw(h, w, self.kernel, self.stride, self.padding, self.dilation)
+
+
+# --------------------------------------------------------------------------- bitc::bit_linear
+@dataclass(frozen=True)
+class BitLinearAttrs(OpAttrs):
+    """``bitc::bit_linear``: K inputs, weight ``code``, activation mode, threshold epilogue or not."""
+
+    OP: ClassVar[str] = "bit_linear"
+    TENSORS: ClassVar[tuple[str, ...]] = ("planes", "scale", "offset", "bias", "thr_sign", "thr")
+
+    k: int
+    code: str
+    act: str
+    threshold: bool
+    has_offset: bool
 
 
 @torch.library.custom_op("bitc::bit_linear", mutates_args=())
@@ -29,24 +130,34 @@ def bit_linear(
 ) -> torch.Tensor:
     """Dense bit layer over the last axis of ``x`` (any leading shape)."""
     lead = x.shape[:-1]
-    y = numerics.bit_linear(
-        x.reshape(-1, k),
-        planes,
-        k,
-        code,
-        act,
-        scale,
-        offset,
-        bias,
-        thr_sign if threshold else None,
-        thr if threshold else None,
-    )
+    thresholds = (thr_sign, thr) if threshold else (None, None)
+    y = numerics.bit_linear(x.reshape(-1, k), planes, k, code, act, scale, offset, bias, *thresholds)
     return y.reshape(*lead, planes.shape[1])
 
 
 @bit_linear.register_fake
 def _(x, planes, scale, offset, bias, thr_sign, thr, k, code, act, threshold, has_offset):
     return x.new_empty(*x.shape[:-1], planes.shape[1])
+
+
+# --------------------------------------------------------------------------- bitc::bit_conv2d
+@dataclass(frozen=True)
+class BitConv2dAttrs(OpAttrs, ConvWindow):
+    """``bitc::bit_conv2d``: the window, groups, weight ``code``, activation mode, epilogue."""
+
+    OP: ClassVar[str] = "bit_conv2d"
+    TENSORS: ClassVar[tuple[str, ...]] = BitLinearAttrs.TENSORS
+
+    in_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    code: str
+    act: str
+    threshold: bool
+    has_offset: bool
 
 
 @torch.library.custom_op("bitc::bit_conv2d", mutates_args=())
@@ -70,53 +181,32 @@ def bit_conv2d(
     has_offset: bool,
 ) -> torch.Tensor:
     """Conv2d bit layer, NCHW float32 in and out."""
-    kh, kw = kernel
+    thresholds = (thr_sign, thr) if threshold else (None, None)
     return numerics.bit_conv2d(
-        x,
-        planes,
-        in_channels,
-        (kh, kw),
-        code,
-        act,
-        scale,
-        offset,
-        bias,
-        (stride[0], stride[1]),
-        (padding[0], padding[1]),
-        (dilation[0], dilation[1]),
-        groups,
-        thr_sign if threshold else None,
-        thr if threshold else None,
-    )
-
-
-def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+        x, planes, in_channels, (kernel[0], kernel[1]), code, act, scale, offset, bias,
+        (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]), groups, *thresholds,
+    )  # fmt: skip
 
 
 @bit_conv2d.register_fake
-def _(
-    x,
-    planes,
-    scale,
-    offset,
-    bias,
-    thr_sign,
-    thr,
-    in_channels,
-    kernel,
-    stride,
-    padding,
-    dilation,
-    groups,
-    code,
-    act,
-    threshold,
-    has_offset,
-):
-    oh = conv_out_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
-    ow = conv_out_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+def _(x, planes, scale, offset, bias, thr_sign, thr, in_channels, kernel, stride, padding, dilation, *_):
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
     return x.new_empty(x.shape[0], planes.shape[1], oh, ow)
+
+
+# --------------------------------------------------------------------------- bitc::tiled_linear
+@dataclass(frozen=True)
+class TiledLinearAttrs(OpAttrs):
+    """``bitc::tiled_linear``: K inputs, N outputs, p tiles, activation mode, threshold or not."""
+
+    OP: ClassVar[str] = "tiled_linear"
+    TENSORS: ClassVar[tuple[str, ...]] = ("tile", "scale", "bias", "thr_sign", "thr")
+
+    k: int
+    n: int
+    p: int
+    act: str
+    threshold: bool
 
 
 @torch.library.custom_op("bitc::tiled_linear", mutates_args=())
@@ -135,24 +225,33 @@ def tiled_linear(
 ) -> torch.Tensor:
     """Tiled dense layer (docs/methods.md §4) over the last axis of ``x``: one packed tile, p scales."""
     lead = x.shape[:-1]
-    y = numerics.tiled_linear(
-        x.reshape(-1, k),
-        tile,
-        k,
-        n,
-        p,
-        act,
-        scale,
-        bias,
-        thr_sign if threshold else None,
-        thr if threshold else None,
-    )
+    thresholds = (thr_sign, thr) if threshold else (None, None)
+    y = numerics.tiled_linear(x.reshape(-1, k), tile, k, n, p, act, scale, bias, *thresholds)
     return y.reshape(*lead, n)
 
 
 @tiled_linear.register_fake
 def _(x, tile, scale, bias, thr_sign, thr, k, n, p, act, threshold):
     return x.new_empty(*x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------- bitc::tiled_conv2d
+@dataclass(frozen=True)
+class TiledConv2dAttrs(OpAttrs, ConvWindow):
+    """``bitc::tiled_conv2d`` (groups 1, row-aligned): channels, the window, p, activation mode."""
+
+    OP: ClassVar[str] = "tiled_conv2d"
+    TENSORS: ClassVar[tuple[str, ...]] = TiledLinearAttrs.TENSORS
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    p: int
+    act: str
+    threshold: bool
 
 
 @torch.library.custom_op("bitc::tiled_conv2d", mutates_args=())
@@ -174,46 +273,20 @@ def tiled_conv2d(
     threshold: bool,
 ) -> torch.Tensor:
     """Row-aligned tiled conv (docs/methods.md §4), NCHW float32: R = O/p stored filters, p scales."""
+    thresholds = (thr_sign, thr) if threshold else (None, None)
     return numerics.tiled_conv2d(
-        x,
-        tile,
-        in_channels,
-        out_channels,
-        p,
-        act,
-        scale,
-        bias,
-        (stride[0], stride[1]),
-        (padding[0], padding[1]),
-        (dilation[0], dilation[1]),
-        thr_sign if threshold else None,
-        thr if threshold else None,
-    )
+        x, tile, in_channels, out_channels, p, act, scale, bias,
+        (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]), *thresholds,
+    )  # fmt: skip
 
 
 @tiled_conv2d.register_fake
-def _(
-    x,
-    tile,
-    scale,
-    bias,
-    thr_sign,
-    thr,
-    in_channels,
-    out_channels,
-    kernel,
-    stride,
-    padding,
-    dilation,
-    p,
-    act,
-    threshold,
-):
-    oh = conv_out_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
-    ow = conv_out_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+def _(x, tile, scale, bias, thr_sign, thr, in_channels, out_channels, kernel, stride, padding, dilation, *_):
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
     return x.new_empty(x.shape[0], out_channels, oh, ow)
 
 
+# --------------------------------------------------------------------------- bitc::window_mean
 @torch.library.custom_op("bitc::window_mean", mutates_args=())
 def window_mean(
     x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int], count_include_pad: bool
@@ -233,3 +306,36 @@ def _(x, kernel, stride, padding, count_include_pad):
     oh = numerics.pool_out_size(x.shape[2], kernel[0], stride[0], padding[0])
     ow = numerics.pool_out_size(x.shape[3], kernel[1], stride[1], padding[1])
     return x.new_empty(x.shape[0], x.shape[1], oh, ow)
+
+
+# --------------------------------------------------------------------------- binding
+ATTRS: dict[str, type[OpAttrs]] = {
+    a.OP: a for a in (BitLinearAttrs, BitConv2dAttrs, TiledLinearAttrs, TiledConv2dAttrs)
+}
+
+
+def op_name(node: fx.Node) -> str | None:
+    """``"bit_linear"`` for a call of ``bitc::bit_linear`` (any overload), None for other nodes."""
+    if node.op != "call_function" or getattr(node.target, "namespace", None) != "bitc":
+        return None
+    return str(getattr(node.target, "_opname", "")) or None
+
+
+@dataclass(frozen=True)
+class BoundCall:
+    """A bitc op call's arguments by name: the input ``x``, the tensors, the attributes."""
+
+    x: Any
+    tensors: dict[str, Any]
+    attrs: Any  # one of the *Attrs classes above
+
+
+def bind(node: fx.Node) -> BoundCall:
+    """The arguments of the bitc layer op called by ``node``, bound by the op schema's names."""
+    name = op_name(node)
+    if name not in ATTRS:
+        raise ValueError(f"{node.format_node()} is not a call of a bitc layer op ({', '.join(ATTRS)})")
+    schema = node.target._schema  # type: ignore[union-attr]
+    values = {a.name: v for a, v in zip(schema.arguments, node.args)} | dict(node.kwargs)
+    cls = ATTRS[name]
+    return BoundCall(values["x"], {t: values[t] for t in cls.TENSORS}, cls.from_values(values))

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from bitcompiler.methods.tiled import TILED_LAYERS, TiledBitConv2d, TiledBitLinear
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BIT_LAYERS
+from bitcompiler.quant.tiled_layers import TILED_LAYERS, TiledBitConv2d, TiledBitLinear
 
 
 @dataclass(frozen=True)

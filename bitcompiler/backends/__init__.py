@@ -1,5 +1,5 @@
-"""Backends: cpu (LLVM) today; cuda and cortex-m share the same interface (``base.py``)."""
+"""Backends, one package each (``cpu/``, ``cortex_m/``), found and registered by :mod:`bitcompiler.target`."""
 
-from bitcompiler.backends.base import Backend, Runner, Target, backend_for
+from bitcompiler.backends.base import Backend, BuildInput, Runner, Target, backend_for
 
-__all__ = ["Backend", "Runner", "Target", "backend_for"]
+__all__ = ["Backend", "BuildInput", "Runner", "Target", "backend_for"]

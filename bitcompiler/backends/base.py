@@ -1,85 +1,21 @@
-"""Targets and the backend interface shared by cpu, cuda and cortex-m.
+"""The backend interface: what :func:`bitcompiler.compile` hands a backend and what it gets back.
 
-A backend turns the target-independent Relax ``IRModule`` (bitc kernels as
-plain TIR, no packed-function calls) into something that runs: a shared
-library on the host, a CUDA module, or a C bundle with a static memory plan.
+A backend turns the rewritten graph into something that runs: a shared library on the host
+(``cpu``: through the Relax IRModule of :mod:`bitcompiler.backends.lower`), or a C bundle with
+a static memory plan (``cortex-m``: from the graph directly). Each backend package registers
+itself with :func:`bitcompiler.target.register_backend`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitcompiler.errors import TargetError
+from bitcompiler.target import Capabilities, Target, backend_for, register_backend
 
-FAMILIES = {
-    "cpu": "cpu",
-    "cuda": "cuda",
-    "cortex-m3": "cortex-m",
-    "cortex-m4": "cortex-m",
-    "cortex-m7": "cortex-m",
-    "cortex-m55": "cortex-m",
-}
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where compiled code runs. ``Target("cpu")`` is the host (LLVM, detected ``-mcpu``).
-
-    >>> Target("cpu").family
-    'cpu'
-    """
-
-    name: str = "cpu"
-    options: tuple[tuple[str, Any], ...] = field(default=())
-
-    def __init__(self, name: str = "cpu", **options: Any) -> None:
-        if name not in FAMILIES:
-            raise TargetError(f"unknown target {name!r}; valid targets: {', '.join(FAMILIES)}")
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "options", tuple(sorted(options.items())))
-
-    @classmethod
-    def parse(cls, target: str | Target) -> Target:
-        return target if isinstance(target, Target) else cls(target)
-
-    @property
-    def family(self) -> str:
-        return FAMILIES[self.name]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return dict(self.options).get(key, default)
-
-    def tvm_target(self) -> Any:
-        """The ``tvm.target.Target`` this target compiles with."""
-        import tvm
-
-        if self.family == "cpu":
-            from tvm.target import codegen
-
-            mcpu = self.get("mcpu") or codegen.llvm_get_system_cpu()
-            spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": _cores()}
-            if mcpu.startswith(("znver", "bdver", "btver", "amdfam10")):
-                # no SSE4a: LLVM's SLP vectorizer sometimes gathers byte lanes with the legacy-SSE
-                # `insertq`, which made a 128x64 W1A1 dense 50x slower (1.4 ms instead of 28 µs
-                # at batch 256) when it was built next to any other function (measured on znver3)
-                spec["mattr"] = ["-sse4a"]
-            return tvm.target.Target(spec)
-        if self.family == "cuda":
-            return tvm.target.Target({"kind": "cuda", "arch": self.get("arch", "sm_80")})
-        return tvm.target.Target({"kind": "c"})
-
-    def __str__(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.options)
-        return self.name + (f"({opts})" if opts else "")
-
-
-def _cores() -> int:
-    import os
-
-    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+__all__ = ["Backend", "BuildInput", "Capabilities", "Runner", "Target", "backend_for", "register_backend"]
 
 
 class Runner(ABC):
@@ -93,27 +29,39 @@ class Runner(ABC):
         """Write the artifact files into ``directory``; return their names."""
 
 
+@dataclass(frozen=True)
+class BuildInput:
+    """The one lowering input every backend builds from.
+
+    ``graph``: the rewritten graph of bitc ops (the numeric reference); ``exported``: it exported
+    by ``torch.export`` with a dynamic batch where the graph allows; ``example_inputs``: the
+    example the model was captured with; ``tune`` (a ``TuneOptions``) and ``db``: what
+    ``compile(tune=..., db=...)`` asked for, used by backends that tune (``Backend.tunable``).
+    """
+
+    graph: Any
+    exported: Any
+    example_inputs: tuple
+    tune: Any = None
+    db: Any = None
+
+
 class Backend(ABC):
-    """Builds a Relax IRModule for one target family."""
+    """Compiles for the targets of one family (``targets``: the names ``Target`` accepts)."""
 
     family: str = ""
+    targets: tuple[str, ...] = ()
+    tunable: bool = False  # whether build() applies and makes tuning records
 
     @abstractmethod
-    def build(self, mod: Any, target: Target) -> Runner: ...
+    def build(self, inp: BuildInput, target: Target) -> Runner: ...
 
     @abstractmethod
     def load(self, directory: Path, target: Target) -> Runner: ...
 
+    @abstractmethod
+    def tvm_target(self, target: Target) -> Any:
+        """The ``tvm.target.Target`` the kernels for ``target`` are built for."""
 
-def backend_for(target: Target) -> Backend:
-    if target.family == "cpu":
-        from bitcompiler.backends.cpu import CPUBackend
-
-        return CPUBackend()
-    if target.family == "cortex-m":
-        from bitcompiler.backends.cortex_m import CortexMBackend
-
-        return CortexMBackend()
-    raise NotImplementedError(
-        f"target {target.name!r} ({target.family}) has no backend in this version yet; use target='cpu'"
-    )
+    @abstractmethod
+    def capabilities(self, target: Target) -> Capabilities: ...

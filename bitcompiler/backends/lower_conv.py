@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import fx
 
+from bitcompiler.backends.relax_emit import constant_of, emit_kernel
+
 
 def _pair(v: Any) -> tuple[int, int] | None:
     if isinstance(v, int):
@@ -27,12 +29,11 @@ def _float_conv(node: fx.Node, importer: Any, args: tuple) -> Any | None:
     import torch
     from tvm import relax
 
-    from bitcompiler.backends.lower import _constant, _emit_kernel
     from bitcompiler.kernels import ConvSpec
     from bitcompiler.kernels.conv_float import KERNEL_NAME, float_conv_kernel, relayout_weights
 
     x_node, w_node, b_node, stride, padding, dilation, groups = args
-    weight, bias = _constant(w_node), _constant(b_node) if b_node is not None else None
+    weight, bias = constant_of(w_node), constant_of(b_node) if b_node is not None else None
     pairs = [_pair(v) for v in (stride, padding, dilation)]
     if weight is None or weight.dim() != 4 or weight.dtype != torch.float32 or None in pairs:
         return None
@@ -61,7 +62,7 @@ def _float_conv(node: fx.Node, importer: Any, args: tuple) -> Any | None:
     st = "x".join(map(str, spec.stride))
     name = f"{KERNEL_NAME}_{c}x{o}_{kh}x{kw}_s{st}_g{groups}"
     out = relax.TensorType((shape[0], o, spec.out_h, spec.out_w), "float32")
-    return _emit_kernel(importer.block_builder, prim, name, [x, *consts], out)
+    return emit_kernel(importer.block_builder, prim, name, [x, *consts], out)
 
 
 def convert_conv2d(node: fx.Node, importer: Any) -> Any:

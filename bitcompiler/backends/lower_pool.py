@@ -10,19 +10,20 @@ from typing import Any
 
 from torch import fx
 
+from bitcompiler.backends.relax_emit import as_int, emit_kernel, kernel_target, shape_of
+from bitcompiler.errors import LoweringError
+
 
 def convert_adaptive_max_pool2d(node: fx.Node, importer: Any) -> Any:
     """``adaptive_max_pool2d`` (CBAM's channel attention), which TVM's frontend lacks: each output
     cell is the max over its window ``[floor(i·H/out), ceil((i+1)·H/out))``, exactly torch's."""
     from tvm import relax
 
-    from bitcompiler.backends.lower import LoweringError, _int, _shape
-
     bb = importer.block_builder
     x = importer.env[node.args[0]]
     out: Any = node.args[1]
     oh, ow = (out, out) if isinstance(out, int) else (out[0], out[1])
-    h, w = (_int(d) for d in _shape(x)[-2:])
+    h, w = (as_int(d) for d in shape_of(x)[-2:])
     oh, ow = oh or h, ow or w
     if h % oh == 0 and w % ow == 0:  # equal windows: one max pool
         y = bb.emit(relax.op.nn.max_pool2d(x, (h // oh, w // ow), (h // oh, w // ow)))
@@ -48,16 +49,17 @@ def convert_window_mean(node: fx.Node, importer: Any) -> Any:
     from tvm import relax
 
     from bitcompiler import kernels
-    from bitcompiler.backends.lower import _emit_kernel, _int, _shape
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
     args: Any = node.args
     kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in args[1:5])
-    m, c, h, w = _shape(x)
-    prim = kernels.window_mean_kernel(_int(c), _int(h), _int(w), kernel, stride, padding, bool(include_pad))
+    m, c, h, w = shape_of(x)
+    prim = kernels.window_mean_kernel(
+        as_int(c), as_int(h), as_int(w), kernel, stride, padding, bool(include_pad), kernel_target()
+    )
     val = node.meta["val"]
     name = f"bitc_window_mean_{kernel[0]}x{kernel[1]}_s{stride[0]}x{stride[1]}"
-    return _emit_kernel(
+    return emit_kernel(
         bb, prim, name, [x], relax.TensorType((m, *(int(d) for d in val.shape[1:])), "float32")
     )

@@ -30,10 +30,13 @@ from bitcompiler.kernels.spec import ConvSpec, DenseSpec
 from bitcompiler.kernels.tiled import (
     TiledConvSpec,
     TiledDenseSpec,
+    TiledStages,
     relaid_tiled_kernel,
     tiled_conv_expand_kernel,
+    tiled_conv_stages,
     tiled_expand_kernel,
     tiled_fused_kernel,
+    tiled_linear_stages,
     tiled_unaligned_kernel,
 )
 
@@ -43,6 +46,7 @@ __all__ = [
     "Relaid",
     "TiledConvSpec",
     "TiledDenseSpec",
+    "TiledStages",
     "conv2d_kernel",
     "dense_kernel",
     "pack_sign_nchw",
@@ -52,8 +56,10 @@ __all__ = [
     "relaid_tiled_kernel",
     "stored_codes_conv_kernel",
     "tiled_conv_expand_kernel",
+    "tiled_conv_stages",
     "tiled_expand_kernel",
     "tiled_fused_kernel",
+    "tiled_linear_stages",
     "tiled_unaligned_kernel",
     "window_mean_kernel",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -32,11 +33,22 @@ def target_kind(target: Any) -> str:
     """``"llvm"`` for the host-CPU schedules; any other kind gets the plain (portable) TIR."""
     if isinstance(target, tvm.target.Target):
         return str(target.kind.name)
+    if isinstance(target, str) and target.lstrip().startswith("{"):  # str() of a tvm.target.Target
+        target = json.loads(target)
     if isinstance(target, dict):
         return str(target.get("kind", ""))
     if isinstance(target, str):
         return target.split()[0] if target.strip() else ""
     raise ValueError(f"target must be a string, dict or tvm.target.Target, got {target!r}")
+
+
+def as_tvm_target(target: Any) -> Any:
+    """``target`` (a ``tvm.target.Target``, its string or JSON form, or a dict) as a ``tvm.target.Target``."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, str) and target.lstrip().startswith("{"):
+        target = json.loads(target)
+    return tvm.target.Target(target)
 
 
 def as_i32(e: tirx.PrimExpr) -> tirx.PrimExpr:

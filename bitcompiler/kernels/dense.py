@@ -226,7 +226,9 @@ class Relaid:
     float_input: bool  # ``func`` takes the float activations (it quantizes them itself)
 
 
-def relaid_dense_kernel(spec: DenseSpec, planes: np.ndarray) -> Relaid | None:
+def relaid_dense_kernel(
+    spec: DenseSpec, planes: np.ndarray, target: str | dict | Any = "llvm"
+) -> Relaid | None:
     """The kernel for ``spec`` on an AVX2 host when one reads a better weight order, else None
     (then :func:`dense_kernel` on the planes as they are):
 
@@ -235,7 +237,7 @@ def relaid_dense_kernel(spec: DenseSpec, planes: np.ndarray) -> Relaid | None:
     * 8-bit weights, int8 activations: the codes as bytes;
     * float activations: 8 rows' words side by side for the table lookup.
     """
-    if not dense_avx2.avx2_target("llvm"):
+    if not dense_avx2.avx2_target(target):
         return None
     if dense_lanes.fits(spec):
         return Relaid(dense_lanes.lanes_kernel(spec), dense_lanes.lanes_layout(planes), "lanes", True)

@@ -34,7 +34,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from bitcompiler.kernels._common import target_kind
+from bitcompiler.kernels._common import as_tvm_target, target_kind
 from bitcompiler.kernels.spec import DenseSpec
 
 F32 = "float32"
@@ -48,7 +48,7 @@ def avx2_target(target: Any) -> bool:
 
     if target_kind(target) != "llvm":
         return False
-    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    t = as_tvm_target(target)
     triple = str(t.attrs.get("mtriple", "") or "")
     if triple and not triple.startswith(("x86_64", "i686", "i386")):
         return False

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from bitcompiler.quant.numerics import ACT_MODES, CODES, WORD_BITS, num_words
+from bitcompiler.quant.numerics import ACT_MODES, CODES, WORD_BITS, conv_out_size, num_words
 
 
 def _check_common(bits: int, code: str, act: str, has_offset: bool, threshold: bool) -> None:
@@ -50,6 +51,13 @@ class DenseSpec:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         _check_common(self.bits, self.code, self.act, self.has_offset, self.threshold)
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, out_features: int, bits: int) -> DenseSpec:
+        """The spec of a ``bitc::bit_linear`` call (``attrs``: its ``ops.BitLinearAttrs``)."""
+        return cls(
+            attrs.k, out_features, bits, attrs.code, attrs.act, bool(attrs.has_offset), bool(attrs.threshold)
+        )
 
     @property
     def words(self) -> int:
@@ -109,6 +117,15 @@ class ConvSpec:
                 f"for kernel {self.kernel}, dilation {self.dilation}, padding {self.padding}"
             )
 
+    @classmethod
+    def from_attrs(cls, attrs: Any, out_channels: int, in_h: int, in_w: int, bits: int) -> ConvSpec:
+        """The spec of a ``bitc::bit_conv2d`` call (``attrs``: its ``ops.BitConv2dAttrs``)."""
+        return cls(
+            attrs.in_channels, out_channels, in_h, in_w, tuple(attrs.kernel), tuple(attrs.stride),
+            tuple(attrs.padding), tuple(attrs.dilation), attrs.groups, bits, attrs.code, attrs.act,
+            bool(attrs.has_offset), bool(attrs.threshold),
+        )  # fmt: skip
+
     @property
     def cg(self) -> int:
         """Input channels per group."""
@@ -136,7 +153,7 @@ class ConvSpec:
 
     def _out(self, axis: int, size: int) -> int:
         k, s, p, d = self.kernel[axis], self.stride[axis], self.padding[axis], self.dilation[axis]
-        return (size + 2 * p - d * (k - 1) - 1) // s + 1
+        return conv_out_size(size, k, s, p, d)
 
     @property
     def out_h(self) -> int:

@@ -32,7 +32,7 @@ from bitcompiler.kernels import dense_avx2, dense_lanes
 from bitcompiler.kernels._common import batch_var, i64, largest_divisor, shape64, target_kind
 from bitcompiler.kernels.dense import Relaid
 from bitcompiler.kernels.dense_binary import binary_bytes_func, byte_layout, schedule_binary
-from bitcompiler.kernels.spec import DenseSpec
+from bitcompiler.kernels.spec import ConvSpec, DenseSpec
 from bitcompiler.kernels.template import Template, scheduled
 from bitcompiler.quant.numerics import ACT_MODES, num_words, row_aligned
 
@@ -60,6 +60,11 @@ class TiledDenseSpec:
             raise ValueError("threshold needs an integer accumulator: act must be 'binary' or 'int8'")
         if self.scales not in (p, n):
             raise ValueError(f"scales must be p={p} or N={n}, got {self.scales}")
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, scales: int) -> TiledDenseSpec:
+        """The spec of a ``bitc::tiled_linear`` call (``attrs``: its ``ops.TiledLinearAttrs``)."""
+        return cls(attrs.k, attrs.n, attrs.p, attrs.act, bool(attrs.threshold), scales)
 
     @property
     def aligned(self) -> bool:
@@ -180,6 +185,23 @@ class TiledConvSpec:
         """R: distinct filters."""
         return self.out_channels // self.p
 
+    @staticmethod
+    def rows_conv(attrs: Any, in_h: int, in_w: int) -> ConvSpec:
+        """The conv of the R distinct filters of a ``bitc::tiled_conv2d`` call (``attrs``: its
+        ``ops.TiledConv2dAttrs``): unit scales, so its output is the exact integer accumulator."""
+        r = attrs.out_channels // attrs.p
+        return ConvSpec(
+            attrs.in_channels, r, in_h, in_w, tuple(attrs.kernel), tuple(attrs.stride), tuple(attrs.padding),
+            tuple(attrs.dilation), 1, 1, "pm1", attrs.act, False, False,
+        )  # fmt: skip
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, rows: ConvSpec, scales: int) -> TiledConvSpec:
+        """The expand stage of a ``bitc::tiled_conv2d`` call whose first stage is ``rows``."""
+        return cls(
+            attrs.out_channels, rows.out_h, rows.out_w, attrs.p, attrs.act, bool(attrs.threshold), scales
+        )
+
 
 def tiled_conv_expand_kernel(spec: TiledConvSpec, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """Second stage of a tiled conv: ``A f32 (M, R, OH, OW)`` [``XS f32 (M,)`` for int8], ``SC, BI`` or
@@ -267,14 +289,84 @@ def tiled_unaligned_kernel(spec: TiledDenseSpec, target: str | dict | Any = "llv
     return func.with_attr("global_symbol", "main")
 
 
-def relaid_tiled_kernel(spec: TiledDenseSpec, tile: np.ndarray) -> Relaid | None:
+def relaid_tiled_kernel(
+    spec: TiledDenseSpec, tile: np.ndarray, target: str | dict | Any = "llvm"
+) -> Relaid | None:
     """Row-aligned binary tiled layer on an AVX2 host whose R rows fit the rows-in-lanes kernel: both
     stages in that kernel (the p-fold expand as its epilogue) on the tile stored transposed, with
     the float activations as input; else None."""
-    if not spec.aligned or not dense_avx2.avx2_target("llvm"):
+    if not spec.aligned or not dense_avx2.avx2_target(target):
         return None
     rows = dataclasses.replace(spec.rows_spec(), threshold=spec.threshold)
     if not dense_lanes.fits(rows):
         return None
     func = dense_lanes.lanes_kernel(rows, expand=spec.p, scales=0 if spec.threshold else spec.scales)
     return Relaid(func, dense_lanes.lanes_layout(tile), "lanes", True)
+
+
+# --------------------------------------------------------------------------- two-stage plans
+@dataclass(frozen=True)
+class Stage:
+    """One kernel of a two-stage tiled layer: ``build()`` makes it (``key`` names it for caching);
+    ``args`` are its buffers by role, ``out`` the role of what it writes.
+
+    Roles: ``x0`` (``x1``): the activation inputs (codes, then the int8 scale); ``unit_xs``: an int8
+    scale of ones; ``tile``, ``scale``, ``bias``, ``thr_sign``, ``thr``: the op's tensors; ``one``,
+    ``zero``: R unit scales and zeros; ``rows``: the first stage's output; ``y``: the layer's output.
+    """
+
+    build: Any
+    key: tuple
+    args: tuple[str, ...]
+    out: str
+    suffix: str
+
+
+@dataclass(frozen=True)
+class TiledStages:
+    """A row-aligned tiled layer as two kernels: the layer of the R distinct rows (filters) with unit
+    scales, whose float output is the exact integer accumulator, then the expand that reuses each
+    row p times with the layer's epilogue. Every backend emits these, wiring the roles it holds."""
+
+    rows: int
+    stage1: Stage
+    stage2: Stage
+
+
+def _stages(act: str, threshold: bool, rows: int, first: tuple, second: tuple) -> TiledStages:
+    int8 = act == "int8"
+    acts = ("x0", "unit_xs") if int8 else ("x0",)  # the row kernel's int8 scale is 1
+    xs = ("x1",) if int8 and not threshold else ()
+    epi = ("thr_sign", "thr") if threshold else ("scale", "bias")
+    return TiledStages(
+        rows,
+        Stage(first[0], first[1], (*acts, "tile", "one", "zero", "zero"), "rows", "_rows"),
+        Stage(second[0], second[1], ("rows", *xs, *epi), "y", "_expand"),
+    )
+
+
+def tiled_linear_stages(spec: TiledDenseSpec, target: str | dict | Any = "llvm") -> TiledStages:
+    """The two kernels of a row-aligned ``bitc::tiled_linear`` (see :class:`TiledStages`)."""
+    from bitcompiler.kernels.dense import dense_kernel
+
+    rows = spec.rows_spec()
+    return _stages(
+        spec.act,
+        spec.threshold,
+        spec.rows,
+        (lambda: dense_kernel(rows, target), ("dense", rows)),
+        (lambda: tiled_expand_kernel(spec, target), ("tiled_expand", spec)),
+    )
+
+
+def tiled_conv_stages(rows: ConvSpec, spec: TiledConvSpec, target: str | dict | Any = "llvm") -> TiledStages:
+    """The two kernels of a ``bitc::tiled_conv2d`` (see :class:`TiledStages`)."""
+    from bitcompiler.kernels.conv import conv2d_kernel
+
+    return _stages(
+        spec.act,
+        spec.threshold,
+        spec.rows,
+        (lambda: conv2d_kernel(rows, target), ("conv", rows)),
+        (lambda: tiled_conv_expand_kernel(spec, target), ("tiled_conv_expand", spec)),
+    )

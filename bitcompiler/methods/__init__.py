@@ -1,18 +1,9 @@
-"""Training methods beyond plain straight-through quantization (docs/methods.md §3-§4)."""
+"""Training methods beyond plain straight-through quantization (docs/methods.md §1-§4).
 
-from __future__ import annotations
+Each module registers its scheme's weight quantizer
+(:func:`bitcompiler.quant.modules.register_weight_quantizer`) when imported, here.
+"""
 
-from torch import nn
+from bitcompiler.methods import bitnet, bitwise, gwt, tiled
 
-
-def weight_quantizer(scheme) -> nn.Module:
-    """The weight quantizer of a method scheme (``gwt``, ``tiled``)."""
-    if scheme.name == "gwt":
-        from bitcompiler.methods import gwt
-
-        return gwt.from_scheme(scheme)
-    if scheme.name == "tiled":
-        from bitcompiler.methods import tiled
-
-        return tiled.from_scheme(scheme)
-    raise ValueError(f"scheme {scheme} is not a method scheme")
+__all__ = ["bitnet", "bitwise", "gwt", "tiled"]

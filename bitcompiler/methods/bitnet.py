@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bitcompiler.quant import numerics
-from bitcompiler.quant.modules import WeightCodes, straight_through
+from bitcompiler.quant.modules import WeightCodes, register_weight_quantizer, straight_through
 
 MODES = ("quantized", "float")
 
@@ -117,6 +117,7 @@ def bits_per_layer(model: nn.Module) -> dict[str, int]:
     }
 
 
+@register_weight_quantizer("bitnet")
 def from_scheme(scheme) -> BitNetWeight:
     g = scheme.get
     return BitNetWeight(

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bitcompiler.quant import numerics
-from bitcompiler.quant.modules import WeightCodes, straight_through
+from bitcompiler.quant.modules import WeightCodes, register_weight_quantizer, straight_through
 from bitcompiler.quant.schemes import bitwise_trained
 
 # magnitude of the real value behind a bit at init (Adam moves it ~lr per step, so a bit can flip early)
@@ -136,5 +136,6 @@ def frozen_fraction(model: nn.Module) -> float:
     return frozen / total if total else 0.0
 
 
+@register_weight_quantizer("bitwise")
 def from_scheme(scheme) -> BitwiseWeight:
     return BitwiseWeight(int(scheme.get("bits")), scheme.get("train"))

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from bitcompiler.quant import numerics
-from bitcompiler.quant.modules import WeightCodes
+from bitcompiler.quant.modules import WeightCodes, register_weight_quantizer
 
 
 class GroupTransform(Protocol):
@@ -178,6 +178,7 @@ def binarization_gap(model: nn.Module, data: Dataset | None = None) -> dict[str,
     return out
 
 
+@register_weight_quantizer("gwt")
 def from_scheme(scheme) -> GWTWeight:
     group = scheme.get("group")
     return GWTWeight(

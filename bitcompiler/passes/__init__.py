@@ -18,11 +18,29 @@ from bitcompiler.passes.pipeline import (
     PipelineError,
     check_order,
     graph_pass,
+    set_default_passes,
     verify_graph,
 )
 from bitcompiler.passes.tile_weights import tile_weights
 
+DEFAULT_PASSES = (
+    # float graph clean-up: one canonical form for everything after
+    canonicalize,
+    # BN folds into float weights before quantization so α sees the folded scale
+    fold_batchnorm,
+    insert_quantizers,
+    # integer codes + per-channel affine; merges affines, BN+sign -> integer thresholds
+    fold_scales,
+    # one tile + p scales per tiled layer; before packing so only the tile is packed
+    tile_weights,
+    pack_weights,
+    # last: bitc custom ops are what the TVM frontend converts
+    lower_bit_ops,
+)
+set_default_passes(DEFAULT_PASSES)
+
 __all__ = [
+    "DEFAULT_PASSES",
     "Pass",
     "PassContext",
     "PassError",

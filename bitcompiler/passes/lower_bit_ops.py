@@ -8,16 +8,13 @@ reference numerics) and is what ``torch.export`` hands the TVM frontend.
 
 from __future__ import annotations
 
-import torch
-from torch import fx
+from torch import fx, nn
 
-from bitcompiler.methods.tiled import TILED_LAYERS, TiledBitConv2d, TiledBitLinear
 from bitcompiler.passes import exact_floats
 from bitcompiler.passes.graph_utils import module_of
 from bitcompiler.passes.pipeline import Pass, PassContext
-from bitcompiler.quant.bitlayers import BIT_LAYERS, BitLinear
-
-_TENSORS = ("planes", "scale", "offset", "bias", "thr_sign", "thr")
+from bitcompiler.quant.bitlayers import BIT_LAYERS
+from bitcompiler.quant.tiled_layers import TILED_LAYERS
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -26,38 +23,19 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         gm = exact_floats.run(gm, ctx)
     for node in list(gm.graph.nodes):
         m = module_of(gm, node)
-        if isinstance(m, TILED_LAYERS):
-            _lower_tiled(gm, node, m)
-            continue
-        if not isinstance(m, BIT_LAYERS) or not m.packed:
-            continue
-        op = (
-            torch.ops.bitc.bit_linear.default
-            if isinstance(m, BitLinear)
-            else torch.ops.bitc.bit_conv2d.default
-        )
-        with gm.graph.inserting_before(node):
-            tensors = [gm.graph.get_attr(f"{node.target}.{t}") for t in _TENSORS]
-            call = gm.graph.call_function(op, (node.args[0], *tensors, *m.op_args().values()))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        if isinstance(m, TILED_LAYERS) or (isinstance(m, BIT_LAYERS) and m.packed):
+            _lower_layer(gm, node, m)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _lower_tiled(gm: fx.GraphModule, node: fx.Node, m: TiledBitLinear | TiledBitConv2d) -> None:
+def _lower_layer(gm: fx.GraphModule, node: fx.Node, m: nn.Module) -> None:
+    """``node`` (a call of layer ``m``) -> a call of its bitc op, the buffers as graph attributes."""
+    attrs = m.attrs()  # type: ignore[operator]
     with gm.graph.inserting_before(node):
-        tensors = [
-            gm.graph.get_attr(f"{node.target}.{t}") for t in ("tile", "scale", "bias", "thr_sign", "thr")
-        ]
-        op = (
-            torch.ops.bitc.tiled_linear.default
-            if isinstance(m, TiledBitLinear)
-            else torch.ops.bitc.tiled_conv2d.default
-        )
-        call = gm.graph.call_function(op, (node.args[0], *tensors, *m.op_args().values()))
+        tensors = {t: gm.graph.get_attr(f"{node.target}.{t}") for t in attrs.TENSORS}
+        call = gm.graph.call_function(attrs.overload(), attrs.op_args(node.args[0], tensors))
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)

@@ -26,8 +26,18 @@ from torch import fx
 
 from bitcompiler.errors import PassError, PipelineError
 from bitcompiler.quant.schemes import Scheme
+from bitcompiler.target import Target
 
 INITIAL_FACTS = frozenset({"traced"})
+
+# the built-in passes in their default order; bitcompiler.passes (which imports them all, and is
+# imported before this module is) sets it with set_default_passes
+_DEFAULT_PASSES: list[Pass] = []
+
+
+def set_default_passes(passes: Sequence[Pass]) -> None:
+    """Make ``passes`` what :meth:`Pipeline.default` runs."""
+    _DEFAULT_PASSES[:] = passes
 
 
 @dataclass(frozen=True)
@@ -36,9 +46,13 @@ class PassContext:
 
     scheme: Scheme = field(default_factory=lambda: Scheme("binary"))
     strict: bool = False
-    target: str = "cpu"
+    target: Target = field(default_factory=Target)
     example_inputs: tuple = ()
     notes: list = field(default_factory=list)  # passes append (layer, message) for the report
+
+    def __post_init__(self) -> None:
+        # a target name ("cortex-m4") is accepted and parsed: passes always see a Target
+        object.__setattr__(self, "target", Target.parse(self.target))
 
 
 @dataclass(frozen=True)
@@ -124,33 +138,9 @@ class Pipeline:
 
     @classmethod
     def default(cls, target: str | object = "cpu") -> Pipeline:
-        """The default pipeline for ``target`` (the same passes for every target today)."""
-        from bitcompiler.passes import (
-            canonicalize,
-            fold_batchnorm,
-            fold_scales,
-            insert_quantizers,
-            lower_bit_ops,
-            pack_weights,
-            tile_weights,
-        )
-
-        return cls(
-            [
-                # float graph clean-up: one canonical form for everything after
-                canonicalize,
-                # BN folds into float weights before quantization so α sees the folded scale
-                fold_batchnorm,
-                insert_quantizers,
-                # integer codes + per-channel affine; merges affines, BN+sign -> integer thresholds
-                fold_scales,
-                # one tile + p scales per tiled layer; before packing so only the tile is packed
-                tile_weights,
-                pack_weights,
-                # last: bitc custom ops are what the TVM frontend converts
-                lower_bit_ops,
-            ]
-        )
+        """The default pipeline for ``target`` (the same passes for every target today; the list
+        is :data:`bitcompiler.passes.DEFAULT_PASSES`)."""
+        return cls(_DEFAULT_PASSES)
 
     def names(self) -> list[str]:
         return [p.name for p in self.passes]

@@ -1,15 +1,16 @@
 """tile_weights: store one tile per tiled layer (docs/methods.md §4).
 
 A folded ``BitLinear`` whose codes are one pm1 tile repeated p times (``tiles > 1``, set by the
-``tiled`` scheme's quantizer) becomes a :class:`~bitcompiler.methods.tiled.TiledBitLinear` holding
+``tiled`` scheme's quantizer) becomes a :class:`~bitcompiler.quant.tiled_layers.TiledBitLinear` holding
 the packed tile (q = N·K/p bits) and p scales. When p divides N the tile is row-aligned (R = N/p
 distinct rows) and the kernel computes each distinct row's dot product once.
 
 Layers the scheme wanted tiled but could not (fewer than ``min_weights`` weights, or p does not
 divide their size) stay plain binary and are noted for the report; under ``strict=True`` the
 second case is an error naming the layer. A tiled convolution (groups 1) whose p divides its
-filters becomes a :class:`~bitcompiler.methods.tiled.TiledBitConv2d` (R = O/p filters computed once);
-any other tiled conv, and every tiled conv on Cortex-M, stays a binary ``BitConv2d`` of the expanded
+filters becomes a :class:`~bitcompiler.quant.tiled_layers.TiledBitConv2d` (R = O/p filters computed once);
+any other tiled conv, and every tiled conv on a target whose backend has no tiled conv kernel
+(``Capabilities.missing_kernels``: Cortex-M), stays a binary ``BitConv2d`` of the expanded
 tile, and the report says why. Without this pass, tiled layers compile
 as plain binary layers with the same numbers. It runs after ``fold_scales`` (so merged affines
 and thresholds are in place); if ``fold_scales`` is removed it folds each layer itself.
@@ -21,13 +22,14 @@ from typing import cast
 
 from torch import fx
 
-from bitcompiler.methods.tiled import TiledBitConv2d, TiledBitLinear, why_untiled
 from bitcompiler.passes.graph_utils import finish, module_of, set_module
 from bitcompiler.passes.pipeline import Pass, PassContext, PassError
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BIT_LAYERS, BitConv2d, BitLinear, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
 from bitcompiler.quant.schemes import Scheme
+from bitcompiler.quant.tiled_layers import TiledBitConv2d, TiledBitLinear, why_untiled
+from bitcompiler.target import Target
 
 
 def _tiled_scheme(label: str) -> Scheme | None:
@@ -73,10 +75,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return finish(gm)
 
 
-def _why_conv_expanded(m, p: int, target: str) -> str | None:
+def _why_conv_expanded(m, p: int, target: Target) -> str | None:
     """Why a tiled conv stays a binary conv of the expanded tile, or None when it gets a tiled kernel."""
-    if target.startswith("cortex"):
-        return f"no tiled conv kernel for {target} yet"
+    if not target.capabilities.has_kernel("tiled_conv2d"):
+        return f"no tiled conv kernel for {target.name} yet"
     if m.groups != 1:
         return f"groups={m.groups}: the tiled conv kernel takes groups=1"
     if not numerics.row_aligned(m.out_channels, p):

@@ -48,6 +48,10 @@ class _BitLayer(nn.Module):
     def packed(self) -> bool:
         return self.planes is not None
 
+    def op_tensors(self) -> dict[str, torch.Tensor]:
+        """The op's tensor arguments by name (``BitLinearAttrs.TENSORS``), once packed."""
+        return {t: getattr(self, t) for t in ops.BitLinearAttrs.TENSORS}
+
     @property
     def has_offset(self) -> bool:
         return bool((self.offset != 0).any())
@@ -88,27 +92,13 @@ class BitLinear(_BitLayer):
         self.planes = numerics.code_to_planes(cast(torch.Tensor, self.codes).long(), self.bits, self.code)
         self.codes = None
 
-    def op_args(self) -> dict:
-        return {
-            "k": self.in_features,
-            "code": self.code,
-            "act": self.act,
-            "threshold": self.threshold,
-            "has_offset": self.has_offset,
-        }
+    def attrs(self) -> ops.BitLinearAttrs:
+        """The ``bitc::bit_linear`` attributes of this layer."""
+        return ops.BitLinearAttrs(self.in_features, self.code, self.act, self.threshold, self.has_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return ops.bit_linear(
-                x,
-                cast(torch.Tensor, self.planes),
-                self.scale,
-                self.offset,
-                self.bias,
-                self.thr_sign,
-                self.thr,
-                **self.op_args(),
-            )
+            return self.attrs().call(x, self.op_tensors())
         thr = (self.thr_sign, self.thr) if self.threshold else (None, None)
         lead = x.shape[:-1]
         y = numerics.linear_codes(
@@ -149,32 +139,16 @@ class BitConv2d(_BitLayer):
         )
         self.codes = None
 
-    def op_args(self) -> dict:
-        return {
-            "in_channels": self.in_channels,
-            "kernel": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-            "dilation": list(self.dilation),
-            "groups": self.groups,
-            "code": self.code,
-            "act": self.act,
-            "threshold": self.threshold,
-            "has_offset": self.has_offset,
-        }
+    def attrs(self) -> ops.BitConv2dAttrs:
+        """The ``bitc::bit_conv2d`` attributes of this layer."""
+        return ops.BitConv2dAttrs(
+            self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation, self.groups,
+            self.code, self.act, self.threshold, self.has_offset,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return ops.bit_conv2d(
-                x,
-                cast(torch.Tensor, self.planes),
-                self.scale,
-                self.offset,
-                self.bias,
-                self.thr_sign,
-                self.thr,
-                **self.op_args(),
-            )
+            return self.attrs().call(x, self.op_tensors())
         thr = (self.thr_sign, self.thr) if self.threshold else (None, None)
         return numerics.conv2d_codes(
             x,

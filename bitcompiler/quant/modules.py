@@ -7,6 +7,7 @@ bit layers. Every number comes from :mod:`bitcompiler.quant.numerics`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -184,6 +185,20 @@ class QuantConv2d(_QuantLayer):
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)
 
+# the weight quantizer of each method scheme, by scheme name: each module of bitcompiler.methods
+# registers its own (imported with bitcompiler), so quant/ never imports methods/
+WEIGHT_QUANTIZERS: dict[str, Callable[[Scheme], nn.Module]] = {}
+
+
+def register_weight_quantizer(name: str) -> Callable[[Callable[[Scheme], Any]], Callable[[Scheme], Any]]:
+    """Decorator: ``fn(scheme) -> quantizer module`` makes the weight quantizer of scheme ``name``."""
+
+    def wrap(fn: Callable[[Scheme], Any]) -> Callable[[Scheme], Any]:
+        WEIGHT_QUANTIZERS[name] = fn
+        return fn
+
+    return wrap
+
 
 def bit_depth_for(scheme: Scheme, first_or_last: bool) -> tuple[nn.Module, str, str]:
     """The weight quantizer, activation mode and label a layer gets under ``scheme``."""
@@ -194,18 +209,8 @@ def bit_depth_for(scheme: Scheme, first_or_last: bool) -> tuple[nn.Module, str, 
         return BinaryWeight(), scheme.act, str(scheme)
     if scheme.name == "uniform":
         return AffineWeight(scheme.bits), scheme.act, str(scheme)
-    if scheme.name in ("gwt", "tiled"):
-        from bitcompiler.methods import weight_quantizer
-
-        return weight_quantizer(scheme), scheme.act, str(scheme)
-    if scheme.name == "bitnet":
-        from bitcompiler.methods import bitnet
-
-        return bitnet.from_scheme(scheme), scheme.act, str(scheme)
-    if scheme.name == "bitwise":
-        from bitcompiler.methods import bitwise
-
-        return bitwise.from_scheme(scheme), scheme.act, str(scheme)
+    if scheme.name in WEIGHT_QUANTIZERS:
+        return WEIGHT_QUANTIZERS[scheme.name](scheme), scheme.act, str(scheme)
     raise ValueError(f"scheme {scheme} does not quantize layers")
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitcompiler as bc
-from bitcompiler.backends.lower import export_graph, to_relax
+from bitcompiler.backends.lower import to_relax
+from bitcompiler.capture import export_graph
 from bitcompiler.kernels import ConvSpec
 from bitcompiler.kernels.conv_float import KERNEL_NAME, float_conv_kernel, lanes, relayout_weights
 from tests.conftest import assert_close

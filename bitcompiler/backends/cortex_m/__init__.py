@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bitcompiler.backends.base import Backend, Runner, Target
+from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Runner, Target, register_backend
 from bitcompiler.backends.cortex_m import qemu
 from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, build_program
 from bitcompiler.backends.cortex_m.boards import Board, board_for
@@ -90,20 +90,40 @@ class CortexMRunner(Runner):
         return names
 
 
+@register_backend
 class CortexMBackend(Backend):
     family = "cortex-m"
+    targets = ("cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55")
 
-    def build(self, mod: Any, target: Target) -> Runner:
-        raise NotImplementedError(
-            "the Cortex-M backend compiles from the rewritten graph: use build_from_graph"
+    def tvm_target(self, target: Target) -> Any:
+        import tvm
+
+        return tvm.target.Target({"kind": "c"})
+
+    def capabilities(self, target: Target) -> Capabilities:
+        board = board_for(target)
+        features = {
+            "cortex-m3": (),
+            "cortex-m4": ("dsp",),
+            "cortex-m7": ("dsp",),
+            "cortex-m55": ("dsp", "mve"),
+        }
+        return Capabilities(
+            frozenset(features[target.name]) | ({"fpu"} if board.has_fpu else set()),
+            word_bits=32,
+            vector_bits={"cortex-m3": 0, "cortex-m55": 128}.get(target.name, 32),
+            flash_bytes=board.flash_bytes,
+            ram_bytes=board.ram_bytes,
+            # the tiled conv is stored expanded (a binary conv) here: no two-stage conv in the AOT
+            missing_kernels=frozenset({"tiled_conv2d"}),
         )
 
-    def build_from_graph(
-        self, gm: Any, exported: Any, example_inputs: tuple, target: Target
-    ) -> CortexMRunner:
+    def build(self, inp: BuildInput, target: Target) -> CortexMRunner:
+        """C from the rewritten graph (not Relax): the AOT program, built and run once under QEMU."""
+        gm, example_inputs = inp.graph, inp.example_inputs
         qemu.require_toolchain()
         board = board_for(target)
-        program = build_program(gm, example_inputs)
+        program = build_program(gm, example_inputs, self.tvm_target(target))
         check_fits(program, board, program.weight_bytes, program.plan.arena_bytes)
         bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
         write_bundle(program, board, bundle)

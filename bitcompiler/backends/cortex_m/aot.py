@@ -22,11 +22,11 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from bitcompiler import ops
 from bitcompiler.backends.cortex_m import float_ops
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, generate_c, prepare_kernel
 from bitcompiler.backends.cortex_m.memory_plan import ArenaPlan, Buffer, plan_arena
 from bitcompiler.errors import CortexMLoweringError
-from bitcompiler.ops import conv_out_size
 
 C_TYPES = {"float32": "float", "int32": "int32_t", "int8": "int8_t"}
 ITEMSIZE = {"float32": 4, "int32": 4, "int8": 1}
@@ -114,8 +114,9 @@ def export_batch_one(gm: torch.fx.GraphModule, example_inputs: tuple) -> torch.e
 
 
 class _Builder:
-    def __init__(self, ep: torch.export.ExportedProgram) -> None:
+    def __init__(self, ep: torch.export.ExportedProgram, target: Any) -> None:
         self.ep = ep
+        self.target = target  # the TVM target the kernels are built for (C)
         sig = ep.graph_signature
         self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         self.param_of.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
@@ -170,7 +171,7 @@ class _Builder:
         """Emit the activation quantizer ``act`` needs; return the kernel's activation args."""
         from bitcompiler import kernels
 
-        target = {"kind": "c"}
+        target = self.target
         if act == "float":
             return [x.name]
         if act == "int8":
@@ -203,115 +204,101 @@ class _Builder:
         self.call(k, [x.name, p.name], [x.name], [p.name], "pack_sign")
         return [p.name]
 
-    def epilogue_args(self, args: tuple, threshold: bool) -> list[str]:
-        planes, scale, offset, bias, thr_sign, thr = args[1:7]
-        if threshold:
-            return [self.weight(planes, "int32"), self.weight(thr_sign, "int32"), self.weight(thr, "int32")]
-        return [self.weight(planes, "int32")] + [self.weight(n, "float32") for n in (scale, offset, bias)]
+    def epilogue_args(self, call: ops.BoundCall) -> list[str]:
+        t = call.tensors
+        if call.attrs.threshold:
+            return [self.weight(t[n], "int32") for n in ("planes", "thr_sign", "thr")]
+        return [self.weight(t["planes"], "int32")] + [
+            self.weight(t[n], "float32") for n in ("scale", "offset", "bias")
+        ]
 
     def bit_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         from bitcompiler import kernels
 
-        args: Any = node.args
-        x = self.tensors[args[0].name]
-        k, code, act, threshold, has_offset = args[7:12]
-        bits, n, _ = (int(d) for d in args[1].meta["val"].shape)
+        call = ops.bind(node)
+        a: ops.BitLinearAttrs = call.attrs
+        x = self.tensors[call.x.name]
+        bits, n, _ = (int(d) for d in call.tensors["planes"].meta["val"].shape)
         rows = math.prod(x.shape[:-1])
-        spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
-        act_args = self.quantized_input(x, act, rows, (k,), None)
+        spec = kernels.DenseSpec.from_attrs(a, n, bits)
+        act_args = self.quantized_input(x, a.act, rows, (a.k,), None)
         kern = self.kernel(
             ("dense", spec, rows),
-            lambda: kernels.dense_kernel(spec, {"kind": "c"}),
-            f"bitc_dense_{act}_{code}{bits}_{k}x{n}_{len(self.kernels)}",
-            unroll=act == "binary",
+            lambda: kernels.dense_kernel(spec, self.target),
+            f"bitc_dense_{a.act}_{a.code}{bits}_{a.k}x{n}_{len(self.kernels)}",
+            unroll=a.act == "binary",
         )
         y = self.new_tensor(node.name, out_shape, "float32")
-        self.call(
-            kern, [*act_args, *self.epilogue_args(args, threshold), y.name], act_args, [y.name], node.name
-        )
+        self.call(kern, [*act_args, *self.epilogue_args(call), y.name], act_args, [y.name], node.name)
 
     def tiled_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
-        """Row-aligned tile: the dense kernel of the R distinct rows (unit scales: ``A`` is the exact
-        integer accumulator as float), then the expand kernel reuses each row p times. Unaligned:
-        one kernel reading the tile bit of every weight."""
+        """Row-aligned tile: the two kernels of :class:`kernels.TiledStages`. Unaligned: one kernel
+        reading the tile bit of every weight."""
         from bitcompiler import kernels
 
-        args: Any = node.args  # (x, tile, scale, bias, thr_sign, thr, k, n, p, act, threshold)
-        x = self.tensors[args[0].name]
-        k, n, p, act, threshold = args[6:11]
-        spec = kernels.TiledDenseSpec(k, n, p, act, bool(threshold), int(args[2].meta["val"].shape[0]))
+        call = ops.bind(node)
+        a: ops.TiledLinearAttrs = call.attrs
+        x = self.tensors[call.x.name]
+        spec = kernels.TiledDenseSpec.from_attrs(a, int(call.tensors["scale"].meta["val"].shape[0]))
         rows = math.prod(x.shape[:-1])
-        act_args = self.quantized_input(x, act, rows, (k,), None)
-        tile = self.weight(args[1], "int32")
-        layer = self.weights[tile].layer
-        if threshold:
-            epi = [self.weight(args[4], "int32"), self.weight(args[5], "int32")]
-        else:
-            epi = [self.weight(args[2], "float32"), self.weight(args[3], "float32")]
+        act_args = self.quantized_input(x, a.act, rows, (a.k,), None)
+        dtypes = {"tile": "int32", "thr_sign": "int32", "thr": "int32", "scale": "float32", "bias": "float32"}
+        t = {name: self.weight(v, dtypes[name]) for name, v in call.tensors.items()}
         y = self.new_tensor(node.name, out_shape, "float32")
-        tag = f"{act}_{k}x{n}_p{p}"
+        tag = f"{a.act}_{a.k}x{a.n}_p{a.p}"
         if not spec.aligned:
             kern = self.kernel(
                 ("tiled", spec, rows),
-                lambda: kernels.tiled_unaligned_kernel(spec, {"kind": "c"}),
+                lambda: kernels.tiled_unaligned_kernel(spec, self.target),
                 f"bitc_tiled_{tag}_{len(self.kernels)}",
             )
-            self.call(kern, [*act_args, tile, *epi, y.name], act_args, [y.name], node.name)
+            epi = [t["thr_sign"], t["thr"]] if a.threshold else [t["scale"], t["bias"]]
+            self.call(kern, [*act_args, t["tile"], *epi, y.name], act_args, [y.name], node.name)
             return
-        r = spec.rows
-        base = tile.removeprefix("bitc_w_")
-        unit = [
-            self.constant(f"bitc_c_{base}_one", np.ones(r, np.float32), layer),
-            self.constant(f"bitc_c_{base}_zero", np.zeros(r, np.float32), layer),
-        ]
-        stage1 = act_args
-        if act == "int8":  # the row kernel's int8 scale is 1: A stays the integer accumulator
-            stage1 = [act_args[0], self.constant(f"bitc_c_{base}_xs1", np.ones(rows, np.float32), layer)]
-        rows_kernel = self.kernel(
-            ("dense", spec.rows_spec(), rows),
-            lambda: kernels.dense_kernel(spec.rows_spec(), {"kind": "c"}),
-            f"bitc_tiled_rows_{tag}_{len(self.kernels)}",
-            unroll=act == "binary",
-        )
-        a = self.new_tensor(f"{node.name}_rows", (rows, r), "float32")
-        self.call(
-            rows_kernel, [*stage1, tile, unit[0], unit[1], unit[1], a.name], act_args, [a.name], node.name
-        )
-        xs = [act_args[1]] if act == "int8" and not threshold else []
-        expand = self.kernel(
-            ("tiled_expand", spec, rows),
-            lambda: kernels.tiled_expand_kernel(spec, {"kind": "c"}),
-            f"bitc_tiled_expand_{tag}_{len(self.kernels)}",
-        )
-        self.call(expand, [a.name, *xs, *epi, y.name], [a.name, *xs], [y.name], f"{node.name} (expand)")
+        plan = kernels.tiled_linear_stages(spec, self.target)
+        layer, base = self.weights[t["tile"]].layer, t["tile"].removeprefix("bitc_w_")
+        r = plan.rows
+        values = {
+            **{f"x{i}": v for i, v in enumerate(act_args)},
+            **t,
+            "one": self.constant(f"bitc_c_{base}_one", np.ones(r, np.float32), layer),
+            "zero": self.constant(f"bitc_c_{base}_zero", np.zeros(r, np.float32), layer),
+            "rows": self.new_tensor(f"{node.name}_rows", (rows, r), "float32").name,
+            "y": y.name,
+        }
+        if "unit_xs" in plan.stage1.args:  # the row kernel's int8 scale is 1: A stays the integer accumulator
+            values["unit_xs"] = self.constant(f"bitc_c_{base}_xs1", np.ones(rows, np.float32), layer)
+        for stage, label in ((plan.stage1, node.name), (plan.stage2, f"{node.name} (expand)")):
+            kern = self.kernel(
+                (*stage.key, rows),
+                stage.build,
+                f"bitc_tiled{stage.suffix}_{tag}_{len(self.kernels)}",
+                unroll=stage is plan.stage1 and a.act == "binary",
+            )
+            reads = [v for v in (values[n] for n in stage.args) if v in self.tensors]
+            self.call(
+                kern, [*(values[n] for n in stage.args), values[stage.out]], reads, [values[stage.out]], label
+            )
 
     def bit_conv2d(self, node: torch.fx.Node, out_shape: tuple) -> None:
         from bitcompiler import kernels
 
-        args: Any = node.args
-        x = self.tensors[args[0].name]
-        c, kernel, stride, padding, dilation, groups, code, act, threshold, has_offset = args[7:17]
-        bits, o = (int(d) for d in args[1].meta["val"].shape[:2])
+        call = ops.bind(node)
+        a: ops.BitConv2dAttrs = call.attrs
+        x = self.tensors[call.x.name]
+        bits, o = (int(d) for d in call.tensors["planes"].meta["val"].shape[:2])
         _, _, h, w = x.shape
-        spec = kernels.ConvSpec(
-            c, o, h, w, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups,
-            bits, code, act, bool(has_offset), bool(threshold),
-        )  # fmt: skip
-        assert (spec.out_h, spec.out_w) == (
-            conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0]),
-            conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1]),
-        )
-        act_args = self.quantized_input(x, act, 1, (c, h, w), (c, h, w, groups))
+        spec = kernels.ConvSpec.from_attrs(a, o, h, w, bits)
+        c = a.in_channels
+        act_args = self.quantized_input(x, a.act, 1, (c, h, w), (c, h, w, a.groups))
         kern = self.kernel(
             ("conv", spec, 1),
-            lambda: kernels.conv2d_kernel(spec, {"kind": "c"}),
-            f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}_{len(self.kernels)}",
-            unroll=act == "binary",
+            lambda: kernels.conv2d_kernel(spec, self.target),
+            f"bitc_conv2d_{a.act}_{a.code}{bits}_{c}x{o}_{a.kernel[0]}x{a.kernel[1]}_{len(self.kernels)}",
+            unroll=a.act == "binary",
         )
         y = self.new_tensor(node.name, out_shape, "float32")
-        self.call(
-            kern, [*act_args, *self.epilogue_args(args, threshold), y.name], act_args, [y.name], node.name
-        )
+        self.call(kern, [*act_args, *self.epilogue_args(call), y.name], act_args, [y.name], node.name)
 
     # ---------------------------------------------------------------- walk
     def run(self) -> tuple[Tensor, Tensor]:
@@ -370,10 +357,11 @@ class _Builder:
         return None
 
 
-def build_program(gm: torch.fx.GraphModule, example_inputs: tuple) -> Program:
-    """Walk the rewritten graph (batch 1) into kernels, C steps, weights and an arena plan."""
+def build_program(gm: torch.fx.GraphModule, example_inputs: tuple, target: Any = None) -> Program:
+    """Walk the rewritten graph (batch 1) into kernels, C steps, weights and an arena plan; the
+    kernels are built for ``target`` (a TVM target; default: C)."""
     ep = export_batch_one(gm, example_inputs)
-    b = _Builder(ep)
+    b = _Builder(ep, target if target is not None else {"kind": "c"})
     graph_input, output = b.run()
     plan = plan_storage(b.tensors, b.steps, graph_input, output)
     kernels = list(b.kernels.values())

@@ -17,6 +17,11 @@ def pool_out_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """Output size of a convolution with kernel ``k``, stride ``s``, padding ``p``, dilation ``d``."""
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
 def window_mean(
     x: torch.Tensor,
     kernel: tuple[int, int],

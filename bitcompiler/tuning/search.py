@@ -1,26 +1,4 @@
-"""MetaSchedule tuning of bitcompiler's own kernel schedules; records kept on disk and reused.
-
->>> import torch, bitcompiler as bc
->>> model = torch.nn.Sequential(torch.nn.Linear(256, 256))
->>> cm = bc.tune(model, (torch.randn(1, 256),), scheme="binary:act=binary", trials=8)  # doctest: +SKIP
->>> cm.report().extra["tuned kernels"]  # doctest: +SKIP
-1.0
-
-How it works:
-
-* The tunable kernels (:mod:`bitcompiler.kernels.template`) are found by lowering the model once
-  with a collecting scheduler. Each is a MetaSchedule task: its unscheduled TIR, specialized to
-  the example batch, is the workload; the space is a ``ScheduleFn`` running the kernel's hand
-  schedule with every choice drawn by ``sample_categorical``; ``ReplayFunc`` draws schedules.
-* Builds and measurements run in this process (:class:`_Measure`): no worker processes, no
-  RPC; a schedule drawn twice is measured once.
-* The best few drawn schedules and the hand schedule are measured again, in turns, and only the
-  fastest is committed: a record is never slower than the hand schedule it replaces.
-* Records live in a MetaSchedule ``JSONDatabase`` (``$BITC_CACHE/tuning`` or ``db=``), keyed by
-  the workload's structural hash and the target string (threads included). ``compile()`` applies
-  the best record of every kernel that has one and keeps the hand schedule for the rest; the
-  compile cache key includes the records, so a build made before tuning is not reused after.
-"""
+"""The MetaSchedule search behind :mod:`bitcompiler.tuning` (imports TVM)."""
 
 from __future__ import annotations
 
@@ -42,8 +20,8 @@ from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
 
 from bitcompiler import cache
-from bitcompiler.api import TuneOptions
 from bitcompiler.kernels.template import Template, apply_hand, hand, sampled, scheduling_with
+from bitcompiler.tuning import TuneOptions
 
 CHUNK = 8  # schedules drawn per MetaSchedule round; the time budget and progress bar are checked between
 FINALISTS = 3  # best drawn schedules measured again against the hand schedule

@@ -1,4 +1,4 @@
-"""Host CPU backend: LLVM with the detected ``-mcpu``, run by the Relax VM."""
+"""The CPU backend's runner: a Relax VM executable called with torch tensors."""
 
 from __future__ import annotations
 
@@ -12,46 +12,9 @@ from typing import Any
 
 import torch
 
-from bitcompiler.backends.base import Backend, Runner, Target
+from bitcompiler.backends.base import Runner
 
 LIB = "model.so"
-
-
-def relax_pipeline(target: Any) -> Any:
-    """TVM's CPU pipeline plus default schedules (dlight, and bitcompiler's element-wise rule) for the
-    float ops bitcompiler leaves to Relax.
-
-    The bitc kernels are already scheduled and marked opaque, so fusion and
-    dlight leave them as they are.
-    """
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-    from tvm.s_tir import dlight as dl
-
-    from bitcompiler.backends.exact_float import no_contraction
-    from bitcompiler.backends.fast_math import legalize_map
-    from bitcompiler.backends.injective import Injective
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: Any, _ctx: Any) -> Any:
-        with target:
-            seq = tvm.transform.Sequential(
-                # one activation packing per tensor, however many bit layers read it; the float
-                # output of a threshold conv whose consumers read its packed variant goes
-                [relax.transform.EliminateCommonSubexpr(), relax.transform.DeadCodeElimination()]
-                + cpu_generic.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
-                + cpu_generic.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), Injective())]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
-                # every float a*b+c rounds twice, as in PyTorch (no FMA contraction)
-                + [no_contraction()]
-            )
-            return seq(mod)
-
-    return _pipeline
 
 
 class CPURunner(Runner):
@@ -59,6 +22,8 @@ class CPURunner(Runner):
 
     def __init__(self, executable: Any, library: Path | None = None) -> None:
         self.library = library  # the .so it was loaded from (a loaded module cannot be saved again)
+        self.cache_hit = False  # loaded from the compile cache
+        self.report_extra: dict[str, Any] = {}  # figures for the report (tuning)
         import tvm
         from tvm import relax
 
@@ -115,21 +80,3 @@ def _flatten(out: Any) -> list[torch.Tensor]:
     if hasattr(out, "numpy"):  # a TVM tensor (e.g. an executable called without tensor inputs)
         return [torch.from_dlpack(out)]
     return [t for o in out for t in _flatten(o)]
-
-
-class CPUBackend(Backend):
-    family = "cpu"
-
-    def build(self, mod: Any, target: Target) -> CPURunner:
-        import tvm
-
-        tvm_target = target.tvm_target()
-        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
-        return CPURunner(executable)
-
-    def load(self, directory: Path, target: Target) -> CPURunner:
-        import tvm
-
-        with quiet_native_stderr():
-            module = tvm.runtime.load_module(str(directory / LIB))
-        return CPURunner(module, directory / LIB)

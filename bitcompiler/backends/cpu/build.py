@@ -1,0 +1,81 @@
+"""Building for the CPU through the compile cache, with the tuning records applied (or made first).
+
+An unchanged graph on the same target, with the same tuning records, is loaded from the cache
+(:mod:`bitcompiler.cache`), not rebuilt; how tuning works: :mod:`bitcompiler.tuning`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from bitcompiler import cache
+from bitcompiler.backends.base import BuildInput, Target
+from bitcompiler.backends.cpu.pipeline import relax_pipeline
+from bitcompiler.backends.cpu.runner import CPURunner, quiet_native_stderr
+from bitcompiler.backends.lower import to_relax
+
+
+def build_relax(mod: Any, target: Target) -> CPURunner:
+    """The Relax module ``mod`` compiled for ``target`` (no cache)."""
+    import tvm
+
+    tvm_target = target.tvm_target()
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+    return CPURunner(executable)
+
+
+def load_library(directory: Path) -> CPURunner:
+    import tvm
+
+    from bitcompiler.backends.cpu.runner import LIB
+
+    with quiet_native_stderr():
+        module = tvm.runtime.load_module(str(directory / LIB))
+    return CPURunner(module, directory / LIB)
+
+
+def build_cached(inp: BuildInput, target: Target) -> CPURunner:
+    """Build through the compile cache. Tunes first when ``inp.tune`` asks for it."""
+    from bitcompiler.kernels.template import scheduling_with
+    from bitcompiler.tuning import search as tuner
+
+    tvm_target = target.tvm_target()
+    database, where = tuner.open_database(inp.db, create=inp.tune is not None)
+    records = tuner.Records(database, tvm_target, inp.example_inputs[0].shape[0])
+    extra: dict[str, float] = {}
+    if inp.tune is not None:
+        kernels = tuner.kernels_of(lambda: to_relax(inp.exported, target))
+        extra["tuning s"] = tuner.tune_kernels(kernels, records, inp.tune, where)
+    try:
+        entry: str | None = cache.key(inp.exported, str(target) + str(tvm_target) + records.fingerprint())
+    except Exception as e:  # noqa: BLE001 - the cache is an optimization: never a reason to fail
+        warnings.warn(
+            f"compile cache skipped (could not hash the graph: {e}); compiling uncached", stacklevel=4
+        )
+        entry = None
+
+    def load(path: Path) -> CPURunner:
+        loaded = load_library(path)
+        loaded.report_extra = {**extra, **json.loads((path / "tuning.json").read_text())}
+        return loaded
+
+    hit = cache.lookup(entry, load) if entry is not None else None
+    if isinstance(hit, CPURunner):
+        hit.cache_hit = True
+        return hit
+    with scheduling_with(records):
+        mod = to_relax(inp.exported, target)
+    runner = build_relax(mod, target)
+    applied = {"tuned kernels": len(records.applied)}
+    runner.report_extra = {**extra, **applied}
+
+    def write(path: Path) -> None:
+        runner.export(path)
+        (path / "tuning.json").write_text(json.dumps(applied))
+
+    if entry is not None:
+        cache.store(entry, write)
+    return runner

@@ -1,0 +1,76 @@
+"""What the Relax converters share: the lowering in progress (program and kernel target),
+shape helpers, and how a TIR kernel is emitted as a ``call_tir``."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from bitcompiler.target import Target
+
+
+def shape_of(expr: Any) -> list:
+    return list(expr.ty.shape)
+
+
+def as_int(v: Any) -> int:
+    return int(v)
+
+
+def emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
+    from tvm import relax
+
+    # opaque: never fused with neighbours; scheduled: dlight leaves it alone; the symbol comes from the name
+    prim = prim.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+    gv = bb.add_func(prim, name)
+    return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """What the converters read besides the node: the program being converted (for weights they
+    store in another layout) and the target its kernels are built for (a TVM target string)."""
+
+    program: torch.export.ExportedProgram
+    target: str
+
+
+_LOWERING: contextvars.ContextVar[Lowering | None] = contextvars.ContextVar("bitc_lowering", default=None)
+
+
+def kernel_target() -> str:
+    """The TVM target the kernels being lowered are built for (the host CPU outside a lowering)."""
+    lowering = _LOWERING.get()
+    return lowering.target if lowering is not None else str(Target().tvm_target())
+
+
+def constant_of(node: Any) -> torch.Tensor | None:
+    """The tensor behind a lifted buffer/constant/parameter input of the program, or None."""
+    lowering = _LOWERING.get()
+    if lowering is None or not isinstance(node, fx.Node) or node.op != "placeholder":
+        return None
+    ep = lowering.program
+    sig = ep.graph_signature
+    for table in (sig.inputs_to_buffers, sig.inputs_to_parameters, sig.inputs_to_lifted_tensor_constants):
+        if node.name in table:
+            # persistent buffers and parameters are in the state dict, the others in constants
+            value = ep.state_dict.get(table[node.name], ep.constants.get(table[node.name]))
+            return value.detach() if isinstance(value, torch.Tensor) else None
+    return None
+
+
+@contextlib.contextmanager
+def lowering(ep: torch.export.ExportedProgram, target: Target | None) -> Iterator[Lowering]:
+    """Converters called inside read ``ep``'s weights and build kernels for ``target`` (default: host)."""
+    scope = Lowering(ep, str((target or Target()).tvm_target()))
+    token = _LOWERING.set(scope)
+    try:
+        yield scope
+    finally:
+        _LOWERING.reset(token)
