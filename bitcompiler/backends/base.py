@@ -16,7 +16,8 @@ from bitcompiler.errors import TargetError
 
 FAMILIES = {
     "cpu": "cpu",
-    "cuda": "cuda",
+    "cuda": "cuda",  # gpu.GPUBackend, options: arch (sm_75 and newer, default sm_80)
+    "opencl": "opencl",  # gpu.GPUBackend
     "cortex-m3": "cortex-m",
     "cortex-m4": "cortex-m",
     "cortex-m7": "cortex-m",
@@ -67,8 +68,10 @@ class Target:
                 # at batch 256) when it was built next to any other function (measured on znver3)
                 spec["mattr"] = ["-sse4a"]
             return tvm.target.Target(spec)
-        if self.family == "cuda":
-            return tvm.target.Target({"kind": "cuda", "arch": self.get("arch", "sm_80")})
+        if self.family in ("cuda", "opencl"):
+            from bitcompiler.backends.gpu.target import tvm_target
+
+            return tvm_target(self)
         return tvm.target.Target({"kind": "c"})
 
     def __str__(self) -> str:
@@ -114,6 +117,10 @@ def backend_for(target: Target) -> Backend:
         from bitcompiler.backends.cortex_m import CortexMBackend
 
         return CortexMBackend()
+    if target.family in ("cuda", "opencl"):
+        from bitcompiler.backends.gpu import GPUBackend
+
+        return GPUBackend()
     raise NotImplementedError(
         f"target {target.name!r} ({target.family}) has no backend in this version yet; use target='cpu'"
     )
