@@ -195,6 +195,29 @@ def plan_memory(bufs: _Buffers, calls: list[tuple[str, list[int]]]) -> int:
     return size
 
 
+_POPCOUNT_REGISTERED = False
+
+
+def _register_cuda_popcount() -> None:
+    """CUDA lowering of ``popcount`` for signed words (TVM's own rule takes unsigned ones only):
+    ``__popc`` / ``__popcll`` of the same bits read as unsigned."""
+    global _POPCOUNT_REGISTERED
+    if _POPCOUNT_REGISTERED:
+        return
+    from tvm import tirx
+
+    def lower(call: Any) -> Any:
+        x = call.args[0]
+        dtype = str(x.ty.dtype)
+        bits = 64 if dtype.endswith("64") else 32
+        word = x if dtype == f"uint{bits}" else tirx.Cast(f"uint{bits}", x)
+        name = "__popcll" if bits == 64 else "__popc"
+        return tirx.Cast(str(call.ty.dtype), tirx.call_pure_extern("int32", name, word))
+
+    tirx.op.register_intrin_lowering("tirx.popcount", "cuda", f=lower, level=99)
+    _POPCOUNT_REGISTERED = True
+
+
 def _name(v: Any) -> str:
     return str(getattr(v, "name_hint", None) or getattr(v, "name", ""))
 
@@ -204,6 +227,7 @@ def lower_kernels(mod: Any, tvm_target: Any, names: set[str]) -> tuple[Any, Any,
     import tvm
     from tvm.tirx.build import split_host_device_mods
 
+    _register_cuda_popcount()
     funcs = {}
     params: dict[str, list[str]] = {}
     for gv, f in mod.functions.items():

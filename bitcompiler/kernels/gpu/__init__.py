@@ -18,6 +18,9 @@ from tvm import s_tir
 from tvm.s_tir import dlight as dl
 
 THREADS = 128  # threads per block for the one-output-per-thread schedule
+# the blocks a bit kernel's ``Y`` reads (each computed per output, in a register); ``acc_tail``:
+# the last partial word of a float-activation dense row
+PRODUCERS = ("acc", "acc_tail", "sumx", "cnt")
 
 
 def _block(sch: s_tir.Schedule, name: str) -> Any | None:
@@ -34,11 +37,14 @@ def schedule_bit_kernel(func: Any, threads: int = THREADS) -> s_tir.Schedule | N
     y, acc = _block(sch, "Y"), _block(sch, "acc")
     if y is None or acc is None:
         return None
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if not names <= {"Y", *PRODUCERS}:
+        return None  # not a bit kernel's shape: dlight's rules schedule it
     fused = sch.fuse(*sch.get_loops(y))
     bx, tx = sch.split(fused, [None, threads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
-    for name in ("acc", "sumx"):
+    for name in PRODUCERS:
         b = _block(sch, name)
         if b is not None:
             sch.compute_at(b, tx, preserve_unit_loops=True)
