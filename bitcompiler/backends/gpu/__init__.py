@@ -68,7 +68,7 @@ class GPURunner(Runner):
         (directory / self.plan["source"]).write_text(self.source)
         for arch, text in self.ptx.items():
             (directory / self.plan["ptx"][arch]).write_text(text)
-        np.savez(directory / runtime.WEIGHTS, **self.weights)
+        np.savez(directory / runtime.WEIGHTS, **self.weights)  # type: ignore[arg-type]
         (directory / runtime.PLAN).write_text(json.dumps(self.plan, indent=1))
         return [runtime.PLAN, self.plan["source"], *self.plan.get("ptx", {}).values(), runtime.WEIGHTS]
 

@@ -130,9 +130,10 @@ def convert_window_mean(node: fx.Node, importer: Any) -> Any:
 
     from bitcompiler import kernels
 
-    x = importer.env[node.args[0]]
+    args: Any = node.args
+    x = importer.env[args[0]]
     m, c, h, w = cpu_lower._shape(x)
-    kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in node.args[1:5])
+    kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in args[1:5])
     prim = kernels.window_mean_kernel(
         int(c), int(h), int(w), kernel, stride, padding, bool(include_pad), _TARGET_KIND
     )

@@ -190,9 +190,8 @@ class CUDAProgram(Program):
                 self.mem[a["buffer"]] if "buffer" in a else np.dtype(a["dtype"]).type(a["scalar"])
                 for a in launch["args"]
             )
-            self.launches.append(
-                (fn, tuple(launch["grid"]), tuple(launch["block"]), args, int(launch["shared"]))
-            )
+            grid, block = tuple(launch["grid"]), tuple(launch["block"])
+            self.launches.append((launch["kernel"], fn, grid, block, args, int(launch["shared"])))
 
     def inputs(self) -> list[Any]:
         """The device arrays the inputs are read from (write them in place to skip host copies)."""
@@ -203,7 +202,7 @@ class CUDAProgram(Program):
 
     def launch(self) -> None:
         """Run every kernel once on the current stream (no copies, no synchronization)."""
-        for fn, grid, block, args, shared in self.launches:
+        for _name, fn, grid, block, args, shared in self.launches:
             fn(grid, block, args, shared_mem=shared)
 
     def __call__(self, inputs: list[Any]) -> list[np.ndarray]:
