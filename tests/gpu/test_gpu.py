@@ -209,3 +209,50 @@ def test_memory_plan_reuses_without_overlap() -> None:
                     i,
                     j,
                 )
+
+
+class DenseBN(nn.Module):
+    """W1A1 dense layers with BatchNorm between them (folded into thresholds or scales)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.na = nn.Linear(256, 128), nn.BatchNorm1d(128)
+        self.b, self.nb = nn.Linear(128, 192), nn.BatchNorm1d(192)
+        self.c = nn.Linear(192, 10)
+
+    def forward(self, x):
+        return self.c(self.nb(self.b(self.na(self.a(x)))))
+
+
+def _dense_bn() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(7)
+    model = DenseBN().eval()
+    for bn in (model.na, model.nb):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+    return model, torch.randn(64, 256)
+
+
+@needs_opencl
+def test_opencl_w1a1_dense_tiled_bit_exact() -> None:
+    model, x = _dense_bn()
+    cm = _compile(model, x, "opencl", "binary:act=binary,first_last=quantize")
+    tiled = [
+        k
+        for k in cm._runner.plan["launches"]
+        if "bitc_dense_binary" in k["kernel"] and k["block"] == [16, 16, 1]
+    ]
+    assert tiled, "no W1A1 dense kernel got the shared-memory tiled schedule"
+    assert torch.equal(cm(x), cm.reference(x))
+
+
+@needs_nvcc
+def test_cuda_w1a1_dense_tiled_ptx() -> None:
+    model, x = _dense_bn()
+    cm = _compile(model, x, "cuda", "binary:act=binary,first_last=quantize")
+    runner = cm._runner
+    assert "__shared__" in runner.source and "__popc" in runner.source
+    ptx = runner.ptx["sm_80"]
+    name = next(k["kernel"] for k in runner.plan["launches"] if k["block"] == [16, 16, 1])
+    body = ptx[ptx.index(f".entry {name}(") :]
+    assert "popc.b32" in body[: body.index("\n}\n")]

@@ -84,7 +84,12 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     spec = kernels.DenseSpec(k, n, bits, code, act, bool(has_offset), bool(threshold))
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
     inputs = _quantized_input(bb, x2, act, None, kw)
-    prim = kernels.dense_kernel(spec, _TARGET_KIND)
+    if act == "binary" and code == "pm1" and bits == 1:
+        from bitcompiler.kernels.gpu import w1a1_dense_func
+
+        prim = w1a1_dense_func(spec)  # no word views: its GPU schedule stages rows in shared memory
+    else:
+        prim = kernels.dense_kernel(spec, _TARGET_KIND)
     y = _emit(
         bb, prim, name, inputs + _epilogue(env, args, threshold), relax.TensorType((rows, n), "float32")
     )
