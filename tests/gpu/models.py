@@ -30,7 +30,7 @@ class SmallResNet(nn.Module):
     def forward(self, x):
         x = F.relu(self.bn0(self.stem(x)))
         x = F.relu(x + self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
-        x = F.relu(self.bn3(self.down(x)))
+        x = F.max_pool2d(F.relu(self.bn3(self.down(x))), 2, 2)
         return self.fc(x.mean((2, 3)))
 
 
@@ -44,7 +44,7 @@ class Depthwise(nn.Module):
 
     def forward(self, x):
         x = F.relu(self.stem(x))
-        x = F.relu(self.bn1(self.dw(x)))
+        x = F.avg_pool2d(F.relu(self.bn1(self.dw(x))), 2)
         x = F.relu(self.bn2(self.pw(x)))
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 

@@ -8,6 +8,7 @@ weight streams) are left out: every kernel reads the layer's planes as they are 
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any
 
@@ -19,7 +20,8 @@ from bitcompiler.backends import lower_pool
 from bitcompiler.errors import LoweringError
 from bitcompiler.ops import conv_out_size
 
-_TARGET_KIND = "cuda"  # the kind the kernel builders see while converting (set by to_relax_gpu)
+# the target kind the kernel builders see while converting (set by to_relax_gpu)
+_KIND: contextvars.ContextVar[str] = contextvars.ContextVar("bitc_gpu_kind", default="cuda")
 
 
 def _emit(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
@@ -41,7 +43,7 @@ def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: int) 
     if act == "float":
         return [x]
     if act == "int8":
-        prim = kernels.quantize_rows_int8(tuple(rest), _TARGET_KIND)
+        prim = kernels.quantize_rows_int8(tuple(rest), _KIND.get())
         out = _emit(
             bb,
             prim,
@@ -52,10 +54,10 @@ def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: int) 
         return [bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))]
     if nchw is None:
         (k,) = rest
-        prim = kernels.pack_sign_rows(k, _TARGET_KIND)
+        prim = kernels.pack_sign_rows(k, _KIND.get())
         return [_emit(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words), "int32"))]
     c, h, w, groups = nchw
-    prim = kernels.pack_sign_nchw(c, h, w, groups, _TARGET_KIND)
+    prim = kernels.pack_sign_nchw(c, h, w, groups, _KIND.get())
     ty = relax.TensorType((m, h, w, groups, words), "int32")
     return [_emit(bb, prim, "bitc_pack_sign_nchw", [x], ty)]
 
@@ -89,7 +91,7 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
 
         prim = w1a1_dense_func(spec)  # no word views: its GPU schedule stages rows in shared memory
     else:
-        prim = kernels.dense_kernel(spec, _TARGET_KIND)
+        prim = kernels.dense_kernel(spec, _KIND.get())
     y = _emit(
         bb, prim, name, inputs + _epilogue(env, args, threshold), relax.TensorType((rows, n), "float32")
     )
@@ -116,7 +118,7 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     oh = conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1])
     name = f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}" + ("_thr" if threshold else "")
-    prim = kernels.conv2d_kernel(spec, _TARGET_KIND)
+    prim = kernels.conv2d_kernel(spec, _KIND.get())
     kargs = inputs + _epilogue(env, args, threshold)
     return _emit(bb, prim, name, kargs, relax.TensorType((m, o, oh, ow), "float32"))
 
@@ -140,7 +142,7 @@ def convert_window_mean(node: fx.Node, importer: Any) -> Any:
     m, c, h, w = cpu_lower._shape(x)
     kernel, stride, padding, include_pad = (tuple(a) if isinstance(a, list) else a for a in args[1:5])
     prim = kernels.window_mean_kernel(
-        int(c), int(h), int(w), kernel, stride, padding, bool(include_pad), _TARGET_KIND
+        int(c), int(h), int(w), kernel, stride, padding, bool(include_pad), _KIND.get()
     )
     oh = conv_out_size(int(h), kernel[0], stride[0], padding[0], 1)
     ow = conv_out_size(int(w), kernel[1], stride[1], padding[1], 1)
@@ -173,8 +175,7 @@ def to_relax_gpu(ep: torch.export.ExportedProgram, kind: str) -> Any:
     """ExportedProgram -> Relax IRModule whose bitc kernels are the plain TIR for target ``kind``."""
     from tvm.relax.frontend.torch import from_exported_program
 
-    global _TARGET_KIND
-    _TARGET_KIND = kind
+    token = _KIND.set(kind)
     try:
         return from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
     except LoweringError:
@@ -185,3 +186,5 @@ def to_relax_gpu(ep: torch.export.ExportedProgram, kind: str) -> Any:
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}. Replace that op in the model or "
             "report it; the PyTorch reference (CompiledModel.reference) still runs."
         ) from e
+    finally:
+        _KIND.reset(token)
