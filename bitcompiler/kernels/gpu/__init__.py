@@ -43,7 +43,11 @@ def schedule_bit_kernel(func: Any, threads: int = THREADS) -> s_tir.Schedule | N
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if not names <= {"Y", *PRODUCERS}:
         return None  # not a bit kernel's shape: dlight's rules schedule it
-    fused = sch.fuse(*sch.get_loops(y))
+    loops = sch.get_loops(y)
+    extents = [_static(sch.get(loop).extent) for loop in loops]
+    if names == {"acc", "Y"} and len(loops) == 4 and extents[1] is not None and extents[1] % CONV_TO == 0:
+        return _schedule_conv_blocked(sch, y, acc, threads)
+    fused = sch.fuse(*loops)
     bx, tx = sch.split(fused, [None, threads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
@@ -52,6 +56,29 @@ def schedule_bit_kernel(func: Any, threads: int = THREADS) -> s_tir.Schedule | N
         if b is not None:
             sch.compute_at(b, tx, preserve_unit_loops=True)
             sch.set_scope(b, 0, "local")
+    return sch
+
+
+CONV_TO = 4  # output channels per thread in a conv: each activation word loaded once for all four
+
+
+def _schedule_conv_blocked(sch: s_tir.Schedule, y: Any, acc: Any, threads: int) -> s_tir.Schedule:
+    """A conv (``Y (M, O, OH, OW)``): one thread per pixel and ``CONV_TO`` output channels, their
+    accumulators in registers, the channel loop innermost so each input word serves all of them."""
+    m, o, oh, ow = sch.get_loops(y)
+    oo, oi = sch.split(o, [None, CONV_TO])
+    sch.reorder(m, oo, oh, ow, oi)
+    bx, tx = sch.split(sch.fuse(m, oo, oh, ow), [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.compute_at(acc, tx, preserve_unit_loops=False)
+    sch.set_scope(acc, 0, "local")
+    inner = sch.get_loops(acc)[2:]  # under bx, tx: the CONV_TO channels, then the reduction
+    sch.decompose_reduction(acc, inner[0])
+    update = sch.get_loops(acc)[2:]
+    sch.reorder(*update[1:], update[0])
+    sch.unroll(update[0])
+    sch.unroll(sch.get_loops(y)[-1])
     return sch
 
 
