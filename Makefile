@@ -11,13 +11,14 @@ STAMP := $(VENV)/.setup-stamp
 # torch goes in first and alone: on an empty venv a bare `torch` requirement pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 EXTRAS := dev,bench,repro
-# Debian packages: Fashion-MNIST IDX files, and the Cortex-M toolchain and emulator.
-APT_PACKAGES := dataset-fashion-mnist gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
+# Debian packages: Fashion-MNIST IDX files, the Cortex-M toolchain and emulator, and pocl (OpenCL on
+# the CPU: tests/gpu run the generated OpenCL kernels on it).
+APT_PACKAGES := dataset-fashion-mnist gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm pocl-opencl-icd
 TEST_ENV := BITC_DEBUG=1 TVM_NUM_THREADS=2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test test-slow test-zoo fuzz demo lint bench zoo constraints clean distclean
+.PHONY: help setup system-deps test test-slow test-zoo test-gpu fuzz demo lint bench zoo constraints clean distclean
 
 help:
 	@echo "make setup       create $(VENV) (if missing) and install bitcompiler[$(EXTRAS)] + system packages"
@@ -28,6 +29,7 @@ help:
 	@echo "make bench       run the benchmarks (python -m bench)"
 	@echo "make zoo         time 45 third-party architectures x 4 schemes (python -m bench wild)"
 	@echo "make test-zoo    the zoo as a test: compile, exactness and storage on every architecture"
+	@echo "make test-gpu    on a GPU machine: exported CUDA plans == reference, timings vs torch (python -m bench --gpu)"
 	@echo "make fuzz        hypothesis-generated models vs their reference, BITC_FUZZ_EXAMPLES=500 (make test runs 50)"
 	@echo "make constraints rewrite constraints.txt from the venv's pip freeze"
 	@echo "make clean       remove caches and build artifacts (keeps $(VENV))"
@@ -85,6 +87,11 @@ bench: setup
 # the zoo of third-party architectures (pytorchcv, random weights) x four schemes: BENCHMARKS.md's wild table
 zoo: setup
 	$(PY) -m bench wild
+
+# on a GPU machine (CuPy and CUDA torch, no TVM needed): exported CUDA plans == reference, and timings
+# against torch._int_mm / torch fp16; prepare the artifacts first with `python -m bench.gpu prepare`
+test-gpu:
+	$(PYTHON) -m bench --gpu $(GPU_ARTIFACTS)
 
 # the zoo as a test: every model compiles under every scheme and agrees with its reference (~40 min)
 test-zoo: setup

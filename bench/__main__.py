@@ -206,6 +206,10 @@ def targets_table(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     """Run the named groups (all by default) and rewrite BENCHMARKS.md; ``render`` only rewrites it."""
+    if argv[:1] == ["--gpu"]:  # on a GPU machine, without TVM: bench/gpu.py
+        from bench.gpu import main as gpu_main
+
+        return gpu_main(argv[1:])
     results_path = ROOT / "bench" / "results.json"
     previous = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     if argv == ["render"]:

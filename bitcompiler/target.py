@@ -130,7 +130,8 @@ def _discover() -> None:
 def target_names() -> list[str]:
     """Every target name a registered backend compiles for, the default first."""
     _discover()
-    return sorted(_TARGETS, key=lambda n: n != DEFAULT)
+    # the default, then by family (whatever imported its package first), in each family's own order
+    return sorted(_TARGETS, key=lambda n: (n != DEFAULT, _TARGETS[n]))
 
 
 def backend_for(target: Target) -> Backend:

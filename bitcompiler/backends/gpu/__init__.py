@@ -1,0 +1,175 @@
+"""GPU backend: targets ``cuda`` (option ``arch``, default sm_80) and ``opencl``.
+
+>>> import torch, bitcompiler as bc
+>>> net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+>>> cm = bc.compile(net, (torch.randn(8, 64),), target="opencl", scheme="binary:act=binary")  # doctest: +SKIP
+>>> cm(torch.randn(8, 64)).shape  # doctest: +SKIP
+torch.Size([8, 10])
+
+The graph is lowered as for the CPU (:mod:`.lower`: the same TIR compute definitions), scheduled
+for the GPU, and turned into a launch plan (:mod:`.build`) that runs without TVM
+(:mod:`.runtime`: pyopencl or CuPy). The batch is static: the example's batch is the one calls use.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Runner, Target, register_backend
+from bitcompiler.backends.gpu import runtime
+from bitcompiler.backends.gpu.target import FAMILIES, PTX_ARCHS, arch_of, check, tvm_target
+from bitcompiler.errors import InputError, ToolchainError, ToolchainMissing
+
+__all__ = ["FAMILIES", "GPUBackend", "GPURunner", "compile_ptx"]
+
+SOURCE = {"cuda": "kernels.cu", "opencl": "kernels.cl"}
+# OpenCL: contract no a*b+c into one rounding (the reference rounds twice)
+OPENCL_PRELUDE = "#pragma OPENCL FP_CONTRACT OFF\n"
+
+
+class GPURunner(Runner):
+    """A plan (kernel source, launches, buffers, weights) and, on first call, its device program."""
+
+    def __init__(
+        self, plan: dict, source: str, weights: dict[str, np.ndarray], ptx: dict[str, str] | None = None
+    ) -> None:
+        self.plan, self.source, self.weights = plan, source, weights
+        self.ptx = ptx or {}
+        self._program: runtime.Program | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self.report_extra = {"batch": f"fixed at {plan['batch']}: GPU targets compile for a static batch"}
+
+    def __call__(self, inputs: list[Any]) -> list[Any]:
+        import torch
+
+        batch = self.plan["batch"]
+        for i, x in enumerate(inputs):
+            if x.shape[0] != batch:
+                raise InputError(
+                    f"input {i}: this model was compiled for {self.plan['target']} with a fixed batch of {batch} "
+                    f"(GPU targets are compiled for a static batch), got batch {x.shape[0]}; compile again "
+                    f"with an example of batch {x.shape[0]}"
+                )
+        if self._program is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="bitc-gpu-")
+            self._write(Path(self._dir.name))
+            self._program = runtime.load(self._dir.name)
+        outs = self._program([x.numpy() for x in inputs])
+        return [torch.from_numpy(o) for o in outs]
+
+    def _write(self, directory: Path) -> list[str]:
+        (directory / self.plan["source"]).write_text(self.source)
+        for arch, text in self.ptx.items():
+            (directory / self.plan["ptx"][arch]).write_text(text)
+        np.savez(directory / runtime.WEIGHTS, **self.weights)  # type: ignore[arg-type]
+        (directory / runtime.PLAN).write_text(json.dumps(self.plan, indent=1))
+        return [runtime.PLAN, self.plan["source"], *self.plan.get("ptx", {}).values(), runtime.WEIGHTS]
+
+    def export(self, directory: Path) -> list[str]:
+        return self._write(directory)
+
+
+def compile_ptx(source: str, arch: str) -> str:
+    """``source`` (CUDA C) compiled to PTX for ``arch`` by nvcc, without FMA contraction."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise ToolchainMissing("nvcc is not on PATH: install the CUDA toolkit to build PTX")
+    with tempfile.TemporaryDirectory(prefix="bitc-ptx-") as d:
+        cu, ptx = Path(d) / "kernels.cu", Path(d) / "kernels.ptx"
+        cu.write_text(source)
+        cmd = [nvcc, "-ptx", f"-arch={arch}", "--fmad=false", "-o", str(ptx), str(cu)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ToolchainError(
+                f"nvcc -arch={arch} failed on the generated CUDA source:\n{done.stderr[-4000:]}"
+            )
+        return ptx.read_text()
+
+
+@register_backend
+class GPUBackend(Backend):
+    """Builds the ``cuda`` and ``opencl`` targets (family ``gpu``)."""
+
+    family = "gpu"
+    targets = tuple(FAMILIES)
+
+    def tvm_target(self, target: Target) -> Any:
+        return tvm_target(target)
+
+    def capabilities(self, target: Target) -> Capabilities:
+        # 32-bit words and popcount on every OpenCL 1.2 / CUDA device; no host SIMD kernels
+        return Capabilities(
+            frozenset({"popcount"}), word_bits=32, vector_bits=0, missing_kernels=frozenset({"tiled_conv2d"})
+        )
+
+    def build(self, inp: BuildInput, target: Target) -> GPURunner:
+        """Compile the rewritten graph for the example's (static) batch."""
+        import torch
+
+        gm, exported, example_inputs = inp.graph, inp.exported, inp.example_inputs
+
+        from bitcompiler.backends.gpu.lower import to_relax_gpu
+        from bitcompiler.backends.lower import LoweringError
+        from bitcompiler.capture import first_line
+
+        check(target)
+        del exported  # its batch is symbolic; a GPU plan is static
+        try:
+            static = torch.export.export(gm, tuple(example_inputs))
+        except Exception as e:
+            raise LoweringError(f"torch.export of the rewritten graph failed: {first_line(e)}") from e
+        mod = to_relax_gpu(static, "cuda" if target.name == "cuda" else "opencl")
+        return self.build_module(mod, target, batch=int(example_inputs[0].shape[0]))
+
+    def build_module(self, mod: Any, target: Target, batch: int = 0) -> GPURunner:
+        """The runner of a Relax module ``mod`` (bitc kernels already lowered) on ``target``."""
+        from bitcompiler.backends.gpu import build
+
+        tgt = tvm_target(target)
+        scheduled = build.relax_to_scheduled(mod, tgt)
+        bufs, calls, inputs, outputs = build.walk_main(scheduled)
+        host, device, params = build.lower_kernels(scheduled, tgt, {name for name, _ in calls})
+        launches = []
+        for i, (name, args) in enumerate(calls):
+            kernels, workspaces = build.kernel_launches(host, device, params, name, args, bufs)
+            launches += kernels
+            calls[i] = (name, [*args, *workspaces])  # live during this call only
+        arena = build.plan_memory(bufs, calls)
+        source = build.device_source(host, device, tgt)
+        if target.name == "opencl":
+            source = OPENCL_PRELUDE + source
+        plan: dict[str, Any] = {
+            "format": runtime.FORMAT,
+            "target": target.name,
+            "batch": batch or int(bufs.entries[inputs[0]]["shape"][0]),
+            "source": SOURCE[target.name],
+            "weights": runtime.WEIGHTS,
+            "buffers": bufs.entries,
+            "arena_bytes": arena,
+            "inputs": inputs,
+            "outputs": outputs,
+            "launches": launches,
+        }
+        ptx: dict[str, str] = {}
+        if target.name == "cuda":
+            plan["arch"] = arch_of(target)
+            if shutil.which("nvcc"):
+                archs = dict.fromkeys([*PTX_ARCHS, plan["arch"]])
+                ptx = {a: compile_ptx(source, a) for a in archs}
+            plan["ptx"] = {a: f"kernels.{a}.ptx" for a in ptx}
+        return GPURunner(plan, source, bufs.weights, ptx)
+
+    def load(self, directory: Path, target: Target) -> GPURunner:
+        plan = runtime.read_plan(directory)
+        source = (directory / plan["source"]).read_text()
+        ptx = {a: (directory / f).read_text() for a, f in plan.get("ptx", {}).items()}
+        with np.load(directory / plan["weights"]) as npz:
+            weights = {k: npz[k] for k in npz.files}
+        return GPURunner(plan, source, weights, ptx)

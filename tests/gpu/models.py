@@ -1,0 +1,108 @@
+"""Models the GPU tests compile (none of them was used to develop the GPU schedules)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TwoHiddenMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(40, 72), nn.Linear(72, 64), nn.Linear(64, 7)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+class SmallResNet(nn.Module):
+    """Conv + BatchNorm + a residual add + global average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.c1, self.bn1 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.c2, self.bn2 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.down, self.bn3 = nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 6)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
+        x = F.max_pool2d(F.relu(self.bn3(self.down(x))), 2, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.dw, self.bn1 = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(32)
+        self.pw, self.bn2 = nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.avg_pool2d(F.relu(self.bn1(self.dw(x))), 2)
+        x = F.relu(self.bn2(self.pw(x)))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class BinaryBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.hardtanh(self.b1(self.c1(x)))
+        y = self.b2(self.c2(y))
+        return F.hardtanh(y + (x if self.short is None else self.short(x)))
+
+
+class BinaryResNet(nn.Module):
+    """ResNet-ish binary CNN (CIFAR-sized input): stem, ``widths`` stages of one block each, head."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64), classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0])
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(BinaryBlock(cin, w, 1 if i == 0 else 2))
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = F.hardtanh(self.bn(self.stem(x)))
+        x = self.blocks(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def randomize_bn(model: nn.Module, seed: int = 3) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+MODELS = {
+    "mlp": (TwoHiddenMLP, (4, 40)),
+    "resnet": (SmallResNet, (2, 3, 10, 10)),
+    "depthwise": (Depthwise, (2, 3, 8, 8)),
+    "binary_resnet": (BinaryResNet, (2, 3, 16, 16)),
+}
+
+
+def make(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    cls, shape = MODELS[name]
+    return randomize_bn(cls()), torch.randn(*shape)

@@ -1,0 +1,258 @@
+"""GPU targets without a GPU: OpenCL kernels run on pocl (the CPU) against the reference, the CUDA
+source compiles to PTX with nvcc, and exported plans run with TVM's import blocked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bitcompiler as bc
+from bitcompiler.backends.gpu import build as gpu_build
+from bitcompiler.errors import InputError, LoweringError, TargetError, ToolchainMissing
+from tests.conftest import assert_close
+from tests.gpu.models import make
+
+try:
+    import pyopencl as cl
+
+    _DEVICES = [d for p in cl.get_platforms() for d in p.get_devices()]
+    _NO_OPENCL = "" if _DEVICES else "no OpenCL device (apt-get install pocl-opencl-icd)"
+except Exception as e:  # noqa: BLE001 - ImportError, or the ICD loader finding no platform
+    _NO_OPENCL = f"pyopencl/an OpenCL driver unavailable ({type(e).__name__}): pip install pyopencl, apt-get install pocl-opencl-icd"
+
+needs_opencl = pytest.mark.skipif(bool(_NO_OPENCL), reason=_NO_OPENCL)
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH (CUDA toolkit)")
+
+W1A1 = "binary:act=binary"
+# (model, scheme, exact): exact where every layer's accumulator is an integer and no float op
+# (a float conv, a mean) sits between them
+CASES = [
+    ("mlp", W1A1, True),
+    ("mlp", "binary", False),
+    ("mlp", "uniform:bits=2,act=8", True),
+    ("resnet", W1A1, False),
+    ("resnet", "binary", False),
+    ("resnet", "uniform:bits=2,act=8", False),
+    ("depthwise", W1A1, False),
+    ("depthwise", "uniform:bits=2,act=8", False),
+    ("binary_resnet", W1A1, False),
+    ("binary_resnet", "binary", False),
+]
+
+
+def _compile(model: nn.Module, x: torch.Tensor, target: str, scheme: str) -> bc.CompiledModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bc.compile(model, (x,), target=target, scheme=scheme)
+
+
+@needs_opencl
+@pytest.mark.parametrize(("name", "scheme", "exact"), CASES, ids=[f"{n}-{s}" for n, s, _ in CASES])
+def test_opencl_matches_reference(name: str, scheme: str, exact: bool) -> None:
+    model, x = make(name)
+    cm = _compile(model, x, "opencl", scheme)
+    x2 = torch.randn_like(x)  # not the example: nothing is specialized to its values
+    for inp in (x, x2):
+        got, ref = cm(inp), cm.reference(inp)
+        if exact:
+            assert torch.equal(got, ref), (got - ref).abs().max()
+        else:
+            assert_close(got, ref)
+
+
+class W1A1Convs(nn.Module):
+    """Binary convs only (the input binarized too): every output is an integer accumulator times
+    the layer's scale, so OpenCL must agree bit for bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(8, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.c2 = nn.Conv2d(32, 40, 3, stride=2, padding=1, bias=False)
+        self.c3 = nn.Conv2d(40, 40, 3, padding=1, groups=40, bias=False)  # depthwise
+
+    def forward(self, x):
+        return self.c3(
+            torch.nn.functional.hardtanh(self.c2(torch.nn.functional.hardtanh(self.b1(self.c1(x)))))
+        )
+
+
+@needs_opencl
+def test_opencl_w1a1_conv_and_depthwise_bit_exact() -> None:
+    torch.manual_seed(5)
+    from tests.gpu.models import randomize_bn
+
+    model, x = randomize_bn(W1A1Convs()), torch.randn(3, 8, 9, 9)
+    cm = _compile(model, x, "opencl", "binary:act=binary,first_last=quantize")
+    assert any("bitc_conv2d_binary" in launch["kernel"] for launch in cm._runner.plan["launches"])
+    assert torch.equal(cm(x), cm.reference(x))
+
+
+@pytest.fixture(scope="module")
+def cuda_binary_resnet() -> tuple[bc.CompiledModel, torch.Tensor]:
+    model, x = make("binary_resnet")
+    return _compile(model, x, "cuda", W1A1), x
+
+
+@needs_nvcc
+def test_cuda_ptx_for_three_archs_with_popc(cuda_binary_resnet, tmp_path: Path) -> None:
+    cm, _x = cuda_binary_resnet
+    out = cm.export(tmp_path / "cuda")
+    plan = json.loads((out / "plan.json").read_text())
+    assert sorted(plan["ptx"]) == ["sm_75", "sm_80", "sm_90"]
+    source = (out / "kernels.cu").read_text()
+    binary = [k["kernel"] for k in plan["launches"] if "_binary_" in k["kernel"]]
+    assert binary, "no W1A1 kernel in the plan"
+    for arch, name in plan["ptx"].items():
+        ptx = (out / name).read_text()
+        assert f".target {arch}" in ptx
+        for kernel in binary:  # every W1A1 kernel counts bits with the popc instruction
+            body = ptx[ptx.index(f".entry {kernel}(") :]
+            body = body[: body.index("\n}\n")]
+            assert "popc.b32" in body, (arch, kernel)
+    assert "__popc" in source
+
+
+def test_cuda_runs_through_cupy_or_names_what_is_missing(cuda_binary_resnet) -> None:
+    cm, x = cuda_binary_resnet
+    try:
+        import cupy
+
+        assert cupy.cuda.Device().compute_capability
+    except Exception:  # noqa: BLE001 - no CuPy, or no GPU for it
+        with pytest.raises(ToolchainMissing, match="CuPy|CUDA device"):
+            cm(x)
+        return
+    assert_close(cm(x), cm.reference(x))
+
+
+@needs_opencl
+def test_export_runs_without_tvm(tmp_path: Path) -> None:
+    model, x = make("binary_resnet")
+    cm = _compile(model, x, "opencl", W1A1)
+    out = cm.export(tmp_path / "ocl")
+    assert {"plan.json", "kernels.cl", "weights.npz"} <= {p.name for p in out.iterdir()}
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "ref.npy", cm.reference(x).numpy())
+    script = f"""
+import sys
+sys.modules["tvm"] = None  # any import of tvm now raises ImportError
+import numpy as np, torch
+import bitcompiler as bc
+from bitcompiler.backends.gpu import runtime
+x, ref = np.load({str(tmp_path / "x.npy")!r}), np.load({str(tmp_path / "ref.npy")!r})
+[y] = runtime.load({str(out)!r})([x])
+scale = np.abs(ref).max()
+assert np.abs(y - ref).max() <= 1e-5 * scale, np.abs(y - ref).max()
+y2 = bc.load({str(out)!r})(torch.from_numpy(x)).numpy()
+assert np.array_equal(y, y2)
+assert not any(m == "tvm" or m.startswith("tvm.") for m in sys.modules if sys.modules[m] is not None)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_bad_targets_and_calls_raise_clear_errors() -> None:
+    model, x = make("mlp")
+    with pytest.raises(TargetError, match="sm_75 or newer"):
+        bc.compile(model, (x,), target=bc.Target("cuda", arch="sm_50"))
+    with pytest.raises(TargetError, match="unknown option"):
+        bc.compile(model, (x,), target=bc.Target("opencl", arch="sm_80"))
+    with pytest.raises(LoweringError, match="no GPU kernel yet.*target='cpu'"):
+        _compile(
+            nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 8)),
+            torch.randn(2, 64),
+            "opencl",
+            "tiled:p=4,min_weights=1",
+        )
+
+
+@needs_opencl
+def test_static_batch_is_enforced() -> None:
+    model, x = make("mlp")
+    cm = _compile(model, x, "opencl", W1A1)
+    with pytest.raises(InputError, match="fixed batch of 4"):
+        cm(torch.randn(5, x.shape[1]))
+    assert "fixed at 4" in cm.report().extra["batch"]
+
+
+def test_memory_plan_reuses_without_overlap() -> None:
+    model, x = make("resnet")
+    cm = _compile(model, x, "cuda" if shutil.which("nvcc") else "opencl", W1A1)
+    plan = cm._runner.plan
+    temps = {i: b for i, b in enumerate(plan["buffers"]) if b["kind"] == "temp"}
+    steps: dict[int, list[int]] = {}
+    for step, launch in enumerate(plan["launches"]):
+        for a in launch["args"]:
+            if a.get("buffer") in temps:
+                steps.setdefault(a["buffer"], []).append(step)
+    assert plan["arena_bytes"] < sum(
+        -(-b["nbytes"] // gpu_build.ALIGN) * gpu_build.ALIGN for b in temps.values()
+    )
+    spans = {b: (min(s), max(s)) for b, s in steps.items()}
+    for i, (first_i, last_i) in spans.items():
+        for j, (first_j, last_j) in spans.items():
+            if i < j and first_i <= last_j and first_j <= last_i:
+                a, b = temps[i], temps[j]
+                assert a["offset"] + a["nbytes"] <= b["offset"] or b["offset"] + b["nbytes"] <= a["offset"], (
+                    i,
+                    j,
+                )
+
+
+class DenseBN(nn.Module):
+    """W1A1 dense layers with BatchNorm between them (folded into thresholds or scales)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.na = nn.Linear(256, 128), nn.BatchNorm1d(128)
+        self.b, self.nb = nn.Linear(128, 192), nn.BatchNorm1d(192)
+        self.c = nn.Linear(192, 10)
+
+    def forward(self, x):
+        return self.c(self.nb(self.b(self.na(self.a(x)))))
+
+
+def _dense_bn() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(7)
+    model = DenseBN().eval()
+    for bn in (model.na, model.nb):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+    return model, torch.randn(64, 256)
+
+
+@needs_opencl
+def test_opencl_w1a1_dense_tiled_bit_exact() -> None:
+    model, x = _dense_bn()
+    cm = _compile(model, x, "opencl", "binary:act=binary,first_last=quantize")
+    tiled = [
+        k
+        for k in cm._runner.plan["launches"]
+        if "bitc_dense_binary" in k["kernel"] and k["block"] == [16, 16, 1]
+    ]
+    assert tiled, "no W1A1 dense kernel got the shared-memory tiled schedule"
+    assert torch.equal(cm(x), cm.reference(x))
+
+
+@needs_nvcc
+def test_cuda_w1a1_dense_tiled_ptx() -> None:
+    model, x = _dense_bn()
+    cm = _compile(model, x, "cuda", "binary:act=binary,first_last=quantize")
+    runner = cm._runner
+    assert "__shared__" in runner.source and "__popc" in runner.source
+    ptx = runner.ptx["sm_80"]
+    name = next(k["kernel"] for k in runner.plan["launches"] if k["block"] == [16, 16, 1])
+    body = ptx[ptx.index(f".entry {name}(") :]
+    assert "popc.b32" in body[: body.index("\n}\n")]
