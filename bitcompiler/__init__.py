@@ -22,7 +22,7 @@ from bitcompiler.errors import (
     TargetError,
     ToolchainError,
 )
-from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, graph_pass
+from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, fact_check, graph_pass
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report
 from bitcompiler.target import Target
@@ -87,6 +87,7 @@ __all__ = [
     "TuneOptions",
     "compile",
     "errors",
+    "fact_check",
     "graph_pass",
     "load",
     "prepare",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bitcompiler.passes.graph_utils import fresh_name, get_attr_value, is_call, module_of
-from bitcompiler.passes.pipeline import Pass, PassError
+from bitcompiler.passes.pipeline import PassError, fact_check, graph_pass
 
 aten = torch.ops.aten
 _LINEAR = (F.linear, torch._C._nn.linear, aten.linear.default)
@@ -198,4 +198,16 @@ def run(gm: fx.GraphModule, ctx: Any = None) -> fx.GraphModule:
     return gm
 
 
-canonicalize = Pass("canonicalize", run, frozenset({"traced"}), frozenset({"canonical"}))
+@fact_check("canonical")
+def _canonical(gm: fx.GraphModule) -> str | None:
+    """No dropout or identity left, and no functional linear/conv2d on a constant weight."""
+    for node in gm.graph.nodes:
+        if isinstance(module_of(gm, node), (nn.Dropout, nn.Identity)) or is_call(node, *_DROPOUT):
+            return f"`{node.name}` (dropout or identity) is left"
+        weight = _arg(node, 1, "weight", None) if is_call(node, *_LINEAR, *_CONV) else None
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            return f"`{node.name}` is a functional linear/conv2d on the constant `{weight.target}`"
+    return None
+
+
+canonicalize = graph_pass("canonicalize", requires={"traced"}, ensures={"canonical"})(run)

@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from bitcompiler.passes.graph_utils import finish, module_of, set_module
-from bitcompiler.passes.pipeline import Pass
+from bitcompiler.passes.pipeline import fact_check, graph_pass
 from bitcompiler.quant.modules import QUANT_LAYERS
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -52,4 +52,21 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
     return finish(gm)
 
 
-fold_batchnorm = Pass("fold_batchnorm", run, frozenset({"canonical"}), frozenset({"no_bn"}))
+@fact_check("bn_folded")
+def _bn_folded(gm: fx.GraphModule) -> str | None:
+    """No BatchNorm left right after a layer it folds into (the layer's only use). A BatchNorm
+    after anything else (an add, a ReLU: pre-activation nets) stays, a float op of the report."""
+    for node in gm.graph.nodes:
+        bn, prev = module_of(gm, node), node.args[0] if node.args else None
+        if not isinstance(bn, _BN) or bn.running_mean is None or not isinstance(prev, fx.Node):
+            continue
+        layer = module_of(gm, prev)
+        foldable = (isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or (
+            isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d)
+        )
+        if (foldable or isinstance(layer, QUANT_LAYERS)) and len(prev.users) == 1:
+            return f"BatchNorm `{node.name}` after `{prev.name}` is not folded"
+    return None
+
+
+fold_batchnorm = graph_pass("fold_batchnorm", requires={"canonical"}, ensures={"bn_folded"})(run)

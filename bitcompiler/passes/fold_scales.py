@@ -25,7 +25,7 @@ from bitcompiler.passes.graph_utils import (
     module_of,
     set_module,
 )
-from bitcompiler.passes.pipeline import Pass
+from bitcompiler.passes.pipeline import fact_check, graph_pass
 from bitcompiler.quant.bitlayers import BIT_LAYERS, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
 
@@ -126,4 +126,11 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
     return finish(gm)
 
 
-fold_scales = Pass("fold_scales", run, frozenset({"quantized"}), frozenset({"folded"}))
+@fact_check("folded")
+def _folded(gm: fx.GraphModule) -> str | None:
+    """Every quantized layer is a bit layer (integer codes + affine epilogue)."""
+    left = [str(n.target) for n in gm.graph.nodes if isinstance(module_of(gm, n), QUANT_LAYERS)]
+    return f"quantized layers {left} have no integer codes" if left else None
+
+
+fold_scales = graph_pass("fold_scales", requires={"quantized"}, ensures={"folded"})(run)

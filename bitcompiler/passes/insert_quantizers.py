@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from bitcompiler.passes.graph_utils import finish, module_of, set_module
-from bitcompiler.passes.pipeline import Pass, PassContext, PassError
+from bitcompiler.passes.pipeline import PassContext, PassError, fact_check, graph_pass
 from bitcompiler.quant.modules import QUANT_LAYERS, quantizable, quantize_layer
 
 
@@ -46,4 +46,17 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return finish(gm)
 
 
-insert_quantizers = Pass("insert_quantizers", run, frozenset({"canonical"}), frozenset({"quantized"}))
+@fact_check("quantized")
+def _quantized(gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    """Under a quantizing scheme every weighted layer is quantized or has a note saying why not."""
+    if not ctx.scheme.quantizes:
+        return None
+    noted = {str(name) for name, _ in ctx.notes}
+    for node in gm.graph.nodes:
+        m = module_of(gm, node)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and _weighted(m) and str(node.target) not in noted:
+            return f"layer `{node.target}` is neither quantized nor noted as kept float"
+    return None
+
+
+insert_quantizers = graph_pass("insert_quantizers", requires={"canonical"}, ensures={"quantized"})(run)

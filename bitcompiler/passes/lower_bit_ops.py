@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from bitcompiler.passes import exact_floats
 from bitcompiler.passes.graph_utils import module_of
-from bitcompiler.passes.pipeline import Pass, PassContext
+from bitcompiler.passes.pipeline import PassContext, fact_check, graph_pass
 from bitcompiler.quant.bitlayers import BIT_LAYERS
 from bitcompiler.quant.tiled_layers import TILED_LAYERS
 
@@ -41,4 +41,13 @@ def _lower_layer(gm: fx.GraphModule, node: fx.Node, m: nn.Module) -> None:
     gm.graph.erase_node(node)
 
 
-lower_bit_ops = Pass("lower_bit_ops", run, frozenset({"packed"}), frozenset({"bitc_ops"}))
+@fact_check("bitc_ops")
+def _bitc_ops(gm: fx.GraphModule) -> str | None:
+    """No bit or tiled layer module is called any more: each is a ``bitc`` op call."""
+    for n in gm.graph.nodes:
+        if isinstance(module_of(gm, n), (*BIT_LAYERS, *TILED_LAYERS)):
+            return f"layer `{n.target}` is still a module call"
+    return None
+
+
+lower_bit_ops = graph_pass("lower_bit_ops", requires={"packed"}, ensures={"bitc_ops"})(run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import fx
 
 from bitcompiler.passes.graph_utils import finish, module_of, set_module
-from bitcompiler.passes.pipeline import Pass
+from bitcompiler.passes.pipeline import fact_check, graph_pass
 from bitcompiler.quant.bitlayers import BIT_LAYERS, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
 
@@ -25,4 +25,14 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
     return finish(gm)
 
 
-pack_weights = Pass("pack_weights", run, frozenset({"quantized"}), frozenset({"packed"}))
+@fact_check("packed")
+def _packed(gm: fx.GraphModule) -> str | None:
+    """Every bit layer holds bit-planes (and no quantized layer is left unfolded)."""
+    for n in gm.graph.nodes:
+        m = module_of(gm, n)
+        if isinstance(m, QUANT_LAYERS) or (isinstance(m, BIT_LAYERS) and not m.packed):
+            return f"layer `{n.target}` is not packed"
+    return None
+
+
+pack_weights = graph_pass("pack_weights", requires={"quantized"}, ensures={"packed"})(run)

@@ -91,6 +91,45 @@ def graph_pass(
     return wrap
 
 
+FactCheck = Callable[..., "str | None"]
+_FACT_CHECKS: dict[str, FactCheck] = {}
+
+
+def fact_check(fact: str) -> Callable[[FactCheck], FactCheck]:
+    """Register how ``fact`` is checked on a graph: ``check(gm[, ctx])`` returns what breaks the
+    fact, or None. Under ``BITC_DEBUG`` the pipeline checks every fact a pass ensures after that pass runs,
+    built-in passes and user passes alike::
+
+        @fact_check("no_relu")
+        def _no_relu(gm):
+            bad = [n.name for n in gm.graph.nodes if n.target is torch.relu]
+            return f"relu left at {bad}" if bad else None
+    """
+
+    def wrap(fn: FactCheck) -> FactCheck:
+        _FACT_CHECKS[fact] = fn
+        return fn
+
+    return wrap
+
+
+def checked_facts() -> frozenset[str]:
+    """The facts that have a registered check."""
+    return frozenset(_FACT_CHECKS)
+
+
+def check_facts(gm: fx.GraphModule, p: Pass, ctx: PassContext | None = None, dump: str | None = None) -> None:
+    """Raise :class:`PassError` when ``gm`` breaks a fact ``p`` ensures (one with a check)."""
+    ctx = ctx or PassContext()
+    for fact in sorted(p.ensures):
+        check = _FACT_CHECKS.get(fact)
+        if check is None:
+            continue
+        broken = check(gm, ctx) if len(inspect.signature(check).parameters) >= 2 else check(gm)
+        if broken:
+            raise PassError(p.name, f"ensures {fact!r}, but {broken}", dump=dump)
+
+
 def check_order(passes: Sequence[Pass], initial: frozenset[str] = INITIAL_FACTS) -> None:
     """Raise PipelineError unless every pass's requirements are ensured by an earlier pass.
 
@@ -198,6 +237,7 @@ class Pipeline:
                 _dump(gm, Path(dump))
             if verify:
                 verify_graph(gm, p.name, ctx.example_inputs, dump)
+                check_facts(gm, p, ctx, dump)
             if timing:
                 print(f"[bitc] {p.name:<20} {1e3 * (time.perf_counter() - t0):8.1f} ms")
         return gm

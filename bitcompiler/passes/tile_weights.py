@@ -23,7 +23,7 @@ from typing import cast
 from torch import fx
 
 from bitcompiler.passes.graph_utils import finish, module_of, set_module
-from bitcompiler.passes.pipeline import Pass, PassContext, PassError
+from bitcompiler.passes.pipeline import PassContext, PassError, fact_check, graph_pass
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BIT_LAYERS, BitConv2d, BitLinear, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
@@ -93,4 +93,15 @@ def _per_channel(m) -> int:
 
 
 # requires only "quantized" (like pack_weights) so that Pipeline.default().without("fold_scales") still runs
-tile_weights = Pass("tile_weights", run, frozenset({"quantized"}), frozenset({"tiled"}))
+@fact_check("tiled")
+def _tiled(gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    """A layer given tiles is a tiled layer, or a note says why it is stored expanded."""
+    noted = {str(name) for name, _ in ctx.notes}
+    for n in gm.graph.nodes:
+        m = module_of(gm, n)
+        if isinstance(m, BIT_LAYERS) and getattr(m, "tiles", 1) > 1 and str(n.target) not in noted:
+            return f"layer `{n.target}` has p={m.tiles} tiles but is neither tiled nor noted"
+    return None
+
+
+tile_weights = graph_pass("tile_weights", requires={"quantized"}, ensures={"tiled"})(run)
