@@ -38,58 +38,49 @@ MAX_BITS = 7  # u8 codes up to 127: a vpmaddubsw pair sum (2 * 128 * 127) stays 
 LANES = 8  # int32 sums per 256-bit register
 
 
-@T.prim_func(s_tir=True)
-def _dot_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (8, 4), "uint8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot(kind: str) -> tirx.PrimFunc:
+    """``C[i] += sum_k A[k] * B[i, k]`` over 8 lanes x 4 bytes: the description (``kind="desc"``)
+    or its ``"avx2"`` / ``"vnni"`` implementation."""
 
+    @T.prim_func(s_tir=True)
+    def dot(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (8, 4), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            if kind == "desc":
+                for i in T.serial(0, 8):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+            elif kind == "avx2":  # u8 x s8 pairs summed in int16, then pairs of those in int32
+                word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+                pairs = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                    B.vload([0, 0], dtype="uint8x32"),
+                    T.reinterpret(T.broadcast(word, 8), dtype="int8x32"),
+                    dtype="int16x16",
+                )
+                C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    pairs,
+                    T.int16x16(1),
+                    dtype="int32x8",
+                )
+            else:  # vpdpbusd: four u8 x s8 products added into each int32 lane
+                word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+                C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+                    C.vload([0], dtype="int32x8"),
+                    B.vload([0, 0], dtype="uint8x32"),
+                    T.reinterpret(T.broadcast(word, 8), dtype="int8x32"),
+                    dtype="int32x8",
+                )
 
-@T.prim_func(s_tir=True)
-def _dot_avx2(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (8, 4), "uint8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-        x = T.reinterpret(T.broadcast(word, 8), dtype="int8x32")
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-            B.vload([0, 0], dtype="uint8x32"),
-            x,
-            dtype="int16x16",
-        )
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8"
-        )
-
-
-@T.prim_func(s_tir=True)
-def _dot_vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (8, 4), "uint8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
-            C.vload([0], dtype="int32x8"),
-            B.vload([0, 0], dtype="uint8x32"),
-            T.reinterpret(T.broadcast(word, 8), dtype="int8x32"),
-            dtype="int32x8",
-        )
+    return dot
 
 
 DOT_AVX2 = "bitc_dot_8x4_u8s8_avx2"
@@ -98,8 +89,8 @@ DOT_VNNI = "bitc_dot_8x4_u8s8_vnni"
 
 @functools.cache
 def _register() -> None:
-    s_tir.TensorIntrin.register(DOT_AVX2, _dot_desc, _dot_avx2)
-    s_tir.TensorIntrin.register(DOT_VNNI, _dot_desc, _dot_vnni)
+    s_tir.TensorIntrin.register(DOT_AVX2, _dot("desc"), _dot("avx2"))
+    s_tir.TensorIntrin.register(DOT_VNNI, _dot("desc"), _dot("vnni"))
 
 
 def _features(target: Any, *names: str) -> bool:
