@@ -24,6 +24,8 @@ from bitcompiler.target import Target
 
 CONVERTERS = {
     "adaptive_max_pool2d.default": lower_pool.convert_adaptive_max_pool2d,
+    "max_pool2d.default": lower_pool.convert_max_pool2d,
+    "max_pool2d_with_indices.default": lower_pool.convert_max_pool2d,
     "bit_linear.default": lower_bit.convert_bit_linear,
     "bit_conv2d.default": lower_bit.convert_bit_conv2d,
     "tiled_linear.default": lower_tiled.convert_tiled_linear,

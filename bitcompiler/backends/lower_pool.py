@@ -1,4 +1,5 @@
-"""Relax converters for pooling ops: ``adaptive_max_pool2d`` (which TVM's frontend lacks) and
+"""Relax converters for pooling ops: ``adaptive_max_pool2d`` (which TVM's frontend lacks),
+``max_pool2d`` with its default stride (which the frontend mistakes for no stride) and
 ``bitc::window_mean`` (average pooling in the reference's fixed summation order).
 
 Part of the CPU lowering (:mod:`bitcompiler.backends.lower` lists them in its converter table).
@@ -42,6 +43,24 @@ def convert_adaptive_max_pool2d(node: fx.Node, importer: Any) -> Any:
     if any(u.args[1] != 0 for u in node.users):
         raise LoweringError(f"`{node.name}`: the indices of adaptive_max_pool2d are not supported")
     return relax.Tuple([y, y])
+
+
+def convert_max_pool2d(node: fx.Node, importer: Any) -> Any:
+    """``max_pool2d(x, kernel, stride=[], padding, dilation, ceil_mode)``: ATen's empty stride
+    means the kernel size (``F.max_pool2d(x, 2, ceil_mode=True)``); the frontend passed it on
+    as no stride at all and TVM rejected it."""
+    args = list(importer.retrieve_args(node))
+    kernel = args[1]
+    stride = args[2] if len(args) > 2 and args[2] not in ([], ()) else kernel
+    rest = [args[i] if len(args) > i else d for i, d in ((3, 0), (4, 1), (5, False))]
+    y = importer._max_pool2d_impl(args[0], kernel, stride, *rest)
+    if "with_indices" in str(node.target):
+        if any(u.args[1] != 0 for u in node.users):
+            raise LoweringError(f"`{node.name}`: the indices of max_pool2d are not supported")
+        from tvm import relax
+
+        return importer.block_builder.emit(relax.Tuple([y, y]))
+    return y
 
 
 def convert_window_mean(node: fx.Node, importer: Any) -> Any:

@@ -66,6 +66,18 @@ def test_adaptive_max_pool2d_lowers_exactly(size):
     assert torch.equal(cm(x), model(x))
 
 
+def test_max_pool_with_the_default_stride_and_ceil_mode():
+    # ATen writes the default stride as []: TVM's frontend took it for no stride and failed
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(x, 2, ceil_mode=True) + F.max_pool2d(x, 3, 2, 1)[..., :5, :5].mean()
+
+    model = Pool().eval()
+    cm = bc.compile(model, (torch.randn(1, 4, 9, 9),), scheme="none")
+    x = torch.randn(3, 4, 9, 9)
+    assert torch.allclose(cm(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("scheme", ["binary", "uniform:bits=2,act=8", "uniform:bits=8,act=8"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_pointwise_convs_run_on_the_dense_kernels(scheme, stride):
