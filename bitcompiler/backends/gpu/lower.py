@@ -157,6 +157,8 @@ def _unsupported(what: str) -> Any:
 
 CONVERTERS = {
     "adaptive_max_pool2d.default": lower_pool.convert_adaptive_max_pool2d,
+    "max_pool2d.default": lower_pool.convert_max_pool2d,
+    "max_pool2d_with_indices.default": lower_pool.convert_max_pool2d,
     "bit_linear.default": convert_bit_linear,
     "bit_conv2d.default": convert_bit_conv2d,
     "tiled_linear.default": _unsupported("tiled linear"),
