@@ -140,15 +140,16 @@ class Report:
 
 
 def _stored_codes_bytes(m: Any) -> int:
-    """Bytes of a conv whose codes the CPU lowering stores in the integer conv's order, else 0
-    (the same rule: :func:`bitcompiler.kernels.conv_int8.stores_codes`, which reads no image size)."""
-    from bitcompiler.kernels import ConvSpec, conv_int8
+    """Bytes of a conv whose weights the CPU lowering stores in its kernel's order, else 0 (the
+    same rule: :func:`bitcompiler.kernels.stored_weights`, which reads no image size)."""
+    from bitcompiler.kernels import ConvSpec, stored_weights
 
     (kh, kw), (dh, dw) = m.kernel_size, m.dilation
     h, w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
     args = (m.in_channels, m.out_channels, h, w, tuple(m.kernel_size), (1, 1), (0, 0), tuple(m.dilation))
     spec = ConvSpec(*args, m.groups, m.bits, m.code, m.act, bool(m.has_offset), bool(m.threshold))
-    return conv_int8.codes_bytes(spec) if conv_int8.stores_codes(spec) else 0
+    stored = stored_weights(spec)
+    return stored[1] if stored is not None else 0
 
 
 def _stored_words(m: Any, target: str) -> int:

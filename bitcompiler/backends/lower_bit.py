@@ -172,7 +172,6 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     from tvm import relax
 
     from bitcompiler import kernels
-    from bitcompiler.kernels import conv_int8
 
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
@@ -193,10 +192,11 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
         "_thr" if a.threshold else ""
     )
     weights = constant_of(call.tensors["planes"])
-    if weights is not None and conv_int8.stores_codes(spec, kernel_target()):
-        # the codes stored as the integer conv reads them (same bits, 4-channel steps)
+    stored = kernels.stored_weights(spec, kernel_target()) if weights is not None else None
+    if weights is not None and stored is not None:
+        # the weights stored as the kernel reads them (same bits, no more padding than 5%)
         kargs = inputs + _epilogue_args(env, call)
-        kargs[len(inputs)] = relax.const(conv_int8.relayout_codes(spec, weights.numpy()))
+        kargs[len(inputs)] = relax.const(stored[0](spec, weights.numpy()))
         prim, name = kernels.stored_codes_conv_kernel(spec, kernel_target()), f"{name}_codes"
     else:
         kargs = inputs + _epilogue_args(env, call, bb, spec.cg)

@@ -23,7 +23,7 @@ stores the layers' weights in the order the kernels read (the same bits).
 """
 
 from bitcompiler.kernels.activations import pack_sign_nchw, pack_sign_rows, quantize_rows_int8
-from bitcompiler.kernels.conv import conv2d_kernel, stored_codes_conv_kernel
+from bitcompiler.kernels.conv import conv2d_kernel, stored_codes_conv_kernel, stored_weights
 from bitcompiler.kernels.dense import Relaid, dense_kernel, relaid_dense_kernel
 from bitcompiler.kernels.pooling import window_mean_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
@@ -55,6 +55,7 @@ __all__ = [
     "relaid_dense_kernel",
     "relaid_tiled_kernel",
     "stored_codes_conv_kernel",
+    "stored_weights",
     "tiled_conv_expand_kernel",
     "tiled_conv_stages",
     "tiled_expand_kernel",

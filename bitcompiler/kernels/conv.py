@@ -185,12 +185,12 @@ def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tens
 
 
 # --------------------------------------------------------------------------- decoded weights (CPU)
-def _decoded_direct(spec: ConvSpec) -> tirx.PrimFunc:
+def _decoded_direct(spec: ConvSpec, stored: bool = False) -> tirx.PrimFunc:
     """act="int8"/"float" on the CPU: the codes decoded once per call into the scheduled float conv
     core (:mod:`bitcompiler.kernels.conv_float`), accumulating in :func:`accumulator_type`."""
     from bitcompiler.kernels.conv_float import decoded_conv_func
 
-    return decoded_conv_func(spec, accumulator_type(spec), _output)
+    return decoded_conv_func(spec, accumulator_type(spec), _output, stored)
 
 
 def accumulator_type(spec: ConvSpec) -> str:
@@ -271,9 +271,28 @@ _cached_conv2d_kernel = functools.lru_cache(maxsize=256)(_conv2d_kernel)
 
 @functools.lru_cache(maxsize=256)
 def stored_codes_conv_kernel(spec: ConvSpec, target: str = "llvm") -> tirx.PrimFunc:
-    """The integer conv reading its codes in :func:`conv_int8.relayout_codes`' order (specs
-    :func:`conv_int8.stores_codes` accepts); buffers as :func:`conv2d_kernel`'s with ``P``
+    """The conv reading its weights as :func:`stored_weights` stores them (the integer conv's
+    codes, or the float core's sign bytes); buffers as :func:`conv2d_kernel`'s with ``P``
     replaced by those bytes."""
-    if not conv_int8.stores_codes(spec, target):
-        raise ValueError(f"no stored-codes conv kernel for {spec} on {target!r}")
-    return conv_int8.int8_conv_func(spec, _output, target, stored=True).with_attr("global_symbol", "main")
+    from bitcompiler.kernels.conv_float import stores_signs
+
+    if conv_int8.stores_codes(spec, target):
+        return conv_int8.int8_conv_func(spec, _output, target, stored=True).with_attr("global_symbol", "main")
+    if stores_signs(spec) and target_kind(target) == "llvm":
+        return _decoded_direct(spec, stored=True).with_attr("global_symbol", "main")
+    raise ValueError(f"no stored-codes conv kernel for {spec} on {target!r}")
+
+
+def stored_weights(spec: ConvSpec, target: Any = "llvm") -> tuple[Any, int] | None:
+    """How the CPU lowering stores this conv's weights when not as its planes: ``(relayout,
+    bytes)`` with ``relayout(spec, planes)`` giving the array :func:`stored_codes_conv_kernel`
+    reads, or None (the planes, or their compact stream)."""
+    from bitcompiler.kernels import conv_float
+
+    if target_kind(target) != "llvm":
+        return None
+    if conv_int8.stores_codes(spec, target):
+        return conv_int8.relayout_codes, conv_int8.codes_bytes(spec)
+    if conv_float.stores_signs(spec):
+        return conv_float.relayout_signs, conv_float.signs_bytes(spec)
+    return None

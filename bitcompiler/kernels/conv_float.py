@@ -219,7 +219,37 @@ def relayout_weights(spec: ConvSpec, weight: Any) -> Any:
     return np.ascontiguousarray(w.reshape(-1, vb, CG, KH, KW).transpose(0, 2, 3, 4, 1))
 
 
-def decoded_conv_func(spec: ConvSpec, acc_t: str, output: Callable) -> tirx.PrimFunc:
+def stores_signs(spec: ConvSpec) -> bool:
+    """Whether the lowering stores this conv's 1-bit pm1 weights as :func:`relayout_signs` bytes
+    (channel lanes, output channels padded to 8 by at most 5%): decoded 8 lanes at a time instead
+    of one gathered bit per weight. Depends on no image size (the report asks it per layer)."""
+    return (
+        spec.code == "pm1"
+        and spec.bits == 1
+        and spec.act in ("float", "int8")
+        and lanes(spec) > 0
+        and -(-spec.out_channels // 8) * 8 <= 1.05 * spec.out_channels
+    )
+
+
+def signs_bytes(spec: ConvSpec) -> int:
+    return -(-spec.out_channels // 8) * spec.cg * spec.kernel[0] * spec.kernel[1]
+
+
+def relayout_signs(spec: ConvSpec, planes: Any) -> Any:
+    """The plane ``P (1, O, KH, KW, CWg) int32`` as ``WB (O/8, CG, KH, KW) uint8``: bit ``t`` of
+    byte ``[j, c, kh, kw]`` is the sign bit of output channel ``8j + t`` (padding channels 0)."""
+    import numpy as np
+
+    O, CG, (KH, KW) = spec.out_channels, spec.cg, spec.kernel
+    bits = np.unpackbits(np.ascontiguousarray(planes[0]).view(np.uint8), axis=-1, bitorder="little")[..., :CG]
+    full = np.zeros((-(-O // 8) * 8, KH, KW, CG), np.uint8)
+    full[:O] = bits
+    by_lane = full.reshape(-1, 8, KH, KW, CG).transpose(0, 4, 2, 3, 1)  # (O/8, CG, KH, KW, 8)
+    return np.ascontiguousarray(np.packbits(by_lane, axis=-1, bitorder="little")[..., 0])
+
+
+def decoded_conv_func(spec: ConvSpec, acc_t: str, output: Callable, stored: bool = False) -> tirx.PrimFunc:
     """The bit conv (``act`` float or int8) on this core: ``P int32 (B,O,KH,KW,CWg)`` decoded to
     ``acc_t`` codes in the core's weight layout once per call; ``output(spec, M, acc_value,
     sumx_value, XS)`` builds the epilogue (the bit conv's, unchanged). Arguments as
@@ -229,7 +259,10 @@ def decoded_conv_func(spec: ConvSpec, acc_t: str, output: Callable) -> tirx.Prim
     (SH, SW), (DH, DW) = spec.stride, spec.dilation
     vb = lanes(spec)
     M = batch_var()
-    P = te.placeholder(shape64(B, O, KH, KW, spec.words_per_group), "int32", "P")
+    if stored:  # stores_signs specs: relayout_signs bytes
+        P = te.placeholder(shape64(-(-O // 8), CG, KH, KW), "uint8", "WB")
+    else:
+        P = te.placeholder(shape64(B, O, KH, KW, spec.words_per_group), "int32", "P")
     if spec.act == "float":
         X = te.placeholder(shape64(M, C, H, W), F32, "X")
         inputs, XS = [X], None
@@ -239,6 +272,9 @@ def decoded_conv_func(spec: ConvSpec, acc_t: str, output: Callable) -> tirx.Prim
         inputs = [X, XS]
 
     def decode(o, c, kh, kw):
+        if stored:
+            bit = (P[o // 8, c, kh, kw] >> (o % 8).astype("uint8")) & tirx.const(1, "uint8")
+            return tirx.Select(bit != tirx.const(0, "uint8"), 1, -1).astype(acc_t)
         wd, sh = c // 32, as_i32(c % 32)
         if spec.code == "pm1":
             return tirx.Select(((P[0, o, kh, kw, wd] >> sh) & 1) != 0, 1, -1).astype(acc_t)
