@@ -197,7 +197,7 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
         # the weights stored as the kernel reads them (same bits, no more padding than 5%)
         kargs = inputs + _epilogue_args(env, call)
         kargs[len(inputs)] = relax.const(stored[0](spec, weights.numpy()))
-        prim, name = kernels.stored_codes_conv_kernel(spec, kernel_target()), f"{name}_codes"
+        prim, name = kernels.stored_codes_conv_kernel(spec, kernel_target()), name + stored[2]
     else:
         kargs = inputs + _epilogue_args(env, call, bb, spec.cg)
         prim = kernels.conv2d_kernel(spec, kernel_target())

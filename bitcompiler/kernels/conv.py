@@ -283,16 +283,18 @@ def stored_codes_conv_kernel(spec: ConvSpec, target: str = "llvm") -> tirx.PrimF
     raise ValueError(f"no stored-codes conv kernel for {spec} on {target!r}")
 
 
-def stored_weights(spec: ConvSpec, target: Any = "llvm") -> tuple[Any, int] | None:
+def stored_weights(spec: ConvSpec, target: Any = "llvm") -> tuple[Any, int, str] | None:
     """How the CPU lowering stores this conv's weights when not as its planes: ``(relayout,
-    bytes)`` with ``relayout(spec, planes)`` giving the array :func:`stored_codes_conv_kernel`
-    reads, or None (the planes, or their compact stream)."""
+    bytes, suffix)`` with ``relayout(spec, planes)`` giving the array
+    :func:`stored_codes_conv_kernel` reads and ``suffix`` ending its kernel's name (``_codes``:
+    the integer conv, x86 only; ``_signs``: the float core's sign bytes), or None (the planes,
+    or their compact stream)."""
     from bitcompiler.kernels import conv_float
 
     if target_kind(target) != "llvm":
         return None
     if conv_int8.stores_codes(spec, target):
-        return conv_int8.relayout_codes, conv_int8.codes_bytes(spec)
+        return conv_int8.relayout_codes, conv_int8.codes_bytes(spec), "_codes"
     if conv_float.stores_signs(spec):
-        return conv_float.relayout_signs, conv_float.signs_bytes(spec)
+        return conv_float.relayout_signs, conv_float.signs_bytes(spec), "_signs"
     return None

@@ -23,7 +23,8 @@ def test_sign_bytes_match_reference(geom, act):
     c, o, h, w, k, s, p = geom
     spec = ConvSpec(c, o, h, w, k, s, p, (1, 1), 1, 1, "pm1", act, False, False)
     assert conv_float.stores_signs(spec)
-    relayout, n_bytes = stored_weights(spec)
+    relayout, n_bytes, suffix = stored_weights(spec)
+    assert suffix == "_signs"
     assert n_bytes == -(-o // 8) * c * k[0] * k[1]
     lib = tvm.compile(tvm.IRModule({"main": stored_codes_conv_kernel(spec)}), target=host_target())
     g = torch.Generator().manual_seed(c + o)
