@@ -37,7 +37,7 @@ static inline int32_t bitc_popcount_acc3(int32_t acc, int32_t a, int32_t b, int3
 }
 
 /* sum over k < n of popcount(a[k] ^ b[k]) */
-static inline int32_t bitc_xor_popcount(const int32_t *a, const int32_t *b, int32_t n) {
+static inline int32_t bitc_xor_popcount(int32_t *a, int32_t *b, int32_t n) {
   int32_t k = 0, acc = 0;
 #if defined(__aarch64__)
   const uint8_t *pa = (const uint8_t *)a, *pb = (const uint8_t *)b;
@@ -62,6 +62,141 @@ static inline int32_t bitc_xor_popcount(const int32_t *a, const int32_t *b, int3
 """
 
 
+MIN_WORDS = 4  # shorter sums stay scalar (one vector step needs four words)
+
+
+def _xor_term(stmt: Any) -> tuple[Any, Any, Any] | None:
+    """``(store, a, b)`` when ``stmt`` is ``acc[i] = acc[i] + popcount(a ^ b)`` (a, b loads)."""
+    import tvm
+
+    from bitcompiler.backends.cortex_m.kernel_c import _popcount_term
+
+    e = _popcount_term(stmt)
+    if e is None or type(e).__name__ != "BitwiseXor":
+        return None
+    a, b = e.a, e.b
+    if not (isinstance(a, tvm.ir.TensorLoad) and isinstance(b, tvm.ir.TensorLoad)):
+        return None
+    if len(a.indices) != 1 or len(b.indices) != 1 or str(a.ty) != "int32" or str(b.ty) != "int32":
+        return None
+    return stmt, a, b
+
+
+def _uses(expr: Any, var: Any) -> bool:
+    from tvm import tirx
+
+    return any(u.same_as(var) for u in tirx.analysis.undefined_vars(expr))
+
+
+def _offset(index: Any, var: Any) -> Any:
+    """``e`` when ``index`` is ``var``, ``e + var`` or ``var + e`` (``e`` free of ``var``), else None."""
+    from tvm import tirx
+
+    if isinstance(index, tirx.Var) and index.same_as(var):
+        return tirx.IntImm(str(var.ty), 0)
+    if type(index).__name__ != "Add":
+        return None
+    for v, e in ((index.b, index.a), (index.a, index.b)):
+        if isinstance(v, tirx.Var) and v.same_as(var) and not _uses(e, var):
+            return e
+    return None
+
+
+def _call(store: Any, a: Any, b: Any, a0: Any, b0: Any, n: int) -> Any:
+    from tvm import tirx
+
+    pa = tirx.address_of(tirx.BufferLoad(a.source, [a0]))
+    pb = tirx.address_of(tirx.BufferLoad(b.source, [b0]))
+    count = tirx.call_extern("int32", "bitc_xor_popcount", pa, pb, tirx.IntImm("int32", n))
+    acc = tirx.BufferLoad(store.buffer, store.indices)
+    return tirx.BufferStore(store.buffer, acc + count, store.indices)
+
+
+def _rewrite_loop(loop: Any) -> Any:
+    """``for k in [0, n): [if k == 0: acc = 0;] acc += popcount(A[a0 + k] ^ B[b0 + k])``
+    -> ``[acc = 0;] acc += bitc_xor_popcount(&A[a0], &B[b0], n)``."""
+    from tvm import tirx
+
+    if not (hasattr(loop.min, "value") and int(loop.min.value) == 0 and hasattr(loop.extent, "value")):
+        return loop
+    n, var = int(loop.extent.value), loop.loop_var
+    body = list(loop.body.seq) if isinstance(loop.body, tirx.SeqStmt) else [loop.body]
+    init = None
+    if len(body) == 2 and isinstance(body[0], tirx.IfThenElse) and body[0].else_case is None:
+        cond, then = body[0].condition, body[0].then_case
+        is_first = type(cond).__name__ == "EQ" and cond.a.same_as(var) and hasattr(cond.b, "value")
+        if not (is_first and int(cond.b.value) == 0 and isinstance(then, tirx.BufferStore)):
+            return loop
+        init, body = then, body[1:]
+    if len(body) != 1 or n < MIN_WORDS or (term := _xor_term(body[0])) is None:
+        return loop
+    store, a, b = term
+    a0, b0 = _offset(a.indices[0], var), _offset(b.indices[0], var)
+    if a0 is None or b0 is None or _uses(store.indices[0], var):
+        return loop
+    if init is not None and (not init.buffer.same_as(store.buffer) or _uses(init.value, var)):
+        return loop
+    summed = _call(store, a, b, a0, b0, n)
+    return tirx.SeqStmt([init, summed]) if init is not None else summed
+
+
+def _rewrite_runs(seq: Any) -> Any:
+    """An unrolled run ``acc += popcount(A[c + k] ^ B[d + k])``, k = 0, 1, ... -> one call."""
+    import tvm_ffi
+    from tvm import tirx
+
+    def constant_step(x: Any, y: Any) -> bool:
+        diff = tvm_ffi.structural_equal(y, x + 1) or (
+            hasattr(x, "value") and hasattr(y, "value") and int(y.value) == int(x.value) + 1
+        )
+        if diff:
+            return True
+        # c + k and c + (k + 1) as TVM prints them: Add(c, k) with constant k
+        return (
+            type(x).__name__ == "Add"
+            and type(y).__name__ == "Add"
+            and tvm_ffi.structural_equal(x.a, y.a)
+            and hasattr(x.b, "value")
+            and hasattr(y.b, "value")
+            and int(y.b.value) == int(x.b.value) + 1
+        )
+
+    stmts, out, i, changed = list(seq.seq), [], 0, False
+    while i < len(stmts):
+        first = _xor_term(stmts[i])
+        j = i + 1
+        if first is not None:
+            store, a, b = first
+            while j < len(stmts) and (t := _xor_term(stmts[j])) is not None:
+                prev = _xor_term(stmts[j - 1])
+                assert prev is not None
+                same = t[0].buffer.same_as(store.buffer) and tvm_ffi.structural_equal(
+                    list(t[0].indices), list(store.indices)
+                )
+                if not (
+                    same
+                    and t[1].source.same_as(a.source)
+                    and t[2].source.same_as(b.source)
+                    and constant_step(prev[1].indices[0], t[1].indices[0])
+                    and constant_step(prev[2].indices[0], t[2].indices[0])
+                ):
+                    break
+                j += 1
+        if first is not None and j - i >= MIN_WORDS:
+            store, a, b = first
+            out.append(_call(store, a, b, a.indices[0], b.indices[0], j - i))
+            changed, i = True, j
+        else:
+            out.append(stmts[i])
+            i += 1
+    return tirx.SeqStmt(out) if changed else seq
+
+
 def xor_popcount_runs(func: Any) -> Any:
-    """Identity until the NEON sums are matched (see the module docstring)."""
-    return func
+    """Every xnor-popcount sum over four or more consecutive words -> ``bitc_xor_popcount``."""
+    import tvm_ffi
+    from tvm import tirx
+
+    return tvm_ffi.structural_map(
+        func, [(tirx.For, _rewrite_loop), (tirx.SeqStmt, _rewrite_runs)], order="post"
+    )
