@@ -51,9 +51,11 @@ int main(int argc, char **argv) {
 def makefile(core: Core) -> str:
     return f"""\
 # Builds the model and its test harness for {core.name} ({core.arch}, Linux).
-#   make                      -> app (static)
+#   make                      -> app (static; on an aarch64 host without the cross compiler: make CC=gcc)
 #   make run IN=x.bin OUT=y.bin -> runs it (under qemu-aarch64 unless this host is aarch64)
-CC      ?= aarch64-linux-gnu-gcc
+ifeq ($(origin CC),default)
+CC      := aarch64-linux-gnu-gcc
+endif
 ARCH    := {" ".join(core.cflags)}
 CFLAGS  ?= {CFLAGS}
 SRCS    := model.c kernels.c weights.c main.c

@@ -40,10 +40,10 @@ def native() -> bool:
 def missing_tools(count: bool = False) -> list[str]:
     """The tools building and running a bundle needs that are not on ``PATH``. On an aarch64
     host the native ``gcc`` builds and runs; QEMU is then needed only to count instructions."""
-    needed = ["make"]
-    needed.append("gcc" if native() and not shutil.which(CC) else CC)
+    needed = ["gcc" if native() and not shutil.which(CC) else CC]
     if not native() or count:
         needed.append(QEMU)
+    needed.append("make")
     return [t for t in needed if not shutil.which(t)]
 
 
