@@ -164,3 +164,15 @@ def test_mlp_matches_reference(scheme, mcpu):
     x = (torch.randn(1, 1, 28, 28),)
     cm = bc.compile(net, x, target=bc.Target("aarch64", mcpu=mcpu, count_instructions=False), scheme=scheme)
     check(cm, torch.randn(3, 1, 28, 28), scheme)
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_w1a1_4096_beats_int8_and_fp32_instruction_counts():
+    """#17: 4096x4096 W1A1, batch 1, cortex-a72: >= 4x fewer instructions than the int8 C -O3 loop
+    and >= 16x fewer than fp32, all counted in the same harness (outputs checked inside)."""
+    from bench.arm import measure
+
+    row = measure("cortex-a72", fast_math=False)
+    assert row["w1a1_instructions"] * 4 <= row["int8_instructions"], row
+    assert row["w1a1_instructions"] * 16 <= row["fp32_instructions"], row
