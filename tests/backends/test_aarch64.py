@@ -73,6 +73,29 @@ def test_missing_toolchain_names_the_debian_packages(monkeypatch):
         bc.compile(model, x, target="aarch64")
 
 
+def test_runs_natively_on_an_aarch64_host(monkeypatch, tmp_path):
+    core = core_for(bc.Target("aarch64"))
+    monkeypatch.setattr(toolchain, "native", lambda: True)
+    assert toolchain._command(core, tmp_path / "app", count=False) == [str(tmp_path / "app")]
+    assert toolchain._command(core, tmp_path / "app", count=True)[:3] == [
+        "qemu-aarch64",
+        "-cpu",
+        "cortex-a72",
+    ]
+    monkeypatch.setattr(toolchain, "native", lambda: False)
+    assert toolchain._command(core, tmp_path / "app", count=False)[0] == "qemu-aarch64"
+
+
+@needs_toolchain
+def test_unsupported_op_is_a_clear_error_naming_the_target():
+    model, x = make_model("transformer")
+    with pytest.raises(
+        bc.errors.LoweringError, match=r"op aten\.[\w.]+ \(node \w+\) has no aarch64 lowering"
+    ) as e:
+        bc.compile(model, x, target="aarch64", scheme="binary")
+    assert "Cortex-M" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- end to end
 @needs_toolchain
 def test_binary_mlp_matches_reference_and_counts_instructions():

@@ -31,6 +31,7 @@ from bitcompiler.backends.aarch64.cores import Core, core_for
 from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Runner, Target, register_backend
 from bitcompiler.backends.cortex_m.aot import build_program
 from bitcompiler.backends.cortex_m.bundle import MODEL_FILES
+from bitcompiler.errors import CortexMLoweringError, LoweringError
 
 __all__ = ["Aarch64Backend", "Aarch64Runner"]
 
@@ -96,7 +97,10 @@ class Aarch64Backend(Backend):
         core = core_for(target)
         count = bool(target.get("count_instructions", True))
         toolchain.require_toolchain(count)
-        program = build_program(inp.graph, inp.example_inputs, self.tvm_target(target))
+        try:
+            program = build_program(inp.graph, inp.example_inputs, self.tvm_target(target))
+        except CortexMLoweringError as e:  # the same AOT program: name this target in the message
+            raise LoweringError(str(e).replace("Cortex-M", "aarch64")) from e
         bundle = Path(tempfile.mkdtemp(prefix="bitc-aarch64-"))
         runner = Aarch64Runner(core, bundle, program.input.shape, program.output.shape, {})
         weakref.finalize(runner, shutil.rmtree, bundle, True)
