@@ -199,3 +199,25 @@ def test_w1a1_4096_beats_int8_and_fp32_instruction_counts():
     row = measure("cortex-a72", fast_math=False)
     assert row["w1a1_instructions"] * 4 <= row["int8_instructions"], row
     assert row["w1a1_instructions"] * 16 <= row["fp32_instructions"], row
+
+
+@needs_toolchain
+@pytest.mark.parametrize(
+    "scheme,shape",
+    [
+        ("uniform:bits=8,act=8,first_last=quantize", (1, 200)),  # codes up to 255: stored as Q - 128
+        ("uniform:bits=2,act=8,first_last=quantize", (1, 3, 72)),  # three rows per sample
+        ("binary:act=binary", (1, 100)),  # the first and last layers: 8-bit weights, int8 activations
+    ],
+)
+def test_int8_dense_runs_on_byte_codes_and_is_exact(scheme, shape):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(shape[-1], 40), nn.ReLU(), nn.Linear(40, 24))
+    cm = bc.compile(
+        net, (torch.randn(*shape),), target=bc.Target("aarch64", count_instructions=False), scheme=scheme
+    )
+    kernels_c = (cm._runner.bundle / "kernels.c").read_text()
+    assert "void bitc_dense_int8_codes_" in kernels_c and "bitc_dot_s8(" in kernels_c
+    assert "planes" not in (cm._runner.bundle / "weights.h").read_text()  # one byte a weight, no planes
+    xs = torch.randn(3, *shape[1:])
+    assert torch.equal(cm(xs), cm.reference(xs))  # integer sums, the numerics' float epilogue
