@@ -221,3 +221,22 @@ def test_int8_dense_runs_on_byte_codes_and_is_exact(scheme, shape):
     assert "planes" not in (cm._runner.bundle / "weights.h").read_text()  # one byte a weight, no planes
     xs = torch.randn(3, *shape[1:])
     assert torch.equal(cm(xs), cm.reference(xs))  # integer sums, the numerics' float epilogue
+
+
+@needs_toolchain
+@pytest.mark.parametrize(
+    "scheme,kernel",
+    [
+        ("binary", "bitc_dense_float_codes_"),  # first and last: 8-bit codes, float activations
+        ("binary:first_last=quantize", "bitc_dense_float_pm1_"),  # 1-bit weights, float activations
+    ],
+)
+def test_float_activation_dense_runs_on_neon(scheme, kernel):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(100, 40), nn.ReLU(), nn.Linear(40, 24))
+    cm = bc.compile(
+        net, (torch.randn(1, 3, 100),), target=bc.Target("aarch64", count_instructions=False), scheme=scheme
+    )
+    assert (cm._runner.bundle / "kernels.c").read_text().count(f"void {kernel}") == 2
+    xs = torch.randn(2, 3, 100)
+    assert_close(cm(xs), cm.reference(xs))  # float sums in another order: float32 rounding

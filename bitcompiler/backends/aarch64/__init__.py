@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bitcompiler.backends.aarch64 import int8, toolchain
+from bitcompiler.backends.aarch64 import dense, toolchain
 from bitcompiler.backends.aarch64.bundle import HARNESS_FILES, write_bundle
 from bitcompiler.backends.aarch64.cores import Core, core_for
 from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Runner, Target, register_backend
@@ -98,7 +98,7 @@ class Aarch64Backend(Backend):
         count = bool(target.get("count_instructions", True))
         toolchain.require_toolchain(count)
         try:
-            program = build_program(inp.graph, inp.example_inputs, self.tvm_target(target), int8.Builder)
+            program = build_program(inp.graph, inp.example_inputs, self.tvm_target(target), dense.Builder)
         except CortexMLoweringError as e:  # the same AOT program: name this target in the message
             raise LoweringError(str(e).replace("Cortex-M", "aarch64")) from e
         bundle = Path(tempfile.mkdtemp(prefix="bitc-aarch64-"))

@@ -1,6 +1,6 @@
 """The aarch64 Linux bundle: the Cortex-M bundle's model sources (``model.c/h``, ``kernels.c/h``,
 ``weights.c/h``: static memory plan, no malloc, no TVM runtime), the kernels' C built with the
-NEON prelude of :mod:`.neon` and the int8 dense kernels of :mod:`.int8`, plus a Linux harness (``main.c``: float32 in from a file, out to
+NEON prelude of :mod:`.neon` and the NEON dense kernels of :mod:`.dense`, plus a Linux harness (``main.c``: float32 in from a file, out to
 a file), a Makefile using ``aarch64-linux-gnu-gcc -O3 -mcpu=<core>`` and a README.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitcompiler.backends.aarch64 import int8, neon
+from bitcompiler.backends.aarch64 import dense, neon
 from bitcompiler.backends.aarch64.cores import Core
 from bitcompiler.backends.cortex_m.aot import Program
 from bitcompiler.backends.cortex_m.bundle import MODEL_FILES, kernels_h, model_c, model_h, weights_c
@@ -103,8 +103,8 @@ def write_bundle(program: Program, core: Core, directory: Path) -> list[str]:
     """Write every file of the bundle into ``directory``; return their names."""
     directory.mkdir(parents=True, exist_ok=True)
     wh, wc = weights_c(program.weights)
-    tvm_kernels, c_kernels = int8.split_kernels(program.kernels)
-    kernels_c = generate_c(tvm_kernels, prelude=neon.PRELUDE + int8.PRELUDE, rewrite=neon.xor_popcount_runs)
+    tvm_kernels, c_kernels = dense.split_kernels(program.kernels)
+    kernels_c = generate_c(tvm_kernels, prelude=neon.PRELUDE + dense.PRELUDE, rewrite=neon.xor_popcount_runs)
     files = {
         "model.h": model_h(program),
         "model.c": model_c(program),
