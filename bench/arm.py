@@ -10,7 +10,8 @@ the model call) built with ``aarch64-linux-gnu-gcc -O3 -mcpu=<core>`` and counte
   ``fmadd``); the ``-ffast-math`` row lets it reassociate into NEON ``fmla``.
 
 Weights are linked as a binary blob (``.incbin``): 16 MiB of int8 or 64 MiB of float as C text
-would take gcc minutes. Every baseline's output is checked against numpy, bitcompiler's against
+would take gcc minutes. Also: the MLP 784-128-10 under four schemes on the first core. Every
+baseline's output is checked against numpy, bitcompiler's against
 ``cm.reference``. Run: ``python -m bench.arm [cortex-a72 cortex-a76 ...]``.
 """
 
@@ -131,6 +132,39 @@ def measure(mcpu: str, fast_math: bool = True) -> dict:
     return row
 
 
+MLP_SCHEMES = (
+    "binary:act=binary",  # the first and last layers 8-bit with int8 activations
+    "binary",  # float activations; first and last 8-bit
+    "uniform:bits=2,act=8",
+    "binary:act=binary,first_last=quantize",
+)
+
+
+def measure_mlp(mcpu: str) -> list[dict]:
+    """MLP 784-128-10 per scheme: instructions on ``mcpu``; output equal to the reference."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    x = torch.randn(1, 1, 28, 28)
+    rows = []
+    for scheme in MLP_SCHEMES:
+        cm = bc.compile(net, (x,), target=bc.Target("aarch64", mcpu=mcpu), scheme=scheme)
+        ref = cm.reference(x)
+        assert (cm(x) - ref).abs().max() <= 1e-5 * ref.abs().max(), f"{scheme}: output != reference"
+        extra = cm.report().extra
+        rows.append(
+            {
+                "bench": "mlp 784-128-10",
+                "scheme": scheme,
+                "target": f"aarch64 {mcpu}",
+                "batch": 1,
+                "threads": 1,
+                "instructions": extra["instructions"],
+                "weights_bytes": extra["weights_bytes"],
+            }
+        )
+    return rows
+
+
 def markdown(rows: list[dict]) -> list[str]:
     """The aarch64 section of BENCHMARKS.md."""
     lines = [
@@ -144,7 +178,7 @@ def markdown(rows: list[dict]) -> list[str]:
         "",
     ]
     body = []
-    for r in rows:
+    for r in (r for r in rows if r["bench"].startswith("dense")):
         cells = [r["target"], r["bench"]]
         cells += [f"{r[f'{c}_instructions']:,}" for c in ("w1a1", "int8", "fp32", "fp32_fast")]
         cells += [
@@ -154,11 +188,18 @@ def markdown(rows: list[dict]) -> list[str]:
         ]
         body.append(cells)
     head = ["target", "layer", "bitcompiler W1A1", "C int8 -O3", "C fp32 -O3", "C fp32 -O3 -ffast-math"]
-    return lines + markdown_table([*head, "vs int8", "vs fp32", "vs fp32 fast-math"], body)
+    lines += markdown_table([*head, "vs int8", "vs fp32", "vs fp32 fast-math"], body) + [""]
+    mlp = [
+        [r["target"], r["bench"], f"`{r['scheme']}`", f"{r['instructions']:,}", f"{r['weights_bytes']:,}"]
+        for r in rows
+        if r["bench"].startswith("mlp")
+    ]
+    return lines + markdown_table(["target", "model", "scheme", "instructions", "weights B"], mlp)
 
 
 def main() -> None:
-    rows = [measure(m) for m in (sys.argv[1:] or ["cortex-a72", "cortex-a76"])]
+    cores = sys.argv[1:] or ["cortex-a72", "cortex-a76"]
+    rows = [measure(m) for m in cores] + measure_mlp(cores[0])
     print("\n".join(markdown(rows)), file=sys.stderr)
     print(json.dumps(rows))  # last line: the rows, for bench/__main__.py
 
