@@ -18,11 +18,12 @@ GROUPS = {
     "models": "bench.models",
     "tiled": "bench.tiled",
     "cortex_m": "bench.cortex_m",  # instruction counts under QEMU: one run, threads do not matter
+    "arm": "bench.arm",  # aarch64 (Cortex-A) instruction counts under qemu-aarch64: one run
     "tune": "bench.tune",  # MetaSchedule over the W1A1 templates, one thread
     "wild": "bench.wild",  # the zoo of third-party architectures (make zoo), one thread
 }
-SINGLE_RUN = ("cortex_m", "tune", "wild")
-DEFAULT_GROUPS = ("layers", "models", "tiled", "cortex_m", "tune")  # `wild` runs with `make zoo`
+SINGLE_RUN = ("cortex_m", "arm", "tune", "wild")
+DEFAULT_GROUPS = ("layers", "models", "tiled", "cortex_m", "arm", "tune")  # `wild` runs with `make zoo`
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("torch_fp32", "torch_int8", "ort_fp32", "ort_int8", "tvm_fp32")
 
@@ -108,6 +109,10 @@ TARGETS = [
      lambda r: r["speedup"], 0.97, "x"),
     ("#7", "256x256 W1A1 on cortex-m4: fewer instructions than CMSIS-DSP q7", "cortex_m", "dense 256x256", 1,
      lambda r: r["cmsis_q7_instructions"] / r["w1a1_instructions"], 8, "x"),
+    ("#17", "4096² W1A1 on aarch64 cortex-a72: fewer instructions than int8 C -O3", "arm",
+     "dense 4096x4096 W1A1", 1, lambda r: r["w1a1_vs_int8"] if "a72" in r["target"] else None, 4, "x"),
+    ("#17", "4096² W1A1 on aarch64 cortex-a72: fewer instructions than fp32 C -O3", "arm",
+     "dense 4096x4096 W1A1", 1, lambda r: r["w1a1_vs_fp32"] if "a72" in r["target"] else None, 16, "x"),
 ]
 # fmt: on
 
@@ -255,6 +260,8 @@ def write(info: dict, rows: list[dict]) -> None:
         render = {"tiled": tiled_table, "tune": tune_table}.get(group, table)
         if group == "cortex_m":
             from bench.cortex_m import markdown as render
+        if group == "arm":
+            from bench.arm import markdown as render
         if group == "wild":
             from bench.wild import markdown as render
         lines += [f"## {group}", ""] + render(group_rows) + [""]

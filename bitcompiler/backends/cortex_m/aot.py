@@ -357,11 +357,14 @@ class _Builder:
         return None
 
 
-def build_program(gm: torch.fx.GraphModule, example_inputs: tuple, target: Any = None) -> Program:
+def build_program(
+    gm: torch.fx.GraphModule, example_inputs: tuple, target: Any = None, builder: Any = None
+) -> Program:
     """Walk the rewritten graph (batch 1) into kernels, C steps, weights and an arena plan; the
-    kernels are built for ``target`` (a TVM target; default: C)."""
+    kernels are built for ``target`` (a TVM target; default: C). ``builder``: a subclass of the
+    walker that lowers some ops its own way (another C target's kernels)."""
     ep = export_batch_one(gm, example_inputs)
-    b = _Builder(ep, target if target is not None else {"kind": "c"})
+    b = (builder or _Builder)(ep, target if target is not None else {"kind": "c"})
     graph_input, output = b.run()
     plan = plan_storage(b.tensors, b.steps, graph_input, output)
     kernels = list(b.kernels.values())

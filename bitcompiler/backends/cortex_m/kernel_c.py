@@ -243,15 +243,17 @@ def prepare_kernel(func: Any, symbol: str, batch: int = 1, unroll: bool = False)
     return Kernel(symbol, params, lowered)
 
 
-def generate_c(kernels: list[Kernel]) -> str:
-    """All kernels as one C translation unit (TVM's C codegen + the bitcompiler prelude)."""
+def generate_c(kernels: list[Kernel], prelude: str = PRELUDE, rewrite: Any = None) -> str:
+    """All kernels as one C translation unit (TVM's C codegen + ``prelude``, by default the
+    Cortex-M one). ``rewrite``: an extra TIR rewrite (PrimFunc -> PrimFunc) another C target
+    applies first, after loop unrolling and before the popcount sums are fused."""
     import tvm
     from tvm import tirx
     from tvm.s_tir import pipeline as s_pipeline
 
     _register_intrinsics()
     if not kernels:
-        return PRELUDE
+        return prelude
     target = tvm.target.Target({"kind": "c"})
     mod = tvm.IRModule({k.symbol: k.func for k in kernels})
     mod = tirx.transform.BindTarget(target.with_host(target))(mod)
@@ -266,7 +268,7 @@ def generate_c(kernels: list[Kernel]) -> str:
             # after UnrollLoop (the runs exist), before LowerIntrin (popcount is still an op)
             mod = tvm.IRModule(
                 {
-                    gv: select_min_max(unsigned_shifts(fuse_popcount_sums(f)))
+                    gv: select_min_max(unsigned_shifts(fuse_popcount_sums(rewrite(f) if rewrite else f)))
                     for gv, f in mod.functions.items()
                 }
             )
@@ -274,7 +276,7 @@ def generate_c(kernels: list[Kernel]) -> str:
     finally:
         tirx.transform.MakePackedAPI = real
     source = tvm.get_global_func("target.build.c")(mod, target).inspect_source()
-    return PRELUDE + _strip_runtime(source)
+    return prelude + _strip_runtime(source)
 
 
 def _popcount_term(stmt: Any) -> Any:

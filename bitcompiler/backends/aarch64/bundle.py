@@ -1,0 +1,122 @@
+"""The aarch64 Linux bundle: the Cortex-M bundle's model sources (``model.c/h``, ``kernels.c/h``,
+``weights.c/h``: static memory plan, no malloc, no TVM runtime), the kernels' C built with the
+NEON prelude of :mod:`.neon` and the NEON dense kernels of :mod:`.dense`, plus a Linux harness (``main.c``: float32 in from a file, out to
+a file), a Makefile using ``aarch64-linux-gnu-gcc -O3 -mcpu=<core>`` and a README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bitcompiler.backends.aarch64 import dense, neon
+from bitcompiler.backends.aarch64.cores import Core
+from bitcompiler.backends.cortex_m.aot import Program
+from bitcompiler.backends.cortex_m.bundle import MODEL_FILES, kernels_h, model_c, model_h, weights_c
+from bitcompiler.backends.cortex_m.kernel_c import generate_c
+
+HARNESS_FILES = ["main.c", "Makefile", "README.md"]
+CFLAGS = "-O3 -std=gnu99 -ffp-contract=off -Wall -Wno-unused-variable -Wno-unused-function"
+
+MAIN_C = """\
+/* Linux harness: BITC_INPUT_SIZE float32 from argv[1], BITC_OUTPUT_SIZE float32 to argv[2].
+   The instruction counter counts what runs between the first execution of each marker. */
+#include <stdio.h>
+#include "model.h"
+
+static float input[BITC_INPUT_SIZE];
+static float output[BITC_OUTPUT_SIZE];
+
+__attribute__((noinline)) void bitc_marker_begin(void) { __asm volatile("nop"); }
+__attribute__((noinline)) void bitc_marker_end(void) { __asm volatile("nop"); }
+
+int main(int argc, char **argv) {
+  if (argc != 3) {
+    fprintf(stderr, "usage: %s in.bin out.bin\\n", argv[0]);
+    return 2;
+  }
+  FILE *f = fopen(argv[1], "rb");
+  if (!f || fread(input, sizeof input, 1, f) != 1) return 2;
+  fclose(f);
+  bitc_marker_begin();
+  int rc = bitc_run(input, output);
+  bitc_marker_end();
+  f = fopen(argv[2], "wb");
+  if (!f || fwrite(output, sizeof output, 1, f) != 1) return 3;
+  fclose(f);
+  return rc;
+}
+"""
+
+
+def makefile(core: Core) -> str:
+    return f"""\
+# Builds the model and its test harness for {core.name} ({core.arch}, Linux).
+#   make                      -> app (static; on an aarch64 host without the cross compiler: make CC=gcc)
+#   make run IN=x.bin OUT=y.bin -> runs it (under qemu-aarch64 unless this host is aarch64)
+ifeq ($(origin CC),default)
+CC      := aarch64-linux-gnu-gcc
+endif
+ARCH    := {" ".join(core.cflags)}
+CFLAGS  ?= {CFLAGS}
+SRCS    := model.c kernels.c weights.c main.c
+QEMU    ?= $(if $(filter aarch64 arm64,$(shell uname -m)),,qemu-aarch64 -cpu {core.qemu_cpu})
+IN      ?= bitc_in.bin
+OUT     ?= bitc_out.bin
+
+app: $(SRCS) model.h kernels.h weights.h
+\t$(CC) $(ARCH) $(CFLAGS) -static $(SRCS) -lm -o $@
+
+run: app
+\t$(QEMU) ./app $(IN) $(OUT)
+
+clean:
+\trm -f app bitc_out.bin
+
+.PHONY: run clean
+"""
+
+
+def readme(program: Program, core: Core) -> str:
+    i, o = program.input, program.output
+    return f"""\
+# bitcompiler model for {core.name} (aarch64 Linux)
+
+Self-contained C: no malloc, no TVM runtime.
+
+* `model.h` / `model.c` — `int bitc_run(const float *in, float *out)`; input float32 {list(i.shape)}
+  ({i.numel} values), output float32 {list(o.shape)} ({o.numel} values). Activations live in one
+  static arena of {program.plan.arena_bytes} bytes.
+* `kernels.c` / `kernels.h` — the bit kernels (TVM's C code generator; the xnor-popcount sums
+  run on NEON `cnt`).
+* `weights.c` / `weights.h` — packed weights and scales as `const` arrays ({program.weight_bytes} bytes).
+
+To use in your program, compile these six files with `-O3 {" ".join(core.cflags)}` and link `-lm`.
+
+`main.c` is a test harness: `make && make run IN=x.bin OUT=y.bin` reads {i.numel} little-endian
+float32 from `x.bin` and writes the output to `y.bin`, under `qemu-aarch64` unless the host is
+aarch64. Needs `aarch64-linux-gnu-gcc` and `qemu-aarch64`
+(`sudo apt-get install gcc-aarch64-linux-gnu qemu-user`).
+"""
+
+
+def write_bundle(program: Program, core: Core, directory: Path) -> list[str]:
+    """Write every file of the bundle into ``directory``; return their names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    wh, wc = weights_c(program.weights)
+    tvm_kernels, c_kernels = dense.split_kernels(program.kernels)
+    kernels_c = generate_c(tvm_kernels, prelude=neon.PRELUDE + dense.PRELUDE, rewrite=neon.xor_popcount_runs)
+    files = {
+        "model.h": model_h(program),
+        "model.c": model_c(program),
+        "kernels.h": kernels_h(program),
+        "kernels.c": kernels_c + "".join(c_kernels),
+        "weights.h": wh,
+        "weights.c": wc,
+        "main.c": MAIN_C,
+        "Makefile": makefile(core),
+        "README.md": readme(program, core),
+    }
+    assert set(MODEL_FILES) <= set(files)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    return list(files)
