@@ -30,7 +30,7 @@ def test_onnx_path_is_rejected_clearly():
 
 
 def test_unknown_target():
-    with pytest.raises(ValueError, match="unknown target 'tpu'; valid targets: cpu, cortex-m3"):
+    with pytest.raises(ValueError, match="unknown target 'tpu'; valid targets: cpu, aarch64, cortex-m3"):
         bc.compile(nn.Linear(4, 4), (torch.randn(1, 4),), target="tpu")
 
 

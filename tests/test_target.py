@@ -58,7 +58,7 @@ def test_the_backend_packages_register_their_targets():
     assert targets.target_names()[0] == "cpu"
     assert {"cpu", "cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55"} <= set(targets.target_names())
     assert type(bc.Target("cortex-m7").backend).__name__ == "CortexMBackend"
-    with pytest.raises(bc.TargetError, match="unknown target 'tpu'; valid targets: cpu, cortex-m3"):
+    with pytest.raises(bc.TargetError, match="unknown target 'tpu'; valid targets: cpu, aarch64, cortex-m3"):
         bc.Target("tpu")
 
 
