@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import fx, nn
 
-from bitcompiler.errors import CaptureError, LoweringError, ModelError
+from bitcompiler.errors import CaptureError, LoweringError, ModelError, first_line
 from bitcompiler.quant.bitlayers import BIT_LAYERS
 from bitcompiler.quant.modules import QUANT_LAYERS
 
@@ -45,11 +45,6 @@ def _user_frame(exc: BaseException) -> str:
         code = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip()
         found = f"{frame.filename}:{frame.lineno} in {frame.name}: `{code}`"
     return found
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def export_dynamic(model: nn.Module, example_inputs: tuple) -> tuple[torch.export.ExportedProgram, str]:

@@ -142,3 +142,10 @@ class BundleFileMissing(LoadError, FileNotFoundError):
 
 class ExportError(BitcError, OSError):
     """``CompiledModel.export`` could not write the bundle; nothing half-written is left."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what an error
+    of ours quotes from a library's."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

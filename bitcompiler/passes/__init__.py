@@ -4,12 +4,6 @@ Passes live in ``bitcompiler/passes/`` (not a top-level ``passes`` package) so
 that ``import passes`` never clashes with another distribution.
 """
 
-from bitcompiler.passes.canonicalize import canonicalize
-from bitcompiler.passes.fold_batchnorm import fold_batchnorm
-from bitcompiler.passes.fold_scales import fold_scales
-from bitcompiler.passes.insert_quantizers import insert_quantizers
-from bitcompiler.passes.lower_bit_ops import lower_bit_ops
-from bitcompiler.passes.pack_weights import pack_weights
 from bitcompiler.passes.pipeline import (
     Pass,
     PassContext,
@@ -24,7 +18,13 @@ from bitcompiler.passes.pipeline import (
     set_default_passes,
     verify_graph,
 )
-from bitcompiler.passes.tile_weights import tile_weights
+from bitcompiler.passes.rewrites.canonicalize import canonicalize
+from bitcompiler.passes.rewrites.fold_batchnorm import fold_batchnorm
+from bitcompiler.passes.rewrites.fold_scales import fold_scales
+from bitcompiler.passes.rewrites.insert_quantizers import insert_quantizers
+from bitcompiler.passes.rewrites.lower_bit_ops import lower_bit_ops
+from bitcompiler.passes.rewrites.pack_weights import pack_weights
+from bitcompiler.passes.rewrites.tile_weights import tile_weights
 
 DEFAULT_PASSES = (
     # float graph clean-up: one canonical form for everything after

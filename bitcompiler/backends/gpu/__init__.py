@@ -117,7 +117,7 @@ class GPUBackend(Backend):
 
         from bitcompiler.backends.gpu.lower import to_relax_gpu
         from bitcompiler.backends.lower import LoweringError
-        from bitcompiler.capture import first_line
+        from bitcompiler.errors import first_line
 
         check(target)
         del exported  # its batch is symbolic; a GPU plan is static

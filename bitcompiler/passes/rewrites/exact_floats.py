@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from bitcompiler.passes.fold_batchnorm import bn_affine
 from bitcompiler.passes.graph_utils import finish, fresh_name, module_of
 from bitcompiler.passes.pipeline import PassContext
+from bitcompiler.passes.rewrites.fold_batchnorm import bn_affine
 
 aten = torch.ops.aten
 _AVG = (F.avg_pool2d, aten.avg_pool2d.default)

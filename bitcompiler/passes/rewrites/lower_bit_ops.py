@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from bitcompiler.passes import exact_floats
 from bitcompiler.passes.graph_utils import module_of
 from bitcompiler.passes.pipeline import PassContext, fact_check, graph_pass
+from bitcompiler.passes.rewrites import exact_floats
 from bitcompiler.quant.bitlayers import BIT_LAYERS
 from bitcompiler.quant.tiled_layers import TILED_LAYERS
 

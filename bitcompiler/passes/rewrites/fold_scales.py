@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bitcompiler.passes.fold_batchnorm import bn_affine
 from bitcompiler.passes.graph_utils import (
     SIGN_PRESERVING_FUNCS,
     SIGN_PRESERVING_MODULES,
@@ -26,6 +25,7 @@ from bitcompiler.passes.graph_utils import (
     set_module,
 )
 from bitcompiler.passes.pipeline import fact_check, graph_pass
+from bitcompiler.passes.rewrites.fold_batchnorm import bn_affine
 from bitcompiler.quant.bitlayers import BIT_LAYERS, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
 
