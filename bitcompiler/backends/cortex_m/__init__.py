@@ -141,6 +141,8 @@ class CortexMBackend(Backend):
             "ram_bytes": size.static_ram_bytes + result.stack_bytes,
             "arena_bytes": program.plan.arena_bytes,
             "arena_naive_bytes": program.plan.naive_bytes,
+            "arena_peak_bytes": program.plan.peak_bytes,
+            "arena_peak_layer": program.peak_layer,
             "stack_bytes": result.stack_bytes,
             "weights_flash_bytes": program.weight_bytes,
         }

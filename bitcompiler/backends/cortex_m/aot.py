@@ -81,6 +81,8 @@ class Step:
     reads: list[str]
     writes: list[str]
     label: str
+    # elementwise steps: the read tensors the output may overwrite when they die here (in place)
+    inplace: tuple[str, ...] = ()
 
 
 @dataclass
@@ -99,6 +101,11 @@ class Program:
     @property
     def weight_bytes(self) -> int:
         return sum(w.array.nbytes for w in self.weights)
+
+    @property
+    def peak_layer(self) -> str:
+        """The step (layer) where the most activation bytes are live at once."""
+        return self.steps[self.plan.peak_step].label if self.plan.peak_step >= 0 else "-"
 
     @property
     def writes_output_in_place(self) -> bool:
@@ -127,6 +134,8 @@ class _Builder:
         self.weights: dict[str, Weight] = {}
         self.kernels: dict[Any, Kernel] = {}
         self.layer_bytes: dict[str, int] = {}
+        # (float tensor, groups) -> the int32 sign bits a binary conv reads (computed without the float map)
+        self.packed: dict[tuple[str, int], str] = {}
 
     # ---------------------------------------------------------------- tensors
     def new_tensor(self, name: str, shape: tuple, dtype: str) -> Tensor:
@@ -184,6 +193,8 @@ class _Builder:
             s = self.new_tensor(f"{x.name}_s", (rows,), "float32")
             self.call(k, [x.name, q.name, s.name], [x.name], [q.name, s.name], "quantize_int8")
             return [q.name, s.name]
+        if nchw is not None and (x.name, nchw[3]) in self.packed:
+            return [self.packed[(x.name, nchw[3])]]
         if nchw is None:
             (kdim,) = rest
             k = self.kernel(
@@ -338,6 +349,8 @@ class _Builder:
             src = self.tensors[cast(torch.fx.Node, node.args[0]).name]
             self.alias(node.name, src, shape)
             return None
+        if ns == "aten" and name == "max_pool2d.default" and (groups := _binary_conv_groups(node)):
+            return self.max_pool_packed(node, shape, groups)
         emit = (float_ops.EMITTERS if ns == "aten" else float_ops.BITC_EMITTERS).get(name)
         if emit is None:
             raise CortexMLoweringError(
@@ -353,8 +366,51 @@ class _Builder:
             raise CortexMLoweringError(f"op aten.{name}: {e}") from e
         decls = [f"const float* x{i} = (const float*)@{t.name}@;" for i, t in enumerate(ins)]
         code = [*decls, f"float* y = (float*)@{y.name}@;", *body]
-        self.steps.append(Step(code, [t.name for t in ins], [y.name], f"{node.name} ({name})"))
+        inplace = tuple(t.name for t in ins if t.shape == y.shape) if name in float_ops.ELEMENTWISE else ()
+        self.steps.append(Step(code, [t.name for t in ins], [y.name], f"{node.name} ({name})", inplace))
         return None
+
+    def max_pool_packed(self, node: torch.fx.Node, out_shape: tuple, groups: int) -> None:
+        """``max_pool2d`` read only by binary convs: pack the signs of its input, then pool the
+        bits. ``sign(max(window)) = OR(sign bits of the window)`` (bit 1 is ``x >= 0``), so the
+        pooled float map never exists: the convs read the pooled words."""
+        from bitcompiler import kernels
+
+        x = self.tensors[cast(torch.fx.Node, node.args[0]).name]
+        _, c, h, w = x.shape
+        _, _, oh, ow = out_shape
+        nchw = (c, h, w, groups)
+        k = self.kernel(
+            ("pack_nchw", nchw, 1),
+            lambda: kernels.pack_sign_nchw(c, h, w, groups, self.target),
+            f"bitc_pack_sign_nchw_{len(self.kernels)}",
+        )
+        words = groups * ((c // groups + 31) // 32)
+        bits = self.new_tensor(f"{node.name}_in_bits", (1, h, w, groups, words // groups), "int32")
+        self.call(k, [x.name, bits.name], [x.name], [bits.name], "pack_sign")
+        pooled = self.new_tensor(f"{node.name}_bits", (1, oh, ow, groups, words // groups), "int32")
+        body = float_ops.max_pool2d_bits(node, (h, w), (oh, ow), words)
+        code = [
+            f"const int32_t* x0 = (const int32_t*)@{bits.name}@;",
+            f"int32_t* y = (int32_t*)@{pooled.name}@;",
+            *body,
+        ]
+        self.steps.append(Step(code, [bits.name], [pooled.name], f"{node.name} (max_pool2d on sign bits)"))
+        self.packed[(node.name, groups)] = pooled.name
+        self.new_tensor(node.name, out_shape, "float32")  # never written: its readers take the bits
+
+
+def _binary_conv_groups(node: torch.fx.Node) -> int:
+    """The groups of the binary convs that are ``node``'s only readers (as their input), else 0."""
+    groups = set()
+    for user in node.users:
+        if getattr(user.target, "namespace", "") != "bitc" or "bit_conv2d" not in str(user.target):
+            return 0
+        call = ops.bind(user)
+        if call.x is not node or call.attrs.act != "binary":
+            return 0
+        groups.add(call.attrs.groups)
+    return groups.pop() if len(groups) == 1 else 0
 
 
 def build_program(gm: torch.fx.GraphModule, example_inputs: tuple, target: Any = None) -> Program:
@@ -375,7 +431,11 @@ def plan_storage(
 ) -> ArenaPlan:
     """Lifetimes of the arena buffers (aliases extend their storage's life) -> arena offsets.
 
-    The input and output live in the caller's ``in`` / ``out``, not in the arena."""
+    The input and output live in the caller's ``in`` / ``out``, not in the arena. An elementwise
+    step writes over an input (of its size) that no later step reads: its output takes that
+    input's buffer."""
+    outside = {graph_input.storage, graph_output.storage}
+    share_in_place(tensors, steps, outside)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     size: dict[str, int] = {}
@@ -386,9 +446,31 @@ def plan_storage(
             size[t.storage] = max(size.get(t.storage, 0), t.nbytes)
         for t in (tensors[n] for n in step.reads):
             last[t.storage] = max(last.get(t.storage, i), i)
-    outside = {graph_input.storage, graph_output.storage}
     buffers = [Buffer(s, size[s], first[s], last[s]) for s in first if s not in outside]
     return plan_arena(buffers)
+
+
+def share_in_place(tensors: dict[str, Tensor], steps: list[Step], outside: set[str]) -> None:
+    """Give each in-place step's output the storage of a same-size input that dies at that step."""
+    last: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for n in (*step.reads, *step.writes):
+            last[tensors[n].storage] = i
+    for i, step in enumerate(steps):
+        if not step.inplace or len(step.writes) != 1:
+            continue
+        y = tensors[step.writes[0]]
+        for x in (tensors[n] for n in step.inplace):
+            if y.storage in outside or x.storage in outside or x.storage == y.storage:
+                continue
+            if last[x.storage] != i or (x.dtype, x.nbytes) != (y.dtype, y.nbytes):
+                continue
+            old = y.storage
+            for t in tensors.values():
+                if t.storage == old:
+                    t.storage = x.storage
+            last[x.storage] = last.pop(old)
+            break
 
 
 def pointer(program: Program, name: str) -> str:
