@@ -39,15 +39,20 @@ from bitcompiler.kernels.spec import ConvSpec
 F32 = "float32"
 
 
-def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
+def _conv_func(spec: ConvSpec, codes: bool = False) -> tirx.PrimFunc:
     C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     G, CG, OG, CWG, B = spec.groups, spec.cg, spec.og, spec.words_per_group, spec.bits
     OH, OW = spec.out_h, spec.out_w
     M = batch_var()
-    P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
+    if codes:  # one unsigned byte per weight instead of B bit-planes (see conv2d_codes_kernel)
+        P = te.placeholder(shape64(O, KH, KW, CG), "uint8", "Q")
+    else:
+        P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
     binary = spec.act == "binary"
-    acc_t = accumulator_type(spec)
+    # codes: int8 x code products in int32 (integer multiply-adds; the same sums as float32's,
+    # which accumulator_type picks only while they are exact)
+    acc_t = "int32" if codes and spec.act == "int8" else accumulator_type(spec)
 
     def rows(oh, kh):
         return oh * SH - PH + kh * DH
@@ -122,7 +127,10 @@ def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
             g = o // OG
             x = xval(m, g * CG + c.var, rows(oh, kh.var), cols(ow, kw.var))
             wd, sh = c.var // 32, as_i32(c.var % 32)
-            if spec.code == "pm1":
+            if codes:
+                q = P[o, kh.var, kw.var, c.var].astype("int32")
+                t = q.astype(F32) * x if acc_t == F32 else q * x
+            elif spec.code == "pm1":
                 t = tirx.Select(((P[0, o, kh.var, kw.var, wd] >> sh) & 1) != 0, x, -x)
             else:
                 q = (P[0, o, kh.var, kw.var, wd] >> sh) & 1
@@ -263,6 +271,34 @@ def _conv2d_kernel(
         if cpu:
             func = _schedule(func, spec)
     return func.with_attr("global_symbol", "main")
+
+
+def codes_conv_fits(spec: ConvSpec) -> bool:
+    """Whether :func:`conv2d_codes_kernel` covers ``spec``: int8 or float activations, unsigned
+    codes of at most 8 bits."""
+    return spec.act != "binary" and spec.code != "pm1" and spec.bits <= 8
+
+
+def conv2d_codes_kernel(spec: ConvSpec) -> tirx.PrimFunc:
+    """The portable conv reading each weight's code as one byte, ``Q uint8 (O, KH, KW, CG)``
+    (:func:`codes_from_planes`), in place of the planes ``P``; other buffers, the reduction order
+    and the epilogue are :func:`conv2d_kernel`'s, so the outputs are identical. For targets
+    without a scheduled int8 conv (C), where decoding B planes per multiply dominates."""
+    if not codes_conv_fits(spec):
+        raise ValueError(f"no codes conv kernel for {spec}")
+    return _conv_func(spec, codes=True).with_attr("global_symbol", "main")
+
+
+def codes_from_planes(planes: Any, cg: int) -> Any:
+    """``P int32 (B, O, KH, KW, CWg)`` bit-planes -> ``Q uint8 (O, KH, KW, cg)`` codes
+    (``Q = sum_b bit_b << b``; channel ``c`` is bit ``c % 32`` of word ``c // 32``)."""
+    import numpy as np
+
+    words = np.asarray(planes).astype(np.int64) & 0xFFFFFFFF
+    c = np.arange(cg)
+    bits = (words[..., c // 32] >> (c % 32)) & 1  # (B, O, KH, KW, cg)
+    q = sum(bits[b] << b for b in range(bits.shape[0]))
+    return np.asarray(q, dtype=np.uint8)
 
 
 # kernels are pure functions of their arguments: build each once per spec and target string

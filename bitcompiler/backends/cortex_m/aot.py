@@ -28,8 +28,8 @@ from bitcompiler.backends.cortex_m.kernel_c import Kernel, generate_c, prepare_k
 from bitcompiler.backends.cortex_m.memory_plan import ArenaPlan, Buffer, plan_arena
 from bitcompiler.errors import CortexMLoweringError
 
-C_TYPES = {"float32": "float", "int32": "int32_t", "int8": "int8_t"}
-ITEMSIZE = {"float32": 4, "int32": 4, "int8": 1}
+C_TYPES = {"float32": "float", "int32": "int32_t", "int8": "int8_t", "uint8": "uint8_t"}
+ITEMSIZE = {"float32": 4, "int32": 4, "int8": 1, "uint8": 1}
 ALIASES = {
     "flatten.using_ints",
     "view.default",
@@ -52,6 +52,10 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: str
     storage: str  # the arena buffer holding it (an alias shares its source's storage)
+    value: str = ""  # the tensor a step wrote whose bytes these are (itself, or an alias's source)
+
+    def __post_init__(self) -> None:
+        self.value = self.value or self.name
 
     @property
     def numel(self) -> int:
@@ -144,7 +148,7 @@ class _Builder:
         return t
 
     def alias(self, name: str, src: Tensor, shape: tuple) -> Tensor:
-        t = Tensor(name, tuple(int(d) for d in shape), src.dtype, src.storage)
+        t = Tensor(name, tuple(int(d) for d in shape), src.dtype, src.storage, src.value)
         self.tensors[name] = t
         return t
 
@@ -157,6 +161,11 @@ class _Builder:
             self.weights[sym] = Weight(sym, arr, layer)
             self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + arr.nbytes
         return sym
+
+    def drop_weight(self, symbol: str) -> None:
+        """Forget a weight another form replaces (it is not stored in flash)."""
+        w = self.weights.pop(symbol)
+        self.layer_bytes[w.layer] -= w.array.nbytes
 
     def constant(self, symbol: str, array: np.ndarray, layer: str) -> str:
         """A ``const`` array the graph does not hold (unit scales of a tile's row kernel)."""
@@ -215,6 +224,13 @@ class _Builder:
         self.call(k, [x.name, p.name], [x.name], [p.name], "pack_sign")
         return [p.name]
 
+    def label(self, node: torch.fx.Node) -> str:
+        """``layer (node)``: the module the bit op's weights came from, then the graph node."""
+        names = [a.name for a in node.args if isinstance(a, torch.fx.Node)]
+        qual = next((self.param_of[n] for n in names if n in self.param_of), "")
+        layer = qual.rpartition(".")[0]
+        return f"{layer} ({node.name})" if layer else node.name
+
     def epilogue_args(self, call: ops.BoundCall) -> list[str]:
         t = call.tensors
         if call.attrs.threshold:
@@ -240,7 +256,7 @@ class _Builder:
             unroll=a.act == "binary",
         )
         y = self.new_tensor(node.name, out_shape, "float32")
-        self.call(kern, [*act_args, *self.epilogue_args(call), y.name], act_args, [y.name], node.name)
+        self.call(kern, [*act_args, *self.epilogue_args(call), y.name], act_args, [y.name], self.label(node))
 
     def tiled_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         """Row-aligned tile: the two kernels of :class:`kernels.TiledStages`. Unaligned: one kernel
@@ -264,7 +280,7 @@ class _Builder:
                 f"bitc_tiled_{tag}_{len(self.kernels)}",
             )
             epi = [t["thr_sign"], t["thr"]] if a.threshold else [t["scale"], t["bias"]]
-            self.call(kern, [*act_args, t["tile"], *epi, y.name], act_args, [y.name], node.name)
+            self.call(kern, [*act_args, t["tile"], *epi, y.name], act_args, [y.name], self.label(node))
             return
         plan = kernels.tiled_linear_stages(spec, self.target)
         layer, base = self.weights[t["tile"]].layer, t["tile"].removeprefix("bitc_w_")
@@ -279,7 +295,8 @@ class _Builder:
         }
         if "unit_xs" in plan.stage1.args:  # the row kernel's int8 scale is 1: A stays the integer accumulator
             values["unit_xs"] = self.constant(f"bitc_c_{base}_xs1", np.ones(rows, np.float32), layer)
-        for stage, label in ((plan.stage1, node.name), (plan.stage2, f"{node.name} (expand)")):
+        name = self.label(node)
+        for stage, label in ((plan.stage1, name), (plan.stage2, f"{name} (expand)")):
             kern = self.kernel(
                 (*stage.key, rows),
                 stage.build,
@@ -302,14 +319,30 @@ class _Builder:
         spec = kernels.ConvSpec.from_attrs(a, o, h, w, bits)
         c = a.in_channels
         act_args = self.quantized_input(x, a.act, 1, (c, h, w), (c, h, w, a.groups))
-        kern = self.kernel(
-            ("conv", spec, 1),
-            lambda: kernels.conv2d_kernel(spec, self.target),
-            f"bitc_conv2d_{a.act}_{a.code}{bits}_{c}x{o}_{a.kernel[0]}x{a.kernel[1]}_{len(self.kernels)}",
-            unroll=a.act == "binary",
-        )
+        tag = f"{a.act}_{a.code}{bits}_{c}x{o}_{a.kernel[0]}x{a.kernel[1]}"
+        epilogue = self.epilogue_args(call)
+        if kernels.codes_conv_fits(spec):  # int8/float activations: one byte per weight, not B planes
+            planes = call.tensors["planes"]
+            qual = self.param_of[planes.name]
+            codes = kernels.codes_from_planes(self.state[qual].detach().cpu().numpy(), spec.cg)
+            self.drop_weight(epilogue[0])
+            epilogue[0] = self.constant(
+                f"bitc_q_{qual.replace('.', '_')}", codes, qual.rpartition(".")[0] or qual
+            )
+            kern = self.kernel(
+                ("conv_codes", spec, 1),
+                lambda: kernels.conv2d_codes_kernel(spec),
+                f"bitc_conv2d_codes_{tag}_{len(self.kernels)}",
+            )
+        else:
+            kern = self.kernel(
+                ("conv", spec, 1),
+                lambda: kernels.conv2d_kernel(spec, self.target),
+                f"bitc_conv2d_{tag}_{len(self.kernels)}",
+                unroll=a.act == "binary",
+            )
         y = self.new_tensor(node.name, out_shape, "float32")
-        self.call(kern, [*act_args, *self.epilogue_args(call), y.name], act_args, [y.name], node.name)
+        self.call(kern, [*act_args, *epilogue, y.name], act_args, [y.name], self.label(node))
 
     # ---------------------------------------------------------------- walk
     def run(self) -> tuple[Tensor, Tensor]:
