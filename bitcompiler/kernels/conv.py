@@ -290,15 +290,15 @@ def conv2d_codes_kernel(spec: ConvSpec) -> tirx.PrimFunc:
 
 
 def codes_from_planes(planes: Any, cg: int) -> Any:
-    """``P int32 (B, O, KH, KW, CWg)`` bit-planes -> ``Q uint8 (O, KH, KW, cg)`` codes
-    (``Q = sum_b bit_b << b``; channel ``c`` is bit ``c % 32`` of word ``c // 32``)."""
+    """``P int32 (B, O, KH, KW, CWg)`` uint bit-planes -> ``Q uint8 (O, KH, KW, cg)`` codes, as
+    :func:`bitcompiler.quant.numerics.planes_to_code` decodes them (a numpy array)."""
     import numpy as np
+    import torch
 
-    words = np.asarray(planes).astype(np.int64) & 0xFFFFFFFF
-    c = np.arange(cg)
-    bits = (words[..., c // 32] >> (c % 32)) & 1  # (B, O, KH, KW, cg)
-    q = sum(bits[b] << b for b in range(bits.shape[0]))
-    return np.asarray(q, dtype=np.uint8)
+    from bitcompiler.quant.numerics import planes_to_code
+
+    q = planes_to_code(torch.as_tensor(np.asarray(planes, dtype=np.int32)), cg, "uint")
+    return q.numpy().astype(np.uint8)
 
 
 # kernels are pure functions of their arguments: build each once per spec and target string

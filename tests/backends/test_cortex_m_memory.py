@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,3 +133,22 @@ def test_mixed_precision_cnn_matches_reference(core):
     extra = cm.report().extra
     assert extra["arena_peak_bytes"] <= extra["arena_bytes"] <= extra["ram_bytes"]
     assert extra["arena_peak_layer"]
+
+
+def test_conv_codes_decode_the_planes_as_the_numerics_do():
+    from bitcompiler.kernels import codes_from_planes
+    from bitcompiler.quant.numerics import conv_codes_to_planes
+
+    g = torch.Generator().manual_seed(0)
+    for bits, cg in ((8, 1), (3, 40), (2, 64)):
+        q = torch.randint(0, 2**bits, (5, cg, 3, 3), generator=g)
+        codes = codes_from_planes(conv_codes_to_planes(q, bits, "uint").numpy(), cg)
+        assert codes.dtype == np.uint8 and codes.shape == (5, 3, 3, cg)
+        assert np.array_equal(codes, q.permute(0, 2, 3, 1).numpy())
+
+
+def test_int8_conv_stores_one_byte_per_weight():
+    program = program_for(*mixed_cnn())
+    stem = [w for w in program.weights if w.layer == "c1"]
+    assert any(w.array.dtype == np.uint8 and w.array.size == 8 * 9 for w in stem), stem
+    assert not any(w.symbol == "bitc_w_c1_planes" for w in stem)
