@@ -13,6 +13,7 @@ already-quantized activations); the generic computation guards every load with
   ``n_valid = (#valid kh) * (#valid kw)`` computed in the epilogue; uint:
   ``acc = sum_i 2^i (popcount(P_i & a) - popcount(P_i & ~a))``; ``sumx = 2 popcount(a) - n_valid cg``.
 * ``act="int8"`` / ``"float"``: ``X (M, C, H, W)``, the code is unpacked from the planes on the fly.
+  :func:`conv2d_codes_kernel` reads one ``uint8`` code per weight instead (Cortex-M's C).
 
 The register-blocked W1A1 CPU kernel (``act="binary"``, pm1 weights) lives in
 :mod:`bitcompiler.kernels.conv_binary`. ``act="int8"``/``"float"`` on the CPU decode the codes once per
