@@ -40,7 +40,7 @@ from bitcompiler.kernels.spec import ConvSpec
 F32 = "float32"
 
 
-def _conv_func(spec: ConvSpec, codes: bool = False) -> tirx.PrimFunc:
+def _conv_func(spec: ConvSpec, codes: bool = False, packed: bool = False) -> tirx.PrimFunc:
     C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     G, CG, OG, CWG, B = spec.groups, spec.cg, spec.og, spec.words_per_group, spec.bits
@@ -160,8 +160,47 @@ def _conv_func(spec: ConvSpec, codes: bool = False) -> tirx.PrimFunc:
         s = sumx[m, o // OG, oh, ow]
         return 2 * s - n_valid(oh, ow) * CG if binary else s
 
-    epi, Y = _output(spec, M, acc_value, sumx_value if sumx is not None else None, XS)
+    if packed:
+        epi, Y = _packed_output(spec, M, acc_value)
+    else:
+        epi, Y = _output(spec, M, acc_value, sumx_value if sumx is not None else None, XS)
     return te.create_prim_func([*inputs, P, *epi, Y])
+
+
+def _packed_output(spec: ConvSpec, M, acc_value) -> tuple[list, te.Tensor]:
+    """A threshold epilogue writing the next binary conv's packed input: ``Y int32 (M, OH, OW, 1,
+    ceil(O/32))``, bit ``o % 32`` of word ``o // 32`` set where output ``o`` is +1 (as
+    :func:`bitcompiler.kernels.pack_sign_nchw` packs the +-1 map for groups 1; bits past ``O`` are 0)."""
+    O, OH, OW = spec.out_channels, spec.out_h, spec.out_w
+    TS = te.placeholder(shape64(O), "int32", "TS")
+    TH = te.placeholder(shape64(O), "int32", "TH")
+
+    def word(m, oh, ow, g, wd):
+        out = None
+        for j in range(32):
+            o = wd * 32 + j
+            oc = tirx.min(o, O - 1)  # in bounds; bits past O are masked below
+            hit = TS[oc].astype("int64") * acc_value(m, oc, oh, ow).astype("int64") >= TH[oc].astype("int64")
+            if O % 32:
+                hit = tirx.all(o < O, hit)
+            bit = tirx.Select(hit, tirx.const(1, "int32"), tirx.const(0, "int32")) << tirx.const(j, "int32")
+            out = bit if out is None else out | bit
+        return out
+
+    return [TS, TH], te.compute(shape64(M, OH, OW, 1, (O + 31) // 32), word, name="Y")
+
+
+def packs_output_c(spec: ConvSpec) -> bool:
+    """Whether :func:`conv2d_packed_kernel` covers ``spec``: a threshold conv (+-1 outputs)."""
+    return spec.threshold
+
+
+def conv2d_packed_kernel(spec: ConvSpec) -> tirx.PrimFunc:
+    """The portable threshold conv writing its +-1 outputs as the sign words a groups-1 binary
+    conv reads (:func:`_packed_output`), in place of the float map and its packing kernel."""
+    if not packs_output_c(spec):
+        raise ValueError(f"no packed-output conv kernel for {spec}: it needs a threshold epilogue")
+    return _conv_func(spec, packed=True).with_attr("global_symbol", "main")
 
 
 def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tensor]:

@@ -94,6 +94,10 @@ def test_plan_never_overlaps_live_tensors_of_a_mixed_model():
     labels = [s.label for s in program.steps]
     assert any("max_pool2d on sign bits" in label for label in labels), labels
     assert not any("(max_pool2d.default)" in label for label in labels), labels  # no float max pool
+    c2 = next(s for s in program.steps if s.label.startswith("c2 "))
+    assert program.tensors[c2.writes[0]].dtype == "int32", c2  # the threshold conv writes sign words
+    float_out = c2.label.split("(")[1].rstrip(")")  # c2's +-1 map: nothing reads it as floats
+    assert not any(float_out in s.reads for s in program.steps), labels
     shared = [
         s
         for s in program.steps

@@ -321,6 +321,19 @@ class _Builder:
         act_args = self.quantized_input(x, a.act, 1, (c, h, w), (c, h, w, a.groups))
         tag = f"{a.act}_{a.code}{bits}_{c}x{o}_{a.kernel[0]}x{a.kernel[1]}"
         epilogue = self.epilogue_args(call)
+        if kernels.packs_output_c(spec) and _packed_readers(node):
+            # +-1 outputs read only as packed signs (groups-1 binary convs, max-pools of them)
+            kern = self.kernel(
+                ("conv_packed", spec, 1),
+                lambda: kernels.conv2d_packed_kernel(spec),
+                f"bitc_conv2d_packed_{tag}_{len(self.kernels)}",
+                unroll=a.act == "binary",
+            )
+            yb = self.new_tensor(f"{node.name}_bits", (1, *out_shape[2:], 1, (o + 31) // 32), "int32")
+            self.call(kern, [*act_args, *epilogue, yb.name], act_args, [yb.name], self.label(node))
+            self.packed[(node.name, 1)] = yb.name
+            self.new_tensor(node.name, out_shape, "float32")  # never written: its readers take the bits
+            return
         if kernels.codes_conv_fits(spec):  # int8/float activations: one byte per weight, not B planes
             planes = call.tensors["planes"]
             qual = self.param_of[planes.name]
@@ -407,20 +420,14 @@ class _Builder:
         """``max_pool2d`` read only by binary convs: pack the signs of its input, then pool the
         bits. ``sign(max(window)) = OR(sign bits of the window)`` (bit 1 is ``x >= 0``), so the
         pooled float map never exists: the convs read the pooled words."""
-        from bitcompiler import kernels
 
         x = self.tensors[cast(torch.fx.Node, node.args[0]).name]
         _, c, h, w = x.shape
         _, _, oh, ow = out_shape
         nchw = (c, h, w, groups)
-        k = self.kernel(
-            ("pack_nchw", nchw, 1),
-            lambda: kernels.pack_sign_nchw(c, h, w, groups, self.target),
-            f"bitc_pack_sign_nchw_{len(self.kernels)}",
-        )
+        (bits_name,) = self.quantized_input(x, "binary", 1, (c, h, w), nchw)  # packs, or the conv did
+        bits = self.tensors[bits_name]
         words = groups * ((c // groups + 31) // 32)
-        bits = self.new_tensor(f"{node.name}_in_bits", (1, h, w, groups, words // groups), "int32")
-        self.call(k, [x.name, bits.name], [x.name], [bits.name], "pack_sign")
         pooled = self.new_tensor(f"{node.name}_bits", (1, oh, ow, groups, words // groups), "int32")
         body = float_ops.max_pool2d_bits(node, (h, w), (oh, ow), words)
         code = [
@@ -431,6 +438,18 @@ class _Builder:
         self.steps.append(Step(code, [bits.name], [pooled.name], f"{node.name} (max_pool2d on sign bits)"))
         self.packed[(node.name, groups)] = pooled.name
         self.new_tensor(node.name, out_shape, "float32")  # never written: its readers take the bits
+
+
+def _packed_readers(node: torch.fx.Node) -> bool:
+    """Every reader of ``node`` takes its packed signs: groups-1 binary convs reading it as their
+    input, or max-pools whose readers are such convs."""
+    for user in node.users:
+        if getattr(user.target, "namespace", "") == "aten" and "max_pool2d.default" in str(user.target):
+            if user.args[0] is not node or _binary_conv_groups(user) != 1:
+                return False
+        elif _binary_conv_groups(node) != 1:
+            return False
+    return bool(node.users)
 
 
 def _binary_conv_groups(node: torch.fx.Node) -> int:
