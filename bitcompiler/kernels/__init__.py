@@ -26,10 +26,8 @@ from bitcompiler.kernels.activations import pack_sign_nchw, pack_sign_rows, quan
 from bitcompiler.kernels.conv import (
     codes_conv_fits,
     codes_from_planes,
-    conv2d_codes_kernel,
+    conv2d_c_kernel,
     conv2d_kernel,
-    conv2d_packed_kernel,
-    packs_output_c,
     stored_codes_conv_kernel,
 )
 from bitcompiler.kernels.dense import Relaid, dense_kernel, relaid_dense_kernel
@@ -57,13 +55,11 @@ __all__ = [
     "TiledStages",
     "codes_conv_fits",
     "codes_from_planes",
-    "conv2d_codes_kernel",
+    "conv2d_c_kernel",
     "conv2d_kernel",
-    "conv2d_packed_kernel",
     "dense_kernel",
     "pack_sign_nchw",
     "pack_sign_rows",
-    "packs_output_c",
     "quantize_rows_int8",
     "relaid_dense_kernel",
     "relaid_tiled_kernel",

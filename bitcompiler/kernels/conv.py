@@ -13,7 +13,7 @@ already-quantized activations); the generic computation guards every load with
   ``n_valid = (#valid kh) * (#valid kw)`` computed in the epilogue; uint:
   ``acc = sum_i 2^i (popcount(P_i & a) - popcount(P_i & ~a))``; ``sumx = 2 popcount(a) - n_valid cg``.
 * ``act="int8"`` / ``"float"``: ``X (M, C, H, W)``, the code is unpacked from the planes on the fly.
-  :func:`conv2d_codes_kernel` reads one ``uint8`` code per weight instead (Cortex-M's C).
+  :func:`conv2d_c_kernel` reads one ``uint8`` code per weight instead (Cortex-M's C).
 
 The register-blocked W1A1 CPU kernel (``act="binary"``, pm1 weights) lives in
 :mod:`bitcompiler.kernels.conv_binary`. ``act="int8"``/``"float"`` on the CPU decode the codes once per
@@ -46,7 +46,7 @@ def _conv_func(spec: ConvSpec, codes: bool = False, packed: bool = False) -> tir
     G, CG, OG, CWG, B = spec.groups, spec.cg, spec.og, spec.words_per_group, spec.bits
     OH, OW = spec.out_h, spec.out_w
     M = batch_var()
-    if codes:  # one unsigned byte per weight instead of B bit-planes (see conv2d_codes_kernel)
+    if codes:  # one unsigned byte per weight instead of B bit-planes (see conv2d_c_kernel)
         P = te.placeholder(shape64(O, KH, KW, CG), "uint8", "Q")
     else:
         P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
@@ -161,46 +161,32 @@ def _conv_func(spec: ConvSpec, codes: bool = False, packed: bool = False) -> tir
         return 2 * s - n_valid(oh, ow) * CG if binary else s
 
     if packed:
-        epi, Y = _packed_output(spec, M, acc_value)
+        epi, Y = _packed_output(spec, M, acc_value, sumx_value if sumx is not None else None, XS)
     else:
         epi, Y = _output(spec, M, acc_value, sumx_value if sumx is not None else None, XS)
     return te.create_prim_func([*inputs, P, *epi, Y])
 
 
-def _packed_output(spec: ConvSpec, M, acc_value) -> tuple[list, te.Tensor]:
-    """A threshold epilogue writing the next binary conv's packed input: ``Y int32 (M, OH, OW, 1,
-    ceil(O/32))``, bit ``o % 32`` of word ``o // 32`` set where output ``o`` is +1 (as
-    :func:`bitcompiler.kernels.pack_sign_nchw` packs the +-1 map for groups 1; bits past ``O`` are 0)."""
+def _packed_output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tensor]:
+    """:func:`_output`'s ``Y`` kept inside the kernel and written as the next binary conv's packed
+    input: ``YP int32 (M, OH, OW, 1, ceil(O/32))``, bit ``o % 32`` of word ``o // 32`` set where
+    ``Y[o] >= 0`` (as :func:`bitcompiler.kernels.pack_sign_nchw` packs ``Y`` for groups 1; bits
+    past ``O`` are 0). ``Y`` is the same expression, so the signs are exactly those of the map."""
     O, OH, OW = spec.out_channels, spec.out_h, spec.out_w
-    TS = te.placeholder(shape64(O), "int32", "TS")
-    TH = te.placeholder(shape64(O), "int32", "TH")
+    epi, Y = _output(spec, M, acc_value, sumx_value, XS)
 
     def word(m, oh, ow, g, wd):
         out = None
         for j in range(32):
             o = wd * 32 + j
-            oc = tirx.min(o, O - 1)  # in bounds; bits past O are masked below
-            hit = TS[oc].astype("int64") * acc_value(m, oc, oh, ow).astype("int64") >= TH[oc].astype("int64")
+            hit = Y[m, tirx.min(o, O - 1), oh, ow] >= tirx.const(0.0, F32)
             if O % 32:
                 hit = tirx.all(o < O, hit)
             bit = tirx.Select(hit, tirx.const(1, "int32"), tirx.const(0, "int32")) << tirx.const(j, "int32")
             out = bit if out is None else out | bit
         return out
 
-    return [TS, TH], te.compute(shape64(M, OH, OW, 1, (O + 31) // 32), word, name="Y")
-
-
-def packs_output_c(spec: ConvSpec) -> bool:
-    """Whether :func:`conv2d_packed_kernel` covers ``spec``: a threshold conv (+-1 outputs)."""
-    return spec.threshold
-
-
-def conv2d_packed_kernel(spec: ConvSpec) -> tirx.PrimFunc:
-    """The portable threshold conv writing its +-1 outputs as the sign words a groups-1 binary
-    conv reads (:func:`_packed_output`), in place of the float map and its packing kernel."""
-    if not packs_output_c(spec):
-        raise ValueError(f"no packed-output conv kernel for {spec}: it needs a threshold epilogue")
-    return _conv_func(spec, packed=True).with_attr("global_symbol", "main")
+    return epi, te.compute(shape64(M, OH, OW, 1, (O + 31) // 32), word, name="YP")
 
 
 def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tensor]:
@@ -314,19 +300,24 @@ def _conv2d_kernel(
 
 
 def codes_conv_fits(spec: ConvSpec) -> bool:
-    """Whether :func:`conv2d_codes_kernel` covers ``spec``: int8 or float activations, unsigned
-    codes of at most 8 bits."""
+    """Whether :func:`conv2d_c_kernel` can read ``spec``'s weights as codes: int8 or float
+    activations, unsigned codes of at most 8 bits."""
     return spec.act != "binary" and spec.code != "pm1" and spec.bits <= 8
 
 
-def conv2d_codes_kernel(spec: ConvSpec) -> tirx.PrimFunc:
-    """The portable conv reading each weight's code as one byte, ``Q uint8 (O, KH, KW, CG)``
-    (:func:`codes_from_planes`), in place of the planes ``P``; other buffers, the reduction order
-    and the epilogue are :func:`conv2d_kernel`'s, so the outputs are identical. For targets
-    without a scheduled int8 conv (C), where decoding B planes per multiply dominates."""
-    if not codes_conv_fits(spec):
-        raise ValueError(f"no codes conv kernel for {spec}")
-    return _conv_func(spec, codes=True).with_attr("global_symbol", "main")
+def conv2d_c_kernel(spec: ConvSpec, codes: bool = False, packed: bool = False) -> tirx.PrimFunc:
+    """The portable conv (:func:`conv2d_kernel`'s buffers, reduction order and epilogue, so equal
+    outputs) with two options for targets without scheduled kernels (Cortex-M's C):
+
+    * ``codes``: each weight's code as one byte, ``Q uint8 (O, KH, KW, CG)``
+      (:func:`codes_from_planes`), in place of the planes ``P``; int8 activations sum in int32.
+      Decoding B planes per multiply is what dominates otherwise (:func:`codes_conv_fits`).
+    * ``packed``: the signs of the outputs as the sign words a groups-1 binary conv reads
+      (:func:`_packed_output`), in place of the float map and its packing kernel.
+    """
+    if codes and not codes_conv_fits(spec):
+        raise ValueError(f"no codes conv kernel for {spec}: it needs int8/float activations and uint codes")
+    return _conv_func(spec, codes=codes, packed=packed).with_attr("global_symbol", "main")
 
 
 def codes_from_planes(planes: Any, cg: int) -> Any:

@@ -23,8 +23,9 @@ needs_toolchain = pytest.mark.skipif(
 
 
 class MixedCNN(nn.Module):
-    """int8 stem (first layer), a threshold binary conv whose max pool feeds a binary conv (packed
-    signs, pooled as an OR), float relu / residual add / mean, int8 classifier."""
+    """int8 stem (first layer) read through hardtanh by a threshold binary conv whose max pool
+    feeds a binary conv (both write packed signs, pooled as an OR), float relu / residual add /
+    mean, int8 classifier."""
 
     def __init__(self, c: int = 32) -> None:
         super().__init__()
@@ -94,10 +95,13 @@ def test_plan_never_overlaps_live_tensors_of_a_mixed_model():
     labels = [s.label for s in program.steps]
     assert any("max_pool2d on sign bits" in label for label in labels), labels
     assert not any("(max_pool2d.default)" in label for label in labels), labels  # no float max pool
-    c2 = next(s for s in program.steps if s.label.startswith("c2 "))
-    assert program.tensors[c2.writes[0]].dtype == "int32", c2  # the threshold conv writes sign words
-    float_out = c2.label.split("(")[1].rstrip(")")  # c2's +-1 map: nothing reads it as floats
-    assert not any(float_out in s.reads for s in program.steps), labels
+    # c1 (float epilogue, read through hardtanh) and c2 (threshold) write their readers' sign words
+    for layer in ("c1", "c2"):
+        conv = next(s for s in program.steps if s.label.startswith(f"{layer} "))
+        assert program.tensors[conv.writes[0]].dtype == "int32", conv
+        float_out = conv.label.split("(")[1].rstrip(")")  # its float map: nothing reads it
+        assert not any(float_out in s.reads for s in program.steps), labels
+    assert labels.count("pack_sign") == 1, labels  # c4's input only (relu's output, also added)
     shared = [
         s
         for s in program.steps

@@ -140,6 +140,7 @@ class _Builder:
         self.layer_bytes: dict[str, int] = {}
         # (float tensor, groups) -> the int32 sign bits a binary conv reads (computed without the float map)
         self.packed: dict[tuple[str, int], str] = {}
+        self.skipped: set[str] = set()  # nodes whose value exists only as packed signs
 
     # ---------------------------------------------------------------- tensors
     def new_tensor(self, name: str, shape: tuple, dtype: str) -> Tensor:
@@ -321,40 +322,35 @@ class _Builder:
         act_args = self.quantized_input(x, a.act, 1, (c, h, w), (c, h, w, a.groups))
         tag = f"{a.act}_{a.code}{bits}_{c}x{o}_{a.kernel[0]}x{a.kernel[1]}"
         epilogue = self.epilogue_args(call)
-        if kernels.packs_output_c(spec) and _packed_readers(node):
-            # +-1 outputs read only as packed signs (groups-1 binary convs, max-pools of them)
-            kern = self.kernel(
-                ("conv_packed", spec, 1),
-                lambda: kernels.conv2d_packed_kernel(spec),
-                f"bitc_conv2d_packed_{tag}_{len(self.kernels)}",
-                unroll=a.act == "binary",
-            )
-            yb = self.new_tensor(f"{node.name}_bits", (1, *out_shape[2:], 1, (o + 31) // 32), "int32")
-            self.call(kern, [*act_args, *epilogue, yb.name], act_args, [yb.name], self.label(node))
-            self.packed[(node.name, 1)] = yb.name
-            self.new_tensor(node.name, out_shape, "float32")  # never written: its readers take the bits
-            return
-        if kernels.codes_conv_fits(spec):  # int8/float activations: one byte per weight, not B planes
-            planes = call.tensors["planes"]
-            qual = self.param_of[planes.name]
-            codes = kernels.codes_from_planes(self.state[qual].detach().cpu().numpy(), spec.cg)
+        codes = kernels.codes_conv_fits(spec)  # int8/float activations: one byte per weight, not B planes
+        if codes:
+            qual = self.param_of[call.tensors["planes"].name]
+            array = kernels.codes_from_planes(self.state[qual].detach().cpu().numpy(), spec.cg)
             self.drop_weight(epilogue[0])
             epilogue[0] = self.constant(
-                f"bitc_q_{qual.replace('.', '_')}", codes, qual.rpartition(".")[0] or qual
+                f"bitc_q_{qual.replace('.', '_')}", array, qual.rpartition(".")[0] or qual
             )
-            kern = self.kernel(
-                ("conv_codes", spec, 1),
-                lambda: kernels.conv2d_codes_kernel(spec),
-                f"bitc_conv2d_codes_{tag}_{len(self.kernels)}",
-            )
+        # read only as packed signs (groups-1 binary convs, max-pools of them, through hardtanh)
+        packed = _packed_readers(node)
+        kind = ("_codes" if codes else "") + ("_packed" if packed else "")
+        kern = self.kernel(
+            ("conv" + kind, spec, 1),
+            lambda: (
+                kernels.conv2d_kernel(spec, self.target)
+                if not kind
+                else kernels.conv2d_c_kernel(spec, codes=codes, packed=packed)
+            ),
+            f"bitc_conv2d{kind}_{tag}_{len(self.kernels)}",
+            unroll=a.act == "binary",
+        )
+        if packed:
+            y = self.new_tensor(f"{node.name}_bits", (1, *out_shape[2:], 1, (o + 31) // 32), "int32")
+            for n in (node, *_sign_clamps(node)):  # the clamps' signs are the conv's
+                self.packed[(n.name, 1)] = y.name
+                self.new_tensor(n.name, out_shape, "float32")  # never written: readers take the bits
+                self.skipped.add(n.name)
         else:
-            kern = self.kernel(
-                ("conv", spec, 1),
-                lambda: kernels.conv2d_kernel(spec, self.target),
-                f"bitc_conv2d_{tag}_{len(self.kernels)}",
-                unroll=a.act == "binary",
-            )
-        y = self.new_tensor(node.name, out_shape, "float32")
+            y = self.new_tensor(node.name, out_shape, "float32")
         self.call(kern, [*act_args, *epilogue, y.name], act_args, [y.name], self.label(node))
 
     # ---------------------------------------------------------------- walk
@@ -380,6 +376,8 @@ class _Builder:
         return graph_input, output
 
     def lower_node(self, node: torch.fx.Node) -> None:
+        if node.name in self.skipped:
+            return None
         target = node.target
         name = str(getattr(target, "_opname", "")) + "." + str(getattr(target, "_overloadname", ""))
         ns = getattr(target, "namespace", "")
@@ -440,15 +438,39 @@ class _Builder:
         self.new_tensor(node.name, out_shape, "float32")  # never written: its readers take the bits
 
 
+def _is_sign_clamp(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    """``node`` is ``hardtanh(src, lo, hi)`` with ``lo < 0 <= hi``: ``sign`` of it is ``sign(src)``."""
+    if getattr(node.target, "namespace", "") != "aten" or "hardtanh" not in str(node.target):
+        return False
+    lo, hi = (list(node.args[1:3]) + [-1.0, 1.0][len(node.args) - 1 :])[:2]
+    return node.args[0] is src and not node.kwargs and float(lo) < 0 <= float(hi)  # type: ignore[arg-type]
+
+
+def _sign_clamps(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The sign-preserving hardtanh readers of ``node``, transitively."""
+    found = []
+    for user in node.users:
+        if _is_sign_clamp(user, node):
+            found += [user, *_sign_clamps(user)]
+    return found
+
+
 def _packed_readers(node: torch.fx.Node) -> bool:
-    """Every reader of ``node`` takes its packed signs: groups-1 binary convs reading it as their
-    input, or max-pools whose readers are such convs."""
+    """Every reader of ``node`` takes only its packed signs: groups-1 binary convs reading it as
+    their input, max-pools whose readers are such convs, sign-preserving hardtanhs of those."""
     for user in node.users:
         if getattr(user.target, "namespace", "") == "aten" and "max_pool2d.default" in str(user.target):
             if user.args[0] is not node or _binary_conv_groups(user) != 1:
                 return False
-        elif _binary_conv_groups(node) != 1:
+        elif _is_sign_clamp(user, node):
+            if not _packed_readers(user):
+                return False
+        elif getattr(user.target, "namespace", "") != "bitc" or "bit_conv2d" not in str(user.target):
             return False
+        else:
+            call = ops.bind(user)
+            if call.x is not node or call.attrs.act != "binary" or call.attrs.groups != 1:
+                return False
     return bool(node.users)
 
 
