@@ -129,6 +129,10 @@ def test_model_over_the_boards_ram_names_sizes_and_the_peak_layer():
     msg = str(e.value)
     assert "24,576 B" in msg and f"{program.plan.arena_bytes:,} B" in msg, msg
     assert f"layer {program.peak_layer}," in msg and f"{program.plan.peak_bytes:,} B" in msg, msg
+    largest = max(
+        (t for t in program.tensors.values() if t.storage in program.plan.offsets), key=lambda t: t.nbytes
+    )
+    assert f"largest activations: {largest.name} {largest.nbytes:,} B" in msg, msg
 
 
 @needs_toolchain

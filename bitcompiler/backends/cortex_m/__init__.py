@@ -49,8 +49,8 @@ def check_fits(program: Program, target: Target, flash: int, ram: int) -> None:
             "Use fewer bits per weight (e.g. scheme='binary', 'tiled:p=4') or a smaller model."
         )
     if caps.ram_bytes is not None and ram > caps.ram_bytes:
-        acts = {n: t.nbytes for n, t in program.tensors.items() if t.storage != program.input.storage}
-        plan = program.plan
+        plan = program.plan  # tensors in the arena (not the caller's in/out, not the never-built float maps)
+        acts = {n: t.nbytes for n, t in program.tensors.items() if t.storage in plan.offsets}
         raise ModelTooLarge(
             f"the model needs {ram:,} B of RAM (activation arena {plan.arena_bytes:,} B + "
             f"{STACK_BYTES:,} B stack + static data) but {where} has {caps.ram_bytes:,} B; the peak is at "
