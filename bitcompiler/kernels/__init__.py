@@ -23,7 +23,14 @@ stores the layers' weights in the order the kernels read (the same bits).
 """
 
 from bitcompiler.kernels.activations import pack_sign_nchw, pack_sign_rows, quantize_rows_int8
-from bitcompiler.kernels.conv import conv2d_kernel, stored_codes_conv_kernel, stored_weights
+from bitcompiler.kernels.conv import (
+    codes_conv_fits,
+    codes_from_planes,
+    conv2d_c_kernel,
+    conv2d_kernel,
+    stored_codes_conv_kernel,
+    stored_weights,
+)
 from bitcompiler.kernels.dense import Relaid, dense_kernel, relaid_dense_kernel
 from bitcompiler.kernels.pooling import window_mean_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
@@ -47,6 +54,9 @@ __all__ = [
     "TiledConvSpec",
     "TiledDenseSpec",
     "TiledStages",
+    "codes_conv_fits",
+    "codes_from_planes",
+    "conv2d_c_kernel",
     "conv2d_kernel",
     "dense_kernel",
     "pack_sign_nchw",

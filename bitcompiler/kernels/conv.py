@@ -13,6 +13,7 @@ already-quantized activations); the generic computation guards every load with
   ``n_valid = (#valid kh) * (#valid kw)`` computed in the epilogue; uint:
   ``acc = sum_i 2^i (popcount(P_i & a) - popcount(P_i & ~a))``; ``sumx = 2 popcount(a) - n_valid cg``.
 * ``act="int8"`` / ``"float"``: ``X (M, C, H, W)``, the code is unpacked from the planes on the fly.
+  :func:`conv2d_c_kernel` reads one ``uint8`` code per weight instead (Cortex-M's C).
 
 The register-blocked W1A1 CPU kernel (``act="binary"``, pm1 weights) lives in
 :mod:`bitcompiler.kernels.conv_binary`. ``act="int8"``/``"float"`` on the CPU decode the codes once per
@@ -39,15 +40,20 @@ from bitcompiler.kernels.spec import ConvSpec
 F32 = "float32"
 
 
-def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
+def _conv_func(spec: ConvSpec, codes: bool = False, packed: bool = False) -> tirx.PrimFunc:
     C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     G, CG, OG, CWG, B = spec.groups, spec.cg, spec.og, spec.words_per_group, spec.bits
     OH, OW = spec.out_h, spec.out_w
     M = batch_var()
-    P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
+    if codes:  # one unsigned byte per weight instead of B bit-planes (see conv2d_c_kernel)
+        P = te.placeholder(shape64(O, KH, KW, CG), "uint8", "Q")
+    else:
+        P = te.placeholder(shape64(B, O, KH, KW, CWG), "int32", "P")
     binary = spec.act == "binary"
-    acc_t = accumulator_type(spec)
+    # codes: int8 x code products in int32 (integer multiply-adds; the same sums as float32's,
+    # which accumulator_type picks only while they are exact)
+    acc_t = "int32" if codes and spec.act == "int8" else accumulator_type(spec)
 
     def rows(oh, kh):
         return oh * SH - PH + kh * DH
@@ -122,7 +128,10 @@ def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
             g = o // OG
             x = xval(m, g * CG + c.var, rows(oh, kh.var), cols(ow, kw.var))
             wd, sh = c.var // 32, as_i32(c.var % 32)
-            if spec.code == "pm1":
+            if codes:
+                q = P[o, kh.var, kw.var, c.var].astype("int32")
+                t = q.astype(F32) * x if acc_t == F32 else q * x
+            elif spec.code == "pm1":
                 t = tirx.Select(((P[0, o, kh.var, kw.var, wd] >> sh) & 1) != 0, x, -x)
             else:
                 q = (P[0, o, kh.var, kw.var, wd] >> sh) & 1
@@ -151,8 +160,33 @@ def _conv_func(spec: ConvSpec) -> tirx.PrimFunc:
         s = sumx[m, o // OG, oh, ow]
         return 2 * s - n_valid(oh, ow) * CG if binary else s
 
-    epi, Y = _output(spec, M, acc_value, sumx_value if sumx is not None else None, XS)
+    if packed:
+        epi, Y = _packed_output(spec, M, acc_value, sumx_value if sumx is not None else None, XS)
+    else:
+        epi, Y = _output(spec, M, acc_value, sumx_value if sumx is not None else None, XS)
     return te.create_prim_func([*inputs, P, *epi, Y])
+
+
+def _packed_output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tensor]:
+    """:func:`_output`'s ``Y`` kept inside the kernel and written as the next binary conv's packed
+    input: ``YP int32 (M, OH, OW, 1, ceil(O/32))``, bit ``o % 32`` of word ``o // 32`` set where
+    ``Y[o] >= 0`` (as :func:`bitcompiler.kernels.pack_sign_nchw` packs ``Y`` for groups 1; bits
+    past ``O`` are 0). ``Y`` is the same expression, so the signs are exactly those of the map."""
+    O, OH, OW = spec.out_channels, spec.out_h, spec.out_w
+    epi, Y = _output(spec, M, acc_value, sumx_value, XS)
+
+    def word(m, oh, ow, g, wd):
+        out = None
+        for j in range(32):
+            o = wd * 32 + j
+            hit = Y[m, tirx.min(o, O - 1), oh, ow] >= tirx.const(0.0, F32)
+            if O % 32:
+                hit = tirx.all(o < O, hit)
+            bit = tirx.Select(hit, tirx.const(1, "int32"), tirx.const(0, "int32")) << tirx.const(j, "int32")
+            out = bit if out is None else out | bit
+        return out
+
+    return epi, te.compute(shape64(M, OH, OW, 1, (O + 31) // 32), word, name="YP")
 
 
 def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tensor]:
@@ -263,6 +297,39 @@ def _conv2d_kernel(
         if cpu:
             func = _schedule(func, spec)
     return func.with_attr("global_symbol", "main")
+
+
+def codes_conv_fits(spec: ConvSpec) -> bool:
+    """Whether :func:`conv2d_c_kernel` can read ``spec``'s weights as codes: int8 or float
+    activations, unsigned codes of at most 8 bits."""
+    return spec.act != "binary" and spec.code != "pm1" and spec.bits <= 8
+
+
+def conv2d_c_kernel(spec: ConvSpec, codes: bool = False, packed: bool = False) -> tirx.PrimFunc:
+    """The portable conv (:func:`conv2d_kernel`'s buffers, reduction order and epilogue, so equal
+    outputs) with two options for targets without scheduled kernels (Cortex-M's C):
+
+    * ``codes``: each weight's code as one byte, ``Q uint8 (O, KH, KW, CG)``
+      (:func:`codes_from_planes`), in place of the planes ``P``; int8 activations sum in int32.
+      Decoding B planes per multiply is what dominates otherwise (:func:`codes_conv_fits`).
+    * ``packed``: the signs of the outputs as the sign words a groups-1 binary conv reads
+      (:func:`_packed_output`), in place of the float map and its packing kernel.
+    """
+    if codes and not codes_conv_fits(spec):
+        raise ValueError(f"no codes conv kernel for {spec}: it needs int8/float activations and uint codes")
+    return _conv_func(spec, codes=codes, packed=packed).with_attr("global_symbol", "main")
+
+
+def codes_from_planes(planes: Any, cg: int) -> Any:
+    """``P int32 (B, O, KH, KW, CWg)`` uint bit-planes -> ``Q uint8 (O, KH, KW, cg)`` codes, as
+    :func:`bitcompiler.quant.numerics.planes_to_code` decodes them (a numpy array)."""
+    import numpy as np
+    import torch
+
+    from bitcompiler.quant.numerics import planes_to_code
+
+    q = planes_to_code(torch.as_tensor(np.asarray(planes, dtype=np.int32)), cg, "uint")
+    return q.numpy().astype(np.uint8)
 
 
 # kernels are pure functions of their arguments: build each once per spec and target string

@@ -37,20 +37,26 @@ def _largest(sizes: dict[str, int], n: int = 3) -> str:
     return ", ".join(f"{name} {size:,} B" for name, size in top)
 
 
-def check_fits(program: Program, board: Board, flash: int, ram: int) -> None:
-    """Raise :class:`ModelTooLarge` when ``flash`` / ``ram`` bytes exceed the board's."""
-    if flash > board.flash_bytes:
+def check_fits(program: Program, target: Target, flash: int, ram: int) -> None:
+    """Raise :class:`ModelTooLarge` when ``flash`` / ``ram`` bytes exceed the target's memory
+    limits (``target.capabilities``: the board's sizes, or ``flash_kb`` / ``ram_kb``)."""
+    caps, board = target.capabilities, board_for(target)
+    where = f"{board.name} ({board.cpu})"
+    if caps.flash_bytes is not None and flash > caps.flash_bytes:
         raise ModelTooLarge(
-            f"the model needs {flash:,} B of flash but {board.name} ({board.cpu}) has "
-            f"{board.flash_bytes:,} B; largest layers (weights): {_largest(program.layer_bytes)}. "
+            f"the model needs {flash:,} B of flash but {where} has {caps.flash_bytes:,} B; "
+            f"largest layers (weights): {_largest(program.layer_bytes)}. "
             "Use fewer bits per weight (e.g. scheme='binary', 'tiled:p=4') or a smaller model."
         )
-    if ram > board.ram_bytes:
-        acts = {n: t.nbytes for n, t in program.tensors.items() if t.storage != program.input.storage}
+    if caps.ram_bytes is not None and ram > caps.ram_bytes:
+        plan = program.plan  # tensors in the arena (not the caller's in/out, not the never-built float maps)
+        acts = {n: t.nbytes for n, t in program.tensors.items() if t.storage in plan.offsets}
         raise ModelTooLarge(
-            f"the model needs {ram:,} B of RAM (activation arena {program.plan.arena_bytes:,} B + "
-            f"{STACK_BYTES:,} B stack + static data) but {board.name} ({board.cpu}) has "
-            f"{board.ram_bytes:,} B; largest activations: {_largest(acts)}."
+            f"the model needs {ram:,} B of RAM (activation arena {plan.arena_bytes:,} B + "
+            f"{STACK_BYTES:,} B stack + static data) but {where} has {caps.ram_bytes:,} B; the peak is at "
+            f"layer {program.peak_layer}, with {plan.peak_bytes:,} B of activations live; largest "
+            f"activations: {_largest(acts)}. Use binary activations (act=binary) between bit layers, "
+            "fewer channels at full resolution, or pool earlier."
         )
 
 
@@ -124,13 +130,13 @@ class CortexMBackend(Backend):
         qemu.require_toolchain()
         board = board_for(target)
         program = build_program(gm, example_inputs, self.tvm_target(target))
-        check_fits(program, board, program.weight_bytes, program.plan.arena_bytes)
+        check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
         bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
         write_bundle(program, board, bundle)
         (bundle / "shapes.txt").write_text(f"{list(program.input.shape)}\n{list(program.output.shape)}\n")
         elf = qemu.build(bundle)
         size = qemu.sizes(elf)
-        check_fits(program, board, size.flash_bytes, size.static_ram_bytes + STACK_BYTES)
+        check_fits(program, target, size.flash_bytes, size.static_ram_bytes + STACK_BYTES)
         x = example_inputs[0][:1].detach().cpu().numpy().astype(np.float32)
         count = bool(target.get("count_instructions", True))
         result = qemu.run(board, elf, x, program.output.numel, count=count)
@@ -141,6 +147,8 @@ class CortexMBackend(Backend):
             "ram_bytes": size.static_ram_bytes + result.stack_bytes,
             "arena_bytes": program.plan.arena_bytes,
             "arena_naive_bytes": program.plan.naive_bytes,
+            "arena_peak_bytes": program.plan.peak_bytes,
+            "arena_peak_layer": program.peak_layer,
             "stack_bytes": result.stack_bytes,
             "weights_flash_bytes": program.weight_bytes,
         }

@@ -28,8 +28,8 @@ from bitcompiler.backends.cortex_m.kernel_c import Kernel, generate_c, prepare_k
 from bitcompiler.backends.cortex_m.memory_plan import ArenaPlan, Buffer, plan_arena
 from bitcompiler.errors import CortexMLoweringError
 
-C_TYPES = {"float32": "float", "int32": "int32_t", "int8": "int8_t"}
-ITEMSIZE = {"float32": 4, "int32": 4, "int8": 1}
+C_TYPES = {"float32": "float", "int32": "int32_t", "int8": "int8_t", "uint8": "uint8_t"}
+ITEMSIZE = {"float32": 4, "int32": 4, "int8": 1, "uint8": 1}
 ALIASES = {
     "flatten.using_ints",
     "view.default",
@@ -52,6 +52,10 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: str
     storage: str  # the arena buffer holding it (an alias shares its source's storage)
+    value: str = ""  # the tensor a step wrote whose bytes these are (itself, or an alias's source)
+
+    def __post_init__(self) -> None:
+        self.value = self.value or self.name
 
     @property
     def numel(self) -> int:
@@ -81,6 +85,8 @@ class Step:
     reads: list[str]
     writes: list[str]
     label: str
+    # elementwise steps: the read tensors the output may overwrite when they die here (in place)
+    inplace: tuple[str, ...] = ()
 
 
 @dataclass
@@ -99,6 +105,11 @@ class Program:
     @property
     def weight_bytes(self) -> int:
         return sum(w.array.nbytes for w in self.weights)
+
+    @property
+    def peak_layer(self) -> str:
+        """The step (layer) where the most activation bytes are live at once."""
+        return self.steps[self.plan.peak_step].label if self.plan.peak_step >= 0 else "-"
 
     @property
     def writes_output_in_place(self) -> bool:
@@ -127,6 +138,9 @@ class _Builder:
         self.weights: dict[str, Weight] = {}
         self.kernels: dict[Any, Kernel] = {}
         self.layer_bytes: dict[str, int] = {}
+        # (float tensor, groups) -> the int32 sign bits a binary conv reads (computed without the float map)
+        self.packed: dict[tuple[str, int], str] = {}
+        self.skipped: set[str] = set()  # nodes whose value exists only as packed signs
 
     # ---------------------------------------------------------------- tensors
     def new_tensor(self, name: str, shape: tuple, dtype: str) -> Tensor:
@@ -135,7 +149,7 @@ class _Builder:
         return t
 
     def alias(self, name: str, src: Tensor, shape: tuple) -> Tensor:
-        t = Tensor(name, tuple(int(d) for d in shape), src.dtype, src.storage)
+        t = Tensor(name, tuple(int(d) for d in shape), src.dtype, src.storage, src.value)
         self.tensors[name] = t
         return t
 
@@ -148,6 +162,11 @@ class _Builder:
             self.weights[sym] = Weight(sym, arr, layer)
             self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + arr.nbytes
         return sym
+
+    def drop_weight(self, symbol: str) -> None:
+        """Forget a weight another form replaces (it is not stored in flash)."""
+        w = self.weights.pop(symbol)
+        self.layer_bytes[w.layer] -= w.array.nbytes
 
     def constant(self, symbol: str, array: np.ndarray, layer: str) -> str:
         """A ``const`` array the graph does not hold (unit scales of a tile's row kernel)."""
@@ -184,6 +203,8 @@ class _Builder:
             s = self.new_tensor(f"{x.name}_s", (rows,), "float32")
             self.call(k, [x.name, q.name, s.name], [x.name], [q.name, s.name], "quantize_int8")
             return [q.name, s.name]
+        if nchw is not None and (x.name, nchw[3]) in self.packed:
+            return [self.packed[(x.name, nchw[3])]]
         if nchw is None:
             (kdim,) = rest
             k = self.kernel(
@@ -203,6 +224,13 @@ class _Builder:
             p = self.new_tensor(f"{x.name}_bits", (rows, h, w, g, (c // g + 31) // 32), "int32")
         self.call(k, [x.name, p.name], [x.name], [p.name], "pack_sign")
         return [p.name]
+
+    def label(self, node: torch.fx.Node) -> str:
+        """``layer (node)``: the module the bit op's weights came from, then the graph node."""
+        names = [a.name for a in node.args if isinstance(a, torch.fx.Node)]
+        qual = next((self.param_of[n] for n in names if n in self.param_of), "")
+        layer = qual.rpartition(".")[0]
+        return f"{layer} ({node.name})" if layer else node.name
 
     def epilogue_args(self, call: ops.BoundCall) -> list[str]:
         t = call.tensors
@@ -229,7 +257,7 @@ class _Builder:
             unroll=a.act == "binary",
         )
         y = self.new_tensor(node.name, out_shape, "float32")
-        self.call(kern, [*act_args, *self.epilogue_args(call), y.name], act_args, [y.name], node.name)
+        self.call(kern, [*act_args, *self.epilogue_args(call), y.name], act_args, [y.name], self.label(node))
 
     def tiled_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         """Row-aligned tile: the two kernels of :class:`kernels.TiledStages`. Unaligned: one kernel
@@ -253,7 +281,7 @@ class _Builder:
                 f"bitc_tiled_{tag}_{len(self.kernels)}",
             )
             epi = [t["thr_sign"], t["thr"]] if a.threshold else [t["scale"], t["bias"]]
-            self.call(kern, [*act_args, t["tile"], *epi, y.name], act_args, [y.name], node.name)
+            self.call(kern, [*act_args, t["tile"], *epi, y.name], act_args, [y.name], self.label(node))
             return
         plan = kernels.tiled_linear_stages(spec, self.target)
         layer, base = self.weights[t["tile"]].layer, t["tile"].removeprefix("bitc_w_")
@@ -268,7 +296,8 @@ class _Builder:
         }
         if "unit_xs" in plan.stage1.args:  # the row kernel's int8 scale is 1: A stays the integer accumulator
             values["unit_xs"] = self.constant(f"bitc_c_{base}_xs1", np.ones(rows, np.float32), layer)
-        for stage, label in ((plan.stage1, node.name), (plan.stage2, f"{node.name} (expand)")):
+        name = self.label(node)
+        for stage, label in ((plan.stage1, name), (plan.stage2, f"{name} (expand)")):
             kern = self.kernel(
                 (*stage.key, rows),
                 stage.build,
@@ -291,14 +320,38 @@ class _Builder:
         spec = kernels.ConvSpec.from_attrs(a, o, h, w, bits)
         c = a.in_channels
         act_args = self.quantized_input(x, a.act, 1, (c, h, w), (c, h, w, a.groups))
+        tag = f"{a.act}_{a.code}{bits}_{c}x{o}_{a.kernel[0]}x{a.kernel[1]}"
+        epilogue = self.epilogue_args(call)
+        codes = kernels.codes_conv_fits(spec)  # int8/float activations: one byte per weight, not B planes
+        if codes:
+            qual = self.param_of[call.tensors["planes"].name]
+            array = kernels.codes_from_planes(self.state[qual].detach().cpu().numpy(), spec.cg)
+            self.drop_weight(epilogue[0])
+            epilogue[0] = self.constant(
+                f"bitc_q_{qual.replace('.', '_')}", array, qual.rpartition(".")[0] or qual
+            )
+        # read only as packed signs (groups-1 binary convs, max-pools of them, through hardtanh)
+        packed = _packed_readers(node)
+        kind = ("_codes" if codes else "") + ("_packed" if packed else "")
         kern = self.kernel(
-            ("conv", spec, 1),
-            lambda: kernels.conv2d_kernel(spec, self.target),
-            f"bitc_conv2d_{a.act}_{a.code}{bits}_{c}x{o}_{a.kernel[0]}x{a.kernel[1]}_{len(self.kernels)}",
+            ("conv" + kind, spec, 1),
+            lambda: (
+                kernels.conv2d_kernel(spec, self.target)
+                if not kind
+                else kernels.conv2d_c_kernel(spec, codes=codes, packed=packed)
+            ),
+            f"bitc_conv2d{kind}_{tag}_{len(self.kernels)}",
             unroll=a.act == "binary",
         )
-        y = self.new_tensor(node.name, out_shape, "float32")
-        self.call(kern, [*act_args, *self.epilogue_args(call), y.name], act_args, [y.name], node.name)
+        if packed:
+            y = self.new_tensor(f"{node.name}_bits", (1, *out_shape[2:], 1, (o + 31) // 32), "int32")
+            for n in (node, *_sign_clamps(node)):  # the clamps' signs are the conv's
+                self.packed[(n.name, 1)] = y.name
+                self.new_tensor(n.name, out_shape, "float32")  # never written: readers take the bits
+                self.skipped.add(n.name)
+        else:
+            y = self.new_tensor(node.name, out_shape, "float32")
+        self.call(kern, [*act_args, *epilogue, y.name], act_args, [y.name], self.label(node))
 
     # ---------------------------------------------------------------- walk
     def run(self) -> tuple[Tensor, Tensor]:
@@ -323,6 +376,8 @@ class _Builder:
         return graph_input, output
 
     def lower_node(self, node: torch.fx.Node) -> None:
+        if node.name in self.skipped:
+            return None
         target = node.target
         name = str(getattr(target, "_opname", "")) + "." + str(getattr(target, "_overloadname", ""))
         ns = getattr(target, "namespace", "")
@@ -338,6 +393,8 @@ class _Builder:
             src = self.tensors[cast(torch.fx.Node, node.args[0]).name]
             self.alias(node.name, src, shape)
             return None
+        if ns == "aten" and name == "max_pool2d.default" and (groups := _binary_conv_groups(node)):
+            return self.max_pool_packed(node, shape, groups)
         emit = (float_ops.EMITTERS if ns == "aten" else float_ops.BITC_EMITTERS).get(name)
         if emit is None:
             raise CortexMLoweringError(
@@ -353,8 +410,81 @@ class _Builder:
             raise CortexMLoweringError(f"op aten.{name}: {e}") from e
         decls = [f"const float* x{i} = (const float*)@{t.name}@;" for i, t in enumerate(ins)]
         code = [*decls, f"float* y = (float*)@{y.name}@;", *body]
-        self.steps.append(Step(code, [t.name for t in ins], [y.name], f"{node.name} ({name})"))
+        inplace = tuple(t.name for t in ins if t.shape == y.shape) if name in float_ops.ELEMENTWISE else ()
+        self.steps.append(Step(code, [t.name for t in ins], [y.name], f"{node.name} ({name})", inplace))
         return None
+
+    def max_pool_packed(self, node: torch.fx.Node, out_shape: tuple, groups: int) -> None:
+        """``max_pool2d`` read only by binary convs: pack the signs of its input, then pool the
+        bits. ``sign(max(window)) = OR(sign bits of the window)`` (bit 1 is ``x >= 0``), so the
+        pooled float map never exists: the convs read the pooled words."""
+
+        x = self.tensors[cast(torch.fx.Node, node.args[0]).name]
+        _, c, h, w = x.shape
+        _, _, oh, ow = out_shape
+        nchw = (c, h, w, groups)
+        (bits_name,) = self.quantized_input(x, "binary", 1, (c, h, w), nchw)  # packs, or the conv did
+        bits = self.tensors[bits_name]
+        words = groups * ((c // groups + 31) // 32)
+        pooled = self.new_tensor(f"{node.name}_bits", (1, oh, ow, groups, words // groups), "int32")
+        body = float_ops.max_pool2d_bits(node, (h, w), (oh, ow), words)
+        code = [
+            f"const int32_t* x0 = (const int32_t*)@{bits.name}@;",
+            f"int32_t* y = (int32_t*)@{pooled.name}@;",
+            *body,
+        ]
+        self.steps.append(Step(code, [bits.name], [pooled.name], f"{node.name} (max_pool2d on sign bits)"))
+        self.packed[(node.name, groups)] = pooled.name
+        self.new_tensor(node.name, out_shape, "float32")  # never written: its readers take the bits
+
+
+def _is_sign_clamp(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    """``node`` is ``hardtanh(src, lo, hi)`` with ``lo < 0 <= hi``: ``sign`` of it is ``sign(src)``."""
+    if getattr(node.target, "namespace", "") != "aten" or "hardtanh" not in str(node.target):
+        return False
+    lo, hi = (list(node.args[1:3]) + [-1.0, 1.0][len(node.args) - 1 :])[:2]
+    return node.args[0] is src and not node.kwargs and float(lo) < 0 <= float(hi)  # type: ignore[arg-type]
+
+
+def _sign_clamps(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The sign-preserving hardtanh readers of ``node``, transitively."""
+    found = []
+    for user in node.users:
+        if _is_sign_clamp(user, node):
+            found += [user, *_sign_clamps(user)]
+    return found
+
+
+def _packed_readers(node: torch.fx.Node) -> bool:
+    """Every reader of ``node`` takes only its packed signs: groups-1 binary convs reading it as
+    their input, max-pools whose readers are such convs, sign-preserving hardtanhs of those."""
+    for user in node.users:
+        if getattr(user.target, "namespace", "") == "aten" and "max_pool2d.default" in str(user.target):
+            if user.args[0] is not node or _binary_conv_groups(user) != 1:
+                return False
+        elif _is_sign_clamp(user, node):
+            if not _packed_readers(user):
+                return False
+        elif getattr(user.target, "namespace", "") != "bitc" or "bit_conv2d" not in str(user.target):
+            return False
+        else:
+            call = ops.bind(user)
+            if call.x is not node or call.attrs.act != "binary" or call.attrs.groups != 1:
+                return False
+    return bool(node.users)
+
+
+def _binary_conv_groups(node: torch.fx.Node) -> int:
+    """The groups of the binary convs that are ``node``'s only readers (as their input), else 0."""
+    groups = set()
+    for user in node.users:
+        if getattr(user.target, "namespace", "") != "bitc" or "bit_conv2d" not in str(user.target):
+            return 0
+        call = ops.bind(user)
+        if call.x is not node or call.attrs.act != "binary":
+            return 0
+        groups.add(call.attrs.groups)
+    return groups.pop() if len(groups) == 1 else 0
 
 
 def build_program(
@@ -378,7 +508,11 @@ def plan_storage(
 ) -> ArenaPlan:
     """Lifetimes of the arena buffers (aliases extend their storage's life) -> arena offsets.
 
-    The input and output live in the caller's ``in`` / ``out``, not in the arena."""
+    The input and output live in the caller's ``in`` / ``out``, not in the arena. An elementwise
+    step writes over an input (of its size) that no later step reads: its output takes that
+    input's buffer."""
+    outside = {graph_input.storage, graph_output.storage}
+    share_in_place(tensors, steps, outside)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     size: dict[str, int] = {}
@@ -389,9 +523,31 @@ def plan_storage(
             size[t.storage] = max(size.get(t.storage, 0), t.nbytes)
         for t in (tensors[n] for n in step.reads):
             last[t.storage] = max(last.get(t.storage, i), i)
-    outside = {graph_input.storage, graph_output.storage}
     buffers = [Buffer(s, size[s], first[s], last[s]) for s in first if s not in outside]
     return plan_arena(buffers)
+
+
+def share_in_place(tensors: dict[str, Tensor], steps: list[Step], outside: set[str]) -> None:
+    """Give each in-place step's output the storage of a same-size input that dies at that step."""
+    last: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for n in (*step.reads, *step.writes):
+            last[tensors[n].storage] = i
+    for i, step in enumerate(steps):
+        if not step.inplace or len(step.writes) != 1:
+            continue
+        y = tensors[step.writes[0]]
+        for x in (tensors[n] for n in step.inplace):
+            if y.storage in outside or x.storage in outside or x.storage == y.storage:
+                continue
+            if last[x.storage] != i or (x.dtype, x.nbytes) != (y.dtype, y.nbytes):
+                continue
+            old = y.storage
+            for t in tensors.values():
+                if t.storage == old:
+                    t.storage = x.storage
+            last[x.storage] = last.pop(old)
+            break
 
 
 def pointer(program: Program, name: str) -> str:

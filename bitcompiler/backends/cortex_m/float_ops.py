@@ -90,6 +90,27 @@ def max_pool2d(node: Any, shapes: list, out: tuple) -> list[str]:
     ]
 
 
+def max_pool2d_bits(node: Any, hw: tuple[int, int], out_hw: tuple[int, int], words: int) -> list[str]:
+    """Max pooling of packed sign words ``x0 (H, W, words)`` -> ``y (OH, OW, words)``: the OR of
+    the window's words (window taps outside the image are skipped, as ``max_pool2d``'s -inf
+    padding is never the max). Equal to packing the float max pool's signs for finite inputs."""
+    args = list(node.args) + [None] * 6
+    kh, kw = _pair(args[1])
+    sh, sw = _pair(args[2] or node.kwargs.get("stride"), (kh, kw))
+    ph, pw = _pair(args[3] if args[3] is not None else node.kwargs.get("padding", 0), 0)
+    dh, dw = _pair(args[4] if args[4] is not None else node.kwargs.get("dilation", 1), 1)
+    (h, w), (oh, ow) = hw, out_hw
+    return [
+        f"for (int oh = 0; oh < {oh}; ++oh) for (int ow = 0; ow < {ow}; ++ow) for (int j = 0; j < {words}; ++j) {{",
+        "  int32_t m = 0;",
+        f"  for (int kh = 0; kh < {kh}; ++kh) {{ int ih = oh * {sh} - {ph} + kh * {dh}; if (ih < 0 || ih >= {h}) continue;",
+        f"    for (int kw = 0; kw < {kw}; ++kw) {{ int iw = ow * {sw} - {pw} + kw * {dw}; if (iw < 0 || iw >= {w}) continue;",
+        f"      m |= x0[(ih * {w} + iw) * {words} + j]; }} }}",
+        f"  y[(oh * {ow} + ow) * {words} + j] = m;",
+        "}",
+    ]
+
+
 def avg_pool2d(node: Any, shapes: list, out: tuple) -> list[str]:
     args = list(node.args) + [None] * 7
     kh, kw = _pair(args[1])
@@ -177,6 +198,19 @@ EMITTERS: dict[str, Callable[[Any, list, tuple], list[str]]] = {
     "adaptive_avg_pool2d.default": adaptive_avg_pool2d,
     "mean.dim": mean_dim,
 }
+
+# y[i] depends only on the inputs' element i: the output may overwrite an input that dies there
+ELEMENTWISE = frozenset(
+    {
+        "relu.default",
+        "relu_.default",
+        "hardtanh.default",
+        "hardtanh_.default",
+        "add.Tensor",
+        "sub.Tensor",
+        "mul.Tensor",
+    }
+)
 
 # bitc ops that are float ops (the bit layers have their own kernels)
 BITC_EMITTERS: dict[str, Callable[[Any, list, tuple], list[str]]] = {"window_mean.default": window_mean}

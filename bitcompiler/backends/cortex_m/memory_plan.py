@@ -9,6 +9,11 @@ interval-graph colouring with weights, the way TFLite Micro's greedy planner doe
 >>> plan = plan_arena([Buffer("a", 64, 0, 1), Buffer("b", 64, 1, 2), Buffer("c", 64, 2, 3)])
 >>> plan.offsets["a"] == plan.offsets["c"], plan.arena_bytes, plan.naive_bytes
 (True, 128, 192)
+>>> plan.peak_bytes, plan.peak_step  # most bytes live at once, first at step 1
+(128, 1)
+
+In-place steps (an elementwise op writing over an input that dies there) are decided before
+planning, by giving the output its input's buffer (:func:`bitcompiler.backends.cortex_m.aot.plan_storage`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ class ArenaPlan:
     arena_bytes: int
     naive_bytes: int  # every tensor in its own memory: what planning saves is the difference
     graph: nx.Graph  # the interference (interval) graph, for inspection
+    peak_bytes: int = 0  # the most (aligned) bytes live at one step: no plan needs less arena
+    peak_step: int = -1  # the first step where ``peak_bytes`` are live (-1: no buffers)
+    buffers: tuple[Buffer, ...] = ()
+
+    def live_bytes(self, step: int) -> int:
+        """Aligned bytes of the buffers live at ``step``."""
+        return sum(_align(b.size) for b in self.buffers if b.first <= step <= b.last)
 
     def check(self, buffers: list[Buffer]) -> None:
         """Raise if two live-at-once tensors share a byte (the planner's own invariant)."""
@@ -87,6 +99,10 @@ def plan_arena(buffers: list[Buffer]) -> ArenaPlan:
         offsets[b.name] = at
     arena = max((offsets[b.name] + _align(b.size) for b in buffers), default=0)
     naive = sum(_align(b.size) for b in buffers)
-    plan = ArenaPlan(offsets, arena, naive, g)
+    plan = ArenaPlan(offsets, arena, naive, g, buffers=tuple(buffers))
+    steps = sorted({b.first for b in buffers})  # the live set only grows where a buffer starts
+    if steps:
+        peak_step = max(steps, key=lambda i: (plan.live_bytes(i), -i))
+        plan = ArenaPlan(offsets, arena, naive, g, plan.live_bytes(peak_step), peak_step, tuple(buffers))
     plan.check(buffers)
     return plan
