@@ -28,48 +28,28 @@ import numpy as np
 from bitcompiler.backends.aarch64 import dense, toolchain
 from bitcompiler.backends.aarch64.bundle import HARNESS_FILES, write_bundle
 from bitcompiler.backends.aarch64.cores import Core, core_for
-from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Runner, Target, register_backend
+from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Target, register_backend
 from bitcompiler.backends.cortex_m.aot import build_program
 from bitcompiler.backends.cortex_m.bundle import MODEL_FILES
+from bitcompiler.backends.cortex_m.runner import BundleRunner
 from bitcompiler.errors import CortexMLoweringError, LoweringError
 
 __all__ = ["Aarch64Backend", "Aarch64Runner"]
 
 
-class Aarch64Runner(Runner):
+class Aarch64Runner(BundleRunner):
     """A built program: ``runner([x])`` runs each sample of the batch (one process per sample)."""
 
+    executable = "app"
+    harness_files = HARNESS_FILES
+
     def __init__(self, core: Core, bundle: Path, in_shape: tuple, out_shape: tuple, extra: dict) -> None:
+        super().__init__(bundle, in_shape, out_shape, extra)
         self.core = core
-        self.bundle = bundle
-        self.exe = bundle / "app"
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-        self.report_extra = extra
+        self.exe = bundle / self.executable
 
-    def __call__(self, inputs: list[Any]) -> list[np.ndarray]:
-        (x,) = (np.asarray(a.numpy() if hasattr(a, "numpy") else a) for a in inputs)
-        n_out = int(np.prod(self.out_shape))
-        outs = [
-            toolchain.run(self.core, self.exe, x[i : i + 1].astype(np.float32), n_out).output.reshape(
-                self.out_shape
-            )
-            for i in range(x.shape[0])
-        ]
-        return [np.concatenate(outs, axis=0)]
-
-    def instructions(self, x: np.ndarray) -> int:
-        """Instructions the model executes on one sample ``x`` (batch of 1), counted under QEMU."""
-        n_out = int(np.prod(self.out_shape))
-        count = toolchain.run(self.core, self.exe, x.astype(np.float32), n_out, count=True).instructions
-        assert count is not None
-        return count
-
-    def export(self, directory: Path) -> list[str]:
-        names = [*MODEL_FILES, *HARNESS_FILES, "app", "shapes.txt"]
-        for name in names:
-            if (directory / name).resolve() != (self.bundle / name).resolve():
-                shutil.copy2(self.bundle / name, directory / name)
-        return names
+    def run_one(self, x: np.ndarray, n_out: int, count: bool = False) -> Any:
+        return toolchain.run(self.core, self.exe, x, n_out, count=count)
 
 
 @register_backend

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from bitcompiler.backends.aarch64 import dense, neon
 from bitcompiler.backends.aarch64.cores import Core
-from bitcompiler.backends.cortex_m.aot import Program
 from bitcompiler.backends.cortex_m.bundle import MODEL_FILES, kernels_h, model_c, model_h, weights_c
 from bitcompiler.backends.cortex_m.kernel_c import generate_c
+from bitcompiler.backends.cortex_m.program import Program
 
 HARNESS_FILES = ["main.c", "Makefile", "README.md"]
 CFLAGS = "-O3 -std=gnu99 -ffp-contract=off -Wall -Wno-unused-variable -Wno-unused-function"

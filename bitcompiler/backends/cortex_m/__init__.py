@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Runner, Target, register_backend
+from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Target, register_backend
 from bitcompiler.backends.cortex_m import qemu
 from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, build_program
 from bitcompiler.backends.cortex_m.boards import Board, board_for
 from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, MODEL_FILES, STACK_BYTES, write_bundle
+from bitcompiler.backends.cortex_m.runner import BundleRunner
 from bitcompiler.errors import ModelTooLarge
 
 __all__ = ["CortexMBackend", "CortexMLoweringError", "CortexMRunner", "ModelTooLarge"]
@@ -60,40 +61,19 @@ def check_fits(program: Program, target: Target, flash: int, ram: int) -> None:
         )
 
 
-class CortexMRunner(Runner):
+class CortexMRunner(BundleRunner):
     """A built firmware: ``runner([x])`` runs each sample of the batch under QEMU."""
 
+    executable = "app.elf"
+    harness_files = HARNESS_FILES
+
     def __init__(self, board: Board, bundle: Path, in_shape: tuple, out_shape: tuple, extra: dict) -> None:
+        super().__init__(bundle, in_shape, out_shape, extra)
         self.board = board
-        self.bundle = bundle
-        self.elf = bundle / "app.elf"
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-        self.report_extra = extra
+        self.elf = bundle / self.executable
 
-    def __call__(self, inputs: list[Any]) -> list[np.ndarray]:
-        (x,) = (np.asarray(a.numpy() if hasattr(a, "numpy") else a) for a in inputs)
-        n_out = int(np.prod(self.out_shape))
-        outs = [
-            qemu.run(self.board, self.elf, x[i : i + 1].astype(np.float32), n_out).output.reshape(
-                self.out_shape
-            )
-            for i in range(x.shape[0])
-        ]
-        return [np.concatenate(outs, axis=0)]
-
-    def instructions(self, x: np.ndarray) -> int:
-        """Instructions the model executes on one sample ``x`` (shape with a batch of 1)."""
-        n_out = int(np.prod(self.out_shape))
-        count = qemu.run(self.board, self.elf, x.astype(np.float32), n_out, count=True).instructions
-        assert count is not None
-        return count
-
-    def export(self, directory: Path) -> list[str]:
-        names = [*MODEL_FILES, *HARNESS_FILES, "app.elf", "shapes.txt"]
-        for name in names:
-            if (directory / name).resolve() != (self.bundle / name).resolve():
-                shutil.copy2(self.bundle / name, directory / name)
-        return names
+    def run_one(self, x: np.ndarray, n_out: int, count: bool = False) -> Any:
+        return qemu.run(self.board, self.elf, x, n_out, count=count)
 
 
 @register_backend

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -25,11 +24,16 @@ import torch
 from bitcompiler import ops
 from bitcompiler.backends.cortex_m import float_ops
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, generate_c, prepare_kernel
-from bitcompiler.backends.cortex_m.memory_plan import ArenaPlan, Buffer, plan_arena
+from bitcompiler.backends.cortex_m.program import (
+    Program,
+    Step,
+    Tensor,
+    Weight,
+    plan_storage,
+)
+from bitcompiler.backends.cortex_m.sign_readers import binary_conv_groups, packed_readers, sign_clamps
 from bitcompiler.errors import CortexMLoweringError
 
-C_TYPES = {"float32": "float", "int32": "int32_t", "int8": "int8_t", "uint8": "uint8_t"}
-ITEMSIZE = {"float32": 4, "int32": 4, "int8": 1, "uint8": 1}
 ALIASES = {
     "flatten.using_ints",
     "view.default",
@@ -44,78 +48,6 @@ ALIASES = {
     "alias.default",
     "detach.default",
 }
-
-
-@dataclass
-class Tensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    storage: str  # the arena buffer holding it (an alias shares its source's storage)
-    value: str = ""  # the tensor a step wrote whose bytes these are (itself, or an alias's source)
-
-    def __post_init__(self) -> None:
-        self.value = self.value or self.name
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
-
-
-@dataclass
-class Weight:
-    symbol: str
-    array: np.ndarray  # int32 or float32, flattened in C order
-    layer: str
-
-    @property
-    def c_type(self) -> str:
-        return C_TYPES[str(self.array.dtype)]
-
-
-@dataclass
-class Step:
-    """One statement block of ``bitc_run`` with the tensors it reads and writes."""
-
-    code: list[str]
-    reads: list[str]
-    writes: list[str]
-    label: str
-    # elementwise steps: the read tensors the output may overwrite when they die here (in place)
-    inplace: tuple[str, ...] = ()
-
-
-@dataclass
-class Program:
-    """Everything ``model.c`` needs: steps in order, tensors, weights, kernels, the arena plan."""
-
-    input: Tensor
-    output: Tensor
-    tensors: dict[str, Tensor]
-    steps: list[Step]
-    weights: list[Weight]
-    kernels: list[Kernel]
-    plan: ArenaPlan
-    layer_bytes: dict[str, int] = field(default_factory=dict)  # flash per layer (weights)
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(w.array.nbytes for w in self.weights)
-
-    @property
-    def peak_layer(self) -> str:
-        """The step (layer) where the most activation bytes are live at once."""
-        return self.steps[self.plan.peak_step].label if self.plan.peak_step >= 0 else "-"
-
-    @property
-    def writes_output_in_place(self) -> bool:
-        """The last layer writes the caller's ``out`` (no arena buffer, no copy) unless the
-        output is the input itself."""
-        return self.output.storage != self.input.storage
 
 
 def export_batch_one(gm: torch.fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
@@ -331,7 +263,7 @@ class _Builder:
                 f"bitc_q_{qual.replace('.', '_')}", array, qual.rpartition(".")[0] or qual
             )
         # read only as packed signs (groups-1 binary convs, max-pools of them, through hardtanh)
-        packed = _packed_readers(node)
+        packed = packed_readers(node)
         kind = ("_codes" if codes else "") + ("_packed" if packed else "")
         kern = self.kernel(
             ("conv" + kind, spec, 1),
@@ -345,7 +277,7 @@ class _Builder:
         )
         if packed:
             y = self.new_tensor(f"{node.name}_bits", (1, *out_shape[2:], 1, (o + 31) // 32), "int32")
-            for n in (node, *_sign_clamps(node)):  # the clamps' signs are the conv's
+            for n in (node, *sign_clamps(node)):  # the clamps' signs are the conv's
                 self.packed[(n.name, 1)] = y.name
                 self.new_tensor(n.name, out_shape, "float32")  # never written: readers take the bits
                 self.skipped.add(n.name)
@@ -393,7 +325,7 @@ class _Builder:
             src = self.tensors[cast(torch.fx.Node, node.args[0]).name]
             self.alias(node.name, src, shape)
             return None
-        if ns == "aten" and name == "max_pool2d.default" and (groups := _binary_conv_groups(node)):
+        if ns == "aten" and name == "max_pool2d.default" and (groups := binary_conv_groups(node)):
             return self.max_pool_packed(node, shape, groups)
         emit = (float_ops.EMITTERS if ns == "aten" else float_ops.BITC_EMITTERS).get(name)
         if emit is None:
@@ -438,55 +370,6 @@ class _Builder:
         self.new_tensor(node.name, out_shape, "float32")  # never written: its readers take the bits
 
 
-def _is_sign_clamp(node: torch.fx.Node, src: torch.fx.Node) -> bool:
-    """``node`` is ``hardtanh(src, lo, hi)`` with ``lo < 0 <= hi``: ``sign`` of it is ``sign(src)``."""
-    if getattr(node.target, "namespace", "") != "aten" or "hardtanh" not in str(node.target):
-        return False
-    lo, hi = (list(node.args[1:3]) + [-1.0, 1.0][len(node.args) - 1 :])[:2]
-    return node.args[0] is src and not node.kwargs and float(lo) < 0 <= float(hi)  # type: ignore[arg-type]
-
-
-def _sign_clamps(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The sign-preserving hardtanh readers of ``node``, transitively."""
-    found = []
-    for user in node.users:
-        if _is_sign_clamp(user, node):
-            found += [user, *_sign_clamps(user)]
-    return found
-
-
-def _packed_readers(node: torch.fx.Node) -> bool:
-    """Every reader of ``node`` takes only its packed signs: groups-1 binary convs reading it as
-    their input, max-pools whose readers are such convs, sign-preserving hardtanhs of those."""
-    for user in node.users:
-        if getattr(user.target, "namespace", "") == "aten" and "max_pool2d.default" in str(user.target):
-            if user.args[0] is not node or _binary_conv_groups(user) != 1:
-                return False
-        elif _is_sign_clamp(user, node):
-            if not _packed_readers(user):
-                return False
-        elif getattr(user.target, "namespace", "") != "bitc" or "bit_conv2d" not in str(user.target):
-            return False
-        else:
-            call = ops.bind(user)
-            if call.x is not node or call.attrs.act != "binary" or call.attrs.groups != 1:
-                return False
-    return bool(node.users)
-
-
-def _binary_conv_groups(node: torch.fx.Node) -> int:
-    """The groups of the binary convs that are ``node``'s only readers (as their input), else 0."""
-    groups = set()
-    for user in node.users:
-        if getattr(user.target, "namespace", "") != "bitc" or "bit_conv2d" not in str(user.target):
-            return 0
-        call = ops.bind(user)
-        if call.x is not node or call.attrs.act != "binary":
-            return 0
-        groups.add(call.attrs.groups)
-    return groups.pop() if len(groups) == 1 else 0
-
-
 def build_program(
     gm: torch.fx.GraphModule, example_inputs: tuple, target: Any = None, builder: Any = None
 ) -> Program:
@@ -501,62 +384,6 @@ def build_program(
     return Program(
         graph_input, output, b.tensors, b.steps, list(b.weights.values()), kernels, plan, b.layer_bytes
     )
-
-
-def plan_storage(
-    tensors: dict[str, Tensor], steps: list[Step], graph_input: Tensor, graph_output: Tensor
-) -> ArenaPlan:
-    """Lifetimes of the arena buffers (aliases extend their storage's life) -> arena offsets.
-
-    The input and output live in the caller's ``in`` / ``out``, not in the arena. An elementwise
-    step writes over an input (of its size) that no later step reads: its output takes that
-    input's buffer."""
-    outside = {graph_input.storage, graph_output.storage}
-    share_in_place(tensors, steps, outside)
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    size: dict[str, int] = {}
-    for i, step in enumerate(steps):
-        for t in (tensors[n] for n in step.writes):
-            first.setdefault(t.storage, i)
-            last[t.storage] = max(last.get(t.storage, i), i)
-            size[t.storage] = max(size.get(t.storage, 0), t.nbytes)
-        for t in (tensors[n] for n in step.reads):
-            last[t.storage] = max(last.get(t.storage, i), i)
-    buffers = [Buffer(s, size[s], first[s], last[s]) for s in first if s not in outside]
-    return plan_arena(buffers)
-
-
-def share_in_place(tensors: dict[str, Tensor], steps: list[Step], outside: set[str]) -> None:
-    """Give each in-place step's output the storage of a same-size input that dies at that step."""
-    last: dict[str, int] = {}
-    for i, step in enumerate(steps):
-        for n in (*step.reads, *step.writes):
-            last[tensors[n].storage] = i
-    for i, step in enumerate(steps):
-        if not step.inplace or len(step.writes) != 1:
-            continue
-        y = tensors[step.writes[0]]
-        for x in (tensors[n] for n in step.inplace):
-            if y.storage in outside or x.storage in outside or x.storage == y.storage:
-                continue
-            if last[x.storage] != i or (x.dtype, x.nbytes) != (y.dtype, y.nbytes):
-                continue
-            old = y.storage
-            for t in tensors.values():
-                if t.storage == old:
-                    t.storage = x.storage
-            last[x.storage] = last.pop(old)
-            break
-
-
-def pointer(program: Program, name: str) -> str:
-    t = program.tensors[name]
-    if t.storage == program.input.storage:
-        return "((float*)in)"
-    if t.storage == program.output.storage:
-        return "((void*)out)"
-    return f"((void*)(bitc_arena + {program.plan.offsets[t.storage]}))"
 
 
 def kernels_source(program: Program) -> str:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bitcompiler.backends.cortex_m.aot import Program, Weight, kernels_source, pointer
+from bitcompiler.backends.cortex_m.aot import kernels_source
 from bitcompiler.backends.cortex_m.boards import Board
+from bitcompiler.backends.cortex_m.program import Program, Weight, pointer
 
 STACK_BYTES = 16 * 1024
 MODEL_FILES = ["model.h", "model.c", "kernels.h", "kernels.c", "weights.h", "weights.c"]

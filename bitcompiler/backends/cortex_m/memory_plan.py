@@ -13,7 +13,7 @@ interval-graph colouring with weights, the way TFLite Micro's greedy planner doe
 (128, 1)
 
 In-place steps (an elementwise op writing over an input that dies there) are decided before
-planning, by giving the output its input's buffer (:func:`bitcompiler.backends.cortex_m.aot.plan_storage`).
+planning, by giving the output its input's buffer (:func:`bitcompiler.backends.cortex_m.program.plan_storage`).
 """
 
 from __future__ import annotations
