@@ -88,8 +88,9 @@ class TransformerBlock(nn.Module):
         return self.head(h.mean(1))
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
+def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Eval mode with random BatchNorm statistics and affine (so folding them is tested)."""
+    g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
@@ -110,7 +111,7 @@ MODELS = {
 def make_model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
     cls, shape = MODELS[name]
-    return _randomize_bn(cls()), (torch.randn(*shape),)
+    return randomize_bn(cls()), (torch.randn(*shape),)
 
 
 @pytest.fixture(params=sorted(MODELS))

@@ -10,7 +10,7 @@ from torch import nn
 
 import bitcompiler as bc
 from bitcompiler.backends.cortex_m.qemu import missing_tools
-from tests.conftest import _randomize_bn
+from tests.conftest import randomize_bn
 
 
 class Block(nn.Module):
@@ -55,7 +55,7 @@ class DeepNet(nn.Module):
 
 def _net(pre: bool = False, blocks: int = 3, width: int = 8) -> nn.Module:
     torch.manual_seed(0)
-    return _randomize_bn(DeepNet(blocks, width, pre))
+    return randomize_bn(DeepNet(blocks, width, pre))
 
 
 def _mismatches(cm: bc.CompiledModel, x: torch.Tensor, chunk: int = 250) -> int:

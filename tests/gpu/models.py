@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.conftest import randomize_bn
+
 
 class TwoHiddenMLP(nn.Module):
     def __init__(self) -> None:
@@ -83,17 +85,6 @@ class BinaryResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def randomize_bn(model: nn.Module, seed: int = 3) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return model.eval()
-
-
 MODELS = {
     "mlp": (TwoHiddenMLP, (4, 40)),
     "resnet": (SmallResNet, (2, 3, 10, 10)),
@@ -105,4 +96,4 @@ MODELS = {
 def make(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     cls, shape = MODELS[name]
-    return randomize_bn(cls()), torch.randn(*shape)
+    return randomize_bn(cls(), seed=3), torch.randn(*shape)

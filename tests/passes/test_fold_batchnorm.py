@@ -5,7 +5,7 @@ from torch import nn
 from bitcompiler.passes import fold_batchnorm
 from bitcompiler.quant.modules import QuantConv2d, quantize_layer
 from bitcompiler.quant.schemes import Scheme
-from tests.conftest import _randomize_bn
+from tests.conftest import randomize_bn
 from tests.passes.conftest import structure, trace
 
 
@@ -28,7 +28,7 @@ class Expected(nn.Module):
 
 
 def test_bn_folds_into_float_conv():
-    model = _randomize_bn(Before())
+    model = randomize_bn(Before())
     x = torch.randn(2, 3, 6, 6)
     gm = fold_batchnorm.run(trace(model))
     assert structure(gm) == structure(trace(Expected()))
@@ -36,7 +36,7 @@ def test_bn_folds_into_float_conv():
 
 
 def test_bn_after_quantized_conv_becomes_post_affine():
-    model = _randomize_bn(Before())
+    model = randomize_bn(Before())
     model.conv = quantize_layer(model.conv, Scheme.parse("binary"), first_or_last=False)
     x = torch.randn(2, 3, 6, 6)
     want = model(x)
@@ -53,5 +53,5 @@ def test_bn_with_a_second_user_of_the_conv_is_left_alone():
             y = self.conv(x)
             return self.bn(y) + y
 
-    gm = fold_batchnorm.run(trace(_randomize_bn(TwoUsers())))
+    gm = fold_batchnorm.run(trace(randomize_bn(TwoUsers())))
     assert ("call_module", "BatchNorm2d") in structure(gm)

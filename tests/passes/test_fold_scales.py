@@ -5,7 +5,7 @@ from torch import nn
 from bitcompiler.passes import fold_scales, insert_quantizers
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BitConv2d, BitLinear
-from tests.conftest import _randomize_bn
+from tests.conftest import randomize_bn
 from tests.passes.conftest import ctx, structure, trace
 
 
@@ -48,7 +48,7 @@ class ConvBnChain(nn.Module):
 
 def test_affine_chain_merges_and_bn_then_sign_becomes_integer_threshold():
     torch.manual_seed(0)
-    model = _randomize_bn(ConvBnChain())
+    model = randomize_bn(ConvBnChain())
     x = torch.randn(3, 1, 8, 8)
     gm = quantized(model, "binary:act=binary", x)  # prepared-style: BN stays after quantized conv
     want = gm(x)
@@ -65,7 +65,7 @@ def test_affine_chain_merges_and_bn_then_sign_becomes_integer_threshold():
 
 def test_threshold_matches_numerics_rule():
     torch.manual_seed(4)
-    model = _randomize_bn(ConvBnChain())
+    model = randomize_bn(ConvBnChain())
     gm = fold_scales.run(quantized(model, "binary:act=binary", torch.randn(1, 1, 8, 8)))
     c1 = gm.get_submodule("c1")
     thr_sign, thr = numerics.integer_thresholds(c1.scale, c1.bias)
@@ -101,7 +101,7 @@ class ThresholdThenHardtanh(nn.Module):
 
 def test_hardtanh_after_a_threshold_layer_is_dropped():
     torch.manual_seed(1)
-    model = _randomize_bn(ThresholdThenHardtanh())
+    model = randomize_bn(ThresholdThenHardtanh())
     x = torch.randn(2, 1, 8, 8)
     gm = quantized(model, "binary:act=binary", x)
     want = gm(x)
