@@ -13,7 +13,7 @@ from torch import nn
 import bitcompiler as bc
 from bitcompiler.backends.aarch64 import toolchain
 from bitcompiler.backends.aarch64.cores import core_for
-from tests.conftest import _randomize_bn, assert_close, make_model
+from tests.conftest import assert_close, make_model, randomize_bn
 
 needs_toolchain = pytest.mark.skipif(
     bool(toolchain.missing_tools(count=True)),
@@ -36,7 +36,7 @@ def demo_cnn(size: int = 28) -> nn.Module:
     net = nn.Sequential(
         *block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(), nn.Linear(128 * final**2, 10)
     )
-    return _randomize_bn(net)
+    return randomize_bn(net)
 
 
 def check(cm, xs: torch.Tensor, scheme: str) -> None:

@@ -16,7 +16,7 @@ import bitcompiler as bc
 from bitcompiler.backends.cortex_m import CortexMLoweringError, ModelTooLarge
 from bitcompiler.backends.cortex_m.memory_plan import Buffer, plan_arena
 from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
-from tests.conftest import _randomize_bn, assert_close, make_model
+from tests.conftest import assert_close, make_model, randomize_bn
 
 needs_toolchain = pytest.mark.skipif(
     bool(missing_tools()), reason=f"{', '.join(missing_tools())} missing; install with: {INSTALL}"
@@ -40,7 +40,7 @@ class SmallCNN(nn.Module):
 
 def small_cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
-    return _randomize_bn(SmallCNN()), (torch.randn(1, 1, 8, 8),)
+    return randomize_bn(SmallCNN()), (torch.randn(1, 1, 8, 8),)
 
 
 def _bit_ops(cm) -> int:

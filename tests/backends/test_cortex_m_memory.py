@@ -15,7 +15,7 @@ from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
 from bitcompiler.capture import capture
 from bitcompiler.passes.pipeline import PassContext, Pipeline
 from bitcompiler.quant.schemes import Scheme
-from tests.conftest import _randomize_bn, assert_close
+from tests.conftest import assert_close, randomize_bn
 
 needs_toolchain = pytest.mark.skipif(
     bool(missing_tools()), reason=f"{', '.join(missing_tools())} missing; install with: {INSTALL}"
@@ -45,7 +45,7 @@ class MixedCNN(nn.Module):
 
 def mixed_cnn(size: int = 12) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
-    return _randomize_bn(MixedCNN()), (torch.randn(3, 1, size, size),)
+    return randomize_bn(MixedCNN()), (torch.randn(3, 1, size, size),)
 
 
 def program_for(model: nn.Module, x: tuple, target: str = "cortex-m4") -> Program:

@@ -18,7 +18,7 @@ from torch import nn
 import bitcompiler as bc
 from bitcompiler.backends.cortex_m.host import HostBuildError, host_build, host_run
 from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
-from tests.conftest import _randomize_bn, assert_close
+from tests.conftest import assert_close, randomize_bn
 
 needs_tools = pytest.mark.skipif(
     bool(missing_tools()) or shutil.which("gcc") is None,
@@ -60,7 +60,7 @@ def _model(scheme: str) -> tuple[nn.Module, tuple[int, ...]]:
     if scheme == "threshold":  # binary layers feeding binary layers: integer threshold epilogues
         net = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.Hardtanh(), nn.Linear(48, 32), nn.Hardtanh())
         return nn.Sequential(net, nn.Linear(32, 10)).eval(), (1, 64)
-    return _randomize_bn(Net()), (1, 1, 8, 8)
+    return randomize_bn(Net()), (1, 1, 8, 8)
 
 
 @needs_tools

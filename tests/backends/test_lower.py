@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitcompiler as bc
-from tests.conftest import _randomize_bn, assert_close
+from tests.conftest import assert_close, randomize_bn
 
 
 class Block(nn.Module):
@@ -38,7 +38,7 @@ def kernels_called(cm) -> list[str]:
 @pytest.mark.parametrize("use_sum_twice", [False, True])
 def test_block_rewrites(use_sum_twice):
     torch.manual_seed(0)
-    model = _randomize_bn(Block(use_sum_twice)).eval()
+    model = randomize_bn(Block(use_sum_twice)).eval()
     x = torch.randn(2, 3, 12, 12)
     cm = bc.compile(model, (x,), scheme="binary:act=binary")
     calls = kernels_called(cm)
