@@ -31,6 +31,7 @@ from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, shape64
+from bitcompiler.kernels.dense_avx2 import x86_features
 from bitcompiler.kernels.spec import ConvSpec
 
 F32 = "float32"
@@ -93,23 +94,6 @@ def _register() -> None:
     s_tir.TensorIntrin.register(DOT_VNNI, _dot("desc"), _dot("vnni"))
 
 
-def _features(target: Any, *names: str) -> bool:
-    import tvm
-    from tvm.target import codegen
-
-    from bitcompiler.kernels.dense_avx2 import avx2_target
-
-    if not avx2_target(target):
-        return False
-    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    if not t.attrs.get("mcpu"):
-        t = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-    try:
-        return all(bool(codegen.target_has_features(n, t)) for n in names)
-    except Exception:  # noqa: BLE001 - an LLVM without these feature names: not this kernel
-        return False
-
-
 def fits(spec: ConvSpec, target: Any = "llvm") -> bool:
     """Whether ``spec`` runs on this kernel for ``target`` (an x86 CPU with AVX2)."""
     return (
@@ -120,12 +104,12 @@ def fits(spec: ConvSpec, target: Any = "llvm") -> bool:
         and spec.groups == 1
         and spec.out_channels >= LANES
         and spec.reduction >= 16
-        and _features(target)
+        and x86_features(target, "avx2")
     )
 
 
 def uses_vnni(target: Any = "llvm") -> bool:
-    return _features(target, "avx512vnni", "avx512vl")
+    return x86_features(target, "avx2", "avx512vnni", "avx512vl")
 
 
 def _vb(spec: ConvSpec) -> int:

@@ -43,6 +43,12 @@ U8 = "uint8"
 
 def avx2_target(target: Any) -> bool:
     """True for an LLVM x86 target with AVX2 (plain ``"llvm"``: the host CPU, as the CPU backend uses)."""
+    return x86_features(target, "avx2")
+
+
+def x86_features(target: Any, *names: str) -> bool:
+    """True for an LLVM x86 target that has every LLVM feature in ``names`` (a target without an
+    ``mcpu``: the host CPU's)."""
     import tvm
     from tvm.target import codegen
 
@@ -55,8 +61,8 @@ def avx2_target(target: Any) -> bool:
     if not t.attrs.get("mcpu"):  # the CPU backend compiles for the host CPU (Target.tvm_target)
         t = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     try:
-        return bool(codegen.target_has_features("avx2", t))
-    except Exception:  # noqa: BLE001 - an LLVM without x86 support: no AVX2 kernels
+        return all(bool(codegen.target_has_features(n, t)) for n in names)
+    except Exception:  # noqa: BLE001 - an LLVM without x86 support or these names: not these kernels
         return False
 
 
