@@ -83,8 +83,11 @@ def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
     return emit_stages(bb, plan, name, inputs, t, shapes)
 
 
-def emit_stages(bb: Any, plan: Any, name: str, inputs: list, tensors: dict, shapes: dict) -> Any:
-    """The two kernels of a row-aligned tiled layer (:class:`kernels.TiledStages`), wired by name."""
+def emit_stages(
+    bb: Any, plan: Any, name: str, inputs: list, tensors: dict, shapes: dict, emit: Any = emit_kernel
+) -> Any:
+    """The two kernels of a row-aligned tiled layer (:class:`kernels.TiledStages`), wired by name;
+    ``emit(bb, prim, name, args, out_ty)`` adds each kernel (the GPU backend passes its own)."""
     import numpy as np
     from tvm import relax
 
@@ -99,7 +102,5 @@ def emit_stages(bb: Any, plan: Any, name: str, inputs: list, tensors: dict, shap
         values["unit_xs"] = bb.emit(relax.op.ones_like(inputs[1]))
     for stage in (plan.stage1, plan.stage2):
         out = relax.TensorType(shapes[stage.out], "float32")
-        values[stage.out] = emit_kernel(
-            bb, stage.build(), name + stage.suffix, [values[v] for v in stage.args], out
-        )
+        values[stage.out] = emit(bb, stage.build(), name + stage.suffix, [values[v] for v in stage.args], out)
     return values["y"]

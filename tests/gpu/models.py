@@ -85,11 +85,27 @@ class BinaryResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class TiledCNN(nn.Module):
+    """Convs and linears whose filters a ``tiled:p=4`` scheme divides (row-aligned tiles)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32)
+        self.fc1, self.fc2 = nn.Linear(32 * 4 * 4, 64), nn.Linear(64, 6)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
 MODELS = {
     "mlp": (TwoHiddenMLP, (4, 40)),
     "resnet": (SmallResNet, (2, 3, 10, 10)),
     "depthwise": (Depthwise, (2, 3, 8, 8)),
     "binary_resnet": (BinaryResNet, (2, 3, 16, 16)),
+    "tiled_cnn": (TiledCNN, (3, 3, 8, 8)),
 }
 
 

@@ -105,9 +105,7 @@ class GPUBackend(Backend):
 
     def capabilities(self, target: Target) -> Capabilities:
         # 32-bit words and popcount on every OpenCL 1.2 / CUDA device; no host SIMD kernels
-        return Capabilities(
-            frozenset({"popcount"}), word_bits=32, vector_bits=0, missing_kernels=frozenset({"tiled_conv2d"})
-        )
+        return Capabilities(frozenset({"popcount"}), word_bits=32, vector_bits=0)
 
     def build(self, inp: BuildInput, target: Target) -> GPURunner:
         """Compile the rewritten graph for the example's (static) batch."""

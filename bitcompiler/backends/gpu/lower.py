@@ -9,6 +9,7 @@ weight streams) are left out: every kernel reads the layer's planes as they are 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import math
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import fx
 
 from bitcompiler import ops
 from bitcompiler.backends import lower_pool
+from bitcompiler.backends.lower_tiled import emit_stages
 from bitcompiler.backends.relax_emit import shape_of
 from bitcompiler.errors import LoweringError
 from bitcompiler.ops import conv_out_size
@@ -145,14 +147,61 @@ def convert_window_mean(node: fx.Node, importer: Any) -> Any:
     return _emit(importer.block_builder, prim, name, [x], relax.TensorType((m, c, oh, ow), "float32"))
 
 
-def _unsupported(what: str) -> Any:
-    def convert(node: fx.Node, _importer: Any) -> Any:
-        raise LoweringError(
-            f"`{node.name}`: {what} layers have no GPU kernel yet; compile this model for target='cpu' "
-            "or use a non-tiled scheme"
-        )
+def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
+    """Row-aligned: the CPU's two stages (:class:`kernels.TiledStages`), the R distinct rows' dense
+    kernel (W1A1: the shared-memory tiled one) then the p-fold expand; else the unaligned kernel."""
+    from tvm import relax
 
-    return convert
+    from bitcompiler import kernels
+    from bitcompiler.kernels.gpu import w1a1_dense_func
+
+    bb, env = importer.block_builder, importer.env
+    call = ops.bind(node)
+    a: ops.TiledLinearAttrs = call.attrs
+    x, t = env[call.x], {name: env[v] for name, v in call.tensors.items()}
+    spec = kernels.TiledDenseSpec.from_attrs(a, int(shape_of(t["scale"])[0]))
+    lead = shape_of(x)[:-1]
+    flat = len(lead) != 1
+    rows = math.prod(lead) if flat else lead[0]
+    x2 = bb.emit(relax.op.reshape(x, (rows, a.k))) if flat else x
+    name = f"bitc_tiled_{a.act}_{a.k}x{a.n}_p{a.p}" + ("_thr" if a.threshold else "")
+    inputs = _quantized_input(bb, x2, a.act, None, -(-a.k // 32))
+    if spec.aligned:
+        plan = kernels.tiled_linear_stages(spec, _KIND.get())
+        if a.act == "binary":  # the rows' W1A1 dense: the GPU's shared-memory tiled kernel
+            plan = dataclasses.replace(
+                plan, stage1=dataclasses.replace(plan.stage1, build=lambda: w1a1_dense_func(spec.rows_spec()))
+            )
+        shapes = {"rows": (rows, spec.rows), "y": (rows, a.n)}
+        y = emit_stages(bb, plan, name, inputs, t, shapes, emit=_emit)
+    else:
+        epi = [t["thr_sign"], t["thr"]] if a.threshold else [t["scale"], t["bias"]]
+        prim = kernels.tiled_unaligned_kernel(spec, _KIND.get())
+        y = _emit(bb, prim, name, [*inputs, t["tile"], *epi], relax.TensorType((rows, a.n), "float32"))
+    return bb.emit(relax.op.reshape(y, (*lead, a.n))) if flat else y
+
+
+def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
+    """The CPU's two stages: the conv of the R distinct filters (unit scales: exact integer
+    accumulators), then the expand that reuses each filter p times with the layer's epilogue."""
+    from bitcompiler import kernels
+
+    bb, env = importer.block_builder, importer.env
+    call = ops.bind(node)
+    a: ops.TiledConv2dAttrs = call.attrs
+    x, t = env[call.x], {name: env[v] for name, v in call.tensors.items()}
+    cw = int(shape_of(t["tile"])[-1])
+    m, _, h, w = shape_of(x)
+    rows = kernels.TiledConvSpec.rows_conv(a, int(h), int(w))
+    spec = kernels.TiledConvSpec.from_attrs(a, rows, int(shape_of(t["scale"])[0]))
+    inputs = _quantized_input(bb, x, a.act, (a.in_channels, rows.in_h, rows.in_w, 1), cw)
+    name = f"bitc_tiled_conv2d_{a.act}_{a.in_channels}x{a.out_channels}_{a.kernel[0]}x{a.kernel[1]}_p{a.p}"
+    plan = kernels.tiled_conv_stages(rows, spec, _KIND.get())
+    shapes = {
+        "rows": (m, rows.out_channels, rows.out_h, rows.out_w),
+        "y": (m, a.out_channels, rows.out_h, rows.out_w),
+    }
+    return emit_stages(bb, plan, name + ("_thr" if a.threshold else ""), inputs, t, shapes, emit=_emit)
 
 
 CONVERTERS = {
@@ -161,8 +210,8 @@ CONVERTERS = {
     "max_pool2d_with_indices.default": lower_pool.convert_max_pool2d,
     "bit_linear.default": convert_bit_linear,
     "bit_conv2d.default": convert_bit_conv2d,
-    "tiled_linear.default": _unsupported("tiled linear"),
-    "tiled_conv2d.default": _unsupported("tiled conv2d"),
+    "tiled_linear.default": convert_tiled_linear,
+    "tiled_conv2d.default": convert_tiled_conv2d,
     "hardtanh.default": convert_hardtanh,
     "window_mean.default": convert_window_mean,
 }
