@@ -17,7 +17,7 @@ from torch import nn
 
 import bitcompiler as bc
 from bitcompiler.backends.gpu import build as gpu_build
-from bitcompiler.errors import InputError, LoweringError, TargetError, ToolchainMissing
+from bitcompiler.errors import InputError, TargetError, ToolchainMissing
 from tests.conftest import assert_close
 from tests.gpu.models import make
 
