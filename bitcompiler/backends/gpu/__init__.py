@@ -129,6 +129,7 @@ class GPUBackend(Backend):
     def build_module(self, mod: Any, target: Target, batch: int = 0) -> GPURunner:
         """The runner of a Relax module ``mod`` (bitc kernels already lowered) on ``target``."""
         from bitcompiler.backends.gpu import build
+        from bitcompiler.kernels.gpu import dp4a
 
         tgt = tvm_target(target)
         scheduled = build.relax_to_scheduled(mod, tgt)
@@ -142,7 +143,7 @@ class GPUBackend(Backend):
         arena = build.plan_memory(bufs, calls)
         source = build.device_source(host, device, tgt)
         if target.name == "opencl":
-            source = OPENCL_PRELUDE + source
+            source = OPENCL_PRELUDE + (dp4a.OPENCL_DP4A if dp4a.DP4A in source else "") + source
         plan: dict[str, Any] = {
             "format": runtime.FORMAT,
             "target": target.name,

@@ -19,8 +19,9 @@ from torch import fx
 from bitcompiler import ops
 from bitcompiler.backends import lower_pool
 from bitcompiler.backends.lower_tiled import emit_stages
-from bitcompiler.backends.relax_emit import shape_of
+from bitcompiler.backends.relax_emit import constant_of, lowering, shape_of
 from bitcompiler.errors import LoweringError
+from bitcompiler.kernels.gpu import dp4a
 from bitcompiler.ops import conv_out_size
 
 # the target kind the kernel builders see while converting (set by to_relax_gpu)
@@ -88,14 +89,33 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     spec = kernels.DenseSpec.from_attrs(a, n, bits)
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
     inputs = _quantized_input(bb, x2, act, None, kw)
+    planes = constant_of(call.tensors["planes"])
     if act == "binary" and code == "pm1" and bits == 1:
         from bitcompiler.kernels.gpu import w1a1_dense_func
 
         prim = w1a1_dense_func(spec)  # no word views: its GPU schedule stages rows in shared memory
+    elif dp4a.dp4a_fits(spec) and planes is not None:
+        y = _dp4a_dense(bb, spec, inputs, planes, _epilogue(env, call)[1:], name)
+        return bb.emit(relax.op.reshape(y, (*lead, n))) if flat else y
     else:
         prim = kernels.dense_kernel(spec, _KIND.get())
     y = _emit(bb, prim, name, inputs + _epilogue(env, call), relax.TensorType((rows, n), "float32"))
     return bb.emit(relax.op.reshape(y, (*lead, n))) if flat else y
+
+
+def _dp4a_dense(bb: Any, spec: Any, inputs: list, planes: Any, epi: list, name: str) -> Any:
+    """The int8 dense layer on ``__dp4a``: activation codes four to a word, weight codes as bytes."""
+    from tvm import relax
+
+    xq, xs = inputs
+    rows, k = shape_of(xq)
+    x4 = _emit(
+        bb, dp4a.pack4_func(spec.in_features), "bitc_pack4", [xq], relax.TensorType((rows, k // 4), "int32")
+    )
+    w4 = relax.const(dp4a.dp4a_codes(planes.numpy(), spec))
+    sx = [bb.emit(relax.op.sum(relax.op.astype(xq, "int32"), axis=[1]))] if dp4a.needs_sumx(spec) else []
+    out = relax.TensorType((rows, spec.out_features), "float32")
+    return _emit(bb, dp4a.dp4a_dense_func(spec), f"{name}_dp4a", [x4, xs, w4, *sx, *epi], out)
 
 
 def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
@@ -223,7 +243,8 @@ def to_relax_gpu(ep: torch.export.ExportedProgram, kind: str) -> Any:
 
     token = _KIND.set(kind)
     try:
-        return from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
+        with lowering(ep, None):  # converters read weights from ep (constant_of)
+            return from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
     except LoweringError:
         raise
     except Exception as e:

@@ -129,8 +129,8 @@ def _static(loop_extent: Any) -> int | None:
 
 
 def schedule_w1a1_dense(func: Any) -> s_tir.Schedule | None:
-    """The W1A1 dense kernel (:func:`w1a1_dense_func`) tiled for a GPU:
-    shared-memory slices of both operands, register blocking, ``popc`` per word pair. None when the
+    """The W1A1 dense kernel (:func:`w1a1_dense_func`) or the dp4a one (:mod:`.dp4a`) tiled for a
+    GPU: shared-memory slices of both operands, register blocking, ``popc`` (``__dp4a``) per word pair. None when the
     shape does not divide into the tiles (then :func:`schedule_bit_kernel` schedules it)."""
     sch = s_tir.Schedule(func)
     y, acc = _block(sch, "Y"), _block(sch, "acc")
@@ -138,7 +138,8 @@ def schedule_w1a1_dense(func: Any) -> s_tir.Schedule | None:
         return None
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     reads = [str(r.source) for r in sch.get(acc).reads]
-    if names != {"acc", "Y"} or len(reads) != 2 or "XP" not in reads:
+    rows = [r for r in reads if r in ("XP", "X4")]  # the activations: packed bits, or int8 x 4
+    if names != {"acc", "Y"} or len(reads) != 2 or len(rows) != 1:
         return None
     loops = sch.get_loops(acc)
     if len(loops) != 3:
@@ -150,7 +151,7 @@ def schedule_w1a1_dense(func: Any) -> s_tir.Schedule | None:
     em, en, ew = (int(e) for e in extents)  # type: ignore[arg-type]
     if em % BM or en % BN or ew % BK:
         return None
-    x_idx = reads.index("XP")
+    x_idx = reads.index(rows[0])
     p_idx = 1 - x_idx
     mo, mt, mi = sch.split(m, [None, BM // TM, TM])
     no, nt, ni = sch.split(n, [None, BN // TN, TN])
