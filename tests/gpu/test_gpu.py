@@ -207,7 +207,8 @@ def test_bad_targets_and_calls_raise_clear_errors() -> None:
 @needs_opencl
 def test_static_batch_is_enforced() -> None:
     model, x = make("mlp")
-    cm = _compile(model, x, "opencl", W1A1)
+    with pytest.warns(UserWarning, match="fixed batch of 4"):
+        cm = bc.compile(model, (x,), target="opencl", scheme=W1A1)
     with pytest.raises(InputError, match="fixed batch of 4"):
         cm(torch.randn(5, x.shape[1]))
     assert "fixed at 4" in cm.report().extra["batch"]

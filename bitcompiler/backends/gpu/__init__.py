@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,14 @@ class GPUBackend(Backend):
         except Exception as e:
             raise LoweringError(f"torch.export of the rewritten graph failed: {first_line(e)}") from e
         mod = to_relax_gpu(static, "cuda" if target.name == "cuda" else "opencl")
-        return self.build_module(mod, target, batch=int(example_inputs[0].shape[0]))
+        batch = int(example_inputs[0].shape[0])
+        warnings.warn(
+            f"target {target.name}: compiled for a fixed batch of {batch} (GPU plans are static: their launch "
+            f"sizes are constants). Calls must use batch {batch}; compile with an example of the batch you "
+            "will run, or once per batch size.",
+            stacklevel=3,
+        )
+        return self.build_module(mod, target, batch=batch)
 
     def build_module(self, mod: Any, target: Target, batch: int = 0) -> GPURunner:
         """The runner of a Relax module ``mod`` (bitc kernels already lowered) on ``target``."""
