@@ -280,6 +280,10 @@ def write(info: dict, rows: list[dict]) -> None:
                 f"{lim['popcount_gwords_s']:.2f} G 64-bit words/s"
             )
         lines.append("")
+    from bench import gpu
+
+    if gpu.RESULTS.exists():  # measured on a lent GPU (bench/gpu.py), not by `make bench`
+        lines += ["## gpu", "", *gpu.markdown(json.loads(gpu.RESULTS.read_text())), ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

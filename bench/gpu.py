@@ -7,11 +7,17 @@ Two steps, because the GPU machine has CuPy and a CUDA torch but no TVM:
 
 ``make test-gpu`` runs the second step. DIR defaults to ``bench/gpu_artifacts`` (< 64 MiB).
 
+Checked on the GPU first (integer paths bit-exact, float <= 1e-5 relative): the two GEMMs (128
+stored reference rows each), the CNN, and a small tiled CNN (the tiled kernels).
+
 Timed, alternating in one process (CUDA events, median of rounds):
 
 * W1A1 GEMM M=N=K=4096 (a bit Linear with binarized input; the whole plan: sign packing + GEMM,
-  and the GEMM kernel alone) against ``torch._int_mm`` on int8 (4096x4096 @ 4096x4096);
-* a binary ResNet-ish CNN (CIFAR input, batch 64) against the same float model in torch fp16.
+  and the GEMM kernel alone) against ``torch._int_mm`` on int8 (4096x4096 @ 4096x4096), with B
+  row-major (``torch_int_mm``) and column-major (``torch_int_mm_colB``, cuBLAS's own layout);
+* W2A8 GEMM, the same shape (int8 activations x 2-bit codes on ``__dp4a``), against the same;
+* binary ResNet-18 (CIFAR input, batch 64, ``BinaryResNet(depth=2)``) against the same float
+  model in torch fp16 (cuDNN, ``cudnn.benchmark``).
 """
 
 from __future__ import annotations
@@ -31,20 +37,34 @@ CNN_BATCH = 64
 REF_ROWS = 128  # GEMM rows whose reference is stored (the full output is 64 MiB)
 
 
-def _cnn():
+def _models():
     import sys as _sys
 
     _sys.path.insert(0, str(ROOT))
     import torch
 
-    from tests.gpu.models import BinaryResNet, randomize_bn
+    from tests.gpu.models import BinaryResNet, make, randomize_bn
 
     torch.manual_seed(0)
-    return randomize_bn(BinaryResNet(widths=(64, 128, 256, 512))), torch.randn(CNN_BATCH, 3, 32, 32)
+    resnet18 = randomize_bn(BinaryResNet(widths=(64, 128, 256, 512), depth=2))
+    return resnet18, torch.randn(CNN_BATCH, 3, 32, 32), make("tiled_cnn")
+
+
+def _gemm(directory: Path, name: str, scheme: str, x, stored) -> None:
+    """A 4096x4096 bit Linear for target cuda, its input (``stored``, small) and reference rows."""
+    import torch
+
+    import bitcompiler as bc
+
+    gemm = torch.nn.Sequential(torch.nn.Linear(GEMM, GEMM, bias=False)).eval()
+    cm = bc.compile(gemm, (x,), target="cuda", scheme=scheme)
+    cm.export(directory / name)
+    np.save(directory / f"{name}_x.npy", stored)
+    np.save(directory / f"{name}_ref_rows.npy", cm.reference(x[:REF_ROWS].contiguous()).numpy())
 
 
 def prepare(directory: Path = DEFAULT_DIR) -> None:
-    """Compile and export both benchmarks for target cuda (PTX for sm_75/80/90)."""
+    """Compile and export the benchmarks for target cuda (PTX for sm_75/80/90)."""
     import torch
 
     import bitcompiler as bc
@@ -52,18 +72,21 @@ def prepare(directory: Path = DEFAULT_DIR) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    gemm = torch.nn.Sequential(torch.nn.Linear(GEMM, GEMM, bias=False)).eval()
     signs = torch.randint(0, 2, (GEMM, GEMM), dtype=torch.int8) * 2 - 1
-    x = signs.float()
-    cm = bc.compile(gemm, (x,), target="cuda", scheme="binary:act=binary,first_last=quantize")
-    cm.export(directory / "gemm")
-    np.save(directory / "gemm_x_bits.npy", np.packbits(signs.numpy() > 0, axis=1))  # 2 MiB, not 16
-    np.save(directory / "gemm_ref_rows.npy", cm.reference(x[:REF_ROWS].contiguous()).numpy()[:REF_ROWS])
-    model, xc = _cnn()
-    cm = bc.compile(model, (xc,), target="cuda", scheme="binary:act=binary")
-    cm.export(directory / "cnn")
-    np.save(directory / "cnn_x.npy", xc.numpy())
-    np.save(directory / "cnn_ref.npy", cm.reference(xc).numpy())
+    stored = np.packbits(signs.numpy() > 0, axis=1)  # 2 MiB, not 64
+    _gemm(directory, "gemm", "binary:act=binary,first_last=quantize", signs.float(), stored)
+    codes = torch.randint(-127, 128, (GEMM, GEMM), dtype=torch.int8)
+    codes[:, 0] = 127  # every row's int8 scale is 1: the float input is its own int8 code
+    _gemm(directory, "gemm8", "uniform:bits=2,act=8,first_last=quantize", codes.float(), codes.numpy())
+    model, xc, (tiled, xt) = _models()
+    for name, net, x, scheme in (
+        ("cnn", model, xc, "binary:act=binary"),
+        ("tiled", tiled, xt, "tiled:p=4,min_weights=1,first_last=quantize,act=binary"),
+    ):
+        cm = bc.compile(net, (x,), target="cuda", scheme=scheme)
+        cm.export(directory / name)
+        np.save(directory / f"{name}_x.npy", x.numpy())
+        np.save(directory / f"{name}_ref.npy", cm.reference(x).numpy())
     size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     print(f"wrote {directory} ({size / 2**20:.1f} MiB)")
 
@@ -80,6 +103,42 @@ def _time(fn, cp, reps: int) -> float:
     return float(cp.cuda.get_elapsed_time(start, stop)) / reps
 
 
+def _checks(directory: Path, programs: dict) -> dict:
+    """compiled == reference on the GPU, from the exported plans."""
+    checks: dict = {}
+    bits = np.load(directory / "gemm_x.npy")
+    inputs = {
+        "gemm": (np.unpackbits(bits, axis=1).astype(np.float32) * 2 - 1),
+        "gemm8": np.load(directory / "gemm8_x.npy").astype(np.float32),
+    }
+    for name in ("gemm", "gemm8"):
+        [y] = programs[name]([inputs[name]])
+        checks[f"{name}_exact_rows"] = bool(
+            np.array_equal(y[:REF_ROWS], np.load(directory / f"{name}_ref_rows.npy"))
+        )
+    for name in ("cnn", "tiled"):
+        [y] = programs[name]([np.load(directory / f"{name}_x.npy")])
+        ref = np.load(directory / f"{name}_ref.npy")
+        checks[f"{name}_max_rel_err"] = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-6))
+    checks["tiled_exact"] = checks["tiled_max_rel_err"] == 0.0
+    checks["ok"] = (
+        checks["gemm_exact_rows"] and checks["gemm8_exact_rows"] and checks["tiled_exact"]
+        and checks["cnn_max_rel_err"] <= 1e-5
+    )  # fmt: skip
+    return checks
+
+
+def _kernels(program, part: str):
+    """A callable launching only the plan's kernels whose name contains ``part``."""
+    chosen = [launch[1:] for launch in program.launches if part in launch[0]]
+
+    def launch() -> None:
+        for fn, grid, block, args, shared in chosen:
+            fn(grid, block, args, shared_mem=shared)
+
+    return launch
+
+
 def run(directory: Path = DEFAULT_DIR, rounds: int = 7) -> dict:
     """Check compiled == reference on the GPU, then time against PyTorch; returns the results."""
     import cupy as cp
@@ -87,51 +146,102 @@ def run(directory: Path = DEFAULT_DIR, rounds: int = 7) -> dict:
 
     from bitcompiler.backends.gpu.runtime import CUDAProgram
 
-    out: dict = {"gpu": torch.cuda.get_device_name(0), "checks": {}}
-    # --- correctness from the exported plans
-    gemm = CUDAProgram(directory / "gemm")
-    signs = np.unpackbits(np.load(directory / "gemm_x_bits.npy"), axis=1).astype(np.int8) * 2 - 1
-    x = signs.astype(np.float32)
-    [y] = gemm([x])
-    ref = np.load(directory / "gemm_ref_rows.npy")
-    out["checks"]["gemm_exact_rows"] = bool(np.array_equal(y[: len(ref)], ref))
-    cnn = CUDAProgram(directory / "cnn")
-    xc, refc = np.load(directory / "cnn_x.npy"), np.load(directory / "cnn_ref.npy")
-    [yc] = cnn([xc])
-    out["checks"]["cnn_max_rel_err"] = float(np.abs(yc - refc).max() / max(np.abs(refc).max(), 1e-6))
-    out["checks"]["ok"] = out["checks"]["gemm_exact_rows"] and out["checks"]["cnn_max_rel_err"] <= 1e-5
-    # --- timings, alternating bitcompiler and torch in each round
-    dense = [launch[1:] for launch in gemm.launches if "bitc_dense_binary" in launch[0]]
-    a = torch.from_numpy(signs).cuda()
-    b = torch.randint(-1, 2, (GEMM, GEMM), dtype=torch.int8, device="cuda")
-    model, _ = _cnn()  # the same float architecture (its weights do not change its time)
+    out: dict = {"gpu": torch.cuda.get_device_name(0)}
+    programs = {name: CUDAProgram(directory / name) for name in ("gemm", "gemm8", "cnn", "tiled")}
+    out["checks"] = _checks(directory, programs)
+    a = torch.randint(-127, 128, (GEMM, GEMM), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (GEMM, GEMM), dtype=torch.int8, device="cuda")
+    b_col = b.t().contiguous().t()  # the same values, column-major
+    model, xc, _tiled = _models()  # the same float architecture (its weights do not change its time)
     model = model.cuda().half().eval()
-    xh = torch.from_numpy(xc).cuda().half()
+    xh = xc.cuda().half()
     torch.backends.cudnn.benchmark = True
-
-    def gemm_kernel_only() -> None:
-        for fn, grid, block, args, shared in dense:
-            fn(grid, block, args, shared_mem=shared)
 
     def torch_cnn() -> None:
         with torch.no_grad():
             model(xh)
 
-    rows: dict[str, list[float]] = {
-        k: [] for k in ("bitc_gemm", "bitc_gemm_kernel", "torch_int_mm", "bitc_cnn", "torch_fp16_cnn")
+    timed = {
+        "bitc_gemm": (programs["gemm"].launch, 10),
+        "bitc_gemm_kernel": (_kernels(programs["gemm"], "bitc_dense_binary"), 10),
+        "bitc_gemm8": (programs["gemm8"].launch, 10),
+        "bitc_gemm8_kernel": (_kernels(programs["gemm8"], "_dp4a"), 10),
+        "torch_int_mm": (lambda: torch._int_mm(a, b), 10),
+        "torch_int_mm_colB": (lambda: torch._int_mm(a, b_col), 10),
+        "bitc_cnn": (programs["cnn"].launch, 20),
+        "torch_fp16_cnn": (torch_cnn, 20),
     }
-    for _ in range(rounds):
-        rows["bitc_gemm"].append(_time(gemm.launch, cp, 10))
-        rows["bitc_gemm_kernel"].append(_time(gemm_kernel_only, cp, 10))
-        rows["torch_int_mm"].append(_time(lambda: torch._int_mm(a, b), cp, 10))
-        rows["bitc_cnn"].append(_time(cnn.launch, cp, 20))
-        rows["torch_fp16_cnn"].append(_time(torch_cnn, cp, 20))
-    ms = {k: statistics.median(v) for k, v in rows.items()}
+    ms = _alternate(timed, cp, rounds)
     out["ms"] = ms
-    out["int_mm_over_bitc_gemm"] = ms["torch_int_mm"] / ms["bitc_gemm"]
-    out["int_mm_over_bitc_gemm_kernel"] = ms["torch_int_mm"] / ms["bitc_gemm_kernel"]
+    best = min(ms["torch_int_mm"], ms["torch_int_mm_colB"])
+    for name in ("bitc_gemm", "bitc_gemm_kernel", "bitc_gemm8", "bitc_gemm8_kernel"):
+        out[f"int_mm_best_over_{name}"] = best / ms[name]
     out["fp16_over_bitc_cnn"] = ms["torch_fp16_cnn"] / ms["bitc_cnn"]
+    print(json.dumps(out, indent=1), flush=True)  # kept even if the probe below breaks the device
+    if int(cp.cuda.Device().compute_capability) >= 80:  # the binary tensor-core probe (bench/gpu_mma.py)
+        from bench import gpu_mma
+
+        try:
+            probe, out["checks"]["probe_mma_exact"] = gpu_mma.run(cp)
+            keep = ("bitc_gemm_kernel", "torch_int_mm_colB")
+            pms = _alternate({"probe_mma_w1a1": (probe, 10), **{k: timed[k] for k in keep}}, cp, rounds)
+            out["probe_ms"] = pms
+            out["probe_int_mm_colB_over_mma"] = pms["torch_int_mm_colB"] / pms["probe_mma_w1a1"]
+        except Exception as e:  # noqa: BLE001 - a probe: report why it did not run
+            out["probe_error"] = f"{type(e).__name__}: {e}"[:2000]
     return out
+
+
+def _alternate(timed: dict, cp, rounds: int) -> dict[str, float]:
+    """Median milliseconds of each ``name: (fn, reps)``, the callables alternating in every round."""
+    rows: dict[str, list[float]] = {k: [] for k in timed}
+    for _ in range(rounds):
+        for name, (fn, reps) in timed.items():
+            rows[name].append(_time(fn, cp, reps))
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
+RESULTS = ROOT / "bench" / "gpu_results.json"  # the last GPU run's output, rendered into BENCHMARKS.md
+
+
+def markdown(result: dict) -> list[str]:
+    """BENCHMARKS.md's ``gpu`` section from a run's result (``python -m bench --gpu`` output)."""
+    ms, checks = result["ms"], result["checks"]
+    best = min(ms["torch_int_mm"], ms["torch_int_mm_colB"])
+    rows = [
+        (
+            "W1A1 GEMM 4096³, whole plan (sign packing + GEMM)",
+            ms["bitc_gemm"],
+            "torch._int_mm (best layout)",
+            best,
+        ),
+        ("W1A1 GEMM 4096³, GEMM kernel (popc)", ms["bitc_gemm_kernel"], "torch._int_mm (best layout)", best),
+        (
+            "W2A8 GEMM 4096³, whole plan (quantize + GEMM)",
+            ms["bitc_gemm8"],
+            "torch._int_mm (best layout)",
+            best,
+        ),
+        ("W2A8 GEMM 4096³, GEMM kernel (dp4a)", ms["bitc_gemm8_kernel"], "torch._int_mm (best layout)", best),
+        ("binary ResNet-18 (CIFAR), batch 64", ms["bitc_cnn"], "torch fp16 (cuDNN)", ms["torch_fp16_cnn"]),
+    ]
+    if "probe_ms" in result:
+        p = result["probe_ms"]
+        rows.append(
+            ("probe: W1A1 GEMM 4096³ on b1 mma.sync (bench/gpu_mma.py)", p["probe_mma_w1a1"],
+             "torch._int_mm (column-major B)", p["torch_int_mm_colB"])
+        )  # fmt: skip
+    lines = [
+        f"On {result['gpu']}: exported CUDA plans run by CuPy without TVM (`python -m bench --gpu`), "
+        "every peer in the same process, alternating, CUDA events, median of 7 rounds. "
+        f"torch._int_mm: {ms['torch_int_mm']:.3f} ms with B row-major, {ms['torch_int_mm_colB']:.3f} ms "
+        "column-major. Checks on the GPU: " + ", ".join(f"{k} {v}" for k, v in checks.items() if k != "ok"),
+        "",
+        "| what | bitcompiler ms | peer | peer ms | Nx |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {w} | {b:.3f} | {peer} | {pm:.3f} | {pm / b:.2f}x |" for w, b, peer, pm in rows]
+    return lines
 
 
 def main(argv: list[str]) -> None:

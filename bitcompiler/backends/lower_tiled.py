@@ -57,9 +57,18 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     return bb.emit(relax.op.reshape(y, (*lead, a.n))) if len(lead) > 1 else y
 
 
-def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
+def convert_tiled_conv2d(
+    node: fx.Node,
+    importer: Any,
+    quantize: Any = quantized_input,
+    target: Any = kernel_target,
+    emit: Any = emit_kernel,
+) -> Any:
     """Row-aligned tiled conv: the conv kernel of the R distinct filters (unit scales, so its output is
-    the exact integer accumulator as float), then the expand kernel reuses each filter p times."""
+    the exact integer accumulator as float), then the expand kernel reuses each filter p times.
+
+    Another backend passes its activation quantizer (``quantized_input``'s signature), the kernels'
+    target (a callable) and its ``emit_kernel``."""
     from bitcompiler import kernels
 
     bb, env = importer.block_builder, importer.env
@@ -70,17 +79,17 @@ def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
     m, _, h, w = shape_of(x)
     rows = kernels.TiledConvSpec.rows_conv(a, as_int(h), as_int(w))
     spec = kernels.TiledConvSpec.from_attrs(a, rows, as_int(shape_of(t["scale"])[0]))
-    inputs = quantized_input(bb, x, a.act, (a.in_channels, rows.in_h, rows.in_w, 1), (cw,))
+    inputs = quantize(bb, x, a.act, (a.in_channels, rows.in_h, rows.in_w, 1), (cw,))
     name = (
         f"bitc_tiled_conv2d_{a.act}_{a.in_channels}x{a.out_channels}_{a.kernel[0]}x{a.kernel[1]}_p{a.p}"
         + ("_thr" if a.threshold else "")
     )
-    plan = kernels.tiled_conv_stages(rows, spec, kernel_target())
+    plan = kernels.tiled_conv_stages(rows, spec, target())
     shapes = {
         "rows": (m, rows.out_channels, rows.out_h, rows.out_w),
         "y": (m, a.out_channels, rows.out_h, rows.out_w),
     }
-    return emit_stages(bb, plan, name, inputs, t, shapes)
+    return emit_stages(bb, plan, name, inputs, t, shapes, emit)
 
 
 def emit_stages(

@@ -55,6 +55,22 @@ def as_i32(e: tirx.PrimExpr) -> tirx.PrimExpr:
     return e.astype("int32")
 
 
+def threshold_output(m: Any, n: int, acc_of: Any) -> tuple[list, te.Tensor]:
+    """``([TS, TH], Y)``: ``Y (m, n) = +1 if TS[j] * acc_of(i, j) >= TH[j] else -1`` (int64, exact)."""
+    ts = te.placeholder(shape64(n), "int32", "TS")
+    th = te.placeholder(shape64(n), "int32", "TH")
+    y = te.compute(
+        shape64(m, n),
+        lambda a, b: tirx.Select(
+            ts[b].astype("int64") * acc_of(a, b).astype("int64") >= th[b].astype("int64"),
+            tirx.const(1.0, "float32"),
+            tirx.const(-1.0, "float32"),
+        ),
+        name="Y",
+    )
+    return [ts, th], y
+
+
 def or_reducer() -> Any:
     return te.comm_reducer(lambda a, b: a | b, lambda t: tirx.const(0, t), name="bit_or")
 

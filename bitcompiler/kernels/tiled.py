@@ -29,7 +29,14 @@ import numpy as np
 from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels import dense_avx2, dense_lanes
-from bitcompiler.kernels._common import batch_var, i64, largest_divisor, shape64, target_kind
+from bitcompiler.kernels._common import (
+    batch_var,
+    i64,
+    largest_divisor,
+    shape64,
+    target_kind,
+    threshold_output,
+)
 from bitcompiler.kernels.dense import Relaid
 from bitcompiler.kernels.dense_binary import binary_bytes_func, byte_layout, schedule_binary
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
@@ -94,18 +101,7 @@ def _epilogue(spec: TiledDenseSpec, M, acc_of, xs):
     """Y from an accumulator ``acc_of(m, n)`` (float32 or int); returns (epilogue inputs, Y)."""
     N = spec.out_features
     if spec.threshold:
-        TS = te.placeholder(shape64(N), "int32", "TS")
-        TH = te.placeholder(shape64(N), "int32", "TH")
-        Y = te.compute(
-            shape64(M, N),
-            lambda m, n: tirx.Select(
-                TS[n].astype("int64") * acc_of(m, n).astype("int64") >= TH[n].astype("int64"),
-                tirx.const(1.0, F32),
-                tirx.const(-1.0, F32),
-            ),
-            name="Y",
-        )
-        return [TS, TH], Y
+        return threshold_output(M, N, acc_of)
     SC = te.placeholder(shape64(spec.scales), F32, "SC")
     BI = te.placeholder(shape64(N), F32, "BI")
 

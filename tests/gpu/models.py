@@ -67,15 +67,17 @@ class BinaryBlock(nn.Module):
 
 
 class BinaryResNet(nn.Module):
-    """ResNet-ish binary CNN (CIFAR-sized input): stem, ``widths`` stages of one block each, head."""
+    """ResNet-ish binary CNN (CIFAR-sized input): stem, ``widths`` stages of ``depth`` blocks each,
+    head (``widths=(64, 128, 256, 512), depth=2``: ResNet-18's layers)."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64), classes: int = 10) -> None:
+    def __init__(self, widths: tuple[int, ...] = (32, 64), classes: int = 10, depth: int = 1) -> None:
         super().__init__()
         self.stem, self.bn = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0])
         blocks, cin = [], widths[0]
         for i, w in enumerate(widths):
-            blocks.append(BinaryBlock(cin, w, 1 if i == 0 else 2))
-            cin = w
+            for j in range(depth):
+                blocks.append(BinaryBlock(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, classes)
 

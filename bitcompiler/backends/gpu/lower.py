@@ -17,8 +17,7 @@ import torch
 from torch import fx
 
 from bitcompiler import ops
-from bitcompiler.backends import lower_pool
-from bitcompiler.backends.lower_tiled import emit_stages
+from bitcompiler.backends import lower_pool, lower_tiled
 from bitcompiler.backends.relax_emit import constant_of, lowering, shape_of
 from bitcompiler.errors import LoweringError
 from bitcompiler.kernels.gpu import dp4a
@@ -193,7 +192,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
                 plan, stage1=dataclasses.replace(plan.stage1, build=lambda: w1a1_dense_func(spec.rows_spec()))
             )
         shapes = {"rows": (rows, spec.rows), "y": (rows, a.n)}
-        y = emit_stages(bb, plan, name, inputs, t, shapes, emit=_emit)
+        y = lower_tiled.emit_stages(bb, plan, name, inputs, t, shapes, emit=_emit)
     else:
         epi = [t["thr_sign"], t["thr"]] if a.threshold else [t["scale"], t["bias"]]
         prim = kernels.tiled_unaligned_kernel(spec, _KIND.get())
@@ -202,26 +201,12 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
 
 
 def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:
-    """The CPU's two stages: the conv of the R distinct filters (unit scales: exact integer
-    accumulators), then the expand that reuses each filter p times with the layer's epilogue."""
-    from bitcompiler import kernels
+    """The CPU's two stages (:func:`lower_tiled.convert_tiled_conv2d`) with the GPU kernels."""
 
-    bb, env = importer.block_builder, importer.env
-    call = ops.bind(node)
-    a: ops.TiledConv2dAttrs = call.attrs
-    x, t = env[call.x], {name: env[v] for name, v in call.tensors.items()}
-    cw = int(shape_of(t["tile"])[-1])
-    m, _, h, w = shape_of(x)
-    rows = kernels.TiledConvSpec.rows_conv(a, int(h), int(w))
-    spec = kernels.TiledConvSpec.from_attrs(a, rows, int(shape_of(t["scale"])[0]))
-    inputs = _quantized_input(bb, x, a.act, (a.in_channels, rows.in_h, rows.in_w, 1), cw)
-    name = f"bitc_tiled_conv2d_{a.act}_{a.in_channels}x{a.out_channels}_{a.kernel[0]}x{a.kernel[1]}_p{a.p}"
-    plan = kernels.tiled_conv_stages(rows, spec, _KIND.get())
-    shapes = {
-        "rows": (m, rows.out_channels, rows.out_h, rows.out_w),
-        "y": (m, a.out_channels, rows.out_h, rows.out_w),
-    }
-    return emit_stages(bb, plan, name + ("_thr" if a.threshold else ""), inputs, t, shapes, emit=_emit)
+    def quantize(bb: Any, x: Any, act: str, nchw: tuple, words: tuple) -> list:
+        return _quantized_input(bb, x, act, nchw, words[0])
+
+    return lower_tiled.convert_tiled_conv2d(node, importer, quantize, _KIND.get, _emit)
 
 
 CONVERTERS = {

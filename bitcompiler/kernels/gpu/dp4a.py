@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from bitcompiler.kernels._common import batch_var, i64, shape64
+from bitcompiler.kernels._common import batch_var, i64, shape64, threshold_output
 from bitcompiler.kernels.spec import DenseSpec
 
 F32 = "float32"
@@ -95,18 +95,7 @@ def dp4a_dense_func(spec: DenseSpec) -> tirx.PrimFunc:
         name="acc",
     )
     if spec.threshold:
-        ts = te.placeholder(shape64(n), "int32", "TS")
-        th = te.placeholder(shape64(n), "int32", "TH")
-        epi = [ts, th]
-        y = te.compute(
-            shape64(m, n),
-            lambda a, b: tirx.Select(
-                ts[b].astype("int64") * acc[a, b].astype("int64") >= th[b].astype("int64"),
-                tirx.const(1.0, F32),
-                tirx.const(-1.0, F32),
-            ),
-            name="Y",
-        )
+        epi, y = threshold_output(m, n, lambda a, b: acc[a, b])
     else:
         sc, of, bi = (te.placeholder(shape64(n), F32, name) for name in ("SC", "OF", "BI"))
         epi = [sc, of, bi]
