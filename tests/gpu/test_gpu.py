@@ -90,6 +90,22 @@ def test_opencl_tiled_layers_get_kernels_and_match_reference(act: str, exact: bo
             assert_close(got, ref)
 
 
+@needs_nvcc
+def test_cuda_tiled_kernels_compile_to_ptx() -> None:
+    model, x = make("tiled_cnn")
+    runner = _compile(model, x, "cuda", f"{TILED},act=binary")._runner
+    assert sorted(runner.ptx) == ["sm_75", "sm_80", "sm_90"]
+    rows = [
+        k["kernel"]
+        for k in runner.plan["launches"]
+        if k["kernel"].startswith("bitc_tiled") and "_rows" in k["kernel"]
+    ]
+    assert {k.split("_")[2] for k in rows} == {"conv2d", "binary"}, rows  # tiled convs and linears
+    for name in rows:
+        body = runner.ptx["sm_90"][runner.ptx["sm_90"].index(f".entry {name}(") :]
+        assert "popc.b32" in body[: body.index("\n}\n")], name
+
+
 @needs_opencl
 def test_opencl_tiled_linear_unaligned_matches_reference() -> None:
     """p=3 does not divide the 64 outputs: the kernel that reads each weight's bit of the flat tile."""
