@@ -107,11 +107,9 @@ def _dp4a_dense(bb: Any, spec: Any, inputs: list, planes: Any, epi: list, name: 
     from tvm import relax
 
     xq, xs = inputs
-    rows, k = shape_of(xq)
-    x4 = _emit(
-        bb, dp4a.pack4_func(spec.in_features), "bitc_pack4", [xq], relax.TensorType((rows, k // 4), "int32")
-    )
-    w4 = relax.const(dp4a.dp4a_codes(planes.numpy(), spec))
+    rows, k = shape_of(xq)[0], spec.in_features
+    x4 = _emit(bb, dp4a.pack4_func((k,)), "bitc_pack4", [xq], relax.TensorType((rows, k // 4), "int32"))
+    w4 = relax.const(dp4a.dp4a_codes(planes.numpy(), k, spec.code))
     sx = [bb.emit(relax.op.sum(relax.op.astype(xq, "int32"), axis=[1]))] if dp4a.needs_sumx(spec) else []
     out = relax.TensorType((rows, spec.out_features), "float32")
     return _emit(bb, dp4a.dp4a_dense_func(spec), f"{name}_dp4a", [x4, xs, w4, *sx, *epi], out)
@@ -134,9 +132,22 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     spec = kernels.ConvSpec.from_attrs(a, o, h, w, bits)
     oh, ow = spec.out_h, spec.out_w
     name = f"bitc_conv2d_{act}_{code}{bits}_{c}x{o}_{kernel[0]}x{kernel[1]}" + ("_thr" if threshold else "")
+    out = relax.TensorType((m, o, oh, ow), "float32")
+    planes = constant_of(call.tensors["planes"])
+    if dp4a.conv_fits(spec) and planes is not None:  # int8 codes on __dp4a, four channels to a word
+        xq, xs = inputs
+        x4 = _emit(
+            bb,
+            dp4a.pack4_func((c, h, w)),
+            "bitc_pack4_nchw",
+            [xq],
+            relax.TensorType((m, c // 4, h, w), "int32"),
+        )
+        w4 = relax.const(dp4a.dp4a_codes(planes.numpy(), c, code))
+        epi = _epilogue(env, call)[1:]
+        return _emit(bb, dp4a.dp4a_conv_func(spec), f"{name}_dp4a", [x4, xs, w4, *epi], out)
     prim = kernels.conv2d_kernel(spec, _KIND.get())
-    kargs = inputs + _epilogue(env, call)
-    return _emit(bb, prim, name, kargs, relax.TensorType((m, o, oh, ow), "float32"))
+    return _emit(bb, prim, name, inputs + _epilogue(env, call), out)
 
 
 def convert_hardtanh(node: fx.Node, importer: Any) -> Any:
