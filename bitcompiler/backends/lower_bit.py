@@ -1,11 +1,13 @@
 """Relax converters of ``bitc::bit_linear`` and ``bitc::bit_conv2d``: TIR bit kernels, the
-activation quantizer each needs, and the CPU's weight orders and epilogue fusions.
+activation quantizer each needs, and the CPU's weight orders. Each converter translates one op;
+the fusions across ops are Relax passes (:mod:`bitcompiler.backends.cpu.fusions`).
 
 Part of the CPU lowering (:mod:`bitcompiler.backends.lower` lists the converters).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -13,35 +15,6 @@ from torch import fx
 
 from bitcompiler import ops
 from bitcompiler.backends.relax_emit import as_int, constant_of, emit_kernel, kernel_target, shape_of
-
-# threshold convs whose +-1 output a packed-output variant can write directly (see
-# ``_packed_by_producer``): [(output var, (spec, kernel name, argument list))] on the block builder
-_PACKABLE = "_bitc_packable"
-
-
-def _packed_by_producer(bb: Any, x: Any, nchw: tuple) -> Any | None:
-    """``x`` packed for a groups-1 binary layer by the threshold conv that produced it, or None.
-
-    The conv is emitted again with its packed-output kernel (same arguments); its float output
-    then has no use left and dead-code elimination drops the float call and the packing.
-    """
-    from tvm import relax
-
-    from bitcompiler import kernels
-
-    entry = _recall(bb, _PACKABLE, x)
-    if entry is None or nchw[3] != 1:
-        return None
-    spec, name, args = entry
-    m = shape_of(x)[0]
-    prim = kernels.conv2d_kernel(spec, kernel_target(), packed_output=True)
-    return emit_kernel(
-        bb,
-        prim,
-        f"{name}_packed",
-        args,
-        relax.TensorType((m, spec.out_h, spec.out_w, 1, spec.out_channels // 32), "int32"),
-    )
 
 
 def quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple) -> list:
@@ -69,15 +42,10 @@ def quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple)
         prim = kernels.pack_sign_rows(k, kernel_target())
         return [emit_kernel(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
     c, h, w, groups = nchw
-    packed = _packed_by_producer(bb, x, nchw)
-    if packed is not None:
-        return [packed]
     prim = kernels.pack_sign_nchw(c, h, w, groups, kernel_target())
-    return [
-        emit_kernel(
-            bb, prim, "bitc_pack_sign_nchw", [x], relax.TensorType((m, h, w, groups, words[0]), "int32")
-        )
-    ]
+    out = relax.TensorType((m, h, w, groups, words[0]), "int32")
+    about = {"op": "pack_sign_nchw", "groups": groups}
+    return [emit_kernel(bb, prim, "bitc_pack_sign_nchw", [x], out, about)]
 
 
 def _epilogue_args(env: dict, call: ops.BoundCall, bb: Any = None, cg: int = 0) -> list:
@@ -198,17 +166,14 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
         kargs = inputs + _epilogue_args(env, call)
         kargs[len(inputs)] = relax.const(stored[0](spec, weights.numpy()))
         prim, name = kernels.stored_codes_conv_kernel(spec, kernel_target()), name + stored[2]
+        about = None
     else:
         kargs = inputs + _epilogue_args(env, call, bb, spec.cg)
         prim = kernels.conv2d_kernel(spec, kernel_target())
-    y = emit_kernel(bb, prim, name, kargs, relax.TensorType((m, o, spec.out_h, spec.out_w), "float32"))
-    from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
-
-    if packs_output(spec):
-        _remember(bb, _PACKABLE, y, (spec, name, kargs))
-    if fuses_residual(spec) and _only_feeds_add_then_hardtanh(node):
-        _remember(bb, _RESIDUAL, y, (spec, name, kargs))
-    return y
+        # the CPU's fusion passes may give it another epilogue (backends/cpu/fusions.py)
+        about = {"op": "bit_conv2d", "name": name, "spec": dataclasses.asdict(spec)}
+    out = relax.TensorType((m, o, spec.out_h, spec.out_w), "float32")
+    return emit_kernel(bb, prim, name, kargs, out, about)
 
 
 def _conv_as_dense(bb: Any, env: dict, call: ops.BoundCall, x: Any, geometry: tuple) -> Any | None:
@@ -256,56 +221,3 @@ def _conv_as_dense(bb: Any, env: dict, call: ops.BoundCall, x: Any, geometry: tu
     if oh * ow == 1:
         return bb.emit(relax.op.reshape(y, (m, o, 1, 1)))
     return bb.emit(relax.op.permute_dims(relax.op.reshape(y, (m, oh, ow, o)), [0, 3, 1, 2]))
-
-
-def _remember(bb: Any, registry: str, var: Any, entry: tuple) -> None:
-    if not hasattr(bb, registry):
-        setattr(bb, registry, [])
-    getattr(bb, registry).append((var, entry))
-
-
-def _recall(bb: Any, registry: str, var: Any) -> tuple | None:
-    return next((e for v, e in getattr(bb, registry, []) if v.same_as(var)), None)
-
-
-# affine binary convs whose only use is ``hardtanh(conv + residual)`` (a ResNet block's end)
-_RESIDUAL = "_bitc_residual"
-
-
-def _only_feeds_add_then_hardtanh(node: fx.Node) -> bool:
-    users = list(node.users)
-    if len(users) != 1 or "add" not in str(users[0].target):
-        return False
-    after = list(users[0].users)
-    return len(after) == 1 and "hardtanh" in str(after[0].target)
-
-
-def convert_hardtanh(node: fx.Node, importer: Any) -> Any:
-    """``hardtanh(conv + residual)`` of a binary conv: one conv kernel with the add and the clamp
-    in its epilogue (the unfused conv and add are left unused and dead-code elimination drops
-    them); any other hardtanh: ``clip``, as the frontend converts it."""
-    import tvm
-    from tvm import relax
-
-    from bitcompiler import kernels
-
-    bb = importer.block_builder
-    x = importer.env[node.args[0]]
-    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
-    if isinstance(bound, relax.Call) and bound.op.same_as(tvm.ir.Op.get("relax.add")):
-        for conv, res in (bound.args, bound.args[::-1]):
-            entry = _recall(bb, _RESIDUAL, conv)
-            if entry is None or [as_int(d) for d in shape_of(res)[1:]] != [
-                as_int(d) for d in shape_of(conv)[1:]
-            ]:
-                continue
-            spec, name, kargs = entry
-            if res.ty.dtype != "float32" or str(shape_of(res)[0]) != str(shape_of(conv)[0]):
-                continue
-            prim = kernels.conv2d_kernel(spec, kernel_target(), residual_clip=(float(lo), float(hi)))  # type: ignore[arg-type]
-            return emit_kernel(
-                bb, prim, f"{name}_res", [*kargs, res], relax.TensorType(shape_of(conv), "float32")
-            )
-    return bb.emit(relax.op.clip(x, lo, hi))

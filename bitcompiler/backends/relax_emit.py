@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +24,33 @@ def as_int(v: Any) -> int:
     return int(v)
 
 
-def emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
+# the PrimFunc attribute that tells the CPU's fusion passes (:mod:`bitcompiler.backends.cpu.fusions`)
+# what a kernel computes: a JSON object, ``{"op": "bit_conv2d", "name": ..., "spec": {...}}`` or
+# ``{"op": "pack_sign_nchw", "groups": g}``
+KERNEL_ATTR = "bitc_kernel"
+
+
+def kernel_func(prim: Any, about: dict | None = None) -> Any:
+    """``prim`` as a Relax module holds a bitc kernel: opaque (never fused with neighbours),
+    scheduled (dlight leaves it alone), its symbol taken from its name; ``about`` (JSON-able)
+    describes it for the fusion passes (:data:`KERNEL_ATTR`)."""
+    prim = prim.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+    return prim if about is None else prim.with_attr(KERNEL_ATTR, json.dumps(about, sort_keys=True))
+
+
+def kernel_about(func: Any) -> dict | None:
+    """What :func:`kernel_func` recorded about a kernel, or None."""
+    attrs = getattr(func, "attrs", None)
+    if attrs is None or KERNEL_ATTR not in attrs:
+        return None
+    return json.loads(str(attrs[KERNEL_ATTR]))
+
+
+def emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any, about: dict | None = None) -> Any:
+    """``call_tir`` of the kernel ``prim`` (added to ``bb``'s module as ``name``) on ``args``."""
     from tvm import relax
 
-    # opaque: never fused with neighbours; scheduled: dlight leaves it alone; the symbol comes from the name
-    prim = prim.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
-    gv = bb.add_func(prim, name)
+    gv = bb.add_func(kernel_func(prim, about), name)
     return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
 
 
