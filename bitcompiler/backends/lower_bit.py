@@ -14,22 +14,36 @@ from typing import Any
 from torch import fx
 
 from bitcompiler import ops
-from bitcompiler.backends.relax_emit import as_int, constant_of, emit_kernel, kernel_target, shape_of
+from bitcompiler.backends.relax_emit import (
+    as_int,
+    as_rows,
+    constant_of,
+    emit_kernel,
+    from_rows,
+    kernel_target,
+    shape_of,
+)
 
 
-def quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple) -> list:
-    """Activation -> the kernel's input buffers for act mode ``act``."""
+def quantized_input(
+    bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple, target: str | None = None, emit: Any = None
+) -> list:
+    """Activation -> the kernel's input buffers for act mode ``act``, its kernels built for
+    ``target`` (default: the lowering's) and emitted by ``emit`` (default :func:`emit_kernel`)."""
     from tvm import relax
 
     from bitcompiler import kernels
+
+    target = target or kernel_target()
+    emit = emit or emit_kernel
 
     shape = shape_of(x)
     m, rest = shape[0], [as_int(d) for d in shape[1:]]
     if act == "float":
         return [x]
     if act == "int8":
-        prim = kernels.quantize_rows_int8(tuple(rest), kernel_target())
-        out = emit_kernel(
+        prim = kernels.quantize_rows_int8(tuple(rest), target)
+        out = emit(
             bb,
             prim,
             "bitc_quantize_int8",
@@ -39,13 +53,13 @@ def quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple)
         return [bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))]
     if nchw is None:
         (k,) = rest
-        prim = kernels.pack_sign_rows(k, kernel_target())
-        return [emit_kernel(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
+        prim = kernels.pack_sign_rows(k, target)
+        return [emit(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
     c, h, w, groups = nchw
-    prim = kernels.pack_sign_nchw(c, h, w, groups, kernel_target())
+    prim = kernels.pack_sign_nchw(c, h, w, groups, target)
     out = relax.TensorType((m, h, w, groups, words[0]), "int32")
     about = {"op": "pack_sign_nchw", "groups": groups}
-    return [emit_kernel(bb, prim, "bitc_pack_sign_nchw", [x], out, about)]
+    return [emit(bb, prim, "bitc_pack_sign_nchw", [x], out, about)]
 
 
 def _epilogue_args(env: dict, call: ops.BoundCall, bb: Any = None, cg: int = 0) -> list:
@@ -107,13 +121,9 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
     a: ops.BitLinearAttrs = call.attrs
-    x, planes = env[call.x], call.tensors["planes"]
+    planes = call.tensors["planes"]
     bits, n, kw = (as_int(d) for d in shape_of(env[planes]))
-    shape = shape_of(x)
-    lead = shape[:-1]
-    flat = len(lead) != 1  # a 1-D input (no batch) or several leading dimensions: one row each
-    rows = math.prod(lead) if flat else lead[0]
-    x2 = bb.emit(relax.op.reshape(x, (rows, a.k))) if flat else x
+    x2, lead, rows = as_rows(bb, env[call.x], a.k)
     spec = kernels.DenseSpec.from_attrs(a, n, bits)
     name = f"bitc_dense_{a.act}_{a.code}{bits}_{a.k}x{n}" + ("_thr" if a.threshold else "")
     epilogue = _epilogue_args(env, call, bb, a.k)
@@ -133,7 +143,7 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
             quantized_input(bb, x2, a.act, None, (kw,)),
         )
     y = emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))
-    return bb.emit(relax.op.reshape(y, (*lead, n))) if flat else y
+    return from_rows(bb, y, lead, n)
 
 
 def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:

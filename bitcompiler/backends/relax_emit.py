@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,17 +25,39 @@ def as_int(v: Any) -> int:
     return int(v)
 
 
+def as_rows(bb: Any, x: Any, k: int) -> tuple[Any, list, Any]:
+    """``x (..., K)`` as a matrix of rows ``(R, K)``, for a dense kernel: ``(rows, leading shape,
+    R)``; a 1-D input (no batch) or several leading dimensions are reshaped, one row each."""
+    from tvm import relax
+
+    lead = shape_of(x)[:-1]
+    if len(lead) == 1:
+        return x, lead, lead[0]
+    rows = math.prod(lead)
+    return bb.emit(relax.op.reshape(x, (rows, k))), lead, rows
+
+
+def from_rows(bb: Any, y: Any, lead: list, n: int) -> Any:
+    """The rows ``y (R, N)`` of :func:`as_rows` back in the input's leading shape ``(..., N)``."""
+    from tvm import relax
+
+    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n)))
+
+
 # the PrimFunc attribute that tells the CPU's fusion passes (:mod:`bitcompiler.backends.cpu.fusions`)
 # what a kernel computes: a JSON object, ``{"op": "bit_conv2d", "name": ..., "spec": {...}}`` or
 # ``{"op": "pack_sign_nchw", "groups": g}``
 KERNEL_ATTR = "bitc_kernel"
 
 
-def kernel_func(prim: Any, about: dict | None = None) -> Any:
-    """``prim`` as a Relax module holds a bitc kernel: opaque (never fused with neighbours),
-    scheduled (dlight leaves it alone), its symbol taken from its name; ``about`` (JSON-able)
-    describes it for the fusion passes (:data:`KERNEL_ATTR`)."""
-    prim = prim.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+def kernel_func(prim: Any, about: dict | None = None, scheduled: bool = True) -> Any:
+    """``prim`` as a Relax module holds a bitc kernel: opaque (never fused with neighbours), its
+    symbol taken from its name, ``scheduled`` (dlight leaves it alone; a GPU lowering leaves it
+    to its GPU schedules); ``about`` (JSON-able) describes it for the fusion passes
+    (:data:`KERNEL_ATTR`)."""
+    prim = prim.with_attr("op_pattern", 8).without_attr("global_symbol")
+    if scheduled:
+        prim = prim.with_attr("tirx.is_scheduled", True)
     return prim if about is None else prim.with_attr(KERNEL_ATTR, json.dumps(about, sort_keys=True))
 
 
@@ -46,11 +69,14 @@ def kernel_about(func: Any) -> dict | None:
     return json.loads(str(attrs[KERNEL_ATTR]))
 
 
-def emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any, about: dict | None = None) -> Any:
-    """``call_tir`` of the kernel ``prim`` (added to ``bb``'s module as ``name``) on ``args``."""
+def emit_kernel(
+    bb: Any, prim: Any, name: str, args: list, out_ty: Any, about: dict | None = None, scheduled: bool = True
+) -> Any:
+    """``call_tir`` of the kernel ``prim`` (added to ``bb``'s module as ``name``, see
+    :func:`kernel_func`) on ``args``."""
     from tvm import relax
 
-    gv = bb.add_func(kernel_func(prim, about), name)
+    gv = bb.add_func(kernel_func(prim, about, scheduled), name)
     return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
 
 

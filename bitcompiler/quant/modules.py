@@ -62,6 +62,14 @@ class BinaryWeight(nn.Module):
         return WeightCodes(q, "pm1", 1, alpha, torch.zeros_like(alpha), n_floats=w.shape[0])
 
 
+def affine_codes(w: torch.Tensor, bits: int) -> WeightCodes:
+    """``w``'s ``bits``-bit unsigned codes with one scale and offset for all rows
+    (``numerics.affine_weight``), as every row's."""
+    q, alpha, delta = numerics.affine_weight(w, bits)
+    n = w.shape[0]
+    return WeightCodes(q, "uint", bits, delta.expand(n).clone(), alpha.expand(n).clone(), n_floats=2)
+
+
 class AffineWeight(nn.Module):
     """BitNet's per-layer affine ``W ≈ α + δ·Q`` with B-bit Q (docs/methods.md §1), straight-through round."""
 
@@ -74,9 +82,7 @@ class AffineWeight(nn.Module):
         return straight_through(w, numerics.dequantize(c.q, c.scale, c.offset))
 
     def codes(self, w: torch.Tensor) -> WeightCodes:
-        q, alpha, delta = numerics.affine_weight(w, self.bits)
-        n = w.shape[0]
-        return WeightCodes(q, "uint", self.bits, delta.expand(n).clone(), alpha.expand(n).clone(), n_floats=2)
+        return affine_codes(w, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

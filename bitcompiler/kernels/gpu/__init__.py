@@ -17,7 +17,7 @@ from typing import Any
 from tvm import s_tir, te, tirx
 from tvm.s_tir import dlight as dl
 
-from bitcompiler.kernels._common import batch_var, i64, shape64
+from bitcompiler.kernels._common import batch_var, i64, shape64, threshold_output
 from bitcompiler.kernels.spec import DenseSpec
 
 THREADS = 128  # threads per block for the one-output-per-thread schedule
@@ -107,18 +107,8 @@ def w1a1_dense_func(spec: DenseSpec) -> tirx.PrimFunc:
         return tirx.const(k, "int32") - tirx.const(2, "int32") * acc[a, b]
 
     if spec.threshold:
-        ts = te.placeholder(shape64(n), "int32", "TS")
-        th = te.placeholder(shape64(n), "int32", "TH")
-        y = te.compute(
-            shape64(m, n),
-            lambda a, b: tirx.Select(
-                ts[b].astype("int64") * count(a, b).astype("int64") >= th[b].astype("int64"),
-                tirx.const(1.0, "float32"),
-                tirx.const(-1.0, "float32"),
-            ),
-            name="Y",
-        )
-        return te.create_prim_func([xp, p, ts, th, y]).with_attr("global_symbol", "main")
+        thresholds, y = threshold_output(m, n, count)
+        return te.create_prim_func([xp, p, *thresholds, y]).with_attr("global_symbol", "main")
     sc, of, bi = (te.placeholder(shape64(n), "float32", name) for name in ("SC", "OF", "BI"))
     y = te.compute(shape64(m, n), lambda a, b: sc[b] * count(a, b).astype("float32") + bi[b], name="Y")
     return te.create_prim_func([xp, p, sc, of, bi, y]).with_attr("global_symbol", "main")
