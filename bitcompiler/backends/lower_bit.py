@@ -146,6 +146,14 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     return from_rows(bb, y, lead, n)
 
 
+def conv_shapes(env: dict, call: ops.BoundCall) -> tuple[Any, int, int, int, Any, int, int]:
+    """A ``bit_conv2d`` call's input and its shapes: ``(x, bits, O, CWg, M, H, W)`` (M symbolic)."""
+    x = env[call.x]
+    bits, o, _, _, cwg = (as_int(d) for d in shape_of(env[call.tensors["planes"]]))
+    m, _, h, w = shape_of(x)
+    return x, bits, o, cwg, m, as_int(h), as_int(w)
+
+
 def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     from tvm import relax
 
@@ -154,10 +162,7 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
     a: ops.BitConv2dAttrs = call.attrs
-    x = env[call.x]
-    bits, o, _, _, cwg = (as_int(d) for d in shape_of(env[call.tensors["planes"]]))
-    m, _, h, w = shape_of(x)
-    h, w = as_int(h), as_int(w)
+    x, bits, o, cwg, m, h, w = conv_shapes(env, call)
     if a.act != "binary" and (*a.kernel, *a.padding, *a.dilation, a.groups) == (1, 1, 0, 0, 1, 1, 1):
         # a 1x1 conv (a classifier head, a pointwise or squeeze conv) is a dense layer over pixels:
         # its weight-order kernel, with the sample's activation scale on every pixel's row

@@ -10,16 +10,9 @@ from typing import Any
 from torch import fx
 
 from bitcompiler import ops
+from bitcompiler.backends import relax_emit
 from bitcompiler.backends.lower_bit import quantized_input
-from bitcompiler.backends.relax_emit import (
-    as_int,
-    as_rows,
-    constant_of,
-    emit_kernel,
-    from_rows,
-    kernel_target,
-    shape_of,
-)
+from bitcompiler.backends.relax_emit import as_int, constant_of, emit_kernel, kernel_target, shape_of
 
 
 def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
@@ -35,7 +28,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     a: ops.TiledLinearAttrs = call.attrs
     x, t = env[call.x], {name: env[v] for name, v in call.tensors.items()}
     spec = kernels.TiledDenseSpec.from_attrs(a, as_int(shape_of(t["scale"])[0]))
-    x2, lead, rows = as_rows(bb, x, a.k)
+    x2, lead, rows = relax_emit.as_rows(bb, x, a.k)
     epi = [t["thr_sign"], t["thr"]] if a.threshold else [t["scale"], t["bias"]]
     out_ty = relax.TensorType((rows, a.n), "float32")
     name = f"bitc_tiled_{a.act}_{a.k}x{a.n}_p{a.p}" + ("_thr" if a.threshold else "")
@@ -47,7 +40,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
         y = emit_kernel(
             bb, relaid.func, f"{name}_{relaid.suffix}", [x2, relax.const(relaid.weights), *epi], out_ty
         )
-        return from_rows(bb, y, lead, a.n)
+        return relax_emit.from_rows(bb, y, lead, a.n)
     inputs = quantized_input(bb, x2, a.act, None, (-(-a.k // 32),))
     if (fused := kernels.tiled_fused_kernel(spec, kernel_target())) is not None:
         y = emit_kernel(bb, fused, name, [*inputs, t["tile"], *epi], out_ty)
@@ -57,7 +50,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     else:
         prim = kernels.tiled_unaligned_kernel(spec, kernel_target())
         y = emit_kernel(bb, prim, name, [*inputs, t["tile"], *epi], out_ty)
-    return from_rows(bb, y, lead, a.n)
+    return relax_emit.from_rows(bb, y, lead, a.n)
 
 
 def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:

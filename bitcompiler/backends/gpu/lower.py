@@ -17,7 +17,7 @@ from torch import fx
 
 from bitcompiler import ops
 from bitcompiler.backends import lower_pool
-from bitcompiler.backends.lower_bit import quantized_input
+from bitcompiler.backends.lower_bit import conv_shapes, quantized_input
 from bitcompiler.backends.relax_emit import as_rows, emit_kernel, from_rows, shape_of
 from bitcompiler.errors import LoweringError
 from bitcompiler.ops import conv_out_size
@@ -72,11 +72,8 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
     a: ops.BitConv2dAttrs = call.attrs
-    x = env[call.x]
+    x, bits, o, cwg, m, h, w = conv_shapes(env, call)
     c, kernel, act, threshold, code = a.in_channels, a.kernel, a.act, a.threshold, a.code
-    bits, o, _, _, cwg = (int(d) for d in shape_of(env[call.tensors["planes"]]))
-    m, _, h, w = shape_of(x)
-    h, w = int(h), int(w)
     inputs = _quantized_input(bb, x, act, (c, h, w, a.groups), cwg)
     spec = kernels.ConvSpec.from_attrs(a, o, h, w, bits)
     oh, ow = spec.out_h, spec.out_w
