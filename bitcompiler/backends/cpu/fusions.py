@@ -51,7 +51,7 @@ class _Scope:
     def marked(self, value: Any) -> tuple[dict, Any] | None:
         """``(about, value)`` when ``value`` is a ``call_tir`` of a marked kernel, else None."""
         call = _call_tir(value)
-        if call is None:
+        if call is None or call.args[0] not in self.mod.functions:
             return None
         about = kernel_about(self.mod[call.args[0]])
         return None if about is None else (about, call)
