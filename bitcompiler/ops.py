@@ -16,6 +16,7 @@ it and :func:`bind`, by argument name::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -79,6 +80,33 @@ class OpAttrs:
         """Call the op on ``x`` and the named ``tensors``."""
         return self.overload()(*self.op_args(x, tensors))
 
+    @classmethod
+    def schema(cls) -> str:
+        """The op's schema: ``x``, the tensors (``TENSORS``), then one argument per attribute."""
+        types = {"int": "SymInt", "str": "str", "bool": "bool", "tuple[int, int]": "SymInt[]"}
+        args = [f"Tensor {name}" for name in ("x", *cls.TENSORS)]
+        args += [f"{types[str(f.type)]} {f.name}" for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        return f"({', '.join(args)}) -> Tensor"
+
+    @classmethod
+    def define(cls, compute: Callable[..., Any], fake: Callable[..., Any]) -> Any:
+        """Register ``bitc::<OP>`` with :meth:`schema`: ``compute(x, tensors, attrs)`` is its CPU
+        implementation (the reference numerics), ``fake(x, tensors, attrs)`` an empty tensor of its
+        output's shape (for tracing and export)."""
+        n = 1 + len(cls.TENSORS)
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+        def split(args: tuple) -> tuple[Any, dict[str, Any], Any]:
+            return args[0], dict(zip(cls.TENSORS, args[1:n])), cls.from_values(dict(zip(names, args[n:])))
+
+        def run(*args: Any) -> Any:
+            return compute(*split(args))
+
+        run.__doc__ = compute.__doc__
+        op = torch.library.custom_op(f"bitc::{cls.OP}", run, mutates_args=(), schema=cls.schema())
+        op.register_fake(lambda *args: fake(*split(args)))
+        return op
+
 
 def conv_out_hw(h: int, w: int, kernel: Any, stride: Any, padding: Any, dilation: Any) -> tuple[int, int]:
     """The output (height, width) of a convolution window: the one place it is computed."""
@@ -113,31 +141,22 @@ class BitLinearAttrs(OpAttrs):
     has_offset: bool
 
 
-@torch.library.custom_op("bitc::bit_linear", mutates_args=())
-def bit_linear(
-    x: torch.Tensor,
-    planes: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    bias: torch.Tensor,
-    thr_sign: torch.Tensor,
-    thr: torch.Tensor,
-    k: int,
-    code: str,
-    act: str,
-    threshold: bool,
-    has_offset: bool,
-) -> torch.Tensor:
+def _thresholds(t: dict[str, Any], a: Any) -> tuple:
+    return (t["thr_sign"], t["thr"]) if a.threshold else (None, None)
+
+
+def _bit_linear(x: torch.Tensor, t: dict[str, torch.Tensor], a: BitLinearAttrs) -> torch.Tensor:
     """Dense bit layer over the last axis of ``x`` (any leading shape)."""
-    lead = x.shape[:-1]
-    thresholds = (thr_sign, thr) if threshold else (None, None)
-    y = numerics.bit_linear(x.reshape(-1, k), planes, k, code, act, scale, offset, bias, *thresholds)
-    return y.reshape(*lead, planes.shape[1])
+    planes, k = t["planes"], a.k
+    y = numerics.bit_linear(
+        x.reshape(-1, k), planes, k, a.code, a.act, t["scale"], t["offset"], t["bias"], *_thresholds(t, a)
+    )
+    return y.reshape(*x.shape[:-1], planes.shape[1])
 
 
-@bit_linear.register_fake
-def _(x, planes, scale, offset, bias, thr_sign, thr, k, code, act, threshold, has_offset):
-    return x.new_empty(*x.shape[:-1], planes.shape[1])
+bit_linear = BitLinearAttrs.define(
+    _bit_linear, lambda x, t, a: x.new_empty(*x.shape[:-1], t["planes"].shape[1])
+)
 
 
 # --------------------------------------------------------------------------- bitc::bit_conv2d
@@ -160,38 +179,19 @@ class BitConv2dAttrs(OpAttrs, ConvWindow):
     has_offset: bool
 
 
-@torch.library.custom_op("bitc::bit_conv2d", mutates_args=())
-def bit_conv2d(
-    x: torch.Tensor,
-    planes: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    bias: torch.Tensor,
-    thr_sign: torch.Tensor,
-    thr: torch.Tensor,
-    in_channels: int,
-    kernel: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    code: str,
-    act: str,
-    threshold: bool,
-    has_offset: bool,
-) -> torch.Tensor:
+def _bit_conv2d(x: torch.Tensor, t: dict[str, torch.Tensor], a: BitConv2dAttrs) -> torch.Tensor:
     """Conv2d bit layer, NCHW float32 in and out."""
-    thresholds = (thr_sign, thr) if threshold else (None, None)
     return numerics.bit_conv2d(
-        x, planes, in_channels, (kernel[0], kernel[1]), code, act, scale, offset, bias,
-        (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]), groups, *thresholds,
+        x, t["planes"], a.in_channels, a.kernel, a.code, a.act, t["scale"], t["offset"], t["bias"],
+        a.stride, a.padding, a.dilation, a.groups, *_thresholds(t, a),
     )  # fmt: skip
 
 
-@bit_conv2d.register_fake
-def _(x, planes, scale, offset, bias, thr_sign, thr, in_channels, kernel, stride, padding, dilation, *_):
-    oh, ow = conv_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
-    return x.new_empty(x.shape[0], planes.shape[1], oh, ow)
+def _conv_fake(x: torch.Tensor, out_channels: Any, a: Any) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_channels, *a.out_hw(x.shape[2], x.shape[3]))
+
+
+bit_conv2d = BitConv2dAttrs.define(_bit_conv2d, lambda x, t, a: _conv_fake(x, t["planes"].shape[1], a))
 
 
 # --------------------------------------------------------------------------- bitc::tiled_linear
@@ -209,30 +209,15 @@ class TiledLinearAttrs(OpAttrs):
     threshold: bool
 
 
-@torch.library.custom_op("bitc::tiled_linear", mutates_args=())
-def tiled_linear(
-    x: torch.Tensor,
-    tile: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    thr_sign: torch.Tensor,
-    thr: torch.Tensor,
-    k: int,
-    n: int,
-    p: int,
-    act: str,
-    threshold: bool,
-) -> torch.Tensor:
+def _tiled_linear(x: torch.Tensor, t: dict[str, torch.Tensor], a: TiledLinearAttrs) -> torch.Tensor:
     """Tiled dense layer (docs/methods.md §4) over the last axis of ``x``: one packed tile, p scales."""
-    lead = x.shape[:-1]
-    thresholds = (thr_sign, thr) if threshold else (None, None)
-    y = numerics.tiled_linear(x.reshape(-1, k), tile, k, n, p, act, scale, bias, *thresholds)
-    return y.reshape(*lead, n)
+    y = numerics.tiled_linear(
+        x.reshape(-1, a.k), t["tile"], a.k, a.n, a.p, a.act, t["scale"], t["bias"], *_thresholds(t, a)
+    )
+    return y.reshape(*x.shape[:-1], a.n)
 
 
-@tiled_linear.register_fake
-def _(x, tile, scale, bias, thr_sign, thr, k, n, p, act, threshold):
-    return x.new_empty(*x.shape[:-1], n)
+tiled_linear = TiledLinearAttrs.define(_tiled_linear, lambda x, t, a: x.new_empty(*x.shape[:-1], a.n))
 
 
 # --------------------------------------------------------------------------- bitc::tiled_conv2d
@@ -254,36 +239,15 @@ class TiledConv2dAttrs(OpAttrs, ConvWindow):
     threshold: bool
 
 
-@torch.library.custom_op("bitc::tiled_conv2d", mutates_args=())
-def tiled_conv2d(
-    x: torch.Tensor,
-    tile: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    thr_sign: torch.Tensor,
-    thr: torch.Tensor,
-    in_channels: int,
-    out_channels: int,
-    kernel: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    p: int,
-    act: str,
-    threshold: bool,
-) -> torch.Tensor:
+def _tiled_conv2d(x: torch.Tensor, t: dict[str, torch.Tensor], a: TiledConv2dAttrs) -> torch.Tensor:
     """Row-aligned tiled conv (docs/methods.md §4), NCHW float32: R = O/p stored filters, p scales."""
-    thresholds = (thr_sign, thr) if threshold else (None, None)
     return numerics.tiled_conv2d(
-        x, tile, in_channels, out_channels, p, act, scale, bias,
-        (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]), *thresholds,
+        x, t["tile"], a.in_channels, a.out_channels, a.p, a.act, t["scale"], t["bias"],
+        a.stride, a.padding, a.dilation, *_thresholds(t, a),
     )  # fmt: skip
 
 
-@tiled_conv2d.register_fake
-def _(x, tile, scale, bias, thr_sign, thr, in_channels, out_channels, kernel, stride, padding, dilation, *_):
-    oh, ow = conv_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
-    return x.new_empty(x.shape[0], out_channels, oh, ow)
+tiled_conv2d = TiledConv2dAttrs.define(_tiled_conv2d, lambda x, t, a: _conv_fake(x, a.out_channels, a))
 
 
 # --------------------------------------------------------------------------- bitc::window_mean

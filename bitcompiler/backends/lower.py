@@ -30,7 +30,6 @@ CONVERTERS = {
     "bit_conv2d.default": lower_bit.convert_bit_conv2d,
     "tiled_linear.default": lower_tiled.convert_tiled_linear,
     "tiled_conv2d.default": lower_tiled.convert_tiled_conv2d,
-    "hardtanh.default": lower_bit.convert_hardtanh,
     "conv2d.default": lower_conv.convert_conv2d,
     "convolution.default": lower_conv.convert_convolution,
     "window_mean.default": lower_pool.convert_window_mean,

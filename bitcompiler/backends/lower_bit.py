@@ -1,62 +1,49 @@
 """Relax converters of ``bitc::bit_linear`` and ``bitc::bit_conv2d``: TIR bit kernels, the
-activation quantizer each needs, and the CPU's weight orders and epilogue fusions.
+activation quantizer each needs, and the CPU's weight orders. Each converter translates one op;
+the fusions across ops are Relax passes (:mod:`bitcompiler.backends.cpu.fusions`).
 
 Part of the CPU lowering (:mod:`bitcompiler.backends.lower` lists the converters).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from torch import fx
 
 from bitcompiler import ops
-from bitcompiler.backends.relax_emit import as_int, constant_of, emit_kernel, kernel_target, shape_of
+from bitcompiler.backends.relax_emit import (
+    as_int,
+    as_rows,
+    constant_of,
+    emit_kernel,
+    from_rows,
+    kernel_target,
+    shape_of,
+)
 
-# threshold convs whose +-1 output a packed-output variant can write directly (see
-# ``_packed_by_producer``): [(output var, (spec, kernel name, argument list))] on the block builder
-_PACKABLE = "_bitc_packable"
 
-
-def _packed_by_producer(bb: Any, x: Any, nchw: tuple) -> Any | None:
-    """``x`` packed for a groups-1 binary layer by the threshold conv that produced it, or None.
-
-    The conv is emitted again with its packed-output kernel (same arguments); its float output
-    then has no use left and dead-code elimination drops the float call and the packing.
-    """
+def quantized_input(
+    bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple, target: str | None = None, emit: Any = None
+) -> list:
+    """Activation -> the kernel's input buffers for act mode ``act``, its kernels built for
+    ``target`` (default: the lowering's) and emitted by ``emit`` (default :func:`emit_kernel`)."""
     from tvm import relax
 
     from bitcompiler import kernels
 
-    entry = _recall(bb, _PACKABLE, x)
-    if entry is None or nchw[3] != 1:
-        return None
-    spec, name, args = entry
-    m = shape_of(x)[0]
-    prim = kernels.conv2d_kernel(spec, kernel_target(), packed_output=True)
-    return emit_kernel(
-        bb,
-        prim,
-        f"{name}_packed",
-        args,
-        relax.TensorType((m, spec.out_h, spec.out_w, 1, spec.out_channels // 32), "int32"),
-    )
-
-
-def quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple) -> list:
-    """Activation -> the kernel's input buffers for act mode ``act``."""
-    from tvm import relax
-
-    from bitcompiler import kernels
+    target = target or kernel_target()
+    emit = emit or emit_kernel
 
     shape = shape_of(x)
     m, rest = shape[0], [as_int(d) for d in shape[1:]]
     if act == "float":
         return [x]
     if act == "int8":
-        prim = kernels.quantize_rows_int8(tuple(rest), kernel_target())
-        out = emit_kernel(
+        prim = kernels.quantize_rows_int8(tuple(rest), target)
+        out = emit(
             bb,
             prim,
             "bitc_quantize_int8",
@@ -66,18 +53,13 @@ def quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: tuple)
         return [bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))]
     if nchw is None:
         (k,) = rest
-        prim = kernels.pack_sign_rows(k, kernel_target())
-        return [emit_kernel(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
+        prim = kernels.pack_sign_rows(k, target)
+        return [emit(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
     c, h, w, groups = nchw
-    packed = _packed_by_producer(bb, x, nchw)
-    if packed is not None:
-        return [packed]
-    prim = kernels.pack_sign_nchw(c, h, w, groups, kernel_target())
-    return [
-        emit_kernel(
-            bb, prim, "bitc_pack_sign_nchw", [x], relax.TensorType((m, h, w, groups, words[0]), "int32")
-        )
-    ]
+    prim = kernels.pack_sign_nchw(c, h, w, groups, target)
+    out = relax.TensorType((m, h, w, groups, words[0]), "int32")
+    about = {"op": "pack_sign_nchw", "groups": groups}
+    return [emit(bb, prim, "bitc_pack_sign_nchw", [x], out, about)]
 
 
 def _epilogue_args(env: dict, call: ops.BoundCall, bb: Any = None, cg: int = 0) -> list:
@@ -139,13 +121,9 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
     a: ops.BitLinearAttrs = call.attrs
-    x, planes = env[call.x], call.tensors["planes"]
+    planes = call.tensors["planes"]
     bits, n, kw = (as_int(d) for d in shape_of(env[planes]))
-    shape = shape_of(x)
-    lead = shape[:-1]
-    flat = len(lead) != 1  # a 1-D input (no batch) or several leading dimensions: one row each
-    rows = math.prod(lead) if flat else lead[0]
-    x2 = bb.emit(relax.op.reshape(x, (rows, a.k))) if flat else x
+    x2, lead, rows = as_rows(bb, env[call.x], a.k)
     spec = kernels.DenseSpec.from_attrs(a, n, bits)
     name = f"bitc_dense_{a.act}_{a.code}{bits}_{a.k}x{n}" + ("_thr" if a.threshold else "")
     epilogue = _epilogue_args(env, call, bb, a.k)
@@ -165,7 +143,15 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
             quantized_input(bb, x2, a.act, None, (kw,)),
         )
     y = emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))
-    return bb.emit(relax.op.reshape(y, (*lead, n))) if flat else y
+    return from_rows(bb, y, lead, n)
+
+
+def conv_shapes(env: dict, call: ops.BoundCall) -> tuple[Any, int, int, int, Any, int, int]:
+    """A ``bit_conv2d`` call's input and its shapes: ``(x, bits, O, CWg, M, H, W)`` (M symbolic)."""
+    x = env[call.x]
+    bits, o, _, _, cwg = (as_int(d) for d in shape_of(env[call.tensors["planes"]]))
+    m, _, h, w = shape_of(x)
+    return x, bits, o, cwg, m, as_int(h), as_int(w)
 
 
 def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
@@ -176,10 +162,7 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
     a: ops.BitConv2dAttrs = call.attrs
-    x = env[call.x]
-    bits, o, _, _, cwg = (as_int(d) for d in shape_of(env[call.tensors["planes"]]))
-    m, _, h, w = shape_of(x)
-    h, w = as_int(h), as_int(w)
+    x, bits, o, cwg, m, h, w = conv_shapes(env, call)
     if a.act != "binary" and (*a.kernel, *a.padding, *a.dilation, a.groups) == (1, 1, 0, 0, 1, 1, 1):
         # a 1x1 conv (a classifier head, a pointwise or squeeze conv) is a dense layer over pixels:
         # its weight-order kernel, with the sample's activation scale on every pixel's row
@@ -198,17 +181,14 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
         kargs = inputs + _epilogue_args(env, call)
         kargs[len(inputs)] = relax.const(stored[0](spec, weights.numpy()))
         prim, name = kernels.stored_codes_conv_kernel(spec, kernel_target()), name + stored[2]
+        about = None
     else:
         kargs = inputs + _epilogue_args(env, call, bb, spec.cg)
         prim = kernels.conv2d_kernel(spec, kernel_target())
-    y = emit_kernel(bb, prim, name, kargs, relax.TensorType((m, o, spec.out_h, spec.out_w), "float32"))
-    from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
-
-    if packs_output(spec):
-        _remember(bb, _PACKABLE, y, (spec, name, kargs))
-    if fuses_residual(spec) and _only_feeds_add_then_hardtanh(node):
-        _remember(bb, _RESIDUAL, y, (spec, name, kargs))
-    return y
+        # the CPU's fusion passes may give it another epilogue (backends/cpu/fusions.py)
+        about = {"op": "bit_conv2d", "name": name, "spec": dataclasses.asdict(spec)}
+    out = relax.TensorType((m, o, spec.out_h, spec.out_w), "float32")
+    return emit_kernel(bb, prim, name, kargs, out, about)
 
 
 def _conv_as_dense(bb: Any, env: dict, call: ops.BoundCall, x: Any, geometry: tuple) -> Any | None:
@@ -256,56 +236,3 @@ def _conv_as_dense(bb: Any, env: dict, call: ops.BoundCall, x: Any, geometry: tu
     if oh * ow == 1:
         return bb.emit(relax.op.reshape(y, (m, o, 1, 1)))
     return bb.emit(relax.op.permute_dims(relax.op.reshape(y, (m, oh, ow, o)), [0, 3, 1, 2]))
-
-
-def _remember(bb: Any, registry: str, var: Any, entry: tuple) -> None:
-    if not hasattr(bb, registry):
-        setattr(bb, registry, [])
-    getattr(bb, registry).append((var, entry))
-
-
-def _recall(bb: Any, registry: str, var: Any) -> tuple | None:
-    return next((e for v, e in getattr(bb, registry, []) if v.same_as(var)), None)
-
-
-# affine binary convs whose only use is ``hardtanh(conv + residual)`` (a ResNet block's end)
-_RESIDUAL = "_bitc_residual"
-
-
-def _only_feeds_add_then_hardtanh(node: fx.Node) -> bool:
-    users = list(node.users)
-    if len(users) != 1 or "add" not in str(users[0].target):
-        return False
-    after = list(users[0].users)
-    return len(after) == 1 and "hardtanh" in str(after[0].target)
-
-
-def convert_hardtanh(node: fx.Node, importer: Any) -> Any:
-    """``hardtanh(conv + residual)`` of a binary conv: one conv kernel with the add and the clamp
-    in its epilogue (the unfused conv and add are left unused and dead-code elimination drops
-    them); any other hardtanh: ``clip``, as the frontend converts it."""
-    import tvm
-    from tvm import relax
-
-    from bitcompiler import kernels
-
-    bb = importer.block_builder
-    x = importer.env[node.args[0]]
-    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
-    if isinstance(bound, relax.Call) and bound.op.same_as(tvm.ir.Op.get("relax.add")):
-        for conv, res in (bound.args, bound.args[::-1]):
-            entry = _recall(bb, _RESIDUAL, conv)
-            if entry is None or [as_int(d) for d in shape_of(res)[1:]] != [
-                as_int(d) for d in shape_of(conv)[1:]
-            ]:
-                continue
-            spec, name, kargs = entry
-            if res.ty.dtype != "float32" or str(shape_of(res)[0]) != str(shape_of(conv)[0]):
-                continue
-            prim = kernels.conv2d_kernel(spec, kernel_target(), residual_clip=(float(lo), float(hi)))  # type: ignore[arg-type]
-            return emit_kernel(
-                bb, prim, f"{name}_res", [*kargs, res], relax.TensorType(shape_of(conv), "float32")
-            )
-    return bb.emit(relax.op.clip(x, lo, hi))

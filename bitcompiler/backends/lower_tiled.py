@@ -5,12 +5,12 @@ Part of the CPU lowering (:mod:`bitcompiler.backends.lower` lists the converters
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import fx
 
 from bitcompiler import ops
+from bitcompiler.backends import relax_emit
 from bitcompiler.backends.lower_bit import quantized_input
 from bitcompiler.backends.relax_emit import as_int, constant_of, emit_kernel, kernel_target, shape_of
 
@@ -28,11 +28,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     a: ops.TiledLinearAttrs = call.attrs
     x, t = env[call.x], {name: env[v] for name, v in call.tensors.items()}
     spec = kernels.TiledDenseSpec.from_attrs(a, as_int(shape_of(t["scale"])[0]))
-    shape = shape_of(x)
-    lead = shape[:-1]
-    flat = len(lead) != 1  # a 1-D input (no batch) or several leading dimensions: one row each
-    rows = math.prod(lead) if flat else lead[0]
-    x2 = bb.emit(relax.op.reshape(x, (rows, a.k))) if flat else x
+    x2, lead, rows = relax_emit.as_rows(bb, x, a.k)
     epi = [t["thr_sign"], t["thr"]] if a.threshold else [t["scale"], t["bias"]]
     out_ty = relax.TensorType((rows, a.n), "float32")
     name = f"bitc_tiled_{a.act}_{a.k}x{a.n}_p{a.p}" + ("_thr" if a.threshold else "")
@@ -44,7 +40,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
         y = emit_kernel(
             bb, relaid.func, f"{name}_{relaid.suffix}", [x2, relax.const(relaid.weights), *epi], out_ty
         )
-        return bb.emit(relax.op.reshape(y, (*lead, a.n))) if len(lead) > 1 else y
+        return relax_emit.from_rows(bb, y, lead, a.n)
     inputs = quantized_input(bb, x2, a.act, None, (-(-a.k // 32),))
     if (fused := kernels.tiled_fused_kernel(spec, kernel_target())) is not None:
         y = emit_kernel(bb, fused, name, [*inputs, t["tile"], *epi], out_ty)
@@ -54,7 +50,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     else:
         prim = kernels.tiled_unaligned_kernel(spec, kernel_target())
         y = emit_kernel(bb, prim, name, [*inputs, t["tile"], *epi], out_ty)
-    return bb.emit(relax.op.reshape(y, (*lead, a.n))) if len(lead) > 1 else y
+    return relax_emit.from_rows(bb, y, lead, a.n)
 
 
 def convert_tiled_conv2d(

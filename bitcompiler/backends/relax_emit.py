@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +25,58 @@ def as_int(v: Any) -> int:
     return int(v)
 
 
-def emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
+def as_rows(bb: Any, x: Any, k: int) -> tuple[Any, list, Any]:
+    """``x (..., K)`` as a matrix of rows ``(R, K)``, for a dense kernel: ``(rows, leading shape,
+    R)``; a 1-D input (no batch) or several leading dimensions are reshaped, one row each."""
     from tvm import relax
 
-    # opaque: never fused with neighbours; scheduled: dlight leaves it alone; the symbol comes from the name
-    prim = prim.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
-    gv = bb.add_func(prim, name)
+    lead = shape_of(x)[:-1]
+    if len(lead) == 1:
+        return x, lead, lead[0]
+    rows = math.prod(lead)
+    return bb.emit(relax.op.reshape(x, (rows, k))), lead, rows
+
+
+def from_rows(bb: Any, y: Any, lead: list, n: int) -> Any:
+    """The rows ``y (R, N)`` of :func:`as_rows` back in the input's leading shape ``(..., N)``."""
+    from tvm import relax
+
+    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n)))
+
+
+# the PrimFunc attribute that tells the CPU's fusion passes (:mod:`bitcompiler.backends.cpu.fusions`)
+# what a kernel computes: a JSON object, ``{"op": "bit_conv2d", "name": ..., "spec": {...}}`` or
+# ``{"op": "pack_sign_nchw", "groups": g}``
+KERNEL_ATTR = "bitc_kernel"
+
+
+def kernel_func(prim: Any, about: dict | None = None, scheduled: bool = True) -> Any:
+    """``prim`` as a Relax module holds a bitc kernel: opaque (never fused with neighbours), its
+    symbol taken from its name, ``scheduled`` (dlight leaves it alone; a GPU lowering leaves it
+    to its GPU schedules); ``about`` (JSON-able) describes it for the fusion passes
+    (:data:`KERNEL_ATTR`)."""
+    prim = prim.with_attr("op_pattern", 8).without_attr("global_symbol")
+    if scheduled:
+        prim = prim.with_attr("tirx.is_scheduled", True)
+    return prim if about is None else prim.with_attr(KERNEL_ATTR, json.dumps(about, sort_keys=True))
+
+
+def kernel_about(func: Any) -> dict | None:
+    """What :func:`kernel_func` recorded about a kernel, or None."""
+    attrs = getattr(func, "attrs", None)
+    if attrs is None or KERNEL_ATTR not in attrs:
+        return None
+    return json.loads(str(attrs[KERNEL_ATTR]))
+
+
+def emit_kernel(
+    bb: Any, prim: Any, name: str, args: list, out_ty: Any, about: dict | None = None, scheduled: bool = True
+) -> Any:
+    """``call_tir`` of the kernel ``prim`` (added to ``bb``'s module as ``name``, see
+    :func:`kernel_func`) on ``args``."""
+    from tvm import relax
+
+    gv = bb.add_func(kernel_func(prim, about, scheduled), name)
     return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import tvm
 from tvm import te, tirx
 
 WORD_DTYPE = "int32"
+_Builder = TypeVar("_Builder", bound=Callable[..., Any])
 
 
 def i64(v: int) -> tirx.IntImm:
@@ -27,6 +30,36 @@ def shape64(*dims: Any) -> tuple:
 def batch_var() -> tirx.Var:
     """The symbolic batch ``M`` every kernel takes (int64)."""
     return te.var("M", "int64")
+
+
+def threshold_output(M: Any, N: int, acc_of: Any) -> tuple[list, te.Tensor]:
+    """The threshold epilogue: ``TS, TH int32 (N,)`` and ``Y f32 (M, N)``, +1 where
+    ``TS[n]·acc_of(m, n) >= TH[n]`` (in int64) and -1 elsewhere."""
+    TS = te.placeholder(shape64(N), "int32", "TS")
+    TH = te.placeholder(shape64(N), "int32", "TH")
+    Y = te.compute(
+        shape64(M, N),
+        lambda m, n: tirx.Select(
+            TS[n].astype("int64") * acc_of(m, n).astype("int64") >= TH[n].astype("int64"),
+            tirx.const(1.0, "float32"),
+            tirx.const(-1.0, "float32"),
+        ),
+        name="Y",
+    )
+    return [TS, TH], Y
+
+
+def built_once(builder: _Builder) -> _Builder:
+    """``builder(spec, target, ...)`` built once per arguments where ``target`` is a string (a
+    kernel is a pure function of its arguments, and ResNet-18 has 3 to 4 convolutions of each
+    shape); a ``Target`` or dict target builds anew."""
+    cached = functools.lru_cache(maxsize=256)(builder)
+
+    @functools.wraps(builder)
+    def build(spec: Any, target: Any = "llvm", *args: Any, **kwargs: Any) -> Any:
+        return (cached if isinstance(target, str) else builder)(spec, target, *args, **kwargs)
+
+    return cast("_Builder", build)
 
 
 def target_kind(target: Any) -> str:
@@ -53,22 +86,6 @@ def as_tvm_target(target: Any) -> Any:
 
 def as_i32(e: tirx.PrimExpr) -> tirx.PrimExpr:
     return e.astype("int32")
-
-
-def threshold_output(m: Any, n: int, acc_of: Any) -> tuple[list, te.Tensor]:
-    """``([TS, TH], Y)``: ``Y (m, n) = +1 if TS[j] * acc_of(i, j) >= TH[j] else -1`` (int64, exact)."""
-    ts = te.placeholder(shape64(n), "int32", "TS")
-    th = te.placeholder(shape64(n), "int32", "TH")
-    y = te.compute(
-        shape64(m, n),
-        lambda a, b: tirx.Select(
-            ts[b].astype("int64") * acc_of(a, b).astype("int64") >= th[b].astype("int64"),
-            tirx.const(1.0, "float32"),
-            tirx.const(-1.0, "float32"),
-        ),
-        name="Y",
-    )
-    return [ts, th], y
 
 
 def or_reducer() -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels import conv_int8
-from bitcompiler.kernels._common import as_i32, batch_var, i64, shape64, target_kind
+from bitcompiler.kernels._common import as_i32, batch_var, built_once, i64, shape64, target_kind
 from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
 from bitcompiler.kernels.dense_avx2 import avx2_target
 from bitcompiler.kernels.spec import ConvSpec
@@ -247,20 +247,8 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+@built_once
 def conv2d_kernel(
-    spec: ConvSpec,
-    target: str | dict | Any = "llvm",
-    packed_output: bool = False,
-    residual_clip: tuple[float, float] | None = None,
-) -> tirx.PrimFunc:
-    """See :func:`_conv2d_kernel`; built once per spec and target string (ResNet-18 has 3 to 4
-    convolutions of each shape), as every kernel here is a pure function of its arguments."""
-    if isinstance(target, str):
-        return _cached_conv2d_kernel(spec, target, packed_output, residual_clip)
-    return _conv2d_kernel(spec, target, packed_output, residual_clip)
-
-
-def _conv2d_kernel(
     spec: ConvSpec,
     target: str | dict | Any = "llvm",
     packed_output: bool = False,
@@ -330,10 +318,6 @@ def codes_from_planes(planes: Any, cg: int) -> Any:
 
     q = planes_to_code(torch.as_tensor(np.asarray(planes, dtype=np.int32)), cg, "uint")
     return q.numpy().astype(np.uint8)
-
-
-# kernels are pure functions of their arguments: build each once per spec and target string
-_cached_conv2d_kernel = functools.lru_cache(maxsize=256)(_conv2d_kernel)
 
 
 @functools.lru_cache(maxsize=256)

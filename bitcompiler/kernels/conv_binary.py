@@ -27,7 +27,7 @@ CPU schedule, ``act="binary"`` with pm1 weights (``binary_pm1_func``, written di
   ``PCK[r, kw]`` (per column) and a per-(block, row) ``RC``. Pixel vectors whose taps are all
   inside the image horizontally (most of them) skip the per-column selects: one subtract and
   shift per output. The threshold is ``sign(TS)·acc >= TH`` with one multiply.
-* Two epilogue variants the CPU lowering (``backends/lower_bit.py``) picks from the graph: a
+* Two epilogue variants the CPU fusion passes (``backends/cpu/fusions.py``) pick from the graph: a
   threshold layer feeding only binary layers writes their **packed input** directly (one byte =
   the 8 channels of a block, ``packed=True``; it replaces the float +-1 output and the packing
   kernel), and an affine layer whose only use is ``hardtanh(conv + residual)`` adds the

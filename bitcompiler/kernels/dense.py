@@ -49,6 +49,7 @@ from bitcompiler.kernels._common import (
     largest_divisor,
     shape64,
     target_kind,
+    threshold_output,
 )
 from bitcompiler.kernels.dense_binary import (
     binary_bytes_func,
@@ -126,18 +127,7 @@ def _unpacked_func(spec: DenseSpec) -> tirx.PrimFunc:
         return a * tirx.const(2, acc_t) - sumx[m] if pm1 else a
 
     if spec.threshold:
-        TS = te.placeholder(shape64(N), "int32", "TS")
-        TH = te.placeholder(shape64(N), "int32", "TH")
-        epi = [TS, TH]
-        Y = te.compute(
-            shape64(M, N),
-            lambda m, n: tirx.Select(
-                TS[n].astype("int64") * acc_of(m, n).astype("int64") >= TH[n].astype("int64"),
-                tirx.const(1.0, F32),
-                tirx.const(-1.0, F32),
-            ),
-            name="Y",
-        )
+        epi, Y = threshold_output(M, N, acc_of)
     else:
         SC = te.placeholder(shape64(N), F32, "SC")
         OF = te.placeholder(shape64(N), F32, "OF")

@@ -124,6 +124,19 @@ def lanes_func(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFu
         for r in T.vectorized(ROWS):
             S[a * ROWS + r] = S[a * ROWS + r] ^ S[U * ROWS + r]
 
+    @T.macro
+    def csa8(S, PT, XB, g, m, ch, blk, first, carry):
+        """Inputs ``first .. first+7`` of block (ch, blk) added into the ones, twos and fours
+        slots, their carry out to slot ``carry`` (half of a 16-input Harley-Seal step; slot operands
+        are ``BLOCK + slot``, see ``val``)."""
+        csa(S, PT, XB, g, m, ch, blk, TA, ONES, first, first + 1)
+        csa(S, PT, XB, g, m, ch, blk, TB, ONES, first + 2, first + 3)
+        csa(S, PT, XB, g, m, ch, blk, FA, TWOS, BLOCK + TA, BLOCK + TB)
+        csa(S, PT, XB, g, m, ch, blk, TA, ONES, first + 4, first + 5)
+        csa(S, PT, XB, g, m, ch, blk, TB, ONES, first + 6, first + 7)
+        csa(S, PT, XB, g, m, ch, blk, FB, TWOS, BLOCK + TA, BLOCK + TB)
+        csa(S, PT, XB, g, m, ch, blk, carry, FOURS, BLOCK + FA, BLOCK + FB)
+
     def acc_of(S, C, r):
         """``K - 2 * count`` of lane r from the carry-save state (Horner over 16, 8, 4, 2, 1)."""
         count = C[r]
@@ -155,20 +168,8 @@ def lanes_func(spec: DenseSpec, expand: int = 1, scales: int = 0) -> tirx.PrimFu
                 for r in T.vectorized(ROWS):
                     S[C16 * ROWS + r] = T.uint8(0)
                 for blk in range(chunk):
-                    csa(S, PT, XB, vg, vm, ch, blk, TA, ONES, 0, 1)
-                    csa(S, PT, XB, vg, vm, ch, blk, TB, ONES, 2, 3)
-                    csa(S, PT, XB, vg, vm, ch, blk, FA, TWOS, t + TA, t + TB)
-                    csa(S, PT, XB, vg, vm, ch, blk, TA, ONES, 4, 5)
-                    csa(S, PT, XB, vg, vm, ch, blk, TB, ONES, 6, 7)
-                    csa(S, PT, XB, vg, vm, ch, blk, FB, TWOS, t + TA, t + TB)
-                    csa(S, PT, XB, vg, vm, ch, blk, EA, FOURS, t + FA, t + FB)
-                    csa(S, PT, XB, vg, vm, ch, blk, TA, ONES, 8, 9)
-                    csa(S, PT, XB, vg, vm, ch, blk, TB, ONES, 10, 11)
-                    csa(S, PT, XB, vg, vm, ch, blk, FA, TWOS, t + TA, t + TB)
-                    csa(S, PT, XB, vg, vm, ch, blk, TA, ONES, 12, 13)
-                    csa(S, PT, XB, vg, vm, ch, blk, TB, ONES, 14, 15)
-                    csa(S, PT, XB, vg, vm, ch, blk, FB, TWOS, t + TA, t + TB)
-                    csa(S, PT, XB, vg, vm, ch, blk, EB, FOURS, t + FA, t + FB)
+                    csa8(S, PT, XB, vg, vm, ch, blk, 0, EA)
+                    csa8(S, PT, XB, vg, vm, ch, blk, 8, EB)
                     csa(S, PT, XB, vg, vm, ch, blk, SIX, EIGHTS, t + EA, t + EB)
                     for r in T.vectorized(ROWS):
                         S[C16 * ROWS + r] = S[C16 * ROWS + r] + T.popcount(S[SIX * ROWS + r])

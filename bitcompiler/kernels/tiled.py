@@ -329,13 +329,15 @@ class TiledStages:
     stage2: Stage
 
 
-def _stages(act: str, threshold: bool, rows: int, first: tuple, second: tuple) -> TiledStages:
-    int8 = act == "int8"
+def _stages(spec: Any, first: tuple, second: tuple) -> TiledStages:
+    """The stages of the tiled layer ``spec`` (a :class:`TiledDenseSpec` or :class:`TiledConvSpec`):
+    ``first``, ``second``: (build, workload) of its row kernel and its expand kernel."""
+    int8 = spec.act == "int8"
     acts = ("x0", "unit_xs") if int8 else ("x0",)  # the row kernel's int8 scale is 1
-    xs = ("x1",) if int8 and not threshold else ()
-    epi = ("thr_sign", "thr") if threshold else ("scale", "bias")
+    xs = ("x1",) if int8 and not spec.threshold else ()
+    epi = ("thr_sign", "thr") if spec.threshold else ("scale", "bias")
     return TiledStages(
-        rows,
+        spec.rows,
         Stage(first[0], first[1], (*acts, "tile", "one", "zero", "zero"), "rows", "_rows"),
         Stage(second[0], second[1], ("rows", *xs, *epi), "y", "_expand"),
     )
@@ -346,23 +348,13 @@ def tiled_linear_stages(spec: TiledDenseSpec, target: str | dict | Any = "llvm")
     from bitcompiler.kernels.dense import dense_kernel
 
     rows = spec.rows_spec()
-    return _stages(
-        spec.act,
-        spec.threshold,
-        spec.rows,
-        (lambda: dense_kernel(rows, target), ("dense", rows)),
-        (lambda: tiled_expand_kernel(spec, target), ("tiled_expand", spec)),
-    )
+    first = (lambda: dense_kernel(rows, target), ("dense", rows))
+    return _stages(spec, first, (lambda: tiled_expand_kernel(spec, target), ("tiled_expand", spec)))
 
 
 def tiled_conv_stages(rows: ConvSpec, spec: TiledConvSpec, target: str | dict | Any = "llvm") -> TiledStages:
     """The two kernels of a ``bitc::tiled_conv2d`` (see :class:`TiledStages`)."""
     from bitcompiler.kernels.conv import conv2d_kernel
 
-    return _stages(
-        spec.act,
-        spec.threshold,
-        spec.rows,
-        (lambda: conv2d_kernel(rows, target), ("conv", rows)),
-        (lambda: tiled_conv_expand_kernel(spec, target), ("tiled_conv_expand", spec)),
-    )
+    first = (lambda: conv2d_kernel(rows, target), ("conv", rows))
+    return _stages(spec, first, (lambda: tiled_conv_expand_kernel(spec, target), ("tiled_conv_expand", spec)))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bitcompiler.quant import numerics
-from bitcompiler.quant.modules import WeightCodes, register_weight_quantizer, straight_through
+from bitcompiler.quant.modules import WeightCodes, affine_codes, register_weight_quantizer, straight_through
 
 MODES = ("quantized", "float")
 
@@ -98,9 +98,7 @@ class BitNetWeight(nn.Module):
         self.steps += 1
 
     def codes(self, w: torch.Tensor) -> WeightCodes:
-        q, alpha, delta = numerics.affine_weight(w, self.bits)
-        n = w.shape[0]
-        return WeightCodes(q, "uint", self.bits, delta.expand(n).clone(), alpha.expand(n).clone(), n_floats=2)
+        return affine_codes(w, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits} in [{self.min_bits}, {self.max_bits}], mode={self.mode}"

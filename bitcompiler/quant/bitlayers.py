@@ -14,7 +14,7 @@ from torch import nn
 
 from bitcompiler import ops
 from bitcompiler.quant import numerics
-from bitcompiler.quant.modules import QuantConv2d, QuantLinear, WeightCodes
+from bitcompiler.quant.modules import ConvGeometry, QuantConv2d, QuantLinear, WeightCodes
 
 
 class _BitLayer(nn.Module):
@@ -113,24 +113,12 @@ class BitLinear(_BitLayer):
         return y.reshape(*lead, self.out_features)
 
 
-class BitConv2d(_BitLayer):
+class BitConv2d(ConvGeometry, _BitLayer):
     op = "conv2d"
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
 
     def __init__(self, conv: QuantConv2d, c: WeightCodes, label: str) -> None:
         super().__init__()
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(
-                self,
-                name,
-                tuple(getattr(conv, name)) if isinstance(getattr(conv, name), tuple) else getattr(conv, name),
-            )
+        self.copy_geometry(conv)
         self._init_bits(c, conv.bias, conv.act, label)
 
     def pack(self) -> None:

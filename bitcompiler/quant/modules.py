@@ -62,6 +62,14 @@ class BinaryWeight(nn.Module):
         return WeightCodes(q, "pm1", 1, alpha, torch.zeros_like(alpha), n_floats=w.shape[0])
 
 
+def affine_codes(w: torch.Tensor, bits: int) -> WeightCodes:
+    """``w``'s ``bits``-bit unsigned codes with one scale and offset for all rows
+    (``numerics.affine_weight``), as every row's."""
+    q, alpha, delta = numerics.affine_weight(w, bits)
+    n = w.shape[0]
+    return WeightCodes(q, "uint", bits, delta.expand(n).clone(), alpha.expand(n).clone(), n_floats=2)
+
+
 class AffineWeight(nn.Module):
     """BitNet's per-layer affine ``W ≈ α + δ·Q`` with B-bit Q (docs/methods.md §1), straight-through round."""
 
@@ -74,9 +82,7 @@ class AffineWeight(nn.Module):
         return straight_through(w, numerics.dequantize(c.q, c.scale, c.offset))
 
     def codes(self, w: torch.Tensor) -> WeightCodes:
-        q, alpha, delta = numerics.affine_weight(w, self.bits)
-        n = w.shape[0]
-        return WeightCodes(q, "uint", self.bits, delta.expand(n).clone(), alpha.expand(n).clone(), n_floats=2)
+        return affine_codes(w, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -157,8 +163,8 @@ class QuantLinear(_QuantLayer):
         return self._post(F.linear(self.aq(x), self.wq(self.weight), self.bias))
 
 
-class QuantConv2d(_QuantLayer):
-    """``nn.Conv2d`` (zero padding) with quantized weights and activations (trainable)."""
+class ConvGeometry:
+    """A conv layer's channels and window, named as ``nn.Conv2d`` names them."""
 
     in_channels: int
     out_channels: int
@@ -168,10 +174,19 @@ class QuantConv2d(_QuantLayer):
     dilation: tuple[int, int]
     groups: int
 
+    def copy_geometry(self, conv: Any) -> None:
+        """Take ``conv``'s channels and window (an ``nn.Conv2d``, or another ConvGeometry)."""
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            value = getattr(conv, name)
+            setattr(self, name, tuple(value) if isinstance(value, tuple) else value)
+
+
+class QuantConv2d(ConvGeometry, _QuantLayer):
+    """``nn.Conv2d`` (zero padding) with quantized weights and activations (trainable)."""
+
     def __init__(self, conv: nn.Conv2d, wq: nn.Module, act: str, label: str) -> None:
         super().__init__()
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(self, name, getattr(conv, name))
+        self.copy_geometry(conv)
         self.weight = nn.Parameter(conv.weight.detach().clone())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
         self._init_quant(wq, act, label)

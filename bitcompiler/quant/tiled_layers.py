@@ -26,7 +26,27 @@ def why_untiled(numel: int, p: int, min_weights: int) -> str | None:
     return None
 
 
-class TiledBitLinear(nn.Module):
+class _TiledLayer(nn.Module):
+    """What both tiled layers store (:func:`_keep_tile_and_epilogue`) and how they call their op."""
+
+    tile: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+    thr_sign: torch.Tensor
+    thr: torch.Tensor
+    n_floats: int
+
+    def attrs(self) -> ops.TiledLinearAttrs | ops.TiledConv2dAttrs:
+        raise NotImplementedError
+
+    def op_tensors(self) -> dict[str, torch.Tensor]:
+        return {t: getattr(self, t) for t in self.attrs().TENSORS}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attrs().call(x, self.op_tensors())
+
+
+class TiledBitLinear(_TiledLayer):
     """Inference dense layer storing one packed tile and p (or, after a merged affine, N) scales.
 
     ``tile``: int32 words (``(1, R, KW)`` planes if row-aligned, else ``(⌈q/32⌉,)``); ``scale``:
@@ -34,12 +54,6 @@ class TiledBitLinear(nn.Module):
     """
 
     op = "tiled_linear"
-    tile: torch.Tensor
-    scale: torch.Tensor
-    bias: torch.Tensor
-    thr_sign: torch.Tensor
-    thr: torch.Tensor
-    n_floats: int
 
     def __init__(self, bit: BitLinear, p: int) -> None:
         super().__init__()
@@ -68,12 +82,6 @@ class TiledBitLinear(nn.Module):
         """The ``bitc::tiled_linear`` attributes of this layer."""
         return ops.TiledLinearAttrs(self.in_features, self.out_features, self.p, self.act, self.threshold)
 
-    def op_tensors(self) -> dict[str, torch.Tensor]:
-        return {t: getattr(self, t) for t in ops.TiledLinearAttrs.TENSORS}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attrs().call(x, self.op_tensors())
-
     def extra_repr(self) -> str:
         kind = f"row-aligned, R={self.out_features // self.p}" if self.row_aligned else "unaligned"
         return (
@@ -82,7 +90,7 @@ class TiledBitLinear(nn.Module):
         )
 
 
-class TiledBitConv2d(nn.Module):
+class TiledBitConv2d(_TiledLayer):
     """Inference conv layer (groups 1) storing one row-aligned tile: R = O/p filters, p (or O) scales.
 
     ``tile``: int32 planes ``(1, R, KH, KW, CW)`` (the conv kernels' layout); output channel ``o``
@@ -90,12 +98,6 @@ class TiledBitConv2d(nn.Module):
     """
 
     op = "tiled_conv2d"
-    tile: torch.Tensor
-    scale: torch.Tensor
-    bias: torch.Tensor
-    thr_sign: torch.Tensor
-    thr: torch.Tensor
-    n_floats: int
 
     def __init__(self, bit: BitConv2d, p: int) -> None:
         super().__init__()
@@ -137,12 +139,6 @@ class TiledBitConv2d(nn.Module):
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.p, self.act, self.threshold,
         )  # fmt: skip
-
-    def op_tensors(self) -> dict[str, torch.Tensor]:
-        return {t: getattr(self, t) for t in ops.TiledConv2dAttrs.TENSORS}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attrs().call(x, self.op_tensors())
 
     def extra_repr(self) -> str:
         return (

@@ -11,41 +11,32 @@ from pathlib import Path
 from bitcompiler.backends.aarch64 import dense, neon
 from bitcompiler.backends.aarch64.cores import Core
 from bitcompiler.backends.cortex_m.bundle import MODEL_FILES, kernels_h, model_c, model_h, weights_c
+from bitcompiler.backends.cortex_m.host import HOST_MAIN_C
 from bitcompiler.backends.cortex_m.kernel_c import generate_c
 from bitcompiler.backends.cortex_m.program import Program
 
 HARNESS_FILES = ["main.c", "Makefile", "README.md"]
 CFLAGS = "-O3 -std=gnu99 -ffp-contract=off -Wall -Wno-unused-variable -Wno-unused-function"
 
-MAIN_C = """\
-/* Linux harness: BITC_INPUT_SIZE float32 from argv[1], BITC_OUTPUT_SIZE float32 to argv[2].
-   The instruction counter counts what runs between the first execution of each marker. */
-#include <stdio.h>
-#include "model.h"
-
-static float input[BITC_INPUT_SIZE];
-static float output[BITC_OUTPUT_SIZE];
-
+_MARKERS = """\
+/* The instruction counter counts what runs between the first execution of each marker. */
 __attribute__((noinline)) void bitc_marker_begin(void) { __asm volatile("nop"); }
 __attribute__((noinline)) void bitc_marker_end(void) { __asm volatile("nop"); }
 
-int main(int argc, char **argv) {
-  if (argc != 3) {
-    fprintf(stderr, "usage: %s in.bin out.bin\\n", argv[0]);
-    return 2;
-  }
-  FILE *f = fopen(argv[1], "rb");
-  if (!f || fread(input, sizeof input, 1, f) != 1) return 2;
-  fclose(f);
-  bitc_marker_begin();
-  int rc = bitc_run(input, output);
-  bitc_marker_end();
-  f = fopen(argv[2], "wb");
-  if (!f || fwrite(output, sizeof output, 1, f) != 1) return 3;
-  fclose(f);
-  return rc;
-}
 """
+_RUN = "  int rc = bitc_run(input, output);\n"
+
+
+def linux_main(host_main: str) -> str:
+    """The Linux harness: the Cortex-M bundle's host harness (``BITC_INPUT_SIZE`` float32 from
+    argv[1], ``BITC_OUTPUT_SIZE`` float32 to argv[2]) with its run between two markers."""
+    if _RUN not in host_main or "int main(" not in host_main:
+        raise ValueError("the host harness has no `int main(` with a bitc_run call to mark")
+    marked = host_main.replace("int main(", _MARKERS + "int main(", 1)
+    return marked.replace(_RUN, "  bitc_marker_begin();\n" + _RUN + "  bitc_marker_end();\n", 1)
+
+
+MAIN_C = linux_main(HOST_MAIN_C)
 
 
 def makefile(core: Core) -> str:

@@ -104,66 +104,60 @@ static inline int32_t bitc_dot_s8(const int8_t *w, const int8_t *x, int32_t n) {
 """
 
 
-def dense_source(symbol: str, rows: int, k: int, n: int, shift: bool, threshold: bool) -> str:
-    """The C kernel: ``XQ (rows, K) int8, XS (rows,), W (N*K) int8, epilogue args, Y (rows, N)``."""
-    if threshold:
-        epi_params = "int32_t* TS, int32_t* TH"
-        out = "Y[m * %(n)d + j] = ((int64_t)TS[j] * acc >= (int64_t)TH[j]) ? 1.0f : -1.0f;"
-    else:
-        epi_params = "float* SC, float* OF, float* BI"
-        out = "Y[m * %(n)d + j] = (((SC[j] * XS[m]) * (float)acc) + ((OF[j] * XS[m]) * (float)sumx)) + BI[j];"
-    fix = "acc += 128 * sumx; /* codes stored as Q - 128 */" if shift else ""
+def _rows_kernel(symbol: str, params: str, rows: int, k: int, n: int, x: tuple[str, str], body: tuple) -> str:
+    """A C kernel over ``rows`` rows of K inputs (``x``: their C type and buffer) and N outputs:
+    per row ``sumx``, the sum of its inputs, then per output ``acc = dot`` (``body``: the C type
+    of ``acc`` and ``sumx``, the dot product, a fix-up line, the output line)."""
+    ctype, buf = x
+    acc_t, dot, fix, out = body
+    zero = "0" if acc_t == "int32_t" else "0.0f"
     return f"""
-BITC_KERNEL void {symbol}(int8_t* XQ, float* XS, int8_t* W, {epi_params}, float* Y) {{
+BITC_KERNEL void {symbol}({params}, float* Y) {{
   for (int32_t m = 0; m < {rows}; ++m) {{
-    const int8_t *x = XQ + m * {k};
-    int32_t sumx = 0;
+    const {ctype} *x = {buf} + m * {k};
+    {acc_t} sumx = {zero};
     for (int32_t i = 0; i < {k}; ++i) sumx += x[i];
     for (int32_t j = 0; j < {n}; ++j) {{
-      int32_t acc = bitc_dot_s8(W + j * {k}, x, {k});
+      {acc_t} acc = {dot};
       {fix}
-      {out % {"n": n}}
+      Y[m * {n} + j] = {out};
     }}
   }}
 }}
 """
+
+
+def dense_source(symbol: str, rows: int, k: int, n: int, shift: bool, threshold: bool) -> str:
+    """The C kernel: ``XQ (rows, K) int8, XS (rows,), W (N*K) int8, epilogue args, Y (rows, N)``."""
+    if threshold:
+        epi_params = "int32_t* TS, int32_t* TH"
+        out = "((int64_t)TS[j] * acc >= (int64_t)TH[j]) ? 1.0f : -1.0f"
+    else:
+        epi_params = "float* SC, float* OF, float* BI"
+        out = "(((SC[j] * XS[m]) * (float)acc) + ((OF[j] * XS[m]) * (float)sumx)) + BI[j]"
+    fix = "acc += 128 * sumx; /* codes stored as Q - 128 */" if shift else ""
+    params = f"int8_t* XQ, float* XS, int8_t* W, {epi_params}"
+    body = ("int32_t", f"bitc_dot_s8(W + j * {k}, x, {k})", fix, out)
+    return _rows_kernel(symbol, params, rows, k, n, ("int8_t", "XQ"), body)
 
 
 def float_codes_source(symbol: str, rows: int, k: int, n: int, shift: bool) -> str:
     """The C kernel: ``X (rows, K) float, W (N*K) int8 codes, SC, OF, BI, Y (rows, N)``."""
     fix = "acc += 128.0f * sumx; /* codes stored as Q - 128 */" if shift else ""
-    return f"""
-BITC_KERNEL void {symbol}(float* X, int8_t* W, float* SC, float* OF, float* BI, float* Y) {{
-  for (int32_t m = 0; m < {rows}; ++m) {{
-    const float *x = X + m * {k};
-    float sumx = 0.0f;
-    for (int32_t i = 0; i < {k}; ++i) sumx += x[i];
-    for (int32_t j = 0; j < {n}; ++j) {{
-      float acc = bitc_dot_s8f(W + j * {k}, x, {k});
-      {fix}
-      Y[m * {n} + j] = ((SC[j] * acc) + (OF[j] * sumx)) + BI[j];
-    }}
-  }}
-}}
-"""
+    out = "((SC[j] * acc) + (OF[j] * sumx)) + BI[j]"
+    body = ("float", f"bitc_dot_s8f(W + j * {k}, x, {k})", fix, out)
+    return _rows_kernel(
+        symbol, "float* X, int8_t* W, float* SC, float* OF, float* BI", rows, k, n, ("float", "X"), body
+    )
 
 
 def float_pm1_source(symbol: str, rows: int, k: int, n: int) -> str:
     """The C kernel: ``X (rows, K) float, P (N, KW) packed signs, SC, OF, BI, Y (rows, N)``."""
     kw = (k + 31) // 32
-    return f"""
-BITC_KERNEL void {symbol}(float* X, int32_t* P, float* SC, float* OF, float* BI, float* Y) {{
-  for (int32_t m = 0; m < {rows}; ++m) {{
-    const float *x = X + m * {k};
-    float sumx = 0.0f;
-    for (int32_t i = 0; i < {k}; ++i) sumx += x[i];
-    for (int32_t j = 0; j < {n}; ++j) {{
-      float acc = bitc_masked_sum(P + j * {kw}, x, {k});
-      Y[m * {n} + j] = (SC[j] * ((acc * 2.0f) - sumx)) + BI[j];
-    }}
-  }}
-}}
-"""
+    body = ("float", f"bitc_masked_sum(P + j * {kw}, x, {k})", "", "(SC[j] * ((acc * 2.0f) - sumx)) + BI[j]")
+    return _rows_kernel(
+        symbol, "float* X, int32_t* P, float* SC, float* OF, float* BI", rows, k, n, ("float", "X"), body
+    )
 
 
 class Builder(_Builder):

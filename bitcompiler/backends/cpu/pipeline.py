@@ -6,8 +6,9 @@ from typing import Any
 
 
 def relax_pipeline(target: Any) -> Any:
-    """TVM's CPU pipeline plus default schedules (dlight, and bitcompiler's element-wise rule) for the
-    float ops bitcompiler leaves to Relax.
+    """bitcompiler's fusions (:mod:`bitcompiler.backends.cpu.fusions`), then TVM's CPU pipeline
+    plus default schedules (dlight, and bitcompiler's element-wise rule) for the float ops
+    bitcompiler leaves to Relax.
 
     The bitc kernels are already scheduled and marked opaque, so fusion and
     dlight leave them as they are.
@@ -17,6 +18,7 @@ def relax_pipeline(target: Any) -> Any:
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
+    from bitcompiler.backends.cpu.fusions import fusion_passes
     from bitcompiler.backends.exact_float import no_contraction
     from bitcompiler.backends.fast_math import legalize_map
     from bitcompiler.backends.injective import Injective
@@ -25,9 +27,11 @@ def relax_pipeline(target: Any) -> Any:
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             passes = (
-                # one activation packing per tensor, however many bit layers read it; the float
-                # output of a threshold conv whose consumers read its packed variant goes
-                [relax.transform.EliminateCommonSubexpr(), relax.transform.DeadCodeElimination()]
+                # the CPU kernels' fused epilogues (packed outputs, residual + hardtanh)
+                fusion_passes(target)
+                # one activation packing per tensor, however many bit layers read it; the calls
+                # the fusions replaced go unless something else reads them
+                + [relax.transform.EliminateCommonSubexpr(), relax.transform.DeadCodeElimination()]
                 + cpu_generic.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
                 + cpu_generic.legalize_passes(target)

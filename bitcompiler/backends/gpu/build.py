@@ -294,26 +294,7 @@ def kernel_launches(
         nparams = len(kfunc.params)
         kargs, extents = list(call.args[1 : 1 + nparams]), list(call.args[1 + nparams :])
         tags = [str(t) for t in kfunc.attrs["tirx.kernel_launch_params"]]
-        launch: dict[str, Any] = {
-            "kernel": kname,
-            "grid": [1, 1, 1],
-            "block": [1, 1, 1],
-            "shared": 0,
-            "args": [],
-        }
-        for tag, ext in zip(tags, extents):
-            if not isinstance(ext, tirx.IntImm):
-                raise LoweringError(
-                    f"GPU plan: kernel {kname} has a launch size {ext} that is not a constant"
-                )
-            if tag.startswith("blockIdx."):
-                launch["grid"]["xyz".index(tag[-1])] = int(ext.value)
-            elif tag.startswith("threadIdx."):
-                launch["block"]["xyz".index(tag[-1])] = int(ext.value)
-            elif tag == "tirx.use_dyn_shared_memory":
-                launch["shared"] = int(ext.value)
-            else:
-                raise LoweringError(f"GPU plan: kernel {kname}: unknown launch parameter {tag}")
+        launch: dict[str, Any] = {"kernel": kname, **_launch_size(kname, tags, extents), "args": []}
         for a, p in zip(kargs, kfunc.params):
             if isinstance(a, tvm.ir.expr.Call) and str(a.op.name) == "tirx.buffer_data":
                 a = a.args[0]
@@ -327,6 +308,26 @@ def kernel_launches(
                 )
         launches.append(launch)
     return launches, workspaces
+
+
+def _launch_size(kname: str, tags: list[str], extents: list) -> dict[str, Any]:
+    """The grid, block and dynamic shared memory of one launch of kernel ``kname``, from its
+    launch parameters' tags and extents."""
+    from tvm import tirx
+
+    launch: dict[str, Any] = {"grid": [1, 1, 1], "block": [1, 1, 1], "shared": 0}
+    for tag, ext in zip(tags, extents):
+        if not isinstance(ext, tirx.IntImm):
+            raise LoweringError(f"GPU plan: kernel {kname} has a launch size {ext} that is not a constant")
+        if tag.startswith("blockIdx."):
+            launch["grid"]["xyz".index(tag[-1])] = int(ext.value)
+        elif tag.startswith("threadIdx."):
+            launch["block"]["xyz".index(tag[-1])] = int(ext.value)
+        elif tag == "tirx.use_dyn_shared_memory":
+            launch["shared"] = int(ext.value)
+        else:
+            raise LoweringError(f"GPU plan: kernel {kname}: unknown launch parameter {tag}")
+    return launch
 
 
 def device_source(host: Any, device: Any, tvm_target: Any) -> str:

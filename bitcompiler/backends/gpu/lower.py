@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import math
+import functools
 from typing import Any
 
 import torch
@@ -18,7 +18,8 @@ from torch import fx
 
 from bitcompiler import ops
 from bitcompiler.backends import lower_pool, lower_tiled
-from bitcompiler.backends.relax_emit import constant_of, lowering, shape_of
+from bitcompiler.backends.lower_bit import conv_shapes, quantized_input
+from bitcompiler.backends.relax_emit import as_rows, constant_of, emit_kernel, from_rows, lowering, shape_of
 from bitcompiler.errors import LoweringError
 from bitcompiler.kernels.gpu import dp4a
 from bitcompiler.ops import conv_out_size
@@ -27,42 +28,12 @@ from bitcompiler.ops import conv_out_size
 _KIND: contextvars.ContextVar[str] = contextvars.ContextVar("bitc_gpu_kind", default="cuda")
 
 
-def _emit(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
-    """A call of ``prim``, kept opaque (never fused) and left unscheduled for the GPU schedules."""
-    from tvm import relax
-
-    prim = prim.with_attr("op_pattern", 8).without_attr("global_symbol")
-    gv = bb.add_func(prim, name)
-    return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
+# a call of a kernel kept opaque (never fused) and left unscheduled for the GPU schedules
+_emit = functools.partial(emit_kernel, scheduled=False)
 
 
 def _quantized_input(bb: Any, x: Any, act: str, nchw: tuple | None, words: int) -> list:
-    from tvm import relax
-
-    from bitcompiler import kernels
-
-    shape = shape_of(x)
-    m, rest = shape[0], [int(d) for d in shape[1:]]
-    if act == "float":
-        return [x]
-    if act == "int8":
-        prim = kernels.quantize_rows_int8(tuple(rest), _KIND.get())
-        out = _emit(
-            bb,
-            prim,
-            "bitc_quantize_int8",
-            [x],
-            [relax.TensorType(shape, "int8"), relax.TensorType((m,), "float32")],
-        )
-        return [bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))]
-    if nchw is None:
-        (k,) = rest
-        prim = kernels.pack_sign_rows(k, _KIND.get())
-        return [_emit(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words), "int32"))]
-    c, h, w, groups = nchw
-    prim = kernels.pack_sign_nchw(c, h, w, groups, _KIND.get())
-    ty = relax.TensorType((m, h, w, groups, words), "int32")
-    return [_emit(bb, prim, "bitc_pack_sign_nchw", [x], ty)]
+    return quantized_input(bb, x, act, nchw, (words,), _KIND.get(), _emit)
 
 
 def _epilogue(env: dict, call: ops.BoundCall) -> list:
@@ -81,10 +52,7 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     x = env[call.x]
     k, code, act, threshold = a.k, a.code, a.act, a.threshold
     bits, n, kw = (int(d) for d in shape_of(env[call.tensors["planes"]]))
-    lead = shape_of(x)[:-1]
-    flat = len(lead) != 1
-    rows = math.prod(lead) if flat else lead[0]
-    x2 = bb.emit(relax.op.reshape(x, (rows, k))) if flat else x
+    x2, lead, rows = as_rows(bb, x, k)
     spec = kernels.DenseSpec.from_attrs(a, n, bits)
     name = f"bitc_dense_{act}_{code}{bits}_{k}x{n}" + ("_thr" if threshold else "")
     inputs = _quantized_input(bb, x2, act, None, kw)
@@ -95,11 +63,11 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
         prim = w1a1_dense_func(spec)  # no word views: its GPU schedule stages rows in shared memory
     elif dp4a.dp4a_fits(spec) and planes is not None:
         y = _dp4a_dense(bb, spec, inputs, planes, _epilogue(env, call)[1:], name)
-        return bb.emit(relax.op.reshape(y, (*lead, n))) if flat else y
+        return from_rows(bb, y, lead, n)
     else:
         prim = kernels.dense_kernel(spec, _KIND.get())
     y = _emit(bb, prim, name, inputs + _epilogue(env, call), relax.TensorType((rows, n), "float32"))
-    return bb.emit(relax.op.reshape(y, (*lead, n))) if flat else y
+    return from_rows(bb, y, lead, n)
 
 
 def _dp4a_dense(bb: Any, spec: Any, inputs: list, planes: Any, epi: list, name: str) -> Any:
@@ -123,11 +91,8 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
     a: ops.BitConv2dAttrs = call.attrs
-    x = env[call.x]
+    x, bits, o, cwg, m, h, w = conv_shapes(env, call)
     c, kernel, act, threshold, code = a.in_channels, a.kernel, a.act, a.threshold, a.code
-    bits, o, _, _, cwg = (int(d) for d in shape_of(env[call.tensors["planes"]]))
-    m, _, h, w = shape_of(x)
-    h, w = int(h), int(w)
     inputs = _quantized_input(bb, x, act, (c, h, w, a.groups), cwg)
     spec = kernels.ConvSpec.from_attrs(a, o, h, w, bits)
     oh, ow = spec.out_h, spec.out_w
@@ -190,10 +155,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
     a: ops.TiledLinearAttrs = call.attrs
     x, t = env[call.x], {name: env[v] for name, v in call.tensors.items()}
     spec = kernels.TiledDenseSpec.from_attrs(a, int(shape_of(t["scale"])[0]))
-    lead = shape_of(x)[:-1]
-    flat = len(lead) != 1
-    rows = math.prod(lead) if flat else lead[0]
-    x2 = bb.emit(relax.op.reshape(x, (rows, a.k))) if flat else x
+    x2, lead, rows = as_rows(bb, x, a.k)
     name = f"bitc_tiled_{a.act}_{a.k}x{a.n}_p{a.p}" + ("_thr" if a.threshold else "")
     inputs = _quantized_input(bb, x2, a.act, None, -(-a.k // 32))
     if spec.aligned:
@@ -208,7 +170,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> Any:
         epi = [t["thr_sign"], t["thr"]] if a.threshold else [t["scale"], t["bias"]]
         prim = kernels.tiled_unaligned_kernel(spec, _KIND.get())
         y = _emit(bb, prim, name, [*inputs, t["tile"], *epi], relax.TensorType((rows, a.n), "float32"))
-    return bb.emit(relax.op.reshape(y, (*lead, a.n))) if flat else y
+    return from_rows(bb, y, lead, a.n)
 
 
 def convert_tiled_conv2d(node: fx.Node, importer: Any) -> Any:

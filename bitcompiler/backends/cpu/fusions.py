@@ -1,0 +1,199 @@
+"""The CPU backend's fusions: Relax passes over the lowered module, first in its Relax pipeline
+(:func:`bitcompiler.backends.cpu.pipeline.relax_pipeline`), so ``BITC_DUMP`` shows the module
+after each. They are target matters: only the CPU's binary conv kernel
+(:mod:`bitcompiler.kernels.conv_binary`) has these epilogues, and the results are the same numbers
+as the calls they replace.
+
+* :func:`fuse_packed_output`: ``pack_sign_nchw(conv(args))`` of a threshold binary conv
+  (:func:`~bitcompiler.kernels.conv_binary.packs_output`), packed for a groups-1 binary layer,
+  becomes ``conv_packed(args)``: the conv writes the next layer's packed input itself.
+* :func:`fuse_residual_clip`: ``clip(conv(args) + res, lo, hi)`` of an affine binary conv
+  (:func:`~bitcompiler.kernels.conv_binary.fuses_residual`) whose output and sum nothing else
+  reads (a ResNet block's end) becomes ``conv_res(args, res)``.
+
+The converters mark the calls these passes may rewrite (``relax_emit.kernel_func``'s ``about``);
+the replaced calls stay until ``DeadCodeElimination``, later in the pipeline, drops those nothing
+reads (a threshold conv's float output may still feed a float layer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from bitcompiler.backends.relax_emit import kernel_about, kernel_func
+
+# (a binding's value, its function's scope) -> the value to bind instead, or None
+Rewrite = Callable[[Any, "_Scope"], Any]
+
+
+class _Scope:
+    """What a rewrite reads about the function it is in, and how it adds a kernel to the module."""
+
+    def __init__(self, mod: Any, bb: Any, func: Any, target: Any) -> None:
+        from tvm import relax
+
+        self.mod, self.bb, self.target = mod, bb, str(target)
+        self.var2val = relax.analysis.get_var2val(func)
+        self.uses: dict[Any, int] = {}
+        for block in func.body.blocks:
+            if isinstance(block, relax.DataflowBlock):
+                for var, users in relax.analysis.udchain(block).items():
+                    self.uses[var] = len(users)
+
+    def only_use(self, var: Any) -> bool:
+        """``var`` is a dataflow variable read by exactly one binding."""
+        from tvm import relax
+
+        return isinstance(var, relax.DataflowVar) and self.uses.get(var, 0) == 1
+
+    def marked(self, value: Any) -> tuple[dict, Any] | None:
+        """``(about, value)`` when ``value`` is a ``call_tir`` of a marked kernel, else None."""
+        call = _call_tir(value)
+        if call is None or call.args[0] not in self.mod.functions:
+            return None
+        about = kernel_about(self.mod[call.args[0]])
+        return None if about is None else (about, call)
+
+    def producer(self, var: Any) -> tuple[dict, Any] | None:
+        """:meth:`marked` of the value ``var`` is bound to."""
+        return self.marked(self.var2val.get(var)) if _is_var(var) else None
+
+    def emit(self, prim: Any, name: str, args: list, out_ty: Any) -> Any:
+        """A normalized ``call_tir`` of ``prim``, added to the module as ``name``."""
+        from tvm import relax
+
+        gv = self.bb.add_func(kernel_func(prim), name)
+        return self.bb.normalize(relax.call_tir(gv, relax.Tuple(args), out_ty))
+
+
+def _is_var(expr: Any) -> bool:
+    from tvm import relax
+
+    return isinstance(expr, relax.Var)
+
+
+def _call_tir(expr: Any) -> Any | None:
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.call_tir")):
+        return expr
+    return None
+
+
+def _conv_spec(about: dict) -> Any:
+    from bitcompiler.kernels import ConvSpec
+
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in about["spec"].items()}
+    return ConvSpec(**fields)
+
+
+def _packed_output(value: Any, scope: _Scope) -> Any | None:
+    """``pack_sign_nchw(y)`` (groups 1) of a packable threshold conv's ``y``: that conv, packed."""
+    from bitcompiler import kernels
+    from bitcompiler.kernels.conv_binary import packs_output
+
+    pack = scope.marked(value)
+    if pack is None or pack[0] != {"op": "pack_sign_nchw", "groups": 1}:
+        return None
+    producer = scope.producer(value.args[1].fields[0])
+    if producer is None or producer[0]["op"] != "bit_conv2d":
+        return None
+    (about, conv), spec = producer, _conv_spec(producer[0])
+    if not packs_output(spec):
+        return None
+    prim = kernels.conv2d_kernel(spec, scope.target, packed_output=True)
+    return scope.emit(prim, f"{about['name']}_packed", list(conv.args[1].fields), value.ty)
+
+
+def _residual_clip(value: Any, scope: _Scope) -> Any | None:
+    """``clip(conv(args) + res, lo, hi)`` whose conv output and sum have no other reader:
+    the conv with the residual and clamp in its epilogue."""
+    import tvm_ffi
+
+    from bitcompiler import kernels
+    from bitcompiler.kernels.conv_binary import fuses_residual
+
+    if not _is_op(value, "relax.clip") or not scope.only_use(value.args[0]):
+        return None
+    lo, hi = (_float(v) for v in value.args[1:])
+    total = scope.var2val.get(value.args[0])
+    if lo is None or hi is None or not _is_op(total, "relax.add"):
+        return None
+    for conv_var, res in (total.args, total.args[::-1]):
+        producer = scope.producer(conv_var)
+        if producer is None or producer[0]["op"] != "bit_conv2d" or not scope.only_use(conv_var):
+            continue
+        about, conv = producer
+        spec = _conv_spec(about)
+        if not fuses_residual(spec) or not tvm_ffi.structural_equal(res.ty, conv_var.ty):
+            continue
+        prim = kernels.conv2d_kernel(spec, scope.target, residual_clip=(lo, hi))
+        return scope.emit(prim, f"{about['name']}_res", [*conv.args[1].fields, res], value.ty)
+    return None
+
+
+def _is_op(expr: Any, name: str) -> bool:
+    import tvm
+    from tvm import relax
+
+    return isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get(name))
+
+
+def _float(expr: Any) -> float | None:
+    """The finite float of a constant bound (a ``FloatImm``), or None."""
+    import tvm
+
+    value = expr.value if isinstance(expr, tvm.tirx.FloatImm) else None
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def _rewrite_function(func: Any, rewrite: Rewrite, scope: _Scope) -> Any | None:
+    """``func`` with each binding's value replaced where ``rewrite`` gives one, or None if none is."""
+    from tvm import relax
+
+    changed, blocks = False, []
+    for block in func.body.blocks:
+        bindings = []
+        for b in block.bindings:
+            new = rewrite(b.value, scope) if isinstance(b, relax.VarBinding) else None
+            changed |= new is not None
+            bindings.append(b if new is None else relax.VarBinding(b.var, new))
+        blocks.append(type(block)(bindings))
+    if not changed:
+        return None
+    body = relax.SeqExpr(blocks, func.body.body)
+    return scope.bb.normalize(relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
+
+
+def _module_pass(name: str, rewrite: Rewrite) -> Callable[[Any], Any]:
+    def make(target: Any) -> Any:
+        import tvm
+        from tvm import relax
+
+        @tvm.transform.module_pass(opt_level=0, name=name)
+        def apply(mod: Any, _ctx: Any) -> Any:
+            bb = relax.BlockBuilder(mod)
+            for gv, func in list(mod.functions.items()):
+                if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
+                    new = _rewrite_function(func, rewrite, _Scope(mod, bb, func, target))
+                    if new is not None:
+                        bb.update_func(gv, new)
+            return bb.get()
+
+        return apply
+
+    return make
+
+
+fuse_packed_output = _module_pass("bitc.FusePackedOutput", _packed_output)
+fuse_packed_output.__doc__ = "The pass writing a threshold conv's output packed for the next binary layer."
+fuse_residual_clip = _module_pass("bitc.FuseResidualClip", _residual_clip)
+fuse_residual_clip.__doc__ = "The pass folding ``clip(conv + residual)`` into a binary conv's epilogue."
+
+
+def fusion_passes(target: Any) -> list:
+    """The CPU's fusion passes for the TVM target ``target`` (its kernels are built for it)."""
+    return [fuse_packed_output(target), fuse_residual_clip(target)]
