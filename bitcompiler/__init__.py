@@ -22,6 +22,7 @@ from bitcompiler.errors import (
     TargetError,
     ToolchainError,
 )
+from bitcompiler.onnx import from_onnx
 from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, fact_check, graph_pass
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report
@@ -42,6 +43,7 @@ _SUBMODULES = (
     "datasets",
     "kernels",
     "methods",
+    "onnx",
     "ops",
     "passes",
     "payload",
@@ -88,6 +90,7 @@ __all__ = [
     "compile",
     "errors",
     "fact_check",
+    "from_onnx",
     "graph_pass",
     "load",
     "prepare",

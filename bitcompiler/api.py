@@ -79,9 +79,9 @@ def compile(
     first tunes the kernels that have none (see :func:`tune`).
     """
     if isinstance(model, (str, os.PathLike)):
-        raise ModelError(
-            f"{model!s}: compiling ONNX files is not supported yet; load the model in PyTorch and pass the nn.Module"
-        )
+        from bitcompiler.onnx import from_onnx
+
+        model = from_onnx(model, [tuple(x.shape) for x in _normalize_inputs(example_inputs)])
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example_inputs = _normalize_inputs(example_inputs)

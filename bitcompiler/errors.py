@@ -35,6 +35,7 @@ __all__ = [
     "ToolchainError",
     "ToolchainMissing",
     "UnsupportedFloatOp",
+    "UnsupportedOnnxOp",
 ]
 
 
@@ -45,7 +46,11 @@ class BitcError(Exception):
 # ----------------------------------------------------------------------------- what the user gave
 class ModelError(BitcError, ValueError):
     """The model as given cannot be compiled (no parameters on the CPU, an unsupported kind of
-    model such as an ONNX path, an output bitcompiler cannot return); says what to change."""
+    model such as an ONNX file that cannot be read, an output bitcompiler cannot return); says what to change."""
+
+
+class UnsupportedOnnxOp(ModelError):
+    """An ONNX file with a node bitcompiler cannot import; names the op type and the node."""
 
 
 class ModelTypeError(ModelError, TypeError):
