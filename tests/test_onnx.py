@@ -261,7 +261,7 @@ SCHEMES = {  # scheme: the quantizer nodes QONNX must hold
     "binary:act=binary": {"BipolarQuant"},
     "uniform:bits=2,act=8": {"Quant"},
     "bitnet": {"Quant"},
-    "tiled:p=4": {"BipolarQuant"},
+    "tiled:p=4,min_weights=1024": {"BipolarQuant"},  # c2 and fc1 tiled
 }
 
 
@@ -277,6 +277,8 @@ def test_qdq_runs_in_onnxruntime(compiled, tmp_path):
     path = cm.export_onnx(tmp_path / "m.onnx", format="qdq")
     kinds = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "DequantizeLinear" in kinds and "bitc_export" not in str(onnx.load(str(path)).opset_import)
+    if "tiled" in compiled[0]:
+        assert {"tiled_conv2d", "tiled_linear"} <= {bc.ops.op_name(n) for n in cm.graph.graph.nodes}
     x = torch.randn(3, 3, 8, 8)  # the batch stays dynamic
     assert_close(run_ort(path, x), cm.reference(x), rtol=1e-4)
 
