@@ -22,7 +22,6 @@ from bitcompiler.errors import (
     TargetError,
     ToolchainError,
 )
-from bitcompiler.onnx import from_onnx
 from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, fact_check, graph_pass
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report
@@ -55,6 +54,10 @@ _SUBMODULES = (
 
 
 def __getattr__(name: str) -> object:
+    if name == "from_onnx":  # imports onnx on first use, not with bitcompiler
+        from bitcompiler.onnx import from_onnx
+
+        return from_onnx
     if name in _SUBMODULES:
         import importlib
 
@@ -63,7 +66,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_SUBMODULES})
+    return sorted({*globals(), *_SUBMODULES, "from_onnx"})
 
 
 __all__ = [

@@ -62,7 +62,7 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 def compile(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     example_inputs: Any,
     target: str | Target = "cpu",
     scheme: str | Scheme | None = None,
@@ -71,7 +71,8 @@ def compile(
     strict: bool = False,
     db: str | os.PathLike | Any | None = None,
 ) -> CompiledModel:
-    """Compile ``model`` for ``target`` with weights quantized by ``scheme``.
+    """Compile ``model`` (an ``nn.Module``, or the path of an ``.onnx`` file: docs/onnx.md) for
+    ``target`` with weights quantized by ``scheme``.
 
     ``scheme=None`` uses a ``prepare``d model's own quantizers, else ``"binary"``.
     The batch dimension stays dynamic; other dimensions are fixed by the example.

@@ -316,3 +316,5 @@ def test_imported_model_round_trips(tmp_path):
     cm = bc.compile(path, (x,), scheme="uniform:bits=4,act=8")
     xs = torch.randn(2, *x.shape[1:])
     assert_close(run_ort(cm.export_onnx(tmp_path / "out.onnx"), xs), cm.reference(xs), rtol=1e-4)
+    loaded = bc.load(cm.export(tmp_path / "bundle"))  # a loaded bundle exports the same
+    assert_close(run_ort(loaded.export_onnx(tmp_path / "again.onnx"), xs), cm.reference(xs), rtol=1e-4)
