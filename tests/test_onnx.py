@@ -207,6 +207,21 @@ def test_unsupported_op_names_op_and_node(tmp_path):
         bc.compile(path, (torch.randn(1, 4),))
 
 
+def test_refused_attributes_name_the_node(tmp_path):
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], name="body/reshape", allowzero=1)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [2, 2])],
+    )
+    path = str(tmp_path / "r.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(errors.UnsupportedOnnxOp, match=r"node 'body/reshape' is a Reshape .*allowzero=1"):
+        bc.from_onnx(path)
+
+
 def test_nms_is_refused_without_torchvision(tmp_path):
     node = helper.make_node("NonMaxSuppression", ["x", "x"], ["y"], name="post/nms")
     path = _model_with(node, tmp_path)

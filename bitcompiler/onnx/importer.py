@@ -110,26 +110,39 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def check_ops(model: onnx.ModelProto, name: str = "model") -> None:
-    """Raise :class:`UnsupportedOnnxOp` for the first node onnx2torch has no converter for."""
-    registry = onnx2torch().node_converters
+    """Raise :class:`UnsupportedOnnxOp` for the first node onnx2torch cannot convert: an op it
+    has no converter for, or one whose converter refuses the node's attributes."""
+    o2t = onnx2torch()
+    from onnx2torch.onnx_graph import OnnxGraph
+
     versions = {o.domain: o.version for o in model.opset_import}
-    for i, node in enumerate(model.graph.node):
-        label = f"node {node.name!r}" if node.name else f"node #{i} (unnamed)"
-        if node.op_type in NEEDS_TORCHVISION and not torchvision_loads():
+    graph = OnnxGraph(model.graph)
+    for node in graph.nodes.values():
+        label = f"{name}: node {node.name!r}" if node.name else f"{name}: node {node.unique_name!r} (unnamed)"
+        if node.operation_type in NEEDS_TORCHVISION and not torchvision_loads():
             raise UnsupportedOnnxOp(
-                f"{name}: {label} is a {node.op_type}, which bitcompiler does not compile (it needs "
-                "torchvision); export the model without its detection post-processing"
+                f"{label} is a {node.operation_type}, which bitcompiler does not compile (onnx2torch "
+                "converts it through torchvision); export the model without its detection post-processing"
             )
         try:
-            registry.get_converter(
-                operation_type=node.op_type, version=versions.get(node.domain, OPSET), domain=node.domain
+            converter = o2t.node_converters.get_converter(
+                operation_type=node.operation_type,
+                version=versions.get(node.domain, OPSET),
+                domain=node.domain,
             )
         except NotImplementedError:
             domain = f" (domain {node.domain!r})" if node.domain else ""
             raise UnsupportedOnnxOp(
-                f"{name}: {label} is a {node.op_type}{domain}, an op bitcompiler cannot import; "
+                f"{label} is a {node.operation_type}{domain}, an op bitcompiler cannot import; "
                 "replace it in the source model or export it with ops from the standard ONNX domain"
             ) from None
+        try:
+            converter(node, graph)
+        except Exception as e:  # converters refuse attributes with their own exception types
+            raise UnsupportedOnnxOp(
+                f"{label} is a {node.operation_type} that bitcompiler cannot import as written "
+                f"({first_line(e)}); change that node in the source model"
+            ) from e
 
 
 def static_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
