@@ -34,6 +34,7 @@ __all__ = [
     "TargetError",
     "ToolchainError",
     "ToolchainMissing",
+    "UnsupportedExport",
     "UnsupportedFloatOp",
     "UnsupportedOnnxOp",
 ]
@@ -147,6 +148,11 @@ class BundleFileMissing(LoadError, FileNotFoundError):
 
 class ExportError(BitcError, OSError):
     """``CompiledModel.export`` could not write the bundle; nothing half-written is left."""
+
+
+class UnsupportedExport(BitcError, ValueError):
+    """``cm.export_onnx`` asked for a format bitcompiler does not write, or a batch the model
+    cannot take; names what was asked and what is possible."""
 
 
 def first_line(e: BaseException) -> str:

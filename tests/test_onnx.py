@@ -321,8 +321,17 @@ def test_int8_tokens_export(tmp_path):
 
 
 def test_unknown_format(compiled, tmp_path):
-    with pytest.raises(ValueError, match="format='tflite': ONNX export writes 'qdq' or 'qonnx'"):
+    with pytest.raises(
+        errors.UnsupportedExport, match="format='tflite': ONNX export writes 'qdq' or 'qonnx'"
+    ):
         compiled[1].export_onnx(tmp_path / "m.onnx", format="tflite")
+
+
+def test_unwritable_path(compiled, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(errors.ExportError, match="cannot write the ONNX file"):
+        compiled[1].export_onnx(tmp_path / "file" / "m.onnx")
+    assert not list(tmp_path.glob("**/*.partial"))
 
 
 def test_imported_model_round_trips(tmp_path):

@@ -8,6 +8,7 @@ one ``bitc_export::Layer`` node), and the placeholders are then replaced by the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bitcompiler import ops
-from bitcompiler.errors import ExportError, first_line
+from bitcompiler.errors import ExportError, UnsupportedExport, first_line
 from bitcompiler.onnx.emit import FORMATS, QONNX_DOMAIN, Builder
 from bitcompiler.onnx.layers import QuantLayer, constant_tensors, read_layer
 
@@ -154,10 +155,13 @@ def export_onnx(cm: Any, path: str | os.PathLike, format: str = "qdq", batch: in
     1 for QONNX (FINN and the qonnx executor take static shapes); an int fixes it.
     """
     if format not in FORMATS:
-        raise ValueError(f"format={format!r}: ONNX export writes {' or '.join(map(repr, FORMATS))}")
+        raise UnsupportedExport(f"format={format!r}: ONNX export writes {' or '.join(map(repr, FORMATS))}")
     if not cm.dynamic_batch:
         if batch not in (None, cm._static_batch):
-            raise ValueError(f"this model was compiled with a fixed batch of {cm._static_batch}, not {batch}")
+            raise UnsupportedExport(
+                f"batch={batch}: this model was compiled with a fixed batch of {cm._static_batch}; "
+                f"export it with batch={cm._static_batch} or None"
+            )
         batch = cm._static_batch
     dynamic = batch is None and format == "qdq"
     size = 1 if batch is None else int(batch)
@@ -171,9 +175,13 @@ def export_onnx(cm: Any, path: str | os.PathLike, format: str = "qdq", batch: in
     if format == "qdq":
         onnx.checker.check_model(model)
     p = Path(path)
-    try:
+    partial = p.with_name(f".{p.name}.partial")
+    try:  # written beside and renamed into place: a failed write leaves nothing half-written
         p.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(p))
+        onnx.save(model, str(partial))
+        os.replace(partial, p)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         raise ExportError(f"{p}: cannot write the ONNX file ({e.strerror or e})") from e
     return p
