@@ -314,7 +314,8 @@ def test_int8_tokens_export(tmp_path):
     torch.manual_seed(0)
     cm = bc.compile(NormGelu().eval(), (torch.randn(1, *TOKENS),), scheme="uniform:bits=3,act=8")
     x = torch.randn(1, *TOKENS)
-    assert_close(run_ort(cm.export_onnx(tmp_path / "q.onnx"), x), cm.reference(x), rtol=1e-4)
+    xs = torch.randn(2, *TOKENS)  # rows from two samples, 8 tokens each
+    assert_close(run_ort(cm.export_onnx(tmp_path / "q.onnx"), xs), cm.reference(xs), rtol=1e-4)
     assert_close(
         run_qonnx(cm.export_onnx(tmp_path / "r.onnx", format="qonnx"), x), cm.reference(x), rtol=1e-4
     )

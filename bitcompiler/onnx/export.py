@@ -84,6 +84,11 @@ def placeholder_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[QuantLay
                 new = gm.graph.call_module(target, (ops.bind(node).x,))
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
+        elif name is not None:
+            raise UnsupportedExport(
+                f"node {node.name!r} calls bitc::{name}, which ONNX export cannot write yet; "
+                "compile the model with a scheme that does not produce it to export it"
+            )
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
