@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 import warnings
 
 import onnx
@@ -235,6 +236,13 @@ def test_torchvision_standin_does_not_leak(tmp_path):
     onnx2torch()
     if not torchvision_loads():
         assert "torchvision" not in sys.modules and "torchvision.ops" not in sys.modules
+
+
+def test_another_torchvision_standin_is_not_taken_for_torchvision(monkeypatch):
+    from bitcompiler.onnx.standin import torchvision_loads
+
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))  # as bench/corpus.py
+    assert not torchvision_loads()
 
 
 def test_not_an_onnx_file(tmp_path):

@@ -5,7 +5,8 @@ uses ``torchvision.ops.nms`` and ``box_convert``, RoiAlign ``torchvision.ops.roi
 torchvision wheels on the package index are built against CUDA torch builds: beside the CPU torch
 they fail to import. :func:`onnx2torch` imports onnx2torch with a stand-in ``torchvision`` module
 (whose three functions raise) put in ``sys.modules`` for that import only, and removed right
-after: nothing else in the process sees it, and a working torchvision is always preferred.
+after (any other stand-in found there is put back): nothing else in the process sees it, and a
+working torchvision is always preferred.
 bitcompiler refuses NonMaxSuppression and RoiAlign nodes before converting (see
 ``bitcompiler.onnx.importer``), so the stand-in's functions are never reached.
 """
@@ -29,14 +30,14 @@ def _standin() -> dict[str, types.ModuleType]:
     for name in STANDIN_FUNCTIONS:
         setattr(ops, name, _needs_torchvision)
     tv.ops = ops  # type: ignore[attr-defined]
-    tv.__bitc_standin__ = True  # type: ignore[attr-defined]
     return {"torchvision": tv, "torchvision.ops": ops}
 
 
 def torchvision_loads() -> bool:
-    """Whether the real torchvision imports in this process."""
+    """Whether the real torchvision imports in this process (a stand-in module, ours or another
+    one such as the zoo's in bench/corpus.py, has no file)."""
     if "torchvision" in sys.modules:
-        return not getattr(sys.modules["torchvision"], "__bitc_standin__", False)
+        return getattr(sys.modules["torchvision"], "__file__", None) is not None
     try:
         importlib.import_module("torchvision")
         return True
