@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.setup-stamp
 # torch goes in first and alone: on an empty venv a bare `torch` requirement pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-EXTRAS := dev,bench,repro
+EXTRAS := dev,bench,repro,onnx
 # Debian packages: Fashion-MNIST IDX files, the Cortex-M toolchain and emulator, the aarch64 ones,
 # and pocl (OpenCL on the CPU: tests/gpu run the generated OpenCL kernels on it).
 APT_PACKAGES := dataset-fashion-mnist gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm gcc-aarch64-linux-gnu qemu-user pocl-opencl-icd
@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile | $(PY)
 	@if $(PIP) show -q xgboost >/dev/null 2>&1; then $(PIP) uninstall -q -y xgboost nvidia-nccl-cu12; fi
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
-	$(PIP) install -q -c constraints.txt --no-deps mlxtend pytorchcv
+	$(PIP) install -q -c constraints.txt --no-deps mlxtend pytorchcv onnx2torch qonnx
 	@touch $@
 	@echo "setup: done"
 

@@ -42,6 +42,7 @@ _SUBMODULES = (
     "datasets",
     "kernels",
     "methods",
+    "onnx",
     "ops",
     "passes",
     "payload",
@@ -53,6 +54,10 @@ _SUBMODULES = (
 
 
 def __getattr__(name: str) -> object:
+    if name == "from_onnx":  # imports onnx on first use, not with bitcompiler
+        from bitcompiler.onnx import from_onnx
+
+        return from_onnx
     if name in _SUBMODULES:
         import importlib
 
@@ -61,7 +66,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_SUBMODULES})
+    return sorted({*globals(), *_SUBMODULES, "from_onnx"})
 
 
 __all__ = [
@@ -88,6 +93,7 @@ __all__ = [
     "compile",
     "errors",
     "fact_check",
+    "from_onnx",
     "graph_pass",
     "load",
     "prepare",

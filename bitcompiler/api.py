@@ -62,7 +62,7 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 def compile(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     example_inputs: Any,
     target: str | Target = "cpu",
     scheme: str | Scheme | None = None,
@@ -71,7 +71,8 @@ def compile(
     strict: bool = False,
     db: str | os.PathLike | Any | None = None,
 ) -> CompiledModel:
-    """Compile ``model`` for ``target`` with weights quantized by ``scheme``.
+    """Compile ``model`` (an ``nn.Module``, or the path of an ``.onnx`` file: docs/onnx.md) for
+    ``target`` with weights quantized by ``scheme``.
 
     ``scheme=None`` uses a ``prepare``d model's own quantizers, else ``"binary"``.
     The batch dimension stays dynamic; other dimensions are fixed by the example.
@@ -79,9 +80,9 @@ def compile(
     first tunes the kernels that have none (see :func:`tune`).
     """
     if isinstance(model, (str, os.PathLike)):
-        raise ModelError(
-            f"{model!s}: compiling ONNX files is not supported yet; load the model in PyTorch and pass the nn.Module"
-        )
+        from bitcompiler.onnx import from_onnx
+
+        model = from_onnx(model, [tuple(x.shape) for x in _normalize_inputs(example_inputs)])
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example_inputs = _normalize_inputs(example_inputs)

@@ -197,6 +197,14 @@ class CompiledModel:
 
         return artifact.write_atomic(Path(directory), write)
 
+    def export_onnx(self, path: str | os.PathLike, format: str = "qdq", batch: int | None = None) -> Path:
+        """Write the model as ONNX: ``format="qdq"`` (QuantizeLinear/DequantizeLinear, runs in
+        onnxruntime) or ``"qonnx"`` (``Quant``/``BipolarQuant`` nodes, for FINN); docs/onnx.md.
+        ``batch``: a fixed batch size (default: dynamic for QDQ, 1 for QONNX)."""
+        from bitcompiler.onnx.export import export_onnx
+
+        return export_onnx(self, path, format, batch)
+
     def __repr__(self) -> str:
         ins = ", ".join(s.describe() for s in self.inputs)
         return f"CompiledModel(target={self.target}, inputs=[{ins}], bits/weight={self._report.bits_per_weight:.3f})"

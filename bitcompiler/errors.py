@@ -34,7 +34,9 @@ __all__ = [
     "TargetError",
     "ToolchainError",
     "ToolchainMissing",
+    "UnsupportedExport",
     "UnsupportedFloatOp",
+    "UnsupportedOnnxOp",
 ]
 
 
@@ -45,7 +47,11 @@ class BitcError(Exception):
 # ----------------------------------------------------------------------------- what the user gave
 class ModelError(BitcError, ValueError):
     """The model as given cannot be compiled (no parameters on the CPU, an unsupported kind of
-    model such as an ONNX path, an output bitcompiler cannot return); says what to change."""
+    model such as an ONNX file that cannot be read, an output bitcompiler cannot return); says what to change."""
+
+
+class UnsupportedOnnxOp(ModelError):
+    """An ONNX file with a node bitcompiler cannot import; names the op type and the node."""
 
 
 class ModelTypeError(ModelError, TypeError):
@@ -142,6 +148,11 @@ class BundleFileMissing(LoadError, FileNotFoundError):
 
 class ExportError(BitcError, OSError):
     """``CompiledModel.export`` could not write the bundle; nothing half-written is left."""
+
+
+class UnsupportedExport(BitcError, ValueError):
+    """``cm.export_onnx`` asked for a format bitcompiler does not write, or a batch the model
+    cannot take; names what was asked and what is possible."""
 
 
 def first_line(e: BaseException) -> str:

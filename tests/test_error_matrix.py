@@ -155,12 +155,12 @@ def test_16_integer_inputs_embedding():
     "model, inputs, kind, needle",
     [
         (42, (X,), errors.ModelTypeError, "must be a torch.nn.Module, got int"),
-        ("model.onnx", (X,), bc.ModelError, "compiling ONNX files is not supported yet"),
+        ("model.onnx", (X,), bc.ModelError, "model.onnx: no such ONNX file"),
         (None, ([1.0, 2.0],), errors.InputTypeError, "example_inputs[0] is a list"),
         (None, (), errors.InputTypeError, "example_inputs must be a tuple of tensors"),
         (None, (torch.tensor(1.0),), bc.InputError, "is a scalar"),
     ],
-    ids=["17-not-a-module", "18-onnx-path", "19-list-example", "20-no-example", "21-scalar-example"],
+    ids=["17-not-a-module", "18-missing-onnx-path", "19-list-example", "20-no-example", "21-scalar-example"],
 )
 def test_17_21_what_compile_is_given(model, inputs, kind, needle):
     model = mlp() if model is None else model

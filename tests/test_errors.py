@@ -24,8 +24,8 @@ def test_unknown_scheme_lists_valid_names():
         bc.compile(nn.Linear(4, 4), (torch.randn(1, 4),), scheme="ternary")
 
 
-def test_onnx_path_is_rejected_clearly():
-    with pytest.raises(ValueError, match="compiling ONNX files is not supported yet"):
+def test_missing_onnx_path_is_named():
+    with pytest.raises(ValueError, match="model.onnx: no such ONNX file"):
         bc.compile("model.onnx", (torch.randn(1, 4),))
 
 
