@@ -83,6 +83,25 @@ int bitc_run(const float *in, float *out) {
 }
 """
 
+CMSIS_MATVEC_C = """\
+/* Baseline: y = arm_mat_vec_mult_q7(W, x), CMSIS-DSP's q7 matrix x vector (4 rows at a time; its
+   q7 output is the int32 sum >> 7, saturated). */
+#include "dsp/matrix_functions.h"
+#include "model.h"
+#include "weights.h"
+
+static q7_t xq[%(K)d];
+static q7_t yq[%(N)d];
+
+int bitc_run(const float *in, float *out) {
+  for (int k = 0; k < %(K)d; ++k) xq[k] = (q7_t)in[k];  /* input already holds int8 values */
+  arm_matrix_instance_q7 w = {%(N)d, %(K)d, (q7_t *)bitc_w_int8};
+  arm_mat_vec_mult_q7(&w, xq, yq);
+  for (int n = 0; n < %(N)d; ++n) out[n] = bitc_scale * (float)yq[n];
+  return 0;
+}
+"""
+
 # CMSIS-Core's compiler macros that CMSIS-DSP's headers use, for GCC (CMSIS-Core is not in the
 # cmsisdsp package). The DSP intrinsics map to the ACLE builtins: the same SXTB16 / SMLAD.
 CMSIS_COMPILER_H = """\
@@ -104,9 +123,21 @@ __STATIC_FORCEINLINE uint32_t __ROR(uint32_t x, uint32_t n) {
 #include <arm_acle.h>
 #define __SMLAD(x, y, sum) ((int32_t)__smlad((x), (y), (sum)))
 #define __SXTB16(x) ((uint32_t)__sxtb16((x)))
+#define __SSAT(x, n) __ssat((x), (n))
+#else
+__STATIC_FORCEINLINE int32_t __SSAT(int32_t x, uint32_t n) {
+  int32_t hi = (int32_t)((1u << (n - 1u)) - 1u), lo = -hi - 1;
+  return x > hi ? hi : x < lo ? lo : x;
+}
 #endif
 """
-CMSIS_FILES = ("Include", "PrivateInclude", "Source/BasicMathFunctions/arm_dot_prod_q7.c", "LICENSE")
+CMSIS_FILES = (
+    "Include",
+    "PrivateInclude",
+    "Source/BasicMathFunctions/arm_dot_prod_q7.c",
+    "Source/MatrixFunctions/arm_mat_vec_mult_q7.c",
+    "LICENSE",
+)
 
 
 def cmsis_dsp_dir() -> Path:
@@ -118,7 +149,7 @@ def cmsis_dsp_dir() -> Path:
     except metadata.PackageNotFoundError as e:
         raise RuntimeError("CMSIS-DSP baseline: pip install -e '.[bench]' (needs cmsisdsp)") from e
     cache = Path("~/.cache/bitcompiler").expanduser() / f"cmsisdsp-{version}"
-    if (cache / CMSIS_FILES[2]).exists():
+    if all((cache / f).exists() for f in CMSIS_FILES):
         return cache
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
@@ -139,16 +170,17 @@ def cmsis_dsp_dir() -> Path:
     return cache
 
 
-def _int8_bundle(directory: Path, target: bc.Target, cmsis: Path | None = None) -> Path:
-    """The int8 baseline firmware: the plain C loop, or ``arm_dot_prod_q7`` from ``cmsis``."""
+def _int8_bundle(directory: Path, target: bc.Target, cmsis: Path | None = None, matvec: bool = False) -> Path:
+    """The int8 baseline firmware: the plain C loop, or from ``cmsis`` ``arm_dot_prod_q7`` per row
+    (``matvec``: ``arm_mat_vec_mult_q7``)."""
     board = board_for(target)
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, size=(N, K), dtype=np.int8)
     items = ",".join(str(int(v)) for v in w.reshape(-1))
     model_c, kernels_c, make = INT8_MODEL_C, "", makefile(board)
     if cmsis is not None:
-        model_c = CMSIS_MODEL_C
-        kernels_c = (cmsis / CMSIS_FILES[2]).read_text(encoding="utf-8-sig")
+        model_c = CMSIS_MATVEC_C if matvec else CMSIS_MODEL_C
+        kernels_c = (cmsis / CMSIS_FILES[3 if matvec else 2]).read_text(encoding="utf-8-sig")
         (directory / "cmsis_compiler.h").write_text(CMSIS_COMPILER_H)
         flags = f"-I. -I{cmsis / 'Include'} -I{cmsis / 'PrivateInclude'} -DARM_MATH_LOOPUNROLL"
         make = make.replace("\nARCH    := ", f"\nARCH    := {flags} ", 1)
@@ -196,6 +228,13 @@ def measure(target_name: str) -> dict:
         assert np.array_equal(cmsis.output, res.output), "CMSIS-DSP q7 and the C loop disagree"
         row["cmsis_q7_instructions"] = cmsis.instructions
         row["cmsis_q7_flash"] = qemu.sizes(elf).flash_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        elf = _int8_bundle(Path(tmp), target, cmsis_dsp_dir(), matvec=True)
+        matvec = qemu.run(board_for(target), elf, xq, N, count=True)
+        expected = np.clip(np.floor(res.output / np.float32(0.01) + 0.5) // 128, -128, 127) * np.float32(0.01)
+        assert np.allclose(matvec.output, expected, rtol=1e-5), "arm_mat_vec_mult_q7 and the C loop disagree"
+        row["cmsis_matvec_q7_instructions"] = matvec.instructions
+        row["cmsis_matvec_q7_flash"] = qemu.sizes(elf).flash_bytes
     row["speedup_w1a1_vs_int8_c"] = round(row["int8_c_instructions"] / row["w1a1_instructions"], 2)
     row["speedup_w1a1_vs_cmsis_q7"] = round(row["cmsis_q7_instructions"] / row["w1a1_instructions"], 2)
     return row

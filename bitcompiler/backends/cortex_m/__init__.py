@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Target, register_backend
-from bitcompiler.backends.cortex_m import qemu
+from bitcompiler.backends.cortex_m import dense_c, qemu
 from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, build_program
 from bitcompiler.backends.cortex_m.boards import Board, board_for
 from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, MODEL_FILES, STACK_BYTES, write_bundle
@@ -109,7 +109,8 @@ class CortexMBackend(Backend):
         gm, example_inputs = inp.graph, inp.example_inputs
         qemu.require_toolchain()
         board = board_for(target)
-        program = build_program(gm, example_inputs, self.tvm_target(target))
+        builder = dense_c.builder_for(self.capabilities(target).features)
+        program = build_program(gm, example_inputs, self.tvm_target(target), builder)
         check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
         bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
         write_bundle(program, board, bundle)
@@ -131,6 +132,7 @@ class CortexMBackend(Backend):
             "arena_peak_layer": program.peak_layer,
             "stack_bytes": result.stack_bytes,
             "weights_flash_bytes": program.weight_bytes,
+            "kernels": dict(program.layer_kernels),  # layer -> the C kernel it runs
         }
         runner = CortexMRunner(board, bundle, program.input.shape, program.output.shape, extra)
         weakref.finalize(runner, shutil.rmtree, bundle, True)
