@@ -267,6 +267,32 @@ def _stride(k: int) -> int:
     return min(TABLE_GROUPS, 1 << (-(-k // 8) - 1).bit_length())
 
 
+def float_codes_source(symbol: str, rows: int, k: int, n: int) -> str:
+    """``X (rows, K) float, W (codes as floats, [N/4][K][4]), SC, OF, BI, Y (rows, N)``: four rows
+    a step share each input; ``fmaf`` is one VFMA."""
+    body = [
+        f"for (int32_t m = 0; m < {rows}; ++m) {{",
+        f"  const float *x = X + m * {k}, *w = W;",
+        "  float sumx = 0.0f;",
+        f"  for (int32_t i = 0; i < {k}; ++i) sumx += x[i];",
+        f"  for (int32_t j = 0; j < {n}; j += {ROWS}) {{",
+        "    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;",
+        f"    for (int32_t i = 0; i < {k}; ++i, w += {ROWS}) {{",
+        "      float xi = x[i];",
+        *(f"      a{r} = fmaf(w[{r}], xi, a{r});" for r in range(ROWS)),
+        "    }",
+        "    float accs[4] = {a0, a1, a2, a3};",
+        f"    for (int32_t r = 0; r < {ROWS} && j + r < {n}; ++r) {{",
+        "      int32_t n = j + r;",
+        f"      Y[m * {n} + n] = ((SC[n] * accs[r]) + (OF[n] * sumx)) + BI[n];",
+        "    }",
+        "  }",
+        "}",
+    ]
+    head = f"BITC_KERNEL void {symbol}(float* X, float* W, float* SC, float* OF, float* BI, float* Y) {{"
+    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+
+
 def table_floats(k: int) -> int:
     """Floats of the float kernel's table scratch: 256 entries per group of one chunk."""
     return 256 * _stride(k)
@@ -315,6 +341,30 @@ class Builder(_Builder):
         y = self.new_tensor(node.name, out_shape, "float32")
         self.call(kern, [x.name, p, *epi, table.name, y.name], [x.name], [table.name, y.name], self.label(node))
 
+    def float_codes(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple, q: np.ndarray) -> None:
+        x = self.tensors[call.x.name]
+        rows, (n, k) = math.prod(x.shape[:-1]), q.shape
+        np_ = -(-n // ROWS) * ROWS
+        padded = np.zeros((np_, k), np.float32)
+        padded[:n] = q
+        stored = padded.reshape(np_ // ROWS, ROWS, k).transpose(0, 2, 1).reshape(-1)
+        w = self._stored(call, "fcodes", stored)
+        params = (
+            KernelParam("X", "float32", (rows, k)),
+            KernelParam("W", "float32", (stored.size,)),
+            *(KernelParam(p, "float32", (n,)) for p in ("SC", "OF", "BI")),
+            KernelParam("Y", "float32", (rows, n)),
+        )
+        kern = self._c_kernel(
+            ("dense_float_codes", k, n, rows),
+            f"bitc_dense_float_codes_{k}x{n}",
+            params,
+            lambda s: float_codes_source(s, rows, k, n),
+        )
+        epi = [self.weight(call.tensors[p], "float32") for p in ("scale", "offset", "bias")]
+        y = self.new_tensor(node.name, out_shape, "float32")
+        self.call(kern, [x.name, w, *epi, y.name], [x.name], [y.name], self.label(node))
+
     def int8_codes(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple, q: np.ndarray) -> None:
         a: ops.BitLinearAttrs = call.attrs
         x = self.tensors[call.x.name]
@@ -356,9 +406,12 @@ class Builder(_Builder):
         bits = int(call.tensors["planes"].meta["val"].shape[0])
         if a.act == "float" and a.code == "pm1" and bits == 1 and not a.threshold and not a.has_offset:
             return self.float_pm1(node, call, out_shape)
-        if a.act == "int8":
+        # int8 or float activations with a float epilogue (the float codes need an FPU)
+        if a.act in ("int8", "float") and not a.threshold and not (a.act == "float" and self.isa == "scalar"):
             planes = self.state[self.param_of[call.tensors["planes"].name]].detach().cpu()
             q = planes_to_code(planes, a.k, a.code).numpy()  # (N, K) int64
+            if a.act == "float":  # FPU cores: the codes as floats, one VFMA a weight
+                return self.float_codes(node, call, out_shape, q)
             lo, hi = int(q.min()), int(q.max())
             if lo >= -128 and (hi <= 127 or (lo >= 0 and hi <= 255)):
                 return self.int8_codes(node, call, out_shape, q)
