@@ -9,7 +9,8 @@ torch.Size([2, 10])
 True
 >>> cm.export("out/")  # model.c/h, kernels.c/h, weights.c/h + harness, Makefile, README
 
-Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., count_instructions=True)``.
+Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., count_instructions=True)``;
+``Target("cortex-m55", mve=False)`` builds without the Helium kernels (the scalar DSP ones).
 """
 
 from __future__ import annotations
@@ -94,10 +95,11 @@ class CortexMBackend(Backend):
             "cortex-m7": ("dsp",),
             "cortex-m55": ("dsp", "mve"),
         }
+        isa = set(features[target.name]) - (set() if target.get("mve", True) else {"mve"})
         return Capabilities(
-            frozenset(features[target.name]) | ({"fpu"} if board.has_fpu else set()),
+            frozenset(isa) | ({"fpu"} if board.has_fpu else set()),
             word_bits=32,
-            vector_bits={"cortex-m3": 0, "cortex-m55": 128}.get(target.name, 32),
+            vector_bits=128 if "mve" in isa else 0 if target.name == "cortex-m3" else 32,
             flash_bytes=board.flash_bytes,
             ram_bytes=board.ram_bytes,
             # the tiled conv is stored expanded (a binary conv) here: no two-stage conv in the AOT

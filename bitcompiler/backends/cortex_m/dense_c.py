@@ -42,7 +42,17 @@ from bitcompiler.quant.numerics import planes_to_code
 PRELUDE = """
 #if defined(__ARM_FEATURE_MVE)
 #include <arm_mve.h>
-#elif defined(__ARM_FEATURE_DSP)
+/* bit counts of the 32 nibbles of v (each 0..4) */
+static inline uint8x16_t bitc_nibble_counts_v(uint8x16_t v) {
+  v = vsubq_u8(v, vandq_u8(vshrq_n_u8(v, 1), vdupq_n_u8(0x55)));
+  return vaddq_u8(vandq_u8(v, vdupq_n_u8(0x33)), vandq_u8(vshrq_n_u8(v, 2), vdupq_n_u8(0x33)));
+}
+/* acc + the sum of the nibbles of n (each at most 15) */
+static inline uint32_t bitc_nibbles_acc_v(uint32_t acc, uint8x16_t n) {
+  return vaddvaq_u8(acc, vandq_u8(vaddq_u8(n, vshrq_n_u8(n, 4)), vdupq_n_u8(0x0F)));
+}
+#endif
+#if defined(__ARM_FEATURE_DSP)
 #include <arm_acle.h>
 /* One step of four rows: a_r += codes(row r, 4 inputs) . x, the codes of the four rows in one
    stored run at w, the activations as the pairs (x0, x2), (x1, x3) at xu. In asm because gcc 12
@@ -68,6 +78,7 @@ PRELUDE = """
 """
 
 ROWS = 4  # output rows a weight block holds (and the kernels accumulate at once)
+BINARY_C = ("mve", "dsp")  # the cores whose W1A1 dense runs the C kernel (else the TIR one)
 TABLE_GROUPS = 8  # groups of 8 inputs whose tables one chunk of the float kernel holds
 
 
@@ -129,6 +140,58 @@ def _row_accumulators(isa: str, k: int) -> list[str]:
         lines += [f"    a{r} += (int32_t)w[{4 * r + j}] * xj;" for r in range(ROWS)]
         lines.append("  }")
     return [*lines, "}"]
+
+
+def _binary_row(isa: str, kw: int) -> list[str]:
+    """C lines: ``a`` = the mismatching bits of the packed activations ``x`` and the row ``p``."""
+    if isa != "mve":
+        words = [f"x[{w}] ^ p[{w}]" for w in range(kw)]
+        lines = []
+        for i in range(0, kw, 3):  # three words' nibble counts share one byte fold
+            group = words[i : i + 3]
+            call = f"bitc_popcount_acc{len(group)}(a, {', '.join(group)})" if len(group) > 1 else None
+            lines.append(f"a = {call or f'a + bitc_popcount({group[0]})'};")
+        return lines
+    vectors, tail = divmod(kw, 4)
+    loads = [f"veorq_u32(vldrwq_u32((const uint32_t*)x + {4 * v}), vldrwq_u32((const uint32_t*)p + {4 * v}))"
+             for v in range(vectors)]
+    if tail:  # both zeroed past the row: no mismatch
+        pred = f"vctp32q({tail})"
+        loads.append(
+            f"veorq_u32(vldrwq_z_u32((const uint32_t*)x + {4 * vectors}, {pred}), "
+            f"vldrwq_z_u32((const uint32_t*)p + {4 * vectors}, {pred}))"
+        )
+    lines = []
+    for i in range(0, len(loads), 3):  # three vectors' nibble counts (<= 12) before the fold
+        terms = [f"bitc_nibble_counts_v(vreinterpretq_u8_u32({v}))" for v in loads[i : i + 3]]
+        total = terms[0]
+        for t in terms[1:]:
+            total = f"vaddq_u8({total}, {t})"
+        lines.append(f"a = bitc_nibbles_acc_v(a, {total});")
+    return lines
+
+
+def binary_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: bool) -> str:
+    """W1A1, pm1: ``XP (rows, KW) packed signs, P (1, N, KW), epilogue, Y (rows, N)``; ``acc = K -
+    2 popcount(x ^ p)`` (bits past K are 0 in both)."""
+    kw = -(-k // 32)
+    if threshold:
+        params, out = "int32_t* TS, int32_t* TH", "((int64_t)TS[j] * acc >= (int64_t)TH[j]) ? 1.0f : -1.0f"
+    else:
+        params, out = "float* SC, float* BI", "(SC[j] * (float)acc) + BI[j]"
+    body = [
+        f"for (int32_t m = 0; m < {rows}; ++m) {{",
+        f"  const int32_t *x = XP + m * {kw}, *p = P;",
+        f"  for (int32_t j = 0; j < {n}; ++j, p += {kw}) {{",
+        "    uint32_t a = 0;",
+        *("    " + line for line in _binary_row(isa, kw)),
+        f"    int32_t acc = {k} - 2 * (int32_t)a;",
+        f"    Y[m * {n} + j] = {out};",
+        "  }",
+        "}",
+    ]
+    head = f"BITC_KERNEL void {symbol}(int32_t* XP, int32_t* P, {params}, float* Y) {{"
+    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
 
 
 def _unpack(isa: str, k: int) -> list[str]:
@@ -400,10 +463,40 @@ class Builder(_Builder):
         args = [*act_args, w, *epi, *scratch, y.name]
         self.call(kern, args, act_args, [*scratch, y.name], self.label(node))
 
+    def binary(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple) -> None:
+        a: ops.BitLinearAttrs = call.attrs
+        x = self.tensors[call.x.name]
+        rows, kw = math.prod(x.shape[:-1]), -(-a.k // 32)
+        n = int(call.tensors["planes"].meta["val"].shape[1])
+        t = call.tensors
+        p = self.weight(t["planes"], "int32")
+        if a.threshold:
+            epi, names, dtype = [self.weight(t[q], "int32") for q in ("thr_sign", "thr")], ("TS", "TH"), "int32"
+        else:
+            epi, names, dtype = [self.weight(t[q], "float32") for q in ("scale", "bias")], ("SC", "BI"), "float32"
+        params = (
+            KernelParam("XP", "int32", (rows, kw)),
+            KernelParam("P", "int32", (1, n, kw)),
+            *(KernelParam(q, dtype, (n,)) for q in names),
+            KernelParam("Y", "float32", (rows, n)),
+        )
+        isa, threshold = self.isa, bool(a.threshold)
+        kern = self._c_kernel(
+            ("dense_binary_c", isa, a.k, n, rows, threshold),
+            f"bitc_dense_binary_{isa}_{a.k}x{n}",
+            params,
+            lambda s: binary_source(s, isa, rows, a.k, n, threshold),
+        )
+        act_args = self.quantized_input(x, "binary", rows, (a.k,), None)
+        y = self.new_tensor(node.name, out_shape, "float32")
+        self.call(kern, [*act_args, p, *epi, y.name], act_args, [y.name], self.label(node))
+
     def bit_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         call = ops.bind(node)
         a: ops.BitLinearAttrs = call.attrs
         bits = int(call.tensors["planes"].meta["val"].shape[0])
+        if a.act == "binary" and a.code == "pm1" and bits == 1 and not a.has_offset and self.isa in BINARY_C:
+            return self.binary(node, call, out_shape)
         if a.act == "float" and a.code == "pm1" and bits == 1 and not a.threshold and not a.has_offset:
             return self.float_pm1(node, call, out_shape)
         # int8 or float activations with a float epilogue (the float codes need an FPU)
