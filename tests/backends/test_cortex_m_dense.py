@@ -87,3 +87,32 @@ def test_sign_bytes_group_eight_inputs_per_byte():
     stored = dense_c.store_sign_bytes(planes, 70)  # 9 groups: chunks of 8 and 1
     first, second = stored[:16].reshape(2, 8), stored[16:]
     assert first[1, :2].tolist() == [2, 1] and second.tolist() == [0, 1]
+
+
+@needs_toolchain
+@pytest.mark.parametrize("core", ["cortex-m4", pytest.param("cortex-m55", marks=pytest.mark.slow)])
+def test_w1a1_dense_in_c_is_exact(core):
+    """Float and threshold epilogues; 7 words (M55: a vector and a predicated tail) and 2 words."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(200, 37), nn.Hardtanh(), nn.Linear(37, 70), nn.Hardtanh(), nn.Linear(70, 6))
+    x = torch.randn(1, 200)
+    cm = bc.compile(net, (x,), target=core, scheme="binary:act=binary,first_last=quantize")
+    dense = [k for label, k in cm.report().extra["kernels"].items() if "bit_linear" in label]
+    assert len(dense) == 3 and all(k.startswith(f"bitc_{ISA[core]}_dense_binary") for k in dense), dense
+    xs = torch.randn(4, 200)
+    assert torch.equal(cm(xs), cm.reference(xs))
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_helium_tiled_rows_and_scalar_option():
+    """The tiled layer's row kernel on Helium; ``mve=False`` gives the same numbers on the DSP path."""
+    torch.manual_seed(2)
+    net = nn.Linear(256, 256)  # tiled at this size (a 256x128 layer stays binary)
+    x = torch.randn(1, 256)
+    scheme = "tiled:p=4,act=binary,first_last=quantize"
+    xs = torch.randn(3, 256)
+    for mve, isa in ((True, "mve"), (False, "dsp")):
+        cm = bc.compile(net, (x,), target=bc.Target("cortex-m55", mve=mve), scheme=scheme)
+        assert any(k.startswith(f"bitc_{isa}_tiled_rows") for k in cm.report().extra["kernels"].values())
+        assert torch.equal(cm(xs), cm.reference(xs))

@@ -172,13 +172,14 @@ def _binary_row(isa: str, kw: int) -> list[str]:
 
 
 def binary_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: bool) -> str:
-    """W1A1, pm1: ``XP (rows, KW) packed signs, P (1, N, KW), epilogue, Y (rows, N)``; ``acc = K -
-    2 popcount(x ^ p)`` (bits past K are 0 in both)."""
+    """W1A1, pm1, no offset: ``XP (rows, KW) packed signs, P (1, N, KW), epilogue, Y (rows, N)``;
+    ``acc = K - 2 popcount(x ^ p)`` (bits past K are 0 in both); the portable kernel's epilogue
+    in its order (``OF`` is its unused offset parameter)."""
     kw = -(-k // 32)
     if threshold:
         params, out = "int32_t* TS, int32_t* TH", "((int64_t)TS[j] * acc >= (int64_t)TH[j]) ? 1.0f : -1.0f"
     else:
-        params, out = "float* SC, float* BI", "(SC[j] * (float)acc) + BI[j]"
+        params, out = "float* SC, float* OF, float* BI", "(SC[j] * (float)acc) + BI[j]"
     body = [
         f"for (int32_t m = 0; m < {rows}; ++m) {{",
         f"  const int32_t *x = XP + m * {kw}, *p = P;",
@@ -463,40 +464,32 @@ class Builder(_Builder):
         args = [*act_args, w, *epi, *scratch, y.name]
         self.call(kern, args, act_args, [*scratch, y.name], self.label(node))
 
-    def binary(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple) -> None:
-        a: ops.BitLinearAttrs = call.attrs
-        x = self.tensors[call.x.name]
-        rows, kw = math.prod(x.shape[:-1]), -(-a.k // 32)
-        n = int(call.tensors["planes"].meta["val"].shape[1])
-        t = call.tensors
-        p = self.weight(t["planes"], "int32")
-        if a.threshold:
-            epi, names, dtype = [self.weight(t[q], "int32") for q in ("thr_sign", "thr")], ("TS", "TH"), "int32"
-        else:
-            epi, names, dtype = [self.weight(t[q], "float32") for q in ("scale", "bias")], ("SC", "BI"), "float32"
+    def kernel(self, key: Any, build: Any, symbol: str, unroll: bool = False) -> Kernel:
+        """W1A1 dense kernels (pm1 layers and the row kernels of tiled layers) in C on the cores
+        of ``BINARY_C``; every other kernel from TIR."""
+        spec = key[1] if key[0] == "dense" else None
+        w1a1 = spec is not None and (spec.act, spec.code, spec.bits, spec.has_offset) == ("binary", "pm1", 1, False)
+        if not w1a1 or self.isa not in BINARY_C:
+            return super().kernel(key, build, symbol, unroll)
+        rows, k, n, kw = key[-1], spec.in_features, spec.out_features, -(-spec.in_features // 32)
+        names, dtype = (("TS", "TH"), "int32") if spec.threshold else (("SC", "OF", "BI"), "float32")
         params = (
             KernelParam("XP", "int32", (rows, kw)),
             KernelParam("P", "int32", (1, n, kw)),
             *(KernelParam(q, dtype, (n,)) for q in names),
             KernelParam("Y", "float32", (rows, n)),
         )
-        isa, threshold = self.isa, bool(a.threshold)
-        kern = self._c_kernel(
-            ("dense_binary_c", isa, a.k, n, rows, threshold),
-            f"bitc_dense_binary_{isa}_{a.k}x{n}",
-            params,
-            lambda s: binary_source(s, isa, rows, a.k, n, threshold),
-        )
-        act_args = self.quantized_input(x, "binary", rows, (a.k,), None)
-        y = self.new_tensor(node.name, out_shape, "float32")
-        self.call(kern, [*act_args, p, *epi, y.name], act_args, [y.name], self.label(node))
+        isa = self.isa
+        if key not in self.kernels:  # the TIR kernel's name, the code path after bitc_
+            name = symbol.replace("bitc_", f"bitc_{isa}_", 1)
+            source = binary_source(name, isa, rows, k, n, spec.threshold)
+            self.kernels[key] = Kernel(name, params, source)
+        return self.kernels[key]
 
     def bit_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         call = ops.bind(node)
         a: ops.BitLinearAttrs = call.attrs
         bits = int(call.tensors["planes"].meta["val"].shape[0])
-        if a.act == "binary" and a.code == "pm1" and bits == 1 and not a.has_offset and self.isa in BINARY_C:
-            return self.binary(node, call, out_shape)
         if a.act == "float" and a.code == "pm1" and bits == 1 and not a.threshold and not a.has_offset:
             return self.float_pm1(node, call, out_shape)
         # int8 or float activations with a float epilogue (the float codes need an FPU)
