@@ -245,4 +245,3 @@ class Builder(_Builder):
         y = self.new_tensor(node.name, out_shape, "float32")
         self.call(self.kernels[key], [*act_args, w, *epi, y.name], act_args, [y.name], node.name)
         return None
-

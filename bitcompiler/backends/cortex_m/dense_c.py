@@ -38,6 +38,7 @@ from bitcompiler import ops
 from bitcompiler.backends.cortex_m.aot import _Builder
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 from bitcompiler.quant.numerics import planes_to_code
+from bitcompiler.quant.numerics.core import EPS
 
 PRELUDE = """
 #if defined(__ARM_FEATURE_MVE)
@@ -50,6 +51,16 @@ static inline uint8x16_t bitc_nibble_counts_v(uint8x16_t v) {
 /* acc + the sum of the nibbles of n (each at most 15) */
 static inline uint32_t bitc_nibbles_acc_v(uint32_t acc, uint8x16_t n) {
   return vaddvaq_u8(acc, vandq_u8(vaddq_u8(n, vshrq_n_u8(n, 4)), vdupq_n_u8(0x0F)));
+}
+#endif
+#if defined(__ARM_FP)
+/* v rounded to the nearest integer, ties to even (the FPSCR default), as int32: one VCVTR */
+static inline int32_t bitc_round_s32(float v) {
+  float r;
+  __asm("vcvtr.s32.f32 %0, %1" : "=t"(r) : "t"(v));
+  int32_t i;
+  __builtin_memcpy(&i, &r, 4);
+  return i;
 }
 #endif
 #if defined(__ARM_FEATURE_DSP)
@@ -134,7 +145,7 @@ def _row_accumulators(isa: str, k: int) -> list[str]:
         lines += [f"#pragma GCC unroll {math.gcd(words, 2)}", f"for (int32_t i = 0; i < {words}; ++i)"]
         lines += ["  BITC_SMLAD_4ROWS(a0, a1, a2, a3, ww, xu);"]
         return [*lines, f"w += {words * ROWS * 4};"]
-    lines = [f"const int32_t *xu = XU;", f"for (int32_t i = 0; i < {words}; ++i, xu += 4, w += 16) {{"]
+    lines = ["const int32_t *xu = XU;", f"for (int32_t i = 0; i < {words}; ++i, xu += 4, w += 16) {{"]
     for j in range(4):
         lines.append(f"  {{ int32_t xj = xu[{j}];")
         lines += [f"    a{r} += (int32_t)w[{4 * r + j}] * xj;" for r in range(ROWS)]
@@ -153,8 +164,10 @@ def _binary_row(isa: str, kw: int) -> list[str]:
             lines.append(f"a = {call or f'a + bitc_popcount({group[0]})'};")
         return lines
     vectors, tail = divmod(kw, 4)
-    loads = [f"veorq_u32(vldrwq_u32((const uint32_t*)x + {4 * v}), vldrwq_u32((const uint32_t*)p + {4 * v}))"
-             for v in range(vectors)]
+    loads = [
+        f"veorq_u32(vldrwq_u32((const uint32_t*)x + {4 * v}), vldrwq_u32((const uint32_t*)p + {4 * v}))"
+        for v in range(vectors)
+    ]
     if tail:  # both zeroed past the row: no mismatch
         pred = f"vctp32q({tail})"
         loads.append(
@@ -206,7 +219,7 @@ def _unpack(isa: str, k: int) -> list[str]:
     words = -(-k // 4)
     lines = [f"for (int32_t i = 0; i < {words}; ++i) {{"]
     lines += ["  int32_t x0 = x[4 * i], x1 = 0, x2 = 0, x3 = 0;"]
-    guard = lambda j: "" if k % 4 == 0 else f"if (4 * i + {j} < {k}) "  # noqa: E731
+    guard = lambda j: "" if k % 4 == 0 else f"if (4 * i + {j} < {k}) "
     lines += [f"  {guard(j)}x{j} = x[4 * i + {j}];" for j in (1, 2, 3)]
     lines.append("  sumx += x0 + x1 + x2 + x3;")
     if isa == "dsp":  # the pairs SXTB16 gives of x and of x rotated by 8
@@ -280,7 +293,10 @@ def _table_chunk(gc: int, stride: int, kc: int | None, n: int, first: bool) -> l
         f"for (int32_t j = 0; j < {n}; ++j, p += {gc}) {{",
         f"  float acc = {'0.0f' if first else 'y[j]'};",
         # the entry's address is T + byte * 4 * stride; the group's 4 * g is the load's offset
-        *(f"  acc += ((const float*)((const char*)T + ((uint32_t)p[{g}] << {shift})))[{g}];" for g in range(gc)),
+        *(
+            f"  acc += ((const float*)((const char*)T + ((uint32_t)p[{g}] << {shift})))[{g}];"
+            for g in range(gc)
+        ),
         "  y[j] = acc;",
         "}",
     ]
@@ -357,6 +373,28 @@ def float_codes_source(symbol: str, rows: int, k: int, n: int) -> str:
     return "\n".join(["", head, *("  " + line for line in body), "}", ""])
 
 
+def quantize_source(symbol: str, rows: int, n: int) -> str:
+    """``X (rows, n) float -> XQ (rows, n) int8, XS (rows,)``: the numerics' per-sample int8,
+    ``q = clamp(round_half_even(x / s), -127, 127)`` with ``s = max(amax, EPS) / 127``, each value
+    one division and one VCVTR (the portable kernel calls ``nearbyintf``)."""
+    body = [
+        f"for (int32_t m = 0; m < {rows}; ++m) {{",
+        f"  const float *x = X + m * {n};",
+        f"  int8_t *q = XQ + m * {n};",
+        "  float amax = 0.0f;",
+        f"  for (int32_t i = 0; i < {n}; ++i) {{ float a = fabsf(x[i]); amax = a > amax ? a : amax; }}",
+        f"  float s = (amax > {EPS!r}f ? amax : {EPS!r}f) / 127.0f;",
+        "  XS[m] = s;",
+        f"  for (int32_t i = 0; i < {n}; ++i) {{",
+        "    int32_t v = bitc_round_s32(x[i] / s);",
+        "    q[i] = (int8_t)(v < -127 ? -127 : v > 127 ? 127 : v);",
+        "  }",
+        "}",
+    ]
+    head = f"BITC_KERNEL void {symbol}(float* X, int8_t* XQ, float* XS) {{"
+    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+
+
 def table_floats(k: int) -> int:
     """Floats of the float kernel's table scratch: 256 entries per group of one chunk."""
     return 256 * _stride(k)
@@ -403,7 +441,9 @@ class Builder(_Builder):
         epi = [self.weight(t["scale"], "float32"), self.weight(t["bias"], "float32")]
         table = self.new_tensor(f"{node.name}_table", (table_floats(a.k),), "float32")
         y = self.new_tensor(node.name, out_shape, "float32")
-        self.call(kern, [x.name, p, *epi, table.name, y.name], [x.name], [table.name, y.name], self.label(node))
+        self.call(
+            kern, [x.name, p, *epi, table.name, y.name], [x.name], [table.name, y.name], self.label(node)
+        )
 
     def float_codes(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple, q: np.ndarray) -> None:
         x = self.tensors[call.x.name]
@@ -467,8 +507,23 @@ class Builder(_Builder):
     def kernel(self, key: Any, build: Any, symbol: str, unroll: bool = False) -> Kernel:
         """W1A1 dense kernels (pm1 layers and the row kernels of tiled layers) in C on the cores
         of ``BINARY_C``; every other kernel from TIR."""
+        if key[0] == "q8" and self.isa != "scalar":  # FPU cores: VCVTR rounds
+            (rest, rows), n = key[1:], math.prod(key[1])
+            params = (
+                KernelParam("X", "float32", (rows, *rest)),
+                KernelParam("XQ", "int8", (rows, *rest)),
+                KernelParam("XS", "float32", (rows,)),
+            )
+            return self._c_kernel(
+                key, f"bitc_quantize_int8_{n}", params, lambda s: quantize_source(s, rows, n)
+            )
         spec = key[1] if key[0] == "dense" else None
-        w1a1 = spec is not None and (spec.act, spec.code, spec.bits, spec.has_offset) == ("binary", "pm1", 1, False)
+        w1a1 = spec is not None and (spec.act, spec.code, spec.bits, spec.has_offset) == (
+            "binary",
+            "pm1",
+            1,
+            False,
+        )
         if not w1a1 or self.isa not in BINARY_C:
             return super().kernel(key, build, symbol, unroll)
         rows, k, n, kw = key[-1], spec.in_features, spec.out_features, -(-spec.in_features // 32)

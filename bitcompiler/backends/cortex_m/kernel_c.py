@@ -281,7 +281,9 @@ def generate_c(kernels: list[Kernel], prelude: str = PRELUDE, rewrite: Any = Non
 
 def split_kernels(kernels: list[Kernel]) -> tuple[list[Kernel], list[str]]:
     """TVM kernels (a PrimFunc) and hand-written C kernels (their source)."""
-    return [k for k in kernels if not isinstance(k.func, str)], [k.func for k in kernels if isinstance(k.func, str)]
+    return [k for k in kernels if not isinstance(k.func, str)], [
+        k.func for k in kernels if isinstance(k.func, str)
+    ]
 
 
 def _popcount_term(stmt: Any) -> Any:
