@@ -62,6 +62,11 @@ static inline int32_t bitc_round_s32(float v) {
   __builtin_memcpy(&i, &r, 4);
   return i;
 }
+#else /* host builds (sanitizers): nearbyintf, clamped to the int8 range first */
+static inline int32_t bitc_round_s32(float v) {
+  v = nearbyintf(v);
+  return (int32_t)(v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v);
+}
 #endif
 #if defined(__ARM_FEATURE_DSP)
 #include <arm_acle.h>
@@ -85,6 +90,21 @@ static inline int32_t bitc_round_s32(float v) {
   "smlad %[" #a "], %[t], %[xa], %[" #a "]\\n\\t"                                                \\
   "sxtb16 %[c], %[c], ror #8\\n\\t"                                                              \\
   "smlad %[" #a "], %[c], %[xb], %[" #a "]\\n\\t"
+#else /* host builds (sanitizers): the same sums in C */
+static inline int32_t bitc_smlad_row(int32_t c, int32_t xa, int32_t xb, int32_t a) {
+  a += (int32_t)(int8_t)c * (int16_t)xa + (int32_t)(int8_t)(c >> 16) * (int16_t)(xa >> 16);
+  return a + (int32_t)(int8_t)(c >> 8) * (int16_t)xb + (int32_t)(int8_t)(c >> 24) * (int16_t)(xb >> 16);
+}
+#define BITC_SMLAD_4ROWS(A0, A1, A2, A3, W, XU)                                              \\
+  do {                                                                                       \\
+    int32_t xa_ = (XU)[0], xb_ = (XU)[1];                                                    \\
+    A0 = bitc_smlad_row((W)[0], xa_, xb_, A0);                                               \\
+    A1 = bitc_smlad_row((W)[1], xa_, xb_, A1);                                               \\
+    A2 = bitc_smlad_row((W)[2], xa_, xb_, A2);                                               \\
+    A3 = bitc_smlad_row((W)[3], xa_, xb_, A3);                                               \\
+    (XU) += 2;                                                                               \\
+    (W) += 4;                                                                                \\
+  } while (0)
 #endif
 """
 
