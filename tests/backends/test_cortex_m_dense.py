@@ -116,3 +116,11 @@ def test_helium_tiled_rows_and_scalar_option():
         cm = bc.compile(net, (x,), target=bc.Target("cortex-m55", mve=mve), scheme=scheme)
         assert any(k.startswith(f"bitc_{isa}_tiled_rows") for k in cm.report().extra["kernels"].values())
         assert torch.equal(cm(xs), cm.reference(xs))
+
+
+def test_half_codes_pair_two_inputs_per_word():
+    q = np.arange(5 * 3).reshape(5, 3) - 7  # N = 5 (padded to 8 rows), K = 3 (padded to 4)
+    words = dense_c.store_half_codes(q).reshape(2, 2, 4)  # [N/4][K/2][4 rows]
+    assert words[0, 0, 1:2].view(np.float16).tolist() == [q[1, 0], q[1, 1]]
+    assert words[1, 1, 0:1].view(np.float16).tolist() == [q[4, 2], 0]
+    assert words[1, 0, 3] == 0  # padded rows are zero

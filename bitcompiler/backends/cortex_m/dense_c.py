@@ -53,6 +53,9 @@ static inline uint32_t bitc_nibbles_acc_v(uint32_t acc, uint8x16_t n) {
   return vaddvaq_u8(acc, vandq_u8(vaddq_u8(n, vshrq_n_u8(n, 4)), vdupq_n_u8(0x0F)));
 }
 #endif
+/* the 32 bits at p in a float register (one VLDR: a may_alias float read of the int32 word) */
+typedef float bitc_float_alias __attribute__((may_alias));
+static inline float bitc_word_float(const int32_t *p) { return *(const bitc_float_alias *)p; }
 #if defined(__ARM_FP)
 /* v rounded to the nearest integer, ties to even (the FPSCR default), as int32: one VCVTR */
 static inline int32_t bitc_round_s32(float v) {
@@ -62,7 +65,40 @@ static inline int32_t bitc_round_s32(float v) {
   __builtin_memcpy(&i, &r, 4);
   return i;
 }
-#else /* host builds (sanitizers): nearbyintf, clamped to the int8 range first */
+/* the low / high half float of a word held in a float register, widened: one VCVTB / VCVTT */
+static inline float bitc_f16_lo(float w) {
+  float r;
+  __asm("vcvtb.f32.f16 %0, %1" : "=t"(r) : "t"(w));
+  return r;
+}
+static inline float bitc_f16_hi(float w) {
+  float r;
+  __asm("vcvtt.f32.f16 %0, %1" : "=t"(r) : "t"(w));
+  return r;
+}
+#else /* host builds (sanitizers): the same in C */
+static inline float bitc_half(uint32_t h) {
+  uint32_t e = (h >> 10) & 31u, m = h & 1023u, bits;
+  if (e == 0) {
+    float v = (float)m * (1.0f / 16777216.0f);
+    return (h & 0x8000u) ? -v : v;
+  }
+  bits = ((h & 0x8000u) << 16) | (e == 31 ? 0x7F800000u : (e + 112u) << 23) | (m << 13);
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+static inline float bitc_f16_lo(float w) {
+  uint32_t u;
+  __builtin_memcpy(&u, &w, 4);
+  return bitc_half(u & 0xFFFFu);
+}
+static inline float bitc_f16_hi(float w) {
+  uint32_t u;
+  __builtin_memcpy(&u, &w, 4);
+  return bitc_half(u >> 16);
+}
+/* nearbyintf, clamped to the int8 range first */
 static inline int32_t bitc_round_s32(float v) {
   v = nearbyintf(v);
   return (int32_t)(v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v);
@@ -368,19 +404,31 @@ def _stride(k: int) -> int:
 
 
 def float_codes_source(symbol: str, rows: int, k: int, n: int) -> str:
-    """``X (rows, K) float, W (codes as floats, [N/4][K][4]), SC, OF, BI, Y (rows, N)``: four rows
-    a step share each input; ``fmaf`` is one VFMA."""
+    """``X (rows, K) float, W (codes as fp16 pairs, [N/4][K/2][4 rows]), SC, OF, BI, Y (rows, N)``:
+    four rows a step share two inputs; each row's word holds its two codes as half floats (exact:
+    integers below 2048), widened by VCVTB / VCVTT; ``fmaf`` is one VFMA."""
+    pairs, odd = divmod(k, 2)
+    fma = [
+        f"      {{ float w = bitc_word_float(W2 + {r}); a{r} = fmaf(bitc_f16_hi(w), x1, fmaf(bitc_f16_lo(w), x0, a{r})); }}"
+        for r in range(ROWS)
+    ]
     body = [
         f"for (int32_t m = 0; m < {rows}; ++m) {{",
-        f"  const float *x = X + m * {k}, *w = W;",
+        f"  const float *x = X + m * {k};",
+        "  const int32_t *W2 = (const int32_t*)W;",
         "  float sumx = 0.0f;",
         f"  for (int32_t i = 0; i < {k}; ++i) sumx += x[i];",
         f"  for (int32_t j = 0; j < {n}; j += {ROWS}) {{",
         "    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;",
-        f"    for (int32_t i = 0; i < {k}; ++i, w += {ROWS}) {{",
-        "      float xi = x[i];",
-        *(f"      a{r} = fmaf(w[{r}], xi, a{r});" for r in range(ROWS)),
+        f"    for (int32_t i = 0; i < {2 * pairs}; i += 2, W2 += {ROWS}) {{",
+        "      float x0 = x[i], x1 = x[i + 1];",
+        *fma,
         "    }",
+        *(
+            [f"    {{ float x0 = x[{k - 1}], x1 = 0.0f;", *("  " + f for f in fma), f"      W2 += {ROWS}; }}"]
+            if odd
+            else []
+        ),
         "    float accs[4] = {a0, a1, a2, a3};",
         f"    for (int32_t r = 0; r < {ROWS} && j + r < {n}; ++r) {{",
         "      int32_t n = j + r;",
@@ -389,8 +437,19 @@ def float_codes_source(symbol: str, rows: int, k: int, n: int) -> str:
         "  }",
         "}",
     ]
-    head = f"BITC_KERNEL void {symbol}(float* X, float* W, float* SC, float* OF, float* BI, float* Y) {{"
+    head = f"BITC_KERNEL void {symbol}(float* X, int32_t* W, float* SC, float* OF, float* BI, float* Y) {{"
     return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+
+
+def store_half_codes(q: np.ndarray) -> np.ndarray:
+    """``(N, K)`` integer codes -> int32 words ``[N/4][K/2][4 rows]``, each the row's two codes as
+    IEEE half floats (low half: the even input), zero padded."""
+    n, k = q.shape
+    np_, kp = -(-n // ROWS) * ROWS, -(-k // 2) * 2
+    padded = np.zeros((np_, kp), np.float16)
+    padded[:n, :k] = q
+    words = padded.view(np.uint32).astype(np.uint32)  # (np_, kp / 2): little endian, even input low
+    return words.reshape(np_ // ROWS, ROWS, kp // 2).transpose(0, 2, 1).reshape(-1).view(np.int32)
 
 
 def quantize_source(symbol: str, rows: int, n: int) -> str:
@@ -468,14 +527,11 @@ class Builder(_Builder):
     def float_codes(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple, q: np.ndarray) -> None:
         x = self.tensors[call.x.name]
         rows, (n, k) = math.prod(x.shape[:-1]), q.shape
-        np_ = -(-n // ROWS) * ROWS
-        padded = np.zeros((np_, k), np.float32)
-        padded[:n] = q
-        stored = padded.reshape(np_ // ROWS, ROWS, k).transpose(0, 2, 1).reshape(-1)
-        w = self._stored(call, "fcodes", stored)
+        stored = store_half_codes(q)
+        w = self._stored(call, "hcodes", stored)
         params = (
             KernelParam("X", "float32", (rows, k)),
-            KernelParam("W", "float32", (stored.size,)),
+            KernelParam("W", "int32", (stored.size,)),
             *(KernelParam(p, "float32", (n,)) for p in ("SC", "OF", "BI")),
             KernelParam("Y", "float32", (rows, n)),
         )
@@ -571,7 +627,7 @@ class Builder(_Builder):
         if a.act in ("int8", "float") and not a.threshold and not (a.act == "float" and self.isa == "scalar"):
             planes = self.state[self.param_of[call.tensors["planes"].name]].detach().cpu()
             q = planes_to_code(planes, a.k, a.code).numpy()  # (N, K) int64
-            if a.act == "float":  # FPU cores: the codes as floats, one VFMA a weight
+            if a.act == "float" and np.abs(q).max() <= 2048:  # FPU cores: codes as half floats, VFMA
                 return self.float_codes(node, call, out_shape, q)
             lo, hi = int(q.min()), int(q.max())
             if lo >= -128 and (hi <= 127 or (lo >= 0 and hi <= 255)):
