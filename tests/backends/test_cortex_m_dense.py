@@ -124,3 +124,25 @@ def test_half_codes_pair_two_inputs_per_word():
     assert words[0, 0, 1:2].view(np.float16).tolist() == [q[1, 0], q[1, 1]]
     assert words[1, 1, 0:1].view(np.float16).tolist() == [q[4, 2], 0]
     assert words[1, 0, 3] == 0  # padded rows are zero
+
+
+@needs_toolchain
+@pytest.mark.parametrize("core", CORES)
+def test_int8_convs_run_the_dense_loop_on_im2col_rows(core):
+    """Padding, stride 2, 3 and 8 input channels (K = 27 and 72), 8 and 6 output channels."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 5 * 5, 10),
+    )
+    x = torch.randn(1, 3, 10, 10)
+    cm = bc.compile(net, (x,), target=core, scheme="uniform:bits=8,act=8,first_last=quantize")
+    kernels = cm.report().extra["kernels"]
+    convs = [k for label, k in kernels.items() if "bit_conv2d" in label]
+    assert len(convs) == 2 and all(k.startswith(f"bitc_conv2d_int8_{ISA[core]}_") for k in convs), kernels
+    xs = torch.randn(3, 3, 10, 10)
+    assert torch.equal(cm(xs), cm.reference(xs))

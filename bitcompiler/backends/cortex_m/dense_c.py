@@ -49,6 +49,7 @@ from bitcompiler.backends.cortex_m.dense_sources import (
     table_floats,
 )
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
+from bitcompiler.backends.cortex_m.sign_readers import packed_readers
 from bitcompiler.quant.numerics import planes_to_code
 
 __all__ = ["PRELUDE", "Builder", "builder_for"]
@@ -220,6 +221,22 @@ class Builder(_Builder):
             KernelParam("Y", "float32", (rows, n)),
         )
         return Kernel(name, params, binary_source(name, self.isa, rows, k, n, spec.threshold))
+
+    def bit_conv2d(self, node: torch.fx.Node, out_shape: tuple) -> None:
+        """Groups-1 int8-activation convs with unsigned codes: im2col rows into the int8 loop."""
+        from bitcompiler import kernels
+        from bitcompiler.backends.cortex_m import conv_c
+
+        call = ops.bind(node)
+        a: ops.BitConv2dAttrs = call.attrs
+        bits, o = (int(d) for d in call.tensors["planes"].meta["val"].shape[:2])
+        _, _, h, w = self.tensors[call.x.name].shape
+        spec = kernels.ConvSpec.from_attrs(a, o, h, w, bits)
+        if a.act != "int8" or a.groups != 1 or a.threshold or not kernels.codes_conv_fits(spec):
+            return super().bit_conv2d(node, out_shape)
+        if packed_readers(node):  # read only as packed signs: the portable kernel writes them
+            return super().bit_conv2d(node, out_shape)
+        return conv_c.int8_conv(self, node, call, spec, out_shape)
 
     def bit_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         call = ops.bind(node)

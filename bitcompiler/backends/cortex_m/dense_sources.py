@@ -18,7 +18,7 @@ def int8_block(isa: str) -> int:
     return 16 if isa == "mve" else 4
 
 
-def _row_accumulators(isa: str, k: int) -> list[str]:
+def row_accumulators(isa: str, k: int) -> list[str]:
     """C lines: ``a0..a3 += codes(rows) . x`` over one block row, ``w`` advancing."""
     if isa == "mve":
         full, tail = divmod(k, 16)
@@ -99,7 +99,7 @@ def binary_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: b
     return "\n".join(["", head, *("  " + line for line in body), "}", ""])
 
 
-def _unpack(isa: str, k: int) -> list[str]:
+def unpack(isa: str, k: int) -> list[str]:
     """C lines: ``sumx`` of the sample's ``x``; the operands the scalar and DSP loops read (``XU``)."""
     if isa == "mve":
         full, tail = divmod(k, 16)
@@ -133,10 +133,10 @@ def int8_source(symbol: str, isa: str, rows: int, k: int, n: int, shift: bool) -
         f"  const int8_t *x = XQ + m * {k};",
         "  const int8_t *w = W;",
         "  int32_t sumx = 0;",
-        *("  " + line for line in _unpack(isa, k)),
+        *("  " + line for line in unpack(isa, k)),
         f"  for (int32_t j = 0; j < {n}; j += {ROWS}) {{",
         "    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;",
-        *("    " + line for line in _row_accumulators(isa, k)),
+        *("    " + line for line in row_accumulators(isa, k)),
         "    int32_t accs[4] = {a0, a1, a2, a3};",
         f"    for (int32_t r = 0; r < {ROWS} && j + r < {n}; ++r) {{",
         "      int32_t n = j + r, acc = accs[r];",
