@@ -115,18 +115,18 @@ class Builder(_Builder):
             KernelParam("X", "float32", (rows, a.k)),
             KernelParam("P", "uint8", (self.weights[p].array.size,)),
             *(KernelParam(q, "float32", (n,)) for q in ("SC", "BI")),
-            KernelParam("T", "float32", (table_floats(a.k),)),
+            KernelParam("T", "float32", (table_floats(a.k, n, self.isa == "mve"),)),
             KernelParam("Y", "float32", (rows, n)),
         )
         kern = self._c_kernel(
-            ("dense_float_table", a.k, n, rows),
-            f"bitc_dense_float_table_{a.k}x{n}",
+            ("dense_float_table", a.k, n, rows, self.isa == "mve"),
+            f"bitc_dense_float_table_{a.k}x{n}" + ("_mve" if self.isa == "mve" else ""),
             params,
-            lambda s: float_pm1_source(s, rows, a.k, n),
+            lambda s: float_pm1_source(s, rows, a.k, n, self.isa == "mve"),
         )
         t = call.tensors
         epi = [self.weight(t["scale"], "float32"), self.weight(t["bias"], "float32")]
-        table = self.new_tensor(f"{node.name}_table", (table_floats(a.k),), "float32")
+        table = self.new_tensor(f"{node.name}_table", (table_floats(a.k, n, self.isa == "mve"),), "float32")
         y = self.new_tensor(node.name, out_shape, "float32")
         self.call(
             kern, [x.name, p, *epi, table.name, y.name], [x.name], [table.name, y.name], self.label(node)

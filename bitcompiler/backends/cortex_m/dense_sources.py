@@ -161,7 +161,7 @@ def _half_table(name: str, xs: list[str]) -> list[str]:
     return lines
 
 
-def _table_chunk(gc: int, stride: int, kc: int | None, n: int, first: bool) -> list[str]:
+def _table_chunk(gc: int, stride: int, kc: int | None, n: int, first: bool, mve: bool) -> list[str]:
     """C lines for one chunk of ``gc`` groups at ``xc``: build its table ``T``, then add one entry
     per group to every row's ``y[j]`` (``first``: the first chunk sets it). ``kc``: the inputs
     left when the chunk's last group is partial (those past it count as 0)."""
@@ -170,18 +170,29 @@ def _table_chunk(gc: int, stride: int, kc: int | None, n: int, first: bool) -> l
     load = [f"  float x{b} = xg[{b}];" for b in range(8)]
     if kc is not None:
         load = [f"  float x{b} = (8 * g + {b} < {kc}) ? xg[{b}] : 0.0f;" for b in range(8)]
+    fill = [
+        "#pragma GCC unroll 16",
+        f"    for (int32_t l = 0; l < 16; ++l) t[l * {stride}] = hv + lo[l];",
+    ]
+    if mve:  # four entries a step: VADD of the low table's quarter, a scatter store
+        fill = [
+            f"    vstrwq_scatter_shifted_offset_f32(t, bitc_o{q}, vaddq_n_f32(bitc_l{q}, hv));"
+            for q in range(4)
+        ]
     build = [
         f"for (int32_t g = 0; g < {gc}; ++g) {{",
         "  const float *xg = xc + 8 * g;",
         *load,
         *("  " + line for line in _half_table("lo", xs[:4]) + _half_table("hi", xs[4:])),
+        *(f"  float32x4_t bitc_l{q} = vld1q_f32(lo + {4 * q});" for q in range(4) if mve),
         "  for (int32_t h = 0; h < 16; ++h) {",
         f"    float hv = hi[h], *t = T + h * {16 * stride} + g;",
-        "#pragma GCC unroll 16",
-        f"    for (int32_t l = 0; l < 16; ++l) t[l * {stride}] = hv + lo[l];",
+        *fill,
         "  }",
         "}",
     ]
+    if mve:
+        return build + _gather_rows(gc, stride, n, first)
     rows_loop = [
         f"for (int32_t j = 0; j < {n}; ++j, p += {gc}) {{",
         f"  float acc = {'0.0f' if first else 'y[j]'};",
@@ -196,8 +207,31 @@ def _table_chunk(gc: int, stride: int, kc: int | None, n: int, first: bool) -> l
     return build + rows_loop
 
 
-def float_pm1_source(symbol: str, rows: int, k: int, n: int) -> str:
-    """``X (rows, K) float, P (sign bytes), SC, BI, T (table scratch), Y (rows, N)``."""
+def _gather_rows(gc: int, stride: int, n: int, first: bool) -> list[str]:
+    """Helium: each row adds four groups' entries a step (byte indices widened by VLDRB.U32,
+    ``idx * stride + g`` by one VMLA, a gather load) into four float lanes kept in ``A``."""
+    quarters = range(-(-gc // 4))
+    lines = [
+        f"const uint32x4_t bitc_g{q} = {{{4 * q}, {4 * q + 1}, {4 * q + 2}, {4 * q + 3}}};" for q in quarters
+    ]
+    lines.append(f"for (int32_t j = 0; j < {n}; ++j, p += {gc}) {{")
+    lines.append(f"  float32x4_t acc = {'vdupq_n_f32(0.0f)' if first else 'vld1q_f32(A + 4 * j)'};")
+    for q in quarters:
+        g = f"bitc_g{q}"
+        if gc - 4 * q >= 4:
+            lines.append(
+                f"  acc = vaddq_f32(acc, vldrwq_gather_shifted_offset_f32(T, vmlaq_n_u32({g}, vldrbq_u32(p + {4 * q}), {stride})));"
+            )
+        else:  # the last groups: predicated loads, zero lanes
+            pred = f"vctp32q({gc - 4 * q})"
+            off = f"vmlaq_n_u32({g}, vldrbq_z_u32(p + {4 * q}, {pred}), {stride})"
+            lines.append(f"  acc = vaddq_f32(acc, vldrwq_gather_shifted_offset_z_f32(T, {off}, {pred}));")
+    return [*lines, "  vst1q_f32(A + 4 * j, acc);", "}"]
+
+
+def float_pm1_source(symbol: str, rows: int, k: int, n: int, mve: bool = False) -> str:
+    """``X (rows, K) float, P (sign bytes), SC, BI, T (table scratch), Y (rows, N)``; ``mve``: the
+    Helium table fill and row sums (four lanes per row in ``A``, after the table in ``T``)."""
     groups = -(-k // 8)
     stride = _stride(k)
     full, last = divmod(groups, stride)
@@ -211,12 +245,18 @@ def float_pm1_source(symbol: str, rows: int, k: int, n: int) -> str:
         f"  for (int32_t i = 0; i < {k}; ++i) sumx += x[i];",
         "  const uint8_t *p = P;",
     ]
+    if mve:
+        body += [f"  float *A = T + {256 * stride};"]
+        body += [
+            f"  const uint32x4_t bitc_o{q} = {{{', '.join(str((4 * q + i) * stride) for i in range(4))}}};"
+            for q in range(4)
+        ]
     for start, stop in ((0, min(full, 1)), (1, full)):  # the first chunk sets y, the others add
         if stop > start:
             body += [
                 f"  for (int32_t c = {start}; c < {stop}; ++c) {{",
                 f"    const float *xc = x + {8 * stride} * c;",
-                *("    " + line for line in _table_chunk(stride, stride, None, n, start == 0)),
+                *("    " + line for line in _table_chunk(stride, stride, None, n, start == 0, mve)),
                 "  }",
             ]
     if last:
@@ -224,7 +264,14 @@ def float_pm1_source(symbol: str, rows: int, k: int, n: int) -> str:
         body += [
             "  {",
             f"    const float *xc = x + {8 * stride * full};",
-            *("    " + line for line in _table_chunk(last, stride, kc, n, full == 0)),
+            *("    " + line for line in _table_chunk(last, stride, kc, n, full == 0, mve)),
+            "  }",
+        ]
+    if mve:  # the four lanes of each row
+        body += [
+            f"  for (int32_t j = 0; j < {n}; ++j) {{",
+            "    float32x4_t a = vld1q_f32(A + 4 * j);",
+            "    y[j] = (vgetq_lane_f32(a, 0) + vgetq_lane_f32(a, 1)) + (vgetq_lane_f32(a, 2) + vgetq_lane_f32(a, 3));",
             "  }",
         ]
     body += [
@@ -300,6 +347,7 @@ def quantize_source(symbol: str, rows: int, n: int) -> str:
     return "\n".join(["", head, *("  " + line for line in body), "}", ""])
 
 
-def table_floats(k: int) -> int:
-    """Floats of the float kernel's table scratch: 256 entries per group of one chunk."""
-    return 256 * _stride(k)
+def table_floats(k: int, n: int, mve: bool) -> int:
+    """Floats of the float kernel's scratch: 256 entries per group of one chunk (Helium: then
+    four partial sums per row)."""
+    return 256 * _stride(k) + (4 * n if mve else 0)
