@@ -23,7 +23,7 @@ import torch
 
 from bitcompiler import ops
 from bitcompiler.backends.cortex_m import float_ops
-from bitcompiler.backends.cortex_m.kernel_c import Kernel, generate_c, prepare_kernel, split_kernels
+from bitcompiler.backends.cortex_m.kernel_c import Kernel, prepare_kernel
 from bitcompiler.backends.cortex_m.program import (
     Program,
     Step,
@@ -382,24 +382,7 @@ def build_program(
     b = (builder or _Builder)(ep, target if target is not None else {"kind": "c"})
     graph_input, output = b.run()
     plan = plan_storage(b.tensors, b.steps, graph_input, output)
-    kernels = list(b.kernels.values())
+    kernels, weights = list(b.kernels.values()), list(b.weights.values())
     return Program(
-        graph_input,
-        output,
-        b.tensors,
-        b.steps,
-        list(b.weights.values()),
-        kernels,
-        plan,
-        b.layer_bytes,
-        b.layer_kernels,
+        graph_input, output, b.tensors, b.steps, weights, kernels, plan, b.layer_bytes, b.layer_kernels
     )
-
-
-def kernels_source(program: Program, prelude: str = "") -> str:
-    """``kernels.c``: the TVM kernels' C after the Cortex-M prelude and ``prelude``, then the
-    hand-written C kernels."""
-    from bitcompiler.backends.cortex_m.kernel_c import PRELUDE
-
-    tvm_kernels, c_kernels = split_kernels(program.kernels)
-    return generate_c(tvm_kernels, prelude=PRELUDE + prelude) + "".join(c_kernels)

@@ -286,6 +286,13 @@ def split_kernels(kernels: list[Kernel]) -> tuple[list[Kernel], list[str]]:
     ]
 
 
+def kernels_source(kernels: list[Kernel], prelude: str = "") -> str:
+    """``kernels.c``: the TVM kernels' C after the Cortex-M prelude and ``prelude``, then the
+    hand-written C kernels."""
+    tvm_kernels, c_kernels = split_kernels(kernels)
+    return generate_c(tvm_kernels, prelude=PRELUDE + prelude) + "".join(c_kernels)
+
+
 def _popcount_term(stmt: Any) -> Any:
     """``e`` when ``stmt`` is ``acc[i] = acc[i] + popcount(e)``, else None."""
     import tvm
