@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from bitcompiler import ops
-from bitcompiler.backends.cortex_m.dense_sources import ROWS, row_accumulators, unpack
+from bitcompiler.backends.cortex_m.dense_sources import (
+    ROWS,
+    int8_block,
+    row_accumulators,
+    store_int8_codes,
+    unpack,
+)
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
 
@@ -68,7 +74,6 @@ def int8_conv_source(symbol: str, isa: str, spec: Any, shift: bool) -> str:
 def int8_conv(b: Any, node: torch.fx.Node, call: ops.BoundCall, spec: Any, out_shape: tuple) -> None:
     """Lower one groups-1 int8 conv on the builder ``b`` (a :class:`.dense_c.Builder`)."""
     from bitcompiler import kernels
-    from bitcompiler.backends.cortex_m.dense_c import int8_block, store_int8_codes
 
     x = b.tensors[call.x.name]
     qual = b.param_of[call.tensors["planes"].name]

@@ -46,24 +46,16 @@ from bitcompiler.backends.cortex_m.dense_sources import (
     int8_block,
     int8_source,
     quantize_source,
+    store_int8_codes,
     table_floats,
 )
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 from bitcompiler.backends.cortex_m.sign_readers import packed_readers
 from bitcompiler.quant.numerics import planes_to_code
 
-__all__ = ["PRELUDE", "Builder", "builder_for"]
+__all__ = ["PRELUDE", "Builder", "builder_for", "store_int8_codes"]
 
 BINARY_C = ("mve", "dsp")  # the cores whose W1A1 dense runs the C kernel (else the TIR one)
-
-
-def store_int8_codes(codes: np.ndarray, block: int) -> np.ndarray:
-    """``(N, K)`` int8 codes -> the kernel's order ``[N/4][K/block][4 rows][block]``, zero padded."""
-    n, k = codes.shape
-    np_, kp = -(-n // ROWS) * ROWS, -(-k // block) * block
-    padded = np.zeros((np_, kp), np.int8)
-    padded[:n, :k] = codes
-    return padded.reshape(np_ // ROWS, ROWS, kp // block, block).transpose(0, 2, 1, 3).reshape(-1)
 
 
 def store_sign_bytes(planes: np.ndarray, k: int) -> np.ndarray:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from bitcompiler.quant.numerics.core import EPS
 
 ROWS = 4  # output rows a weight block holds (and the kernels accumulate at once)
@@ -16,6 +18,15 @@ TABLE_GROUPS = 8  # groups of 8 inputs whose tables one chunk of the float kerne
 def int8_block(isa: str) -> int:
     """Codes per row in one stored block: 16 (a Helium vector) or 4 (a 32-bit word)."""
     return 16 if isa == "mve" else 4
+
+
+def store_int8_codes(codes: np.ndarray, block: int) -> np.ndarray:
+    """``(N, K)`` int8 codes -> the kernel's order ``[N/4][K/block][4 rows][block]``, zero padded."""
+    n, k = codes.shape
+    np_, kp = -(-n // ROWS) * ROWS, -(-k // block) * block
+    padded = np.zeros((np_, kp), np.int8)
+    padded[:n, :k] = codes
+    return padded.reshape(np_ // ROWS, ROWS, kp // block, block).transpose(0, 2, 1, 3).reshape(-1)
 
 
 def row_accumulators(isa: str, k: int) -> list[str]:
