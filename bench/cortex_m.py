@@ -83,6 +83,25 @@ int bitc_run(const float *in, float *out) {
 }
 """
 
+CMSIS_MATVEC_C = """\
+/* Baseline: y = arm_mat_vec_mult_q7(W, x), CMSIS-DSP's q7 matrix x vector (4 rows at a time; its
+   q7 output is the int32 sum >> 7, saturated). */
+#include "dsp/matrix_functions.h"
+#include "model.h"
+#include "weights.h"
+
+static q7_t xq[%(K)d];
+static q7_t yq[%(N)d];
+
+int bitc_run(const float *in, float *out) {
+  for (int k = 0; k < %(K)d; ++k) xq[k] = (q7_t)in[k];  /* input already holds int8 values */
+  arm_matrix_instance_q7 w = {%(N)d, %(K)d, (q7_t *)bitc_w_int8};
+  arm_mat_vec_mult_q7(&w, xq, yq);
+  for (int n = 0; n < %(N)d; ++n) out[n] = bitc_scale * (float)yq[n];
+  return 0;
+}
+"""
+
 # CMSIS-Core's compiler macros that CMSIS-DSP's headers use, for GCC (CMSIS-Core is not in the
 # cmsisdsp package). The DSP intrinsics map to the ACLE builtins: the same SXTB16 / SMLAD.
 CMSIS_COMPILER_H = """\
@@ -104,9 +123,21 @@ __STATIC_FORCEINLINE uint32_t __ROR(uint32_t x, uint32_t n) {
 #include <arm_acle.h>
 #define __SMLAD(x, y, sum) ((int32_t)__smlad((x), (y), (sum)))
 #define __SXTB16(x) ((uint32_t)__sxtb16((x)))
+#define __SSAT(x, n) __ssat((x), (n))
+#else
+__STATIC_FORCEINLINE int32_t __SSAT(int32_t x, uint32_t n) {
+  int32_t hi = (int32_t)((1u << (n - 1u)) - 1u), lo = -hi - 1;
+  return x > hi ? hi : x < lo ? lo : x;
+}
 #endif
 """
-CMSIS_FILES = ("Include", "PrivateInclude", "Source/BasicMathFunctions/arm_dot_prod_q7.c", "LICENSE")
+CMSIS_FILES = (
+    "Include",
+    "PrivateInclude",
+    "Source/BasicMathFunctions/arm_dot_prod_q7.c",
+    "Source/MatrixFunctions/arm_mat_vec_mult_q7.c",
+    "LICENSE",
+)
 
 
 def cmsis_dsp_dir() -> Path:
@@ -118,7 +149,7 @@ def cmsis_dsp_dir() -> Path:
     except metadata.PackageNotFoundError as e:
         raise RuntimeError("CMSIS-DSP baseline: pip install -e '.[bench]' (needs cmsisdsp)") from e
     cache = Path("~/.cache/bitcompiler").expanduser() / f"cmsisdsp-{version}"
-    if (cache / CMSIS_FILES[2]).exists():
+    if all((cache / f).exists() for f in CMSIS_FILES):
         return cache
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
@@ -139,18 +170,21 @@ def cmsis_dsp_dir() -> Path:
     return cache
 
 
-def _int8_bundle(directory: Path, target: bc.Target, cmsis: Path | None = None) -> Path:
-    """The int8 baseline firmware: the plain C loop, or ``arm_dot_prod_q7`` from ``cmsis``."""
+def _int8_bundle(directory: Path, target: bc.Target, cmsis: Path | None = None, matvec: bool = False) -> Path:
+    """The int8 baseline firmware: the plain C loop, or from ``cmsis`` ``arm_dot_prod_q7`` per row
+    (``matvec``: ``arm_mat_vec_mult_q7``)."""
     board = board_for(target)
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, size=(N, K), dtype=np.int8)
     items = ",".join(str(int(v)) for v in w.reshape(-1))
     model_c, kernels_c, make = INT8_MODEL_C, "", makefile(board)
     if cmsis is not None:
-        model_c = CMSIS_MODEL_C
-        kernels_c = (cmsis / CMSIS_FILES[2]).read_text(encoding="utf-8-sig")
+        model_c = CMSIS_MATVEC_C if matvec else CMSIS_MODEL_C
+        kernels_c = (cmsis / CMSIS_FILES[3 if matvec else 2]).read_text(encoding="utf-8-sig")
         (directory / "cmsis_compiler.h").write_text(CMSIS_COMPILER_H)
         flags = f"-I. -I{cmsis / 'Include'} -I{cmsis / 'PrivateInclude'} -DARM_MATH_LOOPUNROLL"
+        if "mve" in target.capabilities.features:  # CMSIS-DSP's Helium code (mat x vec has one)
+            flags += " -DARM_MATH_HELIUM"
         make = make.replace("\nARCH    := ", f"\nARCH    := {flags} ", 1)
     files = {
         "model.h": f"#pragma once\n#define BITC_INPUT_SIZE {K}\n#define BITC_OUTPUT_SIZE {N}\nint bitc_run(const float *in, float *out);\n",
@@ -171,37 +205,69 @@ def _int8_bundle(directory: Path, target: bc.Target, cmsis: Path | None = None) 
     return qemu.build(directory)
 
 
-def measure(target_name: str) -> dict:
-    """The 256x256 dense: bitcompiler W1A1 and W1 (float activations) vs the two int8 baselines."""
-    target = bc.Target(target_name)
-    torch.manual_seed(0)
-    x = torch.randn(1, K)
-    row: dict = {"bench": f"dense {K}x{N}", "target": target_name, "batch": 1, "threads": 1}
-    for label, scheme in (
-        ("w1a1", "binary:act=binary,first_last=quantize"),
-        ("w1a32", "binary:first_last=quantize"),
-    ):
+DENSE_SCHEMES = {
+    "w1a1": "binary:act=binary,first_last=quantize",
+    "w1a32": "binary:first_last=quantize",  # 1-bit weights, float activations
+    "int8": "uniform:bits=8,act=8,first_last=quantize",  # 8-bit codes x int8 activations
+    "tiled": "tiled:p=4,act=binary,first_last=quantize",
+}
+
+
+def _bitcompiler_dense(target: bc.Target, x: torch.Tensor, prefix: str = "") -> dict:
+    """Instructions and flash of the 256x256 layer per scheme on ``target``; output == reference."""
+    row = {}
+    for label, scheme in DENSE_SCHEMES.items():
         cm = bc.compile(nn.Linear(K, N), (x,), target=target, scheme=scheme)
-        row[f"{label}_instructions"] = cm.report().extra["instructions"]
-        row[f"{label}_flash"] = cm.report().extra["flash_bytes"]
+        xs = torch.randn(2, K)
+        assert torch.allclose(cm(xs), cm.reference(xs), rtol=1e-5, atol=1e-5), f"{label}: output != reference"
+        extra = cm.report().extra
+        row[f"{prefix}{label}_instructions"] = extra["instructions"]
+        row[f"{prefix}{label}_flash"] = extra["flash_bytes"]
+        row[f"{prefix}{label}_kernels"] = [k for k in extra["kernels"].values() if "quantize" not in k]
+    return row
+
+
+def _baselines(target: bc.Target, x: torch.Tensor) -> dict:
+    """The plain C int8 loop and CMSIS-DSP's q7 dot product per row and matrix x vector."""
+    row: dict = {}
+    xq = np.clip(np.round(x.numpy() * 40), -127, 127).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         elf = _int8_bundle(Path(tmp), target)
-        xq = np.clip(np.round(x.numpy() * 40), -127, 127).astype(np.float32)
         res = qemu.run(board_for(target), elf, xq, N, count=True)
-        row["int8_c_instructions"] = res.instructions
-        row["int8_c_flash"] = qemu.sizes(elf).flash_bytes
+        row["int8_c_instructions"], row["int8_c_flash"] = res.instructions, qemu.sizes(elf).flash_bytes
     with tempfile.TemporaryDirectory() as tmp:
         elf = _int8_bundle(Path(tmp), target, cmsis_dsp_dir())
         cmsis = qemu.run(board_for(target), elf, xq, N, count=True)
         assert np.array_equal(cmsis.output, res.output), "CMSIS-DSP q7 and the C loop disagree"
-        row["cmsis_q7_instructions"] = cmsis.instructions
-        row["cmsis_q7_flash"] = qemu.sizes(elf).flash_bytes
+        row["cmsis_q7_instructions"], row["cmsis_q7_flash"] = cmsis.instructions, qemu.sizes(elf).flash_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        elf = _int8_bundle(Path(tmp), target, cmsis_dsp_dir(), matvec=True)
+        matvec = qemu.run(board_for(target), elf, xq, N, count=True)
+        expected = np.clip(np.floor(res.output / np.float32(0.01) + 0.5) // 128, -128, 127) * np.float32(0.01)
+        assert np.allclose(matvec.output, expected, rtol=1e-5), "arm_mat_vec_mult_q7 and the C loop disagree"
+        row["cmsis_matvec_q7_instructions"] = matvec.instructions
+        row["cmsis_matvec_q7_flash"] = qemu.sizes(elf).flash_bytes
+    return row
+
+
+def measure(target_name: str) -> dict:
+    """The 256x256 dense: bitcompiler per scheme vs the int8 baselines; on a Helium core also
+    bitcompiler without Helium (``mve=False``: the scalar DSP kernels), prefixed ``scalar_``."""
+    target = bc.Target(target_name)
+    torch.manual_seed(0)
+    x = torch.randn(1, K)
+    row: dict = {"bench": f"dense {K}x{N}", "target": target_name, "batch": 1, "threads": 1}
+    row.update(_bitcompiler_dense(target, x))
+    if "mve" in target.capabilities.features:
+        row.update(_bitcompiler_dense(bc.Target(target_name, mve=False), x, "scalar_"))
+    row.update(_baselines(target, x))
     row["speedup_w1a1_vs_int8_c"] = round(row["int8_c_instructions"] / row["w1a1_instructions"], 2)
     row["speedup_w1a1_vs_cmsis_q7"] = round(row["cmsis_q7_instructions"] / row["w1a1_instructions"], 2)
     return row
 
 
 MLP_SCHEMES = {
+    "default": "binary",  # fc1 and fc2 keep 8-bit codes, float activations (the default scheme)
     "binary": "binary:act=binary,first_last=quantize",
     "tiled p=4": "tiled:p=4,act=binary,first_last=quantize",  # fc1 tiled; fc2 is too small (binary)
     "int8": "uniform:bits=8,act=8,first_last=quantize",  # 8 weight bit-planes x int8 activations
@@ -232,27 +298,57 @@ def measure_mlp(target_name: str) -> list[dict]:
     return rows
 
 
+def _cell(r: dict, key: str) -> str:
+    return f"{r[f'{key}_instructions']:,} ({r[f'{key}_flash']:,} B)"
+
+
 def markdown(rows: list[dict]) -> list[str]:
     """The Cortex-M section of BENCHMARKS.md: instruction counts (exact, QEMU), flash and RAM."""
     lines = [
         (
             "Instructions executed by one inference, counted exactly under QEMU between markers around "
-            "the model call (same harness, `arm-none-eabi-gcc -O2`, board flags); `Nx` = baseline "
-            "instructions / W1A1 instructions. Reproduce: `python -m bench.cortex_m cortex-m4`."
+            "the model call (same harness, `arm-none-eabi-gcc -O2`, board flags); flash in parentheses. "
+            "CMSIS-DSP q7: `arm_dot_prod_q7` per row; mat x vec: `arm_mat_vec_mult_q7` (4 rows at a time, "
+            "Helium on M55). `Nx` = baseline instructions / bitcompiler instructions. "
+            "Reproduce: `python -m bench.cortex_m cortex-m4 cortex-m55`."
         ),
         "",
     ]
-    dense = []
-    for r in (r for r in rows if r["bench"].startswith("dense")):
-        cells = [r["target"], r["bench"]]
-        cells += [
-            f"{r[f'{c}_instructions']:,} ({r[f'{c}_flash']:,} B flash)"
-            for c in ("w1a1", "w1a32", "int8_c", "cmsis_q7")
+    dense = [r for r in rows if r["bench"].startswith("dense")]
+    cols = ("w1a1", "w1a32", "int8", "int8_c", "cmsis_q7", "cmsis_matvec_q7")
+    body = [[r["target"], *(_cell(r, c) for c in cols)] for r in dense]
+    head = ["target", "W1A1", "W1 (float act)", "int8", "plain C int8", "CMSIS-DSP q7", "CMSIS mat x vec q7"]
+    lines += [
+        f"**dense {K}x{N}** (bitcompiler: W1A1, W1 with float activations, int8 = `uniform:bits=8,act=8`)",
+        "",
+    ]
+    lines += markdown_table(head, body) + [""]
+    ratios = [
+        [r["target"]]
+        + [
+            f"{r[f'{b}_instructions'] / r[f'{c}_instructions']:.1f}x"
+            for b in ("cmsis_q7", "cmsis_matvec_q7")
+            for c in ("w1a1", "w1a32", "int8")
         ]
-        cells += [f"**{r['speedup_w1a1_vs_int8_c']:.1f}x**", f"**{r['speedup_w1a1_vs_cmsis_q7']:.1f}x**"]
-        dense.append(cells)
-    head = ["target", "layer", "W1A1", "W1 (float act)", "plain C int8", "CMSIS-DSP q7"]
-    lines += markdown_table([*head, "W1A1 vs C int8", "W1A1 vs CMSIS q7"], dense) + [""]
+        for r in dense
+    ]
+    head = [
+        "target",
+        *(f"{c} vs {b}" for b in ("CMSIS q7", "mat x vec") for c in ("W1A1", "W1 float", "int8")),
+    ]
+    lines += markdown_table(head, ratios) + [""]
+    helium = [r for r in dense if "scalar_w1a1_instructions" in r]
+    if helium:
+        lines += ["**Helium (MVE) against the scalar kernels** (`Target(..., mve=False)`), same layer:", ""]
+        body = []
+        for r in helium:
+            for c in DENSE_SCHEMES:
+                cells = [r["target"], c, _cell(r, f"scalar_{c}"), _cell(r, c)]
+                cells.append(f"**{r[f'scalar_{c}_instructions'] / r[f'{c}_instructions']:.2f}x**")
+                cells.append(", ".join(f"`{k}`" for k in r[f"{c}_kernels"]))
+                body.append(cells)
+        head = ["target", "layer", "scalar", "Helium", "scalar / Helium", "kernels (Helium build)"]
+        lines += markdown_table(head, body) + [""]
     mlp = [
         [r["target"], r["bench"], r["variant"], f"`{r['scheme']}`"]
         + [f"{r['instructions']:,}", f"{r['flash_bytes']:,}", f"{r['ram_bytes']:,}"]
@@ -265,7 +361,7 @@ def markdown(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    targets = sys.argv[1:] or ["cortex-m4"]
+    targets = sys.argv[1:] or ["cortex-m4", "cortex-m55"]
     rows = []
     for t in targets:
         rows += [measure(t), *measure_mlp(t)]

@@ -130,7 +130,7 @@ def test_tiled_mlp_on_cortex_m4_matches_reference():
     ops = [str(n.target) for n in cm.graph.graph.nodes if "bitc" in str(n.target)]
     assert ops == ["bitc.tiled_linear.default", "bitc.bit_linear.default"]  # fc1 tiled, fc2 binary
     kernels_c = (cm._runner.bundle / "kernels.c").read_text()
-    assert "bitc_tiled_rows_binary_784x128_p4" in kernels_c and "bitc_tiled_expand" in kernels_c
+    assert "_tiled_rows_binary_784x128_p4" in kernels_c and "bitc_tiled_expand" in kernels_c
     # the tile (R = 32 distinct rows of 25 words) is stored once, not the 128 rows
     assert re.search(r"const int32_t bitc_w_\w*tile\[800\]", (cm._runner.bundle / "weights.c").read_text())
     xs = torch.randn(2, 1, 28, 28)
@@ -138,11 +138,12 @@ def test_tiled_mlp_on_cortex_m4_matches_reference():
 
 
 @needs_toolchain
-def test_popcount_sums_fuse_three_words_per_fold():
+@pytest.mark.parametrize("core", ["cortex-m3", "cortex-m4"])  # the TIR kernel (fused), the C one
+def test_popcount_sums_fuse_three_words_per_fold(core):
     torch.manual_seed(0)
     x = (torch.randn(1, 224),)  # 7 words per row: two groups of three and one single popcount
-    cm = bc.compile(nn.Linear(224, 8), x, target="cortex-m4", scheme="binary:act=binary,first_last=quantize")
-    dense = (cm._runner.bundle / "kernels.c").read_text().split("void bitc_dense_binary")[-1]
+    cm = bc.compile(nn.Linear(224, 8), x, target=core, scheme="binary:act=binary,first_last=quantize")
+    dense = (cm._runner.bundle / "kernels.c").read_text().split("dense_binary_pm11_224x8")[-1]
     assert dense.count("bitc_popcount_acc3(") == 2 and dense.count("bitc_popcount(") == 1
     xs = torch.randn(3, 224)
     assert torch.equal(cm(xs), cm.reference(xs))

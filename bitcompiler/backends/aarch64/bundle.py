@@ -12,7 +12,7 @@ from bitcompiler.backends.aarch64 import dense, neon
 from bitcompiler.backends.aarch64.cores import Core
 from bitcompiler.backends.cortex_m.bundle import MODEL_FILES, kernels_h, model_c, model_h, weights_c
 from bitcompiler.backends.cortex_m.host import HOST_MAIN_C
-from bitcompiler.backends.cortex_m.kernel_c import generate_c
+from bitcompiler.backends.cortex_m.kernel_c import generate_c, split_kernels
 from bitcompiler.backends.cortex_m.program import Program
 
 HARNESS_FILES = ["main.c", "Makefile", "README.md"]
@@ -94,7 +94,7 @@ def write_bundle(program: Program, core: Core, directory: Path) -> list[str]:
     """Write every file of the bundle into ``directory``; return their names."""
     directory.mkdir(parents=True, exist_ok=True)
     wh, wc = weights_c(program.weights)
-    tvm_kernels, c_kernels = dense.split_kernels(program.kernels)
+    tvm_kernels, c_kernels = split_kernels(program.kernels)
     kernels_c = generate_c(tvm_kernels, prelude=neon.PRELUDE + dense.PRELUDE, rewrite=neon.xor_popcount_runs)
     files = {
         "model.h": model_h(program),

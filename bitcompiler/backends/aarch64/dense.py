@@ -239,10 +239,3 @@ class Builder(_Builder):
         y = self.new_tensor(node.name, out_shape, "float32")
         self.call(self.kernels[key], [*act_args, w, *epi, y.name], act_args, [y.name], node.name)
         return None
-
-
-def split_kernels(kernels: list[Kernel]) -> tuple[list[Kernel], list[str]]:
-    """TVM kernels (a PrimFunc) and C kernels (their source)."""
-    return [k for k in kernels if not isinstance(k.func, str)], [
-        k.func for k in kernels if isinstance(k.func, str)
-    ]

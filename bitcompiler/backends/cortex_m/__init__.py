@@ -9,7 +9,8 @@ torch.Size([2, 10])
 True
 >>> cm.export("out/")  # model.c/h, kernels.c/h, weights.c/h + harness, Makefile, README
 
-Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., count_instructions=True)``.
+Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., count_instructions=True)``;
+``Target("cortex-m55", mve=False)`` builds without the Helium kernels (the scalar DSP ones).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Target, register_backend
-from bitcompiler.backends.cortex_m import qemu
+from bitcompiler.backends.cortex_m import dense_c, qemu
 from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, build_program
 from bitcompiler.backends.cortex_m.boards import Board, board_for
 from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, MODEL_FILES, STACK_BYTES, write_bundle
@@ -94,10 +95,11 @@ class CortexMBackend(Backend):
             "cortex-m7": ("dsp",),
             "cortex-m55": ("dsp", "mve"),
         }
+        isa = set(features[target.name]) - (set() if target.get("mve", True) else {"mve"})
         return Capabilities(
-            frozenset(features[target.name]) | ({"fpu"} if board.has_fpu else set()),
+            frozenset(isa) | ({"fpu"} if board.has_fpu else set()),
             word_bits=32,
-            vector_bits={"cortex-m3": 0, "cortex-m55": 128}.get(target.name, 32),
+            vector_bits=128 if "mve" in isa else 0 if target.name == "cortex-m3" else 32,
             flash_bytes=board.flash_bytes,
             ram_bytes=board.ram_bytes,
             # the tiled conv is stored expanded (a binary conv) here: no two-stage conv in the AOT
@@ -109,7 +111,8 @@ class CortexMBackend(Backend):
         gm, example_inputs = inp.graph, inp.example_inputs
         qemu.require_toolchain()
         board = board_for(target)
-        program = build_program(gm, example_inputs, self.tvm_target(target))
+        builder = dense_c.builder_for(self.capabilities(target).features)
+        program = build_program(gm, example_inputs, self.tvm_target(target), builder)
         check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
         bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
         write_bundle(program, board, bundle)
@@ -131,6 +134,7 @@ class CortexMBackend(Backend):
             "arena_peak_layer": program.peak_layer,
             "stack_bytes": result.stack_bytes,
             "weights_flash_bytes": program.weight_bytes,
+            "kernels": dict(program.layer_kernels),  # layer -> the C kernel it runs
         }
         runner = CortexMRunner(board, bundle, program.input.shape, program.output.shape, extra)
         weakref.finalize(runner, shutil.rmtree, bundle, True)

@@ -23,7 +23,7 @@ import torch
 
 from bitcompiler import ops
 from bitcompiler.backends.cortex_m import float_ops
-from bitcompiler.backends.cortex_m.kernel_c import Kernel, generate_c, prepare_kernel
+from bitcompiler.backends.cortex_m.kernel_c import Kernel, prepare_kernel
 from bitcompiler.backends.cortex_m.program import (
     Program,
     Step,
@@ -73,6 +73,7 @@ class _Builder:
         # (float tensor, groups) -> the int32 sign bits a binary conv reads (computed without the float map)
         self.packed: dict[tuple[str, int], str] = {}
         self.skipped: set[str] = set()  # nodes whose value exists only as packed signs
+        self.layer_kernels: dict[str, str] = {}  # layer label -> the kernel its step calls
 
     # ---------------------------------------------------------------- tensors
     def new_tensor(self, name: str, shape: tuple, dtype: str) -> Tensor:
@@ -116,6 +117,7 @@ class _Builder:
         refs = [f"@{a}@" if a in self.tensors else a for a in args]
         casts = [f"({p.c_type}*){a}" for p, a in zip(kernel.params, refs)]
         self.steps.append(Step([f"{kernel.symbol}({', '.join(casts)});"], reads, writes, label))
+        self.layer_kernels.setdefault(label, kernel.symbol)
 
     # ---------------------------------------------------------------- bit ops
     def quantized_input(self, x: Tensor, act: str, rows: int, rest: tuple, nchw: tuple | None) -> list[str]:
@@ -380,11 +382,7 @@ def build_program(
     b = (builder or _Builder)(ep, target if target is not None else {"kind": "c"})
     graph_input, output = b.run()
     plan = plan_storage(b.tensors, b.steps, graph_input, output)
-    kernels = list(b.kernels.values())
+    kernels, weights = list(b.kernels.values()), list(b.weights.values())
     return Program(
-        graph_input, output, b.tensors, b.steps, list(b.weights.values()), kernels, plan, b.layer_bytes
+        graph_input, output, b.tensors, b.steps, weights, kernels, plan, b.layer_bytes, b.layer_kernels
     )
-
-
-def kernels_source(program: Program) -> str:
-    return generate_c(program.kernels)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bitcompiler.backends.cortex_m.aot import kernels_source
+from bitcompiler.backends.cortex_m import dense_c
 from bitcompiler.backends.cortex_m.boards import Board
+from bitcompiler.backends.cortex_m.kernel_c import kernels_source
 from bitcompiler.backends.cortex_m.program import Program, Weight, pointer
 
 STACK_BYTES = 16 * 1024
@@ -330,7 +331,7 @@ def write_bundle(program: Program, board: Board, directory: Path) -> list[str]:
         "model.h": model_h(program),
         "model.c": model_c(program),
         "kernels.h": kernels_h(program),
-        "kernels.c": kernels_source(program),
+        "kernels.c": kernels_source(program.kernels, dense_c.PRELUDE),
         "weights.h": wh,
         "weights.c": wc,
         "main.c": MAIN_C,

@@ -151,7 +151,7 @@ class Kernel:
 
     symbol: str
     params: tuple[KernelParam, ...]
-    func: Any  # the batch-1, scheduled PrimFunc
+    func: Any  # the batch-1, scheduled PrimFunc, or the C source of a hand-written kernel
 
 
 def specialize_batch(func: Any, batch: int = 1) -> Any:
@@ -277,6 +277,20 @@ def generate_c(kernels: list[Kernel], prelude: str = PRELUDE, rewrite: Any = Non
         tirx.transform.MakePackedAPI = real
     source = tvm.get_global_func("target.build.c")(mod, target).inspect_source()
     return prelude + _strip_runtime(source)
+
+
+def split_kernels(kernels: list[Kernel]) -> tuple[list[Kernel], list[str]]:
+    """TVM kernels (a PrimFunc) and hand-written C kernels (their source)."""
+    return [k for k in kernels if not isinstance(k.func, str)], [
+        k.func for k in kernels if isinstance(k.func, str)
+    ]
+
+
+def kernels_source(kernels: list[Kernel], prelude: str = "") -> str:
+    """``kernels.c``: the TVM kernels' C after the Cortex-M prelude and ``prelude``, then the
+    hand-written C kernels."""
+    tvm_kernels, c_kernels = split_kernels(kernels)
+    return generate_c(tvm_kernels, prelude=PRELUDE + prelude) + "".join(c_kernels)
 
 
 def _popcount_term(stmt: Any) -> Any:

@@ -71,6 +71,7 @@ class Program:
     kernels: list[Kernel]
     plan: ArenaPlan
     layer_bytes: dict[str, int] = field(default_factory=dict)  # flash per layer (weights)
+    layer_kernels: dict[str, str] = field(default_factory=dict)  # layer -> the kernel it calls
 
     @property
     def weight_bytes(self) -> int:
