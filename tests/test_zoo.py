@@ -37,6 +37,7 @@ def check(name: str) -> None:
         float_out = {1: model(x), 4: model(xb)}
     tol = max(1e-4, 10 * float32_noise(model, xb))
     for scheme in SCHEMES:
+        moved = 0.0  # how far the quantized reference is from float, over both batches
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cm = bc.compile(model, (x,), scheme=scheme)
@@ -51,7 +52,10 @@ def check(name: str) -> None:
                 err = relative_error(got, float_out[inp.shape[0]])
                 assert err <= tol, f"{name}: none vs eager float {err:.2e}"
             else:
-                assert relative_error(ref, float_out[inp.shape[0]]) > 1e-3, f"{name} {scheme}: not quantized"
+                moved = max(moved, relative_error(ref, float_out[inp.shape[0]]))
+        # a random-weight net can map one input to nearly its bias (CondenseNet: 7e-3 at batch 4,
+        # less at batch 1), so the quantized reference must move on at least one of the batches
+        assert scheme == "none" or moved > 1e-3, f"{name} {scheme}: not quantized"
 
 
 def test_one_zoo_model_under_every_scheme():
