@@ -61,6 +61,24 @@ def is_prepared(model: nn.Module) -> bool:
     return any(isinstance(m, QUANT_LAYERS) for m in model.modules())
 
 
+def _output_structure(model_name: str, gm: Any, example_inputs: tuple) -> tuple[Any, str | None]:
+    """The rewritten graph's output on the example, and its pytree spec when it is not a tensor or
+    a flat tuple/list of tensors (``None`` then)."""
+    with torch.no_grad():
+        out = gm(*example_inputs)
+    leaves, spec = pytree.tree_flatten(out)
+    if not all(isinstance(t, torch.Tensor) for t in leaves) or not leaves:
+        kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor)}) or ["nothing"]
+        raise ModelError(
+            f"{model_name}.forward returns {', '.join(kinds)} besides tensors; bitcompiler "
+            "returns tensors, tuples, lists and dicts of tensors: return only tensors from forward()"
+        )
+    flat = isinstance(out, torch.Tensor) or (
+        isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
+    )
+    return out, None if flat else pytree.treespec_dumps(spec)
+
+
 def compile(
     model: nn.Module | str | os.PathLike,
     example_inputs: Any,
@@ -105,19 +123,7 @@ def compile(
     fixed_by_capture = gm.meta.get("bitc_fixed_batch", "")
     ctx = PassContext(scheme=scheme, strict=strict, target=target, example_inputs=example_inputs)
     gm = (pipeline or Pipeline.default(target)).run(gm, ctx)
-    with torch.no_grad():
-        out = gm(*example_inputs)
-    leaves, spec = pytree.tree_flatten(out)
-    if not all(isinstance(t, torch.Tensor) for t in leaves) or not leaves:
-        kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor)}) or ["nothing"]
-        raise ModelError(
-            f"{type(model).__name__}.forward returns {', '.join(kinds)} besides tensors; bitcompiler "
-            "returns tensors, tuples, lists and dicts of tensors: return only tensors from forward()"
-        )
-    flat = isinstance(out, torch.Tensor) or (
-        isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
-    )
-    out_tree = None if flat else pytree.treespec_dumps(spec)
+    out, out_tree = _output_structure(type(model).__name__, gm, example_inputs)
     exported = export_graph(gm, example_inputs)
     dynamic = any(
         not isinstance(d, int)
