@@ -145,13 +145,20 @@ def _thresholds(t: dict[str, Any], a: Any) -> tuple:
     return (t["thr_sign"], t["thr"]) if a.threshold else (None, None)
 
 
+def _unflatten_rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y (R, N)`` given ``x``'s leading shape. An op's output must not be a view: autograd forbids
+    an in-place op on it (``nn.ReLU(inplace=True)`` after a Linear), so only a reshaped one is copied."""
+    shape = (*x.shape[:-1], y.shape[-1])
+    return y if tuple(y.shape) == shape else y.reshape(shape).clone()
+
+
 def _bit_linear(x: torch.Tensor, t: dict[str, torch.Tensor], a: BitLinearAttrs) -> torch.Tensor:
     """Dense bit layer over the last axis of ``x`` (any leading shape)."""
     planes, k = t["planes"], a.k
     y = numerics.bit_linear(
         x.reshape(-1, k), planes, k, a.code, a.act, t["scale"], t["offset"], t["bias"], *_thresholds(t, a)
     )
-    return y.reshape(*x.shape[:-1], planes.shape[1])
+    return _unflatten_rows(y, x)
 
 
 bit_linear = BitLinearAttrs.define(
@@ -214,7 +221,7 @@ def _tiled_linear(x: torch.Tensor, t: dict[str, torch.Tensor], a: TiledLinearAtt
     y = numerics.tiled_linear(
         x.reshape(-1, a.k), t["tile"], a.k, a.n, a.p, a.act, t["scale"], t["bias"], *_thresholds(t, a)
     )
-    return y.reshape(*x.shape[:-1], a.n)
+    return _unflatten_rows(y, x)
 
 
 tiled_linear = TiledLinearAttrs.define(_tiled_linear, lambda x, t, a: x.new_empty(*x.shape[:-1], a.n))

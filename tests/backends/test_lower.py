@@ -105,3 +105,15 @@ def test_pointwise_convs_run_on_the_dense_kernels(scheme, stride):
         assert torch.equal(cm(xb), cm.reference(xb))
     else:  # float32 sums of 256 products, in another order than the reference's float64 ones
         assert_close(cm(xb), cm.reference(xb), rtol=3e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 24), (3, 5, 24)])
+def test_in_place_relu_after_a_bit_linear(shape):
+    # DIA-PreResNet's attention LSTM: nn.ReLU(inplace=True) on a Linear's output whose input needs
+    # grad (a float parameter upstream). The bitc op's output was a view, which autograd forbids
+    # modifying in place: shape propagation failed
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(24), nn.Linear(24, 16), nn.ReLU(inplace=True), nn.Linear(16, 4)).eval()
+    x = torch.randn(*shape)
+    cm = bc.compile(model, (x,), scheme="binary:act=binary")
+    assert_close(cm(x), cm.reference(x))  # the LayerNorm is float: 1e-5

@@ -89,7 +89,8 @@ def _window(node: fx.Node, m: nn.Module | None, hw: tuple[int, int]) -> tuple | 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Average pools -> ``bitc::window_mean``, leftover BatchNorm -> multiply then add."""
     if ctx.example_inputs:
-        ShapeProp(gm).propagate(*ctx.example_inputs)
+        with torch.no_grad():  # shapes only; in-place ops on a custom op's output need no autograd
+            ShapeProp(gm).propagate(*ctx.example_inputs)
     for node in list(gm.graph.nodes):
         m = module_of(gm, node)
         if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and not m.training:
