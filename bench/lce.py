@@ -46,9 +46,9 @@ from bench.harness import median_seconds
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
 
-import bitcompiler as bc  # noqa: E402
-from bench import zoo  # noqa: E402
-from bench.layers import check  # noqa: E402
+import bitcompiler as bc
+from bench import zoo
+from bench.layers import check
 
 ROOT = Path(__file__).resolve().parent.parent
 LCE_PYTHON = ROOT / ".peers" / "lce" / "bin" / "python"
@@ -135,7 +135,8 @@ def main() -> None:
         row: dict = {"bench": name, "scheme": scheme, "batch": 1, "threads": THREADS}
         times: dict[str, list[float]] = {"bitc": [], "lce": [], "lce_indirect": []}
         for _ in range(ROUNDS):
-            times["bitc"].append(1e3 * median_seconds(lambda: cm(x), min_time=SECONDS, max_time=SECONDS))
+            call = lambda cm=cm, x=x: cm(x)
+            times["bitc"].append(1e3 * median_seconds(call, min_time=SECONDS, max_time=SECONDS))
             if worker is not None:
                 for key, path in (("lce", "default"), ("lce_indirect", "indirect")):
                     times[key].append(float(worker.ask(f"time {lce_name} {path} {THREADS} {SECONDS}")))
@@ -165,9 +166,11 @@ def markdown(rows: list[dict]) -> list[str]:
     head = ["benchmark", "batch", "thr", "bitcompiler ms", "vs LCE default", "vs LCE indirect bgemm"]
     notes = [
         "",
-        "LCE 0.16 (`make peers`) runs in its own process, taking turns with ours (three rounds, "
-        "median); the same architectures built in Larq and converted with `convert_keras_model` "
-        "(ops checked: `LceBconv2d`, `LceQuantize`). How the models correspond: `bench/lce.py`.",
+        (
+            "LCE 0.16 (`make peers`) runs in its own process, taking turns with ours (three rounds, "
+            "median); the same architectures built in Larq and converted with `convert_keras_model` "
+            "(ops checked: `LceBconv2d`, `LceQuantize`). How the models correspond: `bench/lce.py`."
+        ),
     ]
     ops = {r["bench"]: r["lce_ops"] for r in rows if "lce_ops" in r and r["threads"] == 1}
     notes += [f"- {name}: LCE ops {o}" for name, o in ops.items()]

@@ -30,11 +30,11 @@ import time
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Larq 0.14 builds tf_keras (Keras 2) models
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import larq as lq  # noqa: E402
-import larq_compute_engine as lce  # noqa: E402
-import numpy as np  # noqa: E402
-import tf_keras as keras  # noqa: E402
-from larq_compute_engine.tflite.python.interpreter import Interpreter  # noqa: E402
+import larq as lq
+import larq_compute_engine as lce
+import numpy as np
+import tf_keras as keras
+from larq_compute_engine.tflite.python.interpreter import Interpreter
 
 BINARY = {
     "input_quantizer": "ste_sign",
