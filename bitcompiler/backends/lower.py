@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bitcompiler.backends import lower_bit, lower_conv, lower_pool, lower_tiled
-from bitcompiler.backends.relax_emit import lowering
+from bitcompiler.backends.relax_emit import lowering, resolve_deferred
 from bitcompiler.errors import LoweringError
 from bitcompiler.target import Target
 
@@ -45,7 +45,8 @@ def to_relax(ep: torch.export.ExportedProgram, target: Target | None = None) -> 
     try:
         with lowering(ep, target):
             # a single output comes back as the tensor itself: unpacking a 1-tuple costs microseconds per call
-            return from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
+            mod = from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
+            return resolve_deferred(mod)
     except Exception as e:
         op = _unsupported_op(str(e))
         hint = (

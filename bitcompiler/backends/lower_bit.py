@@ -6,13 +6,21 @@ Part of the CPU lowering (:mod:`bitcompiler.backends.lower` lists the converters
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 from torch import fx
 
 from bitcompiler import ops
-from bitcompiler.backends.relax_emit import as_int, constant_of, emit_kernel, kernel_target, shape_of
+from bitcompiler.backends.relax_emit import (
+    Deferred,
+    as_int,
+    constant_of,
+    emit_kernel,
+    kernel_target,
+    shape_of,
+)
 
 # threshold convs whose +-1 output a packed-output variant can write directly (see
 # ``_packed_by_producer``): [(output var, (spec, kernel name, argument list))] on the block builder
@@ -200,13 +208,18 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
         prim, name = kernels.stored_codes_conv_kernel(spec, kernel_target()), name + stored[2]
     else:
         kargs = inputs + _epilogue_args(env, call, bb, spec.cg)
-        prim = kernels.conv2d_kernel(spec, kernel_target())
-    y = emit_kernel(bb, prim, name, kargs, relax.TensorType((m, o, spec.out_h, spec.out_w), "float32"))
+        # a packed-output or residual variant may take this call over: the kernel is made only if not
+        prim = Deferred(functools.partial(kernels.conv2d_kernel, spec, kernel_target()))
     from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
 
-    if packs_output(spec):
+    packable = packs_output(spec)
+    residual = fuses_residual(spec) and _only_feeds_add_then_hardtanh(node)
+    if not (packable or residual) and isinstance(prim, Deferred):
+        prim = prim.build()
+    y = emit_kernel(bb, prim, name, kargs, relax.TensorType((m, o, spec.out_h, spec.out_w), "float32"))
+    if packable:
         _remember(bb, _PACKABLE, y, (spec, name, kargs))
-    if fuses_residual(spec) and _only_feeds_add_then_hardtanh(node):
+    if residual:
         _remember(bb, _RESIDUAL, y, (spec, name, kargs))
     return y
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,13 +23,63 @@ def as_int(v: Any) -> int:
     return int(v)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A kernel built only if the program still calls it once the conversion is done: a converter
+    emits it where a later one may replace its call (a conv whose float output a packed-output or
+    residual variant takes over), and the kernel's TIR is made only when it survives."""
+
+    build: Callable[[], Any]
+
+
+def _prepared(prim: Any) -> Any:
+    # opaque: never fused with neighbours; scheduled: dlight leaves it alone; the symbol comes from the name
+    return prim.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+
+
 def emit_kernel(bb: Any, prim: Any, name: str, args: list, out_ty: Any) -> Any:
+    """``call_tir`` of ``prim`` (a PrimFunc, or :class:`Deferred`: a placeholder until
+    :func:`resolve_deferred`)."""
     from tvm import relax
 
-    # opaque: never fused with neighbours; scheduled: dlight leaves it alone; the symbol comes from the name
-    prim = prim.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
-    gv = bb.add_func(prim, name)
+    if isinstance(prim, Deferred):
+        scope = _LOWERING.get()
+        if scope is None:
+            prim = prim.build()
+        else:
+            gv = bb.add_func(_placeholder(args, out_ty, len(scope.deferred)), name)
+            scope.deferred.append((gv.name_hint, prim.build))
+            return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
+    gv = bb.add_func(_prepared(prim), name)
     return bb.emit(relax.call_tir(gv, relax.Tuple(args), out_ty))
+
+
+def _placeholder(args: list, out_ty: Any, index: int) -> Any:
+    """A PrimFunc with the kernel's parameters (the call's argument and output shapes) and no work,
+    which no other function equals (the block builder merges equal functions): the call is typed
+    by it until :func:`resolve_deferred` puts the kernel in its place."""
+    from tvm import te, tirx
+
+    ins = [te.placeholder(shape_of(a), a.ty.dtype, f"a{i}") for i, a in enumerate(args)]
+    out = te.compute(list(out_ty.shape), lambda *_: tirx.const(0, out_ty.dtype), "y")
+    return _prepared(te.create_prim_func([*ins, out])).with_attr("bitc_deferred", index)
+
+
+def resolve_deferred(mod: Any) -> Any:
+    """``mod`` without the calls nothing reads, its surviving :class:`Deferred` kernels built."""
+    from tvm import relax
+
+    scope = _LOWERING.get()
+    if scope is None or not scope.deferred:
+        return mod
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)  # drops the calls nothing reads
+    names = {gv.name_hint for gv in relax.analysis.all_global_vars(mod["main"])}
+    for name, build in dict(scope.deferred).items():  # equal placeholders share one function
+        if name in names:
+            mod[mod.get_global_var(name)] = _prepared(build())
+        elif any(gv.name_hint == name for gv in mod.get_global_vars()):
+            del mod[name]
+    return mod
 
 
 @dataclass(frozen=True)
@@ -39,6 +89,7 @@ class Lowering:
 
     program: torch.export.ExportedProgram
     target: str
+    deferred: list = field(default_factory=list)  # (function name, build) of Deferred kernels
 
 
 _LOWERING: contextvars.ContextVar[Lowering | None] = contextvars.ContextVar("bitc_lowering", default=None)

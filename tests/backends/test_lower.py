@@ -53,6 +53,30 @@ def test_block_rewrites(use_sum_twice):
     assert_close(cm(x), cm.reference(x))
 
 
+def test_replaced_conv_kernels_are_never_built(monkeypatch):
+    # the float-output kernels the packed-output and residual variants take over are placeholders
+    # until the conversion ends, and dead-code elimination drops them unbuilt (compile time)
+    from bitcompiler.kernels import conv
+
+    built = []
+
+    def counting(spec, byte_lanes=False, packed=False, clip=None, popcnt512=False):
+        built.append("packed" if packed else "res" if clip else "thr" if spec.threshold else "affine")
+        return real(spec, byte_lanes, packed, clip, popcnt512)
+
+    real = conv.binary_pm1_func
+    monkeypatch.setattr(conv, "binary_pm1_func", counting)
+    conv._cached_conv2d_kernel.cache_clear()
+    monkeypatch.setenv("BITC_CACHE", "off")
+    torch.manual_seed(0)
+    model = randomize_bn(Block()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    cm = bc.compile(model, (x,), scheme="binary:act=binary")
+    conv._cached_conv2d_kernel.cache_clear()
+    assert sorted(built) == ["packed", "res"]
+    assert_close(cm(x), cm.reference(x))
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, (2, 5)])
 def test_adaptive_max_pool2d_lowers_exactly(size):
     # TVM's frontend has no adaptive_max_pool2d (CBAM's channel attention uses it)
@@ -105,3 +129,27 @@ def test_pointwise_convs_run_on_the_dense_kernels(scheme, stride):
         assert torch.equal(cm(xb), cm.reference(xb))
     else:  # float32 sums of 256 products, in another order than the reference's float64 ones
         assert_close(cm(xb), cm.reference(xb), rtol=3e-5)
+
+
+def test_exact_floats_takes_shapes_from_fake_tensors(monkeypatch):
+    # the pass reads shapes only: fake tensors give the same ones as running the bit layers' numerics
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from bitcompiler.passes.rewrites import exact_floats
+
+    def shapes(gm):
+        metas = {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+        return {k: tuple(m.shape) for k, m in metas.items() if hasattr(m, "shape")}
+
+    seen = {}
+
+    def spy(gm, inputs):
+        exact_floats._FakeShapes(gm).propagate(*inputs)  # raises where an op needs real values
+        seen["fake"] = shapes(gm)
+        ShapeProp(gm).propagate(*inputs)
+        seen["real"] = shapes(gm)
+
+    monkeypatch.setattr(exact_floats, "_propagate_shapes", spy)
+    monkeypatch.setenv("BITC_CACHE", "off")
+    bc.compile(randomize_bn(Block()).eval(), (torch.randn(2, 3, 12, 12),), scheme="binary:act=binary")
+    assert len(seen["fake"]) > 5 and seen["fake"] == seen["real"]
