@@ -18,7 +18,7 @@ TEST_ENV := BITC_DEBUG=1 TVM_NUM_THREADS=2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test test-slow test-zoo test-gpu fuzz demo lint bench zoo constraints clean distclean
+.PHONY: help setup system-deps test test-slow test-zoo test-gpu fuzz demo lint bench zoo peers constraints clean distclean
 
 help:
 	@echo "make setup       create $(VENV) (if missing) and install bitcompiler[$(EXTRAS)] + system packages"
@@ -27,6 +27,7 @@ help:
 	@echo "make demo        train, compile and time a binary CNN (examples/demo.py)"
 	@echo "make lint        ruff check, ruff format --check, mypy bitcompiler"
 	@echo "make bench       run the benchmarks (python -m bench)"
+	@echo "make peers       build .peers/lce (Larq Compute Engine, ~2.2 GB), the peer make bench times when present"
 	@echo "make zoo         time 45 third-party architectures x 4 schemes (python -m bench wild)"
 	@echo "make test-zoo    the zoo as a test: compile, exactness and storage on every architecture"
 	@echo "make test-gpu    on a GPU machine: exported CUDA plans == reference, timings vs torch (python -m bench --gpu)"
@@ -83,6 +84,17 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Larq Compute Engine in its own venv (TensorFlow 2.16 needs numpy 1.x); never part of setup or test.
+# bench/lce_worker.py runs there, bench/lce.py (the `lce` group of `make bench`) talks to it.
+LCE_VENV := .peers/lce
+LCE_PACKAGES := tensorflow-cpu==2.16.2 tf-keras==2.16.0 larq==0.14.0 larq-compute-engine==0.16.0
+peers: $(LCE_VENV)/.stamp
+
+$(LCE_VENV)/.stamp: Makefile
+	$(PYTHON) -m venv $(LCE_VENV)
+	$(LCE_VENV)/bin/python -m pip --disable-pip-version-check install -q $(LCE_PACKAGES)
+	@touch $@
 
 # the zoo of third-party architectures (pytorchcv, random weights) x four schemes: BENCHMARKS.md's wild table
 zoo: setup

@@ -21,9 +21,18 @@ GROUPS = {
     "arm": "bench.arm",  # aarch64 (Cortex-A) instruction counts under qemu-aarch64: one run
     "tune": "bench.tune",  # MetaSchedule over the W1A1 templates, one thread
     "wild": "bench.wild",  # the zoo of third-party architectures (make zoo), one thread
+    "lce": "bench.lce",  # Larq Compute Engine on the same binary models (`make peers` installs it)
 }
 SINGLE_RUN = ("cortex_m", "arm", "tune", "wild")
-DEFAULT_GROUPS = ("layers", "models", "tiled", "cortex_m", "arm", "tune")  # `wild` runs with `make zoo`
+DEFAULT_GROUPS = (
+    "layers",
+    "models",
+    "tiled",
+    "cortex_m",
+    "arm",
+    "tune",
+    "lce",
+)  # `wild` runs with `make zoo`
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("torch_fp32", "torch_int8", "ort_fp32", "ort_int8", "tvm_fp32")
 
@@ -103,6 +112,13 @@ TARGETS = [
      lambda r: -r["compile_s"], -30, " s"),
     ("#6", "ResNet-18 cached recompile, at most", "models", "ResNet-18", 1,
      lambda r: -r["cached_recompile_s"], -3, " s"),
+    ("#19", "binary conv3x3 256->256 14x14, batch 1 vs torch fp32", "layers", "conv3x3 256->256 14x14 W1A1", 1,
+     _vs("torch_fp32"), 15, "x"),
+    ("#19", "binary ResNet-18 (CIFAR), batch 1 vs torch fp32", "models", "ResNet-18", 1, _vs("torch_fp32"), 20, "x"),
+    ("#19", "binary ResNet-18 (CIFAR), batch 1 vs LCE's best x86 path (indirect bgemm)", "lce", "ResNet-18", 1,
+     _vs("lce_indirect"), 4, "x"),
+    ("#19", "ResNet-18 compile time without tuning, at most", "models", "ResNet-18", 1,
+     lambda r: -r["compile_s"], -12, " s"),
     ("#5", "tiled p=8 W1A1 4096², batch 1 vs plain binary (whole call)", "tiled", "linear4096_w1a1_tiled_p8", 1,
      lambda r: r["speedup_call"], 4, "x"),
     ("#6", "tuned vs untuned W1A1 4096², batch 1 (never slower; 3% noise band)", "tune", "linear4096_w1a1_tune", 1,
@@ -272,8 +288,12 @@ def write(info: dict, rows: list[dict]) -> None:
             from bench.arm import markdown as render
         if group == "wild":
             from bench.wild import markdown as render
+        if group == "lce":
+            from bench.lce import markdown as render
         lines += [f"## {group}", ""] + render(group_rows) + [""]
-        extra = [r for r in group_rows if "compile_s" in r and r["threads"] == 1 and group != "wild"]
+        extra = [
+            r for r in group_rows if "compile_s" in r and r["threads"] == 1 and group not in ("wild", "lce")
+        ]
         for r in extra:
             cached = (
                 f", cached recompile {r['cached_recompile_s']:.1f} s" if "cached_recompile_s" in r else ""

@@ -26,3 +26,31 @@ def test_ort_int8_peer_uses_integer_ops(tmp_path):
     run = baselines.onnxruntime(model, torch.randn(1, 64), threads=1, int8=True)
     out = run(torch.randn(1, 64))[0]
     assert out.shape == (1, 8)
+
+
+def test_lce_rows_say_when_lce_is_absent(tmp_path, monkeypatch):
+    from bench import lce
+
+    monkeypatch.setattr(lce, "LCE_PYTHON", tmp_path / "no-such-venv" / "bin" / "python")
+    reason = lce.absent_reason()
+    assert reason is not None and "make peers" in reason
+    row = {"bench": "bconv", "batch": 1, "threads": 1, "bitc_ms": 0.2, "lce_absent": reason}
+    assert reason in "\n".join(lce.markdown([row]))
+
+
+@pytest.mark.slow
+def test_lce_worker_runs_binary_ops():
+    # where `make peers` built LCE: the converted model holds LCE's binary ops and times positive
+    from bench import lce
+
+    if lce.absent_reason():
+        pytest.skip(lce.absent_reason())
+    worker = lce.Worker(["dense"])
+    try:
+        ops = worker.ask("ops dense").split(",")
+        assert "LceBconv2d" in ops and "LceQuantize" in ops and "FULLY_CONNECTED" not in ops
+        assert float(worker.ask("time dense indirect 1 0.05")) > 0
+        with pytest.raises(RuntimeError, match="error"):
+            worker.ask("time nosuchmodel default 1 0.05")
+    finally:
+        worker.close()

@@ -1,3 +1,4 @@
+import shutil
 import time
 
 import pytest
@@ -40,11 +41,15 @@ def test_changed_weights_change_the_key(tmp_path, monkeypatch):
 
 
 def test_corrupt_entry_is_ignored_with_a_warning(tmp_path, monkeypatch):
-    monkeypatch.setenv("BITC_CACHE", str(tmp_path))
+    monkeypatch.setenv("BITC_CACHE", str(tmp_path / "first"))
     model, (x,) = make_model("mlp")
     bc.compile(model, (x,))
-    (entry,) = (tmp_path / "compiled").iterdir()
-    (entry / "model.so").write_bytes(b"not a library")
+    # the entry, corrupted, in a cache this process has loaded nothing from (the first compile runs
+    # the library it cached, and a loaded library's file is never rewritten in place)
+    (entry,) = (tmp_path / "first" / "compiled").iterdir()
+    shutil.copytree(entry, tmp_path / "second" / "compiled" / entry.name)
+    monkeypatch.setenv("BITC_CACHE", str(tmp_path / "second"))
+    (tmp_path / "second" / "compiled" / entry.name / "model.so").write_bytes(b"not a library")
     with pytest.warns(UserWarning, match="ignoring unreadable compile cache entry"):
         cm = bc.compile(model, (x,))
     torch.testing.assert_close(cm(x), cm.reference(x), rtol=1e-5, atol=1e-5)

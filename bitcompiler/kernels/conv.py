@@ -34,7 +34,7 @@ from tvm import s_tir, te, tirx
 from bitcompiler.kernels import conv_int8
 from bitcompiler.kernels._common import as_i32, batch_var, built_once, i64, shape64, target_kind
 from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
-from bitcompiler.kernels.dense_avx2 import avx2_target
+from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
 from bitcompiler.kernels.spec import ConvSpec
 
 F32 = "float32"
@@ -275,7 +275,13 @@ def conv2d_kernel(
     if packed_output and not (cpu and packs_output(spec)):
         raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
     if cpu and spec.act == "binary" and spec.code == "pm1":
-        func = binary_pm1_func(spec, byte_lanes=avx2_target(target), packed=packed_output, clip=residual_clip)
+        func = binary_pm1_func(
+            spec,
+            byte_lanes=avx2_target(target),
+            packed=packed_output,
+            clip=residual_clip,
+            popcnt512=popcnt512_target(target),
+        )
     elif cpu and conv_int8.fits(spec, target):
         func = conv_int8.int8_conv_func(spec, _output, target)
     elif cpu and spec.act != "binary":

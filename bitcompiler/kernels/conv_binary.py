@@ -65,7 +65,11 @@ def fuses_residual(spec: ConvSpec) -> bool:
 
 
 def binary_pm1_func(
-    spec: ConvSpec, byte_lanes: bool = False, packed: bool = False, clip: tuple[float, float] | None = None
+    spec: ConvSpec,
+    byte_lanes: bool = False,
+    packed: bool = False,
+    clip: tuple[float, float] | None = None,
+    popcnt512: bool = False,
 ) -> tirx.PrimFunc:
     """Register-blocked act="binary", code="pm1" conv for the host CPU (see the module docstring);
     ``byte_lanes`` (AVX2) sums the popcounts in uint8 lanes where the shape allows. ``packed``
@@ -85,8 +89,10 @@ def binary_pm1_func(
     WT = "int64" if wide else "int32"
     CV = CWG // 2 if wide else CWG
     VL = 4 if wide else 8  # output pixels per vector
+    if popcnt512 and spec.out_w >= 2 * VL:
+        VL *= 2  # 512-bit vectors: vpopcntq / vpopcntd on 8 / 16 pixels
     NV = (OW + VL - 1) // VL
-    OWP = NV * VL
+    OWP = max(OW, VL)  # im2col columns: the last vector overlaps the one before when VL does not divide OW
     HP = (OH - 1) * SH + (KH - 1) * DH + 1
     OB = largest_divisor(OG, (8, 4, 2))  # output channels per register block
     NOB = O // OB
@@ -94,8 +100,13 @@ def binary_pm1_func(
     I32, U8 = "int32", "uint8"
     STEPS = KH * KW * CV
     CH = max(c for c in range(1, min(STEPS, 31) + 1) if STEPS % c == 0)  # steps per uint8 chunk
-    byte_lanes = byte_lanes and wide and DH == 1 and CH >= 4
+    byte_lanes = byte_lanes and not popcnt512 and wide and DH == 1 and CH >= 4
     NIB = tirx.const(0x0F0F0F0F0F0F0F0F, "int64")
+
+    def px(v):
+        # first output pixel of vector v: the last vector ends at the row's end (it recomputes a few
+        # pixels of the one before) so that every vector stores whole, unless the row is shorter
+        return tirx.min(v * VL, OW - VL) if OW >= VL and OW % VL else v * VL
 
     def row_ok(oh, kh):
         ih = oh * SH - PH + kh * DH
@@ -132,7 +143,7 @@ def binary_pm1_func(
 
     def interior(v):
         # all VL pixels of vector v are real outputs whose KW taps all lie inside the image
-        first, last = v * VL, v * VL + (VL - 1)
+        first, last = px(v), px(v) + (VL - 1)
         return tirx.all(first * SW - PW >= 0, last * SW - PW + (KW - 1) * DW < W, last < OW)
 
     def acc_inner(S, RC, r, l, oh):
@@ -216,16 +227,16 @@ def binary_pm1_func(
 
     def make(out_value, E0, E1):
         def acc_at(S, RC, PCK, t, v, r, l, inner):
-            # output row t % OH, pixel v * VL + l, channel r of the block: the short form when the
+            # output row t % OH, pixel px(v) + l, channel r of the block: the short form when the
             # whole vector is interior
             if inner:
                 return acc_inner(S, RC, r, l, t % OH)
-            return acc_value(S, RC, PCK, r, l, t % OH, v * VL + l)
+            return acc_value(S, RC, PCK, r, l, t % OH, px(v) + l)
 
         def y_at(E0, E1, S, RC, PCK, RES, m, t, v, r, l, inner):
             o = t // OH * OB + r
             value = out_value(E0, E1, acc_at(S, RC, PCK, t, v, r, l, inner), o)
-            return post(value, RES, (m, o, t % OH, v * VL + l))
+            return post(value, RES, (m, o, t % OH, px(v) + l))
 
         def byte_at(E0, E1, S, RC, PCK, t, v, l, inner):
             return packed_byte(
@@ -274,9 +285,9 @@ def binary_pm1_func(
                                 for l in T.vectorized(T.int64(VL)):
                                     S[r, l] = ZERO
                             if byte_lanes:
-                                reduce_bytes(XK, WN, LUT, S, t // OH * OB, t % OH * SH, v * VL)
+                                reduce_bytes(XK, WN, LUT, S, t // OH * OB, t % OH * SH, px(v))
                             else:
-                                reduce_words(XK, PV, S, t // OH * OB, t % OH * SH, v * VL)
+                                reduce_words(XK, PV, S, t // OH * OB, t % OH * SH, px(v))
                             if packed:
                                 # one byte per pixel: the OB = 8 channels' +-1 as bits (bit r = channel o0 + r)
                                 YB = T.decl_buffer(
@@ -284,37 +295,37 @@ def binary_pm1_func(
                                 )
                                 if interior(v):
                                     for l in T.vectorized(T.int64(VL)):
-                                        YB[m, t % OH, v * VL + l, t // OH] = byte_at(
+                                        YB[m, t % OH, px(v) + l, t // OH] = byte_at(
                                             E0, E1, S, RC, PCK, t, v, l, True
                                         )
                                 elif OWP == OW:
                                     for l in T.vectorized(T.int64(VL)):
-                                        YB[m, t % OH, v * VL + l, t // OH] = byte_at(
+                                        YB[m, t % OH, px(v) + l, t // OH] = byte_at(
                                             E0, E1, S, RC, PCK, t, v, l, False
                                         )
                                 else:
                                     for l in range(T.int64(VL)):
-                                        if v * VL + l < OW:
-                                            YB[m, t % OH, v * VL + l, t // OH] = byte_at(
+                                        if px(v) + l < OW:
+                                            YB[m, t % OH, px(v) + l, t // OH] = byte_at(
                                                 E0, E1, S, RC, PCK, t, v, l, False
                                             )
                             elif interior(v):
                                 # every tap of these VL pixels is inside the image horizontally
                                 for r in T.unroll(T.int64(OB)):
                                     for l in T.vectorized(T.int64(VL)):
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = y_at(
+                                        Y[m, t // OH * OB + r, t % OH, px(v) + l] = y_at(
                                             E0, E1, S, RC, PCK, RES, m, t, v, r, l, True
                                         )
                             elif OWP == OW:
                                 for r in T.unroll(T.int64(OB)):
                                     for l in T.vectorized(T.int64(VL)):
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = y_at(
+                                        Y[m, t // OH * OB + r, t % OH, px(v) + l] = y_at(
                                             E0, E1, S, RC, PCK, RES, m, t, v, r, l, False
                                         )
                             else:
                                 for r, l in T.grid(T.int64(OB), T.int64(VL)):
-                                    if v * VL + l < OW:
-                                        Y[m, t // OH * OB + r, t % OH, v * VL + l] = y_at(
+                                    if px(v) + l < OW:
+                                        Y[m, t // OH * OB + r, t % OH, px(v) + l] = y_at(
                                             E0, E1, S, RC, PCK, RES, m, t, v, r, l, False
                                         )
 

@@ -46,6 +46,12 @@ def avx2_target(target: Any) -> bool:
     return x86_features(target, "avx2")
 
 
+def popcnt512_target(target: Any) -> bool:
+    """True for an LLVM x86 target with AVX-512 vector popcounts (``vpopcntq``/``vpopcntd`` on 256- and
+    512-bit vectors, as on znver4 or Ice Lake and later)."""
+    return x86_features(target, "avx512f", "avx512vl", "avx512vpopcntdq")
+
+
 def x86_features(target: Any, *names: str) -> bool:
     """True for an LLVM x86 target that has every LLVM feature in ``names`` (a target without an
     ``mcpu``: the host CPU's)."""

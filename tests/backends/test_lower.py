@@ -117,3 +117,27 @@ def test_in_place_relu_after_a_bit_linear(shape):
     x = torch.randn(*shape)
     cm = bc.compile(model, (x,), scheme="binary:act=binary")
     assert_close(cm(x), cm.reference(x))  # the LayerNorm is float: 1e-5
+
+
+def test_exact_floats_takes_shapes_from_fake_tensors(monkeypatch):
+    # the pass reads shapes only: fake tensors give the same ones as running the bit layers' numerics
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from bitcompiler.passes.rewrites import exact_floats
+
+    def shapes(gm):
+        metas = {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+        return {k: tuple(m.shape) for k, m in metas.items() if hasattr(m, "shape")}
+
+    seen = {}
+
+    def spy(gm, inputs):
+        exact_floats._FakeShapes(gm).propagate(*inputs)  # raises where an op needs real values
+        seen["fake"] = shapes(gm)
+        ShapeProp(gm).propagate(*inputs)
+        seen["real"] = shapes(gm)
+
+    monkeypatch.setattr(exact_floats, "_propagate_shapes", spy)
+    monkeypatch.setenv("BITC_CACHE", "off")
+    bc.compile(randomize_bn(Block()).eval(), (torch.randn(2, 3, 12, 12),), scheme="binary:act=binary")
+    assert len(seen["fake"]) > 5 and seen["fake"] == seen["real"]

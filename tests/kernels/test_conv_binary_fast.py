@@ -1,15 +1,24 @@
 """The register-blocked binary pm1 conv (CPU schedule) on ResNet-like shapes: int64 words, several
 output-channel blocks, widths that are not a multiple of the pixel vector, stride 2, batch > 1,
-pixel vectors away from the border, and the byte-lane reduction's uint8 chunks (on AVX2)."""
+pixel vectors away from the border, and the byte-lane reduction's uint8 chunks (on AVX2), for three
+x86 kernel choices: the host's (AVX-512 ``vpopcntq`` on 8 or 16 pixels where it has them), AVX2's byte
+lanes (znver3), and the plain word popcounts (x86-64)."""
+
+import re
 
 import numpy as np
 import pytest
 import torch
+import tvm
 
 from bitcompiler.kernels import ConvSpec, conv2d_kernel
 from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
+from bitcompiler.kernels.dense_avx2 import popcnt512_target
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
+
+# where the kernels are built for: the host, an AVX2 CPU without AVX-512, and x86-64 without AVX2
+ISAS = ["llvm", {"kind": "llvm", "mcpu": "znver3"}, {"kind": "llvm", "mcpu": "x86-64"}]
 
 CASES = [
     # c, o, h, w, stride, padding, groups
@@ -19,16 +28,20 @@ CASES = [
     (128, 8, 4, 4, 2, 1, 2),  # groups: 64 channels per group, 4 output channels per group
     (64, 16, 12, 12, 1, 1, 1),  # border vectors and interior ones (their short epilogue)
     (256, 8, 9, 9, 1, 1, 1),  # 36 steps per pixel: two uint8 chunks before widening
+    (64, 16, 5, 14, 1, 1, 1),  # AVX-512: two 8-pixel vectors, the second overlapping the first
+    (96, 8, 3, 19, 1, 1, 1),  # int32 words, AVX-512: 16-pixel vectors, the last overlapping
+    (64, 8, 3, 3, 1, 1, 1),  # a row shorter than any vector: padded, stored pixel by pixel
 ]
 
 
+@pytest.mark.parametrize("isa", ISAS, ids=["host", "avx2", "x86-64"])
 @pytest.mark.parametrize("threshold", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_binary_pm1_conv(case, threshold):
+def test_binary_pm1_conv(case, threshold, isa):
     c, o, h, w, s, p, groups = case
     g = torch.Generator().manual_seed(c + o + h)
     spec = ConvSpec(c, o, h, w, (3, 3), (s, s), (p, p), (1, 1), groups, 1, "pm1", "binary", False, threshold)
-    run = build(conv2d_kernel(spec))
+    run = build(conv2d_kernel(spec, target=isa))
     planes = nu.conv_codes_to_planes(random_codes((o, spec.cg, 3, 3), 1, "pm1", g), 1, "pm1")
     ep, kw = epilogue_params(o, threshold, g, False, spec.reduction // 4)
     if threshold:
@@ -45,6 +58,17 @@ def test_binary_pm1_conv(case, threshold):
             assert np.array_equal(y, ref.numpy())
         else:
             assert_close(y, ref)
+
+
+def test_avx512_kernel_uses_vector_popcounts():
+    spec = ConvSpec(64, 16, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, False)
+    target = {"kind": "llvm", "mcpu": "icelake-server"}
+    assert popcnt512_target(target) and not popcnt512_target({"kind": "llvm", "mcpu": "znver3"})
+    func = conv2d_kernel(spec, target=target)
+    asm = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target)).mod.inspect_source("s")
+    assert (
+        re.search(r"vpopcntq\s.*%zmm", asm) and "vpshufb" not in asm
+    )  # 8 pixels a vector, no nibble lookups
 
 
 def test_other_targets_unscheduled():
