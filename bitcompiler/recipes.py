@@ -7,7 +7,7 @@ to train badly. The numbers behind each recipe: docs/guide.md, "Training recipes
     >>> from bitcompiler.recipes import recipe
     >>> r = recipe("bitwise:bits=6")
     >>> r.optimizer, r.lr, r.schedule
-    ('adam', 0.01, 'cosine')
+    ('adam', 0.03, 'constant')
 """
 
 from __future__ import annotations
@@ -46,15 +46,16 @@ class Recipe:
 _BN = "BatchNorm after every bit-wise Linear/Conv2d (BatchNorm1d/2d before the activation)"
 _UNTILED = "a small classifier left untiled (first_last=keep, the default, or min_weights above its size)"
 
-#: scheme name -> recipe (short experiments on the digits MLP; docs/guide.md "Training recipes")
+#: scheme name -> recipe, from short runs on the digits MLP (examples/recipes_digits.py; the
+#: numbers: docs/guide.md "Training recipes"). A float model trains with ``none``'s.
 RECIPES: dict[str, Recipe] = {
-    "none": Recipe("adam", 3e-3, "cosine"),
+    "none": Recipe("adam", 1e-2, "cosine"),
     "binary": Recipe("adam", 1e-2, "cosine"),
-    "uniform": Recipe("adam", 3e-3, "cosine"),
-    "bitnet": Recipe("adam", 3e-3, "constant"),
-    "bitwise": Recipe("adam", 1e-2, "cosine", needs=_BN),
-    "gwt": Recipe("sgd", 0.4, "cosine", weight_decay=1e-4),
-    "tiled": Recipe("sgd", 0.2, "cosine", weight_decay=1e-4, needs=_UNTILED),
+    "uniform": Recipe("adam", 1e-2, "cosine"),
+    "bitnet": Recipe("adam", 1e-2, "cosine"),
+    "bitwise": Recipe("adam", 3e-2, "constant", needs=_BN),
+    "gwt": Recipe("adam", 3e-2, "cosine"),
+    "tiled": Recipe("adam", 1e-2, "cosine", needs=_UNTILED),
 }
 
 
@@ -81,7 +82,8 @@ def warnings_for(model: nn.Module, scheme: Scheme) -> list[str]:
         if small:
             out.append(
                 f"tiled: layer(s) {', '.join(small)} with <= 16 outputs (a classifier) are tiled; such "
-                f"nets stay near chance at any lr. Keep them untiled: {_UNTILED}"
+                "nets stay near chance at any lr. Leave the classifier untiled: first_last=keep (the "
+                "default) or min_weights above its weight count"
             )
     if scheme.name == "bitwise":
         has_bn = any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
