@@ -4,6 +4,7 @@ the end; tuning and benchmarking measure through them; a tracker that is down na
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -25,17 +26,13 @@ def farm():
     tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
     servers = []
     try:
-        servers = [
-            Server(
-                "127.0.0.1",
-                port=9300,
-                port_end=9400,
-                key=KEY,
-                tracker_addr=("127.0.0.1", tracker.port),
-                silent=True,
-            )
-            for _ in range(2)
-        ]
+
+        def server(i: int) -> Server:  # port ranges apart: the two bind at the same time
+            ports = 9300 + 50 * i, 9350 + 50 * i
+            return Server("127.0.0.1", *ports, key=KEY, tracker_addr=("127.0.0.1", tracker.port), silent=True)
+
+        with ThreadPoolExecutor(2) as pool:  # each starts a Python worker: in parallel
+            servers = list(pool.map(server, range(2)))
         address = rpc.Address("127.0.0.1", tracker.port, KEY)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # both servers registered with the tracker

@@ -31,9 +31,9 @@ def load_model(spec: str | os.PathLike[str] | nn.Module) -> nn.Module:
         return spec
     text = str(spec)
     if text.endswith(".onnx"):
-        import bitcompiler
-
-        from_onnx = getattr(bitcompiler, "from_onnx", None)
+        # the package's ONNX import, where this installation has one (looked up, not imported by
+        # name: the package imports this module)
+        from_onnx = getattr(importlib.import_module("bitcompiler"), "from_onnx", None)
         if from_onnx is None:
             raise ModelError(
                 f"{text}: this bitcompiler has no ONNX import (bitcompiler.from_onnx); pass package.module:factory"
