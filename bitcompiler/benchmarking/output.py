@@ -30,8 +30,8 @@ def cell(field: str, value: Any) -> str:
         return "-"
     if field in ("accuracy", "float_accuracy"):
         return f"{100 * value:.2f}"
-    if field == "reason" and len(value) > 150:  # the whole text is in results.json
-        return value[:149] + "…"
+    if field == "reason" and len(value) > 100:  # the whole text is in results.json
+        return value[:99] + "…"
     if field == "exact":
         return "yes" if value else "NO"
     if field == "max_rel_error":
@@ -52,7 +52,10 @@ def table(rows: list[Row], title: str = "bitc bench") -> Any:
     ]
     t = Table(title=title)
     for f in fields:
-        t.add_column(_HEADS.get(f, f), overflow="fold", max_width=60 if f == "reason" else None)
+        wide = f == "reason"
+        t.add_column(
+            _HEADS.get(f, f), overflow="fold", min_width=30 if wide else None, max_width=50 if wide else None
+        )
     for r in rows:
         style = "dim" if r.kind == "peer" else ("red" if r.status != OK else None)
         t.add_row(*(cell(f, getattr(r, f)) for f in fields), style=style)

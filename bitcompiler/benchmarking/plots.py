@@ -73,7 +73,7 @@ def _hbars(ax: Any, rows: list[Row], values: list[float], errors: list[float] | 
     ax.set_yticks(ys, [f"{r.target} · {r.scheme}" for r in rows])
     for i, t in enumerate(targets):
         ax.barh([0], [0], color=f"C{i}", label=t)  # legend entries
-    ax.legend(fontsize=8, title="target", loc="lower right")
+    ax.legend(fontsize=8, title="target", loc="best", framealpha=0.9)
     ax.grid(True, axis="x", alpha=0.3)
 
 
