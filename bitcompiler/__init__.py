@@ -8,6 +8,7 @@
 
 from bitcompiler import errors, methods, ops, train  # noqa: F401 - ops registers the bitc custom ops, methods their schemes' quantizers
 from bitcompiler.api import compile, prepare, tune
+from bitcompiler.benchmarking import benchmark
 from bitcompiler.compiled import CompiledModel, load
 from bitcompiler.errors import (
     BitcError,
@@ -18,6 +19,7 @@ from bitcompiler.errors import (
     LoweringError,
     ModelError,
     ModelTooLarge,
+    RemoteError,
     SchemeError,
     TargetError,
     ToolchainError,
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "api",
     "backends",
+    "benchmarking",
     "cache",
     "capture",
     "cli",
@@ -47,7 +50,9 @@ _SUBMODULES = (
     "passes",
     "payload",
     "quant",
+    "recipes",
     "report",
+    "rpc",
     "train",
     "tuning",
 )
@@ -83,6 +88,7 @@ __all__ = [
     "PassError",
     "Pipeline",
     "PipelineError",
+    "RemoteError",
     "Report",
     "Scheme",
     "SchemeError",
@@ -90,6 +96,7 @@ __all__ = [
     "TargetError",
     "ToolchainError",
     "TuneOptions",
+    "benchmark",
     "compile",
     "errors",
     "fact_check",

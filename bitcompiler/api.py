@@ -158,6 +158,7 @@ def tune(
     trials: int = 64,
     time_budget: float | None = None,
     db: str | os.PathLike | Any | None = None,
+    runner: str | None = None,
 ) -> CompiledModel:
     """Tune every bit kernel of ``model``, store the records in ``db``, return the compiled model.
 
@@ -171,9 +172,15 @@ def tune(
         >>> cm.report().extra["tuned kernels"]  # doctest: +SKIP
         1.0
 
+    ``runner="rpc://host:port/key"`` measures the schedules on a server of that TVM RPC tracker
+    (a device farm; the model is compiled for ``target``, which should describe that machine).
     How it works: :mod:`bitcompiler.tuning`.
     """
-    options = TuneOptions(trials, time_budget, retune=True)  # validates before any work
+    options = TuneOptions(trials, time_budget, retune=True, runner=runner)  # validates before any work
+    if runner is not None:
+        from bitcompiler import rpc
+
+        rpc.check(rpc.parse(runner))  # a tracker that is down fails now, naming its address
     if not backend_for(Target.parse(target)).tunable:
         raise ValueError(f"tuning supports target='cpu' only, got {target!r}")
     return compile(model, example_inputs, target, scheme, tune=options, db=db)
@@ -201,6 +208,7 @@ def prepare(model: nn.Module, scheme: str | Scheme = "binary") -> nn.Module:
         layer = getattr(parent, leaf)
         if quantizable(layer) is None:
             setattr(parent, leaf, quantize_layer(layer, scheme, name in first_last))
+    model.bitc_scheme = str(scheme)  # type: ignore[assignment]  # train.fit picks the scheme's recipe by it
     return model
 
 

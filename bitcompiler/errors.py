@@ -132,6 +132,11 @@ class FirmwareError(ToolchainError):
     """Building or running the firmware failed; the message holds the tool's output."""
 
 
+class RemoteError(BitcError, ConnectionError):
+    """A TVM RPC tracker or server (``rpc://host:port/key``) that cannot be reached or has no
+    free machine; names the address."""
+
+
 class DatasetUnavailable(BitcError, RuntimeError):
     """The package that provides a dataset is not installed; the message names the install command."""
 

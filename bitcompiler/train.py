@@ -12,6 +12,7 @@ True
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,24 @@ def accuracy(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 100
     return correct / max(total, 1)
 
 
+def _optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, lr: float | None, schedule: str | None
+) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer and schedule ``fit`` uses: the scheme's recipe when neither is given."""
+    from bitcompiler.recipes import recipe, scheme_of, warnings_for
+
+    scheme = scheme_of(model)
+    if scheme is not None:
+        for problem in warnings_for(model, scheme):
+            warnings.warn(problem, stacklevel=3)
+    if optimizer is not None:
+        return optimizer, schedule or "constant"
+    if lr is None:
+        r = recipe(scheme if scheme is not None else "none")
+        return r.make_optimizer(model.parameters()), schedule or r.schedule
+    return torch.optim.Adam(model.parameters(), lr=lr), schedule or "constant"
+
+
 def fit(
     model: nn.Module,
     train_data: Dataset | DataLoader,
@@ -109,22 +128,24 @@ def fit(
     batch_size: int = 128,
     time_budget: float | None = None,
     seed: int = 0,
-    schedule: str = "constant",
+    schedule: str | None = None,
 ) -> History:
-    """Train with cross-entropy plus the quantizers' :func:`regularization_loss`; Adam (lr 1e-3)
-    unless an optimizer is given. ``train_data`` is a Dataset of (input, label) pairs (batched by
+    """Train with cross-entropy plus the quantizers' :func:`regularization_loss`. Without an
+    ``optimizer`` and ``lr``, the recipe of the scheme ``model`` was ``prepare``d with
+    (:mod:`bitcompiler.recipes`: optimizer, lr and schedule; a float model: scheme ``none``'s) is
+    used; Adam at ``lr`` when only ``lr`` is given. Warns about a model the scheme's method is known to fail on. ``train_data`` is a Dataset of (input, label) pairs (batched by
     ``batch_size``, shuffled) or a DataLoader (used as it is). After each optimizer step the quantizers :func:`step`.
 
-    ``schedule``: ``"constant"`` (default) keeps the optimizer's lr; ``"cosine"`` decays it per
+    ``schedule``: ``"constant"`` (the default without a recipe) keeps the optimizer's lr; ``"cosine"`` decays it per
     step from its initial value to 0 at the end of the last epoch (half a cosine,
     ``lr·(1 + cos(π·t/T))/2`` before step t of T = ``epochs · len(loader)``). ``History.lr`` records
     the lr of every step. ``time_budget`` (seconds) stops training early, keeping runs bounded
     (the schedule still spans all ``epochs``).
     """
+    opt, schedule = _optimizer(model, optimizer, lr, schedule)
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     torch.manual_seed(seed)
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr or 1e-3)
     loader = _loader(train_data, batch_size, shuffle=True)
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))

@@ -12,8 +12,10 @@ How it works:
   with a collecting scheduler. Each is a MetaSchedule task: its unscheduled TIR, specialized to
   the example batch, is the workload; the space is a ``ScheduleFn`` running the kernel's hand
   schedule with every choice drawn by ``sample_categorical``; ``ReplayFunc`` draws schedules.
-* Builds and measurements run in this process (:class:`_Measure`): no worker processes, no
-  RPC; a schedule drawn twice is measured once.
+* Builds and measurements run in this process (:class:`_Measure`): no worker processes; a
+  schedule drawn twice is measured once. With ``runner="rpc://host:port/key"`` the candidates are
+  exported and measured on a server of that TVM RPC tracker instead (MetaSchedule's
+  ``RPCRunner``; the finalists through an RPC session): :mod:`bitcompiler.rpc`.
 * The best few drawn schedules and the hand schedule are measured again, in turns, and only the
   fastest is committed: a record is never slower than the hand schedule it replaces.
 * Records live in a MetaSchedule ``JSONDatabase`` (``$BITC_CACHE/tuning`` or ``db=``), keyed by
@@ -34,12 +36,14 @@ __all__ = ["TuneOptions"]
 class TuneOptions:
     """What ``compile(tune=...)`` does: ``trials`` schedules per kernel within ``time_budget`` s.
 
-    ``retune=False`` (``compile(tune=True)``) tunes only kernels without a record.
+    ``retune=False`` (``compile(tune=True)``) tunes only kernels without a record. ``runner``:
+    None (measure here) or ``"rpc://host:port/key"`` (on a server of that TVM RPC tracker).
     """
 
     trials: int = 64
     time_budget: float | None = None
     retune: bool = False
+    runner: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials <= 0:
@@ -50,6 +54,8 @@ class TuneOptions:
             raise ValueError(
                 f"time_budget must be a positive number of seconds or None, got {self.time_budget!r}"
             )
+        if self.runner is not None and not str(self.runner).startswith("rpc://"):
+            raise ValueError(f"runner must be None or 'rpc://host:port/key', got {self.runner!r}")
 
 
 def __getattr__(name: str) -> Any:

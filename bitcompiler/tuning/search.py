@@ -137,14 +137,21 @@ def tune_kernels(templates: list[Template], records: Records, options: TuneOptio
                 left = options.time_budget - (time.perf_counter() - start)
                 budget = max(left, 0.0) / (len(todo) - i)
             bar.set_postfix_str(f"{template.kind} kernel {i + 1}/{len(todo)}")
-            _tune_one(template, records, options.trials, budget, bar)
+            _tune_one(template, records, options.trials, budget, bar, options.runner)
     return time.perf_counter() - start
 
 
-def _tune_one(template: Template, records: Records, trials: int, budget: float | None, bar: Any) -> None:
+def _tune_one(
+    template: Template,
+    records: Records,
+    trials: int,
+    budget: float | None,
+    bar: Any,
+    runner: str | None = None,
+) -> None:
     start = time.perf_counter()
     mod = workload(template.func, records.batch)
-    measure = _Measure(mod, records.target)
+    measure = _Measure(mod, records.target) if runner is None else _RemoteMeasure(mod, records.target, runner)
     scratch = ms.database.MemoryDatabase()
     space = ms.space_generator.ScheduleFn(
         lambda sch: template.apply(sch, sampled(sch)), sch_rules=[], postprocs=[], mutator_probs={}
@@ -291,3 +298,49 @@ class _InProcessRunner(PyRunner):
 
     def run(self, runner_inputs: list) -> list:
         return [_Done(self.measure.run(r.artifact_path)) for r in runner_inputs]
+
+
+class _RemoteMeasure(_Measure):
+    """Candidates exported to files and measured on a server of a TVM RPC tracker: MetaSchedule's
+    ``RPCRunner`` for the search, one RPC session for the finalists (:mod:`bitcompiler.rpc`)."""
+
+    def __init__(self, mod: tvm.IRModule, target: Any, address: str) -> None:
+        import tempfile
+
+        from bitcompiler import rpc
+
+        super().__init__(mod, target)
+        self.address = rpc.parse(address)
+        self.dir = tempfile.TemporaryDirectory(prefix="bitc-tune-rpc-")
+        evaluator = ms.runner.EvaluatorConfig(
+            number=1, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False
+        )
+        self.runner = ms.runner.RPCRunner(rpc.rpc_config(self.address), evaluator)
+        self._session: Any = None
+        self._remote: dict[int, Any] = {}  # id(lib) -> its time evaluator on the server
+
+    def build(self, mod: tvm.IRModule, target: Any) -> BuilderResult:
+        result = super().build(mod, target)
+        if result.artifact_path is None:
+            return result
+        path = Path(self.dir.name) / f"{result.artifact_path.replace(':', '_')}.so"
+        if not path.exists():
+            self.built[result.artifact_path].export_library(str(path))
+        return BuilderResult(str(path), None)
+
+    def time(self, lib: Any, repeat: int = 3) -> list[float]:
+        from bitcompiler import rpc
+
+        if self._session is None:
+            self._session = rpc.session(self.address)
+        dev = self._session.cpu()
+        if id(lib) not in self._remote:
+            name = f"finalist{len(self._remote)}.so"
+            lib.export_library(str(Path(self.dir.name) / name))
+            self._session.upload(str(Path(self.dir.name) / name))
+            remote = self._session.load_module(name)
+            self._remote[id(lib)] = remote.time_evaluator(
+                "main", dev, number=1, repeat=repeat, min_repeat_ms=20
+            )
+        args = [tvm.runtime.tensor(a.numpy(), dev) for a in self.args]
+        return [float(s) for s in self._remote[id(lib)](*args).results]

@@ -1,0 +1,148 @@
+"""``bitcompiler.benchmark`` / ``bitc bench MODEL``: rows per target x scheme, peers, training,
+files; a target that cannot run here is a row with its reason."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bitcompiler as bc
+from bitcompiler.benchmarking import measure, output
+from bitcompiler.benchmarking.rows import OK
+from bitcompiler.cli import _names, main
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+
+
+def test_rows_per_target_and_scheme_with_peers():
+    rows = bc.benchmark(_mlp(), (1, 1, 8, 8), ["cpu"], ["none", "binary:act=binary"], progress=False)
+    by = {(r.target, r.scheme): r for r in rows}
+    for scheme in ("none", "binary:act=binary"):
+        r = by["cpu", scheme]
+        assert r.status == OK and r.exact is True and r.max_rel_error <= 1e-5
+        assert 0 < r.latency_ms <= r.latency_p90_ms and r.compile_s > 0
+        assert r.instructions is None and r.accuracy is None
+    assert by["cpu", "none"].bits_per_weight == 32
+    assert by["cpu", "binary:act=binary"].bits_per_weight < 32
+    peers = [r for r in rows if r.kind == "peer"]
+    assert [p.scheme for p in peers] == ["torch fp32", "onnxruntime fp32", "onnxruntime int8"]
+    assert all(p.target == "cpu" and p.latency_ms > 0 for p in peers if p.status == OK)
+
+
+def test_a_target_that_cannot_build_is_a_row_with_the_reason():
+    # float Linear layers have no Cortex-M lowering: the error comes before any toolchain runs
+    (row,) = bc.benchmark(_mlp(), (1, 64), ["cortex-m4"], ["none"], peers=False, progress=False)
+    assert row.status == "failed" and "aten.linear" in row.reason and row.latency_ms is None
+
+
+def test_compare_is_the_projects_rule():
+    ref = torch.tensor([[1.0, -2.0, 3.0]])
+    assert measure.compare(ref + 1e-6, ref)[0]
+    assert not measure.compare(ref + 1e-3, ref)[0]
+    assert not measure.compare(ref[:, :2], ref)[0]
+    assert not measure.compare(torch.tensor([1, 2]), torch.tensor([1, 3]))[0]
+
+
+def test_training_accuracy_and_files(tmp_path):
+    rows = bc.benchmark(
+        _mlp(), targets=["cpu"], schemes=["none", "binary"], data="digits", epochs=1,
+        peers=False, out=tmp_path, progress=False,
+    )  # fmt: skip
+    floats = {r.float_accuracy for r in rows}
+    assert len(floats) == 1 and 0.1 < floats.pop() <= 1
+    for r in rows:
+        assert r.accuracy_on == "compiled" and 0 <= r.accuracy <= 1
+    # the compiled accuracy is the one of the model's own outputs (the none row: the float model)
+    none = next(r for r in rows if r.scheme == "none")
+    assert abs(none.accuracy - none.float_accuracy) < 0.01
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["scheme"] for r in saved["rows"]] == ["none", "binary"] and saved["data"] == "digits"
+    with open(tmp_path / "results.csv") as f:
+        assert "accuracy" in next(csv.reader(f))
+    for png in ("accuracy_vs_bits.png", "latency.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_data_accuracy_is_absent_not_zero(tmp_path):
+    bc.benchmark(_mlp(), (1, 64), schemes=["binary"], peers=False, out=tmp_path, progress=False)
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert "accuracy" not in row and "float_accuracy" not in row
+    assert not (tmp_path / "accuracy_vs_bits.png").exists()
+
+
+def test_data_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        np.savez(tmp_path / f"{split}.npz", x=rng.standard_normal((n, 1, 8, 8)), y=rng.integers(0, 10, n))
+    rows = bc.benchmark(_mlp(), schemes=["binary"], data=tmp_path, peers=False, progress=False)
+    assert rows[0].accuracy is not None and rows[0].exact
+    (tmp_path / "test.npz").unlink()
+    with pytest.raises(bc.InputError, match="test.npz is missing"):
+        bc.benchmark(_mlp(), schemes=["binary"], data=tmp_path, progress=False)
+    with pytest.raises(bc.InputError, match="neither a dataset name"):
+        bc.benchmark(_mlp(), schemes=["binary"], data=tmp_path / "nope", progress=False)
+
+
+def test_bad_inputs_are_clear_errors(monkeypatch):
+    with pytest.raises(bc.TargetError, match="unknown target 'tpu'"):
+        bc.benchmark(_mlp(), (1, 64), targets=["tpu"])
+    with pytest.raises(bc.InputError, match="input shape"):
+        bc.benchmark(_mlp())
+    monkeypatch.delattr(bc, "from_onnx", raising=False)
+    with pytest.raises(bc.ModelError, match=r"net.onnx: .*no ONNX import"):
+        bc.benchmark("net.onnx", (1, 64))
+    seen = []
+    monkeypatch.setattr(bc, "from_onnx", lambda path: seen.append(path) or _mlp(), raising=False)
+    assert bc.benchmark("net.onnx", (1, 64), schemes=["none"], peers=False, progress=False)[0].exact
+    assert seen == ["net.onnx"]
+
+
+def test_table_shows_reasons():
+    rows = bc.benchmark(_mlp(), (1, 64), ["cpu"], ["binary"], peers=False, progress=False)
+    rows[0].status, rows[0].reason = "failed", "ToolchainMissing: gcc is not on PATH"
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(output.table(rows))
+    text = console.export_text()
+    assert "gcc is not on PATH" in text and "accuracy" not in text
+
+
+def test_cli_bench(tmp_path, monkeypatch, capsys):
+    (tmp_path / "benchnet.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    args = ["bench", "benchnet:make", "--input-shape", "1,12", "--schemes", "none,uniform:bits=2,act=8"]
+    assert main([*args, "--no-peers", "--out", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "uniform:bits=2,act=8" in text and "results.json" in text
+    assert len(json.loads((tmp_path / "o" / "results.json").read_text())["rows"]) == 2
+    with pytest.raises(SystemExit, match="cannot reach the TVM RPC tracker at 127.0.0.1:9"):
+        main([*args, "--rpc", "127.0.0.1:9/farm"])
+
+
+def test_cli_suite_and_names(monkeypatch):
+    ran = []
+    monkeypatch.setattr("runpy.run_module", lambda name, run_name: ran.append(name))
+    assert main(["bench", "--suite"]) == 0 and ran == ["bench"]
+    with pytest.raises(SystemExit, match="give a MODEL"):
+        main(["bench"])
+    assert _names("none,binary:act=binary,uniform:bits=2,act=8,tiled:p=4") == [
+        "none", "binary:act=binary", "uniform:bits=2,act=8", "tiled:p=4",
+    ]  # fmt: skip
