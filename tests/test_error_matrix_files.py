@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 
 import pytest
@@ -157,10 +158,15 @@ def test_68_corrupt_tuning_database(tmp_path):
 
 
 def test_69_corrupt_compile_cache_entry(monkeypatch, tmp_path):
-    monkeypatch.setenv("BITC_CACHE", str(tmp_path))
+    monkeypatch.setenv("BITC_CACHE", str(tmp_path / "first"))
     bc.compile(mlp(), (X,))
-    (entry,) = (tmp_path / "compiled").iterdir()
-    (entry / "model.so").write_bytes(b"not a library")
+    # corrupted in a copy of the cache: this process runs the library the first compile cached,
+    # and a loaded library's file rewritten in place takes the process down (SIGBUS)
+    (entry,) = (tmp_path / "first" / "compiled").iterdir()
+    copy = tmp_path / "second" / "compiled" / entry.name
+    shutil.copytree(entry, copy)
+    monkeypatch.setenv("BITC_CACHE", str(tmp_path / "second"))
+    (copy / "model.so").write_bytes(b"not a library")
     with pytest.warns(UserWarning, match="ignoring unreadable compile cache entry"):
         compiled = bc.compile(mlp(), (X,))
     torch.testing.assert_close(compiled(X), compiled.reference(X))

@@ -42,7 +42,7 @@ def check(name: str) -> None:
             warnings.simplefilter("ignore")
             cm = bc.compile(model, (x,), scheme=scheme)
         assert cm.dynamic_batch, f"{name} {scheme}: batch fixed ({cm.report().extra.get('batch')})"
-        worst = max(layer_ratios(cm).values(), default=1.0)
+        worst = max(layer_ratios(cm, aligned=True).values(), default=1.0)
         assert worst <= 1.1, f"{name} {scheme}: a layer stores {worst:.2f}x its nominal bits"
         for inp in (x, xb):
             got, ref = cm(inp), cm.reference(inp)

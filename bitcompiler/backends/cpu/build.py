@@ -31,6 +31,12 @@ def build_relax(mod: Any, target: Target) -> CPURunner:
     return CPURunner(compile_relax(mod, target))
 
 
+def write_library(executable: Any, directory: Path) -> None:
+    """The executable's machine code as ``directory/model.so`` (LLVM makes it here)."""
+    with quiet_native_stderr():
+        executable.export_library(str(directory / LIB))
+
+
 def load_library(directory: Path) -> CPURunner:
     import tvm
 
@@ -74,8 +80,7 @@ def build_cached(inp: BuildInput, target: Target) -> CPURunner:
     applied = {"tuned kernels": len(records.applied)}
 
     def write(path: Path) -> None:
-        with quiet_native_stderr():
-            executable.export_library(str(path / LIB))
+        write_library(executable, path)
         (path / "tuning.json").write_text(json.dumps(applied))
 
     if entry is not None:
