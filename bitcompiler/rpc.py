@@ -92,14 +92,16 @@ class RemoteModel:
     """A compiled cpu model's library on a remote machine: ``fn(x)`` runs it there, ``time()``
     times it there (TVM's ``time_evaluator``)."""
 
-    def __init__(self, sess: Any, executable: Any, example: torch.Tensor) -> None:
+    def __init__(self, sess: Any, runner: Any, example: torch.Tensor) -> None:
         import tvm
         from tvm import relax
 
         with tempfile.TemporaryDirectory(prefix="bitc-rpc-") as d:
-            path = Path(d) / "model.so"
-            executable.export_library(str(path))
-            sess.upload(str(path))
+            # the library the runner was loaded from (the compile cache), or one written now
+            path = runner.library or Path(d) / "model.so"
+            if runner.library is None:
+                runner.executable.export_library(str(path))
+            sess.upload(str(path), "model.so")
         self.sess, self.dev = sess, sess.cpu()
         self.vm = relax.VirtualMachine(sess.load_module("model.so"), self.dev)
         self.example = example
@@ -124,11 +126,10 @@ class RemoteCPU:
         self.sess = session(self.address)
 
     def runner(self, cm: Any) -> RemoteModel:
-        executable = getattr(cm._runner, "executable", None)
-        if executable is None:
+        if getattr(cm._runner, "executable", None) is None:
             raise InputError(f"--rpc measures cpu models only; {cm.target} runs elsewhere")
         example = torch.randn(1, *cm.inputs[0].shape)
-        return RemoteModel(self.sess, executable, example)
+        return RemoteModel(self.sess, cm._runner, example)
 
     def time(self, fn: Any) -> list[float]:
         return fn.time()

@@ -24,21 +24,19 @@ from bitcompiler.target import Target
 PEERS = ("torch fp32", "onnxruntime fp32", "onnxruntime int8")
 
 
-def load_model(spec: str | os.PathLike[str] | nn.Module) -> nn.Module:
-    """``spec``: an nn.Module, an ``.onnx`` file (through ``bitcompiler.from_onnx``) or
-    ``package.module:factory`` (an nn.Module or a callable returning one)."""
+def load_model(
+    spec: str | os.PathLike[str] | nn.Module, input_shape: Sequence[int] | None = None
+) -> nn.Module:
+    """``spec``: an nn.Module, an ``.onnx`` file (:func:`bitcompiler.from_onnx`, its inputs fixed to
+    ``input_shape`` when given) or ``package.module:factory`` (an nn.Module or a callable returning
+    one)."""
     if isinstance(spec, nn.Module):
         return spec
     text = str(spec)
     if text.endswith(".onnx"):
-        # the package's ONNX import, where this installation has one (looked up, not imported by
-        # name: the package imports this module)
-        from_onnx = getattr(importlib.import_module("bitcompiler"), "from_onnx", None)
-        if from_onnx is None:
-            raise ModelError(
-                f"{text}: this bitcompiler has no ONNX import (bitcompiler.from_onnx); pass package.module:factory"
-            )
-        return from_onnx(text)
+        from bitcompiler.onnx import from_onnx
+
+        return from_onnx(text, [tuple(input_shape)] if input_shape else None)
     module_name, _, attr = text.partition(":")
     if not attr:
         raise InputError(
@@ -76,7 +74,7 @@ def benchmark(
     for t in targets:
         Target.parse(t)  # unknown names fail before any work
     schemes = [str(Scheme.parse(s)) for s in schemes]
-    model = load_model(model).eval()
+    model = load_model(model, input_shape).eval()
     train, test = bdata.load(data) if data is not None else (None, None)
     example = _example(input_shape, test)
     inputs = (
