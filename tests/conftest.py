@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("BITC_DEBUG", "1")  # verify the graph after every pass in tests
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -117,3 +118,16 @@ def make_model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 @pytest.fixture(params=sorted(MODELS))
 def model_and_input(request):
     return make_model(request.param)
+
+
+def write_factory_module(tmp_path, monkeypatch, name: str) -> None:
+    """``tmp_path/<name>.py`` with ``make()`` (a 12 -> 3 MLP), importable from the working directory
+    (the command line's ``MODULE:ATTR`` models)."""
+    (tmp_path / f"{name}.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import bitcompiler as bc
 from bitcompiler.benchmarking import measure, output
 from bitcompiler.benchmarking.rows import OK
 from bitcompiler.cli import _names, main
+from tests.conftest import write_factory_module
 
 
 def _mlp() -> nn.Module:
@@ -119,14 +119,7 @@ def test_table_shows_reasons():
 
 
 def test_cli_bench(tmp_path, monkeypatch, capsys):
-    (tmp_path / "benchnet.py").write_text(
-        "import torch\n"
-        "def make():\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),\n"
-        "                               torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    write_factory_module(tmp_path, monkeypatch, "benchnet")
     args = ["bench", "benchnet:make", "--input-shape", "1,12", "--schemes", "none,uniform:bits=2,act=8"]
     assert main([*args, "--no-peers", "--out", str(tmp_path / "o")]) == 0
     text = capsys.readouterr().out

@@ -1,19 +1,11 @@
-import sys
-
 import pytest
 
 from bitcompiler.cli import main
+from tests.conftest import write_factory_module
 
 
 def test_compile_and_inspect_from_the_command_line(tmp_path, monkeypatch, capsys):
-    (tmp_path / "netdef.py").write_text(
-        "import torch\n"
-        "def make():\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),\n"
-        "                               torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    write_factory_module(tmp_path, monkeypatch, "netdef")
     out = tmp_path / "out"
     assert (
         main(

@@ -9,6 +9,13 @@ from typing import Any
 from bitcompiler.benchmarking.rows import OK, Row
 
 
+def _save(plt: Any, fig: Any, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -54,10 +61,7 @@ def _accuracy(rows: list[Row], path: Path) -> bool:
     ax.set_title("Accuracy vs bits per weight (one point per scheme)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _hbars(ax: Any, rows: list[Row], values: list[float], errors: list[float] | None = None) -> None:
@@ -91,10 +95,7 @@ def _latency(rows: list[Row], path: Path) -> bool:
         ax.set_xscale("log")
         ax.set_xlabel("latency per inference, batch 1 (ms, log scale)")
     ax.set_title("Latency per target and scheme (bar: median, whisker: p90)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _cortex_m(rows: list[Row], path: Path) -> bool:
@@ -110,7 +111,4 @@ def _cortex_m(rows: list[Row], path: Path) -> bool:
     _hbars(a2, counted, [(r.flash_bytes or 0) / 1024 for r in counted])
     a2.set_xlabel("flash: code + weights + constants (KiB)")
     a2.set_title("Flash")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)

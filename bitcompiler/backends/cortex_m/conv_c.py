@@ -20,6 +20,7 @@ import torch
 from bitcompiler import ops
 from bitcompiler.backends.cortex_m.dense_sources import (
     ROWS,
+    c_function,
     int8_block,
     row_accumulators,
     store_int8_codes,
@@ -68,7 +69,7 @@ def int8_conv_source(symbol: str, isa: str, spec: Any, shift: bool) -> str:
         f"BITC_KERNEL void {symbol}(int8_t* XQ, float* XS, int8_t* W, float* SC, float* OF, float* BI, "
         f"int8_t* R, {scratch}float* Y) {{"
     )
-    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+    return c_function(head, body)
 
 
 def int8_conv(b: Any, node: torch.fx.Node, call: ops.BoundCall, spec: Any, out_shape: tuple) -> None:

@@ -15,6 +15,11 @@ ROWS = 4  # output rows a weight block holds (and the kernels accumulate at once
 TABLE_GROUPS = 8  # groups of 8 inputs whose tables one chunk of the float kernel holds
 
 
+def c_function(head: str, body: list[str]) -> str:
+    """A C function's text: ``head`` (its signature and ``{``), ``body`` indented, ``}``."""
+    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+
+
 def int8_block(isa: str) -> int:
     """Codes per row in one stored block: 16 (a Helium vector) or 4 (a 32-bit word)."""
     return 16 if isa == "mve" else 4
@@ -107,7 +112,7 @@ def binary_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: b
         "}",
     ]
     head = f"BITC_KERNEL void {symbol}(int32_t* XP, int32_t* P, {params}, float* Y) {{"
-    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+    return c_function(head, body)
 
 
 def unpack(isa: str, k: int) -> list[str]:
@@ -158,7 +163,7 @@ def int8_source(symbol: str, isa: str, rows: int, k: int, n: int, shift: bool) -
         "}",
     ]
     head = f"BITC_KERNEL void {symbol}(int8_t* XQ, float* XS, int8_t* W, {epi_params}, {scratch}float* Y) {{"
-    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+    return c_function(head, body)
 
 
 def _half_table(name: str, xs: list[str]) -> list[str]:
@@ -290,7 +295,7 @@ def float_pm1_source(symbol: str, rows: int, k: int, n: int, mve: bool = False) 
         "}",
     ]
     head = f"BITC_KERNEL void {symbol}(float* X, uint8_t* P, float* SC, float* BI, float* T, float* Y) {{"
-    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+    return c_function(head, body)
 
 
 def _stride(k: int) -> int:
@@ -333,7 +338,7 @@ def float_codes_source(symbol: str, rows: int, k: int, n: int) -> str:
         "}",
     ]
     head = f"BITC_KERNEL void {symbol}(float* X, int32_t* W, float* SC, float* OF, float* BI, float* Y) {{"
-    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+    return c_function(head, body)
 
 
 def quantize_source(symbol: str, rows: int, n: int) -> str:
@@ -355,7 +360,7 @@ def quantize_source(symbol: str, rows: int, n: int) -> str:
         "}",
     ]
     head = f"BITC_KERNEL void {symbol}(float* X, int8_t* XQ, float* XS) {{"
-    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+    return c_function(head, body)
 
 
 def table_floats(k: int, n: int, mve: bool) -> int:
