@@ -3,6 +3,20 @@ Helium bit counts, the SMLAD step of four rows (Thumb-2 asm), VCVTR rounding and
 widening, each with a plain C fallback so that a bundle also builds on the host (sanitizers)."""
 
 PRELUDE = """
+/* an int32 view of a float buffer (the W1A1 kernel's integer sums before its float epilogue) */
+typedef int32_t bitc_i32_alias __attribute__((may_alias));
+/* the W1A1 row loop in Thumb-2 asm (binary_c.py) on optimized builds for DSP cores */
+#if defined(__thumb2__) && defined(__ARM_FEATURE_DSP) && defined(__OPTIMIZE__)
+#define BITC_W1A1_ASM 1
+#else
+#define BITC_W1A1_ASM 0
+#endif
+/* the sign packing in Thumb-2 asm on optimized builds (every Cortex-M but M0) */
+#if defined(__thumb2__) && defined(__OPTIMIZE__)
+#define BITC_THUMB2_ASM 1
+#else
+#define BITC_THUMB2_ASM 0
+#endif
 #if defined(__ARM_FEATURE_MVE)
 #include <arm_mve.h>
 /* bit counts of the 32 nibbles of v (each 0..4) */

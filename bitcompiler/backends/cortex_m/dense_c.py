@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bitcompiler import ops
+from bitcompiler.backends.cortex_m import binary_c
 from bitcompiler.backends.cortex_m.aot import _Builder
 from bitcompiler.backends.cortex_m.c_prelude import PRELUDE
 from bitcompiler.backends.cortex_m.dense_sources import (
@@ -178,6 +179,12 @@ class Builder(_Builder):
         of ``BINARY_C``; every other kernel from TIR."""
         if key[0] == "q8" and self.isa != "scalar":  # FPU cores: VCVTR rounds
             return self._quantize_kernel(key)
+        if key[0] == "pack":  # sign bits of float rows: CMP / ADC per input
+            (kdim, rows) = key[1:]
+            params = (KernelParam("X", "float32", (rows, kdim)), KernelParam("XP", "int32", (rows, -(-kdim // 32))))
+            return self._c_kernel(
+                key, "bitc_pack_sign", params, lambda s: binary_c.pack_sign_source(s, rows, kdim)
+            )
         spec = key[1] if key[0] == "dense" else None
         w1a1 = spec is not None and (spec.act, spec.code, spec.bits, spec.has_offset) == (
             "binary",
@@ -230,10 +237,40 @@ class Builder(_Builder):
             return super().bit_conv2d(node, out_shape)
         return conv_c.int8_conv(self, node, call, spec, out_shape)
 
+    def w1a1_dsp(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple) -> None:
+        """W1A1 pm1 on a DSP core: the two-row kernel of :mod:`.binary_c`, its weights stored in
+        the order it reads them."""
+        a: ops.BitLinearAttrs = call.attrs
+        x = self.tensors[call.x.name]
+        rows = math.prod(x.shape[:-1])
+        planes = self.state[self.param_of[call.tensors["planes"].name]].detach().cpu().numpy()
+        n, kw = int(planes.shape[1]), int(planes.shape[2])
+        act_args = self.quantized_input(x, "binary", rows, (a.k,), None)
+        epi = self.epilogue_args(call)
+        self.drop_weight(epi[0])
+        stored = self._stored(call, "w1a1", binary_c.store_w1a1_words(planes))
+        names, dtype = (("TS", "TH"), "int32") if a.threshold else (("SC", "OF", "BI"), "float32")
+        params = (
+            KernelParam("XP", "int32", (rows, kw)),
+            KernelParam("P", "int32", (self.weights[stored].array.size,)),
+            *(KernelParam(q, dtype, (n,)) for q in names),
+            KernelParam("Y", "float32", (rows, n)),
+        )
+        kern = self._c_kernel(
+            ("w1a1_dsp", a.k, n, rows, a.threshold),
+            f"bitc_dsp_dense_binary_pm11_{a.k}x{n}",
+            params,
+            lambda s: binary_c.w1a1_dsp_source(s, rows, a.k, n, a.threshold),
+        )
+        y = self.new_tensor(node.name, out_shape, "float32")
+        self.call(kern, [*act_args, stored, *epi[1:], y.name], act_args, [y.name], self.label(node))
+
     def bit_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         call = ops.bind(node)
         a: ops.BitLinearAttrs = call.attrs
         bits = int(call.tensors["planes"].meta["val"].shape[0])
+        if self.isa == "dsp" and (a.act, a.code, bits, a.has_offset) == ("binary", "pm1", 1, False):
+            return self.w1a1_dsp(node, call, out_shape)
         if a.act == "float" and a.code == "pm1" and bits == 1 and not a.threshold and not a.has_offset:
             return self.float_pm1(node, call, out_shape)
         # int8 or float activations with a float epilogue (the float codes need an FPU)

@@ -1,0 +1,275 @@
+"""The W1A1 dense kernel of the DSP cores (M4, M7): two output rows per pass over the activations.
+
+``acc = K - 2 popcount(x ^ p)`` over the packed signs. Cortex-M has no popcount instruction, so the
+bits are counted in SWAR steps (pairs, then nibbles: 5 instructions a word), and the words of a
+row are taken in groups of three:
+
+* a **carry-save adder** turns a group's three words ``d, e, f`` into ``ones = d ^ e ^ f`` and
+  ``twos = maj(d, e, f)`` (``pc(d) + pc(e) + pc(f) = pc(ones) + 2 pc(twos)``): two SWAR counts
+  instead of three. The weights of a group are stored as ``p0, p0 ^ p1, p0 ^ p2`` and the
+  activations prepared once per sample as ``x0, x0 ^ x1, x0 ^ x2``, so that ``d ^ e`` and
+  ``d ^ f`` are one ``EOR`` each: the adder with its three XORs is 7 instructions;
+* the group's nibble counts (each at most ``4 + 2 * 4 = 12``) are summed by two ``USADA8``:
+  ``A += bytes(n)`` and ``C += bytes(n & 0xF0F0F0F0)``, and ``pc = A - C + C / 16`` at the end
+  of the row (no nibble-to-byte step).
+
+Two rows share each group of activation words (``LDRD`` from the stack, where the prepared words
+are copied), their weights are stored interleaved group by group so that one ``LDM`` with
+write-back loads a row's group; the integer ``acc`` of every row goes to ``Y`` first, and a
+second pass applies the float epilogue eight rows at a time (``VLDM``, ``VCVT``, ``VMUL``,
+``VADD``, ``VSTM``) in the reference's order. The row loop is Thumb-2 asm (gcc keeps neither the
+activation words nor the pointers in registers, and has no way to ask for ``LDM``); a plain C
+loop over the same stored order runs everywhere else (host builds, ``-O0``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bitcompiler.backends.cortex_m.dense_sources import c_function
+
+MAX_WORDS = 240  # activation words the asm keeps on the stack (LDRD offsets reach 1020 bytes)
+
+
+def groups(kw: int) -> list[tuple[int, int]]:
+    """``(first word, size)`` of each group of a row: threes, then the one or two words left."""
+    out = [(s, 3) for s in range(0, kw - kw % 3, 3)]
+    return out + ([(kw - kw % 3, kw % 3)] if kw % 3 else [])
+
+
+def _prepared(words: np.ndarray, kw: int) -> np.ndarray:
+    """``(..., KW)`` words -> each group of three as ``w0, w0 ^ w1, w0 ^ w2``."""
+    out = words.copy()
+    for s, size in groups(kw):
+        if size == 3:
+            out[..., s + 1] ^= words[..., s]
+            out[..., s + 2] ^= words[..., s]
+    return out
+
+
+def store_w1a1_words(planes: np.ndarray) -> np.ndarray:
+    """1-bit pm1 planes ``(1, N, KW)`` int32 -> the kernel's order: rows in pairs (the last one
+    alone when ``N`` is odd), each pair group by group, row ``a``'s group then row ``b``'s, each
+    group of three as ``p0, p0 ^ p1, p0 ^ p2``."""
+    p = _prepared(planes[0].astype(np.uint32), planes.shape[2])
+    n, kw = p.shape
+    out = []
+    for a in range(0, n, 2):
+        rows = p[a : a + 2]
+        for s, size in groups(kw):
+            out.append(rows[:, s : s + size].reshape(-1))
+    return np.concatenate(out).view(np.int32)
+
+
+def _swar(r: str, t: str) -> list[str]:
+    """``r`` -> its nibble bit counts (pairs, then nibbles), ``t`` a scratch register."""
+    return [
+        f"and {t}, {r}, #0xAAAAAAAA",
+        f"sub {r}, {r}, {t}, lsr #1",
+        f"and {t}, {r}, #0xCCCCCCCC",
+        f"and {r}, {r}, #0x33333333",
+        f"add {r}, {r}, {t}, lsr #2",
+    ]
+
+
+ROW_REGS = (("r6", "r8"), ("r9", "r10"))  # the A and C sums of row a and row b
+ZERO = "r11"
+
+
+def _group_row(size: int, acc: tuple[str, str], first: bool) -> list[str]:
+    """One row's group (activation words in r0-r2): weights into r3-r5, the nibble counts into
+    the row's ``A`` and ``C`` sums."""
+    a, c = acc
+    ra, rc = (ZERO, ZERO) if first else (a, c)
+    if size == 3:
+        lines = ["ldmia r12!, {r3, r4, r5}", "eor r3, r3, r0", "eor r4, r4, r1", "eor r5, r5, r2"]
+        # r3 = d, r4 = d ^ e, r5 = d ^ f: ones = d ^ (d^e) ^ (d^f), twos = d ^ ((d^e) & (d^f))
+        lines += ["eor r4, r4, r5", "bic r5, r5, r4", "eor r5, r5, r3", "eor r4, r4, r3"]
+        lines += [*_swar("r4", "r3"), *_swar("r5", "r3"), "add r4, r4, r5, lsl #1"]
+    elif size == 2:
+        lines = ["ldmia r12!, {r3, r4}", "eor r3, r3, r0", "eor r4, r4, r1"]
+        lines += [*_swar("r3", "r5"), *_swar("r4", "r5"), "add r4, r4, r3"]
+    else:
+        lines = ["ldr r4, [r12], #4", "eor r4, r4, r0", *_swar("r4", "r5")]
+    return lines + ["and r3, r4, #0xF0F0F0F0", f"usada8 {a}, r4, {ZERO}, {ra}", f"usada8 {c}, r3, {ZERO}, {rc}"]
+
+
+def _x_loads(start: int, size: int) -> list[str]:
+    off = 4 * start
+    if size == 1:
+        return [f"ldr r0, [sp, #{off}]"]
+    return [f"ldrd r0, r1, [sp, #{off}]"] + ([f"ldr r2, [sp, #{off + 8}]"] if size == 3 else [])
+
+
+def _rows_asm(kw: int, k: int, pair: bool) -> list[str]:
+    """Asm of one pass (two rows, or the last one): groups, then ``acc = K - 2 pc`` of each row."""
+    lines = []
+    for i, (s, size) in enumerate(groups(kw)):
+        lines += _x_loads(s, size)
+        for r in range(2 if pair else 1):
+            lines += _group_row(size, ROW_REGS[r], i == 0)
+    lines.append(f"movw r2, #{k}")
+    for r in range(2 if pair else 1):
+        a, c = ROW_REGS[r]
+        lines += [f"sub r{r}, {a}, {c}", f"add r{r}, r{r}, {c}, lsr #4", f"sub r{r}, r2, r{r}, lsl #1"]
+    return lines + (["stmia lr!, {r0, r1}"] if pair else ["str r0, [lr], #4"])
+
+
+def _asm_block(kw: int, k: int, n: int) -> list[str]:
+    """The row loop in Thumb-2: the prepared words at ``xs`` copied below ``sp``, with the end of
+    the pairs' weights after them."""
+    frame = 4 * kw + 8  # words, the end pointer, 8-byte aligned
+    frame += frame % 8
+    text = [f"sub sp, sp, #{frame}", f"str r1, [sp, #{4 * kw}]", f"mov {ZERO}, #0"]
+    for w in range(kw):
+        text += [f"ldr r2, [r0, #{4 * w}]", f"str r2, [sp, #{4 * w}]"]
+    if n >= 2:
+        text += ["1:", *_rows_asm(kw, k, True), f"ldr r2, [sp, #{4 * kw}]", "cmp r12, r2", "bne 1b"]
+    if n % 2:
+        text += _rows_asm(kw, k, False)
+    text.append(f"add sp, sp, #{frame}")
+    quoted = "\n".join(f'      "{line}\\n\\t"' for line in text)
+    return [
+        "{",
+        "  register const uint32_t *bitc_xs __asm(\"r0\") = xs;",
+        f"  register const int32_t *bitc_end __asm(\"r1\") = P + {kw * (n - n % 2)};",
+        "  register const int32_t *bitc_p __asm(\"r12\") = P;",
+        "  register int32_t *bitc_y __asm(\"lr\") = yi;",
+        "  __asm volatile(",
+        quoted,
+        '      : "+r"(bitc_xs), "+r"(bitc_end), "+r"(bitc_p), "+r"(bitc_y)',
+        "      :",
+        '      : "r2", "r3", "r4", "r5", "r6", "r8", "r9", "r10", "r11", "cc", "memory");',
+        "}",
+    ]
+
+
+def _c_loop(kw: int, k: int, n: int) -> list[str]:
+    """The same sums in C, over the same stored order (host builds, unoptimized builds)."""
+    body = [
+        f"for (int32_t j = 0; j < {n}; ++j) {{",
+        f"  int32_t b = j % 2, pairs = (j / 2) * 2, in_pair = j + 1 < {n} || b;",
+        "  uint32_t a = 0;",
+    ]
+    for s, size in groups(kw):
+        w = f"P[{kw} * pairs + (in_pair ? 2 * {s} + b * {size} : {s})"
+        terms = [f"((uint32_t)xs[{s + i}] ^ (uint32_t){w} + {i}])" for i in range(size)]
+        if size == 3:
+            body += [
+                f"  {{ uint32_t d = {terms[0]}, u = {terms[1]}, v = {terms[2]};",
+                "    a += bitc_popcount((int32_t)(d ^ u ^ v)) + 2 * bitc_popcount((int32_t)(d ^ (u & v))); }",
+            ]
+        else:
+            body += [f"  a += bitc_popcount((int32_t){t});" for t in terms]
+    return [*body, f"  yi[j] = {k} - 2 * (int32_t)a;", "}"]
+
+
+def _float_pass(n: int) -> list[str]:
+    """``Y = SC * acc + BI`` over the integer accumulators in ``Y``: eight rows a step in asm."""
+    full = n - n % 8
+    lines = []
+    if full:
+        cvt = "".join(f'"vcvt.f32.s32 s{i}, s{i}\\n\\t"' for i in range(8))
+        mul = "".join(f'"vmul.f32 s{i}, s{i}, s{i + 8}\\n\\t"' for i in range(8))
+        add = "".join(f'"vadd.f32 s{i}, s{i}, s{i + 8}\\n\\t"' for i in range(8))
+        lines += [
+            "#if BITC_W1A1_ASM && defined(__ARM_FP)",
+            "{",
+            "  float *y8 = (float*)yi; const float *sc = SC, *bi = BI;",
+            f"  float *end = y8 + {full};",
+            '  __asm volatile("1:\\n\\t" "vldmia %[y], {s0-s7}\\n\\t" '
+            + cvt
+            + '"vldmia %[sc]!, {s8-s15}\\n\\t" '
+            + mul
+            + '"vldmia %[bi]!, {s8-s15}\\n\\t" '
+            + add
+            + '"vstmia %[y]!, {s0-s7}\\n\\t" "cmp %[y], %[end]\\n\\t" "bne 1b\\n\\t"',
+            '    : [y] "+r"(y8), [sc] "+r"(sc), [bi] "+r"(bi) : [end] "r"(end)',
+            '    : "s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11", "s12",'
+            ' "s13", "s14", "s15", "cc", "memory");',
+            "}",
+            "#else",
+            f"for (int32_t j = 0; j < {full}; ++j) y[j] = (SC[j] * (float)yi[j]) + BI[j];",
+            "#endif",
+        ]
+    if n % 8:
+        lines.append(f"for (int32_t j = {full}; j < {n}; ++j) y[j] = (SC[j] * (float)yi[j]) + BI[j];")
+    return lines
+
+
+def w1a1_dsp_source(symbol: str, rows: int, k: int, n: int, threshold: bool) -> str:
+    """``XP (rows, KW) packed signs, P (stored by store_w1a1_words), epilogue, Y (rows, N)``:
+    the float epilogue ``SC * acc + BI`` (``OF``: the portable kernel's unused offset) or the
+    threshold one ``TS * acc >= TH ? +1 : -1``."""
+    kw = -(-k // 32)
+    if threshold:
+        params = "int32_t* TS, int32_t* TH"
+        out = [f"for (int32_t j = 0; j < {n}; ++j) y[j] = ((int64_t)TS[j] * yi[j] >= (int64_t)TH[j]) ? 1.0f : -1.0f;"]
+    else:
+        params, out = "float* SC, float* OF, float* BI", _float_pass(n)
+    prep = [f"uint32_t xs[{kw}];", *(f"xs[{w}] = (uint32_t)x[{w}];" for w in range(kw))]
+    for s, size in groups(kw):
+        if size == 3:
+            prep += [f"xs[{s + 1}] ^= xs[{s}];", f"xs[{s + 2}] ^= xs[{s}];"]
+    body = [
+        f"for (int32_t m = 0; m < {rows}; ++m) {{",
+        f"  const int32_t *x = XP + m * {kw};",
+        f"  float *y = Y + m * {n};",
+        "  bitc_i32_alias *yi = (bitc_i32_alias*)y;",
+        *("  " + line for line in prep),
+    ]
+    asm = _asm_block(kw, k, n) if kw <= MAX_WORDS else []
+    body += ["#if BITC_W1A1_ASM"] * bool(asm) + ["  " + line for line in asm]
+    body += ["#else"] * bool(asm) + ["  " + line for line in _c_loop(kw, k, n)] + ["#endif"] * bool(asm)
+    body += [*("  " + line for line in out), "}"]
+    head = f"BITC_KERNEL void {symbol}(int32_t* XP, int32_t* P, {params}, float* Y) {{"
+    return c_function(head, body)
+
+
+PACK_REGS = ("r4", "r5", "r6", "r8", "r9", "r10", "r11", "lr")  # eight inputs a load (r7: gcc's)
+
+
+def _pack_inputs(count: int) -> list[str]:
+    """Asm: the ``count`` inputs below ``r2`` shifted into ``r0``, the highest first: bit = x >= 0,
+    i.e. the float's bits ``u`` are -0.0 (``0x80000000``) or at most ``+inf`` (``0x7F800000``):
+    ``CMP`` / ``IT`` / ``CMP`` leave that in the carry and ``ADC`` shifts it in (NaN gives 0)."""
+    lines = []
+    for chunk in [count % 8] * bool(count % 8) + [8] * (count // 8):
+        regs = PACK_REGS[:chunk]
+        lines.append(f"ldmdb r2!, {{{', '.join(regs)}}}")
+        for r in reversed(regs):
+            lines += [f"cmp {r}, #0x80000000", "it ne", f"cmpne r1, {r}", "adc r0, r0, r0"]
+    return lines
+
+
+def pack_sign_source(symbol: str, rows: int, k: int) -> str:
+    """``X (rows, K) float -> XP (rows, KW)``: the sign bits of :func:`bitcompiler.kernels.pack_sign_rows`
+    (bit ``j`` of word ``w``: ``X[32 w + j] >= 0``; zero past ``K``), 4 instructions an input."""
+    kw, tail = -(-k // 32), k % 32
+    text = ["mov r1, #0x7F800000"]
+    if tail:  # the partial last word first: the words are written from the last one down
+        text += ["mov r0, #0", *_pack_inputs(tail), "str r0, [r3, #-4]!"]
+    if k >= 32:
+        text += ["1:", "mov r0, #0", *_pack_inputs(32), "str r0, [r3, #-4]!", "cmp r2, r12", "bne 1b"]
+    quoted = "\n".join(f'      "{line}\\n\\t"' for line in text)
+    body = [
+        f"for (int32_t m = 0; m < {rows}; ++m) {{",
+        "#if BITC_THUMB2_ASM",
+        f'  register const float *bitc_x __asm("r2") = X + (m + 1) * {k};',
+        f'  register int32_t *bitc_out __asm("r3") = XP + (m + 1) * {kw};',
+        f'  register const float *bitc_begin __asm("r12") = X + m * {k};',
+        "  __asm volatile(",
+        quoted,
+        '      : "+r"(bitc_x), "+r"(bitc_out) : "r"(bitc_begin)',
+        '      : "r0", "r1", "r4", "r5", "r6", "r8", "r9", "r10", "r11", "lr", "cc", "memory");',
+        "#else",
+        f"  for (int32_t w = 0; w < {kw}; ++w) {{",
+        "    uint32_t b = 0;",
+        f"    for (int32_t i = 0; i < 32 && 32 * w + i < {k}; ++i)",
+        f"      b |= (uint32_t)(X[m * {k} + 32 * w + i] >= 0.0f) << i;",
+        f"    XP[m * {kw} + w] = (int32_t)b;",
+        "  }",
+        "#endif",
+        "}",
+    ]
+    return c_function(f"BITC_KERNEL void {symbol}(float* X, int32_t* XP) {{", body)
