@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bitcompiler as bc
-from bitcompiler.backends.cortex_m import dense_c
+from bitcompiler.backends.cortex_m import binary_c, dense_c
 from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
 from tests.conftest import assert_close
 
@@ -147,4 +147,35 @@ def test_int8_convs_run_the_dense_loop_on_im2col_rows(core):
     convs = [k for label, k in kernels.items() if "bit_conv2d" in label]
     assert len(convs) == 2 and all(k.startswith(f"bitc_conv2d_int8_{ISA[core]}_") for k in convs), kernels
     xs = torch.randn(3, 3, 10, 10)
+    assert torch.equal(cm(xs), cm.reference(xs))
+
+
+def test_w1a1_weights_in_the_kernels_order():
+    """Rows in pairs (the odd last row alone), group by group; a group of three as p0, p0^p1, p0^p2."""
+    rng = np.random.default_rng(0)
+    planes = rng.integers(-(2**31), 2**31, size=(1, 3, 5), dtype=np.int64).astype(np.int32)  # KW 5: 3 + 2
+    words = binary_c.store_w1a1_words(planes)
+    p = planes[0]
+    three = lambda r: [p[r, 0], p[r, 0] ^ p[r, 1], p[r, 0] ^ p[r, 2]]
+    expected = [*three(0), *three(1), *p[0, 3:5], *p[1, 3:5], *three(2), *p[2, 3:5]]
+    assert words.tolist() == [int(v) for v in expected]
+    assert binary_c.groups(8) == [(0, 3), (3, 3), (6, 2)] and binary_c.groups(4) == [(0, 3), (3, 1)]
+
+
+@needs_toolchain
+@pytest.mark.parametrize("core", CORES)
+def test_w1a1_rows_tokens_and_special_inputs(core):
+    """The DSP kernel's cases: odd rows (33, 7), a last group of one word (K = 100: 3 + 1 words) and
+    of two (K = 33 + 32), three token rows a call; -0.0, denormals and the largest floats pack as
+    ``x >= 0``."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(100, 33), nn.Hardtanh(), nn.Linear(33, 65), nn.Hardtanh(), nn.Linear(65, 7))
+    x = torch.randn(1, 3, 100)
+    cm = bc.compile(net, (x,), target=core, scheme="binary:act=binary,first_last=quantize")
+    kernels = cm.report().extra["kernels"]
+    assert kernels["pack_sign"].startswith("bitc_pack_sign"), kernels
+    xs = torch.randn(2, 3, 100)
+    big = torch.finfo(torch.float32).max
+    xs[0, 0, :6] = torch.tensor([0.0, -0.0, big, -big, 1e-45, -1e-45])
+    xs[1, 2, -3:] = torch.tensor([-0.0, -1e-45, 0.0])
     assert torch.equal(cm(xs), cm.reference(xs))

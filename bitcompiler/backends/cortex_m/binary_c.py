@@ -91,7 +91,11 @@ def _group_row(size: int, acc: tuple[str, str], first: bool) -> list[str]:
         lines += [*_swar("r3", "r5"), *_swar("r4", "r5"), "add r4, r4, r3"]
     else:
         lines = ["ldr r4, [r12], #4", "eor r4, r4, r0", *_swar("r4", "r5")]
-    return lines + ["and r3, r4, #0xF0F0F0F0", f"usada8 {a}, r4, {ZERO}, {ra}", f"usada8 {c}, r3, {ZERO}, {rc}"]
+    return lines + [
+        "and r3, r4, #0xF0F0F0F0",
+        f"usada8 {a}, r4, {ZERO}, {ra}",
+        f"usada8 {c}, r3, {ZERO}, {rc}",
+    ]
 
 
 def _x_loads(start: int, size: int) -> list[str]:
@@ -128,15 +132,14 @@ def _asm_block(kw: int, k: int, n: int) -> list[str]:
     if n % 2:
         text += _rows_asm(kw, k, False)
     text.append(f"add sp, sp, #{frame}")
-    quoted = "\n".join(f'      "{line}\\n\\t"' for line in text)
     return [
         "{",
-        "  register const uint32_t *bitc_xs __asm(\"r0\") = xs;",
-        f"  register const int32_t *bitc_end __asm(\"r1\") = P + {kw * (n - n % 2)};",
-        "  register const int32_t *bitc_p __asm(\"r12\") = P;",
-        "  register int32_t *bitc_y __asm(\"lr\") = yi;",
+        '  register const uint32_t *bitc_xs __asm("r0") = xs;',
+        f'  register const int32_t *bitc_end __asm("r1") = P + {kw * (n - n % 2)};',
+        '  register const int32_t *bitc_p __asm("r12") = P;',
+        '  register int32_t *bitc_y __asm("lr") = yi;',
         "  __asm volatile(",
-        quoted,
+        _quoted(text),
         '      : "+r"(bitc_xs), "+r"(bitc_end), "+r"(bitc_p), "+r"(bitc_y)',
         "      :",
         '      : "r2", "r3", "r4", "r5", "r6", "r8", "r9", "r10", "r11", "cc", "memory");',
@@ -164,37 +167,36 @@ def _c_loop(kw: int, k: int, n: int) -> list[str]:
     return [*body, f"  yi[j] = {k} - 2 * (int32_t)a;", "}"]
 
 
+def _quoted(text: list[str]) -> str:
+    """Asm lines as the string literals of an ``__asm`` statement."""
+    return "\n".join(f'      "{line}\\n\\t"' for line in text)
+
+
 def _float_pass(n: int) -> list[str]:
     """``Y = SC * acc + BI`` over the integer accumulators in ``Y``: eight rows a step in asm."""
     full = n - n % 8
-    lines = []
-    if full:
-        cvt = "".join(f'"vcvt.f32.s32 s{i}, s{i}\\n\\t"' for i in range(8))
-        mul = "".join(f'"vmul.f32 s{i}, s{i}, s{i + 8}\\n\\t"' for i in range(8))
-        add = "".join(f'"vadd.f32 s{i}, s{i}, s{i + 8}\\n\\t"' for i in range(8))
-        lines += [
-            "#if BITC_W1A1_ASM && defined(__ARM_FP)",
-            "{",
-            "  float *y8 = (float*)yi; const float *sc = SC, *bi = BI;",
-            f"  float *end = y8 + {full};",
-            '  __asm volatile("1:\\n\\t" "vldmia %[y], {s0-s7}\\n\\t" '
-            + cvt
-            + '"vldmia %[sc]!, {s8-s15}\\n\\t" '
-            + mul
-            + '"vldmia %[bi]!, {s8-s15}\\n\\t" '
-            + add
-            + '"vstmia %[y]!, {s0-s7}\\n\\t" "cmp %[y], %[end]\\n\\t" "bne 1b\\n\\t"',
-            '    : [y] "+r"(y8), [sc] "+r"(sc), [bi] "+r"(bi) : [end] "r"(end)',
-            '    : "s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11", "s12",'
-            ' "s13", "s14", "s15", "cc", "memory");',
-            "}",
-            "#else",
-            f"for (int32_t j = 0; j < {full}; ++j) y[j] = (SC[j] * (float)yi[j]) + BI[j];",
-            "#endif",
-        ]
-    if n % 8:
-        lines.append(f"for (int32_t j = {full}; j < {n}; ++j) y[j] = (SC[j] * (float)yi[j]) + BI[j];")
-    return lines
+    c_rows = lambda a, b: f"for (int32_t j = {a}; j < {b}; ++j) y[j] = (SC[j] * (float)yi[j]) + BI[j];"
+    if not full:
+        return [c_rows(0, n)]
+    text = ["1:", "vldmia %[y], {s0-s7}", *(f"vcvt.f32.s32 s{i}, s{i}" for i in range(8))]
+    text += ["vldmia %[sc]!, {s8-s15}", *(f"vmul.f32 s{i}, s{i}, s{i + 8}" for i in range(8))]
+    text += ["vldmia %[bi]!, {s8-s15}", *(f"vadd.f32 s{i}, s{i}, s{i + 8}" for i in range(8))]
+    text += ["vstmia %[y]!, {s0-s7}", "cmp %[y], %[end]", "bne 1b"]
+    clobbers = ", ".join(f'"s{i}"' for i in range(16))
+    lines = [
+        "#if BITC_W1A1_ASM && defined(__ARM_FP)",
+        "{",
+        "  float *y8 = y; const float *sc = SC, *bi = BI;",
+        "  __asm volatile(",
+        _quoted(text),
+        f'      : [y] "+r"(y8), [sc] "+r"(sc), [bi] "+r"(bi) : [end] "r"(y + {full})',
+        f'      : {clobbers}, "cc", "memory");',
+        "}",
+        "#else",
+        c_rows(0, full),
+        "#endif",
+    ]
+    return lines + ([c_rows(full, n)] if n % 8 else [])
 
 
 def w1a1_dsp_source(symbol: str, rows: int, k: int, n: int, threshold: bool) -> str:
@@ -204,7 +206,9 @@ def w1a1_dsp_source(symbol: str, rows: int, k: int, n: int, threshold: bool) -> 
     kw = -(-k // 32)
     if threshold:
         params = "int32_t* TS, int32_t* TH"
-        out = [f"for (int32_t j = 0; j < {n}; ++j) y[j] = ((int64_t)TS[j] * yi[j] >= (int64_t)TH[j]) ? 1.0f : -1.0f;"]
+        out = [
+            f"for (int32_t j = 0; j < {n}; ++j) y[j] = ((int64_t)TS[j] * yi[j] >= (int64_t)TH[j]) ? 1.0f : -1.0f;"
+        ]
     else:
         params, out = "float* SC, float* OF, float* BI", _float_pass(n)
     prep = [f"uint32_t xs[{kw}];", *(f"xs[{w}] = (uint32_t)x[{w}];" for w in range(kw))]
@@ -231,27 +235,27 @@ PACK_REGS = ("r4", "r5", "r6", "r8", "r9", "r10", "r11", "lr")  # eight inputs a
 
 def _pack_inputs(count: int) -> list[str]:
     """Asm: the ``count`` inputs below ``r2`` shifted into ``r0``, the highest first: bit = x >= 0,
-    i.e. the float's bits ``u`` are -0.0 (``0x80000000``) or at most ``+inf`` (``0x7F800000``):
-    ``CMP`` / ``IT`` / ``CMP`` leave that in the carry and ``ADC`` shifts it in (NaN gives 0)."""
+    i.e. the float's bits ``u`` are at most ``0x80000000`` (-0.0) as an unsigned number: ``CMP``
+    leaves that in the carry and ``ADC`` shifts it in. (A NaN with the sign bit clear would give 1;
+    compiled models refuse non-finite inputs.)"""
     lines = []
     for chunk in [count % 8] * bool(count % 8) + [8] * (count // 8):
         regs = PACK_REGS[:chunk]
         lines.append(f"ldmdb r2!, {{{', '.join(regs)}}}")
         for r in reversed(regs):
-            lines += [f"cmp {r}, #0x80000000", "it ne", f"cmpne r1, {r}", "adc r0, r0, r0"]
+            lines += [f"cmp r1, {r}", "adc r0, r0, r0"]
     return lines
 
 
 def pack_sign_source(symbol: str, rows: int, k: int) -> str:
     """``X (rows, K) float -> XP (rows, KW)``: the sign bits of :func:`bitcompiler.kernels.pack_sign_rows`
-    (bit ``j`` of word ``w``: ``X[32 w + j] >= 0``; zero past ``K``), 4 instructions an input."""
+    (bit ``j`` of word ``w``: ``X[32 w + j] >= 0``; zero past ``K``), 2 instructions an input."""
     kw, tail = -(-k // 32), k % 32
-    text = ["mov r1, #0x7F800000"]
+    text = ["mov r1, #0x80000000"]
     if tail:  # the partial last word first: the words are written from the last one down
         text += ["mov r0, #0", *_pack_inputs(tail), "str r0, [r3, #-4]!"]
     if k >= 32:
         text += ["1:", "mov r0, #0", *_pack_inputs(32), "str r0, [r3, #-4]!", "cmp r2, r12", "bne 1b"]
-    quoted = "\n".join(f'      "{line}\\n\\t"' for line in text)
     body = [
         f"for (int32_t m = 0; m < {rows}; ++m) {{",
         "#if BITC_THUMB2_ASM",
@@ -259,7 +263,7 @@ def pack_sign_source(symbol: str, rows: int, k: int) -> str:
         f'  register int32_t *bitc_out __asm("r3") = XP + (m + 1) * {kw};',
         f'  register const float *bitc_begin __asm("r12") = X + m * {k};',
         "  __asm volatile(",
-        quoted,
+        _quoted(text),
         '      : "+r"(bitc_x), "+r"(bitc_out) : "r"(bitc_begin)',
         '      : "r0", "r1", "r4", "r5", "r6", "r8", "r9", "r10", "r11", "lr", "cc", "memory");',
         "#else",

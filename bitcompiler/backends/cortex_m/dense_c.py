@@ -181,7 +181,10 @@ class Builder(_Builder):
             return self._quantize_kernel(key)
         if key[0] == "pack":  # sign bits of float rows: CMP / ADC per input
             (kdim, rows) = key[1:]
-            params = (KernelParam("X", "float32", (rows, kdim)), KernelParam("XP", "int32", (rows, -(-kdim // 32))))
+            params = (
+                KernelParam("X", "float32", (rows, kdim)),
+                KernelParam("XP", "int32", (rows, -(-kdim // 32))),
+            )
             return self._c_kernel(
                 key, "bitc_pack_sign", params, lambda s: binary_c.pack_sign_source(s, rows, kdim)
             )
