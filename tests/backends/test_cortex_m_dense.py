@@ -179,3 +179,17 @@ def test_w1a1_rows_tokens_and_special_inputs(core):
     xs[0, 0, :6] = torch.tensor([0.0, -0.0, big, -big, 1e-45, -1e-45])
     xs[1, 2, -3:] = torch.tensor([-0.0, -1e-45, 0.0])
     assert torch.equal(cm(xs), cm.reference(xs))
+
+
+@needs_toolchain
+@pytest.mark.parametrize("core", [pytest.param("cortex-m3", marks=pytest.mark.slow), "cortex-m4"])
+@pytest.mark.parametrize("k", [960, 1000])
+def test_w1a1_long_rows(core, k):
+    """Ten and eleven groups of words a row: the M3 folds its byte sums every ten groups."""
+    torch.manual_seed(5)
+    cm = bc.compile(
+        nn.Linear(k, 5), (torch.randn(1, k),), target=core, scheme="binary:act=binary,first_last=quantize"
+    )
+    assert cm.report().extra["kernels"]["linear (bit_linear)"].startswith(f"bitc_{ISA[core]}_dense_binary")
+    xs = torch.randn(3, k)
+    assert torch.equal(cm(xs), cm.reference(xs))

@@ -72,15 +72,45 @@ def _swar(r: str, t: str) -> list[str]:
     ]
 
 
-ROW_REGS = (("r6", "r8"), ("r9", "r10"))  # the A and C sums of row a and row b
+ROW_REGS = (("r6", "r8"), ("r9", "r10"))  # per row: DSP the A and C sums; M3 the byte sums, the total
 ZERO = "r11"
+BYTE_GROUPS = 10  # groups whose byte sums (at most 24 each) an M3 row adds before folding them
 
 
-def _group_row(size: int, acc: tuple[str, str], first: bool) -> list[str]:
-    """One row's group (activation words in r0-r2): weights into r3-r5, the nibble counts into
-    the row's ``A`` and ``C`` sums."""
+def _fold(isa: str, acc: tuple[str, str], i: int) -> list[str]:
+    """The group's nibble counts in r4 (r3 free) into the row's sums; ``i``: the group's index.
+
+    DSP: ``A += bytes(n)``, ``C += bytes(n & 0xF0F0F0F0)`` by two USADA8. M3 (no USADA8): nibble
+    pairs to bytes, added into ``S``; every ``BYTE_GROUPS`` groups ``S`` is folded into ``T``."""
     a, c = acc
-    ra, rc = (ZERO, ZERO) if first else (a, c)
+    if isa == "dsp":
+        ra, rc = (ZERO, ZERO) if i == 0 else (a, c)
+        return ["and r3, r4, #0xF0F0F0F0", f"usada8 {a}, r4, {ZERO}, {ra}", f"usada8 {c}, r3, {ZERO}, {rc}"]
+    lines = ["and r3, r4, #0xF0F0F0F0", "and r4, r4, #0x0F0F0F0F"]
+    if i % BYTE_GROUPS == 0:
+        return [*lines, f"add {a}, r4, r3, lsr #4"]
+    lines += ["add r4, r4, r3, lsr #4", f"add {a}, {a}, r4"]
+    if i % BYTE_GROUPS == BYTE_GROUPS - 1:  # S's bytes: at most 240
+        lines += [
+            *_fold_bytes(a),
+            f"add {c}, {c}, {a}, lsr #16" if i >= BYTE_GROUPS else f"lsr {c}, {a}, #16",
+        ]
+    return lines
+
+
+def _fold_bytes(s: str) -> list[str]:
+    """``s``'s four byte sums -> their total in its top half (the bottom half stays below 2^15)."""
+    return [
+        f"and r3, {s}, #0xFF00FF00",
+        f"and {s}, {s}, #0x00FF00FF",
+        f"add {s}, {s}, r3, lsr #8",
+        f"add {s}, {s}, {s}, lsl #16",
+    ]
+
+
+def _group_row(isa: str, size: int, acc: tuple[str, str], i: int) -> list[str]:
+    """One row's group ``i`` (activation words in r0-r2): weights into r3-r5, the nibble counts
+    into the row's sums."""
     if size == 3:
         lines = ["ldmia r12!, {r3, r4, r5}", "eor r3, r3, r0", "eor r4, r4, r1", "eor r5, r5, r2"]
         # r3 = d, r4 = d ^ e, r5 = d ^ f: ones = d ^ (d^e) ^ (d^f), twos = d ^ ((d^e) & (d^f))
@@ -91,11 +121,19 @@ def _group_row(size: int, acc: tuple[str, str], first: bool) -> list[str]:
         lines += [*_swar("r3", "r5"), *_swar("r4", "r5"), "add r4, r4, r3"]
     else:
         lines = ["ldr r4, [r12], #4", "eor r4, r4, r0", *_swar("r4", "r5")]
-    return lines + [
-        "and r3, r4, #0xF0F0F0F0",
-        f"usada8 {a}, r4, {ZERO}, {ra}",
-        f"usada8 {c}, r3, {ZERO}, {rc}",
-    ]
+    return lines + _fold(isa, acc, i)
+
+
+def _row_acc(isa: str, r: int, acc: tuple[str, str], count: int) -> list[str]:
+    """``r<r> = K - 2 pc`` of a row whose ``count`` groups are summed (K in r2)."""
+    a, c = acc
+    if isa == "dsp":  # pc = A - C + C / 16
+        return [f"sub r{r}, {a}, {c}", f"add r{r}, r{r}, {c}, lsr #4", f"sub r{r}, r2, r{r}, lsl #1"]
+    if count % BYTE_GROUPS == 0:  # the last group folded S into T
+        return [f"sub r{r}, r2, {c}, lsl #1"]
+    if count < BYTE_GROUPS:  # S >> 15: twice the total (bit 15 is clear)
+        return [*_fold_bytes(a), f"sub r{r}, r2, {a}, lsr #15"]
+    return [*_fold_bytes(a), f"add {c}, {c}, {a}, lsr #16", f"sub r{r}, r2, {c}, lsl #1"]
 
 
 def _x_loads(start: int, size: int) -> list[str]:
@@ -105,32 +143,31 @@ def _x_loads(start: int, size: int) -> list[str]:
     return [f"ldrd r0, r1, [sp, #{off}]"] + ([f"ldr r2, [sp, #{off + 8}]"] if size == 3 else [])
 
 
-def _rows_asm(kw: int, k: int, pair: bool) -> list[str]:
+def _rows_asm(isa: str, kw: int, k: int, pair: bool) -> list[str]:
     """Asm of one pass (two rows, or the last one): groups, then ``acc = K - 2 pc`` of each row."""
-    lines = []
-    for i, (s, size) in enumerate(groups(kw)):
+    lines, parts = [], groups(kw)
+    for i, (s, size) in enumerate(parts):
         lines += _x_loads(s, size)
         for r in range(2 if pair else 1):
-            lines += _group_row(size, ROW_REGS[r], i == 0)
+            lines += _group_row(isa, size, ROW_REGS[r], i)
     lines.append(f"movw r2, #{k}")
     for r in range(2 if pair else 1):
-        a, c = ROW_REGS[r]
-        lines += [f"sub r{r}, {a}, {c}", f"add r{r}, r{r}, {c}, lsr #4", f"sub r{r}, r2, r{r}, lsl #1"]
+        lines += _row_acc(isa, r, ROW_REGS[r], len(parts))
     return lines + (["stmia lr!, {r0, r1}"] if pair else ["str r0, [lr], #4"])
 
 
-def _asm_block(kw: int, k: int, n: int) -> list[str]:
+def _asm_block(isa: str, kw: int, k: int, n: int) -> list[str]:
     """The row loop in Thumb-2: the prepared words at ``xs`` copied below ``sp``, with the end of
     the pairs' weights after them."""
     frame = 4 * kw + 8  # words, the end pointer, 8-byte aligned
     frame += frame % 8
-    text = [f"sub sp, sp, #{frame}", f"str r1, [sp, #{4 * kw}]", f"mov {ZERO}, #0"]
+    text = [f"sub sp, sp, #{frame}", f"str r1, [sp, #{4 * kw}]"] + [f"mov {ZERO}, #0"] * (isa == "dsp")
     for w in range(kw):
         text += [f"ldr r2, [r0, #{4 * w}]", f"str r2, [sp, #{4 * w}]"]
     if n >= 2:
-        text += ["1:", *_rows_asm(kw, k, True), f"ldr r2, [sp, #{4 * kw}]", "cmp r12, r2", "bne 1b"]
+        text += ["1:", *_rows_asm(isa, kw, k, True), f"ldr r2, [sp, #{4 * kw}]", "cmp r12, r2", "bne 1b"]
     if n % 2:
-        text += _rows_asm(kw, k, False)
+        text += _rows_asm(isa, kw, k, False)
     text.append(f"add sp, sp, #{frame}")
     return [
         "{",
@@ -199,7 +236,7 @@ def _float_pass(n: int) -> list[str]:
     return lines + ([c_rows(full, n)] if n % 8 else [])
 
 
-def w1a1_dsp_source(symbol: str, rows: int, k: int, n: int, threshold: bool) -> str:
+def w1a1_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: bool) -> str:
     """``XP (rows, KW) packed signs, P (stored by store_w1a1_words), epilogue, Y (rows, N)``:
     the float epilogue ``SC * acc + BI`` (``OF``: the portable kernel's unused offset) or the
     threshold one ``TS * acc >= TH ? +1 : -1``."""
@@ -222,8 +259,9 @@ def w1a1_dsp_source(symbol: str, rows: int, k: int, n: int, threshold: bool) -> 
         "  bitc_i32_alias *yi = (bitc_i32_alias*)y;",
         *("  " + line for line in prep),
     ]
-    asm = _asm_block(kw, k, n) if kw <= MAX_WORDS else []
-    body += ["#if BITC_W1A1_ASM"] * bool(asm) + ["  " + line for line in asm]
+    asm = _asm_block(isa, kw, k, n) if kw <= MAX_WORDS else []
+    guard = "#if BITC_W1A1_ASM" if isa == "dsp" else "#if BITC_THUMB2_ASM"
+    body += [guard] * bool(asm) + ["  " + line for line in asm]
     body += ["#else"] * bool(asm) + ["  " + line for line in _c_loop(kw, k, n)] + ["#endif"] * bool(asm)
     body += [*("  " + line for line in out), "}"]
     head = f"BITC_KERNEL void {symbol}(int32_t* XP, int32_t* P, {params}, float* Y) {{"

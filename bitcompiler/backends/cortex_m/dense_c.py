@@ -240,9 +240,9 @@ class Builder(_Builder):
             return super().bit_conv2d(node, out_shape)
         return conv_c.int8_conv(self, node, call, spec, out_shape)
 
-    def w1a1_dsp(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple) -> None:
-        """W1A1 pm1 on a DSP core: the two-row kernel of :mod:`.binary_c`, its weights stored in
-        the order it reads them."""
+    def w1a1(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple) -> None:
+        """W1A1 pm1 on a DSP core or the M3: the two-row kernel of :mod:`.binary_c`, its weights
+        stored in the order it reads them."""
         a: ops.BitLinearAttrs = call.attrs
         x = self.tensors[call.x.name]
         rows = math.prod(x.shape[:-1])
@@ -260,10 +260,10 @@ class Builder(_Builder):
             KernelParam("Y", "float32", (rows, n)),
         )
         kern = self._c_kernel(
-            ("w1a1_dsp", a.k, n, rows, a.threshold),
-            f"bitc_dsp_dense_binary_pm11_{a.k}x{n}",
+            ("w1a1", self.isa, a.k, n, rows, a.threshold),
+            f"bitc_{self.isa}_dense_binary_pm11_{a.k}x{n}",
             params,
-            lambda s: binary_c.w1a1_dsp_source(s, rows, a.k, n, a.threshold),
+            lambda s: binary_c.w1a1_source(s, self.isa, rows, a.k, n, a.threshold),
         )
         y = self.new_tensor(node.name, out_shape, "float32")
         self.call(kern, [*act_args, stored, *epi[1:], y.name], act_args, [y.name], self.label(node))
@@ -272,8 +272,8 @@ class Builder(_Builder):
         call = ops.bind(node)
         a: ops.BitLinearAttrs = call.attrs
         bits = int(call.tensors["planes"].meta["val"].shape[0])
-        if self.isa == "dsp" and (a.act, a.code, bits, a.has_offset) == ("binary", "pm1", 1, False):
-            return self.w1a1_dsp(node, call, out_shape)
+        if self.isa != "mve" and (a.act, a.code, bits, a.has_offset) == ("binary", "pm1", 1, False):
+            return self.w1a1(node, call, out_shape)
         if a.act == "float" and a.code == "pm1" and bits == 1 and not a.threshold and not a.has_offset:
             return self.float_pm1(node, call, out_shape)
         # int8 or float activations with a float epilogue (the float codes need an FPU)
