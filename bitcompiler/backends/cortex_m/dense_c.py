@@ -24,6 +24,10 @@ kernel builds ``T[b][g]`` = the sum of the inputs of group ``g`` whose bit is se
 group: a byte load, an address, a float load and an add per 8 weights, no per-weight branch.
 ``y = scale * (2 acc - sumx) + bias``. Float sums in another order than the reference's: equal
 within float32 rounding, like the portable kernel.
+
+**binary activations, 1-bit weights** (W1A1, ``pm1``) on the M3, M4 and M7: the two-row asm loop
+of :mod:`.binary_c`, its weights stored in the order it reads them; on Helium cores the C kernel
+of :mod:`.dense_sources`.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from bitcompiler.quant.numerics import planes_to_code
 
 __all__ = ["PRELUDE", "Builder", "builder_for", "store_int8_codes"]
 
-BINARY_C = ("mve", "dsp")  # the cores whose W1A1 dense runs the C kernel (else the TIR one)
+BINARY_C = ("mve", "dsp")  # the cores whose tiled row kernels (and Helium W1A1 dense) run in C
 
 
 def store_sign_bytes(planes: np.ndarray, k: int) -> np.ndarray:
@@ -175,8 +179,9 @@ class Builder(_Builder):
         self.call(kern, args, act_args, [*scratch, y.name], self.label(node))
 
     def kernel(self, key: Any, build: Any, symbol: str, unroll: bool = False) -> Kernel:
-        """W1A1 dense kernels (pm1 layers and the row kernels of tiled layers) in C on the cores
-        of ``BINARY_C``; every other kernel from TIR."""
+        """The sign packing in asm; W1A1 kernels (pm1 layers on Helium, the row kernels of tiled
+        layers) in C on the cores of ``BINARY_C`` (pm1 layers elsewhere: :meth:`w1a1`); every
+        other kernel from TIR."""
         if key[0] == "q8" and self.isa != "scalar":  # FPU cores: VCVTR rounds
             return self._quantize_kernel(key)
         if key[0] == "pack":  # sign bits of float rows: CMP / ADC per input
