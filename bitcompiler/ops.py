@@ -114,8 +114,13 @@ def conv_out_hw(h: int, w: int, kernel: Any, stride: Any, padding: Any, dilation
     return conv_out_size(h, k[0], s[0], p[0], d[0]), conv_out_size(w, k[1], s[1], p[1], d[1])
 
 
+@dataclass(frozen=True)
 class ConvWindow:
-    """For attributes with ``kernel``, ``stride``, ``padding``, ``dilation`` (h, w) pairs."""
+    """The window of a conv op: ``kernel``, ``stride``, ``padding``, ``dilation`` (h, w) pairs.
+
+    A conv op's attributes are its channels, this window, then its own fields:
+    ``class XAttrs(OpAttrs, ConvWindow, XChannels)`` (a dataclass lists the fields of its bases from
+    the last base to the first, then its own), so the op schema's argument order is that one."""
 
     kernel: tuple[int, int]
     stride: tuple[int, int]
@@ -140,6 +145,12 @@ class BitLinearAttrs(OpAttrs):
     threshold: bool
     has_offset: bool
 
+    @property
+    def float_signs(self) -> bool:
+        """Float activations times +-1 weights (``pm1``: one plane, no offset) with the float
+        epilogue: ``y = scale * (2 * sum of x over the set bits - sum x) + bias``."""
+        return self.act == "float" and self.code == "pm1" and not self.threshold and not self.has_offset
+
 
 def _thresholds(t: dict[str, Any], a: Any) -> tuple:
     return (t["thr_sign"], t["thr"]) if a.threshold else (None, None)
@@ -155,8 +166,18 @@ def _unflatten_rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _bit_linear(x: torch.Tensor, t: dict[str, torch.Tensor], a: BitLinearAttrs) -> torch.Tensor:
     """Dense bit layer over the last axis of ``x`` (any leading shape)."""
     planes, k = t["planes"], a.k
+    thr_sign, thr = _thresholds(t, a)
     y = numerics.bit_linear(
-        x.reshape(-1, k), planes, k, a.code, a.act, t["scale"], t["offset"], t["bias"], *_thresholds(t, a)
+        x.reshape(-1, k),
+        planes,
+        k,
+        a.code,
+        a.act,
+        t["scale"],
+        t["offset"],
+        t["bias"],
+        thr_sign=thr_sign,
+        thr=thr,
     )
     return _unflatten_rows(y, x)
 
@@ -168,17 +189,18 @@ bit_linear = BitLinearAttrs.define(
 
 # --------------------------------------------------------------------------- bitc::bit_conv2d
 @dataclass(frozen=True)
-class BitConv2dAttrs(OpAttrs, ConvWindow):
-    """``bitc::bit_conv2d``: the window, groups, weight ``code``, activation mode, epilogue."""
+class _BitConvChannels:
+    in_channels: int
+
+
+@dataclass(frozen=True)
+class BitConv2dAttrs(OpAttrs, ConvWindow, _BitConvChannels):
+    """``bitc::bit_conv2d``: input channels, the window, groups, weight ``code``, activation mode,
+    epilogue."""
 
     OP: ClassVar[str] = "bit_conv2d"
     TENSORS: ClassVar[tuple[str, ...]] = BitLinearAttrs.TENSORS
 
-    in_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
     groups: int
     code: str
     act: str
@@ -188,9 +210,10 @@ class BitConv2dAttrs(OpAttrs, ConvWindow):
 
 def _bit_conv2d(x: torch.Tensor, t: dict[str, torch.Tensor], a: BitConv2dAttrs) -> torch.Tensor:
     """Conv2d bit layer, NCHW float32 in and out."""
+    thr_sign, thr = _thresholds(t, a)
     return numerics.bit_conv2d(
         x, t["planes"], a.in_channels, a.kernel, a.code, a.act, t["scale"], t["offset"], t["bias"],
-        a.stride, a.padding, a.dilation, a.groups, *_thresholds(t, a),
+        stride=a.stride, padding=a.padding, dilation=a.dilation, groups=a.groups, thr_sign=thr_sign, thr=thr,
     )  # fmt: skip
 
 
@@ -229,18 +252,18 @@ tiled_linear = TiledLinearAttrs.define(_tiled_linear, lambda x, t, a: x.new_empt
 
 # --------------------------------------------------------------------------- bitc::tiled_conv2d
 @dataclass(frozen=True)
-class TiledConv2dAttrs(OpAttrs, ConvWindow):
+class _TiledConvChannels:
+    in_channels: int
+    out_channels: int
+
+
+@dataclass(frozen=True)
+class TiledConv2dAttrs(OpAttrs, ConvWindow, _TiledConvChannels):
     """``bitc::tiled_conv2d`` (groups 1, row-aligned): channels, the window, p, activation mode."""
 
     OP: ClassVar[str] = "tiled_conv2d"
     TENSORS: ClassVar[tuple[str, ...]] = TiledLinearAttrs.TENSORS
 
-    in_channels: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
     p: int
     act: str
     threshold: bool

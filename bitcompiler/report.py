@@ -13,6 +13,7 @@ from torch import fx
 from bitcompiler.quant import numerics
 from bitcompiler.quant.bitlayers import BIT_LAYERS
 from bitcompiler.quant.tiled_layers import TILED_LAYERS, TiledBitConv2d, TiledBitLinear
+from bitcompiler.target import Target
 
 
 @dataclass(frozen=True)
@@ -153,18 +154,20 @@ def _stored_codes_bytes(m: Any) -> int:
 
 
 def _stored_words(m: Any, target: str) -> int:
-    """Words the compiled layer stores: its planes, or on the CPU the compact stream the lowering
-    keeps instead when the planes' padding would waste more (``numerics.stores_compact``)."""
+    """Words the compiled layer stores: its planes, or, where the target's backend stores weights
+    compactly (``Capabilities.compact_weights``: the CPU), the kernel-order codes or the compact
+    stream the lowering keeps instead when the planes' padding would waste more."""
     if not m.packed:
         return m.bits * m.codes.numel() // 32
-    if target == "cpu" and m.op == "conv2d":
+    compact = Target.parse(target).capabilities.compact_weights
+    if compact and m.op == "conv2d":
         stored = _stored_codes_bytes(m)
         if stored:
             return -(-stored // 4)
     words = m.planes.numel()
     cg = m.in_features if m.op == "linear" else m.in_channels // m.groups
     rows = math.prod(m.planes.shape[1:-1])
-    if target == "cpu" and numerics.stores_compact(m.bits, rows, cg, words):
+    if compact and numerics.stores_compact(m.bits, rows, cg, words):
         return numerics.stream_words(m.bits * rows * cg)
     return words
 

@@ -39,7 +39,9 @@ class Capabilities:
     ``features``: ISA features (LLVM names on the host, e.g. ``avx2``; ``dsp``, ``mve`` on Arm);
     ``word_bits``: the native integer word; ``vector_bits``: the widest SIMD register (0: none);
     ``flash_bytes`` / ``ram_bytes``: memory limits (None: the host's, not checked);
-    ``missing_kernels``: bitc ops the backend has no kernel for (the passes keep another form).
+    ``missing_kernels``: bitc ops the backend has no kernel for (the passes keep another form);
+    ``compact_weights``: the backend stores a layer in its kernel's order or as a compact stream
+    where that is smaller than the planes (``numerics.stores_compact``; the report counts that).
     """
 
     features: frozenset[str] = frozenset()
@@ -48,6 +50,7 @@ class Capabilities:
     flash_bytes: int | None = None
     ram_bytes: int | None = None
     missing_kernels: frozenset[str] = frozenset()
+    compact_weights: bool = False
 
     def has(self, feature: str) -> bool:
         return feature in self.features

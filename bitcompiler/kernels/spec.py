@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from bitcompiler.quant.numerics import ACT_MODES, CODES, WORD_BITS, conv_out_size, num_words
 
@@ -34,23 +34,43 @@ def _pair(name: str, v: tuple, lo: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class DenseSpec:
-    """``Y (M, N) = bit_linear(X (M, K))`` with ``K = in_features`` and ``N = out_features``."""
+class Coding:
+    """How a bit layer's weights are coded and its output computed: ``bits`` planes of ``code``,
+    activation mode ``act``, an offset term or not, the integer threshold epilogue or not. Every
+    spec ends with these fields: ``class XSpec(Coding, XShape)`` lists ``XShape``'s fields first
+    (a dataclass collects its bases' fields from the last base to the first)."""
 
-    in_features: int
-    out_features: int
     bits: int
     code: str
     act: str
     has_offset: bool
     threshold: bool
 
+    POSITIVE: ClassVar[tuple[str, ...]] = ()  # the shape's fields that must be positive ints
+
     def __post_init__(self) -> None:
-        for name in ("in_features", "out_features"):
+        for name in self.POSITIVE:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.check_shape()
         _check_common(self.bits, self.code, self.act, self.has_offset, self.threshold)
+
+    def check_shape(self) -> None:
+        """Raise ValueError for a shape the kernels cannot compute (its ints are already positive)."""
+
+
+@dataclass(frozen=True)
+class _DenseShape:
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class DenseSpec(Coding, _DenseShape):
+    """``Y (M, N) = bit_linear(X (M, K))`` with ``K = in_features`` and ``N = out_features``."""
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("in_features", "out_features")
 
     @classmethod
     def from_attrs(cls, attrs: Any, out_features: int, bits: int) -> DenseSpec:
@@ -78,9 +98,7 @@ class DenseSpec:
 
 
 @dataclass(frozen=True)
-class ConvSpec:
-    """NCHW 2-D convolution bit layer; ``kernel``, ``stride``, ``padding``, ``dilation`` are (h, w) pairs."""
-
+class _ConvShape:
     in_channels: int
     out_channels: int
     in_h: int
@@ -90,17 +108,15 @@ class ConvSpec:
     padding: tuple
     dilation: tuple
     groups: int
-    bits: int
-    code: str
-    act: str
-    has_offset: bool
-    threshold: bool
 
-    def __post_init__(self) -> None:
-        for name in ("in_channels", "out_channels", "in_h", "in_w", "groups"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+@dataclass(frozen=True)
+class ConvSpec(Coding, _ConvShape):
+    """NCHW 2-D convolution bit layer; ``kernel``, ``stride``, ``padding``, ``dilation`` are (h, w) pairs."""
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("in_channels", "out_channels", "in_h", "in_w", "groups")
+
+    def check_shape(self) -> None:
         _pair("kernel", self.kernel, 1)
         _pair("stride", self.stride, 1)
         _pair("padding", self.padding, 0)
@@ -110,7 +126,6 @@ class ConvSpec:
                 f"groups={self.groups} must divide in_channels={self.in_channels} "
                 f"and out_channels={self.out_channels}"
             )
-        _check_common(self.bits, self.code, self.act, self.has_offset, self.threshold)
         if self.out_h < 1 or self.out_w < 1:
             raise ValueError(
                 f"empty output {self.out_h}x{self.out_w}: input {self.in_h}x{self.in_w} is too small "

@@ -17,50 +17,27 @@ Options: ``Target("aarch64", mcpu="cortex-a53"|"cortex-a72"|"cortex-a76", count_
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import weakref
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from bitcompiler.backends.aarch64 import dense, toolchain
 from bitcompiler.backends.aarch64.bundle import HARNESS_FILES, write_bundle
-from bitcompiler.backends.aarch64.cores import Core, core_for
-from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Target, register_backend
+from bitcompiler.backends.aarch64.cores import core_for
+from bitcompiler.backends.base import BuildInput, Capabilities, Target, register_backend
 from bitcompiler.backends.cortex_m.aot import build_program
-from bitcompiler.backends.cortex_m.bundle import MODEL_FILES
-from bitcompiler.backends.cortex_m.runner import BundleRunner
+from bitcompiler.backends.cortex_m.runner import BundleBackend, BundleRunner, Toolchain
 from bitcompiler.errors import CortexMLoweringError, LoweringError
 
-__all__ = ["Aarch64Backend", "Aarch64Runner"]
-
-
-class Aarch64Runner(BundleRunner):
-    """A built program: ``runner([x])`` runs each sample of the batch (one process per sample)."""
-
-    executable = "app"
-    harness_files = HARNESS_FILES
-
-    def __init__(self, core: Core, bundle: Path, in_shape: tuple, out_shape: tuple, extra: dict) -> None:
-        super().__init__(bundle, in_shape, out_shape, extra)
-        self.core = core
-        self.exe = bundle / self.executable
-
-    def run_one(self, x: np.ndarray, n_out: int, count: bool = False) -> Any:
-        return toolchain.run(self.core, self.exe, x, n_out, count=count)
+__all__ = ["Aarch64Backend"]
 
 
 @register_backend
-class Aarch64Backend(Backend):
+class Aarch64Backend(BundleBackend):
     family = "aarch64"
     targets = ("aarch64",)
+    tools = Toolchain("app", tuple(HARNESS_FILES), toolchain.build, toolchain.run)
 
-    def tvm_target(self, target: Target) -> Any:
-        import tvm
-
-        return tvm.target.Target({"kind": "c"})
+    def device(self, target: Target) -> Any:
+        return core_for(target)
 
     def capabilities(self, target: Target) -> Capabilities:
         core = core_for(target)
@@ -72,7 +49,7 @@ class Aarch64Backend(Backend):
             missing_kernels=frozenset({"tiled_conv2d"}),
         )
 
-    def build(self, inp: BuildInput, target: Target) -> Aarch64Runner:
+    def build(self, inp: BuildInput, target: Target) -> BundleRunner:
         """The Cortex-M AOT program from the rewritten graph, built for the core and run once."""
         core = core_for(target)
         count = bool(target.get("count_instructions", True))
@@ -81,14 +58,10 @@ class Aarch64Backend(Backend):
             program = build_program(inp.graph, inp.example_inputs, self.tvm_target(target), dense.Builder)
         except CortexMLoweringError as e:  # the same AOT program: name this target in the message
             raise LoweringError(str(e).replace("Cortex-M", "aarch64")) from e
-        bundle = Path(tempfile.mkdtemp(prefix="bitc-aarch64-"))
-        runner = Aarch64Runner(core, bundle, program.input.shape, program.output.shape, {})
-        weakref.finalize(runner, shutil.rmtree, bundle, True)
-        write_bundle(program, core, bundle)
-        (bundle / "shapes.txt").write_text(f"{list(program.input.shape)}\n{list(program.output.shape)}\n")
-        toolchain.build(bundle)
-        x = inp.example_inputs[0][:1].detach().cpu().numpy().astype(np.float32)
-        result = toolchain.run(core, runner.exe, x, program.output.numel, count=count)
+        runner = self.runner_for(target, program)
+        write_bundle(program, core, runner.bundle)
+        self.tools.build(runner.bundle)
+        result = runner.run_example(inp.example_inputs, count)
         runner.report_extra.update(
             {
                 "mcpu": core.name,
@@ -98,16 +71,4 @@ class Aarch64Backend(Backend):
                 "weights_bytes": program.weight_bytes,
             }
         )
-        return runner
-
-    def load(self, directory: Path, target: Target) -> Aarch64Runner:
-        core = core_for(target)
-        bundle = Path(tempfile.mkdtemp(prefix="bitc-aarch64-"))
-        for name in [*MODEL_FILES, *HARNESS_FILES, "shapes.txt"]:
-            shutil.copy2(directory / name, bundle / name)
-        lines = (bundle / "shapes.txt").read_text().splitlines()
-        in_shape, out_shape = (tuple(int(v) for v in line.strip("[]").split(",")) for line in lines[:2])
-        runner = Aarch64Runner(core, bundle, in_shape, out_shape, {})
-        weakref.finalize(runner, shutil.rmtree, bundle, True)
-        toolchain.build(bundle)
         return runner

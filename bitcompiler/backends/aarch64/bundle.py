@@ -10,7 +10,14 @@ from pathlib import Path
 
 from bitcompiler.backends.aarch64 import dense, neon
 from bitcompiler.backends.aarch64.cores import Core
-from bitcompiler.backends.cortex_m.bundle import MODEL_FILES, kernels_h, model_c, model_h, weights_c
+from bitcompiler.backends.cortex_m.bundle import (
+    MODEL_FILES,
+    kernels_h,
+    model_c,
+    model_h,
+    readme_head,
+    weights_c,
+)
 from bitcompiler.backends.cortex_m.host import HOST_MAIN_C
 from bitcompiler.backends.cortex_m.kernel_c import generate_c, split_kernels
 from bitcompiler.backends.cortex_m.program import Program
@@ -68,22 +75,13 @@ clean:
 
 
 def readme(program: Program, core: Core) -> str:
-    i, o = program.input, program.output
+    kernels = "from TVM's C code generator (the xnor-popcount sums run on NEON `cnt`)"
+    head = readme_head(program, f"{core.name} (aarch64 Linux)", kernels, "")
     return f"""\
-# bitcompiler model for {core.name} (aarch64 Linux)
-
-Self-contained C: no malloc, no TVM runtime.
-
-* `model.h` / `model.c` — `int bitc_run(const float *in, float *out)`; input float32 {list(i.shape)}
-  ({i.numel} values), output float32 {list(o.shape)} ({o.numel} values). Activations live in one
-  static arena of {program.plan.arena_bytes} bytes.
-* `kernels.c` / `kernels.h` — the bit kernels (TVM's C code generator; the xnor-popcount sums
-  run on NEON `cnt`).
-* `weights.c` / `weights.h` — packed weights and scales as `const` arrays ({program.weight_bytes} bytes).
-
+{head}
 To use in your program, compile these six files with `-O3 {" ".join(core.cflags)}` and link `-lm`.
 
-`main.c` is a test harness: `make && make run IN=x.bin OUT=y.bin` reads {i.numel} little-endian
+`main.c` is a test harness: `make && make run IN=x.bin OUT=y.bin` reads {program.input.numel} little-endian
 float32 from `x.bin` and writes the output to `y.bin`, under `qemu-aarch64` unless the host is
 aarch64. Needs `aarch64-linux-gnu-gcc` and `qemu-aarch64`
 (`sudo apt-get install gcc-aarch64-linux-gnu qemu-user`).

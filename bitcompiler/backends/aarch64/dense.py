@@ -186,8 +186,7 @@ class Builder(_Builder):
     def bit_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         call = ops.bind(node)
         a: ops.BitLinearAttrs = call.attrs
-        bits = int(call.tensors["planes"].meta["val"].shape[0])
-        if a.act == "float" and a.code == "pm1" and bits == 1 and not a.threshold and not a.has_offset:
+        if a.float_signs:
             return self.float_pm1(node, call, out_shape)
         if a.act not in ("int8", "float") or a.threshold:
             return super().bit_linear(node, out_shape)

@@ -15,23 +15,17 @@ Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., cou
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import weakref
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Target, register_backend
+from bitcompiler.backends.base import BuildInput, Capabilities, Target, register_backend
 from bitcompiler.backends.cortex_m import dense_c, qemu
 from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, build_program
-from bitcompiler.backends.cortex_m.boards import Board, board_for
-from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, MODEL_FILES, STACK_BYTES, write_bundle
-from bitcompiler.backends.cortex_m.runner import BundleRunner
+from bitcompiler.backends.cortex_m.boards import board_for
+from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, STACK_BYTES, write_bundle
+from bitcompiler.backends.cortex_m.runner import BundleBackend, BundleRunner, Toolchain
 from bitcompiler.errors import ModelTooLarge
 
-__all__ = ["CortexMBackend", "CortexMLoweringError", "CortexMRunner", "ModelTooLarge"]
+__all__ = ["CortexMBackend", "CortexMLoweringError", "ModelTooLarge"]
 
 
 def _largest(sizes: dict[str, int], n: int = 3) -> str:
@@ -62,30 +56,14 @@ def check_fits(program: Program, target: Target, flash: int, ram: int) -> None:
         )
 
 
-class CortexMRunner(BundleRunner):
-    """A built firmware: ``runner([x])`` runs each sample of the batch under QEMU."""
-
-    executable = "app.elf"
-    harness_files = HARNESS_FILES
-
-    def __init__(self, board: Board, bundle: Path, in_shape: tuple, out_shape: tuple, extra: dict) -> None:
-        super().__init__(bundle, in_shape, out_shape, extra)
-        self.board = board
-        self.elf = bundle / self.executable
-
-    def run_one(self, x: np.ndarray, n_out: int, count: bool = False) -> Any:
-        return qemu.run(self.board, self.elf, x, n_out, count=count)
-
-
 @register_backend
-class CortexMBackend(Backend):
+class CortexMBackend(BundleBackend):
     family = "cortex-m"
     targets = ("cortex-m3", "cortex-m4", "cortex-m7", "cortex-m55")
+    tools = Toolchain("app.elf", tuple(HARNESS_FILES), qemu.build, qemu.run)
 
-    def tvm_target(self, target: Target) -> Any:
-        import tvm
-
-        return tvm.target.Target({"kind": "c"})
+    def device(self, target: Target) -> Any:
+        return board_for(target)
 
     def capabilities(self, target: Target) -> Capabilities:
         board = board_for(target)
@@ -106,7 +84,7 @@ class CortexMBackend(Backend):
             missing_kernels=frozenset({"tiled_conv2d"}),
         )
 
-    def build(self, inp: BuildInput, target: Target) -> CortexMRunner:
+    def build(self, inp: BuildInput, target: Target) -> BundleRunner:
         """C from the rewritten graph (not Relax): the AOT program, built and run once under QEMU."""
         gm, example_inputs = inp.graph, inp.example_inputs
         qemu.require_toolchain()
@@ -114,40 +92,25 @@ class CortexMBackend(Backend):
         builder = dense_c.builder_for(self.capabilities(target).features)
         program = build_program(gm, example_inputs, self.tvm_target(target), builder)
         check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
-        bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
-        write_bundle(program, board, bundle)
-        (bundle / "shapes.txt").write_text(f"{list(program.input.shape)}\n{list(program.output.shape)}\n")
-        elf = qemu.build(bundle)
-        size = qemu.sizes(elf)
+        runner = self.runner_for(target, program)
+        write_bundle(program, board, runner.bundle)
+        size = qemu.sizes(self.tools.build(runner.bundle))
         check_fits(program, target, size.flash_bytes, size.static_ram_bytes + STACK_BYTES)
-        x = example_inputs[0][:1].detach().cpu().numpy().astype(np.float32)
         count = bool(target.get("count_instructions", True))
-        result = qemu.run(board, elf, x, program.output.numel, count=count)
-        extra = {
-            "board": board.name,
-            "instructions": result.instructions if count else "not measured (count_instructions=False)",
-            "flash_bytes": size.flash_bytes,
-            "ram_bytes": size.static_ram_bytes + result.stack_bytes,
-            "arena_bytes": program.plan.arena_bytes,
-            "arena_naive_bytes": program.plan.naive_bytes,
-            "arena_peak_bytes": program.plan.peak_bytes,
-            "arena_peak_layer": program.peak_layer,
-            "stack_bytes": result.stack_bytes,
-            "weights_flash_bytes": program.weight_bytes,
-            "kernels": dict(program.layer_kernels),  # layer -> the C kernel it runs
-        }
-        runner = CortexMRunner(board, bundle, program.input.shape, program.output.shape, extra)
-        weakref.finalize(runner, shutil.rmtree, bundle, True)
-        return runner
-
-    def load(self, directory: Path, target: Target) -> CortexMRunner:
-        board = board_for(target)
-        bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
-        for name in [*MODEL_FILES, *HARNESS_FILES, "shapes.txt"]:
-            shutil.copy2(directory / name, bundle / name)
-        qemu.build(bundle)
-        lines = (bundle / "shapes.txt").read_text().splitlines()
-        in_shape, out_shape = (tuple(int(v) for v in line.strip("[]").split(",")) for line in lines[:2])
-        runner = CortexMRunner(board, bundle, in_shape, out_shape, {})
-        weakref.finalize(runner, shutil.rmtree, bundle, True)
+        result = runner.run_example(example_inputs, count)
+        runner.report_extra.update(
+            {
+                "board": board.name,
+                "instructions": result.instructions if count else "not measured (count_instructions=False)",
+                "flash_bytes": size.flash_bytes,
+                "ram_bytes": size.static_ram_bytes + result.stack_bytes,
+                "arena_bytes": program.plan.arena_bytes,
+                "arena_naive_bytes": program.plan.naive_bytes,
+                "arena_peak_bytes": program.plan.peak_bytes,
+                "arena_peak_layer": program.peak_layer,
+                "stack_bytes": result.stack_bytes,
+                "weights_flash_bytes": program.weight_bytes,
+                "kernels": dict(program.layer_kernels),  # layer -> the C kernel it runs
+            }
+        )
         return runner

@@ -20,7 +20,7 @@ import torch
 from bitcompiler import ops
 from bitcompiler.backends.cortex_m.dense_sources import (
     ROWS,
-    c_function,
+    c_kernel,
     int8_block,
     row_accumulators,
     store_int8_codes,
@@ -65,11 +65,10 @@ def int8_conv_source(symbol: str, isa: str, spec: Any, shift: bool) -> str:
         "  }",
         "}",
     ]
-    head = (
-        f"BITC_KERNEL void {symbol}(int8_t* XQ, float* XS, int8_t* W, float* SC, float* OF, float* BI, "
-        f"int8_t* R, {scratch}float* Y) {{"
+    params = (
+        f"int8_t* XQ, float* XS, int8_t* W, float* SC, float* OF, float* BI, int8_t* R, {scratch}float* Y"
     )
-    return c_function(head, body)
+    return c_kernel(symbol, params, body)
 
 
 def int8_conv(b: Any, node: torch.fx.Node, call: ops.BoundCall, spec: Any, out_shape: tuple) -> None:

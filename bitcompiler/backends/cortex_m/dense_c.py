@@ -276,10 +276,10 @@ class Builder(_Builder):
     def bit_linear(self, node: torch.fx.Node, out_shape: tuple) -> None:
         call = ops.bind(node)
         a: ops.BitLinearAttrs = call.attrs
-        bits = int(call.tensors["planes"].meta["val"].shape[0])
-        if self.isa != "mve" and (a.act, a.code, bits, a.has_offset) == ("binary", "pm1", 1, False):
-            return self.w1a1(node, call, out_shape)
-        if a.act == "float" and a.code == "pm1" and bits == 1 and not a.threshold and not a.has_offset:
+        if self.isa != "mve" and (a.act, a.code, a.has_offset) == ("binary", "pm1", False):
+            if int(call.tensors["planes"].meta["val"].shape[0]) == 1:
+                return self.w1a1(node, call, out_shape)
+        if a.float_signs:
             return self.float_pm1(node, call, out_shape)
         # int8 or float activations with a float epilogue (the float codes need an FPU)
         if a.act in ("int8", "float") and not a.threshold and not (a.act == "float" and self.isa == "scalar"):

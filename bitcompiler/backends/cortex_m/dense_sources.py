@@ -15,9 +15,11 @@ ROWS = 4  # output rows a weight block holds (and the kernels accumulate at once
 TABLE_GROUPS = 8  # groups of 8 inputs whose tables one chunk of the float kernel holds
 
 
-def c_function(head: str, body: list[str]) -> str:
-    """A C function's text: ``head`` (its signature and ``{``), ``body`` indented, ``}``."""
-    return "\n".join(["", head, *("  " + line for line in body), "}", ""])
+def c_kernel(symbol: str, params: str, body: list[str]) -> str:
+    """A C kernel's text: ``BITC_KERNEL void symbol(params) {``, ``body`` indented, ``}``."""
+    return "\n".join(
+        ["", f"BITC_KERNEL void {symbol}({params}) {{", *("  " + line for line in body), "}", ""]
+    )
 
 
 def int8_block(isa: str) -> int:
@@ -111,8 +113,7 @@ def binary_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: b
         "  }",
         "}",
     ]
-    head = f"BITC_KERNEL void {symbol}(int32_t* XP, int32_t* P, {params}, float* Y) {{"
-    return c_function(head, body)
+    return c_kernel(symbol, f"int32_t* XP, int32_t* P, {params}, float* Y", body)
 
 
 def unpack(isa: str, k: int) -> list[str]:
@@ -162,8 +163,7 @@ def int8_source(symbol: str, isa: str, rows: int, k: int, n: int, shift: bool) -
         "  }",
         "}",
     ]
-    head = f"BITC_KERNEL void {symbol}(int8_t* XQ, float* XS, int8_t* W, {epi_params}, {scratch}float* Y) {{"
-    return c_function(head, body)
+    return c_kernel(symbol, f"int8_t* XQ, float* XS, int8_t* W, {epi_params}, {scratch}float* Y", body)
 
 
 def _half_table(name: str, xs: list[str]) -> list[str]:
@@ -294,8 +294,7 @@ def float_pm1_source(symbol: str, rows: int, k: int, n: int, mve: bool = False) 
         f"  for (int32_t j = 0; j < {n}; ++j) y[j] = (SC[j] * ((y[j] * 2.0f) - sumx)) + BI[j];",
         "}",
     ]
-    head = f"BITC_KERNEL void {symbol}(float* X, uint8_t* P, float* SC, float* BI, float* T, float* Y) {{"
-    return c_function(head, body)
+    return c_kernel(symbol, "float* X, uint8_t* P, float* SC, float* BI, float* T, float* Y", body)
 
 
 def _stride(k: int) -> int:
@@ -337,8 +336,7 @@ def float_codes_source(symbol: str, rows: int, k: int, n: int) -> str:
         "  }",
         "}",
     ]
-    head = f"BITC_KERNEL void {symbol}(float* X, int32_t* W, float* SC, float* OF, float* BI, float* Y) {{"
-    return c_function(head, body)
+    return c_kernel(symbol, "float* X, int32_t* W, float* SC, float* OF, float* BI, float* Y", body)
 
 
 def quantize_source(symbol: str, rows: int, n: int) -> str:
@@ -359,8 +357,7 @@ def quantize_source(symbol: str, rows: int, n: int) -> str:
         "  }",
         "}",
     ]
-    head = f"BITC_KERNEL void {symbol}(float* X, int8_t* XQ, float* XS) {{"
-    return c_function(head, body)
+    return c_kernel(symbol, "float* X, int8_t* XQ, float* XS", body)
 
 
 def table_floats(k: int, n: int, mve: bool) -> int:

@@ -57,7 +57,8 @@ class CPUBackend(Backend):
                     features.add(name)
             except Exception:  # noqa: BLE001, S112 - a feature this LLVM does not know: absent
                 continue
-        return Capabilities(frozenset(features), 64, max((_FEATURES[f] for f in features), default=0))
+        vector_bits = max((_FEATURES[f] for f in features), default=0)
+        return Capabilities(frozenset(features), 64, vector_bits, compact_weights=True)
 
 
 def _cores() -> int:

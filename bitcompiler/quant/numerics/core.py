@@ -206,19 +206,12 @@ def linear_codes(
 
 
 def bit_linear(
-    x: torch.Tensor,
-    planes: torch.Tensor,
-    k: int,
-    code: str,
-    act: str,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    bias: torch.Tensor,
-    thr_sign: torch.Tensor | None = None,
-    thr: torch.Tensor | None = None,
+    x: torch.Tensor, planes: torch.Tensor, k: int, code: str, *layer: Any, **kw: Any
 ) -> torch.Tensor:
-    """Reference dense bit layer on packed planes ``(B, N, KW)``: ``x (M, K)`` -> ``(M, N)`` float32."""
-    return linear_codes(x, planes_to_code(planes, k, code), act, scale, offset, bias, thr_sign, thr)
+    """Reference dense bit layer on packed planes ``(B, N, KW)``: ``x (M, K)`` -> ``(M, N)`` float32.
+    :func:`linear_codes` of the codes the planes hold; ``layer`` and ``kw`` are its arguments after
+    ``q`` (``act, scale, offset, bias``, then ``thr_sign``, ``thr``)."""
+    return linear_codes(x, planes_to_code(planes, k, code), *layer, **kw)
 
 
 def conv2d_codes(
@@ -262,24 +255,21 @@ def bit_conv2d(
     in_channels: int,
     kernel: tuple[int, int],
     code: str,
-    act: str,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    bias: torch.Tensor,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
-    groups: int = 1,
-    thr_sign: torch.Tensor | None = None,
-    thr: torch.Tensor | None = None,
+    *layer: Any,
+    **kw: Any,
 ) -> torch.Tensor:
-    """Reference conv bit layer on packed planes ``(B, O, KH, KW, CWg)`` (``kernel`` is (KH, KW)).
+    """Reference conv bit layer on packed planes ``(B, O, KH, KW, CWg)`` (``kernel`` is (KH, KW)):
+    :func:`conv2d_codes` of the codes the planes hold; ``layer`` and ``kw`` are its arguments
+    after ``q`` (``act, scale, offset, bias``, then by name ``stride``, ``padding``, ``dilation``,
+    ``groups``, ``thr_sign``, ``thr``).
 
     ``planes`` is packed over the ``in_channels // groups`` input channels of
     each output channel's group.
     """
-    q = conv_planes_to_codes(planes, in_channels // groups, code)
-    return conv2d_codes(x, q, act, scale, offset, bias, stride, padding, dilation, groups, thr_sign, thr)
+    if len(layer) > 4:
+        raise TypeError("bit_conv2d takes stride, padding, dilation, groups, thr_sign and thr by name")
+    q = conv_planes_to_codes(planes, in_channels // kw.get("groups", 1), code)
+    return conv2d_codes(x, q, *layer, **kw)
 
 
 # --------------------------------------------------------------------------- compact storage
