@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitcompiler.backends.cortex_m.dense_sources import c_function
+from bitcompiler.backends.cortex_m.dense_sources import c_kernel
 
 MAX_WORDS = 240  # activation words the asm keeps on the stack (LDRD offsets reach 1020 bytes)
 
@@ -270,8 +270,7 @@ def w1a1_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: boo
     body += [guard] * bool(asm) + ["  " + line for line in asm]
     body += ["#else"] * bool(asm) + ["  " + line for line in _c_loop(kw, k, n)] + ["#endif"] * bool(asm)
     body += [*("  " + line for line in out), "}"]
-    head = f"BITC_KERNEL void {symbol}(int32_t* XP, int32_t* P, {params}, float* Y) {{"
-    return c_function(head, body)
+    return c_kernel(symbol, f"int32_t* XP, int32_t* P, {params}, float* Y", body)
 
 
 PACK_REGS = ("r4", "r5", "r6", "r8", "r9", "r10", "r11", "lr")  # eight inputs a load (r7: gcc's)
@@ -320,4 +319,4 @@ def pack_sign_source(symbol: str, rows: int, k: int) -> str:
         "#endif",
         "}",
     ]
-    return c_function(f"BITC_KERNEL void {symbol}(float* X, int32_t* XP) {{", body)
+    return c_kernel(symbol, "float* X, int32_t* XP", body)

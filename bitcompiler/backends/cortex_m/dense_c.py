@@ -277,8 +277,7 @@ class Builder(_Builder):
         call = ops.bind(node)
         a: ops.BitLinearAttrs = call.attrs
         if self.isa != "mve" and (a.act, a.code, a.has_offset) == ("binary", "pm1", False):
-            if int(call.tensors["planes"].meta["val"].shape[0]) == 1:
-                return self.w1a1(node, call, out_shape)
+            return self.w1a1(node, call, out_shape)  # pm1: one plane
         if a.float_signs:
             return self.float_pm1(node, call, out_shape)
         # int8 or float activations with a float epilogue (the float codes need an FPU)
