@@ -111,7 +111,7 @@ class CortexMBackend(Backend):
         gm, example_inputs = inp.graph, inp.example_inputs
         qemu.require_toolchain()
         board = board_for(target)
-        builder = dense_c.builder_for(self.capabilities(target).features)
+        builder = dense_c.builder_for(self.capabilities(target).features, bool(target.get("recompute", True)))
         program = build_program(gm, example_inputs, self.tvm_target(target), builder)
         check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
         bundle = Path(tempfile.mkdtemp(prefix=f"bitc-{target.name}-"))
