@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_function, row_accumulators, unpack
-from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 from bitcompiler.backends.cortex_m.kernel_c import POPCOUNT_GROUP as GROUP
+from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
 UNROLL_WORDS = 36  # tap words of a pixel summed fully unrolled (3x3 taps of up to 128 channels)
 
@@ -139,7 +139,7 @@ class Producer:
             f"for (int32_t i = 0; i < {cw}; ++i) a[nt * {cw} + i] = src[i];",
             f"off[nt++] = (u * {s.kernel[1]} + t) * {cw};",
         ]
-        sumx = ["int32_t sx = 0;", "for (int32_t i = 0; i < nt * %d; ++i) sx += bitc_popcount(a[i]);" % cw]
+        sumx = ["int32_t sx = 0;", f"for (int32_t i = 0; i < nt * {cw}; ++i) sx += bitc_popcount(a[i]);"]
         full = ["int32_t pc = 0;"]
         if words <= UNROLL_WORDS:
             for i in range(0, words, GROUP):
@@ -155,7 +155,7 @@ class Producer:
             "int32_t pc = 0;",
             f"for (int32_t i = 0; i < nt; ++i) for (int32_t q = 0; q < {cw}; ++q) pc += bitc_popcount(a[i * {cw} + q] ^ w[off[i] + q]);",
         ]
-        channel = lambda body, nv: [  # noqa: E731
+        channel = lambda body, nv: [
             f"for (int32_t j = 0; j < {o}; ++j) {{",
             f"  const int32_t *w = {n('P')} + j * {words};",
             *("  " + line for line in body),

@@ -132,7 +132,7 @@ def _full_mean(node: torch.fx.Node, src: torch.fx.Node) -> bool:
         kernel, _, padding = (_pair(v) for v in node.args[1:4])
         return kernel == tuple(_shape(src)[2:]) and padding == (0, 0)
     if name == "mean.dim" and rank == 4:
-        return sorted(int(d) % 4 for d in node.args[1]) == [2, 3]  # type: ignore[union-attr]
+        return sorted(int(d) % 4 for d in node.args[1]) == [2, 3]  # type: ignore[union-attr, arg-type]
     return name == "adaptive_avg_pool2d.default" and _pair(node.args[1]) == (1, 1)
 
 
@@ -181,12 +181,12 @@ def lower_conv(b: Any, node: torch.fx.Node, out_shape: tuple) -> bool:
     o, oh, ow = out_shape[1], out_shape[2], out_shape[3]
     in_bytes = sum(b.tensors[p.arg].nbytes for p in producer.params if p.arg in b.tensors and not p.scratch)
     plain = all(op[0] != "binop" or op[2] == "scalar" for op in producer.chain)
-    if floats and plain and all(_fused_later(u, end) for u in floats) and b.recompute:
-        if in_bytes * 4 <= o * oh * ow * 4:  # its inputs take a quarter of the map at most
-            b.remat[end.name] = producer
-            if signs:
-                emit(b, node, producer, _packed_sink(b, end, out_shape))
-            return True
+    small = in_bytes * 4 <= o * oh * ow * 4  # its inputs take a quarter of the map at most
+    if floats and plain and small and b.recompute and all(_fused_later(u, end) for u in floats):
+        b.remat[end.name] = producer
+        if signs:
+            emit(b, node, producer, _packed_sink(b, end, out_shape))
+        return True
     if users and packed_readers(end):
         emit(b, node, producer, _packed_sink(b, end, out_shape))
     elif len(users) == 1 and _full_mean(users[0], end):
@@ -253,7 +253,7 @@ def make_producer(b: Any, node: torch.fx.Node, kind: str, spec: Any, prefix: str
 
     call = ops.bind(node)
     x = b.tensors[call.x.name]
-    n = lambda s: prefix + s  # noqa: E731
+    n = lambda s: prefix + s
     if kind == "binary":
         c, h, w = spec.in_channels, spec.in_h, spec.in_w
         (xp,) = b.quantized_input(x, "binary", 1, (c, h, w), (c, h, w, 1))
