@@ -97,10 +97,12 @@ class Producer:
         row = f"int8_t *r = {n('R')} + (u * {s.kernel[1]} + t) * {c};"
         fill = f"const int8_t *xi = {n('XQ')} + iy * {s.in_w} + ix; for (int32_t i = 0; i < {c}; ++i) r[i] = xi[i * {hw}];"
         zero = f"for (int32_t i = 0; i < {c}; ++i) r[i] = 0;"
-        xs = f"{n('XS')}[0]"
         fix = ["acc += 128 * sumx; /* codes stored as Q - 128 */"] if self.shift else []
-        out = f"((({n('SC')}[j] * {xs}) * (float)acc) + (({n('OF')}[j] * {xs}) * (float)sumx)) + {n('BI')}[j]"
-        acc = row_accumulators(self.isa, k)
+        out = f"(({n('sa')}[j] * (float)acc) + ({n('sb')}[j] * (float)sumx)) + {n('BI')}[j]"
+        rows = []
+        for r in range(ROWS):
+            guard = "" if o % ROWS == 0 else f"if (j0 + {r} < {o}) "
+            rows.append(f"{guard}{{ int32_t j = j0 + {r}, acc = a{r}; {' '.join(fix)} {v}[j] = {out}; }}")
         return [
             *self._window([row, fill], [row, zero]),
             f"const int8_t *x = {n('R')}, *w = {n('W')};",
@@ -109,14 +111,20 @@ class Producer:
             *unpack(self.isa, k),
             f"for (int32_t j0 = 0; j0 < {o}; j0 += {ROWS}) {{",
             "  int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;",
-            *("  " + line for line in acc),
-            "  int32_t accs[4] = {a0, a1, a2, a3};",
-            f"  for (int32_t r = 0; r < {ROWS} && j0 + r < {o}; ++r) {{",
-            "    int32_t j = j0 + r, acc = accs[r];",
-            *("    " + line for line in fix),
-            f"    {v}[j] = {out};",
-            "  }",
+            *("  " + line for line in row_accumulators(self.isa, k)),
+            *("  " + line for line in rows),
             "}",
+        ]
+
+    def prologue(self) -> list[str]:
+        """C lines before the pixel loop: an int8 conv's ``SC * XS`` and ``OF * XS`` per channel
+        (the same float products the epilogue would form per pixel)."""
+        if self.kind != "int8":
+            return []
+        n, o = self.n, self.spec.out_channels
+        return [
+            f"float {n('sa')}[{o}], {n('sb')}[{o}];",
+            f"for (int32_t j = 0; j < {o}; ++j) {{ {n('sa')}[j] = {n('SC')}[j] * {n('XS')}[0]; {n('sb')}[j] = {n('OF')}[j] * {n('XS')}[0]; }}",
         ]
 
     def _epilogue(self, v: str, nv: str) -> list[str]:
@@ -215,7 +223,7 @@ def fused_source(
     def operand(kind: str, what: str) -> str:
         return f"{names[what]}[j * {hw} + p]" if kind == "tensor" else f"rv{what}[j]"
 
-    body: list[str] = []
+    body: list[str] = [line for p in (producer, *remats) for line in p.prologue()]
     if sink.kind == "mean":
         body.append(f"for (int32_t j = 0; j < {o}; ++j) Y[j] = 0.0f;")
     body += [f"for (int32_t p = 0; p < {hw}; ++p) {{", f"  int32_t oy = p / {ow}, ox = p % {ow};"]
@@ -228,7 +236,10 @@ def fused_source(
                 f"    rv{i}[j] = e;",
                 "  }",
             ]
+    words = -(-o // 32)
     body += [f"  float v[{o}];", *("  " + line for line in producer.pixel("v"))]
+    if sink.kind == "packed":
+        body.append(f"  uint32_t bits[{words}] = {{0}};")
     body += [f"  for (int32_t j = 0; j < {o}; ++j) {{"]
     body += ["    " + line for line in apply(producer.chain, "v[j]", operand)]
     if sink.kind == "float":
@@ -236,15 +247,10 @@ def fused_source(
     elif sink.kind == "mean":
         body.append("    Y[j] += e;")
     else:
-        body.append("    v[j] = e;")
+        body.append("    if (e >= 0.0f) bits[j >> 5] |= 1u << (j & 31);")
     body.append("  }")
     if sink.kind == "packed":
-        words = -(-o // 32)
-        body += [f"  for (int32_t q = 0; q < {words}; ++q) {{", "    uint32_t bits = 0;"]
-        body += [
-            f"    for (int32_t b = 0; b < 32 && q * 32 + b < {o}; ++b) if (v[q * 32 + b] >= 0.0f) bits |= 1u << b;"
-        ]
-        body += [f"    Y[p * {words} + q] = (int32_t)bits;", "  }"]
+        body.append(f"  for (int32_t q = 0; q < {words}; ++q) Y[p * {words} + q] = (int32_t)bits[q];")
     body.append("}")
     if sink.kind == "mean":
         body.append(f"for (int32_t j = 0; j < {o}; ++j) Y[j] = Y[j] / {float(hw)!r}f;")

@@ -184,6 +184,8 @@ def lower_conv(b: Any, node: torch.fx.Node, out_shape: tuple) -> bool:
     small = in_bytes * 4 <= o * oh * ow * 4  # its inputs take a quarter of the map at most
     if floats and plain and small and b.recompute and all(_fused_later(u, end) for u in floats):
         b.remat[end.name] = producer
+        if end.name not in b.tensors:
+            b.new_tensor(end.name, out_shape, "float32")  # never written: its readers recompute it
         if signs:
             emit(b, node, producer, _packed_sink(b, end, out_shape))
         return True
@@ -203,7 +205,7 @@ def _packed_sink(b: Any, end: torch.fx.Node, out_shape: tuple) -> Sink:
     bits = b.new_tensor(f"{end.name}_bits", (1, oh, ow, 1, -(-o // 32)), "int32")
     for n in (end, *sign_clamps(end)):
         b.packed[(n.name, 1)] = bits.name
-        if n is not end:
+        if n.name not in b.tensors:
             b.new_tensor(n.name, out_shape, "float32")  # never written: readers take the bits
         b.skipped.add(n.name)
     return Sink("packed", bits.name)
@@ -226,7 +228,8 @@ def emit(b: Any, node: torch.fx.Node, producer: Producer, sink: Sink) -> None:
                 tensors.append(Param(f"T{len(tensors)}", t.dtype, t.shape, t.name))
         chain.append(op)
     producer.chain = chain
-    symbol = f"bitc_conv2d_fused_{producer.kind}_{producer.spec.in_channels}x{producer.spec.out_channels}_{len(b.kernels)}"
+    s = producer.spec
+    symbol = f"bitc_conv2d_{producer.kind}_{b.isa}_{s.in_channels}x{s.out_channels}_{len(b.kernels)}"
     kern, args = fused_kernel(symbol, producer, remats, tensors, sink)
     b.kernels[("fused", node.name)] = kern
     params = [*producer.params, *(p for r in remats for p in r.params)]
