@@ -84,7 +84,10 @@ def test_every_chain_and_sink_plans_without_overlap():
     assert any("sub" in n for s in program.steps for n in s.writes if s.label.startswith("c2 ")), labels
     c3 = next(s for s in program.steps if s.label.startswith("c3 "))
     c4 = next(s for s in program.steps if s.label.startswith("c4 "))
-    assert set(c3.reads) <= set(c4.reads) and c4.writes == ["window_mean_1"], (c3, c4)  # c3 again, then the mean
+    assert set(c3.reads) <= set(c4.reads) and c4.writes == ["window_mean_1"], (
+        c3,
+        c4,
+    )  # c3 again, then the mean
 
 
 @needs_toolchain
@@ -110,7 +113,9 @@ def test_issue_cnn_fits_48kb_and_matches_the_reference(core):
 
 @needs_toolchain
 @pytest.mark.parametrize("core", CORES)
-@pytest.mark.parametrize("scheme", ["binary:act=binary,first_last=quantize", "uniform:bits=8,act=8,first_last=quantize"])
+@pytest.mark.parametrize(
+    "scheme", ["binary:act=binary,first_last=quantize", "uniform:bits=8,act=8,first_last=quantize"]
+)
 def test_mlp_784_128_10_is_bit_exact(core, scheme):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)).eval()

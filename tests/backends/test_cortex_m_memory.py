@@ -56,7 +56,9 @@ def program_for(
     t = bc.Target(target, **options)
     ctx = PassContext(scheme=Scheme.parse("binary:act=binary"), strict=False, target=t, example_inputs=x)
     gm = Pipeline.default(t).run(capture(model, x), ctx)
-    builder = dense_c.builder_for(t.capabilities.features, options.get("recompute", True)) if backend else None
+    builder = (
+        dense_c.builder_for(t.capabilities.features, options.get("recompute", True)) if backend else None
+    )
     return build_program(gm, x, builder=builder)
 
 

@@ -11,6 +11,8 @@ True
 
 Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., count_instructions=True)``;
 ``Target("cortex-m55", mve=False)`` builds without the Helium kernels (the scalar DSP ones).
+``Target("cortex-m4", recompute=False)`` stores a residual's float map instead of recomputing its
+conv inside the kernel that adds it (more RAM, fewer instructions; see :mod:`.fusion`).
 """
 
 from __future__ import annotations
