@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bitcompiler as bc
@@ -298,6 +299,51 @@ def measure_mlp(target_name: str) -> list[dict]:
     return rows
 
 
+class IssueCNN(nn.Module):
+    """The small binary CNN of the Cortex-M memory issue: 1 -> 32 -> 32 -> 64 channels, 3x3 convs,
+    28x28 input, BatchNorm, ReLU, a residual add at full resolution, a max-pool, global average
+    pooling and a 64 -> 10 classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c2, self.b2 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c3, self.b3 = nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        x = x + F.relu(self.b2(self.c2(x)))  # two 28x28x32 maps
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.b3(self.c3(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def issue_cnn() -> nn.Module:
+    """:class:`IssueCNN` with seeded weights and BatchNorm statistics, in eval mode."""
+    torch.manual_seed(0)
+    net = IssueCNN()
+    for bn in (net.b1, net.b2, net.b3):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def measure_cnn(target_name: str, **options: object) -> dict:
+    """The issue's CNN (``binary:act=binary``) on the board: RAM, flash, instructions; output ==
+    reference (bit for bit)."""
+    net, x = issue_cnn(), torch.randn(1, 1, 28, 28)
+    cm = bc.compile(net, (x,), target=bc.Target(target_name, **options), scheme="binary:act=binary")
+    xs = torch.randn(2, 1, 28, 28)
+    assert torch.equal(cm(xs), cm.reference(xs)), "cnn: output != reference"
+    extra = cm.report().extra
+    keys = ("instructions", "flash_bytes", "ram_bytes", "arena_bytes", "stack_bytes", "arena_peak_layer")
+    row = {"bench": "cnn 1-32-32-64", "target": target_name, "batch": 1, "threads": 1}
+    return {**row, "options": dict(options), **{k: extra[k] for k in keys}}
+
+
 def _cell(r: dict, key: str) -> str:
     return f"{r[f'{key}_instructions']:,} ({r[f'{key}_flash']:,} B)"
 
@@ -357,6 +403,17 @@ def markdown(rows: list[dict]) -> list[str]:
     ]
     head = ["target", "model", "weights", "scheme", "instructions", "flash B", "RAM B"]
     lines += markdown_table(head, mlp)
+    cnn = [
+        [r["target"], ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"]
+        + [f"{r[k]:,}" for k in ("instructions", "flash_bytes", "ram_bytes", "arena_bytes", "stack_bytes")]
+        + [r["arena_peak_layer"]]
+        for r in rows
+        if r["bench"].startswith("cnn")
+    ]
+    if cnn:
+        lines += ["", "**The memory issue's CNN** (`bench.cortex_m.IssueCNN`, `binary:act=binary`):", ""]
+        head = ["target", "options", "instructions", "flash B", "RAM B", "arena B", "stack B", "peak at"]
+        lines += markdown_table(head, cnn)
     return lines
 
 
@@ -364,7 +421,7 @@ def main() -> None:
     targets = sys.argv[1:] or ["cortex-m4", "cortex-m55"]
     rows = []
     for t in targets:
-        rows += [measure(t), *measure_mlp(t)]
+        rows += [measure(t), *measure_mlp(t), measure_cnn(t)]
     print("\n".join(markdown(rows)), file=sys.stderr)
     print(json.dumps(rows))  # last line: the rows, for bench/__main__.py
 

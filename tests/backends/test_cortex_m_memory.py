@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitcompiler as bc
-from bitcompiler.backends.cortex_m import ModelTooLarge
+from bitcompiler.backends.cortex_m import ModelTooLarge, dense_c
 from bitcompiler.backends.cortex_m.aot import Program, build_program
 from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
 from bitcompiler.capture import capture
@@ -48,12 +48,18 @@ def mixed_cnn(size: int = 12) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return randomize_bn(MixedCNN()), (torch.randn(3, 1, size, size),)
 
 
-def program_for(model: nn.Module, x: tuple, target: str = "cortex-m4") -> Program:
-    """The AOT program of ``model`` (no gcc, no QEMU)."""
-    t = bc.Target(target)
+def program_for(
+    model: nn.Module, x: tuple, target: str = "cortex-m4", backend: bool = False, **options
+) -> Program:
+    """The AOT program of ``model`` (no gcc, no QEMU): the generic walker's, or (``backend``) the
+    one the Cortex-M backend builds (its C kernels, the float ops fused into the convs)."""
+    t = bc.Target(target, **options)
     ctx = PassContext(scheme=Scheme.parse("binary:act=binary"), strict=False, target=t, example_inputs=x)
     gm = Pipeline.default(t).run(capture(model, x), ctx)
-    return build_program(gm, x)
+    builder = (
+        dense_c.builder_for(t.capabilities.features, options.get("recompute", True)) if backend else None
+    )
+    return build_program(gm, x, builder=builder)
 
 
 def check_plan(program: Program) -> None:
@@ -122,12 +128,12 @@ def test_replay_catches_an_overlapping_plan():
 
 @needs_toolchain
 def test_model_over_the_boards_ram_names_sizes_and_the_peak_layer():
-    program = program_for(*mixed_cnn(size=32))
+    program = program_for(*mixed_cnn(size=32), backend=True)
     model, x = mixed_cnn(size=32)
     with pytest.raises(ModelTooLarge, match=r"RAM") as e:
-        bc.compile(model, x, target=bc.Target("cortex-m4", ram_kb=24), scheme="binary:act=binary")
+        bc.compile(model, x, target=bc.Target("cortex-m4", ram_kb=16), scheme="binary:act=binary")
     msg = str(e.value)
-    assert "24,576 B" in msg and f"{program.plan.arena_bytes:,} B" in msg, msg
+    assert "16,384 B" in msg and f"{program.plan.arena_bytes:,} B" in msg, msg
     assert f"layer {program.peak_layer}," in msg and f"{program.plan.peak_bytes:,} B" in msg, msg
     largest = max(
         (t for t in program.tensors.values() if t.storage in program.plan.offsets), key=lambda t: t.nbytes

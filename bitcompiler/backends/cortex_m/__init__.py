@@ -11,6 +11,8 @@ True
 
 Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., count_instructions=True)``;
 ``Target("cortex-m55", mve=False)`` builds without the Helium kernels (the scalar DSP ones).
+``Target("cortex-m4", recompute=False)`` stores a residual's float map instead of recomputing its
+conv inside the kernel that adds it (more RAM, fewer instructions; see :mod:`.fusion`).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class CortexMBackend(BundleBackend):
         gm, example_inputs = inp.graph, inp.example_inputs
         qemu.require_toolchain()
         board = board_for(target)
-        builder = dense_c.builder_for(self.capabilities(target).features)
+        builder = dense_c.builder_for(self.capabilities(target).features, bool(target.get("recompute", True)))
         program = build_program(gm, example_inputs, self.tvm_target(target), builder)
         check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
         runner = self.runner_for(target, program)

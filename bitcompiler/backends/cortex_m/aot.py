@@ -74,6 +74,7 @@ class _Builder:
         self.packed: dict[tuple[str, int], str] = {}
         self.skipped: set[str] = set()  # nodes whose value exists only as packed signs
         self.layer_kernels: dict[str, str] = {}  # layer label -> the kernel its step calls
+        self.remat: dict[str, Any] = {}  # node -> the conv its fused readers recompute (.fusion)
 
     # ---------------------------------------------------------------- tensors
     def new_tensor(self, name: str, shape: tuple, dtype: str) -> Tensor:
@@ -337,6 +338,8 @@ class _Builder:
                 "or run it on target='cpu'."
             )
         ins = [self.tensors[a.name] for a in node.args if isinstance(a, torch.fx.Node)]
+        if any(a.name in self.remat for a in node.args if isinstance(a, torch.fx.Node)):
+            raise CortexMLoweringError(f"node {node.name} reads a map that was never stored (internal)")
         y = self.new_tensor(node.name, shape, "float32")
         try:
             body = emit(node, [t.shape for t in ins], y.shape)

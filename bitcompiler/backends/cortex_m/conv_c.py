@@ -1,105 +1,282 @@
-"""Int8-activation convs on Cortex-M through the dense int8 kernels' inner loops (im2col rows).
+"""Convs on Cortex-M in hand-written C, one output pixel at a time, with the float ops that follow
+them fused in (:mod:`.fusion` decides which).
 
-For each output pixel the receptive field is gathered into one row of ``K = KH * KW * C`` int8
-values (zeros where the window leaves the image), in the order the weights are stored:
-``codes (O, KH, KW, C)`` as :func:`bitcompiler.kernels.codes_from_planes` gives them, four
-output channels a block as :func:`.dense_c.store_int8_codes` stores a dense layer's rows. The row
-is then a dense layer's input: the same unpacking (``SXTB16`` pairs on DSP cores) and the same
-``SMLAD`` / ``VMLADAVA`` / ``MLA`` loop (:mod:`.dense_sources`), exact int32 sums, and the
-numerics' epilogue with ``sumx`` the sum of the row (``F.conv2d(x, ones)``). Groups-1 convs
-with unsigned codes of at most 8 bits; the others keep the portable kernel.
+A conv is a :class:`Producer`: C lines that fill ``float v[O]``, the conv's outputs at pixel
+``p = (oy, ox)``, through its epilogue. Two kinds:
+
+* ``int8`` (groups 1, int8 activations, unsigned codes of at most 8 bits): the receptive field is
+  gathered into one row of ``K = KH * KW * C`` int8 values (zeros where the window leaves the
+  image) in the order the weights are stored: ``codes (O, KH, KW, C)`` as
+  :func:`bitcompiler.kernels.codes_from_planes` gives them, four output channels a block as
+  :func:`.dense_sources.store_int8_codes` stores a dense layer's rows. The row is then a dense
+  layer's input: the same unpacking (``SXTB16`` pairs on DSP cores) and the same ``SMLAD`` /
+  ``VMLADAVA`` / ``MLA`` loop (:mod:`.dense_sources`), exact int32 sums, and the numerics'
+  epilogue with ``sumx`` the sum of the row (``F.conv2d(x, ones)``).
+* ``binary`` (groups 1, packed sign activations, 1-bit pm1 weights): the tap words of the pixel
+  are gathered once and every output channel sums ``popcount(a ^ w)`` over them, three words per
+  byte fold (``bitc_popcount_acc3``); ``acc = n_valid * C - 2 * count`` as the portable kernel
+  (taps outside the image count 0), then its threshold or float epilogue.
+
+The values then go through the fused chain (relu, hardtanh, add / sub / mul with a constant, with
+a tensor of the same shape, or with another conv recomputed at the same pixel: ``Remat``), each
+in the expression the float C step would run (so the results are bit for bit those), and into a
+sink: the float map, the packed sign words the next binary convs read (bit ``o % 32`` of word
+``o // 32`` set where ``v >= 0``), or the channel sums of a global average pool (added in pixel
+order, divided once: the float step's order).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
-from bitcompiler import ops
-from bitcompiler.backends.cortex_m.dense_sources import (
-    ROWS,
-    c_kernel,
-    int8_block,
-    row_accumulators,
-    store_int8_codes,
-    unpack,
-)
+from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
+from bitcompiler.backends.cortex_m.kernel_c import POPCOUNT_GROUP as GROUP
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
+UNROLL_WORDS = 36  # tap words of a pixel summed fully unrolled (3x3 taps of up to 128 channels)
 
-def int8_conv_source(symbol: str, isa: str, spec: Any, shift: bool) -> str:
-    """``XQ (1, C, H, W) int8, XS (1,), W (stored codes), SC, OF, BI, R (K,) row scratch,
-    [XU scratch,] Y (1, O, OH, OW)``."""
-    c, h, w, o = spec.in_channels, spec.in_h, spec.in_w, spec.out_channels
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel, spec.stride, spec.padding, spec.dilation
-    oh, ow, k = spec.out_h, spec.out_w, spec.kernel[0] * spec.kernel[1] * c
-    scratch = "" if isa == "mve" else "int32_t* XU, "
-    fix = "acc += 128 * sumx; /* codes stored as Q - 128 */" if shift else ""
-    body = [
-        "const int32_t m = 0;",
-        f"for (int32_t p = 0; p < {oh * ow}; ++p) {{",
-        f"  int32_t oy = p / {ow}, ox = p % {ow};",
-        f"  for (int32_t u = 0; u < {kh}; ++u) {{",
-        f"    int32_t iy = oy * {sh} - {ph} + u * {dh};",
-        f"    for (int32_t v = 0; v < {kw}; ++v) {{",
-        f"      int32_t ix = ox * {sw} - {pw} + v * {dw};",
-        f"      int8_t *r = R + (u * {kw} + v) * {c};",
-        f"      if (iy < 0 || iy >= {h} || ix < 0 || ix >= {w}) {{ for (int32_t i = 0; i < {c}; ++i) r[i] = 0; }}",
-        f"      else {{ const int8_t *xi = XQ + iy * {w} + ix; for (int32_t i = 0; i < {c}; ++i) r[i] = xi[i * {h * w}]; }}",
-        "    }",
-        "  }",
-        "  const int8_t *x = R, *w = W;",
-        "  int32_t sumx = 0;",
-        *("  " + line for line in unpack(isa, k)),
-        f"  for (int32_t j = 0; j < {o}; j += {ROWS}) {{",
-        "    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;",
-        *("    " + line for line in row_accumulators(isa, k)),
-        "    int32_t accs[4] = {a0, a1, a2, a3};",
-        f"    for (int32_t r = 0; r < {ROWS} && j + r < {o}; ++r) {{",
-        "      int32_t n = j + r, acc = accs[r];",
-        f"      {fix}",
-        f"      Y[n * {oh * ow} + p] = (((SC[n] * XS[m]) * (float)acc) + ((OF[n] * XS[m]) * (float)sumx)) + BI[n];",
-        "    }",
-        "  }",
-        "}",
+
+@dataclass
+class Param:
+    """One pointer parameter of the fused kernel and the program value it is called with."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    arg: str  # a tensor name (arena) or a weight symbol (flash)
+    scratch: bool = False  # a buffer the kernel writes before it reads it (per pixel)
+
+
+@dataclass
+class Producer:
+    """A conv evaluated per output pixel. ``params``: its activation inputs, weights, epilogue and
+    scratch, named with ``prefix`` so that two producers share one kernel."""
+
+    kind: str  # "int8" or "binary"
+    spec: Any  # kernels.ConvSpec
+    prefix: str
+    params: list[Param]
+    isa: str = "scalar"
+    shift: bool = False  # int8: codes stored as Q - 128
+    chain: list[tuple] = field(default_factory=list)  # elementwise ops applied to v (see apply)
+
+    def n(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def pixel(self, v: str) -> list[str]:
+        """C lines filling ``float v[O]`` at pixel ``(oy, ox)`` (before the chain)."""
+        body = self._int8(v) if self.kind == "int8" else self._binary(v)
+        return ["{", *("  " + line for line in body), "}"]
+
+    def _window(self, inner: list[str], outside: list[str] | None = None) -> list[str]:
+        s = self.spec
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.padding, s.dilation
+        lines = [
+            f"for (int32_t u = 0; u < {kh}; ++u) {{",
+            f"  int32_t iy = oy * {sh} - {ph} + u * {dh};",
+            *([] if outside else [f"  if (iy < 0 || iy >= {s.in_h}) continue;"]),
+            f"  for (int32_t t = 0; t < {kw}; ++t) {{",
+            f"    int32_t ix = ox * {sw} - {pw} + t * {dw};",
+        ]
+        if outside:
+            cond = f"iy < 0 || iy >= {s.in_h} || ix < 0 || ix >= {s.in_w}"
+            lines += [f"    if ({cond}) {{ {' '.join(outside)} }}", f"    else {{ {' '.join(inner)} }}"]
+        else:
+            lines += [f"    if (ix < 0 || ix >= {s.in_w}) continue;", *("    " + x for x in inner)]
+        return [*lines, "  }", "}"]
+
+    def _int8(self, v: str) -> list[str]:
+        s, n = self.spec, self.n
+        c, hw, k, o = (
+            s.in_channels,
+            s.in_h * s.in_w,
+            s.kernel[0] * s.kernel[1] * s.in_channels,
+            s.out_channels,
+        )
+        row = f"int8_t *r = {n('R')} + (u * {s.kernel[1]} + t) * {c};"
+        fill = f"const int8_t *xi = {n('XQ')} + iy * {s.in_w} + ix; for (int32_t i = 0; i < {c}; ++i) r[i] = xi[i * {hw}];"
+        zero = f"for (int32_t i = 0; i < {c}; ++i) r[i] = 0;"
+        fix = ["acc += 128 * sumx; /* codes stored as Q - 128 */"] if self.shift else []
+        out = f"(({n('sa')}[j] * (float)acc) + ({n('sb')}[j] * (float)sumx)) + {n('BI')}[j]"
+        rows = []
+        for r in range(ROWS):
+            guard = "" if o % ROWS == 0 else f"if (j0 + {r} < {o}) "
+            rows.append(f"{guard}{{ int32_t j = j0 + {r}, acc = a{r}; {' '.join(fix)} {v}[j] = {out}; }}")
+        return [
+            *self._window([row, fill], [row, zero]),
+            f"const int8_t *x = {n('R')}, *w = {n('W')};",
+            *(["int32_t *XU = " + n("XU") + ";"] if self.isa != "mve" else []),
+            "int32_t sumx = 0;",
+            *unpack(self.isa, k),
+            f"for (int32_t j0 = 0; j0 < {o}; j0 += {ROWS}) {{",
+            "  int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;",
+            *("  " + line for line in row_accumulators(self.isa, k)),
+            *("  " + line for line in rows),
+            "}",
+        ]
+
+    def prologue(self) -> list[str]:
+        """C lines before the pixel loop: an int8 conv's ``SC * XS`` and ``OF * XS`` per channel
+        (the same float products the epilogue would form per pixel)."""
+        if self.kind != "int8":
+            return []
+        n, o = self.n, self.spec.out_channels
+        return [
+            f"float {n('sa')}[{o}], {n('sb')}[{o}];",
+            f"for (int32_t j = 0; j < {o}; ++j) {{ {n('sa')}[j] = {n('SC')}[j] * {n('XS')}[0]; {n('sb')}[j] = {n('OF')}[j] * {n('XS')}[0]; }}",
+        ]
+
+    def _epilogue(self, v: str, nv: str) -> list[str]:
+        s, n = self.spec, self.n
+        acc = f"{nv} * {s.cg} - 2 * pc"
+        if s.threshold:
+            hit = f"(int64_t){n('TS')}[j] * (int64_t)({acc}) >= (int64_t){n('TH')}[j]"
+            return [f"{v}[j] = ({hit}) ? 1.0f : -1.0f;"]
+        value = f"({n('SC')}[j] * (float)({acc}))"
+        if s.has_offset:
+            value = f"({value} + ({n('OF')}[j] * (float)(2 * sx - {nv} * {s.cg})))"
+        return [f"{v}[j] = {value} + {n('BI')}[j];"]
+
+    def _binary(self, v: str) -> list[str]:
+        s, n = self.spec, self.n
+        cw, taps, o = s.words_per_group, s.kernel[0] * s.kernel[1], s.out_channels
+        words = taps * cw
+        gather = [
+            f"const int32_t *src = {n('XP')} + (iy * {s.in_w} + ix) * {cw};",
+            f"for (int32_t i = 0; i < {cw}; ++i) a[nt * {cw} + i] = src[i];",
+            f"off[nt++] = (u * {s.kernel[1]} + t) * {cw};",
+        ]
+        sumx = ["int32_t sx = 0;", f"for (int32_t i = 0; i < nt * {cw}; ++i) sx += bitc_popcount(a[i]);"]
+        full = ["int32_t pc = 0;"]
+        if words <= UNROLL_WORDS:
+            for i in range(0, words, GROUP):
+                terms = [f"a[{i + q}] ^ w[{i + q}]" for q in range(min(GROUP, words - i))]
+                full.append(
+                    f"pc = bitc_popcount_acc{len(terms)}(pc, {', '.join(terms)});"
+                    if len(terms) > 1
+                    else f"pc += bitc_popcount({terms[0]});"
+                )
+        else:
+            full.append(f"for (int32_t i = 0; i < {words}; ++i) pc += bitc_popcount(a[i] ^ w[i]);")
+        part = [
+            "int32_t pc = 0;",
+            f"for (int32_t i = 0; i < nt; ++i) for (int32_t q = 0; q < {cw}; ++q) pc += bitc_popcount(a[i * {cw} + q] ^ w[off[i] + q]);",
+        ]
+        channel = lambda body, nv: [
+            f"for (int32_t j = 0; j < {o}; ++j) {{",
+            f"  const int32_t *w = {n('P')} + j * {words};",
+            *("  " + line for line in body),
+            *("  " + line for line in self._epilogue(v, nv)),
+            "}",
+        ]
+        return [
+            f"int32_t a[{words}], off[{taps}], nt = 0;",
+            *self._window(gather),
+            *(sumx if s.has_offset and not s.threshold else []),
+            f"if (nt == {taps}) {{",
+            *("  " + line for line in channel(full, str(taps))),
+            "} else {",
+            *("  " + line for line in channel(part, "nt")),
+            "}",
+        ]
+
+
+@dataclass
+class Sink:
+    """Where the fused values go: ``float`` (``Y (O, OH, OW)``), ``packed`` (``YP (OH, OW, words)``)
+    or ``mean`` (``Y (O,)``: the average over the pixels)."""
+
+    kind: str
+    out: str  # the tensor written
+
+
+def apply(chain: list[tuple], value: str, operand: Any) -> list[str]:
+    """C statements applying ``chain`` to the float ``e`` (initially ``value``), element ``j``.
+
+    Ops: ``("relu",)``, ``("hardtanh", lo, hi)``, ``("binop", op, kind, what, first)`` with kind
+    ``scalar`` (a C literal), ``tensor`` or ``remat`` (``operand(what)``: its C element), and
+    ``first``: the chain's value is the op's first operand."""
+    lines = [f"float e = {value};"]
+    for op in chain:
+        if op[0] == "relu":
+            lines.append("e = e > 0.0f ? e : 0.0f;")
+        elif op[0] == "hardtanh":
+            lo, hi = op[1], op[2]
+            lines.append(f"e = e < {lo} ? {lo} : (e > {hi} ? {hi} : e);")
+        else:
+            _, sym, kind, what, first = op
+            other = what if kind == "scalar" else operand(kind, what)
+            lines.append(f"e = e {sym} {other};" if first else f"e = {other} {sym} e;")
+    return lines
+
+
+def fused_source(
+    symbol: str, producer: Producer, remats: list[Producer], tensors: list[Param], sink: Sink
+) -> str:
+    """The kernel: per pixel, the remat producers' values (their chains applied), the producer's,
+    its chain (operands: ``tensors`` by name ``T<i>``, remats by index) and the sink."""
+    s = producer.spec
+    o, hw, ow = s.out_channels, s.out_h * s.out_w, s.out_w
+    names = {p.arg: f"T{i}" for i, p in enumerate(tensors)}
+
+    def operand(kind: str, what: str) -> str:
+        return f"{names[what]}[j * {hw} + p]" if kind == "tensor" else f"rv{what}[j]"
+
+    body: list[str] = [line for p in (producer, *remats) for line in p.prologue()]
+    if sink.kind == "mean":
+        body.append(f"for (int32_t j = 0; j < {o}; ++j) Y[j] = 0.0f;")
+    body += [f"for (int32_t p = 0; p < {hw}; ++p) {{", f"  int32_t oy = p / {ow}, ox = p % {ow};"]
+    for i, r in enumerate(remats):
+        ro = r.spec.out_channels
+        body += [f"  float rv{i}[{ro}];", *("  " + line for line in r.pixel(f"rv{i}"))]
+        if r.chain:
+            body += [f"  for (int32_t j = 0; j < {ro}; ++j) {{"]
+            body += ["    " + line for line in apply(r.chain, f"rv{i}[j]", operand)] + [
+                f"    rv{i}[j] = e;",
+                "  }",
+            ]
+    words = -(-o // 32)
+    body += [f"  float v[{o}];", *("  " + line for line in producer.pixel("v"))]
+    if sink.kind == "packed":
+        body.append(f"  uint32_t bits[{words}] = {{0}};")
+    body += [f"  for (int32_t j = 0; j < {o}; ++j) {{"]
+    body += ["    " + line for line in apply(producer.chain, "v[j]", operand)]
+    if sink.kind == "float":
+        body.append(f"    Y[j * {hw} + p] = e;")
+    elif sink.kind == "mean":
+        body.append("    Y[j] += e;")
+    else:
+        body.append("    if (e >= 0.0f) bits[j >> 5] |= 1u << (j & 31);")
+    body.append("  }")
+    if sink.kind == "packed":
+        body.append(f"  for (int32_t q = 0; q < {words}; ++q) Y[p * {words} + q] = (int32_t)bits[q];")
+    body.append("}")
+    if sink.kind == "mean":
+        body.append(f"for (int32_t j = 0; j < {o}; ++j) Y[j] = Y[j] / {float(hw)!r}f;")
+    params = kernel_params(producer, remats, tensors, sink)
+    return c_kernel(symbol, ", ".join(f"{p.c_type}* {p.name}" for p in params), body)
+
+
+def kernel_params(
+    producer: Producer, remats: list[Producer], tensors: list[Param], sink: Sink
+) -> list[KernelParam]:
+    ps = [*producer.params, *(p for r in remats for p in r.params)]
+    out = [KernelParam(p.name, p.dtype, p.shape) for p in ps]
+    out += [KernelParam(f"T{i}", t.dtype, t.shape) for i, t in enumerate(tensors)]
+    s = producer.spec
+    shape = {"float": (s.out_channels, s.out_h, s.out_w), "mean": (s.out_channels,)}
+    dtype = "int32" if sink.kind == "packed" else "float32"
+    return [
+        *out,
+        KernelParam("Y", dtype, shape.get(sink.kind, (s.out_h * s.out_w * -(-s.out_channels // 32),))),
     ]
-    params = (
-        f"int8_t* XQ, float* XS, int8_t* W, float* SC, float* OF, float* BI, int8_t* R, {scratch}float* Y"
-    )
-    return c_kernel(symbol, params, body)
 
 
-def int8_conv(b: Any, node: torch.fx.Node, call: ops.BoundCall, spec: Any, out_shape: tuple) -> None:
-    """Lower one groups-1 int8 conv on the builder ``b`` (a :class:`.dense_c.Builder`)."""
-    from bitcompiler import kernels
-
-    x = b.tensors[call.x.name]
-    qual = b.param_of[call.tensors["planes"].name]
-    q = kernels.codes_from_planes(b.state[qual].detach().cpu().numpy(), spec.in_channels).astype(np.int64)
-    q = q.reshape(spec.out_channels, -1)  # (O, KH * KW * C), the row's order
-    shift, isa, k = bool(q.max() > 127), b.isa, q.shape[1]
-    stored = store_int8_codes((q - 128 if shift else q).astype(np.int8), int8_block(isa))
-    w = b._stored(call, "codes", stored)
-    act_args = b.quantized_input(x, "int8", 1, tuple(x.shape[1:]), None)
-    epi = [b.weight(call.tensors[n], "float32") for n in ("scale", "offset", "bias")]
-    words = {"scalar": 4 * -(-k // 4), "dsp": 2 * -(-k // 4)}.get(isa, 0)
-    params = (
-        KernelParam("XQ", "int8", tuple(x.shape)),
-        KernelParam("XS", "float32", (1,)),
-        KernelParam("W", "int8", (stored.size,)),
-        *(KernelParam(p, "float32", (spec.out_channels,)) for p in ("SC", "OF", "BI")),
-        KernelParam("R", "int8", (k,)),
-        *((KernelParam("XU", "int32", (words,)),) if words else ()),
-        KernelParam("Y", "float32", tuple(out_shape)),
-    )
-    key = ("conv_int8_codes", isa, spec, shift)
-    if key not in b.kernels:
-        name = f"bitc_conv2d_int8_{isa}_{spec.in_channels}x{spec.out_channels}_{len(b.kernels)}"
-        b.kernels[key] = Kernel(name, params, int8_conv_source(name, isa, spec, shift))
-    scratch = [b.new_tensor(f"{node.name}_row", (k,), "int8").name]
-    scratch += [b.new_tensor(f"{node.name}_xu", (words,), "int32").name] if words else []
-    y = b.new_tensor(node.name, out_shape, "float32")
-    args = [*act_args, w, *epi, scratch[0], *scratch[1:], y.name]
-    b.call(b.kernels[key], args, act_args, [*scratch, y.name], b.label(node))
+def fused_kernel(
+    symbol: str, producer: Producer, remats: list[Producer], tensors: list[Param], sink: Sink
+) -> tuple[Kernel, list[str]]:
+    """The kernel and the program values it is called with, in parameter order."""
+    params = kernel_params(producer, remats, tensors, sink)
+    args = [p.arg for p in (*producer.params, *(p for r in remats for p in r.params), *tensors)] + [sink.out]
+    return Kernel(symbol, tuple(params), fused_source(symbol, producer, remats, tensors, sink)), args

@@ -55,7 +55,6 @@ from bitcompiler.backends.cortex_m.dense_sources import (
     table_floats,
 )
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
-from bitcompiler.backends.cortex_m.sign_readers import packed_readers
 from bitcompiler.quant.numerics import planes_to_code
 
 __all__ = ["PRELUDE", "Builder", "builder_for", "store_int8_codes"]
@@ -89,6 +88,7 @@ class Builder(_Builder):
     core's ``scalar``, ``dsp`` or ``mve`` code path)."""
 
     isa = "scalar"
+    recompute = True  # recompute a conv inside its readers' kernels instead of storing its map
 
     def _c_kernel(self, key: tuple, name: str, params: tuple[KernelParam, ...], source: Any) -> Kernel:
         if key not in self.kernels:
@@ -230,20 +230,12 @@ class Builder(_Builder):
         return Kernel(name, params, binary_source(name, self.isa, rows, k, n, spec.threshold))
 
     def bit_conv2d(self, node: torch.fx.Node, out_shape: tuple) -> None:
-        """Groups-1 int8-activation convs with unsigned codes: im2col rows into the int8 loop."""
-        from bitcompiler import kernels
-        from bitcompiler.backends.cortex_m import conv_c
+        """Groups-1 int8 and W1A1 convs per pixel in C with the float ops after them fused
+        (:mod:`.fusion`); the others keep the portable kernel."""
+        from bitcompiler.backends.cortex_m import fusion
 
-        call = ops.bind(node)
-        a: ops.BitConv2dAttrs = call.attrs
-        bits, o = (int(d) for d in call.tensors["planes"].meta["val"].shape[:2])
-        _, _, h, w = self.tensors[call.x.name].shape
-        spec = kernels.ConvSpec.from_attrs(a, o, h, w, bits)
-        if a.act != "int8" or a.groups != 1 or a.threshold or not kernels.codes_conv_fits(spec):
-            return super().bit_conv2d(node, out_shape)
-        if packed_readers(node):  # read only as packed signs: the portable kernel writes them
-            return super().bit_conv2d(node, out_shape)
-        return conv_c.int8_conv(self, node, call, spec, out_shape)
+        if not fusion.lower_conv(self, node, out_shape):
+            super().bit_conv2d(node, out_shape)
 
     def w1a1(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple) -> None:
         """W1A1 pm1 on a DSP core or the M3: the two-row kernel of :mod:`.binary_c`, its weights
@@ -292,7 +284,8 @@ class Builder(_Builder):
         return super().bit_linear(node, out_shape)
 
 
-def builder_for(features: frozenset[str]) -> type[Builder]:
-    """The walker for a core with these capability features (``mve``, ``dsp``)."""
+def builder_for(features: frozenset[str], recompute: bool = True) -> type[Builder]:
+    """The walker for a core with these capability features (``mve``, ``dsp``); ``recompute``:
+    see :mod:`.fusion`."""
     isa = "mve" if "mve" in features else "dsp" if "dsp" in features else "scalar"
-    return type(f"Builder_{isa}", (Builder,), {"isa": isa})
+    return type(f"Builder_{isa}", (Builder,), {"isa": isa, "recompute": recompute})
