@@ -261,7 +261,8 @@ class CUDAProgram(Program):
             fn(grid, block, args, shared_mem=shared)
 
     def __call__(self, inputs: list[Any]) -> list[np.ndarray]:
-        for dst, a in zip(self.inputs(), self.check(inputs)):
+        arrays = self.check(inputs)  # binds the batch: inputs() are then its device arrays
+        for dst, a in zip(self.inputs(), arrays):
             dst.set(a)
         self.launch()
         return [self.cp.asnumpy(o) for o in self.outputs()]
