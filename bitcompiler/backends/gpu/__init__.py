@@ -118,7 +118,7 @@ class GPUBackend(Backend):
         host, device, params = build.lower_kernels(scheduled, tgt, {name for name, _ in calls})
         launches = []
         for call in calls:
-            binding = build.call_binding(scheduled[call[0]], call[1], bufs)
+            binding = build.call_binding(call[0], scheduled[call[0]], call[1], bufs)
             launches += build.kernel_launches(host, device, params, call, bufs, binding)
         source = build.device_source(host, device, tgt)
         if target.name == "opencl":

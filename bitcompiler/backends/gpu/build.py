@@ -60,27 +60,35 @@ def relax_to_scheduled(mod: Any, tvm_target: Any) -> Any:
         return seq(mod)
 
 
-_TEXT_OPS = {"Add": "+", "Sub": "-", "Mul": "*", "FloorDiv": "//", "FloorMod": "%"}
+_TEXT_OPS = {"Add": ("+", 1), "Sub": ("-", 1), "Mul": ("*", 2), "FloorDiv": ("//", 2), "FloorMod": ("%", 2)}
+_ATOM = 3  # precedence of a number, a name or a call
 
 
-def _text(e: Any, names: dict[str, str], top: bool = True) -> str:
+def _text(e: Any, names: dict[str, str]) -> str:
     """A simplified integer PrimExpr as plan expression text (:mod:`.plan`), e.g. ``(B + 63) // 64``."""
+    return _text_prec(e, names)[0]
+
+
+def _text_prec(e: Any, names: dict[str, str]) -> tuple[str, int]:
     kind = type(e).__name__
     if kind == "IntImm":
-        return str(int(e.value))
+        return str(int(e.value)), _ATOM
     if kind in ("Var", "SizeVar"):
         if e.name not in names:
             raise LoweringError(
                 f"GPU plan: a size depends on {e.name}, which is no input's dimension; only the batch may vary"
             )
-        return names[e.name]
+        return names[e.name], _ATOM
     if kind == "Cast" and str(e.ty.dtype).startswith(("int", "uint")):
-        return _text(e.value, names, top)
+        return _text_prec(e.value, names)
     if kind in _TEXT_OPS:
-        text = f"{_text(e.a, names, False)} {_TEXT_OPS[kind]} {_text(e.b, names, False)}"
-        return text if top else f"({text})"
+        op, prec = _TEXT_OPS[kind]
+        (a, pa), (b, pb) = _text_prec(e.a, names), _text_prec(e.b, names)
+        a = a if pa >= prec else f"({a})"
+        b = b if pb > prec else f"({b})"  # a - (b - c), a // (b * c)
+        return f"{a} {op} {b}", prec
     if kind in ("Min", "Max"):
-        return f"{kind.lower()}({_text(e.a, names)}, {_text(e.b, names)})"
+        return f"{kind.lower()}({_text(e.a, names)}, {_text(e.b, names)})", _ATOM
     raise LoweringError(f"GPU plan: cannot write the size {e} ({kind}) as a plan expression")
 
 
@@ -174,6 +182,8 @@ def walk_main(mod: Any) -> tuple[_Buffers, list[Call], list[int], list[int]]:
     def value(e: Any) -> Any:
         if isinstance(e, tvm.ir.expr.Constant):
             return bufs.constant(e)
+        if _int_type(e):  # a size passed to a TIR function, e.g. the batch
+            return e
         if isinstance(e, relax.Var):
             if e not in env:
                 raise LoweringError(f"GPU plan: {e.name_hint} is used before it is defined")
@@ -215,17 +225,31 @@ def walk_main(mod: Any) -> tuple[_Buffers, list[Call], list[int], list[int]]:
     return bufs, calls, inputs, outputs
 
 
-def call_binding(func: Any, args: list[Any], bufs: _Buffers) -> dict[str, Any]:
+def call_binding(name: str, func: Any, args: list[Any], bufs: _Buffers) -> dict[str, Any]:
     """TIR function ``func``'s shape variables (by name) bound to the shapes at this call: each
-    buffer parameter's variable dimensions to its argument's, each scalar parameter to its value."""
+    buffer parameter's variable dimensions to its argument's, each scalar parameter to its value.
+    Every buffer's shape must then equal its argument's (else :class:`LoweringError`)."""
+    from tvm.sym import Analyzer
+
     binding: dict[str, Any] = {}
+    buffers = [(p, a) for p, a in zip(func.params, args) if type(p.ty).__name__ == "BufferType"]
     for p, a in zip(func.params, args):
-        if type(p.ty).__name__ == "BufferType":
-            for d, v in zip(p.shape, bufs.dims[a]):
-                if type(d).__name__ in ("Var", "SizeVar"):
-                    binding.setdefault(d.name, v)
-        else:
+        if type(p.ty).__name__ != "BufferType":
             binding.setdefault(p.name, a)
+    for p, a in buffers:
+        for d, v in zip(p.shape, bufs.dims[a]):
+            if type(d).__name__ in ("Var", "SizeVar"):
+                binding.setdefault(d.name, v)
+    analyzer = Analyzer()
+    for p, a in buffers:
+        shape = [bufs.bound(d, binding) for d in p.shape]
+        if len(shape) != len(bufs.dims[a]) or not all(
+            analyzer.can_prove_equal(d, v) for d, v in zip(shape, bufs.dims[a])
+        ):
+            raise LoweringError(
+                f"GPU plan: {name}: parameter {p.name} of shape {list(p.shape)} gets a buffer of shape "
+                f"{list(bufs.dims[a])}; report it (compile for target='cpu' meanwhile)"
+            )
     return binding
 
 
