@@ -1,12 +1,13 @@
-"""The TVM-free half of a GPU plan (:mod:`bitcompiler.backends.gpu.plan`): size expressions are
-integer arithmetic of the plan's variables, evaluated without Python's eval; the memory plan."""
+"""A GPU plan's sizes (:mod:`bitcompiler.backends.gpu.plan`): integer arithmetic of the plan's
+variables, written from TVM's expressions (each kernel's sizes bound to the batch at its call)
+and evaluated without TVM and without Python's eval; the memory plan."""
 
 from __future__ import annotations
 
 import pytest
 
 from bitcompiler.backends.gpu import plan
-from bitcompiler.errors import InputError, LoadError
+from bitcompiler.errors import InputError, LoadError, LoweringError
 
 
 @pytest.mark.parametrize(
@@ -84,3 +85,47 @@ def test_bind_reads_the_batch_and_checks_shapes() -> None:
         plan.bind(p, [(0, 4)])
     with pytest.raises(InputError, match="expected 1 input"):
         plan.bind(p, [(2, 4), (2, 4)])
+
+
+def test_call_binding_maps_each_kernel_size_to_the_batch_and_refuses_mismatches() -> None:
+    from tvm import te, tirx
+
+    from bitcompiler.backends.gpu import build as gpu_build
+
+    m = te.var("M", "int64")
+    a = te.placeholder((m, 4), "float32", "A")
+    func = te.create_prim_func([a, te.compute((m, 4), lambda i, j: a[i, j] * 2, name="Y")])
+    bufs = gpu_build._Buffers()
+    s = tirx.Var("s77", "int64")
+    bufs.names["s77"] = "B"
+    rows = bufs.add("input", [s * 8, 4], "float32")  # e.g. (batch, tokens) flattened
+    assert bufs.entries[rows]["shape"] == ["B * 8", 4] and bufs.entries[rows]["nbytes"] == "B * 128"
+    binding = gpu_build.call_binding("f", func, [rows, rows], bufs)
+    assert bufs.expr(tirx.FloorDiv(m + 127, tirx.IntImm("int64", 128)), binding) == "(B * 8 + 127) // 128"
+    wrong = bufs.add("temp", [s * 8, 5], "float32")
+    with pytest.raises(LoweringError, match=r"f: parameter Y of shape"):
+        gpu_build.call_binding("f", func, [rows, wrong], bufs)
+
+
+def test_size_text_evaluates_to_the_expression_it_writes() -> None:
+    from tvm import tirx
+
+    s = tirx.Var("s77", "int64")
+
+    def c(v: int) -> tirx.IntImm:
+        return tirx.IntImm("int64", v)
+
+    cases = [
+        (tirx.Sub(s, tirx.Sub(s, c(1))), lambda b: b - (b - 1)),
+        (tirx.Sub(tirx.Sub(s, c(1)), c(2)), lambda b: b - 1 - 2),
+        (tirx.FloorDiv(s, tirx.Mul(c(2), c(3))), lambda b: b // (2 * 3)),
+        (tirx.FloorDiv(tirx.FloorDiv(s, c(2)), c(3)), lambda b: b // 2 // 3),
+        (tirx.FloorMod(tirx.Mul(s, c(3)), c(4)), lambda b: b * 3 % 4),
+        (tirx.Mul(tirx.Add(s, c(1)), c(3)), lambda b: (b + 1) * 3),
+        (tirx.Min(tirx.Add(s, c(63)), c(64)), lambda b: min(b + 63, 64)),
+        (tirx.Cast("int32", tirx.Max(s, c(2))), lambda b: max(b, 2)),
+    ]
+    for expr, value in cases:
+        text = plan.write(expr, {"s77": "B"})
+        for b in (1, 7, 100):
+            assert plan.evaluate(text, {"B": b}) == value(b), (text, b)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bitcompiler.backends.gpu import plan as planning
 from bitcompiler.errors import LoweringError
 
 
@@ -60,38 +61,6 @@ def relax_to_scheduled(mod: Any, tvm_target: Any) -> Any:
         return seq(mod)
 
 
-_TEXT_OPS = {"Add": ("+", 1), "Sub": ("-", 1), "Mul": ("*", 2), "FloorDiv": ("//", 2), "FloorMod": ("%", 2)}
-_ATOM = 3  # precedence of a number, a name or a call
-
-
-def _text(e: Any, names: dict[str, str]) -> str:
-    """A simplified integer PrimExpr as plan expression text (:mod:`.plan`), e.g. ``(B + 63) // 64``."""
-    return _text_prec(e, names)[0]
-
-
-def _text_prec(e: Any, names: dict[str, str]) -> tuple[str, int]:
-    kind = type(e).__name__
-    if kind == "IntImm":
-        return str(int(e.value)), _ATOM
-    if kind in ("Var", "SizeVar"):
-        if e.name not in names:
-            raise LoweringError(
-                f"GPU plan: a size depends on {e.name}, which is no input's dimension; only the batch may vary"
-            )
-        return names[e.name], _ATOM
-    if kind == "Cast" and str(e.ty.dtype).startswith(("int", "uint")):
-        return _text_prec(e.value, names)
-    if kind in _TEXT_OPS:
-        op, prec = _TEXT_OPS[kind]
-        (a, pa), (b, pb) = _text_prec(e.a, names), _text_prec(e.b, names)
-        a = a if pa >= prec else f"({a})"
-        b = b if pb > prec else f"({b})"  # a - (b - c), a // (b * c)
-        return f"{a} {op} {b}", prec
-    if kind in ("Min", "Max"):
-        return f"{kind.lower()}({_text(e.a, names)}, {_text(e.b, names)})", _ATOM
-    raise LoweringError(f"GPU plan: cannot write the size {e} ({kind}) as a plan expression")
-
-
 class _Buffers:
     """The plan's buffers (inputs, outputs, weights, temporaries) and its variables.
 
@@ -123,7 +92,7 @@ class _Buffers:
         if isinstance(e, int):
             return e
         e = self.bound(e, binding or {})
-        return int(e.value) if type(e).__name__ == "IntImm" else _text(e, self.names)
+        return int(e.value) if type(e).__name__ == "IntImm" else planning.write(e, self.names)
 
     def name_vars(self, params: list[Any]) -> None:
         """Name the shape variables of ``main``'s inputs ``params`` (a bare variable dimension)."""

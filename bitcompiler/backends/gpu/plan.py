@@ -1,12 +1,13 @@
-"""A GPU plan at one batch size, computed without TVM: sizes, launches and the memory plan.
+"""A GPU plan's sizes: written from TVM's expressions, and evaluated at one batch without TVM.
 
 A plan (``plan.json``) is compiled once for every batch. Sizes that depend on the batch are
 *expressions* of the plan's ``vars`` (each read from one input's dimension, ``{"B": {"input": 0,
 "axis": 0}}``): a buffer's ``shape`` and ``nbytes``, a launch's ``grid``, ``block`` and ``shared``
 bytes, and scalar kernel arguments are either integers or text such as ``"(B + 63) // 64"``.
 The text is integer arithmetic only (``+ - * // %``, unary ``-``, ``min``/``max`` of two, parentheses,
-the plan's variable names), parsed with :mod:`ast` and evaluated node by node here; nothing in
-a plan is ever executed as Python.
+the plan's variable names): :func:`write` prints it from a TVM integer expression (read by its
+node types; this module imports no TVM), :func:`evaluate` parses it with :mod:`ast` and evaluates
+it node by node; nothing in a plan is ever executed as Python.
 
 :func:`layout` turns a plan and the variables' values into everything a runner allocates and
 launches: each buffer's shape and bytes, the temporaries' offsets in one arena (a static memory
@@ -23,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bitcompiler.errors import InputError, LoadError
+from bitcompiler.errors import InputError, LoadError, LoweringError
 
 ALIGN = 256  # bytes: every buffer of the memory plan starts on this boundary
 MAX_EXPR = 2000  # characters: longer expression text is refused
@@ -36,6 +37,39 @@ _BINARY: dict[type, Callable[[int, int], int]] = {
     ast.Mod: operator.mod,
 }
 _CALLS: dict[str, Callable[[int, int], int]] = {"min": min, "max": max}
+
+
+_WRITE_OPS = {"Add": ("+", 1), "Sub": ("-", 1), "Mul": ("*", 2), "FloorDiv": ("//", 2), "FloorMod": ("%", 2)}
+_ATOM = 3  # precedence of a number, a name or a call
+
+
+def write(e: Any, names: Mapping[str, str]) -> str:
+    """TVM integer expression ``e`` (of variables ``names`` maps to plan names) as plan expression
+    text, with only the parentheses it needs, e.g. ``(B * 8 + 63) // 64``."""
+    return _write(e, names)[0]
+
+
+def _write(e: Any, names: Mapping[str, str]) -> tuple[str, int]:
+    kind = type(e).__name__
+    if kind == "IntImm":
+        return str(int(e.value)), _ATOM
+    if kind in ("Var", "SizeVar"):
+        if e.name not in names:
+            raise LoweringError(
+                f"GPU plan: a size depends on {e.name}, which is no input's dimension; only the batch may vary"
+            )
+        return names[e.name], _ATOM
+    if kind == "Cast" and str(e.ty.dtype).startswith(("int", "uint")):
+        return _write(e.value, names)
+    if kind in _WRITE_OPS:
+        op, prec = _WRITE_OPS[kind]
+        (a, pa), (b, pb) = _write(e.a, names), _write(e.b, names)
+        a = a if pa >= prec else f"({a})"
+        b = b if pb > prec else f"({b})"  # a - (b - c), a // (b * c)
+        return f"{a} {op} {b}", prec
+    if kind in ("Min", "Max"):
+        return f"{kind.lower()}({write(e.a, names)}, {write(e.b, names)})", _ATOM
+    raise LoweringError(f"GPU plan: cannot write the size {e} ({kind}) as a plan expression")
 
 
 @functools.lru_cache(maxsize=4096)
