@@ -87,6 +87,13 @@ def test_bind_reads_the_batch_and_checks_shapes() -> None:
         plan.bind(p, [(2, 4), (2, 4)])
 
 
+def test_a_batch_past_32_bit_indices_is_refused() -> None:
+    p = {**_plan(), "index_bits": 32}
+    assert plan.layout(p, {"B": 2**29 - 1}).shapes[0] == [2**29 - 1, 4]  # 2**31 - 4 elements: reachable
+    with pytest.raises(InputError, match="input0 would hold 2,147,483,648 elements.*smaller batches"):
+        plan.layout(p, {"B": 2**29})
+
+
 def test_call_binding_maps_each_kernel_size_to_the_batch_and_refuses_mismatches() -> None:
     from tvm import te, tirx
 

@@ -127,6 +127,7 @@ class GPUBackend(Backend):
             "format": runtime.FORMAT,
             "target": target.name,
             "vars": bufs.vars,
+            "index_bits": build.INDEX_BITS,
             "source": SOURCE[target.name],
             "weights": runtime.WEIGHTS,
             "buffers": bufs.entries,

@@ -27,6 +27,8 @@ import numpy as np
 from bitcompiler.backends.gpu import plan as planning
 from bitcompiler.errors import LoweringError
 
+INDEX_BITS = 32  # kernels index with 32-bit integers (see _narrow); the plan says so
+
 
 def relax_to_scheduled(mod: Any, tvm_target: Any) -> Any:
     """Legalize, fuse and schedule: a module whose ``main`` calls only scheduled TIR functions."""
@@ -83,7 +85,7 @@ class _Buffers:
         analyzer = Analyzer()
         for v in tirx.analysis.undefined_vars(e):
             if v.name in binding:
-                analyzer.bind(v, binding[v.name])
+                analyzer.bind(v, tirx.Cast(str(v.ty.dtype), binding[v.name]))
         return analyzer.simplify(e)
 
     def expr(self, e: Any, binding: dict[str, Any] | None = None) -> int | str:
@@ -249,6 +251,21 @@ def _name(v: Any) -> str:
     return str(getattr(v, "name_hint", None) or getattr(v, "name", ""))
 
 
+def _narrow(name: str, func: Any) -> Any:
+    """``func`` with 32-bit index arithmetic, as the static plans had: TVM's own narrowing needs
+    the extents' ranges, and the batch has none, so the indices are narrowed by force (the runner
+    refuses a batch whose buffers would pass 2**31 elements, :data:`INDEX_BITS`). This also
+    narrows the threshold epilogue's int64 product ``thr_sign * acc``, exact in int32 because
+    ``thr_sign`` is -1, 0 or 1. A function TVM cannot narrow (an int64 tensor) keeps 64-bit
+    indices."""
+    import tvm
+
+    try:
+        return tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({name: func}))[name]
+    except Exception:  # noqa: BLE001 - TVM refuses int64 buffers: keep the 64-bit indices
+        return func
+
+
 def lower_kernels(mod: Any, tvm_target: Any, names: set[str]) -> tuple[Any, Any, dict]:
     """Lower the TIR functions ``names``: (host module, device module, {function: its params' names})."""
     import tvm
@@ -261,7 +278,7 @@ def lower_kernels(mod: Any, tvm_target: Any, names: set[str]) -> tuple[Any, Any,
         if gv.name_hint in names:
             funcs[gv.name_hint] = f.with_attr("global_symbol", gv.name_hint)
             params[gv.name_hint] = [_name(p) for p in f.params]
-    tir = tvm.IRModule({tvm.ir.GlobalVar(n): f for n, f in funcs.items()})
+    tir = tvm.IRModule({tvm.ir.GlobalVar(n): _narrow(n, f) for n, f in funcs.items()})
     tir = tvm.tirx.transform.BindTarget(tvm_target.with_host(tvm_target.host))(tir)
     with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
         pipeline, _finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(tvm_target)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 from bitcompiler.errors import InputError, LoadError, LoweringError
 
 ALIGN = 256  # bytes: every buffer of the memory plan starts on this boundary
-MAX_EXPR = 2000  # characters: longer expression text is refused
+MAX_EXPR = 400  # characters: longer expression text is refused (a plan's are a few dozen)
 
 _BINARY: dict[type, Callable[[int, int], int]] = {
     ast.Add: operator.add,
@@ -94,6 +95,8 @@ def evaluate(expr: Any, env: Mapping[str, int]) -> int:
         return _eval(_parse(expr), expr, env)
     except ZeroDivisionError as e:
         raise LoadError(f"plan expression {expr!r} divides by zero at {dict(env)}") from e
+    except RecursionError as e:
+        raise LoadError(f"plan expression {expr[:80]!r}... nests too deeply") from e
 
 
 def _eval(node: ast.expr, text: str, env: Mapping[str, int]) -> int:
@@ -161,9 +164,17 @@ class Layout:
 
 
 def layout(plan: dict, env: Mapping[str, int]) -> Layout:
-    """Evaluate every size of ``plan`` for ``env`` and place the temporaries (:func:`place`)."""
+    """Evaluate every size of ``plan`` for ``env`` and place the temporaries (:func:`place`);
+    :class:`InputError` if a buffer would hold more elements than the kernels' indices reach."""
     buffers = plan["buffers"]
     shapes = [[evaluate(d, env) for d in b["shape"]] for b in buffers]
+    limit = 2 ** (int(plan.get("index_bits", 64)) - 1)
+    for b, shape in zip(buffers, shapes):
+        if math.prod(shape) >= limit:
+            raise InputError(
+                f"batch {dict(env)}: buffer {b['name']} would hold {math.prod(shape):,} elements, more than "
+                f"the kernels' {plan['index_bits']}-bit indices reach; run it in smaller batches"
+            )
     nbytes = [evaluate(b["nbytes"], env) for b in buffers]
     launches = []
     for launch in plan["launches"]:
