@@ -57,7 +57,8 @@ def check_exact(m: Measured, inputs: torch.Tensor, run: Callable[[torch.Tensor],
     """Run the compiled model on ``inputs`` (one sample at a time on static-batch targets) and
     compare with the reference; a run that fails here marks the row ``compiled only``."""
     cm, row = m.cm, m.row
-    whole = run is None and cm.dynamic_batch and cm.target.family == "cpu"  # GPUs: a static batch
+    # the whole batch at once where the compiled plan takes any batch (cpu, GPUs); not Cortex-M/aarch64
+    whole = run is None and cm.dynamic_batch and cm.target.family in ("cpu", "gpu")
     run = run or cm
     try:
         if whole:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import randomize_bn
+from tests.conftest import TransformerBlock, randomize_bn
 
 
 class TwoHiddenMLP(nn.Module):
@@ -108,6 +108,7 @@ MODELS = {
     "depthwise": (Depthwise, (2, 3, 8, 8)),
     "binary_resnet": (BinaryResNet, (2, 3, 16, 16)),
     "tiled_cnn": (TiledCNN, (3, 3, 8, 8)),
+    "transformer": (TransformerBlock, (2, 8, 16)),  # (batch, tokens, features): sizes of B * 8
 }
 
 

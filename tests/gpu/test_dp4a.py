@@ -79,7 +79,7 @@ def test_opencl_dp4a_dense_bit_exact(scheme: str) -> None:
     assert any(k.endswith("64x96_dp4a_kernel") for k in kernels), kernels
     assert not any("42x64_dp4a" in k for k in kernels), kernels
     assert "__dp4a" in cm._runner.source
-    for inp in (x, torch.randn_like(x) * 3):
+    for inp in (x, torch.randn_like(x) * 3, torch.randn(3, 42), torch.randn(70, 42)):  # tiles padded
         got, ref = cm(inp), cm.reference(inp)
         assert torch.equal(got, ref), (got - ref).abs().max()
 
@@ -112,7 +112,7 @@ def test_opencl_dp4a_conv_bit_exact(scheme: str) -> None:
     kernels = [launch["kernel"] for launch in cm._runner.plan["launches"]]
     dp4a_convs = [k for k in kernels if k.startswith("bitc_conv2d") and "_dp4a" in k]
     assert len(dp4a_convs) == 2, kernels  # 16 -> 32 and 32 -> 32; not the stem, not the depthwise
-    for inp in (x, torch.randn_like(x) * 2):
+    for inp in (x, torch.randn_like(x) * 2, torch.randn(5, 3, 9, 9)):
         got, ref = cm(inp), cm.reference(inp)
         assert torch.equal(got, ref), (got - ref).abs().max()
 

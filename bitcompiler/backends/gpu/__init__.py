@@ -8,7 +8,8 @@ torch.Size([8, 10])
 
 The graph is lowered as for the CPU (:mod:`.lower`: the same TIR compute definitions), scheduled
 for the GPU, and turned into a launch plan (:mod:`.build`) that runs without TVM
-(:mod:`.runtime`: pyopencl or CuPy). The batch is static: the example's batch is the one calls use.
+(:mod:`.runtime`: pyopencl or CuPy). The batch stays dynamic: launch sizes and buffer sizes are
+expressions of it, evaluated per batch by the runner (:mod:`.plan`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import shutil
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Runner, Target, register_backend
 from bitcompiler.backends.gpu import runtime
 from bitcompiler.backends.gpu.target import FAMILIES, PTX_ARCHS, arch_of, check, tvm_target
-from bitcompiler.errors import InputError, ToolchainError, ToolchainMissing
+from bitcompiler.errors import ToolchainError, ToolchainMissing
 
 __all__ = ["FAMILIES", "GPUBackend", "GPURunner", "compile_ptx"]
 
@@ -45,19 +45,10 @@ class GPURunner(Runner):
         self.ptx = ptx or {}
         self._program: runtime.Program | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
-        self.report_extra = {"batch": f"fixed at {plan['batch']}: GPU targets compile for a static batch"}
 
     def __call__(self, inputs: list[Any]) -> list[Any]:
         import torch
 
-        batch = self.plan["batch"]
-        for i, x in enumerate(inputs):
-            if x.shape[0] != batch:
-                raise InputError(
-                    f"input {i}: this model was compiled for {self.plan['target']} with a fixed batch of {batch} "
-                    f"(GPU targets are compiled for a static batch), got batch {x.shape[0]}; compile again "
-                    f"with an example of batch {x.shape[0]}"
-                )
         if self._program is None:
             self._dir = tempfile.TemporaryDirectory(prefix="bitc-gpu-")
             self._write(Path(self._dir.name))
@@ -109,32 +100,14 @@ class GPUBackend(Backend):
         return Capabilities(frozenset({"popcount"}), word_bits=32, vector_bits=0)
 
     def build(self, inp: BuildInput, target: Target) -> GPURunner:
-        """Compile the rewritten graph for the example's (static) batch."""
-        import torch
-
-        gm, exported, example_inputs = inp.graph, inp.exported, inp.example_inputs
-
+        """Compile the rewritten graph, its batch dynamic where the export kept it so."""
         from bitcompiler.backends.gpu.lower import to_relax_gpu
-        from bitcompiler.backends.lower import LoweringError
-        from bitcompiler.errors import first_line
 
         check(target)
-        del exported  # its batch is symbolic; a GPU plan is static
-        try:
-            static = torch.export.export(gm, tuple(example_inputs))
-        except Exception as e:
-            raise LoweringError(f"torch.export of the rewritten graph failed: {first_line(e)}") from e
-        mod = to_relax_gpu(static, "cuda" if target.name == "cuda" else "opencl")
-        batch = int(example_inputs[0].shape[0])
-        warnings.warn(
-            f"target {target.name}: compiled for a fixed batch of {batch} (GPU plans are static: their launch "
-            f"sizes are constants). Calls must use batch {batch}; compile with an example of the batch you "
-            "will run, or once per batch size.",
-            stacklevel=3,
-        )
-        return self.build_module(mod, target, batch=batch)
+        mod = to_relax_gpu(inp.exported, "cuda" if target.name == "cuda" else "opencl")
+        return self.build_module(mod, target)
 
-    def build_module(self, mod: Any, target: Target, batch: int = 0) -> GPURunner:
+    def build_module(self, mod: Any, target: Target) -> GPURunner:
         """The runner of a Relax module ``mod`` (bitc kernels already lowered) on ``target``."""
         from bitcompiler.backends.gpu import build
         from bitcompiler.kernels.gpu import dp4a
@@ -144,22 +117,20 @@ class GPUBackend(Backend):
         bufs, calls, inputs, outputs = build.walk_main(scheduled)
         host, device, params = build.lower_kernels(scheduled, tgt, {name for name, _ in calls})
         launches = []
-        for i, (name, args) in enumerate(calls):
-            kernels, workspaces = build.kernel_launches(host, device, params, name, args, bufs)
-            launches += kernels
-            calls[i] = (name, [*args, *workspaces])  # live during this call only
-        arena = build.plan_memory(bufs, calls)
+        for call in calls:
+            binding = build.call_binding(call[0], scheduled[call[0]], call[1], bufs)
+            launches += build.kernel_launches(host, device, params, call, bufs, binding)
         source = build.device_source(host, device, tgt)
         if target.name == "opencl":
             source = OPENCL_PRELUDE + (dp4a.OPENCL_DP4A if dp4a.DP4A in source else "") + source
         plan: dict[str, Any] = {
             "format": runtime.FORMAT,
             "target": target.name,
-            "batch": batch or int(bufs.entries[inputs[0]]["shape"][0]),
+            "vars": bufs.vars,
+            "index_bits": build.INDEX_BITS,
             "source": SOURCE[target.name],
             "weights": runtime.WEIGHTS,
             "buffers": bufs.entries,
-            "arena_bytes": arena,
             "inputs": inputs,
             "outputs": outputs,
             "launches": launches,

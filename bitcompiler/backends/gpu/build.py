@@ -2,15 +2,20 @@
 
 The Relax module (bitc kernels as plain TIR, see :mod:`.lower`) is legalized and fused by TVM, and
 every TIR function still unscheduled gets a GPU schedule (:mod:`bitcompiler.kernels.gpu` for the
-bit kernels, TVM's dlight rules for the rest). Then, instead of a Relax VM executable:
+bit kernels, TVM's dlight rules for the rest). The batch stays symbolic throughout (a shape
+variable of ``main``, ``M`` in each TIR function). Then, instead of a Relax VM executable:
 
-* ``main`` is walked: each binding is one ``call_tir`` (a TIR function and its buffers);
+* ``main`` is walked: each binding is one ``call_tir`` (a TIR function and its buffers); every
+  buffer's shape is an expression of ``main``'s shape variables, named ``B`` (``B1``, ... if the
+  inputs' batches differ) in the plan and read from the inputs' dimensions at run time;
 * the TIR functions are lowered once with TVM's pipeline; each splits into a host function and
   device kernels, and the host function's kernel calls give the launch order, the argument buffers
-  (in the kernel's own order) and the launch sizes;
+  (in the kernel's own order) and the launch sizes (``thread_extent``), which are expressions of
+  the function's own shape variables: each call site binds those to the shapes of its buffers;
 * the device source comes from TVM's CUDA or OpenCL code generator.
 
-The result (:class:`bitcompiler.backends.gpu.runtime.Plan`) needs no TVM to run.
+Sizes go into the plan as integers or expression text (:mod:`.plan` evaluates them, per batch,
+without TVM). The result needs no TVM to run (:mod:`.runtime`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from bitcompiler.backends.gpu import plan as planning
 from bitcompiler.errors import LoweringError
 
-ALIGN = 256  # bytes: every buffer of the static memory plan starts on this boundary
+INDEX_BITS = 32  # kernels index with 32-bit integers (see _narrow); the plan says so
 
 
 def relax_to_scheduled(mod: Any, tvm_target: Any) -> Any:
@@ -44,8 +50,6 @@ def relax_to_scheduled(mod: Any, tvm_target: Any) -> Any:
                 relax.transform.FuseOps(),
                 relax.transform.FuseTIR(),
                 relax.transform.DeadCodeElimination(),
-                # the batch is static: every TIR function gets the call's shapes (launch sizes are constants)
-                relax.transform.SpecializePrimFuncBasedOnCallSite(),
                 dl.ApplyDefaultSchedule(
                     BitKernelRule(),
                     dl.gpu.Matmul(),
@@ -59,73 +63,106 @@ def relax_to_scheduled(mod: Any, tvm_target: Any) -> Any:
         return seq(mod)
 
 
-def _dims(ty: Any, what: str) -> list[int]:
-    dims = []
-    for d in ty.shape:
-        if not hasattr(d, "value"):
-            raise LoweringError(
-                f"{what} has a symbolic shape {list(ty.shape)}; GPU targets need a static batch"
-            )
-        dims.append(int(d.value))
-    return dims
-
-
 class _Buffers:
-    """The plan's buffers: inputs, outputs, weights (constants) and temporaries."""
+    """The plan's buffers (inputs, outputs, weights, temporaries) and its variables.
+
+    ``dims[i]``: buffer ``i``'s shape as PrimExprs of ``main``'s shape variables; ``names``: those
+    variables' plan names (``B``, ``B1``, ...), ``vars``: where each is read from."""
 
     def __init__(self) -> None:
         self.entries: list[dict] = []
+        self.dims: list[list[Any]] = []
         self.weights: dict[str, np.ndarray] = {}
+        self.names: dict[str, str] = {}
+        self.vars: dict[str, dict[str, int]] = {}
 
-    def add(self, kind: str, ty: Any, what: str, name: str | None = None) -> int:
-        shape = _dims(ty, what)
-        dtype = str(ty.dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        idx = len(self.entries)
-        self.entries.append(
-            {"name": name or f"t{idx}", "kind": kind, "dtype": dtype, "shape": shape, "nbytes": nbytes}
-        )
-        return idx
+    @staticmethod
+    def bound(e: Any, binding: dict[str, Any]) -> Any:
+        """PrimExpr ``e`` of a TIR function's variables as one of ``main``'s (``binding``: by name)."""
+        from tvm import tirx
+        from tvm.sym import Analyzer
 
-    def constant(self, const: Any) -> int:
-        value = const.value.numpy()
+        analyzer = Analyzer()
+        for v in tirx.analysis.undefined_vars(e):
+            if v.name in binding:
+                analyzer.bind(v, tirx.Cast(str(v.ty.dtype), binding[v.name]))
+        return analyzer.simplify(e)
+
+    def expr(self, e: Any, binding: dict[str, Any] | None = None) -> int | str:
+        """PrimExpr ``e`` (of ``main``'s variables, or of a TIR function's variables bound to
+        them by ``binding``) as an integer or plan expression text."""
+        if isinstance(e, int):
+            return e
+        e = self.bound(e, binding or {})
+        return int(e.value) if type(e).__name__ == "IntImm" else planning.write(e, self.names)
+
+    def name_vars(self, params: list[Any]) -> None:
+        """Name the shape variables of ``main``'s inputs ``params`` (a bare variable dimension)."""
+        for i, p in enumerate(params):
+            for axis, d in enumerate(p.ty.shape):
+                if type(d).__name__ in ("Var", "SizeVar") and d.name not in self.names:
+                    name = "B" if not self.names else f"B{len(self.names)}"
+                    self.names[d.name] = name
+                    self.vars[name] = {"input": i, "axis": axis}
+
+    def add(self, kind: str, shape: list[Any], dtype: str, name: str | None = None) -> int:
+        from tvm import tirx
+
+        dims = [tirx.IntImm("int64", d) if isinstance(d, int) else d for d in shape]
+        nbytes = tirx.IntImm("int64", np.dtype(dtype).itemsize)
+        for d in dims:
+            nbytes = nbytes * d
         idx = len(self.entries)
-        name = f"w{idx}"
+        self.dims.append(dims)
         self.entries.append(
             {
-                "name": name,
-                "kind": "weight",
-                "dtype": str(value.dtype),
-                "shape": list(value.shape),
-                "nbytes": int(value.nbytes),
+                "name": name or f"t{idx}",
+                "kind": kind,
+                "dtype": dtype,
+                "shape": [self.expr(d) for d in dims],
+                "nbytes": self.expr(nbytes),
             }
         )
-        self.weights[name] = np.ascontiguousarray(value)
+        return idx
+
+    def add_typed(self, kind: str, ty: Any, name: str | None = None) -> int:
+        return self.add(kind, list(ty.shape), str(ty.dtype), name)
+
+    def constant(self, const: Any) -> int:
+        value = np.ascontiguousarray(const.value.numpy())
+        idx = self.add("weight", list(value.shape), str(value.dtype), f"w{len(self.entries)}")
+        self.weights[self.entries[idx]["name"]] = value
         return idx
 
 
-def walk_main(mod: Any) -> tuple[_Buffers, list[tuple[str, list[int]]], list[int], list[int]]:
+Call = tuple[str, list[Any]]  # a TIR function and its arguments: buffer indices, or PrimExpr scalars
+
+
+def walk_main(mod: Any) -> tuple[_Buffers, list[Call], list[int], list[int]]:
     """``main`` as (buffers, [(TIR function, its buffer arguments then outputs)], inputs, outputs)."""
     import tvm
     from tvm import relax
 
     main = mod["main"]
     bufs = _Buffers()
-    env: dict[Any, Any] = {}  # relax var -> buffer index or list of indices (a tuple)
-    inputs = [bufs.add("input", p.ty, f"input {i}", f"input{i}") for i, p in enumerate(main.params)]
-    for p, b in zip(main.params, inputs):
-        env[p] = b
-    calls: list[tuple[str, list[int]]] = []
+    bufs.name_vars(list(main.params))
+    inputs = [bufs.add_typed("input", p.ty, f"input{i}") for i, p in enumerate(main.params)]
+    env: dict[Any, Any] = dict(zip(main.params, inputs))  # relax var -> buffer index or list (a tuple)
+    calls: list[Call] = []
 
     def value(e: Any) -> Any:
         if isinstance(e, tvm.ir.expr.Constant):
             return bufs.constant(e)
+        if _int_type(e):  # a size passed to a TIR function, e.g. the batch
+            return e
         if isinstance(e, relax.Var):
             if e not in env:
                 raise LoweringError(f"GPU plan: {e.name_hint} is used before it is defined")
             return env[e]
         if isinstance(e, relax.Tuple):
             return [value(f) for f in e.fields]
+        if isinstance(e, relax.PrimValue):
+            return e.value
         raise LoweringError(f"GPU plan: unsupported argument {type(e).__name__} in the compiled graph")
 
     body = main.body
@@ -135,13 +172,9 @@ def walk_main(mod: Any) -> tuple[_Buffers, list[tuple[str, list[int]]], list[int
             if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir":
                 gv, args = v.args[0], v.args[1]
                 arg_bufs = value(args)
-                sinfo = v.ty
-                if hasattr(sinfo, "fields"):
-                    outs = [bufs.add("temp", f, gv.name_hint) for f in sinfo.fields]
-                    env[var] = outs
-                else:
-                    outs = [bufs.add("temp", sinfo, gv.name_hint)]
-                    env[var] = outs[0]
+                fields = list(v.ty.fields) if hasattr(v.ty, "fields") else [v.ty]
+                outs = [bufs.add_typed("temp", f) for f in fields]
+                env[var] = outs if hasattr(v.ty, "fields") else outs[0]
                 calls.append((gv.name_hint, [*arg_bufs, *outs]))
             elif isinstance(v, relax.TupleGetItem):
                 env[var] = value(v.tuple_value)[v.index]
@@ -163,36 +196,32 @@ def walk_main(mod: Any) -> tuple[_Buffers, list[tuple[str, list[int]]], list[int
     return bufs, calls, inputs, outputs
 
 
-def plan_memory(bufs: _Buffers, calls: list[tuple[str, list[int]]]) -> int:
-    """Place the temporaries in one arena (a buffer's bytes are reused once its last reader ran);
-    returns the arena's size. Offsets go into each entry's ``offset``."""
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
-    for step, (_name, args) in enumerate(calls):
-        for b in args:
-            first.setdefault(b, step)
-            last[b] = step
-    temps = [b for b, e in enumerate(bufs.entries) if e["kind"] == "temp"]
-    placed: list[tuple[int, int, int, int]] = []  # (offset, end, first, last)
-    size = 0
-    for b in sorted(temps, key=lambda b: -bufs.entries[b]["nbytes"]):
-        nbytes = -(-max(bufs.entries[b]["nbytes"], 1) // ALIGN) * ALIGN
-        live = (first[b], last[b])
-        offset = 0
-        for o, end, f, l in sorted(placed):
-            if f <= live[1] and live[0] <= l and o < offset + nbytes and offset < end:
-                offset = end
-        # one pass may step onto a later overlap: repeat until no live neighbour overlaps
-        moved = True
-        while moved:
-            moved = False
-            for o, end, f, l in placed:
-                if f <= live[1] and live[0] <= l and o < offset + nbytes and offset < end:
-                    offset, moved = end, True
-        placed.append((offset, offset + nbytes, *live))
-        bufs.entries[b]["offset"] = offset
-        size = max(size, offset + nbytes)
-    return size
+def call_binding(name: str, func: Any, args: list[Any], bufs: _Buffers) -> dict[str, Any]:
+    """TIR function ``func``'s shape variables (by name) bound to the shapes at this call: each
+    buffer parameter's variable dimensions to its argument's, each scalar parameter to its value.
+    Every buffer's shape must then equal its argument's (else :class:`LoweringError`)."""
+    from tvm.sym import Analyzer
+
+    binding: dict[str, Any] = {}
+    buffers = [(p, a) for p, a in zip(func.params, args) if type(p.ty).__name__ == "BufferType"]
+    for p, a in zip(func.params, args):
+        if type(p.ty).__name__ != "BufferType":
+            binding.setdefault(p.name, a)
+    for p, a in buffers:
+        for d, v in zip(p.shape, bufs.dims[a]):
+            if type(d).__name__ in ("Var", "SizeVar"):
+                binding.setdefault(d.name, v)
+    analyzer = Analyzer()
+    for p, a in buffers:
+        shape = [bufs.bound(d, binding) for d in p.shape]
+        if len(shape) != len(bufs.dims[a]) or not all(
+            analyzer.can_prove_equal(d, v) for d, v in zip(shape, bufs.dims[a])
+        ):
+            raise LoweringError(
+                f"GPU plan: {name}: parameter {p.name} of shape {list(p.shape)} gets a buffer of shape "
+                f"{list(bufs.dims[a])}; report it (compile for target='cpu' meanwhile)"
+            )
+    return binding
 
 
 _POPCOUNT_REGISTERED = False
@@ -222,6 +251,21 @@ def _name(v: Any) -> str:
     return str(getattr(v, "name_hint", None) or getattr(v, "name", ""))
 
 
+def _narrow(name: str, func: Any) -> Any:
+    """``func`` with 32-bit index arithmetic, as the static plans had: TVM's own narrowing needs
+    the extents' ranges, and the batch has none, so the indices are narrowed by force (the runner
+    refuses a batch whose buffers would pass 2**31 elements, :data:`INDEX_BITS`). This also
+    narrows the threshold epilogue's int64 product ``thr_sign * acc``, exact in int32 because
+    ``thr_sign`` is -1, 0 or 1. A function TVM cannot narrow (an int64 tensor) keeps 64-bit
+    indices."""
+    import tvm
+
+    try:
+        return tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({name: func}))[name]
+    except Exception:  # noqa: BLE001 - TVM refuses int64 buffers: keep the 64-bit indices
+        return func
+
+
 def lower_kernels(mod: Any, tvm_target: Any, names: set[str]) -> tuple[Any, Any, dict]:
     """Lower the TIR functions ``names``: (host module, device module, {function: its params' names})."""
     import tvm
@@ -234,7 +278,7 @@ def lower_kernels(mod: Any, tvm_target: Any, names: set[str]) -> tuple[Any, Any,
         if gv.name_hint in names:
             funcs[gv.name_hint] = f.with_attr("global_symbol", gv.name_hint)
             params[gv.name_hint] = [_name(p) for p in f.params]
-    tir = tvm.IRModule({tvm.ir.GlobalVar(n): f for n, f in funcs.items()})
+    tir = tvm.IRModule({tvm.ir.GlobalVar(n): _narrow(n, f) for n, f in funcs.items()})
     tir = tvm.tirx.transform.BindTarget(tvm_target.with_host(tvm_target.host))(tir)
     with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
         pipeline, _finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(tvm_target)
@@ -246,19 +290,19 @@ def lower_kernels(mod: Any, tvm_target: Any, names: set[str]) -> tuple[Any, Any,
 
 
 def kernel_launches(
-    host: Any, device: Any, params: dict, name: str, args: list[int], bufs: _Buffers
-) -> tuple[list[dict], list[int]]:
-    """The launches function ``name`` makes, in order, with buffer ``args`` bound to its params,
-    and the global workspaces it allocates between its kernels (added to ``bufs`` as temporaries)."""
+    host: Any, device: Any, params: dict, call: Call, bufs: _Buffers, binding: dict[str, Any]
+) -> list[dict]:
+    """The launches TIR function ``call[0]`` makes, in order, with the call's buffers bound to its
+    params and its shape variables to ``binding`` (:func:`call_binding`). The global workspaces it
+    allocates between its kernels are added to ``bufs`` as temporaries."""
     import tvm
-    from tvm import tirx
 
-    by_name = dict(zip(params[name], args))
+    name, args = call
+    by_name = {p: a for p, a in zip(params[name], args) if isinstance(a, int)}
     func = next((f for gv, f in host.functions.items() if gv.name_hint in (name, f"__tvm_ffi_{name}")), None)
     if func is None:
         raise LoweringError(f"GPU plan: no host function for kernel {name}")
     found: list[Any] = []
-    workspaces: list[int] = []
 
     def visit(node: Any) -> None:  # statements in order; kernel calls are evaluated statements
         if type(node).__name__ == "DeclBuffer":  # a view of a buffer's data (another shape or dtype)
@@ -269,9 +313,8 @@ def kernel_launches(
                 by_name[_name(node.buffer)] = by_name[_name(data)]
         if "Alloc" in type(node).__name__ and hasattr(node, "buffer"):
             buf = node.buffer
-            ty = tvm.relax.TensorType([int(d) for d in buf.shape], str(buf.dtype))
-            by_name[_name(buf)] = bufs.add("temp", ty, f"{name} workspace {_name(buf)}")
-            workspaces.append(by_name[_name(buf)])
+            shape = [bufs.bound(d, binding) for d in buf.shape]
+            by_name[_name(buf)] = bufs.add("temp", shape, str(buf.dtype), f"{name}_{_name(buf)}")
         if isinstance(node, tvm.ir.expr.Call):
             if "call_ffi_kernel" in str(getattr(node.op, "name", "")):
                 found.append(node)
@@ -286,45 +329,53 @@ def kernel_launches(
                 visit(c)
 
     visit(func.body)
-    launches = []
     kernels = {gv.name_hint: f for gv, f in device.functions.items()}
-    for call in found:
-        kname = str(call.args[0].value)
-        kfunc = kernels[kname]
-        nparams = len(kfunc.params)
-        kargs, extents = list(call.args[1 : 1 + nparams]), list(call.args[1 + nparams :])
-        tags = [str(t) for t in kfunc.attrs["tirx.kernel_launch_params"]]
-        launch: dict[str, Any] = {"kernel": kname, **_launch_size(kname, tags, extents), "args": []}
-        for a, p in zip(kargs, kfunc.params):
-            if isinstance(a, tvm.ir.expr.Call) and str(a.op.name) == "tirx.buffer_data":
-                a = a.args[0]
-            if isinstance(a, tvm.ir.expr.Var) and _name(a) in by_name:
-                launch["args"].append({"buffer": by_name[_name(a)]})
-            elif isinstance(a, tirx.IntImm):
-                launch["args"].append({"scalar": int(a.value), "dtype": str(p.dtype)})
-            else:
-                raise LoweringError(
-                    f"GPU plan: kernel {kname}: argument {a} is neither a buffer nor a constant"
-                )
-        launches.append(launch)
-    return launches, workspaces
+    return [_launch(kernels, c, by_name, bufs, binding) for c in found]
 
 
-def _launch_size(kname: str, tags: list[str], extents: list) -> dict[str, Any]:
+def _int_type(e: Any) -> bool:
+    ty: Any = getattr(e, "ty", None)
+    return type(ty).__name__ == "PrimType" and str(ty.dtype).startswith(("int", "uint"))
+
+
+def _launch(kernels: dict, call: Any, by_name: dict, bufs: _Buffers, binding: dict) -> dict[str, Any]:
+    """One kernel call of a host function as a plan launch: kernel, sizes, arguments."""
+    import tvm
+
+    kname = str(call.args[0].value)
+    kfunc = kernels[kname]
+    nparams = len(kfunc.params)
+    kargs, extents = list(call.args[1 : 1 + nparams]), list(call.args[1 + nparams :])
+    tags = [str(t) for t in kfunc.attrs["tirx.kernel_launch_params"]]
+    launch: dict[str, Any] = {
+        "kernel": kname,
+        **_launch_size(kname, tags, extents, bufs, binding),
+        "args": [],
+    }
+    for a, p in zip(kargs, kfunc.params):
+        if isinstance(a, tvm.ir.expr.Call) and str(a.op.name) == "tirx.buffer_data":
+            a = a.args[0]
+        if isinstance(a, tvm.ir.expr.Var) and _name(a) in by_name:
+            launch["args"].append({"buffer": by_name[_name(a)]})
+        elif _int_type(p) and _int_type(a):  # a size, e.g. the batch
+            launch["args"].append({"scalar": bufs.expr(a, binding), "dtype": str(p.ty.dtype)})
+        else:
+            raise LoweringError(f"GPU plan: kernel {kname}: argument {a} is neither a buffer nor an integer")
+    return launch
+
+
+def _launch_size(kname: str, tags: list[str], extents: list, bufs: _Buffers, binding: dict) -> dict[str, Any]:
     """The grid, block and dynamic shared memory of one launch of kernel ``kname``, from its
-    launch parameters' tags and extents."""
-    from tvm import tirx
-
+    launch parameters' tags and extents (integers or expressions of the batch)."""
     launch: dict[str, Any] = {"grid": [1, 1, 1], "block": [1, 1, 1], "shared": 0}
     for tag, ext in zip(tags, extents):
-        if not isinstance(ext, tirx.IntImm):
-            raise LoweringError(f"GPU plan: kernel {kname} has a launch size {ext} that is not a constant")
+        size = bufs.expr(ext, binding)
         if tag.startswith("blockIdx."):
-            launch["grid"]["xyz".index(tag[-1])] = int(ext.value)
+            launch["grid"]["xyz".index(tag[-1])] = size
         elif tag.startswith("threadIdx."):
-            launch["block"]["xyz".index(tag[-1])] = int(ext.value)
+            launch["block"]["xyz".index(tag[-1])] = size
         elif tag == "tirx.use_dyn_shared_memory":
-            launch["shared"] = int(ext.value)
+            launch["shared"] = size
         else:
             raise LoweringError(f"GPU plan: kernel {kname}: unknown launch parameter {tag}")
     return launch

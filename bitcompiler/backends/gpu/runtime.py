@@ -1,31 +1,37 @@
 """Run an exported GPU plan without TVM: OpenCL through ``pyopencl``, CUDA through CuPy.
 
 An export directory holds ``plan.json`` (kernels in launch order with their grid and block sizes
-and argument buffers, every buffer's dtype and shape, the temporaries' offsets in one arena), the
-kernel source (``kernels.cl``, or ``kernels.cu`` with ``kernels.sm_XX.ptx``) and ``weights.npz``.
-This module imports only numpy (and the runtime package of the plan's target)::
+and argument buffers, every buffer's dtype and shape; sizes that depend on the batch are
+expressions of it, see :mod:`.plan`), the kernel source (``kernels.cl``, or ``kernels.cu`` with
+``kernels.sm_XX.ptx``) and ``weights.npz``. This module imports only numpy (and the runtime
+package of the plan's target)::
 
     from bitcompiler.backends.gpu import runtime
     program = runtime.load("exported_dir")      # compiles or loads the kernels, uploads the weights
-    [y] = program([x])                          # numpy arrays in, numpy arrays out
+    [y] = program([x])                          # numpy arrays in, numpy arrays out, any batch
 
-The batch is the one the model was compiled with (static).
+Each batch size gets its own static memory plan, device buffers and launch sizes on its first
+call; the last few are kept (:data:`KEEP`), so alternating batches do not re-plan.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bitcompiler.backends.gpu import plan as planning
 from bitcompiler.errors import InputError, LoadError, ToolchainError, ToolchainMissing
 
 PLAN = "plan.json"
 WEIGHTS = "weights.npz"
-FORMAT = 1
+FORMAT = 2  # 2: sizes are expressions of the batch ("vars"); 1 had a fixed "batch" and arena
+KEEP = 4  # batch sizes whose device buffers stay allocated
 # correctly rounded float division (OpenCL's default allows 2.5 ulp; the reference rounds once)
 OPENCL_OPTIONS = ["-cl-fp32-correctly-rounded-divide-sqrt"]
 # no contraction of a*b+c into one rounding, as in the reference (PyTorch on the CPU)
@@ -39,12 +45,16 @@ def read_plan(directory: str | Path) -> dict:
     except FileNotFoundError as e:
         raise LoadError(f"{d / PLAN} is missing: export the model for a GPU target first") from e
     if plan.get("format") != FORMAT:
-        raise LoadError(f"{d / PLAN}: plan format {plan.get('format')!r}, this version reads {FORMAT}")
+        raise LoadError(
+            f"{d / PLAN}: plan format {plan.get('format')!r}, this version reads {FORMAT}; export the model "
+            "again with this version of bitcompiler"
+        )
     return plan  # type: ignore[no-any-return]
 
 
 class Program:
-    """A plan loaded on a device; subclasses hold the device objects."""
+    """A plan loaded on a device; subclasses hold the device objects of each batch size
+    (:meth:`_allocate`) in ``self.bound``, the one of the last call."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -52,24 +62,45 @@ class Program:
         with np.load(self.directory / self.plan["weights"]) as npz:
             self.weights = {k: npz[k] for k in npz.files}
         self.buffers: list[dict] = self.plan["buffers"]
+        self._bound: OrderedDict[tuple, Any] = OrderedDict()
+        self.bound: Any = None
 
     def check(self, inputs: list[Any]) -> list[np.ndarray]:
-        arrays = []
-        specs = [self.buffers[i] for i in self.plan["inputs"]]
-        if len(inputs) != len(specs):
-            raise InputError(f"expected {len(specs)} input(s), got {len(inputs)}")
-        for i, (x, spec) in enumerate(zip(inputs, specs)):
-            a = np.ascontiguousarray(np.asarray(x))
-            if list(a.shape) != spec["shape"] or str(a.dtype) != spec["dtype"]:
-                raise InputError(
-                    f"input {i}: expected {spec['dtype']} of shape {tuple(spec['shape'])} (GPU targets are "
-                    f"compiled for a static batch of {self.plan['batch']}), got {a.dtype} of shape {a.shape}"
-                )
-            arrays.append(a)
+        """The inputs as contiguous arrays, their dtypes and shapes checked; binds their batch."""
+        arrays = [np.ascontiguousarray(np.asarray(x)) for x in inputs]
+        env = planning.bind(self.plan, [a.shape for a in arrays])
+        for i, (a, b) in enumerate(zip(arrays, self.plan["inputs"])):
+            if str(a.dtype) != self.buffers[b]["dtype"]:
+                raise InputError(f"input {i}: expected {self.buffers[b]['dtype']}, got {a.dtype}")
+        self.bind(env)
         return arrays
+
+    def bind(self, env: dict[str, int]) -> Any:
+        """Make the device objects of the batch ``env`` (e.g. ``{"B": 64}``) current and return them."""
+        key = tuple(sorted(env.items()))
+        if key not in self._bound:
+            self._bound[key] = self._allocate(planning.layout(self.plan, env))
+            while len(self._bound) > KEEP:
+                self._bound.popitem(last=False)
+        self._bound.move_to_end(key)
+        self.bound = self._bound[key]
+        return self.bound
+
+    def _allocate(self, layout: planning.Layout) -> Any:
+        raise NotImplementedError
 
     def __call__(self, inputs: list[Any]) -> list[np.ndarray]:
         raise NotImplementedError
+
+
+@dataclass
+class Bound:
+    """A program's device objects for one batch size."""
+
+    layout: planning.Layout
+    arena: Any  # the temporaries' memory
+    mem: list[Any]  # per buffer: its device memory (weights shared by every batch)
+    launches: list[tuple]  # per kernel launch, in the runner's own form
 
 
 class OpenCLProgram(Program):
@@ -94,42 +125,49 @@ class OpenCLProgram(Program):
                 f"the OpenCL driver of {self.device.name} did not build {self.plan['source']}: {e}"
             ) from e
         mf = cl.mem_flags
-        self.arena = cl.Buffer(self.ctx, mf.READ_WRITE, max(int(self.plan["arena_bytes"]), 1))
-        self.mem: list[Any] = []
-        for b in self.buffers:
-            size = max(int(b["nbytes"]), 1)
+        self.weight_mem = {
+            i: cl.Buffer(self.ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=self.weights[b["name"]])
+            if self.weights[b["name"]].nbytes
+            else cl.Buffer(self.ctx, mf.READ_ONLY, 1)
+            for i, b in enumerate(self.buffers)
+            if b["kind"] == "weight"
+        }
+
+    def _allocate(self, layout: planning.Layout) -> Bound:
+        cl = self.cl
+        arena = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, max(layout.arena_bytes, 1))
+        mem: list[Any] = []
+        for i, b in enumerate(self.buffers):
+            size = max(layout.nbytes[i], 1)
             if b["kind"] == "weight":
-                data = self.weights[b["name"]]
-                self.mem.append(
-                    cl.Buffer(self.ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=data)
-                    if data.nbytes
-                    else cl.Buffer(self.ctx, mf.READ_ONLY, 1)
-                )
+                mem.append(self.weight_mem[i])
             elif b["kind"] == "temp":
-                self.mem.append(self.arena.get_sub_region(int(b["offset"]), size))
+                mem.append(arena.get_sub_region(layout.offsets[i], size))
             else:
-                self.mem.append(cl.Buffer(self.ctx, mf.READ_WRITE, size))
-        self.launches = []
-        for launch in self.plan["launches"]:
+                mem.append(cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, size))
+        launches = []
+        for launch in layout.launches:
             kernel = cl.Kernel(self.program, launch["kernel"])
             for i, a in enumerate(launch["args"]):
                 kernel.set_arg(
-                    i, self.mem[a["buffer"]] if "buffer" in a else np.dtype(a["dtype"]).type(a["scalar"])
+                    i, mem[a["buffer"]] if "buffer" in a else np.dtype(a["dtype"]).type(a["scalar"])
                 )
             grid, block = launch["grid"], launch["block"]
-            self.launches.append((kernel, tuple(g * b for g, b in zip(grid, block)), tuple(block)))
+            launches.append((kernel, tuple(g * b for g, b in zip(grid, block)), tuple(block)))
+        return Bound(layout, arena, mem, launches)
 
     def __call__(self, inputs: list[Any]) -> list[np.ndarray]:
         cl = self.cl
-        for i, a in zip(self.plan["inputs"], self.check(inputs)):
-            cl.enqueue_copy(self.queue, self.mem[i], a)
-        for kernel, global_size, local_size in self.launches:
+        arrays = self.check(inputs)
+        bound = self.bound
+        for i, a in zip(self.plan["inputs"], arrays):
+            cl.enqueue_copy(self.queue, bound.mem[i], a)
+        for kernel, global_size, local_size in bound.launches:
             cl.enqueue_nd_range_kernel(self.queue, kernel, global_size, local_size)
         outs = []
         for o in self.plan["outputs"]:
-            b = self.buffers[o]
-            out = np.empty(b["shape"], b["dtype"])
-            cl.enqueue_copy(self.queue, out, self.mem[o])
+            out = np.empty(bound.layout.shapes[o], self.buffers[o]["dtype"])
+            cl.enqueue_copy(self.queue, out, bound.mem[o])
             outs.append(out)
         self.queue.finish()
         return outs
@@ -173,40 +211,58 @@ class CUDAProgram(Program):
         else:  # no PTX fits: NVRTC compiles the source for this device
             code = (self.directory / self.plan["source"]).read_text()
             self.module = cp.RawModule(code=code, options=CUDA_OPTIONS)
-        self.arena = cp.empty(max(int(self.plan["arena_bytes"]), 1), dtype=cp.uint8)
-        self.mem = []
-        for b in self.buffers:
+        self.weight_mem = {
+            i: cp.asarray(self.weights[b["name"]])
+            for i, b in enumerate(self.buffers)
+            if b["kind"] == "weight"
+        }
+
+    def _allocate(self, layout: planning.Layout) -> Bound:
+        cp = self.cp
+        arena = cp.empty(max(layout.arena_bytes, 1), dtype=cp.uint8)
+        mem: list[Any] = []
+        for i, b in enumerate(self.buffers):
             if b["kind"] == "weight":
-                self.mem.append(cp.asarray(self.weights[b["name"]]))
+                mem.append(self.weight_mem[i])
             elif b["kind"] == "temp":
-                off = int(b["offset"])
-                self.mem.append(self.arena[off : off + int(b["nbytes"])].view(b["dtype"]).reshape(b["shape"]))
+                off = layout.offsets[i]
+                view = arena[off : off + layout.nbytes[i]].view(b["dtype"])
+                mem.append(view.reshape(layout.shapes[i]))
             else:
-                self.mem.append(cp.empty(b["shape"], dtype=b["dtype"]))
-        self.launches = []
-        for launch in self.plan["launches"]:
+                mem.append(cp.empty(layout.shapes[i], dtype=b["dtype"]))
+        launches = []
+        for launch in layout.launches:
             fn = self.module.get_function(launch["kernel"])
             args = tuple(
-                self.mem[a["buffer"]] if "buffer" in a else np.dtype(a["dtype"]).type(a["scalar"])
+                mem[a["buffer"]] if "buffer" in a else np.dtype(a["dtype"]).type(a["scalar"])
                 for a in launch["args"]
             )
             grid, block = tuple(launch["grid"]), tuple(launch["block"])
-            self.launches.append((launch["kernel"], fn, grid, block, args, int(launch["shared"])))
+            launches.append((launch["kernel"], fn, grid, block, args, launch["shared"]))
+        return Bound(layout, arena, mem, launches)
+
+    @property
+    def launches(self) -> list[tuple]:
+        """The current batch's launches: (kernel name, function, grid, block, args, shared bytes)."""
+        return self.bound.launches  # type: ignore[no-any-return]
 
     def inputs(self) -> list[Any]:
-        """The device arrays the inputs are read from (write them in place to skip host copies)."""
-        return [self.mem[i] for i in self.plan["inputs"]]
+        """The device arrays the current batch's inputs are read from (write them in place to skip
+        host copies; :meth:`bind` chooses the batch)."""
+        return [self.bound.mem[i] for i in self.plan["inputs"]]
 
     def outputs(self) -> list[Any]:
-        return [self.mem[o] for o in self.plan["outputs"]]
+        return [self.bound.mem[o] for o in self.plan["outputs"]]
 
     def launch(self) -> None:
-        """Run every kernel once on the current stream (no copies, no synchronization)."""
-        for _name, fn, grid, block, args, shared in self.launches:
+        """Run every kernel of the current batch once on the current stream (no copies, no
+        synchronization)."""
+        for _name, fn, grid, block, args, shared in self.bound.launches:
             fn(grid, block, args, shared_mem=shared)
 
     def __call__(self, inputs: list[Any]) -> list[np.ndarray]:
-        for dst, a in zip(self.inputs(), self.check(inputs)):
+        arrays = self.check(inputs)  # binds the batch: inputs() are then its device arrays
+        for dst, a in zip(self.inputs(), arrays):
             dst.set(a)
         self.launch()
         return [self.cp.asnumpy(o) for o in self.outputs()]

@@ -35,7 +35,8 @@ def _block(sch: s_tir.Schedule, name: str) -> Any | None:
 
 def schedule_bit_kernel(func: Any, threads: int = THREADS) -> s_tir.Schedule | None:
     """``func`` (a dense or conv bit kernel: blocks ``acc``, ``Y``, maybe ``sumx``) scheduled for a
-    GPU, or None when it is not one."""
+    GPU, or None when it is not one. The batch may be symbolic: the last block's threads past the
+    outputs are masked."""
     sch = s_tir.Schedule(func)
     y, acc = _block(sch, "Y"), _block(sch, "acc")
     if y is None or acc is None:
@@ -64,18 +65,20 @@ CONV_TO = 4  # output channels per thread in a conv: each activation word loaded
 
 def _schedule_conv_blocked(sch: s_tir.Schedule, y: Any, acc: Any, threads: int) -> s_tir.Schedule:
     """A conv (``Y (M, O, OH, OW)``): one thread per pixel and ``CONV_TO`` output channels, their
-    accumulators in registers, the channel loop innermost so each input word serves all of them."""
+    accumulators in registers, the channel loop innermost so each input word serves all of them.
+    The sample is ``blockIdx.y`` (so the batch ``M`` may be symbolic: only grid y depends on it)."""
     m, o, oh, ow = sch.get_loops(y)
     oo, oi = sch.split(o, [None, CONV_TO])
     sch.reorder(m, oo, oh, ow, oi)
-    bx, tx = sch.split(sch.fuse(m, oo, oh, ow), [None, threads])
+    bx, tx = sch.split(sch.fuse(oo, oh, ow), [None, threads])
+    sch.bind(m, "blockIdx.y")
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
     sch.compute_at(acc, tx, preserve_unit_loops=False)
     sch.set_scope(acc, 0, "local")
-    inner = sch.get_loops(acc)[2:]  # under bx, tx: the CONV_TO channels, then the reduction
+    inner = sch.get_loops(acc)[3:]  # under m, bx, tx: the CONV_TO channels, then the reduction
     sch.decompose_reduction(acc, inner[0])
-    update = sch.get_loops(acc)[2:]
+    update = sch.get_loops(acc)[3:]
     sch.reorder(*update[1:], update[0])
     sch.unroll(update[0])
     sch.unroll(sch.get_loops(y)[-1])
@@ -120,8 +123,10 @@ def _static(loop_extent: Any) -> int | None:
 
 def schedule_w1a1_dense(func: Any) -> s_tir.Schedule | None:
     """The W1A1 dense kernel (:func:`w1a1_dense_func`) or the dp4a one (:mod:`.dp4a`) tiled for a
-    GPU: shared-memory slices of both operands, register blocking, ``popc`` (``__dp4a``) per word pair. None when the
-    shape does not divide into the tiles (then :func:`schedule_bit_kernel` schedules it)."""
+    GPU: shared-memory slices of both operands, register blocking, ``popc`` (``__dp4a``) per word
+    pair. A symbolic batch (rows) is padded to whole tiles (rows past it read as zeros, their
+    outputs not written); None when the columns or words, or a static batch, do not divide into
+    the tiles (then :func:`schedule_bit_kernel`)."""
     sch = s_tir.Schedule(func)
     y, acc = _block(sch, "Y"), _block(sch, "acc")
     if y is None or acc is None:
@@ -134,13 +139,13 @@ def schedule_w1a1_dense(func: Any) -> s_tir.Schedule | None:
     loops = sch.get_loops(acc)
     if len(loops) != 3:
         return None
+    em, en, ew = (_static(sch.get(loop).extent) for loop in loops)
+    if en is None or ew is None or en % BN or ew % BK or (em is not None and em % BM):
+        return None
+    if em is None:  # a symbolic batch: rows padded to whole tiles (read as 0, never written back)
+        sch.pad_einsum(acc, [BM, 1, 1])
+        loops = sch.get_loops(acc)
     m, n, w = loops
-    extents = [_static(sch.get(loop).extent) for loop in loops]
-    if None in extents:
-        return None
-    em, en, ew = (int(e) for e in extents)  # type: ignore[arg-type]
-    if em % BM or en % BN or ew % BK:
-        return None
     x_idx = reads.index(rows[0])
     p_idx = 1 - x_idx
     mo, mt, mi = sch.split(m, [None, BM // TM, TM])
@@ -158,6 +163,9 @@ def schedule_w1a1_dense(func: Any) -> s_tir.Schedule | None:
         _, ty, tx = sch.split(fused, [None, BM // TM, BN // TN])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
+    if em is None:  # the padding reads into shared memory, Y reads the padded accumulators
+        sch.compute_inline(sch.get_sblock(f"{rows[0]}_pad"))
+        sch.compute_inline(sch.get_sblock("acc_pad"))
     sch.set_scope(acc, 0, "local")
     sch.reverse_compute_at(y, nt, preserve_unit_loops=True)
     sch.decompose_reduction(acc, wo)
