@@ -12,6 +12,13 @@ A started pool can run on fewer threads, never on more. So the count has to be c
   lower the count, and raises :class:`~bitcompiler.errors.ThreadsError` if asked for more than
   the calling thread's pool was started with.
 
+TVM pins each worker thread of a pool to a core of its own unless ``TVM_BIND_THREADS=0``;
+importing bitcompiler sets ``TVM_BIND_THREADS=0`` unless the variable is already set. A pinned
+worker cannot move off a core that another process is using, and every parallel kernel then
+waits for it: on the 2-core dev VM under load (load average 12) binary ResNet-18 at 2 threads took
+15.7-28 ms pinned against 3.8-4.3 ms unpinned (1.0-1.5 ms at 1 thread). ``TVM_BIND_THREADS=1``
+restores the pinning.
+
 torch's own intra-op threads (``torch.set_num_threads``) are separate: ``cm(x)`` runs no torch
 operation on them, but a program that runs torch between calls has both pools on the same cores.
 
@@ -28,6 +35,7 @@ import os
 from bitcompiler.errors import ThreadsError
 
 ENV = "TVM_NUM_THREADS"
+os.environ.setdefault("TVM_BIND_THREADS", "0")  # read when a pool starts (see above)
 _BIG_CORES = 1  # TVM's affinity mode "big cores" (all cores on a machine of one kind)
 
 

@@ -22,6 +22,11 @@ import os, torch, bitcompiler as bc
 def os_threads():
     return len(os.listdir("/proc/self/task"))
 
+def pinned():
+    # threads of this process allowed on fewer CPUs than the process
+    n = len(os.sched_getaffinity(0))
+    return [t for t in os.listdir("/proc/self/task") if len(os.sched_getaffinity(int(t))) < n]
+
 net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).eval()
 cm = bc.compile(net, (torch.randn(1, 256),), scheme="binary:act=binary")
 before = os_threads()
@@ -52,6 +57,7 @@ def test_set_num_threads_before_the_first_call_starts_that_many():
         "assert bc.get_num_threads() == 2 and os.environ['TVM_NUM_THREADS'] == '2'\n"
         "assert os_threads() == before + 1, (before, os_threads())\n"
         "cm(torch.randn(3, 256))\n"
+        "assert os.environ['TVM_BIND_THREADS'] == '0' and pinned() == [], pinned()\n"
         "bc.set_num_threads(1)\n"
         "assert bc.get_num_threads() == 1\n"
         "cm(torch.randn(3, 256))\n"
@@ -59,6 +65,13 @@ def test_set_num_threads_before_the_first_call_starts_that_many():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-2:] == ["ok", "2"]
+
+
+def test_tvm_bind_threads_1_keeps_tvm_pinning_its_worker():
+    """The default (TVM_BIND_THREADS=0, set on import) is what the first test checks; a user's
+    TVM_BIND_THREADS=1 is kept, and TVM pins its worker to one core."""
+    out = run("bc.set_num_threads(2)\nassert len(pinned()) == 1, pinned()\n", TVM_BIND_THREADS="1")
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_a_started_pool_cannot_grow():
