@@ -19,6 +19,14 @@ waits for it: on the 2-core dev VM under load (load average 12) binary ResNet-18
 15.7-28 ms pinned against 3.8-4.3 ms unpinned (1.0-1.5 ms at 1 thread). ``TVM_BIND_THREADS=1``
 restores the pinning.
 
+After its last task a TVM worker spins (``sched_yield``) ``TVM_THREAD_POOL_SPIN_COUNT`` times
+before it sleeps: 300,000 by default, tens of milliseconds in which torch's threads get the core
+only now and then. Importing bitcompiler sets it to 10,000 unless it is set: measured on the
+2-core VM (load average 9-10, 2 TVM and 2 torch threads, one process), a torch sum over 64x4096
+floats right after W1A1 4096² calls took 12 ms with 300,000 and 0.013 ms with 10,000, the W1A1
+call the same within noise; binary ResNet-18 at 2 threads took 4.3 ms with either (0 or 1,000,
+sleeping between kernels: 6.2-8.0 ms).
+
 torch's own intra-op threads (``torch.set_num_threads``) are separate: ``cm(x)`` runs no torch
 operation on them, but a program that runs torch between calls has both pools on the same cores.
 
@@ -36,6 +44,7 @@ from bitcompiler.errors import ThreadsError
 
 ENV = "TVM_NUM_THREADS"
 os.environ.setdefault("TVM_BIND_THREADS", "0")  # read when a pool starts (see above)
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "10000")  # read when the first pool starts
 _BIG_CORES = 1  # TVM's affinity mode "big cores" (all cores on a machine of one kind)
 
 

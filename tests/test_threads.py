@@ -37,8 +37,12 @@ print("ok", bc.get_num_threads())
 """
 
 
+# this process imported bitcompiler, which set some of them: the fresh one starts without
+POOL_VARIABLES = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")
+
+
 def run(body: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    clean = {k: v for k, v in os.environ.items() if k not in POOL_VARIABLES}
     return subprocess.run(
         [sys.executable, "-c", PROGRAM.format(body=body)],
         env={**clean, "PYTHONPATH": str(ROOT), **env},
@@ -58,6 +62,7 @@ def test_set_num_threads_before_the_first_call_starts_that_many():
         "assert os_threads() == before + 1, (before, os_threads())\n"
         "cm(torch.randn(3, 256))\n"
         "assert os.environ['TVM_BIND_THREADS'] == '0' and pinned() == [], pinned()\n"
+        "assert os.environ['TVM_THREAD_POOL_SPIN_COUNT'] == '10000'\n"
         "bc.set_num_threads(1)\n"
         "assert bc.get_num_threads() == 1\n"
         "cm(torch.randn(3, 256))\n"
@@ -67,10 +72,15 @@ def test_set_num_threads_before_the_first_call_starts_that_many():
     assert out.stdout.split()[-2:] == ["ok", "2"]
 
 
-def test_tvm_bind_threads_1_keeps_tvm_pinning_its_worker():
-    """The default (TVM_BIND_THREADS=0, set on import) is what the first test checks; a user's
-    TVM_BIND_THREADS=1 is kept, and TVM pins its worker to one core."""
-    out = run("bc.set_num_threads(2)\nassert len(pinned()) == 1, pinned()\n", TVM_BIND_THREADS="1")
+def test_the_users_tvm_pool_variables_are_kept():
+    """The defaults set on import (TVM_BIND_THREADS=0, TVM_THREAD_POOL_SPIN_COUNT=10000) are what
+    the first test checks; a user's own values are kept (TVM then pins its worker to one core)."""
+    out = run(
+        "bc.set_num_threads(2)\nassert len(pinned()) == 1, pinned()\n"
+        "assert os.environ['TVM_THREAD_POOL_SPIN_COUNT'] == '300000'\n",
+        TVM_BIND_THREADS="1",
+        TVM_THREAD_POOL_SPIN_COUNT="300000",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
 
 
