@@ -22,8 +22,10 @@ GROUPS = {
     "tune": "bench.tune",  # MetaSchedule over the W1A1 templates, one thread
     "wild": "bench.wild",  # the zoo of third-party architectures (make zoo), one thread
     "lce": "bench.lce",  # Larq Compute Engine on the same binary models (`make peers` installs it)
+    "threads": "bench.threads",  # 2 threads vs 1 and whole call vs kernel, alternating in one process
 }
 SINGLE_RUN = ("cortex_m", "arm", "tune", "wild")
+RUN_THREADS = {"threads": (2,)}  # one run whose pool has 2 threads; it times 1 and 2 itself
 DEFAULT_GROUPS = (
     "layers",
     "models",
@@ -32,6 +34,7 @@ DEFAULT_GROUPS = (
     "arm",
     "tune",
     "lce",
+    "threads",
 )  # `wild` runs with `make zoo`
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("torch_fp32", "torch_int8", "ort_fp32", "ort_int8", "tvm_fp32")
@@ -119,6 +122,11 @@ TARGETS = [
      _vs("lce_indirect"), 4, "x"),
     ("#19", "ResNet-18 compile time without tuning, at most", "models", "ResNet-18", 1,
      lambda r: -r["compile_s"], -12, " s"),
+    ("#19", "W1A1 4096², batch 1: whole call over the kernel alone, at most", "threads", "linear4096 W1A1", 1,
+     lambda r: -r["call_over_kernel"] if r["kind"] == "overhead" else None, -1.15, "x"),
+    ("#19", "W1A1 4096², batch 64: 2 threads vs 1", "threads", "linear4096 W1A1", 64, lambda r: r["speedup"], 1.8, "x"),
+    ("#19", "binary ResNet-18 (CIFAR), batch 1: 2 threads vs 1", "threads", "ResNet-18", 1,
+     lambda r: r["speedup"], 1.7, "x"),
     ("#5", "tiled p=8 W1A1 4096², batch 1 vs plain binary (whole call)", "tiled", "linear4096_w1a1_tiled_p8", 1,
      lambda r: r["speedup_call"], 4, "x"),
     ("#6", "tuned vs untuned W1A1 4096², batch 1 (never slower; 3% noise band)", "tune", "linear4096_w1a1_tune", 1,
@@ -181,7 +189,7 @@ def targets_table(rows: list[dict]) -> list[str]:
                 if r.get("group") == group
                 and r["bench"].startswith(prefix)
                 and r["batch"] == batch
-                and r["threads"] == 1
+                and (r["threads"] == 1 or r.get("kind") == "threads")  # those compare 2 threads to 1
             ),
             None,
         )
@@ -250,7 +258,7 @@ def main(argv: list[str]) -> None:
         groups = argv or list(DEFAULT_GROUPS)
         rows = [r for r in previous.get("rows", []) if r.get("group") not in groups]
         for group in groups:
-            for threads in (1,) if group in SINGLE_RUN else (1, 2):
+            for threads in RUN_THREADS.get(group, (1,) if group in SINGLE_RUN else (1, 2)):
                 print(f"running {group} with {threads} thread(s)...", file=sys.stderr, flush=True)
                 out = run_in_subprocess(GROUPS[group], threads)
                 rows += [{**r, "group": group} for r in json.loads(out.strip().splitlines()[-1])]
@@ -290,6 +298,8 @@ def write(info: dict, rows: list[dict]) -> None:
             from bench.wild import markdown as render
         if group == "lce":
             from bench.lce import markdown as render
+        if group == "threads":
+            from bench.threads import markdown as render
         lines += [f"## {group}", ""] + render(group_rows) + [""]
         extra = [
             r for r in group_rows if "compile_s" in r and r["threads"] == 1 and group not in ("wild", "lce")

@@ -22,12 +22,14 @@ from bitcompiler.errors import (
     RemoteError,
     SchemeError,
     TargetError,
+    ThreadsError,
     ToolchainError,
 )
 from bitcompiler.passes import Pass, PassError, Pipeline, PipelineError, fact_check, graph_pass
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import Report
 from bitcompiler.target import Target
+from bitcompiler.threads import get_num_threads, set_num_threads
 from bitcompiler.train import regularization_loss, step
 from bitcompiler.tuning import TuneOptions
 
@@ -94,6 +96,7 @@ __all__ = [
     "SchemeError",
     "Target",
     "TargetError",
+    "ThreadsError",
     "ToolchainError",
     "TuneOptions",
     "benchmark",
@@ -101,10 +104,12 @@ __all__ = [
     "errors",
     "fact_check",
     "from_onnx",
+    "get_num_threads",
     "graph_pass",
     "load",
     "prepare",
     "regularization_loss",
+    "set_num_threads",
     "step",
     "tune",
 ]

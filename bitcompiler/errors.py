@@ -32,6 +32,7 @@ __all__ = [
     "PipelineError",
     "SchemeError",
     "TargetError",
+    "ThreadsError",
     "ToolchainError",
     "ToolchainMissing",
     "UnsupportedExport",
@@ -68,6 +69,11 @@ class SchemeError(BitcError, ValueError):
 
 class TargetError(BitcError, ValueError):
     """An unknown target or target option."""
+
+
+class ThreadsError(BitcError, ValueError):
+    """A thread count that cannot be applied (not a whole number >= 1, or more threads than the
+    calling thread's TVM pool was started with); says when to set it."""
 
 
 class InputError(BitcError, ValueError):

@@ -275,10 +275,18 @@ def test_45_batch_of_ten_thousand(cm):
     "bad", [float("nan"), float("inf"), -float("inf")], ids=["46-nan", "47-inf", "48-neg-inf"]
 )
 @pytest.mark.parametrize("how", ["cpu", "reference"])
-def test_46_48_non_finite_inputs(cm, bad, how):
-    x = torch.randn(3, 8)
+@pytest.mark.parametrize("batch", [3, 5000], ids=["small", "large"])  # large: checked through numpy
+def test_46_48_non_finite_inputs(cm, bad, how, batch):
+    x = torch.randn(batch, 8)
     x[1, 2] = bad
     raises(bc.InputError, "holds NaN or Inf (first in sample 1)", cm if how == "cpu" else cm.reference, x)
+
+
+@pytest.mark.parametrize("batch", [3, 5000], ids=["small", "large"])
+def test_46_48_finite_inputs_whose_sum_overflows(cm, batch):
+    """Finite values whose sum is Inf are accepted (the quick check then looks at each value)."""
+    x = torch.full((batch, 8), 3e38)
+    assert cm(x).shape == cm.reference(x).shape == (batch, 4)
 
 
 def test_49_input_requiring_grad(cm):

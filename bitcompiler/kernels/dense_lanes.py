@@ -262,8 +262,10 @@ def schedule_lanes(sch: Any, choose: Choose) -> None:
     task, then the block's batch rows: a group's weights (16 KiB at K = 4096) stay in L1 while the
     block's rows stream past them. Measured at 4096x4096, batch 64 (one thread, kernel alone, one
     process): 3.47 ms with blocks of 4 against 3.82 ms unblocked, before the batch nest read
-    packed bytes (2.93 ms now); blocks of 8 cost 12 % at batch 1 then. The batch-1 nest
-    (``rows1``) has only the ``groups`` choice."""
+    packed bytes (2.93 ms now); blocks of 8 cost 12 % at batch 1 then. The batch blocks and the
+    row-group tasks are one fused parallel loop, so a call launches the thread pool once (a
+    parallel loop inside the serial batch-block loop launched it 16 times at batch 64, each launch
+    waiting for the slowest thread). The batch-1 nest (``rows1``) has only the ``groups`` choice."""
     g, m = sch.get_loops(sch.get_sblock("rows"))
     n_groups = int(sch.get(g).extent)
     t = choose("groups", [t for t in (1, 2, 4, 8) if n_groups % t == 0], 1)
@@ -271,7 +273,7 @@ def schedule_lanes(sch: Any, choose: Choose) -> None:
     mo, mi = sch.split(m, [None, b])
     go, gi = sch.split(g, [None, t])
     sch.reorder(mo, go, gi, mi)
-    sch.parallel(go)
+    sch.parallel(sch.fuse(mo, go))
     g1, _m1 = sch.get_loops(sch.get_sblock("rows1"))  # the batch-1 nest
     go1, _gi1 = sch.split(g1, [None, t])
     sch.parallel(go1)

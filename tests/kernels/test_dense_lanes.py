@@ -119,3 +119,15 @@ def test_compile_uses_lanes_kernel_for_w1a1_linear():
     for batch in (1, 7):
         xb = torch.randn(batch, 256)
         assert_close_t(cm(xb), cm.reference(xb))
+
+
+def test_lanes_batch_nest_launches_the_thread_pool_once():
+    """Each nest's outermost loop is its only parallel loop (the batch nest's batch blocks are fused
+    with the row-group tasks): one thread-pool launch per call, not one per batch block."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(lanes_kernel(DenseSpec(256, 64, 1, "pm1", "binary", False, False)))
+    for block in ("rows", "rows1"):
+        kinds = [sch.get(lp).kind for lp in sch.get_loops(sch.get_sblock(block))]
+        assert kinds[0] == tirx.ForKind.PARALLEL, block
+        assert kinds.count(tirx.ForKind.PARALLEL) == 1, block

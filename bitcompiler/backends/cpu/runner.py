@@ -44,6 +44,11 @@ class CPURunner(Runner):
             )
         return [out] if isinstance(out, torch.Tensor) else _flatten(out)
 
+    def call_one(self, x: torch.Tensor) -> torch.Tensor:
+        """One CPU tensor in, one tensor out: ``cm(x)``'s short path."""
+        out = self._main(_aligned(x))
+        return out if isinstance(out, torch.Tensor) else _flatten(out)[0]
+
     def export(self, directory: Path) -> list[str]:
         if self.library is not None:
             shutil.copyfile(self.library, directory / LIB)
