@@ -101,6 +101,21 @@ def test_schemes_train_in_parallel_processes_as_they_would_here():
         assert not torch.equal(got["1.weight"], untrained["1.weight"])  # trained
 
 
+class _WithLambda(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(64, 10), lambda t: t.clamp(-1, 1)  # cannot be pickled
+
+    def forward(self, x):
+        return self.fc(self.act(x.flatten(1)))
+
+
+def test_a_model_that_cannot_be_pickled_trains_in_this_process():
+    train = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    nets = bdata.train_all(_WithLambda(), ["none", "binary"], train, 1, workers=2)
+    assert set(nets) == {"none", "binary"}
+
+
 def test_targets_share_the_accuracy_of_one_reference_program():
     net, x = _mlp(), (torch.randn(1, 64),)
     a = bc.compile(net, x, scheme="binary").graph

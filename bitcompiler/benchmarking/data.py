@@ -6,6 +6,7 @@ import copy
 import hashlib
 import multiprocessing
 import os
+import pickle
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -72,7 +73,7 @@ def train_all(
     ``workers`` > 1. On a few cores that beats one process of several threads: training this small
     a network keeps threads waiting on each other, and on a busy host waiting threads spin.
     ``done(scheme)`` is called as each finishes."""
-    if workers <= 1 or len(schemes) <= 1:
+    if workers <= 1 or len(schemes) <= 1 or not _picklable(model):
         nets = {}
         for s in schemes:
             nets[s] = trained(model, s, train, epochs)
@@ -90,6 +91,15 @@ def train_all(
 
 
 _WORKER_DATA: TensorDataset | None = None
+
+
+def _picklable(model: nn.Module) -> bool:
+    """Whether ``model`` can be sent to a worker (a model holding a lambda cannot: it trains here)."""
+    try:
+        pickle.dumps(model)
+    except Exception:  # noqa: BLE001 - pickling raises several types
+        return False
+    return True
 
 
 def _worker_init(train: TensorDataset) -> None:
