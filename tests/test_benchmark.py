@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import bitcompiler as bc
+from bitcompiler.benchmarking import data as bdata
 from bitcompiler.benchmarking import measure, output
 from bitcompiler.benchmarking.rows import OK
 from bitcompiler.cli import _names, main
@@ -72,6 +74,58 @@ def test_training_accuracy_and_files(tmp_path):
         assert "accuracy" in next(csv.reader(f))
     for png in ("accuracy_vs_bits.png", "latency.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_schemes_train_in_parallel_processes_as_they_would_here():
+    """Two worker processes of one thread each give the very weights one process of one thread
+    gives (same seed, same arithmetic), and each is a trained copy, not the model itself."""
+    torch.manual_seed(0)
+    train = TensorDataset(torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,)))
+    schemes = ["none", "binary", "uniform:bits=2"]
+    model = _mlp()
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
+    done: list[str] = []
+    parallel = bdata.train_all(model, schemes, train, 1, workers=2, done=done.append)
+    assert sorted(done) == sorted(schemes) and list(parallel) == schemes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = bdata.train_all(model, schemes, train, 1, workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(v, untrained[k]) for k, v in model.state_dict().items())  # copies trained
+    for s in schemes:
+        got, want = parallel[s].state_dict(), serial[s].state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got), s
+        assert not torch.equal(got["1.weight"], untrained["1.weight"])  # trained
+
+
+class _WithLambda(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(64, 10), lambda t: t.clamp(-1, 1)  # cannot be pickled
+
+    def forward(self, x):
+        return self.fc(self.act(x.flatten(1)))
+
+
+def test_a_model_that_cannot_be_pickled_trains_in_this_process():
+    train = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    nets = bdata.train_all(_WithLambda(), ["none", "binary"], train, 1, workers=2)
+    assert set(nets) == {"none", "binary"}
+
+
+def test_targets_share_the_accuracy_of_one_reference_program():
+    net, x = _mlp(), (torch.randn(1, 64),)
+    a = bc.compile(net, x, scheme="binary").graph
+    assert bdata.program_key(a) == bdata.program_key(
+        bc.compile(net, x, target="opencl", scheme="binary").graph
+    )
+    with torch.no_grad():
+        net[1].weight[0, 0] += 1.0
+    assert bdata.program_key(a) != bdata.program_key(bc.compile(net, x, scheme="binary").graph)
+    assert bdata.program_key(a) != bdata.program_key(bc.compile(net, x, scheme="uniform:bits=2").graph)
 
 
 def test_without_data_accuracy_is_absent_not_zero(tmp_path):

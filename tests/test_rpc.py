@@ -3,8 +3,14 @@ the end; tuning and benchmarking measure through them; a tracker that is down na
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import pytest
 import torch
@@ -15,38 +21,64 @@ from bitcompiler import rpc
 from tests.conftest import assert_close
 
 KEY = "bitc-test"
-pytestmark = pytest.mark.timeout(300)  # measured: 142 s for the file at a load of 12 on 2 cores
+# per test, the fixture included. At load 6-9 on 2 cores the file took 36 s (14 s of CPU); with the
+# tracker and servers in fresh interpreters (each imports TVM and torch: 3 s of CPU) it took 68 s.
+pytestmark = pytest.mark.timeout(60)
+
+
+def _serve(start: Callable[[], Any], conn: Any) -> None:
+    """In a forked child: start TVM's tracker or server state, report its port, serve until killed.
+    Its own process group, so that teardown also ends the session processes a server forks."""
+    os.setpgid(0, 0)
+    state = start()
+    conn.send(state.port)
+    state.thread.join()
+
+
+def _forked(start: Callable[[], Any]) -> tuple[Any, int]:
+    """TVM's own tracker or RPC server (the state ``tvm.rpc.Tracker``/``Server`` build in a fresh
+    Python worker), run in a fork of this process instead: TVM is imported already, so it starts in
+    milliseconds rather than the seconds (and 3 s of CPU) a new interpreter takes to import TVM."""
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(start, there))  # not daemonic: a server forks its sessions
+    proc.start()
+    if not here.poll(30):
+        proc.kill()
+        pytest.fail("an RPC tracker or server did not bind a port in 30 s")
+    return proc, here.recv()
 
 
 @pytest.fixture(scope="module")
 def farm():
-    from tvm.rpc.server import Server
-    from tvm.rpc.tracker import Tracker
+    from tvm.rpc.server import PopenRPCServerState
+    from tvm.rpc.tracker import PopenTrackerServerState
 
-    tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
-    servers = []
+    procs = []
     try:
-
-        def server(i: int) -> Server:  # port ranges apart: the two bind at the same time
-            ports = 9300 + 50 * i, 9350 + 50 * i
-            return Server("127.0.0.1", *ports, key=KEY, tracker_addr=("127.0.0.1", tracker.port), silent=True)
-
-        with ThreadPoolExecutor(2) as pool:  # each starts a Python worker: in parallel
-            servers = list(pool.map(server, range(2)))
-        address = rpc.Address("127.0.0.1", tracker.port, KEY)
+        tracker, port = _forked(partial(PopenTrackerServerState, "127.0.0.1", 9190, 9290, silent=True))
+        procs.append(tracker)
+        for i in range(2):  # port ranges apart: the two bind at the same time
+            server = partial(
+                PopenRPCServerState, "127.0.0.1", 9300 + 50 * i, 9350 + 50 * i,
+                tracker_addr=("127.0.0.1", port), key=KEY, silent=True,
+            )  # fmt: skip
+            procs.append(_forked(server)[0])
+        address = rpc.Address("127.0.0.1", port, KEY)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # both servers registered with the tracker
             queue = rpc.tracker(address).summary()["queue_info"].get(KEY, {})
             if queue.get("free", 0) >= 2:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         else:
             pytest.fail(f"the RPC servers did not register with the tracker in 30 s: {queue}")
         yield address
     finally:
-        for s in servers:
-            s.terminate()
-        tracker.terminate()
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.join(5)
 
 
 def _net() -> nn.Module:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import multiprocessing
 import os
+import pickle
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +59,89 @@ def trained(model: nn.Module, scheme: str, train: TensorDataset, epochs: int, se
     net = prepare(model, scheme) if Scheme.parse(scheme).quantizes else copy.deepcopy(model)
     fit(net, train, epochs=epochs, progress=False, seed=seed)
     return net.eval()
+
+
+def train_all(
+    model: nn.Module,
+    schemes: list[str],
+    train: TensorDataset,
+    epochs: int,
+    workers: int,
+    done: Callable[[str], None] = lambda scheme: None,
+) -> dict[str, nn.Module]:
+    """:func:`trained` for every scheme, in ``workers`` processes of one thread each when
+    ``workers`` > 1. On a few cores that beats one process of several threads: training this small
+    a network keeps threads waiting on each other, and on a busy host waiting threads spin.
+    ``done(scheme)`` is called as each finishes."""
+    if workers <= 1 or len(schemes) <= 1 or not _picklable(model):
+        nets = {}
+        for s in schemes:
+            nets[s] = trained(model, s, train, epochs)
+            done(s)
+        return nets
+    # fork: the workers share the training data with this process instead of each receiving a copy
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(workers, len(schemes)), ctx, _worker_init, (train,)) as pool:
+        futures = {pool.submit(_worker_train, model, s, epochs): s for s in schemes}
+        nets = {}
+        for f in as_completed(futures):
+            nets[futures[f]] = f.result()
+            done(futures[f])
+    return {s: nets[s] for s in schemes}
+
+
+_WORKER_DATA: TensorDataset | None = None
+
+
+def _picklable(model: nn.Module) -> bool:
+    """Whether ``model`` can be sent to a worker (a model holding a lambda cannot: it trains here)."""
+    try:
+        pickle.dumps(model)
+    except Exception:  # noqa: BLE001 - pickling raises several types
+        return False
+    return True
+
+
+def _worker_init(train: TensorDataset) -> None:
+    global _WORKER_DATA
+    torch.set_num_threads(1)
+    _WORKER_DATA = train
+
+
+def _worker_train(model: nn.Module, scheme: str, epochs: int) -> nn.Module:
+    assert _WORKER_DATA is not None
+    return trained(model, scheme, _WORKER_DATA, epochs)
+
+
+def program_key(gm: torch.fx.GraphModule) -> str | None:
+    """A fingerprint of a reference program: its code and every tensor it reads. Two programs with
+    the same key compute the same function, so their test accuracy is measured once. None when
+    the program calls a submodule or reads an attribute that is not a tensor (it is not shared)."""
+    h = hashlib.sha256(gm.code.encode())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":  # torch.nn's own modules are what their repr and tensors say
+            sub = gm.get_submodule(str(node.target))
+            if not type(sub).__module__.startswith("torch.nn.") or len(list(sub.children())):
+                return None
+            h.update(f"{node.target}:{sub!r}".encode())
+            for name, t in sub.state_dict().items():
+                _update(h, f"{node.target}.{name}", t)
+            continue
+        if node.op != "get_attr":
+            continue
+        value: Any = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        if not isinstance(value, torch.Tensor):
+            return None
+        _update(h, str(node.target), value)
+    return h.hexdigest()
+
+
+def _update(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def test_accuracy(fn: object, test: TensorDataset, batch: int = 500) -> float:

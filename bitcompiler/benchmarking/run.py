@@ -128,10 +128,20 @@ def _train_all(
     if train is None:
         return {s: model for s in schemes}, None
     names = ["none", *[s for s in schemes if s != "none"]]
-    nets = {}
-    for s in names:
-        bar.step("training", f"{s}, {epochs} epoch(s)", len(names))
-        nets[s] = bdata.trained(model, s, train, epochs)
+    workers = torch.get_num_threads()  # --threads: that many processes of one thread each
+    bar.step(
+        "training",
+        f"{len(names)} models, {epochs} epoch(s), {min(workers, len(names))} at a time",
+        len(names),
+    )
+    finished: list[str] = []
+
+    def done(scheme: str) -> None:  # the bar counts a step done when the next is announced
+        finished.append(scheme)
+        if len(finished) < len(names):
+            bar.step("training", f"{scheme} trained", len(names))
+
+    nets = bdata.train_all(model, names, train, epochs, workers, done)
     return nets, bdata.test_accuracy(nets["none"], test)
 
 
@@ -182,6 +192,7 @@ def _time_rows(measured: list[Measured], example: torch.Tensor, remote: Any, bar
 
 
 def _accuracies(measured: list[Measured], test: Any, float_acc: float | None, bar: Progress) -> None:
+    by_program: dict[str, float] = {}  # a reference program's fingerprint -> its accuracy
     for m in measured:
         m.row.float_accuracy = float_acc
         if m.row.status == FAILED:
@@ -194,7 +205,13 @@ def _accuracies(measured: list[Measured], test: Any, float_acc: float | None, ba
                 on = "peer" if m.row.kind == "peer" else "compiled"
                 m.row.accuracy, m.row.accuracy_on = bdata.test_accuracy(m.fn, test), on
             elif m.cm is not None:
-                m.row.accuracy, m.row.accuracy_on = bdata.test_accuracy(m.cm.reference, test), "reference"
+                key = bdata.program_key(m.cm.graph)  # targets often share one reference program
+                acc = by_program.get(key) if key else None
+                if acc is None:
+                    acc = bdata.test_accuracy(m.cm.reference, test)
+                if key:
+                    by_program[key] = acc
+                m.row.accuracy, m.row.accuracy_on = acc, "reference"
         except Exception as e:  # noqa: BLE001
             m.row.reason = (m.row.reason + "; " if m.row.reason else "") + f"accuracy: {reason(e)}"
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bitcompiler as bc
+from bitcompiler.backends import qemu_count
 from bitcompiler.backends.aarch64 import toolchain
 from bitcompiler.backends.aarch64.cores import core_for
 from tests.conftest import assert_close, make_model, randomize_bn
@@ -159,7 +160,7 @@ def test_block_counter_equals_one_instruction_per_block(tmp_path):
     cmd = [toolchain.QEMU, "-singlestep", "-d", "exec,nochain", "-D", str(log)]
     subprocess.run([*cmd, str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True)
     begin, end = (toolchain.symbol_address(exe, s) for s in ("bitc_marker_begin", "bitc_marker_end"))
-    pcs = [int(m.group(1), 16) for m in map(toolchain._TRACE.match, log.read_text().splitlines()) if m]
+    pcs = [int(m.group(1), 16) for m in map(qemu_count._TRACE.match, log.read_text().splitlines()) if m]
     i, j = pcs.index(begin), pcs.index(end)
     assert cm.report().extra["instructions"] == j - i - 1
 

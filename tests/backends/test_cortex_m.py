@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitcompiler as bc
-from bitcompiler.backends.cortex_m import CortexMLoweringError, ModelTooLarge
+from bitcompiler.backends import qemu_count
+from bitcompiler.backends.cortex_m import CortexMLoweringError, ModelTooLarge, qemu
 from bitcompiler.backends.cortex_m.memory_plan import Buffer, plan_arena
 from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
 from tests.conftest import assert_close, make_model, randomize_bn
@@ -93,6 +94,23 @@ def test_binary_mlp_on_cortex_m4_matches_reference():
     # deterministic: the same sample counts the same instructions again
     again = cm._runner.instructions(x[0][:1].numpy())
     assert again == extra["instructions"]
+
+
+@needs_toolchain
+def test_block_counter_equals_one_instruction_per_block(tmp_path):
+    """The counter sums QEMU's translated blocks; stepping one instruction at a time (a log line
+    per instruction) agrees, on a model with a conv, a binary conv, pooling and a float epilogue."""
+    model, x = small_cnn()
+    cm = bc.compile(model, x, target="cortex-m4", scheme="binary:act=binary")
+    elf = cm._runner.elf
+    (tmp_path / "bitc_in.bin").write_bytes(x[0][:1].numpy().astype("<f4").tobytes())
+    log = tmp_path / "trace.log"
+    cmd = [*qemu._qemu_cmd(cm._runner.board, elf), "-singlestep", "-d", "exec,nochain", "-D", str(log)]
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    begin, end = (qemu.symbol_address(elf, s) for s in ("bitc_marker_begin", "bitc_marker_end"))
+    pcs = [int(m.group(1), 16) for m in map(qemu_count._TRACE.match, log.read_text().splitlines()) if m]
+    i, j = pcs.index(begin), pcs.index(end)
+    assert cm.report().extra["instructions"] == j - i - 1 > 1000
 
 
 @needs_toolchain

@@ -1,29 +1,23 @@
 """Build an aarch64 bundle with ``aarch64-linux-gnu-gcc``, run it (``qemu-aarch64`` on another
 host, natively on an aarch64 Linux host) and count the instructions the model executes.
 
-Instruction counts are exact: QEMU logs each translated block's instructions once (``-d in_asm``)
-and each execution of a block (``-d exec`` with ``nochain``, so no block runs without a log
-line); the count is the sum of the executed blocks' sizes from the first instruction after
-``bitc_marker_begin`` up to ``bitc_marker_end`` (the model call and a few call/return
-instructions, the same span the Cortex-M counter measures one instruction at a time). The log streams through a pipe and is never
-written to disk (a 4096x4096 int8 layer runs millions of blocks).
+Instruction counts are exact: QEMU's log of translated blocks, read through a pipe
+(:mod:`bitcompiler.backends.qemu_count`, shared with the Cortex-M boards).
 """
 
 from __future__ import annotations
 
-import os
 import platform
-import re
 import shutil
 import subprocess
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bitcompiler.backends.aarch64.cores import Core
+from bitcompiler.backends.qemu_count import BlockCounter, log_options
 from bitcompiler.errors import FirmwareError, ToolchainMissing
 
 CC = "aarch64-linux-gnu-gcc"
@@ -110,14 +104,11 @@ def run(core: Core, exe: Path, x: np.ndarray, n_out: int, count: bool = False) -
         src, dst = work / "in.bin", work / "out.bin"
         src.write_bytes(np.ascontiguousarray(x, dtype="<f4").tobytes())
         cmd = _command(core, exe, count)
-        counter: _Counter | None = None
+        counter: BlockCounter | None = None
         if count:
-            fifo = work / "trace.fifo"
-            os.mkfifo(fifo)
-            cmd[1:1] = ["-d", "in_asm,exec,nochain", "-D", str(fifo)]
-            counter = _Counter(
-                fifo, symbol_address(exe, "bitc_marker_begin"), symbol_address(exe, "bitc_marker_end")
-            )
+            begin, end = (symbol_address(exe, s) for s in ("bitc_marker_begin", "bitc_marker_end"))
+            counter = BlockCounter.open(work, begin, end)
+            cmd[1:1] = log_options(counter.fifo)
         try:
             proc = subprocess.Popen(
                 [*cmd, str(src), str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -139,59 +130,3 @@ def run(core: Core, exe: Path, x: np.ndarray, n_out: int, count: bool = False) -
         if out.size != n_out:
             raise FirmwareError(f"the program wrote {out.size} outputs, expected {n_out}")
         return RunResult(out, counter.result() if counter is not None else None)
-
-
-_TRACE = re.compile(r"^Trace \d+: 0x[0-9a-f]+ \[[0-9a-f]+/([0-9a-f]+)/")
-_INSN = re.compile(r"^0x([0-9a-f]+):")
-
-
-class _Counter(threading.Thread):
-    """Reads QEMU's log from a pipe: block sizes from ``IN:`` listings, executions from ``Trace``."""
-
-    def __init__(self, fifo: Path, begin: int, end: int) -> None:
-        super().__init__(daemon=True)
-        self.fifo, self.begin, self.end = fifo, begin, end
-        self.count: int | None = None
-        self.error = ""
-
-    def run(self) -> None:
-        sizes: dict[int, int] = {}
-        block: int | None = None
-        state = 0  # 0: before begin, 1: counting, 2: done
-        n = 0
-        try:
-            with self.fifo.open() as f:
-                for line in f:
-                    if line.startswith("Trace"):
-                        block = None
-                        if state == 2:
-                            continue
-                        m = _TRACE.match(line)
-                        if m is None:
-                            continue
-                        pc = int(m.group(1), 16)
-                        if state == 0 and pc == self.begin:  # as on Cortex-M: begin's first one not counted
-                            state, n = 1, sizes[pc] - 1
-                        elif pc == self.end:
-                            state, self.count = 2, n
-                        else:
-                            n += sizes[pc]
-                    elif line.startswith("IN:"):
-                        block = -1
-                    elif block is not None:
-                        m = _INSN.match(line)
-                        if m is None:
-                            continue
-                        pc = int(m.group(1), 16)
-                        if block == -1:
-                            block, sizes[pc] = pc, 0
-                        sizes[block] += 1
-        except Exception as e:  # noqa: BLE001 - reported by result()
-            self.error = repr(e)
-
-    def result(self) -> int:
-        if self.count is None:
-            raise FirmwareError(
-                f"markers not found in the QEMU trace (begin={self.begin:#x}, end={self.end:#x}) {self.error}"
-            )
-        return self.count

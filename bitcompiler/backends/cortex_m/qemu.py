@@ -3,14 +3,14 @@
 * sizes: ``arm-none-eabi-size -A`` per section; flash = .text + .rodata + .ARM.exidx + .data
   (its load image), RAM = .data + .bss (arena included) + the stack high-water mark measured by
   painting the stack before the model runs.
-* instructions: QEMU's one-instruction-per-block mode with ``-d nochain,exec`` logs one line per
-  executed instruction; the count is the lines between the first execution of
-  ``bitc_marker_begin`` and of ``bitc_marker_end`` (the model call plus a few call instructions).
+* instructions: exact, from QEMU's log of translated blocks read through a pipe
+  (:mod:`bitcompiler.backends.qemu_count`): the instructions executed between the first
+  execution of ``bitc_marker_begin`` and of ``bitc_marker_end`` (the model call plus a few call
+  instructions).
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bitcompiler.backends.cortex_m.boards import Board
+from bitcompiler.backends.qemu_count import BlockCounter, log_options
 from bitcompiler.errors import FirmwareError, ToolchainMissing
 
 INSTALL = "sudo apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm (or `make setup`)"
@@ -114,45 +115,29 @@ def run(board: Board, elf: Path, x: np.ndarray, n_out: int, count: bool = False)
         work = Path(tmp)
         (work / "bitc_in.bin").write_bytes(np.ascontiguousarray(x, dtype="<f4").tobytes())
         cmd = _qemu_cmd(board, elf)
-        log = work / "trace.log"
+        counter: BlockCounter | None = None
         if count:
-            cmd += ["-singlestep", "-d", "nochain,exec", "-D", str(log)]
+            begin, end = (symbol_address(elf, s) for s in ("bitc_marker_begin", "bitc_marker_end"))
+            counter = BlockCounter.open(work, begin, end)
+            cmd += log_options(counter.fifo)
+        proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if counter is not None:
+            counter.start()
         try:
-            proc = subprocess.run(
-                cmd, cwd=work, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
-            )
+            _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired as e:
+            proc.kill()
+            proc.communicate()
             raise FirmwareError(f"QEMU ({board.name}) did not finish within {RUN_TIMEOUT_S}s") from e
+        if counter is not None:
+            counter.join()
         if proc.returncode != 0:
             raise FirmwareError(
                 f"firmware on {board.name} exited with code {proc.returncode} "
-                f"(100 = hard fault, 2/3/4 = semihosting I/O failed): {proc.stderr.strip()[-500:]}"
+                f"(100 = hard fault, 2/3/4 = semihosting I/O failed): {err.strip()[-500:]}"
             )
         out = np.frombuffer((work / "bitc_out.bin").read_bytes(), dtype="<f4").copy()
         if out.size != n_out:
             raise FirmwareError(f"firmware wrote {out.size} outputs, expected {n_out}")
         stack = int(np.frombuffer((work / "bitc_stats.bin").read_bytes(), dtype="<u4")[0])
-        instructions = count_instructions(log, elf) if count else None
-        return RunResult(out, stack, instructions)
-
-
-_PC = re.compile(r"\[[0-9a-f]+/([0-9a-f]+)/")
-
-
-def count_instructions(log: Path, elf: Path) -> int:
-    """Executed instructions from the first ``bitc_marker_begin`` to the first ``bitc_marker_end``."""
-    begin, end = symbol_address(elf, "bitc_marker_begin"), symbol_address(elf, "bitc_marker_end")
-    counting, n = False, 0
-    with log.open() as f:
-        for line in f:
-            m = _PC.search(line)
-            if m is None:
-                continue
-            pc = int(m.group(1), 16)
-            if not counting:
-                counting = pc == begin
-                continue
-            if pc == end:
-                return n
-            n += 1
-    raise FirmwareError(f"markers not found in the QEMU trace {log} (begin={begin:#x}, end={end:#x})")
+        return RunResult(out, stack, counter.result() if counter is not None else None)
