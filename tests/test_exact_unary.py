@@ -120,3 +120,19 @@ def test_cortex_m_gates_are_bit_exact():
     assert sum("exact_unary" in str(n.target) for n in cm.graph.graph.nodes) == 2
     x = _inputs(16)
     assert torch.equal(cm(x), cm.reference(x))
+
+
+def test_onnx_export_writes_sigmoid_and_tanh(tmp_path):
+    """QDQ export writes ONNX's own Sigmoid and Tanh for ``bitc::exact_unary``."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from tests.test_onnx import run_ort
+
+    cm = bc.compile(_gates(), (torch.randn(1, 16),), scheme="uniform:bits=2,act=8")
+    path = cm.export_onnx(tmp_path / "g.onnx", format="qdq")
+    kinds = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert kinds.count("Sigmoid") == 3 and kinds.count("Tanh") == 2
+    x = _inputs(8)
+    ref = cm.reference(x)
+    assert float((run_ort(path, x) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
