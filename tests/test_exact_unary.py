@@ -4,6 +4,8 @@ bit-identical in the compiled code and the reference: both evaluate one formulat
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -136,3 +138,16 @@ def test_onnx_export_writes_sigmoid_and_tanh(tmp_path):
     x = _inputs(8)
     ref = cm.reference(x)
     assert float((run_ort(path, x) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+def test_opencl_gates_are_bit_exact():
+    """The same TE formulation through the GPU lowering (OpenCL on pocl; batch 1, as GPU plans are)."""
+    from tests.gpu.test_gpu import _NO_OPENCL
+
+    if _NO_OPENCL:
+        pytest.skip(_NO_OPENCL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the GPU plan's fixed batch
+        cm = bc.compile(_gates(), (torch.randn(1, 16),), target="opencl", scheme="uniform:bits=2,act=8")
+    for x in _inputs(8).split(1):
+        assert torch.equal(cm(x), cm.reference(x))
