@@ -103,6 +103,7 @@ def test_gates_between_int8_layers_are_bit_exact():
     targets = [str(n.target) for n in cm.graph.graph.nodes]
     assert sum("exact_unary" in t for t in targets) == 5
     assert not any(t.endswith(("sigmoid", "tanh")) or "Sigmoid" in t for t in targets)
+    assert cm.report().float_ops["sigmoid"] == 3 and cm.report().float_ops["tanh"] == 2
     x = _inputs()
     assert torch.equal(cm(x), cm.reference(x))
 
