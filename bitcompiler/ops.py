@@ -38,6 +38,7 @@ __all__ = [
     "bit_linear",
     "conv_out_hw",
     "conv_out_size",
+    "exact_unary",
     "op_name",
     "tiled_conv2d",
     "tiled_linear",
@@ -300,6 +301,18 @@ def _(x, kernel, stride, padding, count_include_pad):
     oh = numerics.pool_out_size(x.shape[2], kernel[0], stride[0], padding[0])
     ow = numerics.pool_out_size(x.shape[3], kernel[1], stride[1], padding[1])
     return x.new_empty(x.shape[0], x.shape[1], oh, ow)
+
+
+# --------------------------------------------------------------------------- bitc::exact_unary
+@torch.library.custom_op("bitc::exact_unary", mutates_args=())
+def exact_unary(x: torch.Tensor, fn: str) -> torch.Tensor:
+    """``sigmoid`` or ``tanh`` of float32 ``x`` in one fixed formulation (``numerics.exact_unary``)."""
+    return numerics.exact_unary(x, fn)
+
+
+@exact_unary.register_fake
+def _(x, fn):
+    return torch.empty_like(x)
 
 
 # --------------------------------------------------------------------------- binding

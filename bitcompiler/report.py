@@ -200,6 +200,8 @@ def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(str(node.target))).__name__
     target = node.target
+    if "exact_unary" in str(target):  # sigmoid / tanh in the exact formulation: still float ops
+        return str(node.args[1])
     name = getattr(target, "__name__", str(target))
     return name.split(".")[0]
 
@@ -229,7 +231,9 @@ def build_report(gm: fx.GraphModule, target: str, scheme: str, notes: list) -> R
     unplaced = [f"{name}: {message}" for name, message in notes if name not in shown]
     float_ops: Counter[str] = Counter()
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_module", "call_method") and "bitc" not in str(node.target):
+        if node.op in ("call_function", "call_module", "call_method") and (
+            "bitc" not in str(node.target) or "exact_unary" in str(node.target)
+        ):
             float_ops[_op_name(gm, node)] += 1
     report = Report(rows, target, scheme, dict(float_ops))
     if unplaced:  # notes on graph nodes that are not layers (e.g. a functional conv kept float)

@@ -11,6 +11,10 @@ instruction, but the backend cannot fuse across it, so the product is rounded to
 add, as in PyTorch. Accumulations (``acc = acc + x * w``: float matmuls, weight-only layers) keep
 their FMA; their sums are outside the exactness contract (docs/guide.md, "Exactness") anyway.
 The Cortex-M C bundle needs none of this: it compiles with ``-ffp-contract=off``.
+
+:func:`convert_exact_unary` lowers ``bitc::exact_unary`` (sigmoid, tanh): the formulation the
+reference evaluates (``numerics.sigmoid32``/``tanh32``), written once, here evaluated on TIR
+expressions by :class:`TirFloat32`; with the products fenced it rounds exactly as the reference.
 """
 
 from __future__ import annotations
@@ -90,3 +94,63 @@ def no_contraction() -> Any:
         return mod
 
     return _pass
+
+
+class TirFloat32:
+    """The operations of ``numerics.exp32``/``sigmoid32``/``tanh32`` on float32 TIR expressions
+    (the methods of ``numerics.TorchFloat32``, one for one)."""
+
+    def const(self, v: float) -> Any:
+        from tvm import tirx
+
+        from bitcompiler.quant.numerics import f32
+
+        return tirx.const(f32(v), "float32")
+
+    def floor(self, x: Any) -> Any:
+        from tvm import tirx
+
+        return tirx.floor(x)
+
+    def abs(self, x: Any) -> Any:
+        from tvm import tirx
+
+        return tirx.abs(x)
+
+    def clamp(self, x: Any, lo: float, hi: float) -> Any:
+        from tvm import tirx
+
+        return tirx.min(tirx.max(x, self.const(lo)), self.const(hi))
+
+    def select_gt(self, a: Any, t: float, yes: Any, no: Any) -> Any:
+        from tvm import tirx
+
+        return tirx.Select(a > self.const(t), yes, no)
+
+    def pow2(self, n: Any) -> Any:
+        from tvm import tirx
+
+        bits = tirx.shift_left(tirx.Cast("int32", n) + tirx.const(127, "int32"), tirx.const(23, "int32"))
+        return tirx.reinterpret("float32", bits)
+
+
+def convert_exact_unary(node: Any, importer: Any) -> Any:
+    """``bitc::exact_unary(x, fn)``: an element-wise TE compute of the reference's formulation, kept
+    out of operator fusion: inlined into a consumer that reads it several times (``sigmoid(cy)``
+    of a tanh in an LSTM) the formula's expression tree would be copied per read, and a chain of
+    them grows multiplicatively (DIA-Net's cell compiled for minutes)."""
+    from tvm import te
+
+    from bitcompiler.quant import numerics
+
+    bb = importer.block_builder
+    x, fn = importer.env[node.args[0]], str(node.args[1])
+    formula, ops = numerics.EXACT_UNARY[fn], TirFloat32()
+
+    def compute(t: Any) -> Any:
+        return te.compute(t.shape, lambda *i: formula(t(*i), ops), name=f"exact_{fn}")
+
+    call = bb.call_te(compute, x, primfunc_name_hint=f"bitc_{fn}")
+    gv = call.args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))  # opaque: never fused
+    return bb.emit(call)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from bitcompiler.backends import lower_bit, lower_conv, lower_pool, lower_tiled
+from bitcompiler.backends.exact_float import convert_exact_unary
 from bitcompiler.backends.relax_emit import lowering
 from bitcompiler.errors import LoweringError
 from bitcompiler.target import Target
@@ -33,6 +34,7 @@ CONVERTERS = {
     "conv2d.default": lower_conv.convert_conv2d,
     "convolution.default": lower_conv.convert_convolution,
     "window_mean.default": lower_pool.convert_window_mean,
+    "exact_unary.default": convert_exact_unary,
 }
 
 

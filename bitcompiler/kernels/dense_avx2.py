@@ -35,7 +35,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from bitcompiler.kernels._common import as_tvm_target, target_kind
-from bitcompiler.kernels.spec import DenseSpec
+from bitcompiler.kernels.spec import DenseSpec, float64_sums
 
 F32 = "float32"
 U8 = "uint8"
@@ -106,7 +106,8 @@ LUT_BATCH = 16  # batch rows whose tables are built at a time: 11 * K bytes each
 
 
 def float_fits(spec: DenseSpec) -> bool:
-    return spec.act == "float" and spec.out_features % LUT_ROWS == 0
+    """Float activations (not those summed in float64: :func:`~bitcompiler.kernels.spec.float64_sums`)."""
+    return spec.act == "float" and spec.out_features % LUT_ROWS == 0 and not float64_sums(spec)
 
 
 def rows8_layout(planes: np.ndarray) -> np.ndarray:

@@ -25,6 +25,16 @@ def _check_common(bits: int, code: str, act: str, has_offset: bool, threshold: b
         )
 
 
+def float64_sums(spec: Any) -> bool:
+    """Whether a CPU kernel sums in float64: float activations times codes of 5 to 8 bits with an
+    offset (the layers ``first_last=keep`` keeps at 8 bits under ``act=float``). Their epilogue
+    ``scale·acc + offset·sumx`` cancels about ``2**(bits-1)``-fold, so float32 sums in the kernel's
+    order, amplified that much, missed the reference's float64 sums (CondenseNet's classifier by
+    1.4e-4); summed in float64 as the reference sums, ``acc`` and ``sumx`` round to the same float32
+    (the two float64 sums agree to about 1e-16; they round apart only within that of a tie)."""
+    return spec.act == "float" and spec.code == "uint" and spec.bits >= 5 and spec.has_offset
+
+
 def _pair(name: str, v: tuple, lo: int) -> tuple[int, int]:
     if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(e, int) for e in v)):
         raise ValueError(f"{name} must be a pair of ints, got {v!r}")

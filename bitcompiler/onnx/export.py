@@ -67,6 +67,10 @@ def _avg_pool(x: torch.Tensor, kernel: list, stride: list, padding: list, count_
     return F.avg_pool2d(x, kernel, stride, padding, count_include_pad=count_include_pad)
 
 
+def _exact_unary(x: torch.Tensor, fn: str) -> Any:
+    return torch.sigmoid(x) if fn == "sigmoid" else torch.tanh(x)
+
+
 def placeholder_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[QuantLayer]]:
     """A copy of ``gm`` with each bitc layer call a placeholder, and the layers in index order."""
     gm = copy.deepcopy(gm)
@@ -75,6 +79,8 @@ def placeholder_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[QuantLay
         name = ops.op_name(node)
         if name == "window_mean":
             node.target = _avg_pool
+        elif name == "exact_unary":  # ONNX's own Sigmoid / Tanh
+            node.target = _exact_unary
         elif name in ops.ATTRS:
             layers.append(read_layer(gm, node))
             call = _LayerCall(len(layers) - 1, node, gm)

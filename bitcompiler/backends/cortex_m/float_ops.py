@@ -209,8 +209,82 @@ ELEMENTWISE = frozenset(
         "add.Tensor",
         "sub.Tensor",
         "mul.Tensor",
+        "exact_unary.default",
     }
 )
 
+
+class _CValue:
+    """A float32 C value (a literal or a local) in the statements :class:`CFloat32` emits."""
+
+    def __init__(self, prog: CFloat32, text: str) -> None:
+        self.prog, self.text = prog, text
+
+    def _op(self, op: str, other: _CValue) -> _CValue:
+        return self.prog.local(f"{self.text} {op} {other.text}")
+
+    def __add__(self, other: _CValue) -> _CValue:
+        return self._op("+", other)
+
+    def __sub__(self, other: _CValue) -> _CValue:
+        return self._op("-", other)
+
+    def __mul__(self, other: _CValue) -> _CValue:
+        return self._op("*", other)
+
+    def __truediv__(self, other: _CValue) -> _CValue:
+        return self._op("/", other)
+
+
+class CFloat32:
+    """The operations of ``numerics.exp32``/``sigmoid32``/``tanh32`` as C statements, one float32
+    local per operation (the bundle builds with ``-ffp-contract=off``: each rounds as PyTorch's)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def local(self, expr: str, ty: str = "float") -> _CValue:
+        name = f"t{len(self.lines)}"
+        self.lines.append(f"{ty} {name} = {expr};")
+        return _CValue(self, name)
+
+    def const(self, v: float) -> _CValue:
+        from bitcompiler.quant.numerics import f32
+
+        return _CValue(self, _f(f32(v)))
+
+    def floor(self, x: _CValue) -> _CValue:
+        t = self.local(f"(float)(int32_t){x.text}")  # truncation; |x| < 2^31 here
+        return self.local(f"{t.text} > {x.text} ? {t.text} - 1.0f : {t.text}")
+
+    def abs(self, x: _CValue) -> _CValue:
+        return self.local(f"{x.text} < 0.0f ? -{x.text} : {x.text}")
+
+    def clamp(self, x: _CValue, lo: float, hi: float) -> _CValue:
+        lo_, hi_ = self.const(lo).text, self.const(hi).text
+        t = self.local(f"{x.text} > {lo_} ? {x.text} : {lo_}")
+        return self.local(f"{t.text} < {hi_} ? {t.text} : {hi_}")
+
+    def select_gt(self, a: _CValue, t: float, yes: _CValue, no: _CValue) -> _CValue:
+        return self.local(f"{a.text} > {self.const(t).text} ? {yes.text} : {no.text}")
+
+    def pow2(self, n: _CValue) -> _CValue:
+        u = self.local(f"{{.i = ((int32_t){n.text} + 127) << 23}}", "union { int32_t i; float f; }")
+        return self.local(f"{u.text}.f")
+
+
+def exact_unary(node: Any, shapes: list, out: tuple) -> list[str]:
+    """``bitc::exact_unary``: the reference's formulation (``numerics.EXACT_UNARY``), per element."""
+    from bitcompiler.quant.numerics import EXACT_UNARY
+
+    prog = CFloat32()
+    y = EXACT_UNARY[str(node.args[1])](_CValue(prog, "x0[i]"), prog)
+    body = " ".join(prog.lines)
+    return [f"for (int i = 0; i < {_numel(out)}; ++i) {{ {body} y[i] = {y.text}; }}"]
+
+
 # bitc ops that are float ops (the bit layers have their own kernels)
-BITC_EMITTERS: dict[str, Callable[[Any, list, tuple], list[str]]] = {"window_mean.default": window_mean}
+BITC_EMITTERS: dict[str, Callable[[Any, list, tuple], list[str]]] = {
+    "window_mean.default": window_mean,
+    "exact_unary.default": exact_unary,
+}

@@ -18,6 +18,7 @@ from torch import fx
 
 from bitcompiler import ops
 from bitcompiler.backends import lower_pool, lower_tiled
+from bitcompiler.backends.exact_float import convert_exact_unary
 from bitcompiler.backends.lower_bit import conv_shapes, quantized_input
 from bitcompiler.backends.relax_emit import as_rows, constant_of, emit_kernel, from_rows, lowering, shape_of
 from bitcompiler.errors import LoweringError
@@ -192,6 +193,7 @@ CONVERTERS = {
     "tiled_conv2d.default": convert_tiled_conv2d,
     "hardtanh.default": convert_hardtanh,
     "window_mean.default": convert_window_mean,
+    "exact_unary.default": convert_exact_unary,
 }
 
 

@@ -8,9 +8,13 @@ not, as PyTorch runs them, and are rewritten here:
   sums in an order of PyTorch's choosing: it becomes ``bitc::window_mean`` (serial row-major sum,
   then one division), which the CPU kernel and the Cortex-M C loop compute the same way;
 * a BatchNorm that no layer absorbed runs ATen's kernel (its own formula, possibly fused
-  multiply-adds): it becomes ``x * a + b``, a multiply then an add with ``a``, ``b`` per channel.
+  multiply-adds): it becomes ``x * a + b``, a multiply then an add with ``a``, ``b`` per channel;
+* sigmoid and tanh (squeeze-excitation gates, LSTM attention) are approximated differently by
+  PyTorch and by TVM: they become ``bitc::exact_unary``, one formulation of basic float32
+  operations (``numerics.sigmoid32``, ``numerics.tanh32``) that the reference and the kernels
+  evaluate alike.
 
-Ops this pass does not match (other pools, ceil mode, transcendental functions) keep their
+Ops this pass does not match (other pools, ceil mode, other transcendental functions) keep their
 PyTorch form and are outside the contract.
 """
 
@@ -31,6 +35,24 @@ aten = torch.ops.aten
 _AVG = (F.avg_pool2d, aten.avg_pool2d.default)
 _ADAPTIVE = (F.adaptive_avg_pool2d, aten.adaptive_avg_pool2d.default)
 _MEAN = (torch.mean, aten.mean.dim)
+_UNARY: dict[Any, str] = {
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    aten.sigmoid.default: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    aten.tanh.default: "tanh",
+}
+_UNARY_MODULES: dict[type, str] = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+
+
+def _unary(node: fx.Node, m: nn.Module | None) -> str | None:
+    """``"sigmoid"`` / ``"tanh"`` for an out-of-place call of either (module, function or method)."""
+    if m is not None:
+        return _UNARY_MODULES.get(type(m))
+    if node.op == "call_method":
+        return str(node.target) if node.target in ("sigmoid", "tanh") else None
+    return _UNARY.get(node.target) if node.op == "call_function" else None
 
 
 def _pair(v: object) -> tuple[int, int] | None:
@@ -87,7 +109,8 @@ def _window(node: fx.Node, m: nn.Module | None, hw: tuple[int, int]) -> tuple | 
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Average pools -> ``bitc::window_mean``, leftover BatchNorm -> multiply then add."""
+    """Average pools -> ``bitc::window_mean``, leftover BatchNorm -> multiply then add, sigmoid and
+    tanh -> ``bitc::exact_unary``."""
     if ctx.example_inputs:
         _propagate_shapes(gm, ctx.example_inputs)
     for node in list(gm.graph.nodes):
@@ -100,7 +123,17 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         x = node.args[0]
         meta: Any = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
         # a tuple-valued input (split's outputs) has a list of metas: not a pooled tensor
-        if getattr(meta, "shape", None) is None or len(meta.shape) != 4 or meta.dtype != torch.float32:
+        if getattr(meta, "dtype", None) != torch.float32:
+            continue
+        fn = _unary(node, m)
+        if fn is not None and len(node.args) == 1 and not node.kwargs:
+            with gm.graph.inserting_before(node):
+                y = gm.graph.call_function(torch.ops.bitc.exact_unary.default, (x, fn))
+            y.meta = dict(node.meta)
+            node.replace_all_uses_with(y)
+            gm.graph.erase_node(node)
+            continue
+        if getattr(meta, "shape", None) is None or len(meta.shape) != 4:
             continue
         found = _window(node, m, (int(meta.shape[2]), int(meta.shape[3])))
         if found is None:

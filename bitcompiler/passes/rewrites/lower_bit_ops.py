@@ -1,7 +1,8 @@
 """lower_bit_ops: packed bit layers -> ``bitc`` custom-op calls.
 
-Average pooling becomes ``bitc::window_mean`` and a leftover BatchNorm a multiply then an add
-(``exact_floats``): the float ops between quantized layers in an order every backend repeats.
+Average pooling becomes ``bitc::window_mean``, a leftover BatchNorm a multiply then an add, and
+sigmoid/tanh ``bitc::exact_unary`` (``exact_floats``): the float ops between quantized layers in an
+order every backend repeats.
 The graph stays runnable in PyTorch (the ops' CPU implementation is the
 reference numerics) and is what ``torch.export`` hands the TVM frontend.
 """

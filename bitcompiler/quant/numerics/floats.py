@@ -8,6 +8,8 @@ repeats exactly (see docs/guide.md, "Exactness").
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -49,3 +51,85 @@ def window_mean(
         ones = F.pad(torch.ones(1, 1, h, w, dtype=torch.float64), (pw, pw, ph, ph))
         count = F.avg_pool2d(ones, (kh, kw), (sh, sw), divisor_override=1).float()  # exact small integers
     return s / count.expand_as(s)
+
+
+# ----------------------------------------------------------------------------- sigmoid and tanh
+# PyTorch (SLEEF) and TVM (libm or its own rules) approximate exp differently, so a sigmoid between
+# int8 layers differed in the last bit. These are written once, over a small set of float32
+# operations every backend has exactly (+ - * / on float32, floor, min/max, abs, a select, and
+# 2**n built from its exponent bits), and each backend evaluates this same formulation: PyTorch
+# through :class:`TorchFloat32`, the TVM kernels through their own implementation of the methods.
+# The formulas are Cephes' expf and tanhf (about 1 ulp; within 2e-7 relative of PyTorch's).
+EXP_HI, EXP_LO = 88.0, -87.0  # 2**n stays a normal float32: n in [-126, 127]
+EXP_C = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+TANH_C = (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1)
+TANH_SMALL = 0.625  # below: the odd polynomial; above: 1 - 2 / (exp(2|x|) + 1)
+
+
+def f32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (every constant of the formulas is one)."""
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+class TorchFloat32:
+    """The operations of :func:`exp32`, :func:`sigmoid32` and :func:`tanh32` on float32 tensors."""
+
+    def const(self, v: float) -> torch.Tensor:
+        return torch.tensor(f32(v), dtype=torch.float32)
+
+    def floor(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.floor(x)
+
+    def abs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.abs(x)
+
+    def clamp(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        return torch.minimum(torch.maximum(x, self.const(lo)), self.const(hi))
+
+    def select_gt(self, a: torch.Tensor, t: float, yes: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
+        """``yes`` where ``a > t``, else ``no``."""
+        return torch.where(a > self.const(t), yes, no)
+
+    def pow2(self, n: torch.Tensor) -> torch.Tensor:
+        """``2**n`` for integer-valued float32 ``n`` in [-126, 127], from its exponent bits."""
+        return ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _horner(m: Any, coeffs: tuple[float, ...], x: Any) -> Any:
+    p = m.const(coeffs[0])
+    for c in coeffs[1:]:
+        p = p * x + m.const(c)
+    return p
+
+
+def exp32(x: Any, m: Any) -> Any:
+    """``exp(x)`` in float32 (Cephes expf): ``x = n·ln2 + r``, ``|r| <= ln2/2``, a degree-7 polynomial
+    in ``r`` times ``2**n``; ``x`` clamped to [-87, 88] (beyond: 1.6e-38 and 1.65e38)."""
+    x = m.clamp(x, EXP_LO, EXP_HI)
+    n = m.floor(x * m.const(1.44269504088896341) + m.const(0.5))
+    r = x - n * m.const(0.693359375)
+    r = r - n * m.const(-2.12194440e-4)
+    return (_horner(m, EXP_C, r) * (r * r) + r + m.const(1.0)) * m.pow2(n)
+
+
+def sigmoid32(x: Any, m: Any) -> Any:
+    """``1 / (1 + exp(-x))`` with :func:`exp32`."""
+    return m.const(1.0) / (m.const(1.0) + exp32(m.const(0.0) - x, m))
+
+
+def tanh32(x: Any, m: Any) -> Any:
+    """``tanh(x)`` (Cephes tanhf): ``x + x·z·P(z)``, ``z = x²``, for ``|x| <= 0.625``; else
+    ``±(1 - 2 / (exp(2|x|) + 1))``."""
+    a = m.abs(x)
+    big = m.const(1.0) - m.const(2.0) / (exp32(a + a, m) + m.const(1.0))
+    z = x * x
+    small = _horner(m, TANH_C, z) * z * x + x
+    return m.select_gt(a, TANH_SMALL, m.select_gt(x, 0.0, big, m.const(0.0) - big), small)
+
+
+EXACT_UNARY = {"sigmoid": sigmoid32, "tanh": tanh32}
+
+
+def exact_unary(x: torch.Tensor, fn: str) -> torch.Tensor:
+    """``fn`` (``"sigmoid"`` or ``"tanh"``) of float32 ``x`` in the fixed formulation above."""
+    return EXACT_UNARY[fn](x.float(), TorchFloat32())
