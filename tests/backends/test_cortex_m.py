@@ -102,10 +102,10 @@ def test_block_counter_equals_one_instruction_per_block(tmp_path):
     per instruction) agrees, on a model with a conv, a binary conv, pooling and a float epilogue."""
     model, x = small_cnn()
     cm = bc.compile(model, x, target="cortex-m4", scheme="binary:act=binary")
-    elf = cm._runner.elf
+    elf = cm._runner.exe
     (tmp_path / "bitc_in.bin").write_bytes(x[0][:1].numpy().astype("<f4").tobytes())
     log = tmp_path / "trace.log"
-    cmd = [*qemu._qemu_cmd(cm._runner.board, elf), "-singlestep", "-d", "exec,nochain", "-D", str(log)]
+    cmd = [*qemu._qemu_cmd(cm._runner.device, elf), "-singlestep", "-d", "exec,nochain", "-D", str(log)]
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
     begin, end = (qemu.symbol_address(elf, s) for s in ("bitc_marker_begin", "bitc_marker_end"))
     pcs = [int(m.group(1), 16) for m in map(qemu_count._TRACE.match, log.read_text().splitlines()) if m]
