@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import threading
 from pathlib import Path
 
@@ -87,3 +88,27 @@ class BlockCounter(threading.Thread):
                 f"markers not found in the QEMU trace (begin={self.begin:#x}, end={self.end:#x}) {self.error}"
             )
         return self.count
+
+
+def run_counted(
+    cmd: list[str], work: Path, marks: tuple[int, int] | None, log_at: int, timeout: int, what: str
+) -> tuple[int, str, int | None]:
+    """Run one QEMU command in ``work``: ``(exit code, stderr, instructions)``. With ``marks``
+    (the begin and end markers' addresses) QEMU's block log is inserted at ``cmd[log_at]`` and
+    the instructions between the markers are counted; otherwise the count is ``None``."""
+    counter = None
+    if marks is not None:
+        counter = BlockCounter.open(work, *marks)
+        cmd = [*cmd[:log_at], *log_options(counter.fifo), *cmd[log_at:]]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if counter is not None:
+        counter.start()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        proc.kill()
+        proc.communicate()
+        raise FirmwareError(f"{what} did not finish within {timeout}s") from e
+    if counter is not None:
+        counter.join()
+    return proc.returncode, err, counter.result() if counter is not None else None

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bitcompiler.backends.aarch64.cores import Core
-from bitcompiler.backends.qemu_count import BlockCounter, log_options
+from bitcompiler.backends.qemu_count import run_counted
 from bitcompiler.errors import FirmwareError, ToolchainMissing
 
 CC = "aarch64-linux-gnu-gcc"
@@ -103,30 +103,14 @@ def run(core: Core, exe: Path, x: np.ndarray, n_out: int, count: bool = False) -
         work = Path(tmp)
         src, dst = work / "in.bin", work / "out.bin"
         src.write_bytes(np.ascontiguousarray(x, dtype="<f4").tobytes())
-        cmd = _command(core, exe, count)
-        counter: BlockCounter | None = None
+        cmd = [*_command(core, exe, count), str(src), str(dst)]
+        marks = None
         if count:
-            begin, end = (symbol_address(exe, s) for s in ("bitc_marker_begin", "bitc_marker_end"))
-            counter = BlockCounter.open(work, begin, end)
-            cmd[1:1] = log_options(counter.fifo)
-        try:
-            proc = subprocess.Popen(
-                [*cmd, str(src), str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            if counter is not None:
-                counter.start()
-            _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            proc.kill()
-            proc.communicate()
-            raise FirmwareError(f"{' '.join(cmd[:3])} did not finish within {RUN_TIMEOUT_S}s") from e
-        if counter is not None:
-            counter.join()
-        if proc.returncode != 0:
-            raise FirmwareError(
-                f"{exe} ({core.name}) exited with code {proc.returncode}: {err.strip()[-500:]}"
-            )
+            marks = (symbol_address(exe, "bitc_marker_begin"), symbol_address(exe, "bitc_marker_end"))
+        code, err, n = run_counted(cmd, work, marks, 1, RUN_TIMEOUT_S, " ".join(cmd[:3]))
+        if code != 0:
+            raise FirmwareError(f"{exe} ({core.name}) exited with code {code}: {err.strip()[-500:]}")
         out = np.frombuffer(dst.read_bytes(), dtype="<f4").copy()
         if out.size != n_out:
             raise FirmwareError(f"the program wrote {out.size} outputs, expected {n_out}")
-        return RunResult(out, counter.result() if counter is not None else None)
+        return RunResult(out, n)

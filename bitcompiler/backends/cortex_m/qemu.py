@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bitcompiler.backends.cortex_m.boards import Board
-from bitcompiler.backends.qemu_count import BlockCounter, log_options
+from bitcompiler.backends.qemu_count import run_counted
 from bitcompiler.errors import FirmwareError, ToolchainMissing
 
 INSTALL = "sudo apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm (or `make setup`)"
@@ -114,30 +114,18 @@ def run(board: Board, elf: Path, x: np.ndarray, n_out: int, count: bool = False)
     with tempfile.TemporaryDirectory(prefix="bitc-qemu-") as tmp:
         work = Path(tmp)
         (work / "bitc_in.bin").write_bytes(np.ascontiguousarray(x, dtype="<f4").tobytes())
-        cmd = _qemu_cmd(board, elf)
-        counter: BlockCounter | None = None
+        marks = None
         if count:
-            begin, end = (symbol_address(elf, s) for s in ("bitc_marker_begin", "bitc_marker_end"))
-            counter = BlockCounter.open(work, begin, end)
-            cmd += log_options(counter.fifo)
-        proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if counter is not None:
-            counter.start()
-        try:
-            _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            proc.kill()
-            proc.communicate()
-            raise FirmwareError(f"QEMU ({board.name}) did not finish within {RUN_TIMEOUT_S}s") from e
-        if counter is not None:
-            counter.join()
-        if proc.returncode != 0:
+            marks = (symbol_address(elf, "bitc_marker_begin"), symbol_address(elf, "bitc_marker_end"))
+        cmd = _qemu_cmd(board, elf)
+        code, err, n = run_counted(cmd, work, marks, len(cmd), RUN_TIMEOUT_S, f"QEMU ({board.name})")
+        if code != 0:
             raise FirmwareError(
-                f"firmware on {board.name} exited with code {proc.returncode} "
+                f"firmware on {board.name} exited with code {code} "
                 f"(100 = hard fault, 2/3/4 = semihosting I/O failed): {err.strip()[-500:]}"
             )
         out = np.frombuffer((work / "bitc_out.bin").read_bytes(), dtype="<f4").copy()
         if out.size != n_out:
             raise FirmwareError(f"firmware wrote {out.size} outputs, expected {n_out}")
         stack = int(np.frombuffer((work / "bitc_stats.bin").read_bytes(), dtype="<u4")[0])
-        return RunResult(out, stack, counter.result() if counter is not None else None)
+        return RunResult(out, stack, n)
