@@ -22,8 +22,9 @@ GROUPS = {
     "tune": "bench.tune",  # MetaSchedule over the W1A1 templates, one thread
     "wild": "bench.wild",  # the zoo of third-party architectures (make zoo), one thread
     "lce": "bench.lce",  # Larq Compute Engine on the same binary models (`make peers` installs it)
+    "floatconv": "bench.floatconv",  # `none` on the zoo models whose float convs lost to torch, one thread
 }
-SINGLE_RUN = ("cortex_m", "arm", "tune", "wild")
+SINGLE_RUN = ("cortex_m", "arm", "tune", "wild", "floatconv")
 DEFAULT_GROUPS = (
     "layers",
     "models",
@@ -290,9 +291,13 @@ def write(info: dict, rows: list[dict]) -> None:
             from bench.wild import markdown as render
         if group == "lce":
             from bench.lce import markdown as render
+        if group == "floatconv":
+            from bench.floatconv import markdown as render
         lines += [f"## {group}", ""] + render(group_rows) + [""]
         extra = [
-            r for r in group_rows if "compile_s" in r and r["threads"] == 1 and group not in ("wild", "lce")
+            r
+            for r in group_rows
+            if "compile_s" in r and r["threads"] == 1 and group not in ("wild", "lce", "floatconv")
         ]
         for r in extra:
             cached = (
