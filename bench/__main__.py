@@ -23,8 +23,9 @@ GROUPS = {
     "wild": "bench.wild",  # the zoo of third-party architectures (make zoo), one thread
     "lce": "bench.lce",  # Larq Compute Engine on the same binary models (`make peers` installs it)
     "threads": "bench.threads",  # 2 threads vs 1 and whole call vs kernel, alternating in one process
+    "floatconv": "bench.floatconv",  # `none` on the zoo models whose float convs lost to torch, one thread
 }
-SINGLE_RUN = ("cortex_m", "arm", "tune", "wild")
+SINGLE_RUN = ("cortex_m", "arm", "tune", "wild", "floatconv")
 RUN_THREADS = {"threads": (2,)}  # one run whose pool has 2 threads; it times 1 and 2 itself
 DEFAULT_GROUPS = (
     "layers",
@@ -300,9 +301,13 @@ def write(info: dict, rows: list[dict]) -> None:
             from bench.lce import markdown as render
         if group == "threads":
             from bench.threads import markdown as render
+        if group == "floatconv":
+            from bench.floatconv import markdown as render
         lines += [f"## {group}", ""] + render(group_rows) + [""]
         extra = [
-            r for r in group_rows if "compile_s" in r and r["threads"] == 1 and group not in ("wild", "lce")
+            r
+            for r in group_rows
+            if "compile_s" in r and r["threads"] == 1 and group not in ("wild", "lce", "floatconv")
         ]
         for r in extra:
             cached = (

@@ -77,3 +77,39 @@ def test_float_model_uses_the_kernel() -> None:
         xb = torch.randn(batch, 3, 13, 11)
         with torch.no_grad():
             assert_close(cm(xb), model(xb))
+
+
+def _workspace_allocations(prim) -> int:
+    """Heap workspaces the kernel allocates, built as the CPU backend builds it: beside another
+    function in one module (the Relax VM's shape functions), where LLVM gets no ``noalias``
+    arguments and keeps a heap-allocated register block in memory."""
+    import tvm
+
+    from tests.kernels._util import host_target
+
+    @tvm.script.tirx.prim_func(private=True)
+    def other(a: tvm.script.tirx.Buffer((4,), "float32")):
+        a[0] = tvm.script.tirx.float32(0)
+
+    mod = tvm.IRModule(
+        {
+            "kernel": prim.with_attr("global_symbol", "kernel"),
+            "other": other.with_attr("global_symbol", "other"),
+        }
+    )
+    ll = tvm.tirx.build(mod, target=host_target()).inspect_source("ll")
+    return ll.count("load ptr, ptr @__TVMBackendAllocWorkspace")
+
+
+@pytest.mark.parametrize("case", [(64, 64, 8, 8, 1, 0), (16, 12, 7, 7, 1, 0), (32, 32, 9, 9, 3, 1)])
+def test_register_block_is_a_stack_array(case: tuple) -> None:
+    """The accumulators stay in registers: the block is under 1 KiB and no heap workspace holds it
+    (only the zero-padded input copy, when there is padding)."""
+    from bitcompiler.kernels.conv_float import register_block
+
+    c, o, h, w, k, p = case
+    spec = ConvSpec(c, o, h, w, (k, k), (1, 1), (p, p), (1, 1), 1, 1, "pm1", "float", False, False)
+    vb = lanes(spec)
+    nv, rh, rw = register_block(spec, vb)
+    assert nv * rh * rw * vb * 4 < 1024
+    assert _workspace_allocations(float_conv_kernel(spec, bias=True)) == (1 if p else 0)
