@@ -23,6 +23,9 @@ second pass applies the float epilogue eight rows at a time (``VLDM``, ``VCVT``,
 activation words nor the pointers in registers, and has no way to ask for ``LDM``); a plain C
 loop over the same stored order runs everywhere else (host builds, ``-O0``).
 
+The per-pixel W1A1 convs (:mod:`.conv_c`) run the same row loop (:func:`rows_lines`) over a
+pixel's gathered tap words, their weights stored by :func:`store_w1a1_words` too.
+
 Measured (256x256, ``python -m bench.cortex_m``): 19,279 instructions on the M4 for the layer
 with its sign packing, against 25,148 for the previous C kernel (three words a fold, one row at a
 time) and the TIR packing.
