@@ -247,10 +247,15 @@ def _quoted(text: list[str]) -> str:
     return "\n".join(f'      "{line}\\n\\t"' for line in text)
 
 
-def _float_pass(n: int) -> list[str]:
-    """``Y = SC * acc + BI`` over the integer accumulators in ``Y``: eight rows a step in asm."""
+def float_pass(n: int, names: tuple[str, str, str, str] = ("y", "yi", "SC", "BI")) -> list[str]:
+    """``y = SC * acc + BI`` over the integer accumulators ``yi`` (an int32 view of ``y``): eight
+    rows a step in asm (a ``VMUL`` then a ``VADD``, the C expression's two roundings).
+    ``names``: the C expressions of ``y``, ``yi``, ``SC``, ``BI``."""
+    y, yi, sc, bi = names
     full = n - n % 8
-    c_rows = lambda a, b: f"for (int32_t j = {a}; j < {b}; ++j) y[j] = (SC[j] * (float)yi[j]) + BI[j];"
+    c_rows = lambda a, b: (
+        f"for (int32_t j = {a}; j < {b}; ++j) {y}[j] = ({sc}[j] * (float){yi}[j]) + {bi}[j];"
+    )
     if not full:
         return [c_rows(0, n)]
     text = ["1:", "vldmia %[y], {s0-s7}", *(f"vcvt.f32.s32 s{i}, s{i}" for i in range(8))]
@@ -261,10 +266,10 @@ def _float_pass(n: int) -> list[str]:
     lines = [
         "#if BITC_W1A1_ASM && defined(__ARM_FP)",
         "{",
-        "  float *y8 = y; const float *sc = SC, *bi = BI;",
+        f"  float *bitc_y8 = {y}; const float *bitc_sc = {sc}, *bitc_bi = {bi};",
         "  __asm volatile(",
         _quoted(text),
-        f'      : [y] "+r"(y8), [sc] "+r"(sc), [bi] "+r"(bi) : [end] "r"(y + {full})',
+        f'      : [y] "+r"(bitc_y8), [sc] "+r"(bitc_sc), [bi] "+r"(bitc_bi) : [end] "r"({y} + {full})',
         f'      : {clobbers}, "cc", "memory");',
         "}",
         "#else",
@@ -285,7 +290,7 @@ def w1a1_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: boo
             f"for (int32_t j = 0; j < {n}; ++j) y[j] = ((int64_t)TS[j] * yi[j] >= (int64_t)TH[j]) ? 1.0f : -1.0f;"
         ]
     else:
-        params, out = "float* SC, float* OF, float* BI", _float_pass(n)
+        params, out = "float* SC, float* OF, float* BI", float_pass(n)
     prep = [f"uint32_t xs[{kw}];", *(f"xs[{w}] = (uint32_t)x[{w}];" for w in range(kw))]
     prep += prepare_lines(kw, "xs")
     body = [

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitcompiler.backends.cortex_m.binary_c import prepare_lines, rows_lines
+from bitcompiler.backends.cortex_m.binary_c import float_pass, prepare_lines, rows_lines
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
@@ -168,14 +168,18 @@ class Producer:
             *(sumx if s.has_offset and not s.threshold else []),
             *prepare_lines(words, "a"),
             *rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi")),
-            f"int32_t nv = {taps} - nm;",
             *(self._outside_taps() if any(s.padding) else []),
+        ]
+        if not s.threshold and not s.has_offset:  # SC * acc + BI: the dense kernel's float pass
+            return lines + float_pass(o, (v, "yi", n("SC"), n("BI")))
+        return [
+            *lines,
+            *([f"int32_t nv = {taps} - nm;"] if s.has_offset and not s.threshold else []),
             f"for (int32_t j = 0; j < {o}; ++j) {{",
             "  int32_t acc = yi[j];",
             *("  " + line for line in self._epilogue(v)),
             "}",
         ]
-        return lines
 
     def _outside_taps(self) -> list[str]:
         """Each tap outside the image gives back its ``C - 2 popcount(w)`` (``WT (taps, O)``)."""
