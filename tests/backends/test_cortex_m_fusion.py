@@ -100,6 +100,38 @@ def test_fused_chains_match_the_reference(core):
     assert torch.equal(cm(*x), cm.reference(*x))
 
 
+class RowShapes(nn.Module):
+    """W1A1 convs in the shapes the dense row loop meets per pixel: two words a tap with padding
+    bits (40 channels), stride and dilation with a two-pixel border, odd channel counts (the last
+    row alone), a 1x1 conv (one group of two words, no border) and 5x5 taps (25 words: a last
+    group of one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 40, 3, padding=1), nn.BatchNorm2d(40)
+        self.c2, self.b2 = nn.Conv2d(40, 33, 3, stride=2, padding=2, dilation=2), nn.BatchNorm2d(33)
+        self.c3 = nn.Conv2d(33, 7, 1)
+        self.c4 = nn.Conv2d(7, 5, 5, padding=2)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.hardtanh(self.b2(self.c2(x)))
+        x = F.hardtanh(self.c3(x), -0.5, 1.0)
+        return self.fc(self.c4(x).mean((2, 3)))
+
+
+@needs_toolchain
+@pytest.mark.parametrize("core", CORES)
+def test_w1a1_conv_row_shapes_match_the_reference(core):
+    torch.manual_seed(0)
+    model, x = randomize_bn(RowShapes()), torch.randn(2, 3, 9, 9)
+    cm = bc.compile(model, (x[:1],), target=core, scheme="binary:act=binary")
+    kernels = cm.report().extra["kernels"]
+    assert sum("_binary_" in k for k in kernels.values()) == 3, kernels
+    assert torch.equal(cm(x), cm.reference(x))
+
+
 @needs_toolchain
 @pytest.mark.parametrize("core", CORES)
 def test_issue_cnn_fits_48kb_and_matches_the_reference(core):

@@ -23,6 +23,9 @@ second pass applies the float epilogue eight rows at a time (``VLDM``, ``VCVT``,
 activation words nor the pointers in registers, and has no way to ask for ``LDM``); a plain C
 loop over the same stored order runs everywhere else (host builds, ``-O0``).
 
+The per-pixel W1A1 convs (:mod:`.conv_c`) run the same row loop (:func:`rows_lines`) over a
+pixel's gathered tap words, their weights stored by :func:`store_w1a1_words` too.
+
 Measured (256x256, ``python -m bench.cortex_m``): 19,279 instructions on the M4 for the layer
 with its sign packing, against 25,148 for the previous C kernel (three words a fold, one row at a
 time) and the TIR packing.
@@ -162,9 +165,10 @@ def _rows_asm(isa: str, kw: int, k: int, pair: bool) -> list[str]:
     return lines + (["stmia lr!, {r0, r1}"] if pair else ["str r0, [lr], #4"])
 
 
-def _asm_block(isa: str, kw: int, k: int, n: int) -> list[str]:
+def _asm_block(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
     """The row loop in Thumb-2: the prepared words at ``xs`` copied below ``sp``, with the end of
-    the pairs' weights after them."""
+    the pairs' weights after them (``names``: the C expressions of ``xs``, ``P`` and ``yi``)."""
+    xs, p, yi = names
     frame = 4 * kw + 8  # words, the end pointer, 8-byte aligned
     frame += frame % 8
     text = [f"sub sp, sp, #{frame}", f"str r1, [sp, #{4 * kw}]"] + [f"mov {ZERO}, #0"] * (isa == "dsp")
@@ -177,10 +181,10 @@ def _asm_block(isa: str, kw: int, k: int, n: int) -> list[str]:
     text.append(f"add sp, sp, #{frame}")
     return [
         "{",
-        '  register const uint32_t *bitc_xs __asm("r0") = xs;',
-        f'  register const int32_t *bitc_end __asm("r1") = P + {kw * (n - n % 2)};',
-        '  register const int32_t *bitc_p __asm("r12") = P;',
-        '  register int32_t *bitc_y __asm("lr") = yi;',
+        f'  register const uint32_t *bitc_xs __asm("r0") = {xs};',
+        f'  register const int32_t *bitc_end __asm("r1") = {p} + {kw * (n - n % 2)};',
+        f'  register const int32_t *bitc_p __asm("r12") = {p};',
+        f'  register int32_t *bitc_y __asm("lr") = {yi};',
         "  __asm volatile(",
         _quoted(text),
         '      : "+r"(bitc_xs), "+r"(bitc_end), "+r"(bitc_p), "+r"(bitc_y)',
@@ -190,24 +194,52 @@ def _asm_block(isa: str, kw: int, k: int, n: int) -> list[str]:
     ]
 
 
-def _c_loop(kw: int, k: int, n: int) -> list[str]:
-    """The same sums in C, over the same stored order (host builds, unoptimized builds)."""
+def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
+    """The same sums in C, over the same stored order (host builds, unoptimized builds); its
+    locals are ``bitc_``-named so that they hide none of the caller's."""
+    xs, p, yi = names
     body = [
         f"for (int32_t j = 0; j < {n}; ++j) {{",
-        f"  int32_t b = j % 2, pairs = (j / 2) * 2, in_pair = j + 1 < {n} || b;",
-        "  uint32_t a = 0;",
+        f"  int32_t bitc_b = j % 2, bitc_pair = (j / 2) * 2, bitc_in = j + 1 < {n} || bitc_b;",
+        "  uint32_t bitc_pc = 0;",
     ]
     for s, size in groups(kw):
-        w = f"P[{kw} * pairs + (in_pair ? 2 * {s} + b * {size} : {s})"
-        terms = [f"((uint32_t)xs[{s + i}] ^ (uint32_t){w} + {i}])" for i in range(size)]
+        w = f"{p}[{kw} * bitc_pair + (bitc_in ? 2 * {s} + bitc_b * {size} : {s})"
+        terms = [f"((uint32_t){xs}[{s + i}] ^ (uint32_t){w} + {i}])" for i in range(size)]
         if size == 3:
+            ones, twos = "bitc_d ^ bitc_u ^ bitc_v", "bitc_d ^ (bitc_u & bitc_v)"
             body += [
-                f"  {{ uint32_t d = {terms[0]}, u = {terms[1]}, v = {terms[2]};",
-                "    a += bitc_popcount((int32_t)(d ^ u ^ v)) + 2 * bitc_popcount((int32_t)(d ^ (u & v))); }",
+                f"  {{ uint32_t bitc_d = {terms[0]}, bitc_u = {terms[1]}, bitc_v = {terms[2]};",
+                f"    bitc_pc += bitc_popcount((int32_t)({ones})) + 2 * bitc_popcount((int32_t)({twos})); }}",
             ]
         else:
-            body += [f"  a += bitc_popcount((int32_t){t});" for t in terms]
-    return [*body, f"  yi[j] = {k} - 2 * (int32_t)a;", "}"]
+            body += [f"  bitc_pc += bitc_popcount((int32_t){t});" for t in terms]
+    return [*body, f"  {yi}[j] = {k} - 2 * (int32_t)bitc_pc;", "}"]
+
+
+def prepare_lines(kw: int, xs: str) -> list[str]:
+    """C lines preparing the words ``xs[kw]`` in place: each group of three as ``x0, x0 ^ x1,
+    x0 ^ x2`` (the order :func:`store_w1a1_words` gives the weights)."""
+    return [
+        line
+        for s, size in groups(kw)
+        if size == 3
+        for line in (f"{xs}[{s + 1}] ^= {xs}[{s}];", f"{xs}[{s + 2}] ^= {xs}[{s}];")
+    ]
+
+
+def rows_lines(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
+    """C lines of ``yi[j] = k - 2 popcount(xs ^ row j)`` for the ``n`` rows of ``P`` (stored by
+    :func:`store_w1a1_words`; ``xs`` prepared by :func:`prepare_lines`; ``names``: the C
+    expressions of ``xs``, ``P``, ``yi``): the Thumb-2 row loop (``isa`` "dsp": USADA8 sums, else
+    the M3's byte folds) where the core runs it, the C loop elsewhere. ``k`` may be below
+    ``32 kw`` when the words carry zero padding in both operands (a conv's taps)."""
+    asm = _asm_block(isa, kw, k, n, names) if kw <= MAX_WORDS else []
+    loop = _c_loop(kw, k, n, names)
+    if not asm:
+        return loop
+    guard = "#if BITC_W1A1_ASM" if isa == "dsp" else "#if BITC_THUMB2_ASM"
+    return [guard, *asm, "#else", *loop, "#endif"]
 
 
 def _quoted(text: list[str]) -> str:
@@ -215,10 +247,15 @@ def _quoted(text: list[str]) -> str:
     return "\n".join(f'      "{line}\\n\\t"' for line in text)
 
 
-def _float_pass(n: int) -> list[str]:
-    """``Y = SC * acc + BI`` over the integer accumulators in ``Y``: eight rows a step in asm."""
+def float_pass(n: int, names: tuple[str, str, str, str] = ("y", "yi", "SC", "BI")) -> list[str]:
+    """``y = SC * acc + BI`` over the integer accumulators ``yi`` (an int32 view of ``y``): eight
+    rows a step in asm (a ``VMUL`` then a ``VADD``, the C expression's two roundings).
+    ``names``: the C expressions of ``y``, ``yi``, ``SC``, ``BI``."""
+    y, yi, sc, bi = names
     full = n - n % 8
-    c_rows = lambda a, b: f"for (int32_t j = {a}; j < {b}; ++j) y[j] = (SC[j] * (float)yi[j]) + BI[j];"
+    c_rows = lambda a, b: (
+        f"for (int32_t j = {a}; j < {b}; ++j) {y}[j] = ({sc}[j] * (float){yi}[j]) + {bi}[j];"
+    )
     if not full:
         return [c_rows(0, n)]
     text = ["1:", "vldmia %[y], {s0-s7}", *(f"vcvt.f32.s32 s{i}, s{i}" for i in range(8))]
@@ -229,10 +266,10 @@ def _float_pass(n: int) -> list[str]:
     lines = [
         "#if BITC_W1A1_ASM && defined(__ARM_FP)",
         "{",
-        "  float *y8 = y; const float *sc = SC, *bi = BI;",
+        f"  float *bitc_y8 = {y}; const float *bitc_sc = {sc}, *bitc_bi = {bi};",
         "  __asm volatile(",
         _quoted(text),
-        f'      : [y] "+r"(y8), [sc] "+r"(sc), [bi] "+r"(bi) : [end] "r"(y + {full})',
+        f'      : [y] "+r"(bitc_y8), [sc] "+r"(bitc_sc), [bi] "+r"(bitc_bi) : [end] "r"({y} + {full})',
         f'      : {clobbers}, "cc", "memory");',
         "}",
         "#else",
@@ -253,11 +290,9 @@ def w1a1_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: boo
             f"for (int32_t j = 0; j < {n}; ++j) y[j] = ((int64_t)TS[j] * yi[j] >= (int64_t)TH[j]) ? 1.0f : -1.0f;"
         ]
     else:
-        params, out = "float* SC, float* OF, float* BI", _float_pass(n)
+        params, out = "float* SC, float* OF, float* BI", float_pass(n)
     prep = [f"uint32_t xs[{kw}];", *(f"xs[{w}] = (uint32_t)x[{w}];" for w in range(kw))]
-    for s, size in groups(kw):
-        if size == 3:
-            prep += [f"xs[{s + 1}] ^= xs[{s}];", f"xs[{s + 2}] ^= xs[{s}];"]
+    prep += prepare_lines(kw, "xs")
     body = [
         f"for (int32_t m = 0; m < {rows}; ++m) {{",
         f"  const int32_t *x = XP + m * {kw};",
@@ -265,10 +300,7 @@ def w1a1_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: boo
         "  bitc_i32_alias *yi = (bitc_i32_alias*)y;",
         *("  " + line for line in prep),
     ]
-    asm = _asm_block(isa, kw, k, n) if kw <= MAX_WORDS else []
-    guard = "#if BITC_W1A1_ASM" if isa == "dsp" else "#if BITC_THUMB2_ASM"
-    body += [guard] * bool(asm) + ["  " + line for line in asm]
-    body += ["#else"] * bool(asm) + ["  " + line for line in _c_loop(kw, k, n)] + ["#endif"] * bool(asm)
+    body += ["  " + line for line in rows_lines(isa, kw, k, n, ("xs", "P", "yi"))]
     body += [*("  " + line for line in out), "}"]
     return c_kernel(symbol, f"int32_t* XP, int32_t* P, {params}, float* Y", body)
 

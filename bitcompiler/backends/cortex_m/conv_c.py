@@ -13,9 +13,13 @@ A conv is a :class:`Producer`: C lines that fill ``float v[O]``, the conv's outp
   ``VMLADAVA`` / ``MLA`` loop (:mod:`.dense_sources`), exact int32 sums, and the numerics'
   epilogue with ``sumx`` the sum of the row (``F.conv2d(x, ones)``).
 * ``binary`` (groups 1, packed sign activations, 1-bit pm1 weights): the tap words of the pixel
-  are gathered once and every output channel sums ``popcount(a ^ w)`` over them, three words per
-  byte fold (``bitc_popcount_acc3``); ``acc = n_valid * C - 2 * count`` as the portable kernel
-  (taps outside the image count 0), then its threshold or float epilogue.
+  are gathered once (zero words for taps outside the image) and are the input row of the W1A1
+  dense kernel (:func:`.binary_c.rows_lines`: two output channels a pass sharing the words,
+  carry-save adder over groups of three, SWAR counts, ``USADA8``, weights stored in its order
+  by :func:`.binary_c.store_w1a1_words`). A tap outside the image then gives back what its zero
+  words counted, ``C - 2 popcount(w_tap)`` (stored per tap and channel, ``WT``), so that
+  ``acc = n_valid * C - 2 * count`` over the taps inside, as the portable kernel; then its
+  threshold or float epilogue, in the portable kernel's expression.
 
 The values then go through the fused chain (relu, hardtanh, add / sub / mul with a constant, with
 a tensor of the same shape, or with another conv recomputed at the same pixel: ``Remat``), each
@@ -30,11 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bitcompiler.backends.cortex_m.binary_c import float_pass, prepare_lines, rows_lines
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
-from bitcompiler.backends.cortex_m.kernel_c import POPCOUNT_GROUP as GROUP
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
-
-UNROLL_WORDS = 36  # tap words of a pixel summed fully unrolled (3x3 taps of up to 128 channels)
 
 
 @dataclass
@@ -127,57 +129,65 @@ class Producer:
             f"for (int32_t j = 0; j < {o}; ++j) {{ {n('sa')}[j] = {n('SC')}[j] * {n('XS')}[0]; {n('sb')}[j] = {n('OF')}[j] * {n('XS')}[0]; }}",
         ]
 
-    def _epilogue(self, v: str, nv: str) -> list[str]:
+    def _epilogue(self, v: str) -> list[str]:
+        """``v[j]`` from the integer ``acc`` and ``nv`` taps inside the image, in the portable
+        kernel's expression."""
         s, n = self.spec, self.n
-        acc = f"{nv} * {s.cg} - 2 * pc"
         if s.threshold:
-            hit = f"(int64_t){n('TS')}[j] * (int64_t)({acc}) >= (int64_t){n('TH')}[j]"
+            hit = f"(int64_t){n('TS')}[j] * (int64_t)acc >= (int64_t){n('TH')}[j]"
             return [f"{v}[j] = ({hit}) ? 1.0f : -1.0f;"]
-        value = f"({n('SC')}[j] * (float)({acc}))"
+        value = f"({n('SC')}[j] * (float)acc)"
         if s.has_offset:
-            value = f"({value} + ({n('OF')}[j] * (float)(2 * sx - {nv} * {s.cg})))"
+            value = f"({value} + ({n('OF')}[j] * (float)(2 * sx - nv * {s.cg})))"
         return [f"{v}[j] = {value} + {n('BI')}[j];"]
 
     def _binary(self, v: str) -> list[str]:
+        """The pixel's tap words gathered once (zero words for taps outside the image), prepared
+        and run through the W1A1 dense rows (:func:`.binary_c.rows_lines`) into ``v`` as int32;
+        a tap outside the image then takes back its ``C - 2 popcount(w)`` (``WT``), so that
+        ``acc = nv * C - 2 popcount`` over the taps inside as the portable kernel."""
         s, n = self.spec, self.n
         cw, taps, o = s.words_per_group, s.kernel[0] * s.kernel[1], s.out_channels
         words = taps * cw
-        gather = [
+        tap = f"(u * {s.kernel[1]} + t)"
+        inside = [
             f"const int32_t *src = {n('XP')} + (iy * {s.in_w} + ix) * {cw};",
-            f"for (int32_t i = 0; i < {cw}; ++i) a[nt * {cw} + i] = src[i];",
-            f"off[nt++] = (u * {s.kernel[1]} + t) * {cw};",
+            f"for (int32_t i = 0; i < {cw}; ++i) a[{tap} * {cw} + i] = (uint32_t)src[i];",
         ]
-        sumx = ["int32_t sx = 0;", f"for (int32_t i = 0; i < nt * {cw}; ++i) sx += bitc_popcount(a[i]);"]
-        full = ["int32_t pc = 0;"]
-        if words <= UNROLL_WORDS:
-            for i in range(0, words, GROUP):
-                terms = [f"a[{i + q}] ^ w[{i + q}]" for q in range(min(GROUP, words - i))]
-                full.append(
-                    f"pc = bitc_popcount_acc{len(terms)}(pc, {', '.join(terms)});"
-                    if len(terms) > 1
-                    else f"pc += bitc_popcount({terms[0]});"
-                )
-        else:
-            full.append(f"for (int32_t i = 0; i < {words}; ++i) pc += bitc_popcount(a[i] ^ w[i]);")
-        part = [
-            "int32_t pc = 0;",
-            f"for (int32_t i = 0; i < nt; ++i) for (int32_t q = 0; q < {cw}; ++q) pc += bitc_popcount(a[i * {cw} + q] ^ w[off[i] + q]);",
+        outside = [f"for (int32_t i = 0; i < {cw}; ++i) a[{tap} * {cw} + i] = 0;", f"miss[nm++] = {tap};"]
+        sumx = [
+            "int32_t sx = 0;",
+            f"for (int32_t i = 0; i < {words}; ++i) sx += bitc_popcount((int32_t)a[i]);",
         ]
-        channel = lambda body, nv: [
+        isa = "scalar" if self.isa == "scalar" else "dsp"  # M55: the Thumb-2 DSP loop too
+        lines = [
+            f"uint32_t a[{words}];",
+            f"int32_t miss[{taps}], nm = 0;",
+            "bitc_i32_alias *yi = (bitc_i32_alias*)" + v + ";",
+            *self._window(inside, outside),
+            *(sumx if s.has_offset and not s.threshold else []),
+            *prepare_lines(words, "a"),
+            *rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi")),
+            *(self._outside_taps() if any(s.padding) else []),
+        ]
+        if not s.threshold and not s.has_offset:  # SC * acc + BI: the dense kernel's float pass
+            return lines + float_pass(o, (v, "yi", n("SC"), n("BI")))
+        return [
+            *lines,
+            *([f"int32_t nv = {taps} - nm;"] if s.has_offset and not s.threshold else []),
             f"for (int32_t j = 0; j < {o}; ++j) {{",
-            f"  const int32_t *w = {n('P')} + j * {words};",
-            *("  " + line for line in body),
-            *("  " + line for line in self._epilogue(v, nv)),
+            "  int32_t acc = yi[j];",
+            *("  " + line for line in self._epilogue(v)),
             "}",
         ]
+
+    def _outside_taps(self) -> list[str]:
+        """Each tap outside the image gives back its ``C - 2 popcount(w)`` (``WT (taps, O)``)."""
+        o, wt = self.spec.out_channels, next(p for p in self.params if p.name == self.n("WT"))
         return [
-            f"int32_t a[{words}], off[{taps}], nt = 0;",
-            *self._window(gather),
-            *(sumx if s.has_offset and not s.threshold else []),
-            f"if (nt == {taps}) {{",
-            *("  " + line for line in channel(full, str(taps))),
-            "} else {",
-            *("  " + line for line in channel(part, "nt")),
+            "for (int32_t i = 0; i < nm; ++i) {",
+            f"  const {wt.dtype}_t *c = {wt.name} + miss[i] * {o};",
+            f"  for (int32_t j = 0; j < {o}; ++j) yi[j] -= c[j];",
             "}",
         ]
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from bitcompiler import ops
+from bitcompiler.backends.cortex_m.binary_c import store_w1a1_words
 from bitcompiler.backends.cortex_m.conv_c import Param, Producer, Sink, fused_kernel
 from bitcompiler.backends.cortex_m.dense_sources import int8_block, store_int8_codes
 from bitcompiler.backends.cortex_m.float_ops import _f, _pair
@@ -250,6 +251,22 @@ def rescratch(b: Any, producer: Producer, prefix: str, at: str) -> Producer:
     )
 
 
+def binary_conv_weights(b: Any, call: Any, spec: Any) -> tuple[str, list[str]]:
+    """A W1A1 conv's planes ``(1, O, KH, KW, CW)`` stored as the W1A1 dense kernel's rows
+    (:func:`.binary_c.store_w1a1_words`), and with padding its ``WT (taps, O)``: what a tap's
+    zero words count, ``C - 2 popcount(w_tap)`` (int8 when ``C`` fits)."""
+    planes = b.state[b.param_of[call.tensors["planes"].name]].detach().cpu().numpy()
+    o, taps = spec.out_channels, spec.kernel[0] * spec.kernel[1]
+    rows = planes.reshape(1, o, taps * spec.words_per_group)
+    stored = b._stored(call, "w1a1", store_w1a1_words(rows))
+    if not any(spec.padding):
+        return stored, []
+    bits = np.unpackbits(planes.reshape(o, taps, -1).view(np.uint8), axis=-1).sum(-1)
+    wt = (spec.cg - 2 * bits.astype(np.int64)).T  # (taps, O)
+    dtype = np.int8 if spec.cg <= 127 else np.int32
+    return stored, [b._stored(call, "wt", np.ascontiguousarray(wt).astype(dtype))]
+
+
 def make_producer(b: Any, node: torch.fx.Node, kind: str, spec: Any, prefix: str) -> Producer:
     """The conv's :class:`Producer` on ``b`` (emits its activation quantizer, stores its weights)."""
     from bitcompiler import kernels
@@ -261,11 +278,13 @@ def make_producer(b: Any, node: torch.fx.Node, kind: str, spec: Any, prefix: str
         c, h, w = spec.in_channels, spec.in_h, spec.in_w
         (xp,) = b.quantized_input(x, "binary", 1, (c, h, w), (c, h, w, 1))
         epi = b.epilogue_args(call)
+        b.drop_weight(epi[0])
+        epi[0], wt = binary_conv_weights(b, call, spec)
         names = ["P", "TS", "TH"] if spec.threshold else ["P", "SC", "OF", "BI"]
         params = [Param(n("XP"), "int32", b.tensors[xp].shape, xp)]
         params += [
             Param(n(k), str(b.weights[s].array.dtype), (b.weights[s].array.size,), s)
-            for k, s in zip(names, epi)
+            for k, s in zip([*names, "WT"], [*epi, *wt])
         ]
         return Producer("binary", spec, prefix, params, b.isa)
     qual = b.param_of[call.tensors["planes"].name]
