@@ -23,8 +23,9 @@ GROUPS = {
     "wild": "bench.wild",  # the zoo of third-party architectures (make zoo), one thread
     "lce": "bench.lce",  # Larq Compute Engine on the same binary models (`make peers` installs it)
     "floatconv": "bench.floatconv",  # `none` on the zoo models whose float convs lost to torch, one thread
+    "int8conv": "bench.int8conv",  # W2A8 convs (two layers, resnet20) vs torch fp32, one thread
 }
-SINGLE_RUN = ("cortex_m", "arm", "tune", "wild", "floatconv")
+SINGLE_RUN = ("cortex_m", "arm", "tune", "wild", "floatconv", "int8conv")
 DEFAULT_GROUPS = (
     "layers",
     "models",
@@ -293,6 +294,8 @@ def write(info: dict, rows: list[dict]) -> None:
             from bench.lce import markdown as render
         if group == "floatconv":
             from bench.floatconv import markdown as render
+        if group == "int8conv":
+            from bench.int8conv import markdown as render
         lines += [f"## {group}", ""] + render(group_rows) + [""]
         extra = [
             r
