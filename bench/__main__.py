@@ -24,8 +24,9 @@ GROUPS = {
     "lce": "bench.lce",  # Larq Compute Engine on the same binary models (`make peers` installs it)
     "threads": "bench.threads",  # 2 threads vs 1 and whole call vs kernel, alternating in one process
     "floatconv": "bench.floatconv",  # `none` on the zoo models whose float convs lost to torch, one thread
+    "int8conv": "bench.int8conv",  # W2A8 convs (two layers, resnet20) vs torch fp32, one thread
 }
-SINGLE_RUN = ("cortex_m", "arm", "tune", "wild", "floatconv")
+SINGLE_RUN = ("cortex_m", "arm", "tune", "wild", "floatconv", "int8conv")
 RUN_THREADS = {"threads": (2,)}  # one run whose pool has 2 threads; it times 1 and 2 itself
 DEFAULT_GROUPS = (
     "layers",
@@ -303,6 +304,8 @@ def write(info: dict, rows: list[dict]) -> None:
             from bench.threads import markdown as render
         if group == "floatconv":
             from bench.floatconv import markdown as render
+        if group == "int8conv":
+            from bench.int8conv import markdown as render
         lines += [f"## {group}", ""] + render(group_rows) + [""]
         extra = [
             r

@@ -12,8 +12,8 @@ products instead of float multiply-adds:
   instruction), else ``vpmaddubsw`` (u8 code x s8 activation, pairs summed in int16: exact, since
   ``2 * 128 * (2^B - 1) < 2^15`` for B <= 7) then ``vpmaddwd`` by ones and ``vpaddd``.
 
-A register block of ``VB`` output channels x ``RW`` pixels of one output row stays in registers
-over the whole reduction, then the bit conv's own epilogue (``(SC s) acc + (OF s) sumx + BI`` or
+A register block of ``VB`` output channels x ``RW`` pixels of one output row (a stack array under
+1 KiB, which LLVM promotes to registers) stays in registers over the whole reduction, then the bit conv's own epilogue (``(SC s) acc + (OF s) sumx + BI`` or
 the threshold) writes ``Y (M, O, OH, OW)``. Channels are zero-padded to multiples of 4 (input) and
 ``VB`` (output); a zero code or a zero activation adds nothing, so every sum is the reference's.
 The window sums ``sumx`` of affine codes are a separate int32 pass over ``XZ``.
@@ -47,7 +47,7 @@ def _dot(kind: str) -> tirx.PrimFunc:
     def dot(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "int8", offset_factor=1)
         B = T.match_buffer(b, (8, 4), "uint8", offset_factor=1)
-        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1)  # global: see _schedule
         with T.sblock("root"):
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
@@ -57,27 +57,30 @@ def _dot(kind: str) -> tirx.PrimFunc:
                         with T.sblock("update"):
                             vi, vk = T.axis.remap("SR", [i, k])
                             C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+            # (no named values: a name bound here is a buffer, a heap workspace inside a parallel loop)
             elif kind == "avx2":  # u8 x s8 pairs summed in int16, then pairs of those in int32
-                word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-                pairs = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                    B.vload([0, 0], dtype="uint8x32"),
-                    T.reinterpret(T.broadcast(word, 8), dtype="int8x32"),
-                    dtype="int16x16",
-                )
                 C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                    pairs,
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        B.vload([0, 0], dtype="uint8x32"),
+                        T.reinterpret(
+                            T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8),
+                            dtype="int8x32",
+                        ),
+                        dtype="int16x16",
+                    ),
                     T.int16x16(1),
                     dtype="int32x8",
                 )
             else:  # vpdpbusd: four u8 x s8 products added into each int32 lane
-                word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
                 C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
                     C.vload([0], dtype="int32x8"),
                     B.vload([0, 0], dtype="uint8x32"),
-                    T.reinterpret(T.broadcast(word, 8), dtype="int8x32"),
+                    T.reinterpret(
+                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"
+                    ),
                     dtype="int32x8",
                 )
 
@@ -270,6 +273,9 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, intrin: str, stored:
         if name == "WQ" and stored:  # one step's 8 x 4 bytes: a shift and a mask
             _, inner = sch.split(loops[-2], [None, LANES])
             sch.vectorize(sch.fuse(inner, loops[-1]))
+    # the register block (acc, vb x rw int32 sums, at most 384 bytes) stays in the global scope:
+    # inside the parallel loop a small global buffer is a stack array LLVM promotes to registers,
+    # where a "local" one becomes a heap workspace and every dot product stores its sums
     acc, y = sch.get_sblock("acc"), sch.get_sblock("Y")
     rw = _register_width(spec, vb)
     if spec.out_channels % vb == 0:
@@ -290,12 +296,10 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, intrin: str, stored:
         sch.parallel(sch.fuse(m, ob, oh))
         a_oi = oi
         if spec.has_offset:  # Y reads the window sums too: a pass of its own after the sums
-            sch.reverse_compute_at(sch.cache_write(acc, 0, "local"), owo)
+            sch.reverse_compute_at(sch.cache_write(acc, 0, "global"), owo)
             sch.parallel(sch.fuse(*sch.get_loops(y)[:2]))
         else:
             sch.reverse_compute_at(y, owo)
-    if spec.out_channels % vb == 0 or not spec.has_offset:
-        sch.set_scope(acc, 0, "local")
     sch.reorder(c4, kh, kw, a_owi, a_oi, ci)
     oio, oii = sch.split(a_oi, [None, LANES])
     init = sch.decompose_reduction(acc, c4)

@@ -215,8 +215,10 @@ def float_dense_func(spec: DenseSpec, rows8: bool = False) -> tirx.PrimFunc:
                             )
                     for v in range(nv):
                         ys[lanes(v * LUT_ROWS)] = row_acc(acc, v)
-                    m = mo * LUT_BATCH + mi
+                    # (the row index written out: a name bound here is a heap workspace per task)
                     for r in range(nb):
-                        Y[m, no * nb + r] = _epilogue(spec, ys[r], SX[m], None, no * nb + r, SC, OF, BI)
+                        Y[mo * LUT_BATCH + mi, no * nb + r] = _epilogue(
+                            spec, ys[r], SX[mo * LUT_BATCH + mi], None, no * nb + r, SC, OF, BI
+                        )
 
     return func

@@ -31,6 +31,34 @@ def build(prim: tvm.tirx.PrimFunc):
     return run
 
 
+def llvm_ir_beside_another(prim: tvm.tirx.PrimFunc, target=None) -> str:
+    """The LLVM IR of ``prim`` built as the CPU backend builds it: beside another function in one
+    module (the Relax VM's shape functions), where LLVM gets no ``noalias`` arguments and keeps a
+    heap-allocated register block in memory."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def other(a: T.Buffer((4,), "float32")):
+        a[0] = T.float32(0)
+
+    mod = tvm.IRModule(
+        {
+            "kernel": prim.with_attr("global_symbol", "kernel"),
+            "other": other.with_attr("global_symbol", "other"),
+        }
+    )
+    return tvm.tirx.build(mod, target=target or host_target()).inspect_source("ll")
+
+
+WORKSPACE = "load ptr, ptr @__TVMBackendAllocWorkspace"
+
+
+def parallel_workspaces(ll: str) -> list[int]:
+    """Heap workspaces allocated in each parallel task body (``__tvm_parallel_lambda``) of ``ll``."""
+    bodies = ll.split("\ndefine ")[1:]
+    return [b.count(WORKSPACE) for b in bodies if "@__tvm_parallel_lambda" in b.split("\n", 1)[0]]
+
+
 def _np(a) -> np.ndarray:
     return a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 

@@ -13,7 +13,7 @@ from bitcompiler.capture import export_graph
 from bitcompiler.kernels import ConvSpec
 from bitcompiler.kernels.conv_float import KERNEL_NAME, float_conv_kernel, lanes, relayout_weights
 from tests.conftest import assert_close
-from tests.kernels._util import build
+from tests.kernels._util import WORKSPACE, build, llvm_ir_beside_another
 
 # (c, o, h, w, kernel, stride, padding, dilation, groups): channel lanes (16, 8, padded 12),
 # 1x1, depthwise, grouped, dilation, odd sizes
@@ -80,25 +80,8 @@ def test_float_model_uses_the_kernel() -> None:
 
 
 def _workspace_allocations(prim) -> int:
-    """Heap workspaces the kernel allocates, built as the CPU backend builds it: beside another
-    function in one module (the Relax VM's shape functions), where LLVM gets no ``noalias``
-    arguments and keeps a heap-allocated register block in memory."""
-    import tvm
-
-    from tests.kernels._util import host_target
-
-    @tvm.script.tirx.prim_func(private=True)
-    def other(a: tvm.script.tirx.Buffer((4,), "float32")):
-        a[0] = tvm.script.tirx.float32(0)
-
-    mod = tvm.IRModule(
-        {
-            "kernel": prim.with_attr("global_symbol", "kernel"),
-            "other": other.with_attr("global_symbol", "other"),
-        }
-    )
-    ll = tvm.tirx.build(mod, target=host_target()).inspect_source("ll")
-    return ll.count("load ptr, ptr @__TVMBackendAllocWorkspace")
+    """Heap workspaces the kernel allocates, built as the CPU backend builds it."""
+    return llvm_ir_beside_another(prim).count(WORKSPACE)
 
 
 @pytest.mark.parametrize("case", [(64, 64, 8, 8, 1, 0), (16, 12, 7, 7, 1, 0), (32, 32, 9, 9, 3, 1)])

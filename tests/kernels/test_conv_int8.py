@@ -12,7 +12,14 @@ import tvm
 from bitcompiler.kernels import ConvSpec, conv2d_kernel, conv_int8
 from bitcompiler.kernels.conv import _output
 from bitcompiler.quant import numerics as nu
-from tests.kernels._util import act_inputs, assert_close, epilogue_params, random_codes
+from tests.kernels._util import (
+    act_inputs,
+    assert_close,
+    epilogue_params,
+    llvm_ir_beside_another,
+    parallel_workspaces,
+    random_codes,
+)
 
 pytestmark = pytest.mark.skipif(
     not conv_int8.fits(
@@ -88,3 +95,19 @@ def test_stored_codes_only_without_padding(c, o, k, bits, stores):
     assert conv_int8.stores_codes(spec) == stores
     if stores:
         assert conv_int8.codes_bytes(spec) * 8 <= 1.05 * bits * o * c * k * k
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "c{}o{}_{}x{}".format(g[0], g[1], *g[4]))
+@pytest.mark.parametrize("has_offset", [True, False])
+@pytest.mark.parametrize("isa", sorted(TARGETS))
+def test_no_heap_workspace_for_the_sums(geom, has_offset, isa):
+    """The register block's sums stay in registers: no parallel task allocates a heap workspace
+    (a "local" block, or a value the dot intrinsic binds to a name, is one, and LLVM then stores
+    every sum), built as the VM builds it; the input copy and the decoded codes are allocated
+    once, outside the tasks."""
+    c, o, h, w, k, s, p, d = geom
+    target = _target(isa)
+    spec = ConvSpec(c, o, h, w, k, s, p, d, 1, 2, "uint", "int8", has_offset, False)
+    ll = llvm_ir_beside_another(conv2d_kernel(spec, target), target)
+    tasks = parallel_workspaces(ll)
+    assert tasks and tasks == [0] * len(tasks)

@@ -6,7 +6,15 @@ import torch
 
 from bitcompiler.kernels import DenseSpec, dense_avx2, dense_int8, dense_kernel
 from bitcompiler.quant import numerics as nu
-from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
+from tests.kernels._util import (
+    act_inputs,
+    assert_close,
+    build,
+    epilogue_params,
+    llvm_ir_beside_another,
+    parallel_workspaces,
+    random_codes,
+)
 
 pytestmark = pytest.mark.skipif(not dense_avx2.avx2_target("llvm"), reason="host CPU has no AVX2")
 
@@ -216,3 +224,18 @@ def test_compile_uses_rows8_float_kernel():
     for batch in (1, 3):
         x = torch.randn(batch, 64)
         assert_close_t(cm(x), cm.reference(x))
+
+
+@pytest.mark.parametrize(
+    "k, n, bits, code, act, has_offset",
+    [(512, 256, 2, "uint", "int8", True), (520, 64, 7, "uint", "int8", True), (512, 256, 1, "pm1", "float", False),
+     (512, 256, 2, "uint", "float", True)],
+)  # fmt: skip
+def test_no_heap_workspace_in_parallel_tasks(k, n, bits, code, act, has_offset):
+    """The sums and every value of a parallel task are registers or stack arrays, built as the VM
+    builds the kernel: no task allocates a heap workspace (a "local" block or a named value
+    would be one, allocated per task)."""
+    tasks = parallel_workspaces(
+        llvm_ir_beside_another(dense_kernel(DenseSpec(k, n, bits, code, act, has_offset, False)))
+    )
+    assert tasks and tasks == [0] * len(tasks)
