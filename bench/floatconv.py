@@ -10,7 +10,6 @@ nin_cifar10`` runs one.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import warnings
@@ -19,7 +18,7 @@ import torch
 
 import bitcompiler as bc
 from bench.corpus import build
-from bench.harness import median_seconds
+from bench.harness import alternate_cpu_ms, print_rows
 from bench.wild import relative_error
 
 MODELS = (
@@ -29,11 +28,6 @@ MODELS = (
     "resnext20_16x4d_cifar10",
     "xdensenet40_2_k24_bc_cifar10",
 )
-
-
-def cpu_seconds(fn) -> float:
-    """Median CPU time of this thread per ``fn()``."""
-    return median_seconds(fn, repeat=20, min_time=0.2, max_time=2.0, clock=time.thread_time)
 
 
 def measure(name: str) -> dict:
@@ -47,21 +41,12 @@ def measure(name: str) -> dict:
     xb = torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         row["err_vs_float"] = max(relative_error(cm(i), model(i)) for i in (x, xb))
-        torch_s, bitc_s = [], []
-        for _ in range(3):  # alternate
-            torch_s.append(cpu_seconds(lambda: model(x)))
-            bitc_s.append(cpu_seconds(lambda: cm(x)))
-    row["torch_fp32_ms"], row["bitc_ms"] = 1e3 * min(torch_s), 1e3 * min(bitc_s)
+        row["torch_fp32_ms"], row["bitc_ms"] = alternate_cpu_ms(lambda: model(x), lambda: cm(x))
     return row
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(1)
-    rows = []
-    for name in names or MODELS:
-        rows.append(measure(name))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(json.dumps(rows))
+    print_rows(measure, names or list(MODELS))
 
 
 def markdown(rows: list[dict]) -> list[str]:

@@ -82,3 +82,29 @@ def run_in_subprocess(module: str, threads: int, *args: str) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"{module} ({threads} threads) failed:\n{out.stderr[-4000:]}")
     return out.stdout
+
+
+def alternate_cpu_ms(
+    peer: Callable[[], object], ours: Callable[[], object], rounds: int = 3
+) -> tuple[float, float]:
+    """``(peer ms, ours ms)``: the best of ``rounds`` alternating medians of this thread's CPU time
+    per call (other processes on a shared host cannot inflate it)."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(median_seconds(peer, repeat=20, min_time=0.2, max_time=2.0, clock=time.thread_time))
+        b.append(median_seconds(ours, repeat=20, min_time=0.2, max_time=2.0, clock=time.thread_time))
+    return 1e3 * min(a), 1e3 * min(b)
+
+
+def print_rows(measure: Callable[[str], dict], names: list[str]) -> None:
+    """One thread; each name's row to stderr as it comes, then all rows as JSON on stdout."""
+    import json
+
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in names:
+        rows.append(measure(name))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(json.dumps(rows))

@@ -12,7 +12,6 @@ resnet20_cifar10`` runs one.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 
@@ -21,7 +20,7 @@ from torch import nn
 
 import bitcompiler as bc
 from bench.corpus import build
-from bench.floatconv import cpu_seconds
+from bench.harness import alternate_cpu_ms, print_rows
 
 LAYER_SCHEME = "uniform:bits=2,act=8,first_last=quantize"
 
@@ -49,22 +48,13 @@ def measure(name: str) -> dict:
     row["int8_act_convs"] = f"{sum('act=int8' in r.note for r in convs)} of {len(convs)}"
     with torch.no_grad():
         row["exact"] = bool(torch.equal(cm(x), cm.reference(x)))
-        torch_s, bitc_s = [], []
-        for _ in range(3):  # alternate
-            torch_s.append(cpu_seconds(lambda: model(x)))
-            bitc_s.append(cpu_seconds(lambda: cm(x)))
-    row["torch_fp32_ms"], row["bitc_ms"] = 1e3 * min(torch_s), 1e3 * min(bitc_s)
+        row["torch_fp32_ms"], row["bitc_ms"] = alternate_cpu_ms(lambda: model(x), lambda: cm(x))
     row["speed"] = row["torch_fp32_ms"] / row["bitc_ms"]
     return row
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(1)
-    rows = []
-    for name in names or CASES:
-        rows.append(measure(name))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(json.dumps(rows))
+    print_rows(measure, names or list(CASES))
 
 
 def markdown(rows: list[dict]) -> list[str]:
