@@ -314,7 +314,7 @@ class _Builder:
         if node.name in self.skipped:
             return None
         target = node.target
-        name = str(getattr(target, "_opname", "")) + "." + str(getattr(target, "_overloadname", ""))
+        name = float_ops.qualified_name(node)
         ns = getattr(target, "namespace", "")
         val = node.meta.get("val")
         shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ()

@@ -30,9 +30,20 @@ def relu(node: Any, shapes: list, out: tuple) -> list[str]:
     return [f"for (int i = 0; i < {_numel(out)}; ++i) y[i] = x0[i] > 0.0f ? x0[i] : 0.0f;"]
 
 
-def hardtanh(node: Any, shapes: list, out: tuple) -> list[str]:
+def qualified_name(node: Any) -> str:
+    """``"relu.default"``: an op node's name and overload (empty for placeholders and outputs)."""
+    return f"{getattr(node.target, '_opname', '')}.{getattr(node.target, '_overloadname', '')}"
+
+
+def hardtanh_bounds(node: Any) -> tuple[float, float]:
+    """A hardtanh node's ``(min_val, max_val)``, given by position or by name."""
     lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+    return float(lo), float(hi)
+
+
+def hardtanh(node: Any, shapes: list, out: tuple) -> list[str]:
+    lo, hi = hardtanh_bounds(node)
     clamp = f"y[i] = v < {_f(lo)} ? {_f(lo)} : (v > {_f(hi)} ? {_f(hi)} : v);"
     return [f"for (int i = 0; i < {_numel(out)}; ++i) {{ float v = x0[i]; {clamp} }}"]
 

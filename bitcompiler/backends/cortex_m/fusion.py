@@ -29,7 +29,7 @@ from bitcompiler import ops
 from bitcompiler.backends.cortex_m.binary_c import store_w1a1_words
 from bitcompiler.backends.cortex_m.conv_c import Param, Producer, Sink, fused_kernel
 from bitcompiler.backends.cortex_m.dense_sources import int8_block, store_int8_codes
-from bitcompiler.backends.cortex_m.float_ops import _f, _pair
+from bitcompiler.backends.cortex_m.float_ops import _f, _pair, hardtanh_bounds, qualified_name
 from bitcompiler.backends.cortex_m.sign_readers import (
     binary_conv_groups,
     is_sign_clamp,
@@ -42,9 +42,8 @@ BINOPS = {"add.Tensor": "+", "sub.Tensor": "-", "mul.Tensor": "*"}
 
 
 def op_name(node: torch.fx.Node) -> str:
-    if getattr(node.target, "namespace", "") != "aten":
-        return ""
-    return f"{getattr(node.target, '_opname', '')}.{getattr(node.target, '_overloadname', '')}"
+    """An aten node's :func:`.float_ops.qualified_name`; empty for any other node."""
+    return qualified_name(node) if getattr(node.target, "namespace", "") == "aten" else ""
 
 
 def _shape(node: Any) -> tuple:
@@ -75,9 +74,8 @@ def conv_kind(node: torch.fx.Node) -> tuple[str, Any] | None:
 def _unary(node: torch.fx.Node) -> tuple:
     if op_name(node).startswith("relu"):
         return ("relu",)
-    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-    return ("hardtanh", _f(float(lo)), _f(float(hi)))  # type: ignore[arg-type]
+    lo, hi = hardtanh_bounds(node)
+    return ("hardtanh", _f(lo), _f(hi))
 
 
 def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
