@@ -76,7 +76,7 @@ def _epilogue_args(env: dict, call: ops.BoundCall, bb: Any = None, cg: int = 0) 
 
 
 # relaid kernels whose stored order wastes nothing (they fit only whole words, or store bytes)
-_NO_PADDING = ("lanes", "il", "codes")
+_NO_PADDING = ("lanes", "il", "codes", "vnni")
 
 
 def _compact(node: Any, cg: int) -> bool:
@@ -211,7 +211,9 @@ def _conv_as_dense(bb: Any, env: dict, call: ops.BoundCall, x: Any, geometry: tu
     relaid = (
         None
         if weights is None
-        else kernels.relaid_dense_kernel(spec, weights.numpy().reshape(bits, o, -1), kernel_target())
+        else kernels.relaid_dense_kernel(
+            spec, weights.numpy().reshape(bits, o, -1), kernel_target(), fuse_quantizer=False
+        )
     )
     if relaid is None or (not relaid.float_input and act != "int8"):
         return None

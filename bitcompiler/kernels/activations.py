@@ -67,6 +67,22 @@ def pack_sign_rows(k: int, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     return func.with_attr("global_symbol", "main")
 
 
+def int8_scale(amax: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The int8 scale of a row whose largest magnitude is ``amax``: ``max(amax, EPS) / 127`` (float32)."""
+    return tirx.max(amax, tirx.const(EPS, F32)) / tirx.const(127.0, F32)
+
+
+def int8_round(x: tirx.PrimExpr, s: tirx.PrimExpr, lanes: int = 1) -> tirx.PrimExpr:
+    """``clamp(round_half_even(x / s), -127, 127)`` as int8 (``lanes``: x and s are vectors of that many)."""
+
+    def const(v: float) -> tirx.PrimExpr:
+        c = tirx.const(v, F32)
+        return c if lanes == 1 else tirx.Broadcast(c, lanes)
+
+    r = tirx.min(tirx.max(tirx.nearbyint(x / s), const(-127.0)), const(127.0))
+    return r.astype("int8" if lanes == 1 else f"int8x{lanes}")
+
+
 def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
     """``X f32 (M, *rest) -> (XQ int8 (M, *rest), XS f32 (M,))``: per-sample symmetric int8."""
     rest = tuple(shape_without_batch)
@@ -88,16 +104,8 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
 
     k = te.reduce_axis((i64(0), i64(n)), "k")
     amax = te.compute(shape64(M), lambda m: te.max(tirx.abs(X[(m, *unflat(k.var))]), axis=[k]), name="amax")
-    XS = te.compute(
-        shape64(M), lambda m: tirx.max(amax[m], tirx.const(EPS, F32)) / tirx.const(127.0, F32), name="XS"
-    )
-
-    def q(m, *idx):
-        r = tirx.nearbyint(X[(m, *idx)] / XS[m])
-        r = tirx.min(tirx.max(r, tirx.const(-127.0, F32)), tirx.const(127.0, F32))
-        return r.astype("int8")
-
-    XQ = te.compute(shape64(M, *rest), q, name="XQ")
+    XS = te.compute(shape64(M), lambda m: int8_scale(amax[m]), name="XS")
+    XQ = te.compute(shape64(M, *rest), lambda m, *idx: int8_round(X[(m, *idx)], XS[m]), name="XQ")
     func = te.create_prim_func([X, XQ, XS])
     if target_kind(target) == "llvm":
         sch = s_tir.Schedule(func)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import dense_avx2, dense_int8, dense_lanes
+from bitcompiler.kernels import dense_avx2, dense_int8, dense_lanes, dense_vnni
 from bitcompiler.kernels._common import (
     as_i32,
     batch_var,
@@ -218,13 +218,16 @@ class Relaid:
 
 
 def relaid_dense_kernel(
-    spec: DenseSpec, planes: np.ndarray, target: str | dict | Any = "llvm"
+    spec: DenseSpec, planes: np.ndarray, target: str | dict | Any = "llvm", fuse_quantizer: bool = True
 ) -> Relaid | None:
     """The kernel for ``spec`` on an AVX2 host when one reads a better weight order, else None
     (then :func:`dense_kernel` on the planes as they are):
 
     * W1A1, N % 32 == 0, K % 128 == 0: rows in vector lanes (:mod:`~bitcompiler.kernels.dense_lanes`);
-    * 2-bit weights, int8 activations, K % 256 == 0: codes interleaved from the two planes;
+    * 2-bit weights, int8 activations, K % 256 == 0: with AVX-512 VNNI, four codes per byte for
+      ``vpdpbusd`` (:mod:`~bitcompiler.kernels.dense_vnni`; ``fuse_quantizer``: the kernel quantizes
+      the float rows itself, False where the rows come quantized, as a 1x1 conv's pixels with their
+      sample's scale), else codes interleaved from the two planes (AVX2);
     * 8-bit weights, int8 activations: the codes as bytes;
     * float activations: 8 rows' words side by side for the table lookup.
     """
@@ -232,6 +235,9 @@ def relaid_dense_kernel(
         return None
     if dense_lanes.fits(spec):
         return Relaid(dense_lanes.lanes_kernel(spec), dense_lanes.lanes_layout(planes), "lanes", True)
+    if dense_vnni.fits(spec) and dense_vnni.vnni_target(target):
+        codes = dense_vnni.vnni_w2_layout(dense_int8.weight_codes(planes, spec.in_features))
+        return Relaid(dense_vnni.vnni_w2_dense_func(spec, fuse_quantizer), codes, "vnni", fuse_quantizer)
     if dense_int8.w2_interleaved_fits(spec):
         func = dense_int8.int8_dense_func(spec, interleaved=True)
         return Relaid(func, dense_int8.interleave_w2(planes), "il", False)
