@@ -38,6 +38,7 @@ from tvm.script import tirx as T
 
 from bitcompiler.kernels.activations import int8_round, int8_scale
 from bitcompiler.kernels.dense_avx2 import F32, U8, _bc, _epilogue, x86_features
+from bitcompiler.kernels.dense_int8 import _int8_entry
 from bitcompiler.kernels.spec import DenseSpec
 
 CHUNK = 256  # weights per 512-bit load of 2-bit codes
@@ -111,7 +112,9 @@ def vnni_w2_dense_func(spec: DenseSpec, float_input: bool = True) -> tirx.PrimFu
     def dot(A, W, XQ, n, m, c, a, j):
         """``A``'s sums ``a`` plus chunk ``c`` of row ``n``'s codes at position ``j`` times their activations."""
         mask = T.Broadcast(T.Cast(U8, T.shift_left(3, j * 2)), 64)
-        return _dpbusd(A[lanes(a * LANES)], W[n, lanes(c * 64, 64)] & mask, XQ[m, lanes(c * CHUNK + j * 64, 64)])
+        return _dpbusd(
+            A[lanes(a * LANES)], W[n, lanes(c * 64, 64)] & mask, XQ[m, lanes(c * CHUNK + j * 64, 64)]
+        )
 
     @T.macro
     def rows(XQ, XS, SX, W, Y, E0, E1, E2, M):
@@ -129,7 +132,9 @@ def vnni_w2_dense_func(spec: DenseSpec, float_input: bool = True) -> tirx.PrimFu
                     for r in T.unroll(nb):
                         for j in T.unroll(2):  # unrolled: the masks are constants
                             lo[lanes((r * 2 + j) * LANES)] = dot(lo, W, XQ, no * nb + r, m, c, r * 2 + j, j)
-                            hi[lanes((r * 2 + j) * LANES)] = dot(hi, W, XQ, no * nb + r, m, c, r * 2 + j, j + 2)
+                            hi[lanes((r * 2 + j) * LANES)] = dot(
+                                hi, W, XQ, no * nb + r, m, c, r * 2 + j, j + 2
+                            )
                 for r in T.unroll(nb):
                     red[lanes(0)] = (
                         lo[lanes(r * 2 * LANES)]
@@ -141,60 +146,58 @@ def vnni_w2_dense_func(spec: DenseSpec, float_input: bool = True) -> tirx.PrimFu
                         red[0] = red[0] + red[i]
                     Y[m, no * nb + r] = _epilogue(spec, red[0], SX[m], XS[m], no * nb + r, E0, E1, E2)
 
-    return _entry(spec, float_input, quantize, code_sum, rows, KB)
+    if not float_input:
 
-
-def _entry(spec: DenseSpec, float_input: bool, quantize: Any, code_sum: Any, rows: Any, kb: int) -> tirx.PrimFunc:
-    """The PrimFunc around the macros: its buffers (see :func:`vnni_w2_dense_func`), the per-row
-    prologue (quantize, sum the codes) parallel over the batch, then the dot products."""
-    K, N = spec.in_features, spec.out_features
-    if float_input:
-        if spec.threshold:
-
-            @T.prim_func(s_tir=True)
-            def func(x: T.handle, w: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-                M = T.int64()
-                X = T.match_buffer(x, (M, T.int64(K)), F32)
-                W = T.match_buffer(w, (T.int64(N), T.int64(kb)), U8)
-                TS = T.match_buffer(ts, (T.int64(N),), "int32")
-                TH = T.match_buffer(th, (T.int64(N),), "int32")
-                Y = T.match_buffer(y, (M, T.int64(N)), F32)
-                XQ = T.alloc_buffer((M, T.int64(K)), "int8")
-                XS = T.alloc_buffer((M,), F32)
-                SX = T.alloc_buffer((M,), "int32")
-                for m in T.parallel(M):
-                    quantize(X, XQ, XS, m)
-                    code_sum(XQ, SX, m)
-                rows(XQ, XS, SX, W, Y, TS, TH, TH, M)
-
-            return func
-
-        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-        def func(x: T.handle, w: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
-            M = T.int64()
-            X = T.match_buffer(x, (M, T.int64(K)), F32)
-            W = T.match_buffer(w, (T.int64(N), T.int64(kb)), U8)
-            SC = T.match_buffer(sc, (T.int64(N),), F32)
-            OF = T.match_buffer(of, (T.int64(N),), F32)
-            BI = T.match_buffer(bi, (T.int64(N),), F32)
-            Y = T.match_buffer(y, (M, T.int64(N)), F32)
-            XQ = T.alloc_buffer((M, T.int64(K)), "int8")
-            XS = T.alloc_buffer((M,), F32)
+        @T.macro
+        def quantized(XQ, XS, W, Y, E0, E1, E2, M):
             SX = T.alloc_buffer((M,), "int32")
             for m in T.parallel(M):
-                quantize(X, XQ, XS, m)
                 code_sum(XQ, SX, m)
-            rows(XQ, XS, SX, W, Y, SC, OF, BI, M)
+            rows(XQ, XS, SX, W, Y, E0, E1, E2, M)
 
-        return func
-
-    from bitcompiler.kernels.dense_int8 import _int8_entry
+        return _int8_entry(spec, quantized, (N, KB), U8)
 
     @T.macro
-    def body(XQ, XS, W, Y, E0, E1, E2, M):
+    def body(X, W, Y, E0, E1, E2, M):
+        XQ = T.alloc_buffer((M, T.int64(K)), "int8")
+        XS = T.alloc_buffer((M,), F32)
         SX = T.alloc_buffer((M,), "int32")
         for m in T.parallel(M):
+            quantize(X, XQ, XS, m)
             code_sum(XQ, SX, m)
         rows(XQ, XS, SX, W, Y, E0, E1, E2, M)
 
-    return _int8_entry(spec, body, (N, kb), U8)
+    return _float_entry(spec, body, (N, KB))
+
+
+def _float_entry(spec: DenseSpec, body: Any, w_shape: tuple) -> tirx.PrimFunc:
+    """The entry taking float rows: ``X f32 (M, K)``, ``W uint8`` (``w_shape``), then ``TS, TH`` or
+    ``SC, OF, BI``, then ``Y``; ``body(X, W, Y, E0, E1, E2, M)`` is the kernel's macro."""
+    K, N = spec.in_features, spec.out_features
+    ws = tuple(T.int64(d) for d in w_shape)
+    if spec.threshold:
+
+        @T.prim_func(s_tir=True)
+        def func(x: T.handle, w: T.handle, ts: T.handle, th: T.handle, y: T.handle):
+            M = T.int64()
+            X = T.match_buffer(x, (M, T.int64(K)), F32)
+            W = T.match_buffer(w, ws, U8)
+            TS = T.match_buffer(ts, (T.int64(N),), "int32")
+            TH = T.match_buffer(th, (T.int64(N),), "int32")
+            Y = T.match_buffer(y, (M, T.int64(N)), F32)
+            body(X, W, Y, TS, TH, TH, M)
+
+        return func
+
+    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+    def func(x: T.handle, w: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
+        M = T.int64()
+        X = T.match_buffer(x, (M, T.int64(K)), F32)
+        W = T.match_buffer(w, ws, U8)
+        SC = T.match_buffer(sc, (T.int64(N),), F32)
+        OF = T.match_buffer(of, (T.int64(N),), F32)
+        BI = T.match_buffer(bi, (T.int64(N),), F32)
+        Y = T.match_buffer(y, (M, T.int64(N)), F32)
+        body(X, W, Y, SC, OF, BI, M)
+
+    return func

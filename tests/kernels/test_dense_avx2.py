@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitcompiler.kernels import DenseSpec, dense_avx2, dense_int8, dense_kernel
+from bitcompiler.kernels import DenseSpec, dense_avx2, dense_int8, dense_kernel, dense_vnni
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import (
     act_inputs,
@@ -147,8 +147,9 @@ def test_compile_uses_interleaved_w2a8_kernel():
     model = torch.nn.Sequential(torch.nn.Linear(512, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
     cm = bc.compile(model, (torch.randn(1, 512),), scheme="uniform:bits=2,act=8,first_last=quantize")
     names = kernels_called(cm)
-    assert any("512x64" in name and name.endswith("_il") for name in names), names
-    assert not any("64x10" in name and name.endswith("_il") for name in names), names  # K=64: planes
+    suffix = "_vnni" if dense_vnni.vnni_target("llvm") else "_il"  # AVX-512 VNNI first (test_dense_vnni.py)
+    assert any("512x64" in name and name.endswith(suffix) for name in names), names
+    assert not any("64x10" in name and name.endswith(suffix) for name in names), names  # K=64: planes
     for batch in (1, 3):
         x = torch.randn(batch, 512)
         assert_close_t(cm(x), cm.reference(x))
