@@ -14,7 +14,9 @@ K = N = 4096, batch 1 (median of many runs; torch fp32 ``F.linear`` takes 3.0-4.
   with the rows' words strided)
 * 8-bit weights, int8 act: one byte per code, ``vpmaddwd`` (4096 -> 256 at batch 1: ~28 us)
 * W2A8 dense (uint 2-bit, int8 act), batch 1: ~0.22 ms with pre-interleaved codes (~0.29 ms from
-  the planes); ORT dynamic int8 takes 0.64-1.1 ms
+  the planes); ORT dynamic int8 takes 0.64-1.1 ms. On znver4 (AVX-512 VNNI,
+  :mod:`~bitcompiler.kernels.dense_vnni`): 108 us with the activations quantized in the kernel
+  (the AVX2 kernel 167 us there)
 
 The CPU lowering picks these through :func:`relaid_dense_kernel` / :func:`relaid_tiled_kernel` and
 stores the layers' weights in the order the kernels read (the same bits).

@@ -19,7 +19,9 @@ AVX2 (see the module-level numbers in the package docstring):
 * int8 (bits <= 7) / float (N % 8 == 0) on an AVX2 CPU: :mod:`bitcompiler.kernels.dense_int8` / :mod:`bitcompiler.kernels.dense_avx2`,
   explicit vector TIR (``vpmaddubsw`` on codes decoded from 256-bit plane loads; ``vpermps``
   lookups in per-3-activation subset-sum tables). W2A8 4096x4096 batch 1: 2.5 -> 0.33 ms,
-  W1 float: 1.0 -> 0.54 ms; batch 64: ~7x and ~2x faster than the schedule below.
+  W1 float: 1.0 -> 0.54 ms; batch 64: ~7x and ~2x faster than the schedule below. With constant
+  weights (:func:`relaid_dense_kernel`) W2A8 on an AVX-512 VNNI CPU: ``vpdpbusd``
+  (:mod:`bitcompiler.kernels.dense_vnni`).
 * int8 / float otherwise: the 32 bits of a word are the vectorized inner loop (rfactor over the bit index);
   lane ``j`` tests its bit as ``(word & (1 << j)) == (1 << j)`` (a constant mask vector: and +
   compare, no variable shift) and selects ``x`` or 0, so a pm1 row accumulates
