@@ -12,22 +12,22 @@ unsigned, so the activations stay int8 (no +128 offset and weight-sum correction
 four code positions ``j`` has its own accumulator, since its codes carry the factor ``4^j``; at
 the end ``acc_0 + acc_1 >> 2 + acc_2 >> 4 + acc_3 >> 6`` (arithmetic shifts, exact: every lane of
 ``acc_j`` is a multiple of ``4^j``; a lane sums ``K / 16`` products of at most ``192 * 127``, far
-below 2^31 for any ``K`` a layer has). Per 256 weights and output row: one load, four ``vpandd``,
+below 2^31 for any ``K`` a layer has). Per 256 weights and output row: one load, four ``vpand``,
 four ``vpdpbusd``. ``VNNI_ROWS`` output rows share each activation vector: 16 accumulators and
 4 activation vectors of the 32 zmm registers.
 
 **Activations**: with ``float_input`` the kernel quantizes each batch row itself before the dot
 products (``max|x|``, the scale and the codes vectorized, exactly as
 :func:`~bitcompiler.kernels.quantize_rows_int8`: the same :func:`~bitcompiler.kernels.activations.int8_scale`
-and :func:`~bitcompiler.kernels.activations.int8_round`) and sums the codes (``sumx``) in the same
-pass: one VM call per layer instead of two. Without it the kernel takes ``XQ, XS`` as the other
+and :func:`~bitcompiler.kernels.activations.int8_round`) and sums the codes (``sumx``), parallel
+over the batch: one VM call per layer instead of two. Without it the kernel takes ``XQ, XS`` as the other
 int8 kernels do (a 1x1 conv's pixels carry their sample's scale).
 
 Measured in one process (``TVM_NUM_THREADS=1``, 4096x4096, batch 1, znver4 VM with 2 shared cores,
 this thread's CPU time, best of 5 alternating rounds): kernel alone 108 us, quantizing included (the
 AVX2 kernel on interleaved codes: 167 us, plus 5 us for the separate quantizer); whole ``cm(x)``
-116 us. Compute-bound: 512 rows (L2-resident) take 13.1 us, the same rate as all 4096 from L3
-(4 MiB in 108 us is 39 GB/s, well under what L3 delivers). The 262,144 ``vpdpbusd`` of a call run at
+116 us. Compute-bound, not bandwidth-bound: 512 rows (L2-resident) take 13.1 us, the rate of all
+4096 rows streamed from L3 (4 MiB of weights in 108 us: 39 GB/s). The 262,144 ``vpdpbusd`` of a call run at
 2.4 G/s; a loop of ``vpdpbusd`` alone reaches 3.6 G/s on this host (one per cycle), the same mix with
 its ``vpandq`` and loads from L1 2.7 G/s: the masks, on the same vector pipes, are the rest.
 ``python -m bench.w2a8`` measures the call, this kernel alone and the AVX2 path side by side.
