@@ -32,6 +32,7 @@ from bitcompiler.kernels.conv import (
     stored_weights,
 )
 from bitcompiler.kernels.dense import Relaid, dense_kernel, relaid_dense_kernel
+from bitcompiler.kernels.pool_max import PoolWindow, max_pool2d_kernel, or_pool_packed_kernel
 from bitcompiler.kernels.pooling import window_mean_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
 from bitcompiler.kernels.tiled import (
@@ -50,6 +51,7 @@ from bitcompiler.kernels.tiled import (
 __all__ = [
     "ConvSpec",
     "DenseSpec",
+    "PoolWindow",
     "Relaid",
     "TiledConvSpec",
     "TiledDenseSpec",
@@ -59,6 +61,8 @@ __all__ = [
     "conv2d_c_kernel",
     "conv2d_kernel",
     "dense_kernel",
+    "max_pool2d_kernel",
+    "or_pool_packed_kernel",
     "pack_sign_nchw",
     "pack_sign_rows",
     "quantize_rows_int8",
