@@ -94,14 +94,29 @@ def legalize_max_pool2d(bb: Any, call: Any) -> Any:
     from tvm.relax.transform.legalize_ops.nn import _nn_max_pool2d
 
     from bitcompiler import kernels
-    from bitcompiler.backends.cpu.fusions import _pool_window
     from bitcompiler.backends.relax_emit import kernel_func
 
     x = call.args[0]
-    window = _pool_window(call) if x.ty.dtype == "float32" and len(x.ty.shape) == 4 else None
+    window = pool_window(call) if x.ty.dtype == "float32" and len(x.ty.shape) == 4 else None
     target = tvm.target.Target.current(allow_none=True)
     if window is None or target is None or target.kind.name != "llvm":
         return _nn_max_pool2d(bb, call)
     prim = kernels.max_pool2d_kernel(int(x.ty.shape[1]), window, target)
     gv = bb.add_func(kernel_func(prim), "bitc_max_pool2d")
     return relax.call_tir(gv, relax.Tuple([x]), call.ty)
+
+
+def pool_window(pool: Any) -> Any | None:
+    """The :class:`~bitcompiler.kernels.PoolWindow` of a static NCHW ``relax.nn.max_pool2d``."""
+    from bitcompiler.kernels import PoolWindow
+    from bitcompiler.kernels.pool_max import MAX_TAPS
+
+    a, (x,) = pool.attrs, pool.args
+    try:
+        (h, w), (oh, ow) = ([int(d) for d in list(e.ty.shape)[2:]] for e in (x, pool))
+    except (TypeError, ValueError):  # a symbolic spatial size, not 4-D
+        return None
+    if a.layout != "NCHW" or a.out_layout != "NCHW" or a.pool_size[0] * a.pool_size[1] > MAX_TAPS:
+        return None
+    pair = lambda v: (int(v[0]), int(v[1]))
+    return PoolWindow(h, w, oh, ow, pair(a.pool_size), pair(a.strides), pair(a.padding), pair(a.dilation))

@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from bitcompiler.backends.lower_pool import pool_window
 from bitcompiler.backends.relax_emit import kernel_about, kernel_func
 
 # (a binding's value, its function's scope) -> the value to bind instead, or None
@@ -147,22 +148,6 @@ def _residual_clip(value: Any, scope: _Scope) -> Any | None:
     return None
 
 
-def _pool_window(pool: Any) -> Any | None:
-    """The :class:`~bitcompiler.kernels.PoolWindow` of a static NCHW ``relax.nn.max_pool2d``."""
-    from bitcompiler.kernels import PoolWindow
-    from bitcompiler.kernels.pool_max import MAX_TAPS
-
-    a, (x,) = pool.attrs, pool.args
-    try:
-        (h, w), (oh, ow) = ([int(d) for d in list(e.ty.shape)[2:]] for e in (x, pool))
-    except (TypeError, ValueError):  # a symbolic spatial size, not 4-D
-        return None
-    if a.layout != "NCHW" or a.out_layout != "NCHW" or a.pool_size[0] * a.pool_size[1] > MAX_TAPS:
-        return None
-    pair = lambda v: (int(v[0]), int(v[1]))
-    return PoolWindow(h, w, oh, ow, pair(a.pool_size), pair(a.strides), pair(a.padding), pair(a.dilation))
-
-
 def _packed_pool(value: Any, scope: _Scope) -> Any | None:
     """``pack_sign_nchw(p(y))``, ``p`` a chain of max pools and clips ``[lo < 0 <= hi]`` that
     nothing else reads: ``or_pool(pack_sign_nchw(y))``. A clip keeps every sign ``y >= 0`` and a
@@ -184,7 +169,7 @@ def _packed_pool(value: Any, scope: _Scope) -> Any | None:
             if lo is None or hi is None or not lo < 0 <= hi:
                 break
         elif _is_op(src, "relax.nn.max_pool2d"):
-            window = _pool_window(src)
+            window = pool_window(src)
             if window is None:
                 break
             windows.insert(0, window)
