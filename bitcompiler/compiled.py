@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from bitcompiler import artifact
 from bitcompiler.artifact import FORMAT_VERSION
 from bitcompiler.backends.base import Runner
-from bitcompiler.errors import InputError, InputTypeError, LoadError
+from bitcompiler.errors import InputError, InputTypeError, LoadError, TargetError
 from bitcompiler.report import Report
 from bitcompiler.target import Target, backend_for
 
@@ -186,6 +186,20 @@ class CompiledModel:
 
     def report(self) -> Report:
         return self._report
+
+    def profile(self, *inputs: torch.Tensor, repeat: int = 100) -> Any:
+        """Where a call on ``inputs`` goes (CPU targets): each kernel's microseconds and share,
+        and the time outside the kernels; ``print(cm.profile(x))`` shows the table."""
+        from bitcompiler.backends.cpu.profile import profile
+
+        self._check(inputs)
+        self._check_values(inputs)
+        if not hasattr(self._runner, "executable"):
+            raise TargetError(
+                f"profile() times the Relax VM's kernels of a CPU target; target {self.target.name!r} "
+                "has none here: time cm(x) as a whole instead"
+            )
+        return profile(self._runner, self, [_plain(x) for x in inputs], int(inputs[0].shape[0]), repeat)
 
     def export(self, directory: str | os.PathLike) -> Path:
         """Write the compiled library, the reference graph and metadata into ``directory``.

@@ -54,3 +54,16 @@ def test_lce_worker_runs_binary_ops():
             worker.ask("time nosuchmodel default 1 0.05")
     finally:
         worker.close()
+
+
+def test_demo_cnn_peer_is_the_demos_float_model_and_ours_its_prepared_twin():
+    from bench import models
+
+    fp32, prepared = models.demo_models()
+    # the torch fp32 peer holds plain float layers only (no quantizer modules), in eval mode
+    assert {type(m).__name__ for m in fp32.modules()} <= {
+        "Sequential", "Conv2d", "BatchNorm2d", "MaxPool2d", "Hardtanh", "Flatten", "Linear",
+    }  # fmt: skip
+    assert not fp32.training and not prepared.training
+    assert any("Quant" in type(m).__name__ for m in prepared.modules())
+    assert fp32(torch.randn(2, 1, 28, 28)).shape == prepared(torch.randn(2, 1, 28, 28)).shape == (2, 10)

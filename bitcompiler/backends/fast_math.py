@@ -28,4 +28,6 @@ def legalize_gelu(bb: Any, call: Any) -> Any:
 
 def legalize_map() -> dict[str, Any]:
     """Overrides for ``relax.transform.LegalizeOps(customize_legalize_map=...)``."""
-    return {"relax.nn.gelu": legalize_gelu}
+    from bitcompiler.backends.lower_pool import legalize_max_pool2d
+
+    return {"relax.nn.gelu": legalize_gelu, "relax.nn.max_pool2d": legalize_max_pool2d}

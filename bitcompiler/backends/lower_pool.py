@@ -1,6 +1,7 @@
 """Relax converters for pooling ops: ``adaptive_max_pool2d`` (which TVM's frontend lacks),
 ``max_pool2d`` with its default stride (which the frontend mistakes for no stride) and
-``bitc::window_mean`` (average pooling in the reference's fixed summation order).
+``bitc::window_mean`` (average pooling in the reference's fixed summation order); and the
+CPU pipeline's legalization of float ``relax.nn.max_pool2d`` (:func:`legalize_max_pool2d`).
 
 Part of the CPU lowering (:mod:`bitcompiler.backends.lower` lists them in its converter table).
 """
@@ -82,3 +83,40 @@ def convert_window_mean(node: fx.Node, importer: Any) -> Any:
     return emit_kernel(
         bb, prim, name, [x], relax.TensorType((m, *(int(d) for d in val.shape[1:])), "float32")
     )
+
+
+def legalize_max_pool2d(bb: Any, call: Any) -> Any:
+    """A static float32 NCHW ``relax.nn.max_pool2d`` as the scheduled
+    :func:`bitcompiler.kernels.max_pool2d_kernel` (the same maxima: TVM's default is the same max
+    over the same taps, as an unscheduled scalar nest); anything else as TVM legalizes it."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.transform.legalize_ops.nn import _nn_max_pool2d
+
+    from bitcompiler import kernels
+    from bitcompiler.backends.relax_emit import kernel_func
+
+    x = call.args[0]
+    window = pool_window(call) if x.ty.dtype == "float32" and len(x.ty.shape) == 4 else None
+    target = tvm.target.Target.current(allow_none=True)
+    if window is None or target is None or target.kind.name != "llvm":
+        return _nn_max_pool2d(bb, call)
+    prim = kernels.max_pool2d_kernel(int(x.ty.shape[1]), window, target)
+    gv = bb.add_func(kernel_func(prim), "bitc_max_pool2d")
+    return relax.call_tir(gv, relax.Tuple([x]), call.ty)
+
+
+def pool_window(pool: Any) -> Any | None:
+    """The :class:`~bitcompiler.kernels.PoolWindow` of a static NCHW ``relax.nn.max_pool2d``."""
+    from bitcompiler.kernels import PoolWindow
+    from bitcompiler.kernels.pool_max import MAX_TAPS
+
+    a, (x,) = pool.attrs, pool.args
+    try:
+        (h, w), (oh, ow) = ([int(d) for d in list(e.ty.shape)[2:]] for e in (x, pool))
+    except (TypeError, ValueError):  # a symbolic spatial size, not 4-D
+        return None
+    if a.layout != "NCHW" or a.out_layout != "NCHW" or a.pool_size[0] * a.pool_size[1] > MAX_TAPS:
+        return None
+    pair = lambda v: (int(v[0]), int(v[1]))
+    return PoolWindow(h, w, oh, ow, pair(a.pool_size), pair(a.strides), pair(a.padding), pair(a.dilation))

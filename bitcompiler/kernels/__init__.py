@@ -34,6 +34,7 @@ from bitcompiler.kernels.conv import (
     stored_weights,
 )
 from bitcompiler.kernels.dense import Relaid, dense_kernel, relaid_dense_kernel
+from bitcompiler.kernels.pool_max import PoolWindow, max_pool2d_kernel, or_pool_packed_kernel
 from bitcompiler.kernels.pooling import window_mean_kernel
 from bitcompiler.kernels.spec import ConvSpec, DenseSpec
 from bitcompiler.kernels.tiled import (
@@ -52,6 +53,7 @@ from bitcompiler.kernels.tiled import (
 __all__ = [
     "ConvSpec",
     "DenseSpec",
+    "PoolWindow",
     "Relaid",
     "TiledConvSpec",
     "TiledDenseSpec",
@@ -61,6 +63,8 @@ __all__ = [
     "conv2d_c_kernel",
     "conv2d_kernel",
     "dense_kernel",
+    "max_pool2d_kernel",
+    "or_pool_packed_kernel",
     "pack_sign_nchw",
     "pack_sign_rows",
     "quantize_rows_int8",

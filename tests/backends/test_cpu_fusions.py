@@ -12,7 +12,7 @@ from tvm import relax
 
 import bitcompiler as bc
 from bitcompiler import kernels
-from bitcompiler.backends.cpu.fusions import fuse_packed_output, fuse_residual_clip
+from bitcompiler.backends.cpu.fusions import fuse_packed_output, fuse_packed_pool, fuse_residual_clip
 from bitcompiler.backends.relax_emit import emit_kernel
 from tests.conftest import assert_close, randomize_bn
 
@@ -141,6 +141,97 @@ def test_no_residual_epilogue_where_another_reader_needs_the_parts(why):
     unchanged(fuse_residual_clip, module(params, body))
 
 
+# --------------------------------------------------------------------------- packed max pool
+def pool(bb, y: relax.Var, k: int = 2, padding: int = 0) -> relax.Var:
+    return bb.emit(relax.op.nn.max_pool2d(y, (k, k), (k, k), padding=(padding, padding)))
+
+
+def or_pooled(bb, y: relax.Var, k: int = 2, padding: int = 0) -> relax.Var:
+    """``or_pool(pack_sign(y))`` as :func:`fuse_packed_pool` writes it."""
+    c, h = int(y.ty.shape[1]), int(y.ty.shape[2])
+    oh = (h + 2 * padding - k) // k + 1
+    packed = packed_at(bb, y, "bitc_pack_sign_nchw1")  # the pass's name: the pooled one had the first
+    window = kernels.PoolWindow(h, h, oh, oh, (k, k), (k, k), (padding, padding))
+    prim = kernels.or_pool_packed_kernel(1, c // 32, window, str(TARGET))
+    return emit_kernel(
+        bb, prim, "bitc_or_pool_packed", [packed], relax.TensorType((M, oh, oh, 1, c // 32), I32)
+    )
+
+
+PACK = {"op": "pack_sign_nchw", "groups": 1}
+BIG = 2 * H  # the pooled input's side: pooled by 2, it is the conv's H
+
+
+def packed_at(bb, y: relax.Var, name: str = "bitc_pack_sign_nchw") -> relax.Var:
+    c, h = int(y.ty.shape[1]), int(y.ty.shape[2])
+    prim = kernels.pack_sign_nchw(c, h, h, 1, str(TARGET))
+    return emit_kernel(bb, prim, name, [y], relax.TensorType((M, h, h, 1, c // 32), I32), PACK)
+
+
+@pytest.mark.parametrize("clip", [None, (-1.0, 1.0), (-0.5, 0.0)])
+def test_a_max_pool_before_a_sign_becomes_an_or_of_packed_bits(clip):
+    x = var("x", (M, C, BIG, BIG))
+
+    def before(bb, p):
+        y = pool(bb, p[0])
+        return packed_at(bb, y if clip is None else bb.emit(relax.op.clip(y, *clip)))
+
+    expected = module([x], lambda bb, p: or_pooled(bb, p[0]))
+    tvm.ir.assert_structural_equal(fused(fuse_packed_pool, module([x], before)), expected)
+
+
+@pytest.mark.parametrize("why", ["a clip at 0", "the pool is read again", "no pool"])
+def test_no_packed_pool_where_the_signs_could_differ_or_the_floats_stay(why):
+    x = var("x", (M, C, BIG, BIG))
+
+    def body(bb, p):
+        y = p[0] if why == "no pool" else pool(bb, p[0])
+        out = packed_at(bb, bb.emit(relax.op.clip(y, 0.0, 1.0)) if why == "a clip at 0" else y)
+        return bb.emit(relax.Tuple([out, y])) if why == "the pool is read again" else out
+
+    unchanged(fuse_packed_pool, module([x], body))
+
+
+class PoolThenSign(nn.Module):
+    """The demo CNN's blocks: conv, BN, max pool, hardtanh (an int8 first conv, then a threshold
+    binary conv), and a padded 3x3 pool in ceil mode before the last binary conv."""
+
+    def __init__(self):
+        super().__init__()
+        block = lambda cin, cout, pool: [
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.BatchNorm2d(cout),
+            pool,
+            nn.Hardtanh(),
+        ]
+        self.body = nn.Sequential(
+            *block(1, 32, nn.MaxPool2d(2)),
+            *block(32, 64, nn.MaxPool2d(2)),
+            *block(64, 64, nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)),
+            nn.Conv2d(64, 32, 3, padding=1),
+            nn.MaxPool2d(2),
+            nn.Hardtanh(),
+            nn.Flatten(),
+        )
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_packed_pool_model_equals_the_reference_bit_for_bit(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITC_DUMP", str(tmp_path))
+    torch.manual_seed(0)
+    model = randomize_bn(PoolThenSign()).eval()
+    cm = bc.compile(model, (torch.randn(1, 1, 16, 16),), scheme="binary:act=binary")
+    final = max((tmp_path / "relax").iterdir()).read_text()
+    assert final.count("bitc_or_pool_packed") >= 2 * 3, "three pools should run on packed bits"
+    assert "_thr_packed" in final and "bitc_max_pool2d" in final  # the last pool stays float
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 16, 16)
+        assert torch.equal(cm(x), cm.reference(x))
+
+
 # --------------------------------------------------------------------------- numerics
 class Fusible(nn.Module):
     """A threshold conv read by two binary convs (one packed input for both), and a residual added
@@ -168,7 +259,13 @@ def test_fused_model_equals_the_reference(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 10, 10)
     cm = bc.compile(model, (x,), scheme="binary:act=binary")
     dumped = sorted(p.name for p in (tmp_path / "relax").iterdir())
-    assert dumped[:2] == ["001_bitc.FusePackedOutput.py", "002_bitc.FuseResidualClip.py"], dumped
+    assert dumped[:5] == [
+        "001_CanonicalizeBindings.py",
+        "002_DeadCodeElimination.py",
+        "003_bitc.FusePackedPool.py",
+        "004_bitc.FusePackedOutput.py",
+        "005_bitc.FuseResidualClip.py",
+    ], dumped
     final = (tmp_path / "relax" / dumped[-1]).read_text()
     assert "_thr_packed" in final and "_res" in final
     assert_close(cm(x), cm.reference(x))

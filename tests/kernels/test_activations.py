@@ -62,3 +62,10 @@ def test_bad_arguments():
         pack_sign_nchw(6, 2, 2, 4)
     with pytest.raises(ValueError):
         quantize_rows_int8(())
+
+
+@pytest.mark.parametrize(("c", "h", "w"), [(256, 14, 14), (32, 28, 28), (64, 7, 8)])
+def test_pack_sign_nchw_vectorizes_the_plane_when_its_rows_do_not_divide(c, h, w):
+    """Rows and columns fused: a 14x14 plane (no vector of whole rows) is packed 4 pixels a step."""
+    script = pack_sign_nchw(c, h, w, 1, "llvm -mcpu=core-avx2").script()
+    assert "T.vectorized" in script

@@ -7,6 +7,9 @@ as the calls they replace.
 * :func:`fuse_packed_output`: ``pack_sign_nchw(conv(args))`` of a threshold binary conv
   (:func:`~bitcompiler.kernels.conv_binary.packs_output`), packed for a groups-1 binary layer,
   becomes ``conv_packed(args)``: the conv writes the next layer's packed input itself.
+* :func:`fuse_packed_pool`: ``pack_sign_nchw(clip(max_pool2d(y)))`` (any chain of max pools and
+  clips that keep the sign) becomes ``or_pool(pack_sign_nchw(y))``: the window's OR of the packed
+  sign bits, the same bits; a threshold conv's ``y`` is then packed by the conv itself (next pass).
 * :func:`fuse_residual_clip`: ``clip(conv(args) + res, lo, hi)`` of an affine binary conv
   (:func:`~bitcompiler.kernels.conv_binary.fuses_residual`) whose output and sum nothing else
   reads (a ResNet block's end) becomes ``conv_res(args, res)``.
@@ -22,6 +25,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from bitcompiler.backends.lower_pool import pool_window
 from bitcompiler.backends.relax_emit import kernel_about, kernel_func
 
 # (a binding's value, its function's scope) -> the value to bind instead, or None
@@ -36,6 +40,7 @@ class _Scope:
 
         self.mod, self.bb, self.target = mod, bb, str(target)
         self.var2val = relax.analysis.get_var2val(func)
+        self.pending: list = []  # bindings a rewrite added (:meth:`bind`), placed before its own
         self.uses: dict[Any, int] = {}
         for block in func.body.blocks:
             if isinstance(block, relax.DataflowBlock):
@@ -60,12 +65,20 @@ class _Scope:
         """:meth:`marked` of the value ``var`` is bound to."""
         return self.marked(self.var2val.get(var)) if _is_var(var) else None
 
-    def emit(self, prim: Any, name: str, args: list, out_ty: Any) -> Any:
+    def emit(self, prim: Any, name: str, args: list, out_ty: Any, about: dict | None = None) -> Any:
         """A normalized ``call_tir`` of ``prim``, added to the module as ``name``."""
         from tvm import relax
 
-        gv = self.bb.add_func(kernel_func(prim), name)
+        gv = self.bb.add_func(kernel_func(prim, about), name)
         return self.bb.normalize(relax.call_tir(gv, relax.Tuple(args), out_ty))
+
+    def bind(self, value: Any, name: str) -> Any:
+        """A new dataflow variable bound to ``value`` just before the binding being rewritten."""
+        from tvm import relax
+
+        var = relax.DataflowVar(name, value.ty)
+        self.pending.append(relax.VarBinding(var, value))
+        return var
 
 
 def _is_var(expr: Any) -> bool:
@@ -135,6 +148,49 @@ def _residual_clip(value: Any, scope: _Scope) -> Any | None:
     return None
 
 
+def _packed_pool(value: Any, scope: _Scope) -> Any | None:
+    """``pack_sign_nchw(p(y))``, ``p`` a chain of max pools and clips ``[lo < 0 <= hi]`` that
+    nothing else reads: ``or_pool(pack_sign_nchw(y))``. A clip keeps every sign ``y >= 0`` and a
+    window's max has its sign bit set exactly when one tap's has: the same bits, pooled 32
+    channels a word (and a threshold conv then writes them packed: :func:`fuse_packed_output`)."""
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    pack = scope.marked(value)
+    if pack is None or pack[0].get("op") != "pack_sign_nchw":
+        return None
+    windows: list = []
+    y = value.args[1].fields[0]
+    while scope.only_use(y):
+        src = scope.var2val.get(y)
+        if _is_op(src, "relax.clip"):
+            lo, hi = (_float(v) for v in src.args[1:])
+            if lo is None or hi is None or not lo < 0 <= hi:
+                break
+        elif _is_op(src, "relax.nn.max_pool2d"):
+            window = pool_window(src)
+            if window is None:
+                break
+            windows.insert(0, window)
+        else:
+            break
+        y = src.args[0]
+    if not windows:
+        return None
+    groups, (m, _, _, _, words) = pack[0]["groups"], value.ty.shape
+    c = int(y.ty.shape[1])
+    prim = kernels.pack_sign_nchw(c, windows[0].h, windows[0].w, groups, scope.target)
+    ty = relax.TensorType((m, windows[0].h, windows[0].w, groups, words), "int32")
+    out = scope.bind(scope.emit(prim, "bitc_pack_sign_nchw", [y], ty, pack[0]), "packed")
+    for i, window in enumerate(windows):
+        ty = relax.TensorType((m, window.oh, window.ow, groups, words), "int32")
+        call = scope.emit(kernels.or_pool_packed_kernel(groups, int(words), window, scope.target),
+                          "bitc_or_pool_packed", [out], ty)  # fmt: skip
+        out = call if i == len(windows) - 1 else scope.bind(call, "pooled")
+    return out
+
+
 def _is_op(expr: Any, name: str) -> bool:
     import tvm
     from tvm import relax
@@ -160,6 +216,8 @@ def _rewrite_function(func: Any, rewrite: Rewrite, scope: _Scope) -> Any | None:
         for b in block.bindings:
             new = rewrite(b.value, scope) if isinstance(b, relax.VarBinding) else None
             changed |= new is not None
+            bindings += scope.pending if new is not None else []  # what the rewrite bound first
+            scope.pending = []
             bindings.append(b if new is None else relax.VarBinding(b.var, new))
         blocks.append(type(block)(bindings))
     if not changed:
@@ -190,10 +248,17 @@ def _module_pass(name: str, rewrite: Rewrite) -> Callable[[Any], Any]:
 
 fuse_packed_output = _module_pass("bitc.FusePackedOutput", _packed_output)
 fuse_packed_output.__doc__ = "The pass writing a threshold conv's output packed for the next binary layer."
+fuse_packed_pool = _module_pass("bitc.FusePackedPool", _packed_pool)
+fuse_packed_pool.__doc__ = "The pass max-pooling packed sign bits (an OR) instead of the floats before them."
 fuse_residual_clip = _module_pass("bitc.FuseResidualClip", _residual_clip)
 fuse_residual_clip.__doc__ = "The pass folding ``clip(conv + residual)`` into a binary conv's epilogue."
 
 
 def fusion_passes(target: Any) -> list:
     """The CPU's fusion passes for the TVM target ``target`` (its kernels are built for it)."""
-    return [fuse_packed_output(target), fuse_residual_clip(target)]
+    from tvm import relax
+
+    # first the frontend's (values, indices) tuple of a max pool folded away: ``pool[0]`` is then
+    # the pool itself, read once
+    tidy = [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
+    return [*tidy, fuse_packed_pool(target), fuse_packed_output(target), fuse_residual_clip(target)]
