@@ -91,7 +91,12 @@ class CortexMBackend(BundleBackend):
         gm, example_inputs = inp.graph, inp.example_inputs
         qemu.require_toolchain()
         board = board_for(target)
-        builder = dense_c.builder_for(self.capabilities(target).features, bool(target.get("recompute", True)))
+        builder = dense_c.builder_for(
+            self.capabilities(target).features,
+            bool(target.get("recompute", True)),
+            board.flash_bytes,
+            target.get("conv_tables") or "auto",
+        )
         program = build_program(gm, example_inputs, self.tvm_target(target), builder)
         check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
         runner = self.runner_for(target, program)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitcompiler.backends.cortex_m.binary_c import float_pass, prepare_lines, rows_lines
+from bitcompiler.backends.cortex_m.conv_tables import table_lines
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
@@ -62,6 +63,7 @@ class Producer:
     isa: str = "scalar"
     shift: bool = False  # int8: codes stored as Q - 128
     chain: list[tuple] = field(default_factory=list)  # elementwise ops applied to v (see apply)
+    tables: int = 0  # binary: the field bits of its lookup tables (.conv_tables), 0: popcount rows
 
     def n(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -160,14 +162,17 @@ class Producer:
             f"for (int32_t i = 0; i < {words}; ++i) sx += bitc_popcount((int32_t)a[i]);",
         ]
         isa = "scalar" if self.isa == "scalar" else "dsp"  # M55: the Thumb-2 DSP loop too
+        if self.tables:
+            sums = table_lines(isa, s, self.tables, ("a", n("P"), "yi"))
+        else:
+            sums = [*prepare_lines(words, "a"), *rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi"))]
         lines = [
             f"uint32_t a[{words}];",
             f"int32_t miss[{taps}], nm = 0;",
             "bitc_i32_alias *yi = (bitc_i32_alias*)" + v + ";",
             *self._window(inside, outside),
             *(sumx if s.has_offset and not s.threshold else []),
-            *prepare_lines(words, "a"),
-            *rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi")),
+            *sums,
             *(self._outside_taps() if any(s.padding) else []),
         ]
         if not s.threshold and not s.has_offset:  # SC * acc + BI: the dense kernel's float pass

@@ -89,6 +89,9 @@ class Builder(_Builder):
 
     isa = "scalar"
     recompute = True  # recompute a conv inside its readers' kernels instead of storing its map
+    flash_bytes = 4 << 20  # the board's: W1A1 conv tables take at most half (.conv_tables)
+    conv_tables: object = "auto"
+    table_bytes = 0  # the tables stored so far
 
     def _c_kernel(self, key: tuple, name: str, params: tuple[KernelParam, ...], source: Any) -> Kernel:
         if key not in self.kernels:
@@ -284,8 +287,11 @@ class Builder(_Builder):
         return super().bit_linear(node, out_shape)
 
 
-def builder_for(features: frozenset[str], recompute: bool = True) -> type[Builder]:
+def builder_for(
+    features: frozenset[str], recompute: bool = True, flash_bytes: int = 4 << 20, conv_tables: object = "auto"
+) -> type[Builder]:
     """The walker for a core with these capability features (``mve``, ``dsp``); ``recompute``:
-    see :mod:`.fusion`."""
+    see :mod:`.fusion`; ``flash_bytes`` (the board's) and ``conv_tables``: see :mod:`.conv_tables`."""
     isa = "mve" if "mve" in features else "dsp" if "dsp" in features else "scalar"
-    return type(f"Builder_{isa}", (Builder,), {"isa": isa, "recompute": recompute})
+    attrs = {"isa": isa, "recompute": recompute, "flash_bytes": flash_bytes, "conv_tables": conv_tables}
+    return type(f"Builder_{isa}", (Builder,), attrs)
