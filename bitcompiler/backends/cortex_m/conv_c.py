@@ -236,7 +236,9 @@ def fused_source(
     names = {p.arg: f"T{i}" for i, p in enumerate(tensors)}
 
     def operand(kind: str, what: str) -> str:
-        return f"{names[what]}[j * {hw} + p]" if kind == "tensor" else f"rv{what}[j]"
+        if kind == "tensor":
+            return f"{names[what]}[j * {hw} + p]"
+        return f"re{what}" if remats[int(what)].chain else f"rv{what}[j]"
 
     body: list[str] = [line for p in (producer, *remats) for line in p.prologue()]
     if sink.kind == "mean":
@@ -245,17 +247,18 @@ def fused_source(
     for i, r in enumerate(remats):
         ro = r.spec.out_channels
         body += [f"  float rv{i}[{ro}];", *("  " + line for line in r.pixel(f"rv{i}"))]
-        if r.chain:
-            body += [f"  for (int32_t j = 0; j < {ro}; ++j) {{"]
-            body += ["    " + line for line in apply(r.chain, f"rv{i}[j]", operand)] + [
-                f"    rv{i}[j] = e;",
-                "  }",
-            ]
+    # the remats' chains at their use: in the loop over the channels with the producer's chain
+    uses = [
+        line
+        for i, r in enumerate(remats)
+        if r.chain
+        for line in (f"float re{i};", "{", *apply(r.chain, f"rv{i}[j]", operand), f"  re{i} = e;", "}")
+    ]
     words = -(-o // 32)
     body += [f"  float v[{o}];", *("  " + line for line in producer.pixel("v"))]
     if sink.kind == "packed":
         body.append(f"  uint32_t bits[{words}] = {{0}};")
-    body += [f"  for (int32_t j = 0; j < {o}; ++j) {{"]
+    body += ["  #pragma GCC unroll 8", f"  for (int32_t j = 0; j < {o}; ++j) {{", *("    " + line for line in uses)]
     body += ["    " + line for line in apply(producer.chain, "v[j]", operand)]
     if sink.kind == "float":
         body.append(f"    Y[j * {hw} + p] = e;")
