@@ -37,7 +37,11 @@ def test_tables_count_the_matching_bits(bits, c, o):
     bits_x = rng.integers(0, 2, (taps * cw, 32)).astype(bool) & valid
     pack = lambda b: np.packbits(b, axis=-1, bitorder="little").view("<u4")[..., 0].astype(np.int64)
     words, x = pack(bits_w).astype(np.uint32).view(np.int32), pack(bits_x)
-    tab = store_tables(words, taps, cw, c, bits).view(np.uint8).reshape(-1, len(fields(taps, cw, c, bits)), 1 << bits, 32)
+    tab = (
+        store_tables(words, taps, cw, c, bits)
+        .view(np.uint8)
+        .reshape(-1, len(fields(taps, cw, c, bits)), 1 << bits, 32)
+    )
     got = np.zeros(tab.shape[0] * 32, np.int64)
     for n, (i, pos, _) in enumerate(fields(taps, cw, c, bits)):
         v = (int(x[i]) >> pos) & ((1 << bits) - 1)
@@ -48,8 +52,20 @@ def test_tables_count_the_matching_bits(bits, c, o):
 
 def test_width_follows_the_flash_budget():
     spec = kernels.ConvSpec(
-        in_channels=32, out_channels=64, in_h=14, in_w=14, kernel=(3, 3), padding=(1, 1), stride=(1, 1),
-        dilation=(1, 1), groups=1, bits=1, code="pm1", act="binary", has_offset=False, threshold=False,
+        in_channels=32,
+        out_channels=64,
+        in_h=14,
+        in_w=14,
+        kernel=(3, 3),
+        padding=(1, 1),
+        stride=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        bits=1,
+        code="pm1",
+        act="binary",
+        has_offset=False,
+        threshold=False,
     )
     assert table_bytes(spec, 4) == 2 * 72 * 16 * 32 and table_bytes(spec, 8) == 2 * 36 * 256 * 32
     assert choose_bits(spec, 1 << 20) == 8
@@ -87,4 +103,20 @@ def test_table_convs_match_the_reference(core, bits, tmp_path):
     # c2 and c3; byte tables (720 KiB, 1.1 MiB) exceed half the M55 board's 512 KiB: popcount rows
     tables = 0 if (core, bits) == ("cortex-m55", 8) else 2
     assert (tmp_path / "weights.h").read_text().count(f"_tab{bits}[") == tables
+    assert torch.equal(cm(x), cm.reference(x))
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_tables_that_leave_no_flash_fall_back_to_the_popcount_rows():
+    """48 KiB of flash: c2's nibble tables (36 KiB) fit the tables' budget (3/4) but not the
+    board with the program: built again without tables, and still exact."""
+    from bench.cortex_m import issue_cnn
+
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cm = bc.compile(
+        issue_cnn(), (x[:1],), target=bc.Target("cortex-m4", flash_kb=48), scheme="binary:act=binary"
+    )
+    extra = cm.report().extra
+    assert extra["conv_tables"] == "off" and extra["flash_bytes"] <= 48 * 1024, extra
     assert torch.equal(cm(x), cm.reference(x))

@@ -258,7 +258,11 @@ def fused_source(
     body += [f"  float v[{o}];", *("  " + line for line in producer.pixel("v"))]
     if sink.kind == "packed":
         body.append(f"  uint32_t bits[{words}] = {{0}};")
-    body += ["  #pragma GCC unroll 8", f"  for (int32_t j = 0; j < {o}; ++j) {{", *("    " + line for line in uses)]
+    body += [
+        "  #pragma GCC unroll 8",
+        f"  for (int32_t j = 0; j < {o}; ++j) {{",
+        *("    " + line for line in uses),
+    ]
     body += ["    " + line for line in apply(producer.chain, "v[j]", operand)]
     if sink.kind == "float":
         body.append(f"    Y[j * {hw} + p] = e;")

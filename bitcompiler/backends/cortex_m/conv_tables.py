@@ -142,7 +142,12 @@ def _finish(isa: str, widened: bool, k: int) -> list[str]:
         if widened:
             lines.append(f"ldrd r7, {X}, [sp, #{WIDE + 8 * q}]")
         lines += _lanes(isa, a, "r7", X, not widened)
-        lines += [f"uxth {T}, r7", f"rsb {T}, {TB}, {T}, lsl #1", f"uxth r12, {X}", f"rsb r12, {TB}, r12, lsl #1"]
+        lines += [
+            f"uxth {T}, r7",
+            f"rsb {T}, {TB}, {T}, lsl #1",
+            f"uxth r12, {X}",
+            f"rsb r12, {TB}, r12, lsl #1",
+        ]
         lines += [f"strd {T}, r12, [lr], #8", f"rsb {T}, {TB}, r7, lsr #15", f"rsb r12, {TB}, {X}, lsr #15"]
         lines.append(f"strd {T}, r12, [lr], #8")
     return [*lines, f"str lr, [sp, #{SAVE_OUT}]", f"ldr {TB}, [sp, #{SAVE_TB}]"]
@@ -182,7 +187,9 @@ def _block_asm(isa: str, fl: list[tuple[int, int, int]], bits: int, k: int) -> l
     return [*lines, f"add {TB}, {TB}, #{(len(fl) - base) * size}"]
 
 
-def table_asm(isa: str, fl: list[tuple[int, int, int]], bits: int, k: int, names: tuple[str, ...]) -> list[str]:
+def table_asm(
+    isa: str, fl: list[tuple[int, int, int]], bits: int, k: int, names: tuple[str, ...]
+) -> list[str]:
     """The Thumb-2 statement: ``out[j] = 2 m_j - k`` for every block (``names``: the C
     expressions of the words, the tables, ``out`` and the tables' end)."""
     from bitcompiler.backends.cortex_m.binary_c import _quoted

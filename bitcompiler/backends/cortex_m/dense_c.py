@@ -89,7 +89,7 @@ class Builder(_Builder):
 
     isa = "scalar"
     recompute = True  # recompute a conv inside its readers' kernels instead of storing its map
-    flash_bytes = 4 << 20  # the board's: W1A1 conv tables take at most half (.conv_tables)
+    flash_bytes = 4 << 20  # the board's: W1A1 conv tables take at most 3/4 (.conv_tables)
     conv_tables: object = "auto"
     table_bytes = 0  # the tables stored so far
 

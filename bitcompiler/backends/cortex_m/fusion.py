@@ -291,7 +291,7 @@ def make_producer(b: Any, node: torch.fx.Node, kind: str, spec: Any, prefix: str
         (xp,) = b.quantized_input(x, "binary", 1, (c, h, w), (c, h, w, 1))
         epi = b.epilogue_args(call)
         b.drop_weight(epi[0])
-        tables = choose_bits(spec, b.flash_bytes // 2 - b.table_bytes, b.conv_tables)
+        tables = choose_bits(spec, b.flash_bytes * 3 // 4 - b.table_bytes, b.conv_tables)
         epi[0], wt = binary_conv_weights(b, call, spec, tables)
         names = ["P", "TS", "TH"] if spec.threshold else ["P", "SC", "OF", "BI"]
         params = [Param(n("XP"), "int32", b.tensors[xp].shape, xp)]
