@@ -50,6 +50,7 @@ from bitcompiler.backends.cortex_m.dense_sources import (
     float_pm1_source,
     int8_block,
     int8_source,
+    packed_x,
     quantize_source,
     store_int8_codes,
     table_floats,
@@ -161,7 +162,7 @@ class Builder(_Builder):
         w = self._stored(call, "codes", stored)
         act_args = self.quantized_input(x, "int8", rows, (k,), None)
         epi = [self.weight(call.tensors[name], "float32") for name in ("scale", "offset", "bias")]
-        words = {"scalar": 4 * -(-k // 4), "dsp": 2 * -(-k // 4)}.get(isa, 0)
+        words = {"scalar": 4 * -(-k // 4), "dsp": 2 * -(-k // 4)}.get(isa, 0) * (not packed_x(isa, k))
         params = (
             KernelParam("XQ", "int8", (rows, k)),
             KernelParam("XS", "float32", (rows,)),
