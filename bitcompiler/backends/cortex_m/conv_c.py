@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitcompiler.backends.cortex_m.binary_c import float_pass, prepare_lines, rows_lines
+from bitcompiler.backends.cortex_m.binary_c import float_pass, rows_lines
 from bitcompiler.backends.cortex_m.conv_tables import table_lines
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
@@ -165,7 +165,7 @@ class Producer:
         if self.tables:
             sums = table_lines(isa, s, self.tables, ("a", n("P"), "yi"))
         else:
-            sums = [*prepare_lines(words, "a"), *rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi"))]
+            sums = rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi"))
         lines = [
             f"uint32_t a[{words}];",
             f"int32_t miss[{taps}], nm = 0;",
