@@ -13,6 +13,7 @@ from torch import nn
 import bitcompiler as bc
 from bitcompiler import kernels
 from bitcompiler.backends.cortex_m.conv_tables import choose_bits, fields, store_tables, table_bytes
+from bitcompiler.errors import TargetError
 from tests.backends.test_cortex_m_memory import needs_toolchain
 from tests.conftest import randomize_bn
 
@@ -72,6 +73,8 @@ def test_width_follows_the_flash_budget():
     assert choose_bits(spec, 100_000) == 4  # bytes do not fit: nibbles
     assert choose_bits(spec, 50_000) == 0  # nothing fits: the popcount rows
     assert choose_bits(spec, 1 << 20, "off") == 0 and choose_bits(spec, 1 << 20, 4) == 4
+    with pytest.raises(TargetError, match="conv_tables='fast'"):
+        choose_bits(spec, 1 << 20, "fast")
 
 
 class TableShapes(nn.Module):

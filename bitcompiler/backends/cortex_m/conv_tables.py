@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bitcompiler.errors import TargetError
+
 BLOCK = 32  # output channels a pass: 8 words of byte sums in registers
 ACC = ("r0", "r1", "r2", "r3", "r4", "r5", "r6", "r8")
 X, T, TB = "r9", "r10", "r11"
@@ -52,6 +54,10 @@ def table_bytes(spec: object, bits: int) -> int:
 def choose_bits(spec: object, budget: int, option: object = "auto") -> int:
     """The field width of a layer's tables (8, 4) or 0 (the popcount rows): ``option`` "auto"
     takes the widest whose tables fit ``budget`` bytes; 4 or 8 force one; "off" none."""
+    if option not in ("auto", "off", 4, 8, "4", "8"):
+        raise TargetError(
+            f"conv_tables={option!r}: use 'auto' (the default), 4 (nibbles), 8 (bytes) or 'off'"
+        )
     s = spec
     words = s.kernel[0] * s.kernel[1] * s.words_per_group  # type: ignore[attr-defined]
     if option == "off" or s.groups != 1 or words > MAX_WORDS or s.out_channels < 16:  # type: ignore[attr-defined]
