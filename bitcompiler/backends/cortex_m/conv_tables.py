@@ -21,6 +21,8 @@ nibbles, 288 KiB with bytes). :func:`choose_bits` takes the widest that fits the
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from bitcompiler.errors import TargetError
@@ -44,14 +46,15 @@ def fields(taps: int, cw: int, c: int, bits: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def table_bytes(spec: object, bits: int) -> int:
+def table_bytes(spec: Any, bits: int) -> int:
+    """Flash of a conv's (``kernels.ConvSpec``) tables of ``bits``-bit fields."""
     s = spec
-    blocks = -(-s.out_channels // BLOCK)  # type: ignore[attr-defined]
-    n = len(fields(s.kernel[0] * s.kernel[1], s.words_per_group, s.cg, bits))  # type: ignore[attr-defined]
+    blocks = -(-s.out_channels // BLOCK)
+    n = len(fields(s.kernel[0] * s.kernel[1], s.words_per_group, s.cg, bits))
     return blocks * n * (1 << bits) * BLOCK
 
 
-def choose_bits(spec: object, budget: int, option: object = "auto") -> int:
+def choose_bits(spec: Any, budget: int, option: object = "auto") -> int:
     """The field width of a layer's tables (8, 4) or 0 (the popcount rows): ``option`` "auto"
     takes the widest whose tables fit ``budget`` bytes; 4 or 8 force one; "off" none."""
     if option not in ("auto", "off", 4, 8, "4", "8"):
@@ -59,12 +62,12 @@ def choose_bits(spec: object, budget: int, option: object = "auto") -> int:
             f"conv_tables={option!r}: use 'auto' (the default), 4 (nibbles), 8 (bytes) or 'off'"
         )
     s = spec
-    words = s.kernel[0] * s.kernel[1] * s.words_per_group  # type: ignore[attr-defined]
-    if option == "off" or s.groups != 1 or words > MAX_WORDS or s.out_channels < 16:  # type: ignore[attr-defined]
+    words = s.kernel[0] * s.kernel[1] * s.words_per_group
+    if option == "off" or s.groups != 1 or words > MAX_WORDS or s.out_channels < 16:
         return 0
-    if s.kernel[0] * s.kernel[1] * s.cg >= 1 << 15:  # type: ignore[attr-defined]
+    if s.kernel[0] * s.kernel[1] * s.cg >= 1 << 15:
         return 0  # the sums' 16-bit lanes
-    widths = (8, 4) if option == "auto" else (int(option),)  # type: ignore[call-overload]
+    widths = (8, 4) if option == "auto" else (int(str(option)),)
     return next((b for b in widths if table_bytes(spec, b) <= budget), 0)
 
 
@@ -241,11 +244,11 @@ def table_c(fl: list[tuple[int, int, int]], bits: int, k: int, o: int, names: tu
     ]
 
 
-def table_lines(isa: str, spec: object, bits: int, names: tuple[str, str, str]) -> list[str]:
+def table_lines(isa: str, spec: Any, bits: int, names: tuple[str, str, str]) -> list[str]:
     """C lines of ``yi[j] = K - 2 popcount`` over the pixel's gathered words by the tables
     (``names``: the C expressions of the words, the tables and ``yi``)."""
     s = spec
-    taps, cw, c, o = s.kernel[0] * s.kernel[1], s.words_per_group, s.cg, s.out_channels  # type: ignore[attr-defined]
+    taps, cw, c, o = s.kernel[0] * s.kernel[1], s.words_per_group, s.cg, s.out_channels
     fl, k = fields(taps, cw, c, bits), taps * c
     blocks = -(-o // BLOCK)
     xs, tab, yi = names
