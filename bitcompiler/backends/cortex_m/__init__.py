@@ -11,7 +11,9 @@ True
 
 Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., count_instructions=True)``;
 ``Target("cortex-m55", mve=False)`` builds without the Helium kernels (the scalar DSP ones).
-``Target("cortex-m4", recompute=False)`` stores a residual's float map instead of recomputing its
+``Target("cortex-m4", conv_tables=4)`` computes W1A1 convs by lookup tables of nibbles (``8``: bytes,
+``"off"``: the popcount rows; default ``"auto"``: the widest that fits the board's flash, see
+:mod:`.conv_tables`). ``Target("cortex-m4", recompute=False)`` stores a residual's float map instead of recomputing its
 conv inside the kernel that adds it (more RAM, fewer instructions; see :mod:`.fusion`).
 """
 
@@ -25,7 +27,7 @@ from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, bui
 from bitcompiler.backends.cortex_m.boards import board_for
 from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, STACK_BYTES, write_bundle
 from bitcompiler.backends.cortex_m.runner import BundleBackend, BundleRunner, Toolchain
-from bitcompiler.errors import ModelTooLarge
+from bitcompiler.errors import FirmwareError, ModelTooLarge
 
 __all__ = ["CortexMBackend", "CortexMLoweringError", "ModelTooLarge"]
 
@@ -67,6 +69,30 @@ class CortexMBackend(BundleBackend):
     def device(self, target: Target) -> Any:
         return board_for(target)
 
+    def _built(self, inp: BuildInput, target: Target, tables: object) -> tuple[Program, BundleRunner, Any]:
+        """The program with ``tables`` (``conv_tables``), its bundle built; ModelTooLarge when it
+        does not fit the board."""
+        board = board_for(target)
+        builder = dense_c.builder_for(
+            self.capabilities(target).features, bool(target.get("recompute", True)), board.flash_bytes, tables
+        )
+        program = build_program(inp.graph, inp.example_inputs, self.tvm_target(target), builder)
+        check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
+        runner = self.runner_for(target, program)
+        write_bundle(program, board, runner.bundle)
+        try:
+            size = qemu.sizes(self.tools.build(runner.bundle))
+        except FirmwareError as e:
+            if "region `FLASH' overflowed" not in str(e):
+                raise
+            raise ModelTooLarge(
+                f"the model's code and weights overflow the {board.flash_bytes:,} B of flash of {board.name}; "
+                f"largest layers (weights): {_largest(program.layer_bytes)}. Use fewer bits per weight "
+                "or a smaller model."
+            ) from e
+        check_fits(program, target, size.flash_bytes, size.static_ram_bytes + STACK_BYTES)
+        return program, runner, size
+
     def capabilities(self, target: Target) -> Capabilities:
         board = board_for(target)
         features = {
@@ -87,19 +113,22 @@ class CortexMBackend(BundleBackend):
         )
 
     def build(self, inp: BuildInput, target: Target) -> BundleRunner:
-        """C from the rewritten graph (not Relax): the AOT program, built and run once under QEMU."""
-        gm, example_inputs = inp.graph, inp.example_inputs
+        """C from the rewritten graph (not Relax): the AOT program, built and run once under QEMU.
+        With ``conv_tables="auto"`` a model whose W1A1 conv tables leave it too large for the
+        board's flash is built again with nibble tables, then without (:mod:`.conv_tables`)."""
         qemu.require_toolchain()
+        tables = target.get("conv_tables") or "auto"
+        choices = [tables, 4, "off"] if tables == "auto" else [tables]
+        for i, choice in enumerate(choices):
+            try:
+                program, runner, size = self._built(inp, target, choice)
+                break
+            except ModelTooLarge as e:
+                if i == len(choices) - 1 or "of flash" not in str(e):
+                    raise
         board = board_for(target)
-        builder = dense_c.builder_for(self.capabilities(target).features, bool(target.get("recompute", True)))
-        program = build_program(gm, example_inputs, self.tvm_target(target), builder)
-        check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
-        runner = self.runner_for(target, program)
-        write_bundle(program, board, runner.bundle)
-        size = qemu.sizes(self.tools.build(runner.bundle))
-        check_fits(program, target, size.flash_bytes, size.static_ram_bytes + STACK_BYTES)
         count = bool(target.get("count_instructions", True))
-        result = runner.run_example(example_inputs, count)
+        result = runner.run_example(inp.example_inputs, count)
         runner.report_extra.update(
             {
                 "board": board.name,
@@ -113,6 +142,7 @@ class CortexMBackend(BundleBackend):
                 "stack_bytes": result.stack_bytes,
                 "weights_flash_bytes": program.weight_bytes,
                 "kernels": dict(program.layer_kernels),  # layer -> the C kernel it runs
+                "conv_tables": choice,  # the conv_tables the program was built with
             }
         )
         return runner

@@ -172,8 +172,7 @@ def _asm_block(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -
     frame = 4 * kw + 8  # words, the end pointer, 8-byte aligned
     frame += frame % 8
     text = [f"sub sp, sp, #{frame}", f"str r1, [sp, #{4 * kw}]"] + [f"mov {ZERO}, #0"] * (isa == "dsp")
-    for w in range(kw):
-        text += [f"ldr r2, [r0, #{4 * w}]", f"str r2, [sp, #{4 * w}]"]
+    text += _copy_prepared(kw)
     if n >= 2:
         text += ["1:", *_rows_asm(isa, kw, k, True), f"ldr r2, [sp, #{4 * kw}]", "cmp r12, r2", "bne 1b"]
     if n % 2:
@@ -194,6 +193,18 @@ def _asm_block(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -
     ]
 
 
+def _copy_prepared(kw: int) -> list[str]:
+    """Asm: the words at ``r0`` copied below ``sp``, each group of three as ``x0, x0 ^ x1,
+    x0 ^ x2`` (the order :func:`store_w1a1_words` gives the weights)."""
+    text = []
+    for s, size in groups(kw):
+        regs = ("r2", "r3", "r4")[:size]
+        text += [f"ldr {r}, [r0, #{4 * (s + i)}]" for i, r in enumerate(regs)]
+        text += ["eor r3, r3, r2", "eor r4, r4, r2"] if size == 3 else []
+        text += [f"str {r}, [sp, #{4 * (s + i)}]" for i, r in enumerate(regs)]
+    return text
+
+
 def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
     """The same sums in C, over the same stored order (host builds, unoptimized builds); its
     locals are ``bitc_``-named so that they hide none of the caller's."""
@@ -205,7 +216,9 @@ def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
     ]
     for s, size in groups(kw):
         w = f"{p}[{kw} * bitc_pair + (bitc_in ? 2 * {s} + bitc_b * {size} : {s})"
-        terms = [f"((uint32_t){xs}[{s + i}] ^ (uint32_t){w} + {i}])" for i in range(size)]
+        x = [f"(uint32_t){xs}[{s + i}]" for i in range(size)]
+        x = x if size < 3 else [x[0], f"({x[0]} ^ {x[1]})", f"({x[0]} ^ {x[2]})"]  # prepared
+        terms = [f"({x[i]} ^ (uint32_t){w} + {i}])" for i in range(size)]
         if size == 3:
             ones, twos = "bitc_d ^ bitc_u ^ bitc_v", "bitc_d ^ (bitc_u & bitc_v)"
             body += [
@@ -217,20 +230,9 @@ def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
     return [*body, f"  {yi}[j] = {k} - 2 * (int32_t)bitc_pc;", "}"]
 
 
-def prepare_lines(kw: int, xs: str) -> list[str]:
-    """C lines preparing the words ``xs[kw]`` in place: each group of three as ``x0, x0 ^ x1,
-    x0 ^ x2`` (the order :func:`store_w1a1_words` gives the weights)."""
-    return [
-        line
-        for s, size in groups(kw)
-        if size == 3
-        for line in (f"{xs}[{s + 1}] ^= {xs}[{s}];", f"{xs}[{s + 2}] ^= {xs}[{s}];")
-    ]
-
-
 def rows_lines(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
     """C lines of ``yi[j] = k - 2 popcount(xs ^ row j)`` for the ``n`` rows of ``P`` (stored by
-    :func:`store_w1a1_words`; ``xs`` prepared by :func:`prepare_lines`; ``names``: the C
+    :func:`store_w1a1_words`; ``xs`` the packed words as they are; ``names``: the C
     expressions of ``xs``, ``P``, ``yi``): the Thumb-2 row loop (``isa`` "dsp": USADA8 sums, else
     the M3's byte folds) where the core runs it, the C loop elsewhere. ``k`` may be below
     ``32 kw`` when the words carry zero padding in both operands (a conv's taps)."""
@@ -291,14 +293,11 @@ def w1a1_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: boo
         ]
     else:
         params, out = "float* SC, float* OF, float* BI", float_pass(n)
-    prep = [f"uint32_t xs[{kw}];", *(f"xs[{w}] = (uint32_t)x[{w}];" for w in range(kw))]
-    prep += prepare_lines(kw, "xs")
     body = [
         f"for (int32_t m = 0; m < {rows}; ++m) {{",
-        f"  const int32_t *x = XP + m * {kw};",
+        f"  const uint32_t *xs = (const uint32_t *)XP + m * {kw};",
         f"  float *y = Y + m * {n};",
         "  bitc_i32_alias *yi = (bitc_i32_alias*)y;",
-        *("  " + line for line in prep),
     ]
     body += ["  " + line for line in rows_lines(isa, kw, k, n, ("xs", "P", "yi"))]
     body += [*("  " + line for line in out), "}"]

@@ -96,6 +96,18 @@ static inline int32_t bitc_round_s32(float v) {
           :                                                                                  \\
           : "memory");                                                                       \\
   } while (0)
+/* The same step reading the activations as int8 (one LDR, two SXTB16 for the four rows): no
+   unpacked copy of the row in RAM (a dense layer with K % 4 == 0) */
+#define BITC_SMLAD_4ROWS_Q(A0, A1, A2, A3, W, XQ)                                            \\
+  do {                                                                                       \\
+    int32_t xa_, xb_, c_, t_;                                                                \\
+    __asm("ldr %[xb], [%[xq]], #4\\n\\tsxtb16 %[xa], %[xb]\\n\\tsxtb16 %[xb], %[xb], ror #8\\n\\t"    \\
+          BITC_SMLAD_ROW(a0) BITC_SMLAD_ROW(a1) BITC_SMLAD_ROW(a2) BITC_SMLAD_ROW(a3)        \\
+          : [a0] "+r"(A0), [a1] "+r"(A1), [a2] "+r"(A2), [a3] "+r"(A3), [w] "+r"(W),         \\
+            [xq] "+r"(XQ), [xa] "=&r"(xa_), [xb] "=&r"(xb_), [c] "=&r"(c_), [t] "=&r"(t_)    \\
+          :                                                                                  \\
+          : "memory");                                                                       \\
+  } while (0)
 #define BITC_SMLAD_ROW(a)                                                                      \\
   "ldr %[c], [%[w]], #4\\n\\t"                                                                   \\
   "sxtb16 %[t], %[c]\\n\\t"                                                                      \\
@@ -116,6 +128,15 @@ static inline int32_t bitc_smlad_row(int32_t c, int32_t xa, int32_t xb, int32_t 
     A3 = bitc_smlad_row((W)[3], xa_, xb_, A3);                                               \\
     (XU) += 2;                                                                               \\
     (W) += 4;                                                                                \\
+  } while (0)
+#define BITC_SMLAD_4ROWS_Q(A0, A1, A2, A3, W, XQ)                                            \\
+  do {                                                                                       \\
+    const int8_t *q_ = (const int8_t *)(XQ);                                                 \\
+    int32_t xu_[2] = {(q_[0] & 0xFFFF) | (int32_t)((uint32_t)q_[2] << 16),                   \\
+                      (q_[1] & 0xFFFF) | (int32_t)((uint32_t)q_[3] << 16)};                  \\
+    const int32_t *p_ = xu_;                                                                 \\
+    BITC_SMLAD_4ROWS(A0, A1, A2, A3, W, p_);                                                 \\
+    (XQ) += 4;                                                                               \\
   } while (0)
 #endif
 """

@@ -34,7 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitcompiler.backends.cortex_m.binary_c import float_pass, prepare_lines, rows_lines
+from bitcompiler.backends.cortex_m.binary_c import float_pass, rows_lines
+from bitcompiler.backends.cortex_m.conv_tables import table_lines
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
@@ -62,6 +63,7 @@ class Producer:
     isa: str = "scalar"
     shift: bool = False  # int8: codes stored as Q - 128
     chain: list[tuple] = field(default_factory=list)  # elementwise ops applied to v (see apply)
+    tables: int = 0  # binary: the field bits of its lookup tables (.conv_tables), 0: popcount rows
 
     def n(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -160,14 +162,17 @@ class Producer:
             f"for (int32_t i = 0; i < {words}; ++i) sx += bitc_popcount((int32_t)a[i]);",
         ]
         isa = "scalar" if self.isa == "scalar" else "dsp"  # M55: the Thumb-2 DSP loop too
+        if self.tables:
+            sums = table_lines(isa, s, self.tables, ("a", n("P"), "yi"))
+        else:
+            sums = rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi"))
         lines = [
             f"uint32_t a[{words}];",
             f"int32_t miss[{taps}], nm = 0;",
             "bitc_i32_alias *yi = (bitc_i32_alias*)" + v + ";",
             *self._window(inside, outside),
             *(sumx if s.has_offset and not s.threshold else []),
-            *prepare_lines(words, "a"),
-            *rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi")),
+            *sums,
             *(self._outside_taps() if any(s.padding) else []),
         ]
         if not s.threshold and not s.has_offset:  # SC * acc + BI: the dense kernel's float pass
@@ -231,7 +236,9 @@ def fused_source(
     names = {p.arg: f"T{i}" for i, p in enumerate(tensors)}
 
     def operand(kind: str, what: str) -> str:
-        return f"{names[what]}[j * {hw} + p]" if kind == "tensor" else f"rv{what}[j]"
+        if kind == "tensor":
+            return f"{names[what]}[j * {hw} + p]"
+        return f"re{what}" if remats[int(what)].chain else f"rv{what}[j]"
 
     body: list[str] = [line for p in (producer, *remats) for line in p.prologue()]
     if sink.kind == "mean":
@@ -240,17 +247,22 @@ def fused_source(
     for i, r in enumerate(remats):
         ro = r.spec.out_channels
         body += [f"  float rv{i}[{ro}];", *("  " + line for line in r.pixel(f"rv{i}"))]
-        if r.chain:
-            body += [f"  for (int32_t j = 0; j < {ro}; ++j) {{"]
-            body += ["    " + line for line in apply(r.chain, f"rv{i}[j]", operand)] + [
-                f"    rv{i}[j] = e;",
-                "  }",
-            ]
+    # the remats' chains at their use: in the loop over the channels with the producer's chain
+    uses = [
+        line
+        for i, r in enumerate(remats)
+        if r.chain
+        for line in (f"float re{i};", "{", *apply(r.chain, f"rv{i}[j]", operand), f"  re{i} = e;", "}")
+    ]
     words = -(-o // 32)
     body += [f"  float v[{o}];", *("  " + line for line in producer.pixel("v"))]
     if sink.kind == "packed":
         body.append(f"  uint32_t bits[{words}] = {{0}};")
-    body += [f"  for (int32_t j = 0; j < {o}; ++j) {{"]
+    body += [
+        "  #pragma GCC unroll 8",
+        f"  for (int32_t j = 0; j < {o}; ++j) {{",
+        *("    " + line for line in uses),
+    ]
     body += ["    " + line for line in apply(producer.chain, "v[j]", operand)]
     if sink.kind == "float":
         body.append(f"    Y[j * {hw} + p] = e;")

@@ -50,6 +50,7 @@ from bitcompiler.backends.cortex_m.dense_sources import (
     float_pm1_source,
     int8_block,
     int8_source,
+    packed_x,
     quantize_source,
     store_int8_codes,
     table_floats,
@@ -89,6 +90,9 @@ class Builder(_Builder):
 
     isa = "scalar"
     recompute = True  # recompute a conv inside its readers' kernels instead of storing its map
+    flash_bytes = 4 << 20  # the board's: W1A1 conv tables take at most 3/4 (.conv_tables)
+    conv_tables: object = "auto"
+    table_bytes = 0  # the tables stored so far
 
     def _c_kernel(self, key: tuple, name: str, params: tuple[KernelParam, ...], source: Any) -> Kernel:
         if key not in self.kernels:
@@ -158,7 +162,7 @@ class Builder(_Builder):
         w = self._stored(call, "codes", stored)
         act_args = self.quantized_input(x, "int8", rows, (k,), None)
         epi = [self.weight(call.tensors[name], "float32") for name in ("scale", "offset", "bias")]
-        words = {"scalar": 4 * -(-k // 4), "dsp": 2 * -(-k // 4)}.get(isa, 0)
+        words = {"scalar": 4 * -(-k // 4), "dsp": 2 * -(-k // 4)}.get(isa, 0) * (not packed_x(isa, k))
         params = (
             KernelParam("XQ", "int8", (rows, k)),
             KernelParam("XS", "float32", (rows,)),
@@ -284,8 +288,11 @@ class Builder(_Builder):
         return super().bit_linear(node, out_shape)
 
 
-def builder_for(features: frozenset[str], recompute: bool = True) -> type[Builder]:
+def builder_for(
+    features: frozenset[str], recompute: bool = True, flash_bytes: int = 4 << 20, conv_tables: object = "auto"
+) -> type[Builder]:
     """The walker for a core with these capability features (``mve``, ``dsp``); ``recompute``:
-    see :mod:`.fusion`."""
+    see :mod:`.fusion`; ``flash_bytes`` (the board's) and ``conv_tables``: see :mod:`.conv_tables`."""
     isa = "mve" if "mve" in features else "dsp" if "dsp" in features else "scalar"
-    return type(f"Builder_{isa}", (Builder,), {"isa": isa, "recompute": recompute})
+    attrs = {"isa": isa, "recompute": recompute, "flash_bytes": flash_bytes, "conv_tables": conv_tables}
+    return type(f"Builder_{isa}", (Builder,), attrs)

@@ -36,8 +36,9 @@ def store_int8_codes(codes: np.ndarray, block: int) -> np.ndarray:
     return padded.reshape(np_ // ROWS, ROWS, kp // block, block).transpose(0, 2, 1, 3).reshape(-1)
 
 
-def row_accumulators(isa: str, k: int) -> list[str]:
-    """C lines: ``a0..a3 += codes(rows) . x`` over one block row, ``w`` advancing."""
+def row_accumulators(isa: str, k: int, packed: bool = False) -> list[str]:
+    """C lines: ``a0..a3 += codes(rows) . x`` over one block row, ``w`` advancing; ``packed``
+    (DSP, :func:`packed_x`): the int8 ``x`` itself instead of its unpacked pairs ``XU``."""
     if isa == "mve":
         full, tail = divmod(k, 16)
         lines = [f"for (int32_t i = 0; i < {full}; ++i) {{", "  int8x16_t vx = vldrbq_s8(x + 16 * i);"]
@@ -50,9 +51,14 @@ def row_accumulators(isa: str, k: int) -> list[str]:
         return lines
     words = -(-k // 4)
     if isa == "dsp":
-        lines = ["const int32_t *xu = XU, *ww = (const int32_t*)w;"]
+        xs = "const int8_t *xq = x;" if packed else "const int32_t *xu = XU;"
+        lines = [xs, "const int32_t *ww = (const int32_t*)w;"]
         lines += [f"#pragma GCC unroll {math.gcd(words, 2)}", f"for (int32_t i = 0; i < {words}; ++i)"]
-        lines += ["  BITC_SMLAD_4ROWS(a0, a1, a2, a3, ww, xu);"]
+        lines += [
+            "  BITC_SMLAD_4ROWS_Q(a0, a1, a2, a3, ww, xq);"
+            if packed
+            else "  BITC_SMLAD_4ROWS(a0, a1, a2, a3, ww, xu);"
+        ]
         return [*lines, f"w += {words * ROWS * 4};"]
     lines = ["const int32_t *xu = XU;", f"for (int32_t i = 0; i < {words}; ++i, xu += 4, w += 16) {{"]
     for j in range(4):
@@ -116,8 +122,15 @@ def binary_source(symbol: str, isa: str, rows: int, k: int, n: int, threshold: b
     return c_kernel(symbol, f"int32_t* XP, int32_t* P, {params}, float* Y", body)
 
 
-def unpack(isa: str, k: int) -> list[str]:
-    """C lines: ``sumx`` of the sample's ``x``; the operands the scalar and DSP loops read (``XU``)."""
+def packed_x(isa: str, k: int) -> bool:
+    """A dense layer's DSP loop reads its int8 row as it is (whole words: ``K % 4 == 0``): no
+    ``XU`` (2 bytes a value) in RAM, two ``SXTB16`` more per four inputs and four rows."""
+    return isa == "dsp" and k % 4 == 0
+
+
+def unpack(isa: str, k: int, packed: bool = False) -> list[str]:
+    """C lines: ``sumx`` of the sample's ``x``; the operands the scalar and DSP loops read (``XU``;
+    none when ``packed``)."""
     if isa == "mve":
         full, tail = divmod(k, 16)
         lines = [f"for (int32_t i = 0; i < {full}; ++i) sumx = vaddvaq_s8(sumx, vldrbq_s8(x + 16 * i));"]
@@ -130,10 +143,10 @@ def unpack(isa: str, k: int) -> list[str]:
     guard = lambda j: "" if k % 4 == 0 else f"if (4 * i + {j} < {k}) "
     lines += [f"  {guard(j)}x{j} = x[4 * i + {j}];" for j in (1, 2, 3)]
     lines.append("  sumx += x0 + x1 + x2 + x3;")
-    if isa == "dsp":  # the pairs SXTB16 gives of x and of x rotated by 8
+    if isa == "dsp" and not packed:  # the pairs SXTB16 gives of x and of x rotated by 8
         lines += ["  XU[2 * i] = (x0 & 0xFFFF) | ((uint32_t)x2 << 16);"]
         lines += ["  XU[2 * i + 1] = (x1 & 0xFFFF) | ((uint32_t)x3 << 16);"]
-    else:
+    elif isa != "dsp":
         lines += [f"  XU[4 * i + {j}] = x{j};" for j in range(4)]
     return [*lines, "}"]
 
@@ -143,17 +156,18 @@ def int8_source(symbol: str, isa: str, rows: int, k: int, n: int, shift: bool) -
     the numerics' epilogue in its order."""
     epi_params = "float* SC, float* OF, float* BI"
     out = "(((SC[n] * XS[m]) * (float)acc) + ((OF[n] * XS[m]) * (float)sumx)) + BI[n]"
-    scratch = "" if isa == "mve" else "int32_t* XU, "
+    packed = packed_x(isa, k)
+    scratch = "" if isa == "mve" or packed else "int32_t* XU, "
     fix = "acc += 128 * sumx; /* codes stored as Q - 128 */" if shift else ""
     body = [
         f"for (int32_t m = 0; m < {rows}; ++m) {{",
         f"  const int8_t *x = XQ + m * {k};",
         "  const int8_t *w = W;",
         "  int32_t sumx = 0;",
-        *("  " + line for line in unpack(isa, k)),
+        *("  " + line for line in unpack(isa, k, packed)),
         f"  for (int32_t j = 0; j < {n}; j += {ROWS}) {{",
         "    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;",
-        *("    " + line for line in row_accumulators(isa, k)),
+        *("    " + line for line in row_accumulators(isa, k, packed)),
         "    int32_t accs[4] = {a0, a1, a2, a3};",
         f"    for (int32_t r = 0; r < {ROWS} && j + r < {n}; ++r) {{",
         "      int32_t n = j + r, acc = accs[r];",

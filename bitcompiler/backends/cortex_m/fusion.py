@@ -28,6 +28,7 @@ import torch
 from bitcompiler import ops
 from bitcompiler.backends.cortex_m.binary_c import store_w1a1_words
 from bitcompiler.backends.cortex_m.conv_c import Param, Producer, Sink, fused_kernel
+from bitcompiler.backends.cortex_m.conv_tables import choose_bits, store_tables
 from bitcompiler.backends.cortex_m.dense_sources import int8_block, store_int8_codes
 from bitcompiler.backends.cortex_m.float_ops import _f, _pair, hardtanh_bounds, qualified_name
 from bitcompiler.backends.cortex_m.sign_readers import (
@@ -245,18 +246,31 @@ def rescratch(b: Any, producer: Producer, prefix: str, at: str) -> Producer:
         arg = b.new_tensor(f"{at}_{prefix}{p.name}", p.shape, p.dtype).name if p.scratch else p.arg
         params.append(Param(name, p.dtype, p.shape, arg, p.scratch))
     return Producer(
-        producer.kind, producer.spec, prefix, params, producer.isa, producer.shift, producer.chain
+        producer.kind,
+        producer.spec,
+        prefix,
+        params,
+        producer.isa,
+        producer.shift,
+        producer.chain,
+        producer.tables,
     )
 
 
-def binary_conv_weights(b: Any, call: Any, spec: Any) -> tuple[str, list[str]]:
+def binary_conv_weights(b: Any, call: Any, spec: Any, tables: int) -> tuple[str, list[str]]:
     """A W1A1 conv's planes ``(1, O, KH, KW, CW)`` stored as the W1A1 dense kernel's rows
-    (:func:`.binary_c.store_w1a1_words`), and with padding its ``WT (taps, O)``: what a tap's
+    (:func:`.binary_c.store_w1a1_words`) or as lookup tables of ``tables`` bits
+    (:func:`.conv_tables.store_tables`), and with padding its ``WT (taps, O)``: what a tap's
     zero words count, ``C - 2 popcount(w_tap)`` (int8 when ``C`` fits)."""
     planes = b.state[b.param_of[call.tensors["planes"].name]].detach().cpu().numpy()
     o, taps = spec.out_channels, spec.kernel[0] * spec.kernel[1]
     rows = planes.reshape(1, o, taps * spec.words_per_group)
-    stored = b._stored(call, "w1a1", store_w1a1_words(rows))
+    if tables:
+        words = store_tables(rows[0], taps, spec.words_per_group, spec.cg, tables)
+        stored = b._stored(call, f"tab{tables}", words)
+        b.table_bytes += words.nbytes
+    else:
+        stored = b._stored(call, "w1a1", store_w1a1_words(rows))
     if not any(spec.padding):
         return stored, []
     bits = np.unpackbits(planes.reshape(o, taps, -1).view(np.uint8), axis=-1).sum(-1)
@@ -277,14 +291,15 @@ def make_producer(b: Any, node: torch.fx.Node, kind: str, spec: Any, prefix: str
         (xp,) = b.quantized_input(x, "binary", 1, (c, h, w), (c, h, w, 1))
         epi = b.epilogue_args(call)
         b.drop_weight(epi[0])
-        epi[0], wt = binary_conv_weights(b, call, spec)
+        tables = choose_bits(spec, b.flash_bytes * 3 // 4 - b.table_bytes, b.conv_tables)
+        epi[0], wt = binary_conv_weights(b, call, spec, tables)
         names = ["P", "TS", "TH"] if spec.threshold else ["P", "SC", "OF", "BI"]
         params = [Param(n("XP"), "int32", b.tensors[xp].shape, xp)]
         params += [
             Param(n(k), str(b.weights[s].array.dtype), (b.weights[s].array.size,), s)
             for k, s in zip([*names, "WT"], [*epi, *wt])
         ]
-        return Producer("binary", spec, prefix, params, b.isa)
+        return Producer("binary", spec, prefix, params, b.isa, tables=tables)
     qual = b.param_of[call.tensors["planes"].name]
     q = kernels.codes_from_planes(b.state[qual].detach().cpu().numpy(), spec.in_channels).astype(np.int64)
     q = q.reshape(spec.out_channels, -1)  # (O, KH * KW * C), the row's order
