@@ -58,7 +58,7 @@ from bitcompiler.kernels.dense_binary import (
     schedule_binary,
     tile_epilogue,
 )
-from bitcompiler.kernels.spec import DenseSpec, float64_sums
+from bitcompiler.kernels.spec import DenseSpec, centered_offset_expr, float64_sums
 from bitcompiler.kernels.template import Choose, Template, hand, scheduled
 
 F32 = "float32"
@@ -95,6 +95,12 @@ def _unpacked_func(spec: DenseSpec, wide: bool = False) -> tirx.PrimFunc:
         x = xval(m, w * 32 + j)
         bit = tirx.const(1, "int32") << as_i32(j)
         zero = tirx.const(0, acc_t)
+        if spec.center:  # the signed code Q - center as an integer, then one product
+            one, none = tirx.const(1, "int32"), tirx.const(0, "int32")
+            q = tirx.const(-spec.center, "int32")
+            for i in range(B):
+                q = q + tirx.Select((P[i, n, w] & bit) == bit, one << i, none)
+            return x * q.astype(acc_t)
         t = tirx.Select((P[0, n, w] & bit) == bit, x, zero)
         for i in range(1, B):
             xi = x * tirx.const(2**i, acc_t)
@@ -140,7 +146,8 @@ def _unpacked_func(spec: DenseSpec, wide: bool = False) -> tirx.PrimFunc:
             a = SC[n] if s is None else SC[n] * s
             v = a * acc_of(m, n).astype(F32)
             if spec.has_offset:
-                b = OF[n] if s is None else OF[n] * s
+                of = centered_offset_expr(spec, OF[n], SC[n])
+                b = of if s is None else of * s
                 v = v + b * sumx[m].astype(F32)
             return v + BI[n]
 

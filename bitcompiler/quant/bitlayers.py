@@ -56,6 +56,11 @@ class _BitLayer(nn.Module):
     def has_offset(self) -> bool:
         return bool((self.offset != 0).any())
 
+    @property
+    def center(self) -> int:
+        """The zero point subtracted from the codes (``numerics.code_center``)."""
+        return numerics.code_center(self.bits, self.code, self.act, self.has_offset)
+
     def merge_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """Fold a following per-channel ``y -> scale·y + shift`` into the epilogue."""
         if self.threshold:
@@ -109,6 +114,7 @@ class BitLinear(_BitLayer):
             self.offset,
             self.bias,
             *thr,
+            center=self.center,
         )
         return y.reshape(*lead, self.out_features)
 
@@ -150,6 +156,7 @@ class BitConv2d(ConvGeometry, _BitLayer):
             self.dilation,
             self.groups,
             *thr,
+            center=self.center,
         )
 
 
