@@ -35,7 +35,7 @@ from bitcompiler.kernels import conv_int8
 from bitcompiler.kernels._common import as_i32, batch_var, built_once, i64, shape64, target_kind
 from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
-from bitcompiler.kernels.spec import ConvSpec, centered_offset_expr, float64_sums
+from bitcompiler.kernels.spec import ConvSpec, centered_offset_expr
 
 F32 = "float32"
 
@@ -226,8 +226,7 @@ def _decoded_direct(spec: ConvSpec, stored: bool = False) -> tirx.PrimFunc:
     core (:mod:`bitcompiler.kernels.conv_float`), accumulating in :func:`accumulator_type`."""
     from bitcompiler.kernels.conv_float import decoded_conv_func
 
-    acc_t = "float64" if float64_sums(spec) else accumulator_type(spec)
-    return decoded_conv_func(spec, acc_t, _output, stored)
+    return decoded_conv_func(spec, accumulator_type(spec), _output, stored)
 
 
 def accumulator_type(spec: ConvSpec) -> str:

@@ -58,22 +58,22 @@ from bitcompiler.kernels.dense_binary import (
     schedule_binary,
     tile_epilogue,
 )
-from bitcompiler.kernels.spec import DenseSpec, centered_offset_expr, float64_sums
+from bitcompiler.kernels.spec import DenseSpec, centered_offset_expr
 from bitcompiler.kernels.template import Choose, Template, hand, scheduled
 
 F32 = "float32"
 
 
-def _unpacked_func(spec: DenseSpec, wide: bool = False) -> tirx.PrimFunc:
-    """TE for act="int8" / "float": codes unpacked on the fly from the planes; ``wide``: float
-    activations summed in float64 (:func:`~bitcompiler.kernels.spec.float64_sums`)."""
+def _unpacked_func(spec: DenseSpec) -> tirx.PrimFunc:
+    """TE for act="int8" / "float": codes unpacked on the fly from the planes (centered codes,
+    ``spec.center``: the signed code ``Q - center`` times the activation)."""
     K, N, B, KW = spec.in_features, spec.out_features, spec.bits, spec.words
     KF, REM = spec.full_words, spec.tail_bits
     M = batch_var()
     if spec.act == "float":
         X = te.placeholder(shape64(M, K), F32, "X")
         inputs = [X]
-        acc_t = "float64" if wide else F32
+        acc_t = F32
 
         def xval(m, k):
             return X[m, k].astype(acc_t)
@@ -206,7 +206,7 @@ def dense_kernel(spec: DenseSpec, target: str | dict | Any = "llvm") -> tirx.Pri
     elif cpu and dense_avx2.float_fits(spec) and dense_avx2.avx2_target(target):
         func = dense_avx2.float_dense_func(spec)
     else:
-        func = _unpacked_func(spec, wide=cpu and float64_sums(spec))
+        func = _unpacked_func(spec)
         if cpu:
             func = scheduled(
                 Template("dense", func, lambda sch, choose: _schedule_unpacked(sch, spec, choose))

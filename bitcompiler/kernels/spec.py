@@ -25,16 +25,6 @@ def _check_common(bits: int, code: str, act: str, has_offset: bool, threshold: b
         )
 
 
-def float64_sums(spec: Any) -> bool:
-    """Whether a CPU kernel sums in float64: the layers with centered codes (``spec.center``: float
-    activations times ``uint`` codes of 5 to 8 bits with an offset, e.g. those ``first_last=keep``
-    keeps at 8 bits under ``act=float``). Centered, float32 sums in any order stay within the float
-    bar of the reference's float64 sums (the GPU and Cortex-M kernels sum so); summed in float64 as
-    the reference sums, the CPU's ``acc`` and ``sumx`` round to the same float32 as the reference's
-    (the two float64 sums agree to about 1e-16; they round apart only within that of a tie)."""
-    return bool(spec.center)
-
-
 def centered_offset_expr(spec: Any, of: Any, sc: Any) -> Any:
     """A kernel's offset for ``spec``: ``of`` itself, or ``of + center·sc`` (TIR float32 expressions;
     the product is exact, as ``numerics.centered_offset`` computes it)."""

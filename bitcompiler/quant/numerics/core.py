@@ -233,13 +233,16 @@ def bit_linear(
     :func:`linear_codes` of the codes the planes hold; ``layer`` and ``kw`` are its arguments after
     ``q`` (``act, scale, offset, bias``, then ``thr_sign``, ``thr``; ``center`` from the planes)."""
     return linear_codes(
-        x, planes_to_code(planes, k, code), *layer, center=_planes_center(planes, code, layer), **kw
+        x, planes_to_code(planes, k, code), *layer, center=_planes_center(planes, code, layer, kw), **kw
     )
 
 
-def _planes_center(planes: torch.Tensor, code: str, layer: tuple) -> int:
-    """:func:`code_center` of a packed layer; ``layer`` is ``(act, scale, offset, bias)``."""
-    return code_center(planes.shape[0], code, layer[0], bool((layer[2] != 0).any()))
+def _planes_center(planes: torch.Tensor, code: str, layer: tuple, kw: dict) -> int:
+    """:func:`code_center` of a packed layer; ``layer`` and ``kw`` give ``act, scale, offset, bias``
+    by position or by name."""
+    names = ("act", "scale", "offset", "bias")
+    given = {**dict(zip(names, layer, strict=False)), **kw}
+    return code_center(planes.shape[0], code, given["act"], bool((given["offset"] != 0).any()))
 
 
 def conv2d_codes(
@@ -299,7 +302,7 @@ def bit_conv2d(
     if len(layer) > 4:
         raise TypeError("bit_conv2d takes stride, padding, dilation, groups, thr_sign and thr by name")
     q = conv_planes_to_codes(planes, in_channels // kw.get("groups", 1), code)
-    return conv2d_codes(x, q, *layer, center=_planes_center(planes, code, layer), **kw)
+    return conv2d_codes(x, q, *layer, center=_planes_center(planes, code, layer, kw), **kw)
 
 
 # --------------------------------------------------------------------------- compact storage
