@@ -113,7 +113,8 @@ class BitLinear(_BitLayer):
             self.scale,
             self.offset,
             self.bias,
-            *thr,
+            thr_sign=thr[0],
+            thr=thr[1],
             center=self.center,
         )
         return y.reshape(*lead, self.out_features)
@@ -155,7 +156,8 @@ class BitConv2d(ConvGeometry, _BitLayer):
             self.padding,
             self.dilation,
             self.groups,
-            *thr,
+            thr_sign=thr[0],
+            thr=thr[1],
             center=self.center,
         )
 

@@ -232,9 +232,8 @@ def bit_linear(
     """Reference dense bit layer on packed planes ``(B, N, KW)``: ``x (M, K)`` -> ``(M, N)`` float32.
     :func:`linear_codes` of the codes the planes hold; ``layer`` and ``kw`` are its arguments after
     ``q`` (``act, scale, offset, bias``, then ``thr_sign``, ``thr``; ``center`` from the planes)."""
-    return linear_codes(
-        x, planes_to_code(planes, k, code), *layer, center=_planes_center(planes, code, layer, kw), **kw
-    )
+    kw = {**kw, "center": _planes_center(planes, code, layer, kw)}
+    return linear_codes(x, planes_to_code(planes, k, code), *layer, **kw)
 
 
 def _planes_center(planes: torch.Tensor, code: str, layer: tuple, kw: dict) -> int:
@@ -302,7 +301,8 @@ def bit_conv2d(
     if len(layer) > 4:
         raise TypeError("bit_conv2d takes stride, padding, dilation, groups, thr_sign and thr by name")
     q = conv_planes_to_codes(planes, in_channels // kw.get("groups", 1), code)
-    return conv2d_codes(x, q, *layer, center=_planes_center(planes, code, layer, kw), **kw)
+    kw = {**kw, "center": _planes_center(planes, code, layer, kw)}
+    return conv2d_codes(x, q, *layer, **kw)
 
 
 # --------------------------------------------------------------------------- compact storage
