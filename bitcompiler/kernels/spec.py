@@ -133,13 +133,6 @@ class ConvSpec(Coding, _ConvShape):
 
     POSITIVE: ClassVar[tuple[str, ...]] = ("in_channels", "out_channels", "in_h", "in_w", "groups")
 
-    @property
-    def center(self) -> int:
-        """The zero point subtracted from the codes (``numerics.code_center``): the kernels multiply
-        ``Q - center`` (a small signed integer) by the activations and use the offset
-        ``OF + center·SC`` (:func:`centered_offset_expr`)."""
-        return code_center(self.bits, self.code, self.act, self.has_offset)
-
     def check_shape(self) -> None:
         _pair("kernel", self.kernel, 1)
         _pair("stride", self.stride, 1)
