@@ -148,9 +148,9 @@ def test_cortex_m_deep_net_is_bit_exact(scheme: str):
 
 def test_float_activation_classifier_sums_like_the_reference():
     """``binary`` keeps the last layer at 8 bits with float activations; fed non-negative features
-    (after a ReLU) its ``scale·acc + offset·sumx`` cancels, and float32 sums missed the reference
-    by 1e-4 (CondenseNet; here 1.05e-5). Summed in float64 as the reference sums: 1.3e-6, what the
-    hidden binary layer's float32 sums leave."""
+    (after a ReLU) its uncentered ``scale·acc + offset·sumx`` cancelled, and float32 sums missed the
+    reference by 1e-4 (CondenseNet; here 1.05e-5). With centered codes (``numerics.code_center``)
+    float32 sums stay within what the hidden binary layer's float32 sums leave."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 16))
     cm = bc.compile(net.eval(), (torch.randn(1, 64),), scheme="binary")

@@ -35,7 +35,7 @@ from bitcompiler.kernels import conv_int8
 from bitcompiler.kernels._common import as_i32, batch_var, built_once, i64, shape64, target_kind
 from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
-from bitcompiler.kernels.spec import ConvSpec, float64_sums
+from bitcompiler.kernels.spec import ConvSpec, centered_offset_expr
 
 F32 = "float32"
 
@@ -129,7 +129,7 @@ def _conv_func(spec: ConvSpec, codes: bool = False, packed: bool = False) -> tir
             x = xval(m, g * CG + c.var, rows(oh, kh.var), cols(ow, kw.var))
             wd, sh = c.var // 32, as_i32(c.var % 32)
             if codes:
-                q = P[o, kh.var, kw.var, c.var].astype("int32")
+                q = P[o, kh.var, kw.var, c.var].astype("int32") - spec.center
                 t = q.astype(F32) * x if acc_t == F32 else q * x
             elif spec.code == "pm1":
                 t = tirx.Select(((P[0, o, kh.var, kw.var, wd] >> sh) & 1) != 0, x, -x)
@@ -137,6 +137,7 @@ def _conv_func(spec: ConvSpec, codes: bool = False, packed: bool = False) -> tir
                 q = (P[0, o, kh.var, kw.var, wd] >> sh) & 1
                 for b in range(1, B):
                     q = q + (((P[b, o, kh.var, kw.var, wd] >> sh) & 1) << b)
+                q = q - spec.center if spec.center else q
                 t = q.astype(F32) * x if acc_t == F32 else q * x
             return te.sum(tirx.if_then_else(valid(oh, ow, kh.var, kw.var), t, zero), axis=[kh, kw, c])
 
@@ -211,7 +212,8 @@ def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tens
         a = SC[o] if s is None else SC[o] * s
         v = a * acc_value(m, o, oh, ow).astype(F32)
         if sumx_value is not None:
-            b = OF[o] if s is None else OF[o] * s
+            of = centered_offset_expr(spec, OF[o], SC[o])
+            b = of if s is None else of * s
             v = v + b * sumx_value(m, o, oh, ow).astype(F32)
         return v + BI[o]
 
@@ -224,8 +226,7 @@ def _decoded_direct(spec: ConvSpec, stored: bool = False) -> tirx.PrimFunc:
     core (:mod:`bitcompiler.kernels.conv_float`), accumulating in :func:`accumulator_type`."""
     from bitcompiler.kernels.conv_float import decoded_conv_func
 
-    acc_t = "float64" if float64_sums(spec) else accumulator_type(spec)
-    return decoded_conv_func(spec, acc_t, _output, stored)
+    return decoded_conv_func(spec, accumulator_type(spec), _output, stored)
 
 
 def accumulator_type(spec: ConvSpec) -> str:

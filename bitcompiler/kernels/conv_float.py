@@ -291,7 +291,7 @@ def decoded_conv_func(spec: ConvSpec, acc_t: str, output: Callable, stored: bool
         q = (P[0, o, kh, kw, wd] >> sh) & 1
         for b in range(1, B):
             q = q | (((P[b, o, kh, kw, wd] >> sh) & 1) << b)
-        return q.astype(acc_t)
+        return (q - spec.center if spec.center else q).astype(acc_t)
 
     if vb:
         WT = te.compute(

@@ -60,22 +60,22 @@ from bitcompiler.kernels.dense_binary import (
     schedule_binary,
     tile_epilogue,
 )
-from bitcompiler.kernels.spec import DenseSpec, float64_sums
+from bitcompiler.kernels.spec import DenseSpec, centered_offset_expr
 from bitcompiler.kernels.template import Choose, Template, hand, scheduled
 
 F32 = "float32"
 
 
-def _unpacked_func(spec: DenseSpec, wide: bool = False) -> tirx.PrimFunc:
-    """TE for act="int8" / "float": codes unpacked on the fly from the planes; ``wide``: float
-    activations summed in float64 (:func:`~bitcompiler.kernels.spec.float64_sums`)."""
+def _unpacked_func(spec: DenseSpec) -> tirx.PrimFunc:
+    """TE for act="int8" / "float": codes unpacked on the fly from the planes (centered codes,
+    ``spec.center``: the signed code ``Q - center`` times the activation)."""
     K, N, B, KW = spec.in_features, spec.out_features, spec.bits, spec.words
     KF, REM = spec.full_words, spec.tail_bits
     M = batch_var()
     if spec.act == "float":
         X = te.placeholder(shape64(M, K), F32, "X")
         inputs = [X]
-        acc_t = "float64" if wide else F32
+        acc_t = F32
 
         def xval(m, k):
             return X[m, k].astype(acc_t)
@@ -97,6 +97,12 @@ def _unpacked_func(spec: DenseSpec, wide: bool = False) -> tirx.PrimFunc:
         x = xval(m, w * 32 + j)
         bit = tirx.const(1, "int32") << as_i32(j)
         zero = tirx.const(0, acc_t)
+        if spec.center:  # the signed code Q - center as an integer, then one product
+            one, none = tirx.const(1, "int32"), tirx.const(0, "int32")
+            q = tirx.const(-spec.center, "int32")
+            for i in range(B):
+                q = q + tirx.Select((P[i, n, w] & bit) == bit, one << i, none)
+            return x * q.astype(acc_t)
         t = tirx.Select((P[0, n, w] & bit) == bit, x, zero)
         for i in range(1, B):
             xi = x * tirx.const(2**i, acc_t)
@@ -142,7 +148,8 @@ def _unpacked_func(spec: DenseSpec, wide: bool = False) -> tirx.PrimFunc:
             a = SC[n] if s is None else SC[n] * s
             v = a * acc_of(m, n).astype(F32)
             if spec.has_offset:
-                b = OF[n] if s is None else OF[n] * s
+                of = centered_offset_expr(spec, OF[n], SC[n])
+                b = of if s is None else of * s
                 v = v + b * sumx[m].astype(F32)
             return v + BI[n]
 
@@ -201,7 +208,7 @@ def dense_kernel(spec: DenseSpec, target: str | dict | Any = "llvm") -> tirx.Pri
     elif cpu and dense_avx2.float_fits(spec) and dense_avx2.avx2_target(target):
         func = dense_avx2.float_dense_func(spec)
     else:
-        func = _unpacked_func(spec, wide=cpu and float64_sums(spec))
+        func = _unpacked_func(spec)
         if cpu:
             func = scheduled(
                 Template("dense", func, lambda sch, choose: _schedule_unpacked(sch, spec, choose))

@@ -35,7 +35,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from bitcompiler.kernels._common import as_tvm_target, target_kind
-from bitcompiler.kernels.spec import DenseSpec, float64_sums
+from bitcompiler.kernels.spec import DenseSpec
 
 F32 = "float32"
 U8 = "uint8"
@@ -106,8 +106,9 @@ LUT_BATCH = 16  # batch rows whose tables are built at a time: 11 * K bytes each
 
 
 def float_fits(spec: DenseSpec) -> bool:
-    """Float activations (not those summed in float64: :func:`~bitcompiler.kernels.spec.float64_sums`)."""
-    return spec.act == "float" and spec.out_features % LUT_ROWS == 0 and not float64_sums(spec)
+    """Float activations, codes not centered (``spec.center``: a bit-serial sum of centered codes
+    cancels across its planes as the uncentered epilogue did)."""
+    return spec.act == "float" and spec.out_features % LUT_ROWS == 0 and not spec.center
 
 
 def rows8_layout(planes: np.ndarray) -> np.ndarray:

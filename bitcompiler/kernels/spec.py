@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from bitcompiler.quant.numerics import ACT_MODES, CODES, WORD_BITS, conv_out_size, num_words
+from bitcompiler.quant.numerics import ACT_MODES, CODES, WORD_BITS, code_center, conv_out_size, num_words
 
 
 def _check_common(bits: int, code: str, act: str, has_offset: bool, threshold: bool) -> None:
@@ -25,14 +25,14 @@ def _check_common(bits: int, code: str, act: str, has_offset: bool, threshold: b
         )
 
 
-def float64_sums(spec: Any) -> bool:
-    """Whether a CPU kernel sums in float64: float activations times codes of 5 to 8 bits with an
-    offset (the layers ``first_last=keep`` keeps at 8 bits under ``act=float``). Their epilogue
-    ``scale·acc + offset·sumx`` cancels about ``2**(bits-1)``-fold, so float32 sums in the kernel's
-    order, amplified that much, missed the reference's float64 sums (CondenseNet's classifier by
-    1.4e-4); summed in float64 as the reference sums, ``acc`` and ``sumx`` round to the same float32
-    (the two float64 sums agree to about 1e-16; they round apart only within that of a tie)."""
-    return spec.act == "float" and spec.code == "uint" and spec.bits >= 5 and spec.has_offset
+def centered_offset_expr(spec: Any, of: Any, sc: Any) -> Any:
+    """A kernel's offset for ``spec``: ``of`` itself, or ``of + center·sc`` (TIR float32 expressions;
+    the product is exact, as ``numerics.centered_offset`` computes it)."""
+    if not spec.center:
+        return of
+    from tvm import tirx
+
+    return of + sc * tirx.const(float(spec.center), "float32")
 
 
 def _pair(name: str, v: tuple, lo: int) -> tuple[int, int]:
@@ -65,6 +65,13 @@ class Coding:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.check_shape()
         _check_common(self.bits, self.code, self.act, self.has_offset, self.threshold)
+
+    @property
+    def center(self) -> int:
+        """The zero point subtracted from the codes (``numerics.code_center``): the kernels multiply
+        ``Q - center`` (a small signed integer) by the activations and use the offset
+        ``OF + center·SC`` (:func:`centered_offset_expr`)."""
+        return code_center(self.bits, self.code, self.act, self.has_offset)
 
     def check_shape(self) -> None:
         """Raise ValueError for a shape the kernels cannot compute (its ints are already positive)."""

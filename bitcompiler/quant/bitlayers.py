@@ -56,6 +56,11 @@ class _BitLayer(nn.Module):
     def has_offset(self) -> bool:
         return bool((self.offset != 0).any())
 
+    @property
+    def center(self) -> int:
+        """The zero point subtracted from the codes (``numerics.code_center``)."""
+        return numerics.code_center(self.bits, self.code, self.act, self.has_offset)
+
     def merge_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """Fold a following per-channel ``y -> scale·y + shift`` into the epilogue."""
         if self.threshold:
@@ -108,7 +113,9 @@ class BitLinear(_BitLayer):
             self.scale,
             self.offset,
             self.bias,
-            *thr,
+            thr_sign=thr[0],
+            thr=thr[1],
+            center=self.center,
         )
         return y.reshape(*lead, self.out_features)
 
@@ -149,7 +156,9 @@ class BitConv2d(ConvGeometry, _BitLayer):
             self.padding,
             self.dilation,
             self.groups,
-            *thr,
+            thr_sign=thr[0],
+            thr=thr[1],
+            center=self.center,
         )
 
 

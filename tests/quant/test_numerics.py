@@ -105,3 +105,31 @@ def test_conv_reference_zero_pads_quantized_activations():
     assert torch.equal(y, want)
     # a corner sees 4 of 9 taps: |acc| <= 4*3
     assert y[0, :, 0, 0].abs().max() <= 12
+
+
+def test_code_center_selects_float_activations_times_offset_codes():
+    assert nm.code_center(8, "uint", "float", True) == 128
+    assert nm.code_center(5, "uint", "float", True) == 16
+    assert nm.code_center(4, "uint", "float", True) == 0  # at most 8-fold cancellation
+    assert nm.code_center(8, "uint", "int8", True) == 0  # integer sums: exact anyway
+    assert nm.code_center(8, "uint", "float", False) == 0
+    assert nm.code_center(1, "pm1", "float", False) == 0
+
+
+def test_centered_reference_is_the_same_layer():
+    """Centered codes with ``offset + 128·scale`` compute ``x @ (scale·Q + offset)ᵀ``: against that
+    product in float64 the centered reference is within 1e-6 relative on inputs that cancel."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 16, 1024
+    q = torch.randint(0, 256, (n, k), generator=g)
+    scale = 0.01 * (torch.rand(n, generator=g) + 0.5)
+    offset, bias = -127.5 * scale, torch.zeros(n)
+    x = torch.rand(4, k, generator=g)
+    planes = nm.code_to_planes(q, 8, "uint")
+    y = nm.bit_linear(x, planes, k, "uint", "float", scale, offset, bias)
+    w = scale.double()[:, None] * q.double() + offset.double()[:, None]
+    exact = x.double() @ w.t()
+    assert float((y.double() - exact).abs().max() / exact.abs().max()) <= 1e-6
+    shifted = nm.linear_codes(x, q, "float", scale, offset, bias, center=128)
+    assert torch.equal(y, shifted)  # bit_linear reads the center from the planes
+    assert torch.equal(nm.centered_offset(scale, offset, 128), offset + scale * 128.0)

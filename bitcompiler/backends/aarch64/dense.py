@@ -27,7 +27,7 @@ import torch
 from bitcompiler import ops
 from bitcompiler.backends.cortex_m.aot import _Builder
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
-from bitcompiler.quant.numerics import planes_to_code
+from bitcompiler.quant.numerics import code_center, planes_to_code
 
 PRELUDE = """
 /* sum over k < n of w[k] * x[k], int8 codes x float; four float lanes per 4 codes */
@@ -141,10 +141,13 @@ def dense_source(symbol: str, rows: int, k: int, n: int, shift: bool, threshold:
     return _rows_kernel(symbol, params, rows, k, n, ("int8_t", "XQ"), body)
 
 
-def float_codes_source(symbol: str, rows: int, k: int, n: int, shift: bool) -> str:
-    """The C kernel: ``X (rows, K) float, W (N*K) int8 codes, SC, OF, BI, Y (rows, N)``."""
+def float_codes_source(symbol: str, rows: int, k: int, n: int, shift: bool, center: int) -> str:
+    """The C kernel: ``X (rows, K) float, W (N*K) int8 codes, SC, OF, BI, Y (rows, N)``. The codes
+    are ``Q - center`` with the offset ``OF + center·SC`` (``numerics.code_center``: nothing cancels),
+    or with ``shift`` (codes above 127 and no offset) ``Q - 128`` added back as ``128·sumx``."""
+    of = f"(OF[j] + (SC[j] * {float(center)!r}f))" if center else "OF[j]"
     fix = "acc += 128.0f * sumx; /* codes stored as Q - 128 */" if shift else ""
-    out = "((SC[j] * acc) + (OF[j] * sumx)) + BI[j]"
+    out = f"((SC[j] * acc) + ({of} * sumx)) + BI[j]"
     body = ("float", f"bitc_dot_s8f(W + j * {k}, x, {k})", fix, out)
     return _rows_kernel(
         symbol, "float* X, int8_t* W, float* SC, float* OF, float* BI", rows, k, n, ("float", "X"), body
@@ -195,15 +198,16 @@ class Builder(_Builder):
         planes = self.state[self.param_of[call.tensors["planes"].name]].detach().cpu()
         q = planes_to_code(planes, a.k, a.code).numpy()  # (N, K) int64
         n = int(q.shape[0])
-        shift = bool(q.max() > 127)
-        codes = (q - 128 if shift else q).astype(np.int8)
+        center = code_center(planes.shape[0], a.code, a.act, a.has_offset)
+        shift = bool(q.max() > 127) and not center
+        codes = (q - 128 if shift else q - center).astype(np.int8)
         layer = self.param_of[call.tensors["planes"].name].rpartition(".")[0] or "weights"
         base = self.param_of[call.tensors["planes"].name].replace(".", "_").removesuffix("_planes")
         w = self.constant(f"bitc_w_{base}_codes", codes.reshape(-1), layer)
         act_args = self.quantized_input(x, a.act, rows, (a.k,), None)
         t = call.tensors
         if a.act == "float":
-            key: tuple = ("dense_float_codes", a.k, n, rows, shift)
+            key: tuple = ("dense_float_codes", a.k, n, rows, shift, center)
             if key not in self.kernels:
                 symbol = f"bitc_dense_float_codes_{a.k}x{n}_{len(self.kernels)}"
                 params = (
@@ -212,7 +216,9 @@ class Builder(_Builder):
                     *(KernelParam(p, "float32", (n,)) for p in ("SC", "OF", "BI")),
                     KernelParam("Y", "float32", (rows, n)),
                 )
-                self.kernels[key] = Kernel(symbol, params, float_codes_source(symbol, rows, a.k, n, shift))
+                self.kernels[key] = Kernel(
+                    symbol, params, float_codes_source(symbol, rows, a.k, n, shift, center)
+                )
             epi = [self.weight(t[name], "float32") for name in ("scale", "offset", "bias")]
             y = self.new_tensor(node.name, out_shape, "float32")
             self.call(self.kernels[key], [x.name, w, *epi, y.name], [x.name], [y.name], node.name)

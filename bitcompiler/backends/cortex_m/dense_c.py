@@ -56,7 +56,7 @@ from bitcompiler.backends.cortex_m.dense_sources import (
     table_floats,
 )
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
-from bitcompiler.quant.numerics import planes_to_code
+from bitcompiler.quant.numerics import code_center, planes_to_code
 
 __all__ = ["PRELUDE", "Builder", "builder_for", "store_int8_codes"]
 
@@ -133,10 +133,12 @@ class Builder(_Builder):
             kern, [x.name, p, *epi, table.name, y.name], [x.name], [table.name, y.name], self.label(node)
         )
 
-    def float_codes(self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple, q: np.ndarray) -> None:
+    def float_codes(
+        self, node: torch.fx.Node, call: ops.BoundCall, out_shape: tuple, q: np.ndarray, center: int
+    ) -> None:
         x = self.tensors[call.x.name]
         rows, (n, k) = math.prod(x.shape[:-1]), q.shape
-        stored = store_half_codes(q)
+        stored = store_half_codes(q - center)
         w = self._stored(call, "hcodes", stored)
         params = (
             KernelParam("X", "float32", (rows, k)),
@@ -145,10 +147,10 @@ class Builder(_Builder):
             KernelParam("Y", "float32", (rows, n)),
         )
         kern = self._c_kernel(
-            ("dense_float_codes", k, n, rows),
+            ("dense_float_codes", k, n, rows, center),
             f"bitc_dense_float_codes_{k}x{n}",
             params,
-            lambda s: float_codes_source(s, rows, k, n),
+            lambda s: float_codes_source(s, rows, k, n, center),
         )
         epi = [self.weight(call.tensors[p], "float32") for p in ("scale", "offset", "bias")]
         y = self.new_tensor(node.name, out_shape, "float32")
@@ -281,7 +283,8 @@ class Builder(_Builder):
             planes = self.state[self.param_of[call.tensors["planes"].name]].detach().cpu()
             q = planes_to_code(planes, a.k, a.code).numpy()  # (N, K) int64
             if a.act == "float" and np.abs(q).max() <= 2048:  # FPU cores: codes as half floats, VFMA
-                return self.float_codes(node, call, out_shape, q)
+                center = code_center(planes.shape[0], a.code, a.act, a.has_offset)
+                return self.float_codes(node, call, out_shape, q, center)
             lo, hi = int(q.min()), int(q.max())
             if lo >= -128 and (hi <= 127 or (lo >= 0 and hi <= 255)):
                 return self.int8_codes(node, call, out_shape, q)

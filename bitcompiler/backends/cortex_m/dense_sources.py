@@ -316,10 +316,12 @@ def _stride(k: int) -> int:
     return min(TABLE_GROUPS, 1 << (-(-k // 8) - 1).bit_length())
 
 
-def float_codes_source(symbol: str, rows: int, k: int, n: int) -> str:
+def float_codes_source(symbol: str, rows: int, k: int, n: int, center: int = 0) -> str:
     """``X (rows, K) float, W (codes as fp16 pairs, [N/4][K/2][4 rows]), SC, OF, BI, Y (rows, N)``:
     four rows a step share two inputs; each row's word holds its two codes as half floats (exact:
-    integers below 2048), widened by VCVTB / VCVTT; ``fmaf`` is one VFMA."""
+    integers below 2048), widened by VCVTB / VCVTT; ``fmaf`` is one VFMA. ``center``: the codes
+    stored are ``Q - center`` and the offset is ``OF + center·SC`` (``numerics.code_center``)."""
+    of = f"(OF[n] + (SC[n] * {float(center)!r}f))" if center else "OF[n]"
     pairs, odd = divmod(k, 2)
     fma = [
         f"      {{ float w = bitc_word_float(W2 + {r}); a{r} = fmaf(bitc_f16_hi(w), x1, fmaf(bitc_f16_lo(w), x0, a{r})); }}"
@@ -345,7 +347,7 @@ def float_codes_source(symbol: str, rows: int, k: int, n: int) -> str:
         "    float accs[4] = {a0, a1, a2, a3};",
         f"    for (int32_t r = 0; r < {ROWS} && j + r < {n}; ++r) {{",
         "      int32_t n = j + r;",
-        f"      Y[m * {n} + n] = ((SC[n] * accs[r]) + (OF[n] * sumx)) + BI[n];",
+        f"      Y[m * {n} + n] = ((SC[n] * accs[r]) + ({of} * sumx)) + BI[n];",
         "    }",
         "  }",
         "}",

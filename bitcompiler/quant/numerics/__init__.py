@@ -25,6 +25,10 @@ Conventions (the kernels in ``bitcompiler/kernels`` read exactly this):
   ``sumx = sum_k x_int[k]`` (both exact), then the float epilogue
   ``y = (scale[n] * s) * acc + (offset[n] * s) * sumx + bias[n]`` in float32,
   or, with a threshold, ``y = +1 if thr_sign[n] * acc >= thr[n] else -1``.
+
+* Float activations times ``uint`` codes of 5 to 8 bits with an offset use centered codes:
+  ``acc = sum_k (Q[n,k] - z) * x[k]`` with ``z = 2**(B-1)`` and the offset ``offset[n] + z *
+  scale[n]`` (``code_center``, ``centered_offset``), so that the epilogue never cancels.
 """
 
 from bitcompiler.quant.numerics.core import *

@@ -165,6 +165,25 @@ def epilogue(
     return a * acc.float() + b * sumx.float() + bias.float().reshape(shape)
 
 
+def code_center(bits: int, code: str, act: str, has_offset: bool) -> int:
+    """The zero point ``z`` a layer subtracts from its codes before they multiply activations:
+    ``2**(bits-1)`` for ``uint`` codes of 5 to 8 bits with an offset under ``act="float"``, else 0.
+
+    Such a layer computes ``acc = sum_k (Q[n,k] - z)·x[k]`` (``Q - z`` is a small signed integer,
+    the top bit-plane read as ``-2**(bits-1)`` when clear) and the offset :func:`centered_offset`.
+    Uncentered, ``scale·acc + offset·sumx`` cancels about ``2**(bits-1)``-fold (``offset`` is about
+    ``-2**(bits-1)·scale`` for weights around 0), so a float32 sum in any order other than the
+    reference's, amplified that much, missed it by 1e-5; centered, nothing cancels but what the
+    dot product itself cancels, and every target may sum in float32 in its own order."""
+    return 2 ** (bits - 1) if act == "float" and code == "uint" and bits >= 5 and has_offset else 0
+
+
+def centered_offset(scale: torch.Tensor, offset: torch.Tensor, center: int) -> torch.Tensor:
+    """``offset + center·scale`` in float32: the product is exact (``center`` is a power of two),
+    so one rounding, the same with or without a fused multiply-add."""
+    return offset.float() + scale.float() * float(center)
+
+
 def threshold(acc: torch.Tensor, thr_sign: torch.Tensor, thr: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """``+1 if thr_sign[n]·acc >= thr[n] else -1`` (float32)."""
     shape = [1] * acc.dim()
@@ -195,14 +214,16 @@ def linear_codes(
     bias: torch.Tensor,
     thr_sign: torch.Tensor | None = None,
     thr: torch.Tensor | None = None,
+    center: int = 0,
 ) -> torch.Tensor:
-    """Reference dense bit layer on integer codes ``q (N, K)``: ``x (M, K)`` -> ``(M, N)`` float32."""
+    """Reference dense bit layer on integer codes ``q (N, K)``: ``x (M, K)`` -> ``(M, N)`` float32;
+    ``center``: the layer's :func:`code_center`."""
     xi, s = quantize_act(x, act)
-    acc = xi @ q.double().t()
+    acc = xi @ (q.double() - center).t()
     if thr is not None:
         return threshold(acc, cast(torch.Tensor, thr_sign), thr, channel_dim=1)
     sumx = xi.sum(1, keepdim=True)
-    return epilogue(acc, sumx, s, scale, offset, bias, channel_dim=1)
+    return epilogue(acc, sumx, s, scale, centered_offset(scale, offset, center), bias, channel_dim=1)
 
 
 def bit_linear(
@@ -210,8 +231,17 @@ def bit_linear(
 ) -> torch.Tensor:
     """Reference dense bit layer on packed planes ``(B, N, KW)``: ``x (M, K)`` -> ``(M, N)`` float32.
     :func:`linear_codes` of the codes the planes hold; ``layer`` and ``kw`` are its arguments after
-    ``q`` (``act, scale, offset, bias``, then ``thr_sign``, ``thr``)."""
+    ``q`` (``act, scale, offset, bias``, then ``thr_sign``, ``thr``; ``center`` from the planes)."""
+    kw = {**kw, "center": _planes_center(planes, code, layer, kw)}
     return linear_codes(x, planes_to_code(planes, k, code), *layer, **kw)
+
+
+def _planes_center(planes: torch.Tensor, code: str, layer: tuple, kw: dict) -> int:
+    """:func:`code_center` of a packed layer; ``layer`` and ``kw`` give ``act, scale, offset, bias``
+    by position or by name."""
+    names = ("act", "scale", "offset", "bias")
+    given = {**dict(zip(names, layer, strict=False)), **kw}
+    return code_center(planes.shape[0], code, given["act"], bool((given["offset"] != 0).any()))
 
 
 def conv2d_codes(
@@ -227,16 +257,18 @@ def conv2d_codes(
     groups: int = 1,
     thr_sign: torch.Tensor | None = None,
     thr: torch.Tensor | None = None,
+    center: int = 0,
 ) -> torch.Tensor:
-    """Reference conv bit layer on codes ``q (O, Cg, KH, KW)``; NCHW float32, zero padding."""
+    """Reference conv bit layer on codes ``q (O, Cg, KH, KW)``; NCHW float32, zero padding;
+    ``center``: the layer's :func:`code_center`."""
     q = q.double()
     xi, s = quantize_act(x, act)
     conv: dict[str, Any] = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
-    acc = F.conv2d(xi, q, **conv)
+    acc = F.conv2d(xi, q - center, **conv)
     if thr is not None:
         return threshold(acc, cast(torch.Tensor, thr_sign), thr, channel_dim=1)
     sumx = F.conv2d(xi, torch.ones_like(q), **conv)
-    return epilogue(acc, sumx, s, scale, offset, bias, channel_dim=1)
+    return epilogue(acc, sumx, s, scale, centered_offset(scale, offset, center), bias, channel_dim=1)
 
 
 def conv_codes_to_planes(q: torch.Tensor, bits: int, code: str) -> torch.Tensor:
@@ -269,6 +301,7 @@ def bit_conv2d(
     if len(layer) > 4:
         raise TypeError("bit_conv2d takes stride, padding, dilation, groups, thr_sign and thr by name")
     q = conv_planes_to_codes(planes, in_channels // kw.get("groups", 1), code)
+    kw = {**kw, "center": _planes_center(planes, code, layer, kw)}
     return conv2d_codes(x, q, *layer, **kw)
 
 
