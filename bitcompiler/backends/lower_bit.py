@@ -191,7 +191,7 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
         about = {"op": "bit_conv2d", "name": name, "spec": dataclasses.asdict(spec)}
         prim = None if defers_kernels() else kernels.conv2d_kernel(spec, kernel_target())
     out = relax.TensorType((m, o, spec.out_h, spec.out_w), "float32")
-    if prim is None:
+    if prim is None and about is not None:
         return emit_kernel(bb, deferred_kernel(kargs, out), name, kargs, out, {**about, "deferred": True})
     return emit_kernel(bb, prim, name, kargs, out, about)
 
