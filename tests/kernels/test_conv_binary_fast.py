@@ -69,6 +69,7 @@ def test_avx512_kernel_uses_vector_popcounts():
     assert (
         re.search(r"vpopcntq\s.*%zmm", asm) and "vpshufb" not in asm
     )  # 8 pixels a vector, no nibble lookups
+    assert "vpgather" not in asm and "vpscatter" not in asm  # the weight tables: scalar popcounts
 
 
 def test_other_targets_unscheduled():
