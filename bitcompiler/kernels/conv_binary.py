@@ -32,9 +32,11 @@ CPU schedule, ``act="binary"`` with pm1 weights (``binary_pm1_func``, written di
   the 8 channels of a block, ``packed=True``; it replaces the float +-1 output and the packing
   kernel), and an affine layer whose only use is ``hardtanh(conv + residual)`` adds the
   **residual** and clamps in its epilogue (``clip=(lo, hi)``; replaces an add and a clip kernel).
-* Parallel over output-channel blocks (each builds its tables once), rows inside; the epilogue
-  is vectorized over the pixels (scalar with a bounds test when the width is not a multiple of
-  ``VL``).
+* One parallel region per call (a TVM launch point): per batch row the tasks build the im2col
+  together (split over padded rows), meet at a barrier, take output-channel blocks (each builds
+  its tables once, rows inside) and meet again; a kernel with one block or one padded row keeps
+  the plain parallel loop. At 2 threads nothing runs serially. The epilogue is vectorized over
+  the pixels (scalar with a bounds test when the width is not a multiple of ``VL``).
 """
 
 from __future__ import annotations
