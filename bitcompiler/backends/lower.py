@@ -38,13 +38,16 @@ CONVERTERS = {
 }
 
 
-def to_relax(ep: torch.export.ExportedProgram, target: Target | None = None) -> Any:
+def to_relax(ep: torch.export.ExportedProgram, target: Target | None = None, deferred: bool = False) -> Any:
     """ExportedProgram -> Relax IRModule (TVM's frontend + bitc converters), its kernels built
-    for ``target`` (default: the host CPU)."""
+    for ``target`` (default: the host CPU). ``deferred``: the kernels the CPU's fusion passes may
+    replace are stubs, which the CPU Relax pipeline builds after those passes
+    (:func:`bitcompiler.backends.cpu.fusions.build_deferred`); the module is only fit for that
+    pipeline."""
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
-        with lowering(ep, target):
+        with lowering(ep, target, deferred):
             # a single output comes back as the tensor itself: unpacking a 1-tuple costs microseconds per call
             return from_exported_program(ep, custom_convert_map=CONVERTERS, unwrap_unit_return_tuple=True)
     except Exception as e:

@@ -18,6 +18,8 @@ from bitcompiler.backends.relax_emit import (
     as_int,
     as_rows,
     constant_of,
+    deferred_kernel,
+    defers_kernels,
     emit_kernel,
     from_rows,
     kernel_target,
@@ -184,10 +186,13 @@ def convert_bit_conv2d(node: fx.Node, importer: Any) -> Any:
         about = None
     else:
         kargs = inputs + _epilogue_args(env, call, bb, spec.cg)
-        prim = kernels.conv2d_kernel(spec, kernel_target())
-        # the CPU's fusion passes may give it another epilogue (backends/cpu/fusions.py)
+        # the CPU's fusion passes may give it another epilogue (backends/cpu/fusions.py); a
+        # deferred lowering builds it after them, and only if they left the call
         about = {"op": "bit_conv2d", "name": name, "spec": dataclasses.asdict(spec)}
+        prim = None if defers_kernels() else kernels.conv2d_kernel(spec, kernel_target())
     out = relax.TensorType((m, o, spec.out_h, spec.out_w), "float32")
+    if prim is None and about is not None:
+        return emit_kernel(bb, deferred_kernel(kargs, out), name, kargs, out, {**about, "deferred": True})
     return emit_kernel(bb, prim, name, kargs, out, about)
 
 

@@ -61,6 +61,30 @@ def kernel_func(prim: Any, about: dict | None = None, scheduled: bool = True) ->
     return prim if about is None else prim.with_attr(KERNEL_ATTR, json.dumps(about, sort_keys=True))
 
 
+def defers_kernels() -> bool:
+    """Whether the lowering in progress emits the kernels a fusion may replace as stubs."""
+    lowering = _LOWERING.get()
+    return lowering is not None and lowering.deferred
+
+
+def deferred_kernel(args: list, out_ty: Any) -> Any:
+    """A stub kernel with the buffer signature of a ``call_tir`` on ``args`` writing ``out_ty``
+    and an empty body: the CPU lowering emits it where a fusion pass may replace the kernel, and
+    ``backends.cpu.fusions.build_deferred`` builds the real one (from the ``about`` the call
+    records) only for the stubs still called after the fusions (building a binary conv kernel is
+    a tenth of a second; ResNet-18 built 11 that its fused variants replaced)."""
+    from tvm import te, tirx
+
+    def shape(ty: Any, i: int) -> list:
+        return [
+            d if isinstance(d, tirx.IntImm) else te.var(f"n{i}_{k}", "int64") for k, d in enumerate(ty.shape)
+        ]
+
+    ins = [te.placeholder(shape(a.ty, i), a.ty.dtype, f"a{i}") for i, a in enumerate(args)]
+    out = te.compute(shape(out_ty, len(args)), lambda *_: tirx.const(0, out_ty.dtype), name="y")
+    return te.create_prim_func([*ins, out])
+
+
 def kernel_about(func: Any) -> dict | None:
     """What :func:`kernel_func` recorded about a kernel, or None."""
     attrs = getattr(func, "attrs", None)
@@ -87,6 +111,7 @@ class Lowering:
 
     program: torch.export.ExportedProgram
     target: str
+    deferred: bool = False  # marked kernels are emitted as stubs (see :func:`deferred_kernel`)
 
 
 _LOWERING: contextvars.ContextVar[Lowering | None] = contextvars.ContextVar("bitc_lowering", default=None)
@@ -114,9 +139,13 @@ def constant_of(node: Any) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def lowering(ep: torch.export.ExportedProgram, target: Target | None) -> Iterator[Lowering]:
-    """Converters called inside read ``ep``'s weights and build kernels for ``target`` (default: host)."""
-    scope = Lowering(ep, str((target or Target()).tvm_target()))
+def lowering(
+    ep: torch.export.ExportedProgram, target: Target | None, deferred: bool = False
+) -> Iterator[Lowering]:
+    """Converters called inside read ``ep``'s weights and build kernels for ``target`` (default:
+    host); ``deferred``: the kernels a fusion may replace are stubs, built later
+    (:func:`deferred_kernel`)."""
+    scope = Lowering(ep, str((target or Target()).tvm_target()), deferred)
     token = _LOWERING.set(scope)
     try:
         yield scope

@@ -269,3 +269,25 @@ def test_fused_model_equals_the_reference(tmp_path, monkeypatch):
     final = (tmp_path / "relax" / dumped[-1]).read_text()
     assert "_thr_packed" in final and "_res" in final
     assert_close(cm(x), cm.reference(x))
+
+
+def test_kernels_a_fusion_replaces_are_never_built(monkeypatch):
+    """The CPU lowering defers the binary convs a fusion may replace: c1's plain threshold kernel
+    and c2's plain affine kernel are never built (their fused variants are), c3's plain kernel is
+    built once after the fusions left it; the result equals the reference."""
+    from bitcompiler.kernels import conv as conv_module
+
+    built = []
+    real = conv_module.binary_pm1_func
+
+    def counting(spec, **variant):
+        built.append("packed" if variant.get("packed") else "res" if variant.get("clip") else "plain")
+        return real(spec, **variant)
+
+    monkeypatch.setattr(conv_module, "binary_pm1_func", counting)
+    torch.manual_seed(1)
+    model = randomize_bn(Fusible()).eval()
+    x = torch.randn(2, 3, 11, 11)  # a size no other test builds (kernels are built once per spec)
+    cm = bc.compile(model, (x,), scheme="binary:act=binary")
+    assert sorted(built) == ["packed", "plain", "res"], built
+    assert_close(cm(x), cm.reference(x))

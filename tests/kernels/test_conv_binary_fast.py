@@ -15,7 +15,7 @@ from bitcompiler.kernels import ConvSpec, conv2d_kernel
 from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
 from bitcompiler.kernels.dense_avx2 import popcnt512_target
 from bitcompiler.quant import numerics as nu
-from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
+from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, host_target, random_codes
 
 # where the kernels are built for: the host, an AVX2 CPU without AVX-512, and x86-64 without AVX2
 ISAS = ["llvm", {"kind": "llvm", "mcpu": "znver3"}, {"kind": "llvm", "mcpu": "x86-64"}]
@@ -69,6 +69,7 @@ def test_avx512_kernel_uses_vector_popcounts():
     assert (
         re.search(r"vpopcntq\s.*%zmm", asm) and "vpshufb" not in asm
     )  # 8 pixels a vector, no nibble lookups
+    assert "vpgather" not in asm and "vpscatter" not in asm  # the weight tables: scalar popcounts
 
 
 def test_other_targets_unscheduled():
@@ -132,3 +133,42 @@ def test_residual_epilogue_needs_a_float_output():
     assert not fuses_residual(spec)
     with pytest.raises(ValueError, match="residual"):
         conv2d_kernel(spec, residual_clip=(-1.0, 1.0))
+
+
+def _barriers_and_launches(spec: ConvSpec) -> tuple[int, int]:
+    ll = tvm.compile(tvm.IRModule({"main": conv2d_kernel(spec)}), target=host_target()).mod.inspect_source(
+        "ll"
+    )
+    return ll.count("load ptr, ptr @__TVMBackendParallelBarrier"), ll.count(
+        "load ptr, ptr @__TVMBackendParallelLaunch"
+    )
+
+
+def test_im2col_and_channel_blocks_are_one_parallel_region():
+    """The im2col is split over the tasks of the channel loop's region (one launch, a barrier after
+    each part); with one channel block the kernel keeps its plain parallel loop (a one-iteration
+    loop in a region would run on every task)."""
+    spec = ConvSpec(256, 256, 14, 14, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, True)
+    assert _barriers_and_launches(spec) == (2, 1)
+    one_block = ConvSpec(96, 8, 5, 9, (3, 3), (1, 1), (0, 0), (1, 1), 1, 1, "pm1", "binary", False, True)
+    assert _barriers_and_launches(one_block)[0] == 0
+
+
+@pytest.mark.parametrize("case", [(96, 8, 5, 9, 1, 0), (96, 16, 5, 9, 1, 0), (64, 24, 8, 6, 2, 1)])
+def test_repeated_calls_on_the_pool_are_exact(case):
+    """Many calls on every thread of the pool (tests run with 2 unless TVM_NUM_THREADS says
+    otherwise), batch 1 to 3: tasks that shared a table or raced past a barrier would differ."""
+    c, o, h, w, s, p = case
+    g = torch.Generator().manual_seed(7)
+    spec = ConvSpec(c, o, h, w, (3, 3), (s, s), (p, p), (1, 1), 1, 1, "pm1", "binary", False, True)
+    run = build(conv2d_kernel(spec))
+    planes = nu.conv_codes_to_planes(random_codes((o, c, 3, 3), 1, "pm1", g), 1, "pm1")
+    ep, kw = epilogue_params(o, True, g, False, spec.reduction // 4)
+    kw.update(scale=torch.ones(o), offset=torch.zeros(o), bias=torch.zeros(o))
+    for i in range(150):
+        x = torch.randn(1 + i % 3, c, h, w, generator=g)
+        (y,) = run(
+            act_inputs(x, "binary", 1) + [planes] + ep, [((x.shape[0], o, spec.out_h, spec.out_w), "float32")]
+        )
+        ref = nu.bit_conv2d(x, planes, c, (3, 3), "pm1", "binary", stride=(s, s), padding=(p, p), **kw)
+        assert np.array_equal(y, ref.numpy()), f"call {i}"

@@ -254,6 +254,27 @@ fuse_residual_clip = _module_pass("bitc.FuseResidualClip", _residual_clip)
 fuse_residual_clip.__doc__ = "The pass folding ``clip(conv + residual)`` into a binary conv's epilogue."
 
 
+def build_deferred(target: Any) -> Any:
+    """The pass building the kernels a deferred lowering left as stubs
+    (:func:`bitcompiler.backends.relax_emit.deferred_kernel`), after the fusions and dead-code
+    elimination: only those still called are built, as the converter would have built them."""
+    import tvm
+    from tvm import relax, tirx
+
+    from bitcompiler import kernels
+
+    @tvm.transform.module_pass(opt_level=0, name="bitc.BuildDeferredKernels")
+    def apply(mod: Any, _ctx: Any) -> Any:
+        bb = relax.BlockBuilder(mod)
+        for gv, func in list(mod.functions.items()):
+            about = kernel_about(func) if isinstance(func, tirx.PrimFunc) else None
+            if about is not None and about.pop("deferred", False):
+                bb.update_func(gv, kernel_func(kernels.conv2d_kernel(_conv_spec(about), str(target)), about))
+        return bb.get()
+
+    return apply
+
+
 def fusion_passes(target: Any) -> list:
     """The CPU's fusion passes for the TVM target ``target`` (its kernels are built for it)."""
     from tvm import relax

@@ -18,7 +18,7 @@ def relax_pipeline(target: Any) -> Any:
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
-    from bitcompiler.backends.cpu.fusions import fusion_passes
+    from bitcompiler.backends.cpu.fusions import build_deferred, fusion_passes
     from bitcompiler.backends.exact_float import no_contraction
     from bitcompiler.backends.fast_math import legalize_map
     from bitcompiler.backends.injective import Injective
@@ -32,6 +32,8 @@ def relax_pipeline(target: Any) -> Any:
                 # one activation packing per tensor, however many bit layers read it; the calls
                 # the fusions replaced go unless something else reads them
                 + [relax.transform.EliminateCommonSubexpr(), relax.transform.DeadCodeElimination()]
+                # the deferred kernels still called (see lower.to_relax)
+                + [build_deferred(target)]
                 + cpu_generic.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
                 + cpu_generic.legalize_passes(target)
