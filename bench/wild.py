@@ -1,23 +1,31 @@
 """The zoo: third-party architectures (bench/corpus.py) under four schemes, batch 1, one thread.
 
 For every model and scheme: compile time, compiled time vs torch fp32 (eager, the same process,
-alternating), bits/weight, and whether compiled == reference. ``make zoo`` runs it and writes
-the table into BENCHMARKS.md; ``python -m bench.wild resnet20_cifar10 mixnet_s`` runs a few.
+alternating; this thread's CPU time, so other processes on a shared host do not skew the ratio),
+bits/weight, and whether compiled == reference. ``make zoo`` runs it and writes the table into
+BENCHMARKS.md; ``python -m bench.wild resnet20_cifar10 mixnet_s`` runs a few.
+
+``--rows FILE`` appends each row to a JSON-lines file as it is produced (a partial run is
+usable) and skips the cells already there (a run resumes); ``--render FILE`` puts that file's
+rows into bench/results.json and rewrites BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 import bitcompiler as bc
 from bench.corpus import MODELS, build
-from bench.harness import median_seconds
+from bench.harness import alternate_cpu_ms
 
 SCHEMES = ("none", "binary", "binary:act=binary", "uniform:bits=2,act=8")
 SHORT = {
@@ -32,9 +40,18 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
+def worst_layer_ratio(cm: bc.CompiledModel) -> float:
+    """The largest bits/weight over nominal (plus scales, word-aligned) of any bit layer."""
+    try:
+        from tests.test_storage import layer_ratios
+    except ImportError:  # an installed bench without the tests
+        return float("nan")
+    return max(layer_ratios(cm, aligned=True).values(), default=1.0)
+
+
 def measure(name: str, scheme: str, model: torch.nn.Module, x: torch.Tensor) -> dict:
     row: dict = {"bench": name, "scheme": scheme, "batch": 1, "threads": torch.get_num_threads()}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -42,31 +59,84 @@ def measure(name: str, scheme: str, model: torch.nn.Module, x: torch.Tensor) -> 
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the table
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return row
-    row["compile_s"] = time.perf_counter() - t0
+    row["compile_s"], row["compile_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     xb = torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        row["err_vs_reference"] = relative_error(cm(xb), cm.reference(xb))
-    torch_s, bitc_s = [], []
-    with torch.no_grad():
-        for _ in range(2):  # alternate: the host's clock moves, ratios within a round do not
-            torch_s.append(median_seconds(lambda: model(x), repeat=20, min_time=0.1, max_time=1.0))
-            bitc_s.append(median_seconds(lambda: cm(x), repeat=20, min_time=0.1, max_time=1.0))
-    row["torch_fp32_ms"], row["bitc_ms"] = 1e3 * min(torch_s), 1e3 * min(bitc_s)
+        row["err_vs_reference"] = max(relative_error(cm(i), cm.reference(i)) for i in (x, xb))
+        row["torch_fp32_ms"], row["bitc_ms"] = alternate_cpu_ms(lambda: model(x), lambda: cm(x))
     row["bits_per_weight"] = cm.report().bits_per_weight
     row["worst_layer_bits"] = max((r.bits_per_weight for r in cm.report().layers), default=0.0)
+    row["worst_layer_ratio"] = worst_layer_ratio(cm)
     return row
 
 
-def main(names: list[str]) -> None:
+def commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            check=False,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+
+
+def load_rows(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--render"]:
+        return render(Path(argv[1]))
+    path = Path(argv[1]) if argv[:1] == ["--rows"] else None
+    names = argv[2:] if path is not None else argv
     torch.set_num_threads(1)
-    rows = []
+    rows = load_rows(path)
+    done = {(r["bench"], r["scheme"]) for r in rows}
+    stamp = {"commit": commit()}
     for name in names or MODELS:
+        todo = [s for s in SCHEMES if (name, s) not in done]
+        if not todo:
+            continue
         model, x = build(name)
-        for scheme in SCHEMES:
-            row = measure(name, scheme, model, x)
+        for scheme in todo:
+            row = {
+                **measure(name, scheme, model, x),
+                **stamp,
+                "loadavg": os.getloadavg()[0],
+                "time": time.time(),
+            }
             print(json.dumps(row), file=sys.stderr, flush=True)
+            if path is not None:
+                with path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
             rows.append(row)
     print(json.dumps(rows))
+
+
+def render(path: Path) -> None:
+    """Replace the ``wild`` rows of bench/results.json by ``path``'s rows; rewrite BENCHMARKS.md."""
+    from bench.__main__ import ROOT, write
+    from bench.harness import machine
+
+    results = ROOT / "bench" / "results.json"
+    previous = json.loads(results.read_text()) if results.exists() else {"rows": []}
+    rows = [r for r in previous["rows"] if r.get("group") != "wild"]
+    rows += [{**r, "group": "wild"} for r in load_rows(path)]
+    info = previous.get("machine") or machine()
+    results.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    write(info, rows)
 
 
 def medians(rows: list[dict]) -> dict[str, float]:
