@@ -153,6 +153,79 @@ def medians(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+SLOWEST = {"none": 1.0, "binary": 1.0, "binary:act=binary": 1.5, "uniform:bits=2,act=8": 1.0}
+GOALS = {"none": 0.8, "binary": 1.5, "binary:act=binary": 5.0, "uniform:bits=2,act=8": 1.5}
+
+
+def speed(r: dict) -> float:
+    return r["torch_fp32_ms"] / r["bitc_ms"]
+
+
+def cell(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    if "error" in r:
+        return f"**failed**: {r['error'][:80]}"
+    flags = "" if r["err_vs_reference"] <= 1e-4 else f" (**err {r['err_vs_reference']:.1e}**)"
+    if r.get("worst_layer_ratio", 1.0) > 1.1:
+        flags += f" (**layer {r['worst_layer_ratio']:.2f}x nominal**)"
+    return f"{speed(r):.2f}x, {r['bits_per_weight']:.2f}, {r['compile_s']:.1f}{flags}"
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """Every cell that misses #13: failed, inexact, a layer over 1.1x nominal, or slower than its floor."""
+    out = []
+    for r in rows:
+        what = f"{r['bench']} `{r['scheme']}`"
+        if "error" in r:
+            out.append(f"{what}: compile failed ({r['error'][:120]})")
+            continue
+        if r["err_vs_reference"] > 1e-4:
+            out.append(f"{what}: compiled vs reference {r['err_vs_reference']:.1e}")
+        if r.get("worst_layer_ratio", 1.0) > 1.1:
+            out.append(f"{what}: a layer stores {r['worst_layer_ratio']:.2f}x its nominal bits")
+        if speed(r) < SLOWEST[r["scheme"]]:
+            out.append(f"{what}: {speed(r):.2f}x torch fp32 (floor {SLOWEST[r['scheme']]}x)")
+    return out
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The run (commit, load, wall time) and #13's done-when figures."""
+    ok = [r for r in rows if "error" not in r]
+    med = medians(rows)
+    w1a1 = [speed(r) for r in ok if r["scheme"] == "binary:act=binary"]
+    loads = sorted(r["loadavg"] for r in rows if "loadavg" in r)
+    stamps = [r["time"] for r in rows if "time" in r]
+    commits = sorted({r.get("commit", "?") for r in rows})
+    head = (
+        f"Commit measured: {', '.join(commits)}. Batch 1, one thread; times are this thread's CPU time "
+        "per call (`bench.harness.alternate_cpu_ms`: the best of three alternating medians, torch and "
+        "bitcompiler in one process), so other processes on the shared host do not enter the ratios."
+    )
+    if loads:
+        head += (
+            f" Load average (1 min) during the run: {loads[0]:.1f} to {loads[-1]:.1f}, median "
+            f"{statistics.median(loads):.1f}, on {os.cpu_count()} cores; run wall time "
+            f"{(max(stamps) - min(stamps)) / 60:.0f} min (first to last row)."
+        )
+    lines = [head, "", "#13 done-when over this run:", ""]
+    for s in SCHEMES:
+        if s in med:
+            met = "met" if med[s] >= GOALS[s] else "**not met**"
+            lines.append(f"- `{s}` median {med[s]:.2f}x torch fp32 (goal >= {GOALS[s]}x): {met}")
+    if w1a1:
+        lines.append(f"- W1A1 slowest model {min(w1a1):.2f}x (goal >= 1.5x)")
+    worst = max((r.get("worst_layer_ratio", 0.0) for r in ok), default=0.0)
+    inexact = sum(r["err_vs_reference"] > 1e-4 for r in ok)
+    lines.append(
+        f"- {len(ok)} of {len(rows)} cells compile; {inexact} differ from their reference by over 1e-4; "
+        f"worst layer {worst:.2f}x its nominal bits (goal <= 1.1x)"
+    )
+    missed = problems(rows)
+    lines += ["", "Cells that miss: " + ("none." if not missed else "")]
+    return lines + [f"- {p}" for p in missed] + [""]
+
+
 def markdown(rows: list[dict]) -> list[str]:
     from bench.harness import markdown_table
 
@@ -162,32 +235,18 @@ def markdown(rows: list[dict]) -> list[str]:
     for m in models:
         by = {r["scheme"]: r for r in rows if r["bench"] == m}
         torch_ms = next((r["torch_fp32_ms"] for r in by.values() if "torch_fp32_ms" in r), None)
-        cells = [m, f"{torch_ms:.2f}" if torch_ms else "–"]
-        for s in SCHEMES:
-            r = by.get(s)
-            if r is None:
-                cells.append("–")
-            elif "error" in r:
-                cells.append(f"**failed**: {r['error'][:80]}")
-            else:
-                exact = "" if r["err_vs_reference"] <= 1e-4 else f" (**err {r['err_vs_reference']:.1e}**)"
-                cells.append(
-                    f"{r['torch_fp32_ms'] / r['bitc_ms']:.2f}x, {r['bits_per_weight']:.2f}, "
-                    f"{r['compile_s']:.1f}{exact}"
-                )
-        body.append(cells)
+        body.append([m, f"{torch_ms:.2f}" if torch_ms else "–"] + [cell(by.get(s)) for s in SCHEMES])
     med = medians(rows)
     body.append(["**median**", ""] + [f"**{med[s]:.2f}x**" if s in med else "–" for s in SCHEMES])
-    done = len(models)
     note = (
         []
-        if done == len(MODELS)
+        if len(models) == len(MODELS)
         else [
             "",
-            f"Partial run: {done} of the {len(MODELS)} corpus models were measured; `make zoo` measures all.",
+            f"Partial run: {len(models)} of the {len(MODELS)} corpus models were measured; `make zoo` measures all.",
         ]
     )
-    return markdown_table(head, body) + note
+    return summary(rows) + markdown_table(head, body) + note
 
 
 if __name__ == "__main__":
