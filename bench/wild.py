@@ -246,7 +246,7 @@ def summary(rows: list[dict]) -> list[str]:
         f"worst layer {worst:.2f}x its nominal bits (goal <= 1.1x)"
     )
     missed = problems(rows)
-    lines += ["", "Cells that miss: " + ("none." if not missed else "")]
+    lines += ["", "Cells that miss:" + (" none." if not missed else "")]
     return lines + [f"- {p}" for p in missed] + [""]
 
 
