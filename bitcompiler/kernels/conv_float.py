@@ -28,7 +28,6 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import tvm
 from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, shape64
@@ -138,17 +137,16 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, extra: tuple[str, ..
     return sch.mod["main"]
 
 
-def register_block(spec: ConvSpec, vb: int, acc_bytes: int = 4) -> tuple[int, int, int]:
+def register_block(spec: ConvSpec, vb: int) -> tuple[int, int, int]:
     """``(nv, rh, rw)``: a register block of ``nv`` channel vectors (``vb`` lanes each) x ``rh`` output
-    rows x ``rw`` output columns, ``nv*rh*rw`` accumulators of ``acc_bytes`` each lane.
+    rows x ``rw`` output columns, ``nv*rh*rw`` accumulators.
 
     The block is a stack array LLVM promotes to registers only while it is under 1 KiB (larger
     ones become heap workspaces, and every multiply-add then stores its sum): at most 15 vectors
-    of 16 lanes, or 24 of 8 (the registers), half as many for float64 sums (each twice as wide).
-    Columns that divide the row (a ragged last block costs more than a smaller one), then rows,
-    then channel vectors, up to that count; measured on AVX-512, 8 to 15 accumulators all reach
-    the multiply-add peak on large convolutions."""
-    cap = (15 if vb == 16 else 24) * 4 // max(acc_bytes, 4)
+    of 16 lanes, or 24 of 8 (the registers). Columns that divide the row (a ragged last block
+    costs more than a smaller one), then rows, then channel vectors, up to that count; measured
+    on AVX-512, 8 to 15 accumulators all reach the multiply-add peak on large convolutions."""
+    cap = 15 if vb == 16 else 24
     rw = max(d for d in range(1, min(cap, spec.out_w) + 1) if spec.out_w % d == 0)
     rh = max(d for d in range(1, cap // rw + 1) if spec.out_h % d == 0) if rw < 8 else 1
     nv = 2 if rh * rw * 2 <= cap and _blocks(spec, vb) % 2 == 0 else 1
@@ -160,8 +158,8 @@ def _schedule_lanes(sch: s_tir.Schedule, spec: ConvSpec, vb: int) -> None:
     ``vb`` output channels x ``rh`` rows x ``rw`` columns, :func:`register_block`) is computed
     where Y needs it and stays in registers over the whole reduction. Padded output channels
     (``vb`` not dividing O) are computed and not stored."""
+    nv, rh, rw = register_block(spec, vb)
     y, acc = sch.get_sblock("Y"), sch.get_sblock("acc")
-    nv, rh, rw = register_block(spec, vb, tvm.DataType(sch.get(acc).writes[0].source.dtype).bits // 8)
     m, o, oh, ow = sch.get_loops(y)
     ob, oj, oi = sch.split(o, [None, nv, vb])
     oho, ohi = sch.split(oh, [None, rh])

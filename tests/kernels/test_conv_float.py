@@ -96,26 +96,3 @@ def test_register_block_is_a_stack_array(case: tuple) -> None:
     nv, rh, rw = register_block(spec, vb)
     assert nv * rh * rw * vb * 4 < 1024
     assert _workspace_allocations(float_conv_kernel(spec, bias=True)) == (1 if p else 0)
-
-
-@pytest.mark.parametrize("case", [(3, 192, 32, 32, 5, 2), (16, 8, 8, 24, 3, 1)])
-def test_float64_sums_keep_the_register_block_on_the_stack(case: tuple) -> None:
-    """8-bit codes with an offset under float activations sum in float64 (``float64_sums``): the
-    block's accumulators are twice as wide, so it holds half as many, and stays under 1 KiB (a 1 KiB
-    block became a heap workspace, every multiply-add storing its sum). It allocates no more
-    workspaces than the same conv with 4-bit codes, summed in float32."""
-    from bitcompiler.kernels import conv2d_kernel
-    from bitcompiler.kernels.conv_float import register_block
-    from bitcompiler.kernels.spec import float64_sums
-
-    c, o, h, w, k, p = case
-
-    def spec(bits: int) -> ConvSpec:
-        return ConvSpec(c, o, h, w, (k, k), (1, 1), (p, p), (1, 1), 1, bits, "uint", "float", True, False)
-
-    assert float64_sums(spec(8)) and not float64_sums(spec(4))
-    vb = lanes(spec(8))
-    nv, rh, rw = register_block(spec(8), vb, acc_bytes=8)
-    assert nv * rh * rw * vb * 8 < 1024
-    wide, narrow = (_workspace_allocations(conv2d_kernel(spec(b))) for b in (8, 4))
-    assert wide == narrow, (wide, narrow)
