@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import dense_avx2, dense_int8, dense_lanes, dense_vnni
+from bitcompiler.kernels import dense_avx2, dense_fcodes, dense_int8, dense_lanes, dense_vnni
 from bitcompiler.kernels._common import (
     as_i32,
     batch_var,
@@ -238,7 +238,8 @@ def relaid_dense_kernel(
       the float rows itself, False where the rows come quantized, as a 1x1 conv's pixels with their
       sample's scale), else codes interleaved from the two planes (AVX2);
     * 8-bit weights, int8 activations: the codes as bytes;
-    * float activations: 8 rows' words side by side for the table lookup.
+    * 5- to 8-bit centered codes, float activations: the codes as bytes (:mod:`~bitcompiler.kernels.dense_fcodes`);
+    * other float activations: 8 rows' words side by side for the table lookup.
     """
     if not dense_avx2.avx2_target(target):
         return None
@@ -253,6 +254,9 @@ def relaid_dense_kernel(
     if dense_int8.codes_fits(spec):
         codes = dense_int8.weight_codes(planes, spec.in_features)
         return Relaid(dense_int8.int8_codes_dense_func(spec), codes, "codes", False)
+    if dense_fcodes.fits(spec):
+        codes = dense_int8.weight_codes(planes, spec.in_features)
+        return Relaid(dense_fcodes.float_codes_dense_func(spec), codes, "fcodes", True)
     if dense_avx2.float_fits(spec):
         func = dense_avx2.float_dense_func(spec, rows8=True)
         return Relaid(func, dense_avx2.rows8_layout(planes), "r8", True)
