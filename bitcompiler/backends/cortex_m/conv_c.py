@@ -64,14 +64,63 @@ class Producer:
     shift: bool = False  # int8: codes stored as Q - 128
     chain: list[tuple] = field(default_factory=list)  # elementwise ops applied to v (see apply)
     tables: int = 0  # binary: the field bits of its lookup tables (.conv_tables), 0: popcount rows
+    pairs: int = 0  # int8: words of 16-bit code pairs per channel (a small field, SMLAD), 0: blocks
 
     def n(self, name: str) -> str:
         return f"{self.prefix}{name}"
 
     def pixel(self, v: str) -> list[str]:
-        """C lines filling ``float v[O]`` at pixel ``(oy, ox)`` (before the chain)."""
+        """C lines filling ``float v[O]`` at pixel ``(oy, ox)`` (before the chain); with
+        ``pairs``, the pixel's activation pairs only (:meth:`element` computes each channel)."""
+        if self.pairs:
+            return [f"int32_t {v}_s = 0;", *self._pair_words(v), f"float {v}_f = (float){v}_s;"]
         body = self._int8(v) if self.kind == "int8" else self._binary(v)
-        return ["{", *("  " + line for line in body), "}"]
+        return [f"float {v}[{self.spec.out_channels}];", "{", *("  " + line for line in body), "}"]
+
+    def value(self, v: str) -> str:
+        """The C value of channel ``j`` once :meth:`element`'s lines ran."""
+        return f"{v}_e" if self.pairs else f"{v}[j]"
+
+    def element(self, v: str) -> list[str]:
+        """With ``pairs``: channel ``j``'s value ``v_e`` inside the loop over the channels, the
+        exact int32 sum by SMLADs of the stored code pairs, then the int8 epilogue."""
+        if not self.pairs:
+            return []
+        n = self.n
+        sums = [f"acc = bitc_smlad(wj[{i}], {v}_x{i}, acc);" for i in range(1, self.pairs)]
+        out = f"(({n('sa')}[j] * (float)acc) + ({n('sb')}[j] * {v}_f)) + {n('BI')}[j]"
+        return [
+            f"const int32_t *wj = {n('W')} + j * {self.pairs};",
+            f"int32_t acc = bitc_smuad(wj[0], {v}_x0);",
+            *sums,
+            f"float {v}_e = {out};",
+        ]
+
+    def _pair_words(self, v: str) -> list[str]:
+        """The receptive field's int8 values (zero outside the image) as 16-bit pairs
+        ``{v}_x<i>`` (values ``2i``, ``2i + 1`` in the weights' order ``(KH, KW, C)``), their
+        sum ``{v}_s``."""
+        s, n = self.spec, self.n
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.padding, s.dilation
+        lines, xs = [], []
+        for u in range(kh):
+            lines.append(f"int32_t {v}_y{u} = oy * {sh} - {ph + -u * dh};")
+        for t in range(kw):
+            lines.append(f"int32_t {v}_c{t} = ox * {sw} - {pw + -t * dw};")
+        for u in range(kh):
+            for t in range(kw):
+                inside = f"(uint32_t){v}_y{u} < {s.in_h}u && (uint32_t){v}_c{t} < {s.in_w}u"
+                at = f"{v}_y{u} * {s.in_w} + {v}_c{t}"
+                for c in range(s.in_channels):
+                    x = f"{v}_v{len(xs)}"
+                    plane = f" + {c * s.in_h * s.in_w}" if c else ""
+                    lines.append(f"int32_t {x} = ({inside}) ? {n('XQ')}[{at}{plane}] : 0;")
+                    xs.append(x)
+        lines.append(f"{v}_s = {' + '.join(xs)};")
+        for i in range(self.pairs):
+            hi = f" | (int32_t)((uint32_t){xs[2 * i + 1]} << 16)" if 2 * i + 1 < len(xs) else ""
+            lines.append(f"int32_t {v}_x{i} = ({xs[2 * i]} & 0xFFFF){hi};")
+        return lines
 
     def _window(self, inner: list[str], outside: list[str] | None = None) -> list[str]:
         s = self.spec
@@ -238,38 +287,41 @@ def fused_source(
     def operand(kind: str, what: str) -> str:
         if kind == "tensor":
             return f"{names[what]}[j * {hw} + p]"
-        return f"re{what}" if remats[int(what)].chain else f"rv{what}[j]"
+        return f"re{what}" if remats[int(what)].chain else remats[int(what)].value(f"rv{what}")
 
     body: list[str] = [line for p in (producer, *remats) for line in p.prologue()]
     if sink.kind == "mean":
         body.append(f"for (int32_t j = 0; j < {o}; ++j) Y[j] = 0.0f;")
     body += [f"for (int32_t p = 0; p < {hw}; ++p) {{", f"  int32_t oy = p / {ow}, ox = p % {ow};"]
     for i, r in enumerate(remats):
-        ro = r.spec.out_channels
-        body += [f"  float rv{i}[{ro}];", *("  " + line for line in r.pixel(f"rv{i}"))]
+        body += ["  " + line for line in r.pixel(f"rv{i}")]
     # the remats' chains at their use: in the loop over the channels with the producer's chain
-    uses = [
+    uses = [line for i, r in enumerate(remats) for line in r.element(f"rv{i}")]
+    uses += [
         line
         for i, r in enumerate(remats)
         if r.chain
-        for line in (f"float re{i};", "{", *apply(r.chain, f"rv{i}[j]", operand), f"  re{i} = e;", "}")
+        for line in (f"float re{i};", "{", *apply(r.chain, r.value(f"rv{i}"), operand), f"  re{i} = e;", "}")
     ]
+    uses += producer.element("v")
     words = -(-o // 32)
-    body += [f"  float v[{o}];", *("  " + line for line in producer.pixel("v"))]
+    # pair producers: every channel's weights and epilogue at constant offsets
+    unroll = o if any(r.pairs for r in (producer, *remats)) and o <= 64 else 8
+    body += ["  " + line for line in producer.pixel("v")]
     if sink.kind == "packed":
         body.append(f"  uint32_t bits[{words}] = {{0}};")
     body += [
-        "  #pragma GCC unroll 8",
+        f"  #pragma GCC unroll {unroll}",
         f"  for (int32_t j = 0; j < {o}; ++j) {{",
         *("    " + line for line in uses),
     ]
-    body += ["    " + line for line in apply(producer.chain, "v[j]", operand)]
+    body += ["    " + line for line in apply(producer.chain, producer.value("v"), operand)]
     if sink.kind == "float":
         body.append(f"    Y[j * {hw} + p] = e;")
     elif sink.kind == "mean":
         body.append("    Y[j] += e;")
     else:
-        body.append("    if (e >= 0.0f) bits[j >> 5] |= 1u << (j & 31);")
+        body.append("    bits[j >> 5] |= (uint32_t)(e >= 0.0f) << (j & 31); /* no branch */")
     body.append("  }")
     if sink.kind == "packed":
         body.append(f"  for (int32_t q = 0; q < {words}; ++q) Y[p * {words} + q] = (int32_t)bits[q];")
