@@ -102,7 +102,8 @@ class Producer:
         sum ``{v}_s``."""
         s, n = self.spec, self.n
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.padding, s.dilation
-        lines, xs = [], []
+        lines: list[str] = []
+        xs: list[str] = []
         for u in range(kh):
             lines.append(f"int32_t {v}_y{u} = oy * {sh} - {ph + -u * dh};")
         for t in range(kw):
