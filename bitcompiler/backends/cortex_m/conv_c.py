@@ -40,6 +40,9 @@ from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accu
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
 
+LDM_REGS = ("r4", "r5", "r6", "r8")  # a channel's code pairs, four an LDM (five: gcc finds no registers)
+
+
 @dataclass
 class Param:
     """One pointer parameter of the fused kernel and the program value it is called with."""
@@ -73,7 +76,8 @@ class Producer:
         """C lines filling ``float v[O]`` at pixel ``(oy, ox)`` (before the chain); with
         ``pairs``, the pixel's activation pairs only (:meth:`element` computes each channel)."""
         if self.pairs:
-            return [f"int32_t {v}_s = 0;", *self._pair_words(v), f"float {v}_f = (float){v}_s;"]
+            w = f"const int32_t *{v}_w = {self.n('W')};"  # the asm's walk over the channels' pairs
+            return [f"int32_t {v}_s = 0;", *self._pair_words(v), f"float {v}_f = (float){v}_s;", w]
         body = self._int8(v) if self.kind == "int8" else self._binary(v)
         return [f"float {v}[{self.spec.out_channels}];", "{", *("  " + line for line in body), "}"]
 
@@ -89,12 +93,31 @@ class Producer:
         n = self.n
         sums = [f"acc = bitc_smlad(wj[{i}], {v}_x{i}, acc);" for i in range(1, self.pairs)]
         out = f"(({n('sa')}[j] * (float)acc) + ({n('sb')}[j] * {v}_f)) + {n('BI')}[j]"
+        c = [f"const int32_t *wj = {n('W')} + j * {self.pairs};", "acc = bitc_smuad(wj[0], " + v + "_x0);", *sums]
+        asm = self._pairs_asm(v)
         return [
-            f"const int32_t *wj = {n('W')} + j * {self.pairs};",
-            f"int32_t acc = bitc_smuad(wj[0], {v}_x0);",
-            *sums,
+            "int32_t acc;",
+            *(["#if BITC_W1A1_ASM", *asm, "#else"] if asm else []),
+            *c,
+            *(["#endif"] if asm else []),
             f"float {v}_e = {out};",
         ]
+
+    def _pairs_asm(self, v: str) -> list[str]:
+        """Channel ``j``'s sum in Thumb-2: its code pairs by LDMs of up to four words (walking
+        ``{v}_w``; C would load them one by one), SMUAD, SMLADs."""
+        text = []
+        for i in range(self.pairs):
+            regs = LDM_REGS[: min(len(LDM_REGS), self.pairs - i)]
+            r = LDM_REGS[i % len(LDM_REGS)]
+            if i % len(LDM_REGS) == 0:
+                many = len(regs) > 1
+                text.append(f"ldm %[w]!, {{{', '.join(regs)}}}" if many else f"ldr {r}, [%[w]], #4")
+            text.append(f"smlad %[a], {r}, %[x{i}], %[a]" if i else f"smuad %[a], {r}, %[x0]")
+        ins = ", ".join(f'[x{i}] "r"({v}_x{i})' for i in range(self.pairs))
+        clobbers = ", ".join(f'"{r}"' for r in LDM_REGS[: self.pairs])
+        body = "\\n\\t".join(text)
+        return [f'__asm("{body}" : [a] "=&r"(acc), [w] "+r"({v}_w) : {ins} : {clobbers});']
 
     def _pair_words(self, v: str) -> list[str]:
         """The receptive field's int8 values (zero outside the image) as 16-bit pairs
