@@ -39,7 +39,6 @@ from bitcompiler.backends.cortex_m.conv_tables import table_lines
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
-
 LDM_REGS = ("r4", "r5", "r6", "r8")  # a channel's code pairs, four an LDM (five: gcc finds no registers)
 
 
@@ -93,7 +92,11 @@ class Producer:
         n = self.n
         sums = [f"acc = bitc_smlad(wj[{i}], {v}_x{i}, acc);" for i in range(1, self.pairs)]
         out = f"(({n('sa')}[j] * (float)acc) + ({n('sb')}[j] * {v}_f)) + {n('BI')}[j]"
-        c = [f"const int32_t *wj = {n('W')} + j * {self.pairs};", "acc = bitc_smuad(wj[0], " + v + "_x0);", *sums]
+        c = [
+            f"const int32_t *wj = {n('W')} + j * {self.pairs};",
+            "acc = bitc_smuad(wj[0], " + v + "_x0);",
+            *sums,
+        ]
         asm = self._pairs_asm(v)
         return [
             "int32_t acc;",
