@@ -348,7 +348,7 @@ def fused_source(
     elif sink.kind == "mean":
         body.append("    Y[j] += e;")
     else:
-        body.append("    bits[j >> 5] |= (uint32_t)(e >= 0.0f) << (j & 31); /* no branch */")
+        body.append("    if (e >= 0.0f) bits[j >> 5] |= 1u << (j & 31);  /* unrolled: IT + ORR */")
     body.append("  }")
     if sink.kind == "packed":
         body.append(f"  for (int32_t q = 0; q < {words}; ++q) Y[p * {words} + q] = (int32_t)bits[q];")
