@@ -11,7 +11,13 @@ A conv is a :class:`Producer`: C lines that fill ``float v[O]``, the conv's outp
   :func:`.dense_sources.store_int8_codes` stores a dense layer's rows. The row is then a dense
   layer's input: the same unpacking (``SXTB16`` pairs on DSP cores) and the same ``SMLAD`` /
   ``VMLADAVA`` / ``MLA`` loop (:mod:`.dense_sources`), exact int32 sums, and the numerics'
-  epilogue with ``sumx`` the sum of the row (``F.conv2d(x, ones)``).
+  epilogue with ``sumx`` the sum of the row (``F.conv2d(x, ones)``). On DSP cores (M4, M7, M55)
+  a conv whose field ``K`` is at most 16 values (a stem: 1 -> 32 channels, 3x3) keeps the field
+  in registers as 16-bit pairs instead (``pairs``): each channel's codes are stored as pairs too
+  (``(O, ceil(K / 2))`` words, unshifted), loaded by ``LDM`` and summed by ``SMUAD`` / ``SMLAD``
+  inside the loop over the channels, its epilogue and the chain in the same iteration, no
+  ``v[O]`` array (the loop is unrolled over the channels: weights and epilogue at constant
+  offsets, the sign packing an ``IT`` + ``ORR``, no data-dependent branch).
 * ``binary`` (groups 1, packed sign activations, 1-bit pm1 weights): the tap words of the pixel
   are gathered once (zero words for taps outside the image) and are the input row of the W1A1
   dense kernel (:func:`.binary_c.rows_lines`: two output channels a pass sharing the words,
@@ -84,43 +90,40 @@ class Producer:
         """The C value of channel ``j`` once :meth:`element`'s lines ran."""
         return f"{v}_e" if self.pairs else f"{v}[j]"
 
-    def element(self, v: str) -> list[str]:
+    def element(self, v: str, regs: int = 4) -> list[str]:
         """With ``pairs``: channel ``j``'s value ``v_e`` inside the loop over the channels, the
-        exact int32 sum by SMLADs of the stored code pairs, then the int8 epilogue."""
+        exact int32 sum by SMLADs of the stored code pairs (loaded ``regs`` words at a time), then
+        the int8 epilogue."""
         if not self.pairs:
             return []
         n = self.n
-        sums = [f"acc = bitc_smlad(wj[{i}], {v}_x{i}, acc);" for i in range(1, self.pairs)]
-        out = f"(({n('sa')}[j] * (float)acc) + ({n('sb')}[j] * {v}_f)) + {n('BI')}[j]"
+        sums = [f"{v}_a = bitc_smlad({v}_wj[{i}], {v}_x{i}, {v}_a);" for i in range(1, self.pairs)]
+        out = f"(({n('sa')}[j] * (float){v}_a) + ({n('sb')}[j] * {v}_f)) + {n('BI')}[j]"
         c = [
-            f"const int32_t *wj = {n('W')} + j * {self.pairs};",
-            "acc = bitc_smuad(wj[0], " + v + "_x0);",
+            f"const int32_t *{v}_wj = {n('W')} + j * {self.pairs};",
+            f"{v}_a = bitc_smuad({v}_wj[0], {v}_x0);",
             *sums,
         ]
-        asm = self._pairs_asm(v)
-        return [
-            "int32_t acc;",
-            *(["#if BITC_W1A1_ASM", *asm, "#else"] if asm else []),
-            *c,
-            *(["#endif"] if asm else []),
-            f"float {v}_e = {out};",
+        asm = [
+            "#if BITC_W1A1_ASM /* Thumb-2 with DSP, optimized */",
+            *self._pairs_asm(v, LDM_REGS[:regs]),
+            "#else",
         ]
+        return [f"int32_t {v}_a;", *asm, *c, "#endif", f"float {v}_e = {out};"]
 
-    def _pairs_asm(self, v: str) -> list[str]:
-        """Channel ``j``'s sum in Thumb-2: its code pairs by LDMs of up to four words (walking
-        ``{v}_w``; C would load them one by one), SMUAD, SMLADs."""
-        text = []
+    def _pairs_asm(self, v: str, regs: tuple[str, ...]) -> list[str]:
+        """Channel ``j``'s sum in Thumb-2: its code pairs by LDMs of up to ``len(regs)`` words
+        (walking ``{v}_w``; C would load them one by one), SMUAD, SMLADs."""
+        text, k = [], len(regs)
         for i in range(self.pairs):
-            regs = LDM_REGS[: min(len(LDM_REGS), self.pairs - i)]
-            r = LDM_REGS[i % len(LDM_REGS)]
-            if i % len(LDM_REGS) == 0:
-                many = len(regs) > 1
-                text.append(f"ldm %[w]!, {{{', '.join(regs)}}}" if many else f"ldr {r}, [%[w]], #4")
+            now, r = regs[: min(k, self.pairs - i)], regs[i % k]
+            if i % k == 0:
+                text.append(f"ldm %[w]!, {{{', '.join(now)}}}" if len(now) > 1 else f"ldr {r}, [%[w]], #4")
             text.append(f"smlad %[a], {r}, %[x{i}], %[a]" if i else f"smuad %[a], {r}, %[x0]")
         ins = ", ".join(f'[x{i}] "r"({v}_x{i})' for i in range(self.pairs))
-        clobbers = ", ".join(f'"{r}"' for r in LDM_REGS[: self.pairs])
+        clobbers = ", ".join(f'"{r}"' for r in regs[: self.pairs])
         body = "\\n\\t".join(text)
-        return [f'__asm("{body}" : [a] "=&r"(acc), [w] "+r"({v}_w) : {ins} : {clobbers});']
+        return [f'__asm("{body}" : [a] "=&r"({v}_a), [w] "+r"({v}_w) : {ins} : {clobbers});']
 
     def _pair_words(self, v: str) -> list[str]:
         """The receptive field's int8 values (zero outside the image) as 16-bit pairs
@@ -323,14 +326,16 @@ def fused_source(
     for i, r in enumerate(remats):
         body += ["  " + line for line in r.pixel(f"rv{i}")]
     # the remats' chains at their use: in the loop over the channels with the producer's chain
-    uses = [line for i, r in enumerate(remats) for line in r.element(f"rv{i}")]
+    # four words an LDM; two when two convs' pairs are live at once (gcc finds no registers)
+    regs = 4 if sum(bool(r.pairs) for r in (producer, *remats)) < 2 else 2
+    uses = [line for i, r in enumerate(remats) for line in r.element(f"rv{i}", regs)]
     uses += [
         line
         for i, r in enumerate(remats)
         if r.chain
         for line in (f"float re{i};", "{", *apply(r.chain, r.value(f"rv{i}"), operand), f"  re{i} = e;", "}")
     ]
-    uses += producer.element("v")
+    uses += producer.element("v", regs)
     words = -(-o // 32)
     # pair producers: every channel's weights and epilogue at constant offsets
     unroll = o if any(r.pairs for r in (producer, *remats)) and o <= 64 else 8
