@@ -132,6 +132,39 @@ def test_w1a1_conv_row_shapes_match_the_reference(core):
     assert torch.equal(cm(x), cm.reference(x))
 
 
+class SmallFields(nn.Module):
+    """int8 convs whose field ``KH * KW * C`` is at most 16 (conv_c's code pairs by SMLAD): 9
+    values with a dilated two-pixel border, 12 (two LDMs: four words, then two) with stride 2, 12
+    in a 1x1 conv, and 7 (an odd field: the last pair holds one code); odd channel counts; a
+    residual of two stems, so that one kernel sums two convs' pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.s0 = nn.Conv2d(1, 3, 3, padding=2, dilation=2), nn.Conv2d(1, 3, 3, padding=1)
+        self.c1 = nn.Conv2d(3, 12, 2, stride=2)
+        self.c2, self.c3 = nn.Conv2d(12, 7, 1), nn.Conv2d(7, 5, 1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.relu(self.c0(x)) + self.s0(x)  # two stems on the image: one recomputed in the other's kernel
+        x = F.relu(self.c1(x))
+        x = self.c3(F.hardtanh(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@needs_toolchain
+@pytest.mark.parametrize("core", CORES)
+def test_small_field_int8_convs_match_the_reference(core):
+    torch.manual_seed(0)
+    model, x = SmallFields().eval(), torch.randn(2, 1, 10, 10)
+    cm = bc.compile(model, (x[:1],), target=core, scheme="uniform:bits=8,act=8")
+    source = (cm._runner.bundle / "kernels.c").read_text()
+    pairs = core != "cortex-m3"  # DSP cores only: M3 has no SMLAD
+    assert (source.count("ldm %[w]!") >= 5) == pairs, "every small-field conv sums code pairs"
+    assert ("ldm %[w]!, {r4, r5}\\n" in source) == pairs, "two convs' pairs in one kernel: two words an LDM"
+    assert torch.equal(cm(x), cm.reference(x))
+
+
 @needs_toolchain
 @pytest.mark.parametrize("core", CORES)
 def test_issue_cnn_fits_48kb_and_matches_the_reference(core):

@@ -139,4 +139,19 @@ static inline int32_t bitc_smlad_row(int32_t c, int32_t xa, int32_t xb, int32_t 
     (XQ) += 4;                                                                               \\
   } while (0)
 #endif
+/* acc + lo(a) * lo(b) + hi(a) * hi(b) on signed 16-bit halves: one SMLAD on DSP cores */
+static inline int32_t bitc_smlad(int32_t a, int32_t b, int32_t acc) {
+#if defined(__ARM_FEATURE_DSP)
+  return __smlad(a, b, acc);
+#else
+  return acc + (int16_t)a * (int16_t)b + (a >> 16) * (b >> 16);
+#endif
+}
+static inline int32_t bitc_smuad(int32_t a, int32_t b) {
+#if defined(__ARM_FEATURE_DSP)
+  return __smuad(a, b);
+#else
+  return (int16_t)a * (int16_t)b + (a >> 16) * (b >> 16);
+#endif
+}
 """

@@ -11,7 +11,13 @@ A conv is a :class:`Producer`: C lines that fill ``float v[O]``, the conv's outp
   :func:`.dense_sources.store_int8_codes` stores a dense layer's rows. The row is then a dense
   layer's input: the same unpacking (``SXTB16`` pairs on DSP cores) and the same ``SMLAD`` /
   ``VMLADAVA`` / ``MLA`` loop (:mod:`.dense_sources`), exact int32 sums, and the numerics'
-  epilogue with ``sumx`` the sum of the row (``F.conv2d(x, ones)``).
+  epilogue with ``sumx`` the sum of the row (``F.conv2d(x, ones)``). On DSP cores (M4, M7, M55)
+  a conv whose field ``K`` is at most 16 values (a stem: 1 -> 32 channels, 3x3) keeps the field
+  in registers as 16-bit pairs instead (``pairs``): each channel's codes are stored as pairs too
+  (``(O, ceil(K / 2))`` words, unshifted), loaded by ``LDM`` and summed by ``SMUAD`` / ``SMLAD``
+  inside the loop over the channels, its epilogue and the chain in the same iteration, no
+  ``v[O]`` array (the loop is unrolled over the channels: weights and epilogue at constant
+  offsets, the sign packing an ``IT`` + ``ORR``, no data-dependent branch).
 * ``binary`` (groups 1, packed sign activations, 1-bit pm1 weights): the tap words of the pixel
   are gathered once (zero words for taps outside the image) and are the input row of the W1A1
   dense kernel (:func:`.binary_c.rows_lines`: two output channels a pass sharing the words,
@@ -39,6 +45,8 @@ from bitcompiler.backends.cortex_m.conv_tables import table_lines
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
 
+LDM_REGS = ("r4", "r5", "r6", "r8")  # a channel's code pairs, four an LDM (five: gcc finds no registers)
+
 
 @dataclass
 class Param:
@@ -64,14 +72,85 @@ class Producer:
     shift: bool = False  # int8: codes stored as Q - 128
     chain: list[tuple] = field(default_factory=list)  # elementwise ops applied to v (see apply)
     tables: int = 0  # binary: the field bits of its lookup tables (.conv_tables), 0: popcount rows
+    pairs: int = 0  # int8: words of 16-bit code pairs per channel (a small field, SMLAD), 0: blocks
 
     def n(self, name: str) -> str:
         return f"{self.prefix}{name}"
 
     def pixel(self, v: str) -> list[str]:
-        """C lines filling ``float v[O]`` at pixel ``(oy, ox)`` (before the chain)."""
+        """C lines filling ``float v[O]`` at pixel ``(oy, ox)`` (before the chain); with
+        ``pairs``, the pixel's activation pairs only (:meth:`element` computes each channel)."""
+        if self.pairs:
+            w = f"const int32_t *{v}_w = {self.n('W')};"  # the asm's walk over the channels' pairs
+            return [f"int32_t {v}_s = 0;", *self._pair_words(v), f"float {v}_f = (float){v}_s;", w]
         body = self._int8(v) if self.kind == "int8" else self._binary(v)
-        return ["{", *("  " + line for line in body), "}"]
+        return [f"float {v}[{self.spec.out_channels}];", "{", *("  " + line for line in body), "}"]
+
+    def value(self, v: str) -> str:
+        """The C value of channel ``j`` once :meth:`element`'s lines ran."""
+        return f"{v}_e" if self.pairs else f"{v}[j]"
+
+    def element(self, v: str, regs: int = 4) -> list[str]:
+        """With ``pairs``: channel ``j``'s value ``v_e`` inside the loop over the channels, the
+        exact int32 sum by SMLADs of the stored code pairs (loaded ``regs`` words at a time), then
+        the int8 epilogue."""
+        if not self.pairs:
+            return []
+        n = self.n
+        sums = [f"{v}_a = bitc_smlad({v}_wj[{i}], {v}_x{i}, {v}_a);" for i in range(1, self.pairs)]
+        out = f"(({n('sa')}[j] * (float){v}_a) + ({n('sb')}[j] * {v}_f)) + {n('BI')}[j]"
+        c = [
+            f"const int32_t *{v}_wj = {n('W')} + j * {self.pairs};",
+            f"{v}_a = bitc_smuad({v}_wj[0], {v}_x0);",
+            *sums,
+        ]
+        asm = [
+            "#if BITC_W1A1_ASM /* Thumb-2 with DSP, optimized */",
+            *self._pairs_asm(v, LDM_REGS[:regs]),
+            "#else",
+        ]
+        return [f"int32_t {v}_a;", *asm, *c, "#endif", f"float {v}_e = {out};"]
+
+    def _pairs_asm(self, v: str, regs: tuple[str, ...]) -> list[str]:
+        """Channel ``j``'s sum in Thumb-2: its code pairs by LDMs of up to ``len(regs)`` words
+        (walking ``{v}_w``; C would load them one by one), SMUAD, SMLADs."""
+        text, k = [], len(regs)
+        for i in range(self.pairs):
+            now, r = regs[: min(k, self.pairs - i)], regs[i % k]
+            if i % k == 0:
+                text.append(f"ldm %[w]!, {{{', '.join(now)}}}" if len(now) > 1 else f"ldr {r}, [%[w]], #4")
+            text.append(f"smlad %[a], {r}, %[x{i}], %[a]" if i else f"smuad %[a], {r}, %[x0]")
+        ins = ", ".join(f'[x{i}] "r"({v}_x{i})' for i in range(self.pairs))
+        clobbers = ", ".join(f'"{r}"' for r in regs[: self.pairs])
+        body = "\\n\\t".join(text)
+        return [f'__asm("{body}" : [a] "=&r"({v}_a), [w] "+r"({v}_w) : {ins} : {clobbers});']
+
+    def _pair_words(self, v: str) -> list[str]:
+        """The receptive field's int8 values (zero outside the image) as 16-bit pairs
+        ``{v}_x<i>`` (values ``2i``, ``2i + 1`` in the weights' order ``(KH, KW, C)``), their
+        sum ``{v}_s``."""
+        s, n = self.spec, self.n
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.padding, s.dilation
+        lines: list[str] = []
+        xs: list[str] = []
+        for u in range(kh):
+            lines.append(f"int32_t {v}_y{u} = oy * {sh} - {ph + -u * dh};")
+        for t in range(kw):
+            lines.append(f"int32_t {v}_c{t} = ox * {sw} - {pw + -t * dw};")
+        for u in range(kh):
+            for t in range(kw):
+                inside = f"(uint32_t){v}_y{u} < {s.in_h}u && (uint32_t){v}_c{t} < {s.in_w}u"
+                at = f"{v}_y{u} * {s.in_w} + {v}_c{t}"
+                for c in range(s.in_channels):
+                    x = f"{v}_v{len(xs)}"
+                    plane = f" + {c * s.in_h * s.in_w}" if c else ""
+                    lines.append(f"int32_t {x} = ({inside}) ? {n('XQ')}[{at}{plane}] : 0;")
+                    xs.append(x)
+        lines.append(f"{v}_s = {' + '.join(xs)};")
+        for i in range(self.pairs):
+            hi = f" | (int32_t)((uint32_t){xs[2 * i + 1]} << 16)" if 2 * i + 1 < len(xs) else ""
+            lines.append(f"int32_t {v}_x{i} = ({xs[2 * i]} & 0xFFFF){hi};")
+        return lines
 
     def _window(self, inner: list[str], outside: list[str] | None = None) -> list[str]:
         s = self.spec
@@ -238,38 +317,43 @@ def fused_source(
     def operand(kind: str, what: str) -> str:
         if kind == "tensor":
             return f"{names[what]}[j * {hw} + p]"
-        return f"re{what}" if remats[int(what)].chain else f"rv{what}[j]"
+        return f"re{what}" if remats[int(what)].chain else remats[int(what)].value(f"rv{what}")
 
     body: list[str] = [line for p in (producer, *remats) for line in p.prologue()]
     if sink.kind == "mean":
         body.append(f"for (int32_t j = 0; j < {o}; ++j) Y[j] = 0.0f;")
     body += [f"for (int32_t p = 0; p < {hw}; ++p) {{", f"  int32_t oy = p / {ow}, ox = p % {ow};"]
     for i, r in enumerate(remats):
-        ro = r.spec.out_channels
-        body += [f"  float rv{i}[{ro}];", *("  " + line for line in r.pixel(f"rv{i}"))]
+        body += ["  " + line for line in r.pixel(f"rv{i}")]
     # the remats' chains at their use: in the loop over the channels with the producer's chain
-    uses = [
+    # four words an LDM; two when two convs' pairs are live at once (gcc finds no registers)
+    regs = 4 if sum(bool(r.pairs) for r in (producer, *remats)) < 2 else 2
+    uses = [line for i, r in enumerate(remats) for line in r.element(f"rv{i}", regs)]
+    uses += [
         line
         for i, r in enumerate(remats)
         if r.chain
-        for line in (f"float re{i};", "{", *apply(r.chain, f"rv{i}[j]", operand), f"  re{i} = e;", "}")
+        for line in (f"float re{i};", "{", *apply(r.chain, r.value(f"rv{i}"), operand), f"  re{i} = e;", "}")
     ]
+    uses += producer.element("v", regs)
     words = -(-o // 32)
-    body += [f"  float v[{o}];", *("  " + line for line in producer.pixel("v"))]
+    # pair producers: every channel's weights and epilogue at constant offsets
+    unroll = o if any(r.pairs for r in (producer, *remats)) and o <= 64 else 8
+    body += ["  " + line for line in producer.pixel("v")]
     if sink.kind == "packed":
         body.append(f"  uint32_t bits[{words}] = {{0}};")
     body += [
-        "  #pragma GCC unroll 8",
+        f"  #pragma GCC unroll {unroll}",
         f"  for (int32_t j = 0; j < {o}; ++j) {{",
         *("    " + line for line in uses),
     ]
-    body += ["    " + line for line in apply(producer.chain, "v[j]", operand)]
+    body += ["    " + line for line in apply(producer.chain, producer.value("v"), operand)]
     if sink.kind == "float":
         body.append(f"    Y[j * {hw} + p] = e;")
     elif sink.kind == "mean":
         body.append("    Y[j] += e;")
     else:
-        body.append("    if (e >= 0.0f) bits[j >> 5] |= 1u << (j & 31);")
+        body.append("    if (e >= 0.0f) bits[j >> 5] |= 1u << (j & 31);  /* unrolled: IT + ORR */")
     body.append("  }")
     if sink.kind == "packed":
         body.append(f"  for (int32_t q = 0; q < {words}; ++q) Y[p * {words} + q] = (int32_t)bits[q];")

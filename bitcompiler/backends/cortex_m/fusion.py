@@ -254,6 +254,7 @@ def rescratch(b: Any, producer: Producer, prefix: str, at: str) -> Producer:
         producer.shift,
         producer.chain,
         producer.tables,
+        producer.pairs,
     )
 
 
@@ -277,6 +278,19 @@ def binary_conv_weights(b: Any, call: Any, spec: Any, tables: int) -> tuple[str,
     wt = (spec.cg - 2 * bits.astype(np.int64)).T  # (taps, O)
     dtype = np.int8 if spec.cg <= 127 else np.int32
     return stored, [b._stored(call, "wt", np.ascontiguousarray(wt).astype(dtype))]
+
+
+PAIRS_MAX_FIELD = 16  # an int8 conv's KH * KW * C up to which each channel's codes sit in registers
+
+
+def code_pairs(q: np.ndarray) -> np.ndarray:
+    """``(O, K)`` codes (0..255) -> ``(O, ceil(K / 2))`` int32 words, code ``2i`` in the low and
+    ``2i + 1`` in the high signed 16-bit half (zero past ``K``): SMLAD's operands."""
+    o, k = q.shape
+    padded = np.zeros((o, k + k % 2), np.int64)
+    padded[:, :k] = q
+    words = (padded[:, 0::2] & 0xFFFF) | (padded[:, 1::2] << 16)
+    return np.ascontiguousarray(words.astype(np.uint32).view(np.int32))
 
 
 def make_producer(b: Any, node: torch.fx.Node, kind: str, spec: Any, prefix: str) -> Producer:
@@ -304,16 +318,20 @@ def make_producer(b: Any, node: torch.fx.Node, kind: str, spec: Any, prefix: str
     q = kernels.codes_from_planes(b.state[qual].detach().cpu().numpy(), spec.in_channels).astype(np.int64)
     q = q.reshape(spec.out_channels, -1)  # (O, KH * KW * C), the row's order
     shift, k = bool(q.max() > 127), q.shape[1]
-    stored = store_int8_codes((q - 128 if shift else q).astype(np.int8), int8_block(b.isa))
-    wsym = b._stored(call, "codes", stored)
     xq, xs = b.quantized_input(x, "int8", 1, tuple(x.shape[1:]), None)
     params = [Param(n("XQ"), "int8", x.shape, xq), Param(n("XS"), "float32", (1,), xs)]
-    params.append(Param(n("W"), "int8", (stored.size,), wsym))
     o = spec.out_channels
-    params += [
+    epilogue = [
         Param(n(p), "float32", (o,), b.weight(call.tensors[t], "float32"))
         for p, t in zip(("SC", "OF", "BI"), ("scale", "offset", "bias"))
     ]
+    if b.isa != "scalar" and k <= PAIRS_MAX_FIELD:  # a small field (a stem): SMLAD on code pairs
+        pairs = code_pairs(q)
+        params.append(Param(n("W"), "int32", (pairs.size,), b._stored(call, "pairs", pairs)))
+        return Producer("int8", spec, prefix, params + epilogue, b.isa, pairs=pairs.shape[1])
+    stored = store_int8_codes((q - 128 if shift else q).astype(np.int8), int8_block(b.isa))
+    params.append(Param(n("W"), "int8", (stored.size,), b._stored(call, "codes", stored)))
+    params += epilogue
     params.append(Param(n("R"), "int8", (k,), b.new_tensor(f"{node.name}_row", (k,), "int8").name, True))
     words = {"scalar": 4 * -(-k // 4), "dsp": 2 * -(-k // 4)}.get(b.isa, 0)
     if words:
