@@ -233,7 +233,7 @@ def relaid_dense_kernel(
     if not dense_avx2.avx2_target(target):
         return None
     if dense_vpop.fits(spec) and dense_avx2.popcnt512_target(target):
-        return Relaid(dense_vpop.vpop_func(spec), dense_vpop.vpop_layout(planes), "vpop", True)
+        return Relaid(dense_vpop.vpop_kernel(spec), dense_vpop.vpop_layout(planes), "vpop", True)
     if dense_lanes.fits(spec):
         return Relaid(dense_lanes.lanes_kernel(spec), dense_lanes.lanes_layout(planes), "lanes", True)
     if dense_int8.w2_interleaved_fits(spec):

@@ -33,6 +33,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from bitcompiler.kernels.spec import DenseSpec
+from bitcompiler.kernels.template import Choose, Template, scheduled
 
 R = 8  # rows per vector: 64-bit lanes of a 512-bit vector
 MB = 4  # batch rows per weight load
@@ -58,12 +59,15 @@ def vpop_layout(planes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(words.reshape(n // R, R, -1).transpose(0, 2, 1))
 
 
-def _signs(X: Any, m: Any, b: Any) -> Any:
-    """Byte ``b`` of row ``m``'s packed signs: bit j = ``X[m, 8b + j] >= 0`` (compare, ``vmovmskps``)."""
+def _signs(X: Any, m: Any, b: Any, C: Any) -> Any:
+    """Byte ``b`` of row ``m``'s packed signs: bit j = ``X[m, 8b + j] >= 0`` (one compare and one
+    ``vmovmskps``). ``C`` holds the constant vectors (0.0, -1, 0) in memory: vector constants
+    written as broadcasts would stop MetaSchedule from analysing the template."""
+    eight = T.Ramp(T.int64(0), T.int64(1), 8)
     ge = T.Select(
-        X[m, T.Ramp(b * 8, 1, 8)] >= T.Broadcast(T.float32(0), 8),
-        T.Broadcast(T.int32(-1), 8),
-        T.Broadcast(T.int32(0), 8),
+        X[m, T.Ramp(b * 8, T.int64(1), 8)] >= T.reinterpret("float32x8", C[eight]),
+        C[T.Ramp(T.int64(8), T.int64(1), 8)],
+        C[eight],
     )
     mask = T.call_llvm_pure_intrin("int32", "llvm.x86.avx.movmsk.ps.256", T.reinterpret("float32x8", ge))
     return T.Cast("uint8", mask)
@@ -111,16 +115,28 @@ def vpop_func(spec: DenseSpec) -> tirx.PrimFunc:
         @T.macro
         def body(X, WT, Y, M, E0, E1):
             XP = T.alloc_buffer((M, T.int64(K // 8)), "uint8")
-            for m in T.parallel(M):
-                for b in range(T.int64(K // 8)):
-                    XP[m, b] = _signs(X, m, b)
+            C = T.alloc_buffer((16,), "int32", scope="global")  # 0 (as 0.0 too) x 8, then -1 x 8
+            for j in T.vectorized(8):
+                C[j] = 0
+            for j in T.vectorized(8):
+                C[8 + j] = -1
+            for m, b in T.grid(M, T.int64(K // 8)):
+                XP[m, b] = _signs(X, m, b, C)
             X64 = T.decl_buffer((M, T.int64(KW)), U64, data=XP.data)
             if M == 1:
-                for g in T.parallel(T.int64(G)):
-                    one(X64, WT, Y, E0, E1, M, T.int64(0), g)
+                for g in range(T.int64(G)):
+                    with T.sblock("rows1"):
+                        vg = T.axis.spatial(T.int64(G), g)
+                        T.reads(WT[vg, 0:KW, 0:R], X64[0, 0:KW], E0[0:N], E1[0:N])
+                        T.writes(Y[0, vg * R : vg * R + R])
+                        one(X64, WT, Y, E0, E1, M, T.int64(0), vg)
             else:
-                for task in T.parallel((M + MB - 1) // MB * G):
-                    block(X64, WT, Y, E0, E1, M, task // G, task % G)
+                for mo, g in T.grid((M + MB - 1) // MB, T.int64(G)):
+                    with T.sblock("rows"):
+                        vmo, vg = T.axis.remap("SS", [mo, g])
+                        T.reads(WT[vg, 0:KW, 0:R], X64[0:M, 0:KW], E0[0:N], E1[0:N])
+                        T.writes(Y[0:M, vg * R : vg * R + R])
+                        block(X64, WT, Y, E0, E1, M, vmo, vg)
 
         return body
 
@@ -136,7 +152,7 @@ def vpop_func(spec: DenseSpec) -> tirx.PrimFunc:
             Y = T.match_buffer(y, (M, T.int64(N)), F32)
             make_body(thr_value)(X, WT, Y, M, TS, TH)
 
-        return func.with_attr("global_symbol", "main")
+        return func
 
     @T.prim_func(s_tir=True)  # type: ignore[no-redef]
     def func(x: T.handle, wt: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
@@ -149,4 +165,26 @@ def vpop_func(spec: DenseSpec) -> tirx.PrimFunc:
         Y = T.match_buffer(y, (M, T.int64(N)), F32)
         make_body(aff_value)(X, WT, Y, M, SC, BI)
 
-    return func.with_attr("global_symbol", "main")
+    return func
+
+
+def schedule_vpop(sch: Any, choose: Choose) -> None:
+    """Row groups, ``groups`` per parallel task, fused with the batch blocks into one parallel loop
+    (the thread pool launched once per call); the batch-1 nest splits its groups the same way."""
+    mo, g = sch.get_loops(sch.get_sblock("rows"))
+    n_groups = int(sch.get(g).extent)
+    t = choose("groups", [t for t in (1, 2, 4, 8) if n_groups % t == 0], 1)
+    go, _gi = sch.split(g, [None, t])
+    sch.parallel(sch.fuse(mo, go))
+    (g1,) = sch.get_loops(sch.get_sblock("rows1"))
+    go1, _gi1 = sch.split(g1, [None, t])
+    sch.parallel(go1)
+
+
+def vpop_kernel(spec: DenseSpec) -> tirx.PrimFunc:
+    """The scheduled (or tuned) vector-popcount W1A1 kernel for ``spec`` (:func:`fits` must hold)."""
+    if not fits(spec):
+        raise ValueError(f"the vector-popcount W1A1 kernel does not take {spec}")
+    return scheduled(Template("dense-vpop", vpop_func(spec), schedule_vpop)).with_attr(
+        "global_symbol", "main"
+    )

@@ -9,7 +9,7 @@ import bitcompiler as bc
 from bitcompiler.kernels import DenseSpec
 from bitcompiler.kernels.dense_avx2 import popcnt512_target
 from bitcompiler.kernels.dense_lanes import lanes_kernel, lanes_layout
-from bitcompiler.kernels.dense_vpop import fits, vpop_func, vpop_layout
+from bitcompiler.kernels.dense_vpop import fits, vpop_kernel, vpop_layout
 from bitcompiler.quant import numerics as nu
 from tests.backends.test_lower import kernels_called
 from tests.conftest import assert_close as assert_close_t
@@ -28,7 +28,7 @@ def test_vpop_matches_reference_and_the_lanes_kernel(k, n, threshold):
     g = torch.Generator().manual_seed(k + n)
     spec = DenseSpec(k, n, 1, "pm1", "binary", False, threshold)
     assert fits(spec)
-    run = build(vpop_func(spec))
+    run = build(vpop_kernel(spec))
     planes = nu.code_to_planes(random_codes((n, k), 1, "pm1", g), 1, "pm1")
     ep, kw = epilogue_params(n, threshold, g, False, k)
     if threshold:
@@ -58,7 +58,7 @@ def test_vpop_accumulator_is_exact_at_the_extremes():
     where none does."""
     k, n = 4096, 8
     spec = DenseSpec(k, n, 1, "pm1", "binary", False, False)
-    run = build(vpop_func(spec))
+    run = build(vpop_kernel(spec))
     g = torch.Generator().manual_seed(5)
     codes = random_codes((n, k), 1, "pm1", g)
     x = torch.randn(6, k, generator=g)
@@ -84,6 +84,8 @@ def test_vpop_accumulator_is_exact_at_the_extremes():
 )
 def test_vpop_refuses_other_layers(spec):
     assert not fits(spec)
+    with pytest.raises(ValueError, match="vector-popcount"):
+        vpop_kernel(spec)
 
 
 def test_compile_uses_vpop_kernel_for_w1a1_linear():
