@@ -18,10 +18,11 @@ whole 64-bit words.
 ``acc = K - 2 * popcount`` exactly as :func:`bitcompiler.quant.numerics.bit_linear` defines it for
 pm1 weights and binary activations; the epilogue is the rows-in-lanes kernel's (same numbers).
 
-Measured on znver4 (one thread, kernel alone, one process): 64 x 1024 -> 256 in 18 µs against
-141 µs for the rows-in-lanes kernel; 64 x 256 -> 1024 22 µs against 130 µs; 4096 x 4096 at
-batch 64 1.39 ms against 5.2 ms. At batch 1 the rows-in-lanes kernel stays (its weights are read
-once per call either way).
+Measured on znver4 (one thread, kernel alone, ``time_evaluator`` in one process on a shared,
+loaded host, so the ratios count more than the times): 64 x 1024 -> 256 18 µs against 141 µs for
+the rows-in-lanes kernel; 64 x 256 -> 1024 22 µs against 51-130 µs; 4096 x 4096 at batch 1 23 µs
+against 64-122 µs, at batch 64 1.4-2.9 ms against 5.2-8.6 ms. So it replaces that kernel at every
+batch where the CPU has ``avx512vpopcntdq`` (:func:`bitcompiler.kernels.relaid_dense_kernel`).
 """
 
 from __future__ import annotations
