@@ -4,6 +4,11 @@ TVM 0.27's CPU dlight rules cover GEMV and reductions only; element-wise ops (re
 clips, GELU, transposes) otherwise run as unscheduled scalar loops -- a 64x32x32 clip took
 57 µs instead of a few. ``Injective`` inlines producers, vectorizes the static trailing loops and
 runs the rest in parallel when the op is big enough for threads to pay.
+
+A transpose of the last two axes (``x.transpose(1, 2)`` of an MLP-Mixer's token-mixing block, also
+fused with a residual add) reads with a stride along the output's vectors: it is tiled instead, 16 x
+16 elements, vectors along the input's rows and the tile's columns unrolled, which LLVM turns into
+in-register shuffles (64 x 256 floats: 1.4 µs instead of 11 µs).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class Injective(CPUScheduleRule):
             loops = sch.get_loops(info.block_rv)
             if not loops:
                 continue
+            if _tile_transpose(sch, info.block_rv, loops):
+                continue
             extents = [get_extent(sch, loop) for loop in loops]
             first_static = len(loops)
             while first_static > 0 and isinstance(extents[first_static - 1], int):
@@ -59,3 +66,30 @@ class Injective(CPUScheduleRule):
             if outer and (first_static > 0 or n_static >= PARALLEL_MIN):
                 sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return sch
+
+
+def _tile_transpose(sch: s_tir.Schedule, block: Any, loops: list) -> bool:
+    """Tile a block that reads some buffer transposed in its last two loops (see the module's
+    docstring); False, and nothing changed, for any other block."""
+    stmt = sch.get(block)
+    if len(loops) < 2 or len(stmt.iter_vars) != len(loops):
+        return False
+    row, col = stmt.iter_vars[-2].var, stmt.iter_vars[-1].var
+    if not any(len(r.region) >= 2 and r.region[-1].min.same_as(row) for r in stmt.reads):
+        return False
+    extents = [get_extent(sch, loop) for loop in loops[-2:]]
+    tile = next((t for t in (16, 8) if all(isinstance(e, int) and e % t == 0 for e in extents)), 0)
+    if not tile or not any(r.region[-1].min.same_as(col) for r in stmt.writes):
+        return False
+    ro, ri = sch.split(loops[-2], [None, tile])
+    co, ci = sch.split(loops[-1], [None, tile])
+    sch.reorder(ro, co, ci, ri)
+    sch.unroll(ci)
+    sch.vectorize(ri)
+    sizes = [get_extent(sch, loop) for loop in loops[:-2]]
+    n = extents[0] * extents[1]
+    for e in sizes:
+        n = n * e if isinstance(e, int) else PARALLEL_MIN  # a dynamic batch: threads may pay
+    if n >= PARALLEL_MIN:
+        sch.parallel(sch.fuse(*loops[:-2], ro, co))
+    return True

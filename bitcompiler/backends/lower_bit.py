@@ -78,7 +78,7 @@ def _epilogue_args(env: dict, call: ops.BoundCall, bb: Any = None, cg: int = 0) 
 
 
 # relaid kernels whose stored order wastes nothing (they fit only whole words, or store bytes)
-_NO_PADDING = ("lanes", "il", "codes", "vnni", "fcodes")
+_NO_PADDING = ("lanes", "vpop", "il", "codes", "vnni", "fcodes")
 
 
 def _compact(node: Any, cg: int) -> bool:

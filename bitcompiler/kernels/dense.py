@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import dense_avx2, dense_fcodes, dense_int8, dense_lanes, dense_vnni
+from bitcompiler.kernels import dense_avx2, dense_fcodes, dense_int8, dense_lanes, dense_vnni, dense_vpop
 from bitcompiler.kernels._common import (
     as_i32,
     batch_var,
@@ -232,6 +232,8 @@ def relaid_dense_kernel(
     """The kernel for ``spec`` on an AVX2 host when one reads a better weight order, else None
     (then :func:`dense_kernel` on the planes as they are):
 
+    * W1A1, N % 8 == 0, K % 64 == 0, AVX-512 vector popcounts: 8 rows in the 64-bit lanes of a
+      512-bit vector (:mod:`~bitcompiler.kernels.dense_vpop`);
     * W1A1, N % 32 == 0, K % 128 == 0: rows in vector lanes (:mod:`~bitcompiler.kernels.dense_lanes`);
     * 2-bit weights, int8 activations, K % 256 == 0: with AVX-512 VNNI, four codes per byte for
       ``vpdpbusd`` (:mod:`~bitcompiler.kernels.dense_vnni`; ``fuse_quantizer``: the kernel quantizes
@@ -243,6 +245,8 @@ def relaid_dense_kernel(
     """
     if not dense_avx2.avx2_target(target):
         return None
+    if dense_vpop.fits(spec) and dense_avx2.popcnt512_target(target):
+        return Relaid(dense_vpop.vpop_kernel(spec), dense_vpop.vpop_layout(planes), "vpop", True)
     if dense_lanes.fits(spec):
         return Relaid(dense_lanes.lanes_kernel(spec), dense_lanes.lanes_layout(planes), "lanes", True)
     if dense_vnni.fits(spec) and dense_vnni.vnni_target(target):

@@ -10,7 +10,7 @@ from bitcompiler.backends.lower import to_relax
 # x86-64-v2: SSE4.2, no AVX; every x86 host can run code built for it
 GENERIC = bc.Target("cpu", mcpu="nehalem")
 # the suffixes of the kernels that read weights relaid for AVX2 (kernels.relaid_dense_kernel)
-AVX2_SUFFIXES = ("_lanes", "_r8", "_il", "_codes")
+AVX2_SUFFIXES = ("_lanes", "_vpop", "_r8", "_il", "_codes")
 
 
 def _model() -> nn.Module:

@@ -41,3 +41,34 @@ def test_injective_leaves_reductions_to_other_rules():
     k = te.reduce_axis((0, 8), "k")
     s = te.compute((m,), lambda i: te.sum(a[i, k], axis=k), name="s")
     assert Injective().apply(te.create_prim_func([a, s]), TARGET, False) is None
+
+
+def _transpose_add(rows, cols, add):
+    m = te.var("M", "int64")
+    a = te.placeholder((m, tirx.IntImm("int64", rows), tirx.IntImm("int64", cols)), "float32", "A")
+    out = (m, tirx.IntImm("int64", cols), tirx.IntImm("int64", rows))
+    if not add:
+        return te.create_prim_func([a, te.compute(out, lambda b, i, j: a[b, j, i], name="T")])
+    r = te.placeholder(out, "float32", "R")
+    return te.create_prim_func([a, r, te.compute(out, lambda b, i, j: r[b, i, j] + a[b, j, i], name="T")])
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["transpose", "transpose_add"])
+def test_transposes_are_tiled_with_vectors_along_the_input_rows(add):
+    sch = Injective().apply(_transpose_add(64, 256, add), TARGET, False)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    # 16 x 16 tiles: the tile's columns unrolled, its rows (the input's contiguous axis) in vectors
+    assert "T.unroll(T.int64(16))" in text and "T.vectorized(T.int64(16))" in text, text
+    f = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=TARGET)
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 64, 256)).astype("float32")
+    r = rng.normal(size=(2, 256, 64)).astype("float32")
+    y = tvm.runtime.tensor(np.zeros((2, 256, 64), "float32"))
+    f["main"](*[tvm.runtime.tensor(v) for v in ([a, r] if add else [a])], y)
+    np.testing.assert_array_equal(y.numpy(), a.transpose(0, 2, 1) + (r if add else 0))
+
+
+def test_a_transpose_without_whole_tiles_keeps_the_element_wise_schedule():
+    text = Injective().apply(_transpose_add(6, 20, False), TARGET, False).mod["main"].script()
+    assert "T.unroll(" not in text

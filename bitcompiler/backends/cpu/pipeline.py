@@ -7,7 +7,7 @@ from typing import Any
 
 def relax_pipeline(target: Any) -> Any:
     """bitcompiler's fusions (:mod:`bitcompiler.backends.cpu.fusions`), then TVM's CPU pipeline
-    plus default schedules (dlight, and bitcompiler's element-wise rule) for the float ops
+    plus default schedules (dlight, and bitcompiler's row-reduction and element-wise rules) for the float ops
     bitcompiler leaves to Relax.
 
     The bitc kernels are already scheduled and marked opaque, so fusion and
@@ -22,6 +22,7 @@ def relax_pipeline(target: Any) -> Any:
     from bitcompiler.backends.exact_float import no_contraction
     from bitcompiler.backends.fast_math import legalize_map
     from bitcompiler.backends.injective import Injective
+    from bitcompiler.backends.reduction import LaneReduction
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
@@ -37,7 +38,7 @@ def relax_pipeline(target: Any) -> Any:
                 + cpu_generic.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
                 + cpu_generic.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), Injective())]
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), LaneReduction(), dl.cpu.Reduction(), Injective())]
                 + cpu_generic.dataflow_lower_passes(target)
             )
             seq = tvm.transform.Sequential(
