@@ -15,8 +15,9 @@ row are taken in groups of three:
   of the row (no nibble-to-byte step). The M3 has no ``USADA8``: its nibbles are folded to bytes
   and added, and the bytes folded every ten groups and at the end of the row.
 
-Two rows share each group of activation words (``LDRD`` from the stack, where the prepared words
-are copied), their weights are stored interleaved group by group so that one ``LDM`` with
+Two rows share each group of activation words (``LDRD`` from the packed words in place, through
+``r7``, saved with the loop's end in an 8-byte frame: a group of three is prepared by two
+``EOR`` a pass, which keeps no copy of the words in RAM), their weights are stored interleaved group by group so that one ``LDM`` with
 write-back loads a row's group; the integer ``acc`` of every row goes to ``Y`` first, and a
 second pass applies the float epilogue eight rows at a time (``VLDM``, ``VCVT``, ``VMUL``,
 ``VADD``, ``VSTM``) in the reference's order. The row loop is Thumb-2 asm (gcc keeps neither the
@@ -37,7 +38,7 @@ import numpy as np
 
 from bitcompiler.backends.cortex_m.dense_sources import c_kernel
 
-MAX_WORDS = 240  # activation words the asm keeps on the stack (LDRD offsets reach 1020 bytes)
+MAX_WORDS = 240  # activation words the asm reads by offset from r7 (LDRD offsets reach 1020 bytes)
 
 
 def groups(kw: int) -> list[tuple[int, int]]:
@@ -146,10 +147,13 @@ def _row_acc(isa: str, r: int, acc: tuple[str, str], count: int) -> list[str]:
 
 
 def _x_loads(start: int, size: int) -> list[str]:
+    """Asm: a group's activation words from ``r7`` (the packed words as they are) into r0-r2,
+    a group of three prepared as ``x0, x0 ^ x1, x0 ^ x2`` (the order of the weights)."""
     off = 4 * start
     if size == 1:
-        return [f"ldr r0, [sp, #{off}]"]
-    return [f"ldrd r0, r1, [sp, #{off}]"] + ([f"ldr r2, [sp, #{off + 8}]"] if size == 3 else [])
+        return [f"ldr r0, [r7, #{off}]"]
+    lines = [f"ldrd r0, r1, [r7, #{off}]"]
+    return lines + ([f"ldr r2, [r7, #{off + 8}]", "eor r1, r1, r0", "eor r2, r2, r0"] if size == 3 else [])
 
 
 def _rows_asm(isa: str, kw: int, k: int, pair: bool) -> list[str]:
@@ -166,18 +170,16 @@ def _rows_asm(isa: str, kw: int, k: int, pair: bool) -> list[str]:
 
 
 def _asm_block(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
-    """The row loop in Thumb-2: the prepared words at ``xs`` copied below ``sp``, with the end of
-    the pairs' weights after them (``names``: the C expressions of ``xs``, ``P`` and ``yi``)."""
+    """The row loop in Thumb-2, reading the packed words at ``xs`` in place through ``r7`` (saved
+    below ``sp`` with the end of the pairs' weights: an 8-byte frame; ``names``: the C
+    expressions of ``xs``, ``P`` and ``yi``)."""
     xs, p, yi = names
-    frame = 4 * kw + 8  # words, the end pointer, 8-byte aligned
-    frame += frame % 8
-    text = [f"sub sp, sp, #{frame}", f"str r1, [sp, #{4 * kw}]"] + [f"mov {ZERO}, #0"] * (isa == "dsp")
-    text += _copy_prepared(kw)
+    text = ["push {r1, r7}", "mov r7, r0"] + [f"mov {ZERO}, #0"] * (isa == "dsp")
     if n >= 2:
-        text += ["1:", *_rows_asm(isa, kw, k, True), f"ldr r2, [sp, #{4 * kw}]", "cmp r12, r2", "bne 1b"]
+        text += ["1:", *_rows_asm(isa, kw, k, True), "ldr r2, [sp]", "cmp r12, r2", "bne 1b"]
     if n % 2:
         text += _rows_asm(isa, kw, k, False)
-    text.append(f"add sp, sp, #{frame}")
+    text.append("pop {r1, r7}")
     return [
         "{",
         f'  register const uint32_t *bitc_xs __asm("r0") = {xs};',
@@ -191,18 +193,6 @@ def _asm_block(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -
         '      : "r2", "r3", "r4", "r5", "r6", "r8", "r9", "r10", "r11", "cc", "memory");',
         "}",
     ]
-
-
-def _copy_prepared(kw: int) -> list[str]:
-    """Asm: the words at ``r0`` copied below ``sp``, each group of three as ``x0, x0 ^ x1,
-    x0 ^ x2`` (the order :func:`store_w1a1_words` gives the weights)."""
-    text = []
-    for s, size in groups(kw):
-        regs = ("r2", "r3", "r4")[:size]
-        text += [f"ldr {r}, [r0, #{4 * (s + i)}]" for i, r in enumerate(regs)]
-        text += ["eor r3, r3, r2", "eor r4, r4, r2"] if size == 3 else []
-        text += [f"str {r}, [sp, #{4 * (s + i)}]" for i, r in enumerate(regs)]
-    return text
 
 
 def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
