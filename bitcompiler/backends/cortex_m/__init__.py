@@ -15,6 +15,9 @@ Options: ``Target("cortex-m4", board="mps2-an386", flash_kb=..., ram_kb=..., cou
 ``"off"``: the popcount rows; default ``"auto"``: the widest that fits the board's flash, see
 :mod:`.conv_tables`). ``Target("cortex-m4", recompute=False)`` stores a residual's float map instead of recomputing its
 conv inside the kernel that adds it (more RAM, fewer instructions; see :mod:`.fusion`).
+``Target("cortex-m4", act_tables=False)`` runs 1-bit dense layers with float activations without
+their tables of partial sums in RAM (the portable kernel: less RAM, more instructions; default
+``"auto"``: the tables where the board's RAM allows them, see :mod:`.dense_c`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from bitcompiler.backends.cortex_m.aot import CortexMLoweringError, Program, bui
 from bitcompiler.backends.cortex_m.boards import board_for
 from bitcompiler.backends.cortex_m.bundle import HARNESS_FILES, STACK_BYTES, write_bundle
 from bitcompiler.backends.cortex_m.runner import BundleBackend, BundleRunner, Toolchain
-from bitcompiler.errors import FirmwareError, ModelTooLarge
+from bitcompiler.errors import FirmwareError, ModelTooLarge, TargetError
 
 __all__ = ["CortexMBackend", "CortexMLoweringError", "ModelTooLarge"]
 
@@ -60,6 +63,19 @@ def check_fits(program: Program, target: Target, flash: int, ram: int) -> None:
         )
 
 
+def _choices(target: Target) -> list[tuple[object, bool]]:
+    """The ``(conv_tables, act_tables)`` builds to try, in order (the target's options)."""
+    act = target.get("act_tables", "auto")
+    if act not in ("auto", True, False):
+        raise TargetError(
+            f"act_tables={act!r}: use 'auto' (the default: tables where the board's RAM allows), "
+            "True (partial-sum tables in RAM, fewer instructions) or False (no tables)"
+        )
+    tables = target.get("conv_tables") or "auto"
+    convs = [tables, 4, "off"] if tables == "auto" else [tables]
+    return [(c, a) for a in ([True, False] if act == "auto" else [act]) for c in convs]
+
+
 @register_backend
 class CortexMBackend(BundleBackend):
     family = "cortex-m"
@@ -69,13 +85,14 @@ class CortexMBackend(BundleBackend):
     def device(self, target: Target) -> Any:
         return board_for(target)
 
-    def _built(self, inp: BuildInput, target: Target, tables: object) -> tuple[Program, BundleRunner, Any]:
-        """The program with ``tables`` (``conv_tables``), its bundle built; ModelTooLarge when it
-        does not fit the board."""
+    def _built(
+        self, inp: BuildInput, target: Target, tables: object, act_tables: bool
+    ) -> tuple[Program, BundleRunner, Any]:
+        """The program with ``tables`` (``conv_tables``) and ``act_tables``, its bundle built;
+        ModelTooLarge when it does not fit the board."""
         board = board_for(target)
-        builder = dense_c.builder_for(
-            self.capabilities(target).features, bool(target.get("recompute", True)), board.flash_bytes, tables
-        )
+        features, recompute = self.capabilities(target).features, bool(target.get("recompute", True))
+        builder = dense_c.builder_for(features, recompute, board.flash_bytes, tables, act_tables)
         program = build_program(inp.graph, inp.example_inputs, self.tvm_target(target), builder)
         check_fits(program, target, program.weight_bytes, program.plan.arena_bytes + STACK_BYTES)
         runner = self.runner_for(target, program)
@@ -115,16 +132,20 @@ class CortexMBackend(BundleBackend):
     def build(self, inp: BuildInput, target: Target) -> BundleRunner:
         """C from the rewritten graph (not Relax): the AOT program, built and run once under QEMU.
         With ``conv_tables="auto"`` a model whose W1A1 conv tables leave it too large for the
-        board's flash is built again with nibble tables, then without (:mod:`.conv_tables`)."""
+        board's flash is built again with nibble tables, then without (:mod:`.conv_tables`); with
+        ``act_tables="auto"`` one whose dense partial-sum tables overflow the board's RAM is built
+        again without them."""
         qemu.require_toolchain()
-        tables = target.get("conv_tables") or "auto"
-        choices = [tables, 4, "off"] if tables == "auto" else [tables]
-        for i, choice in enumerate(choices):
+        todo = _choices(target)
+        while True:
+            (choice, act), todo = todo[0], todo[1:]
             try:
-                program, runner, size = self._built(inp, target, choice)
+                program, runner, size = self._built(inp, target, choice, act)
                 break
             except ModelTooLarge as e:
-                if i == len(choices) - 1 or "of flash" not in str(e):
+                flash = "of flash" in str(e)  # next: other conv tables (flash), no act tables (RAM)
+                todo = [c for c in todo if (c[0] != choice if flash else c[1] != act)]
+                if not todo:
                     raise
         board = board_for(target)
         count = bool(target.get("count_instructions", True))
@@ -143,6 +164,7 @@ class CortexMBackend(BundleBackend):
                 "weights_flash_bytes": program.weight_bytes,
                 "kernels": dict(program.layer_kernels),  # layer -> the C kernel it runs
                 "conv_tables": choice,  # the conv_tables the program was built with
+                "act_tables": act,  # whether its 1-bit float-activation dense layers use tables
             }
         )
         return runner

@@ -92,6 +92,7 @@ class Builder(_Builder):
     recompute = True  # recompute a conv inside its readers' kernels instead of storing its map
     flash_bytes = 4 << 20  # the board's: W1A1 conv tables take at most 3/4 (.conv_tables)
     conv_tables: object = "auto"
+    act_tables = True  # 1-bit float-activation dense layers by partial-sum tables in the arena
     table_bytes = 0  # the tables stored so far
 
     def _c_kernel(self, key: tuple, name: str, params: tuple[KernelParam, ...], source: Any) -> Kernel:
@@ -276,8 +277,8 @@ class Builder(_Builder):
         a: ops.BitLinearAttrs = call.attrs
         if self.isa != "mve" and (a.act, a.code, a.has_offset) == ("binary", "pm1", False):
             return self.w1a1(node, call, out_shape)  # pm1: one plane
-        if a.float_signs:
-            return self.float_pm1(node, call, out_shape)
+        if a.float_signs:  # without act_tables: the portable kernel (no table in RAM)
+            return self.float_pm1(node, call, out_shape) if self.act_tables else super().bit_linear(node, out_shape)
         # int8 or float activations with a float epilogue (the float codes need an FPU)
         if a.act in ("int8", "float") and not a.threshold and not (a.act == "float" and self.isa == "scalar"):
             planes = self.state[self.param_of[call.tensors["planes"].name]].detach().cpu()
@@ -292,10 +293,17 @@ class Builder(_Builder):
 
 
 def builder_for(
-    features: frozenset[str], recompute: bool = True, flash_bytes: int = 4 << 20, conv_tables: object = "auto"
+    features: frozenset[str],
+    recompute: bool = True,
+    flash_bytes: int = 4 << 20,
+    conv_tables: object = "auto",
+    act_tables: bool = True,
 ) -> type[Builder]:
     """The walker for a core with these capability features (``mve``, ``dsp``); ``recompute``:
-    see :mod:`.fusion`; ``flash_bytes`` (the board's) and ``conv_tables``: see :mod:`.conv_tables`."""
+    see :mod:`.fusion`; ``flash_bytes`` (the board's) and ``conv_tables``: see :mod:`.conv_tables`;
+    ``act_tables``: 1-bit float-activation dense layers by tables of partial sums (in RAM), else
+    by the portable kernel."""
     isa = "mve" if "mve" in features else "dsp" if "dsp" in features else "scalar"
     attrs = {"isa": isa, "recompute": recompute, "flash_bytes": flash_bytes, "conv_tables": conv_tables}
+    attrs["act_tables"] = act_tables
     return type(f"Builder_{isa}", (Builder,), attrs)
