@@ -13,6 +13,7 @@ from bitcompiler.backends.cortex_m import ModelTooLarge, dense_c
 from bitcompiler.backends.cortex_m.aot import Program, build_program
 from bitcompiler.backends.cortex_m.qemu import INSTALL, missing_tools
 from bitcompiler.capture import capture
+from bitcompiler.errors import TargetError
 from bitcompiler.passes.pipeline import PassContext, Pipeline
 from bitcompiler.quant.schemes import Scheme
 from tests.conftest import assert_close, randomize_bn
@@ -173,13 +174,16 @@ def test_int8_conv_stores_one_byte_per_weight():
 
 
 # cortex-m4 RAM (B) when the memory issue was filed: bench/results.json of that day's run
-# (784-128-10 MLP; the 256x256 dense compiled at that commit with the same scheme)
+# (784-128-10 MLP; the 256x256 dense compiled at that commit with the same scheme), per
+# (model, scheme, target options)
 FILED_RAM = {
-    ("mlp", "binary:act=binary,first_last=quantize"): 4416,
-    ("mlp", "tiled:p=4,act=binary,first_last=quantize"): 4416,
-    ("mlp", "uniform:bits=8,act=8,first_last=quantize"): 4664,
-    ("dense", "uniform:bits=8,act=8,first_last=quantize"): 2484,
-    ("dense", "tiled:p=4,act=binary,first_last=quantize"): 2452,
+    ("mlp", "binary:act=binary,first_last=quantize", ()): 4416,
+    ("mlp", "tiled:p=4,act=binary,first_last=quantize", ()): 4416,
+    ("mlp", "uniform:bits=8,act=8,first_last=quantize", ()): 4664,
+    ("dense", "uniform:bits=8,act=8,first_last=quantize", ()): 2484,
+    ("dense", "tiled:p=4,act=binary,first_last=quantize", ()): 2452,
+    ("dense", "binary:act=binary,first_last=quantize", ()): 2196,  # W1A1: words read in place
+    ("dense", "binary:first_last=quantize", (("act_tables", False),)): 2144,  # W1, float activations
 }
 
 
@@ -204,14 +208,65 @@ def test_int8_dense_reads_its_row_without_an_unpacked_copy():
 
 @needs_toolchain
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "scheme"), list(FILED_RAM))
-def test_ram_no_larger_than_when_the_issue_was_filed(model, scheme):
+@pytest.mark.parametrize(("model", "scheme", "options"), list(FILED_RAM))
+def test_ram_no_larger_than_when_the_issue_was_filed(model, scheme, options):
     torch.manual_seed(0)
     if model == "mlp":
         net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
         x = torch.randn(1, 1, 28, 28)
     else:
         net, x = nn.Linear(256, 256), torch.randn(1, 256)
-    cm = bc.compile(net, (x,), target="cortex-m4", scheme=scheme)
+    cm = bc.compile(net, (x,), target=bc.Target("cortex-m4", **dict(options)), scheme=scheme)
     assert torch.allclose(cm(x), cm.reference(x), rtol=1e-5, atol=1e-5)
-    assert cm.report().extra["ram_bytes"] <= FILED_RAM[(model, scheme)], cm.report().extra
+    assert cm.report().extra["ram_bytes"] <= FILED_RAM[(model, scheme, options)], cm.report().extra
+
+
+DENSE_PATHS = {  # the 256x256 dense's two paths that keep to the filing-time RAM
+    "w1a1": ("binary:act=binary,first_last=quantize", {}),
+    "w1_float_no_tables": ("binary:first_last=quantize", {"act_tables": False}),
+}
+
+
+@needs_toolchain
+@pytest.mark.slow
+@pytest.mark.parametrize("path", list(DENSE_PATHS))
+@pytest.mark.parametrize("core", ["cortex-m3", "cortex-m4", "cortex-m55"])
+def test_dense_paths_without_extra_ram_match_the_reference(core, path):
+    """W1A1 (M3/M4: the asm reading the packed words in place; bit for bit) and 1-bit weights x
+    float activations without the partial-sum tables (float: within 1e-5)."""
+    scheme, options = DENSE_PATHS[path]
+    torch.manual_seed(0)
+    net, x = nn.Linear(256, 256), torch.randn(1, 256)
+    cm = bc.compile(net, (x,), target=bc.Target(core, **options), scheme=scheme)
+    xs = torch.randn(3, 256) * 2
+    extra = cm.report().extra
+    (kernel,) = [k for label, k in extra["kernels"].items() if "bit_linear" in label]
+    if path == "w1a1":
+        assert "dense_binary" in kernel, kernel
+        assert torch.equal(cm(xs), cm.reference(xs))
+    else:
+        assert "float_table" not in kernel and extra["act_tables"] is False, extra
+        assert extra["arena_bytes"] == 0, extra
+        assert_close(cm(xs), cm.reference(xs))
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_act_tables_only_where_the_boards_ram_holds_them():
+    """Default ``act_tables="auto"``: the tables (8 KiB for 256x256) on the QEMU board; on a board
+    whose RAM cannot hold them with the stack, built again without them instead of failing."""
+    torch.manual_seed(0)
+    net, x = nn.Linear(256, 256), torch.randn(1, 256)
+    scheme = "binary:first_last=quantize"
+    big = bc.compile(net, (x,), target="cortex-m4", scheme=scheme).report().extra
+    assert big["act_tables"] is True and big["arena_bytes"] >= 8192, big
+    assert any("float_table" in k for k in big["kernels"].values()), big["kernels"]
+    cm = bc.compile(net, (x,), target=bc.Target("cortex-m4", ram_kb=20), scheme=scheme)
+    small = cm.report().extra
+    assert small["act_tables"] is False and small["ram_bytes"] <= 2144, small
+    assert_close(cm(x), cm.reference(x))
+    assert big["instructions"] * 10 < small["instructions"], (big["instructions"], small["instructions"])
+    with pytest.raises(ModelTooLarge, match="RAM"):  # forced tables: no fallback
+        bc.compile(net, (x,), target=bc.Target("cortex-m4", ram_kb=20, act_tables=True), scheme=scheme)
+    with pytest.raises(TargetError, match=r"act_tables='yes': use 'auto'"):
+        bc.compile(net, (x,), target=bc.Target("cortex-m4", act_tables="yes"), scheme=scheme)
