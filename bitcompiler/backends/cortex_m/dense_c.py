@@ -278,7 +278,11 @@ class Builder(_Builder):
         if self.isa != "mve" and (a.act, a.code, a.has_offset) == ("binary", "pm1", False):
             return self.w1a1(node, call, out_shape)  # pm1: one plane
         if a.float_signs:  # without act_tables: the portable kernel (no table in RAM)
-            return self.float_pm1(node, call, out_shape) if self.act_tables else super().bit_linear(node, out_shape)
+            return (
+                self.float_pm1(node, call, out_shape)
+                if self.act_tables
+                else super().bit_linear(node, out_shape)
+            )
         # int8 or float activations with a float epilogue (the float codes need an FPU)
         if a.act in ("int8", "float") and not a.threshold and not (a.act == "float" and self.isa == "scalar"):
             planes = self.state[self.param_of[call.tensors["planes"].name]].detach().cpu()
