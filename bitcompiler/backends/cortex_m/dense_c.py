@@ -23,7 +23,10 @@ kernel builds ``T[b][g]`` = the sum of the inputs of group ``g`` whose bit is se
 (256 entries a group: two 16-entry half tables added), then each row adds one table entry per
 group: a byte load, an address, a float load and an add per 8 weights, no per-weight branch.
 ``y = scale * (2 acc - sumx) + bias``. Float sums in another order than the reference's: equal
-within float32 rounding, like the portable kernel.
+within float32 rounding, like the portable kernel. The table lives in the activation arena (8 KiB
+for K = 256): ``Target(..., act_tables=False)`` runs the portable kernel instead (no table, 14x
+the instructions), and the default ``"auto"`` does so when the tables would not fit the board's
+RAM.
 
 **binary activations, 1-bit weights** (W1A1, ``pm1``) on the M3, M4 and M7: the two-row asm loop
 of :mod:`.binary_c`, its weights stored in the order it reads them; on Helium cores the C kernel
