@@ -212,18 +212,23 @@ DENSE_SCHEMES = {
     "int8": "uniform:bits=8,act=8,first_last=quantize",  # 8-bit codes x int8 activations
     "tiled": "tiled:p=4,act=binary,first_last=quantize",
 }
+DENSE_OPTIONS = {"w1a32_notables": ("binary:first_last=quantize", {"act_tables": False})}  # no RAM tables
 
 
 def _bitcompiler_dense(target: bc.Target, x: torch.Tensor, prefix: str = "") -> dict:
-    """Instructions and flash of the 256x256 layer per scheme on ``target``; output == reference."""
+    """Instructions, flash and RAM of the 256x256 layer per scheme (and target options) on
+    ``target``; output == reference."""
     row = {}
-    for label, scheme in DENSE_SCHEMES.items():
-        cm = bc.compile(nn.Linear(K, N), (x,), target=target, scheme=scheme)
+    variants = {label: (scheme, {}) for label, scheme in DENSE_SCHEMES.items()}
+    for label, (scheme, options) in {**variants, **DENSE_OPTIONS}.items():
+        t = bc.Target(target.name, **{**dict(target.options), **options}) if options else target
+        cm = bc.compile(nn.Linear(K, N), (x,), target=t, scheme=scheme)
         xs = torch.randn(2, K)
         assert torch.allclose(cm(xs), cm.reference(xs), rtol=1e-5, atol=1e-5), f"{label}: output != reference"
         extra = cm.report().extra
         row[f"{prefix}{label}_instructions"] = extra["instructions"]
         row[f"{prefix}{label}_flash"] = extra["flash_bytes"]
+        row[f"{prefix}{label}_ram"] = extra["ram_bytes"]
         row[f"{prefix}{label}_kernels"] = [k for k in extra["kernels"].values() if "quantize" not in k]
     return row
 
@@ -362,9 +367,18 @@ def markdown(rows: list[dict]) -> list[str]:
         "",
     ]
     dense = [r for r in rows if r["bench"].startswith("dense")]
-    cols = ("w1a1", "w1a32", "int8", "int8_c", "cmsis_q7", "cmsis_matvec_q7")
-    body = [[r["target"], *(_cell(r, c) for c in cols)] for r in dense]
-    head = ["target", "W1A1", "W1 (float act)", "int8", "plain C int8", "CMSIS-DSP q7", "CMSIS mat x vec q7"]
+    cols = ("w1a1", "w1a32", "w1a32_notables", "int8", "int8_c", "cmsis_q7", "cmsis_matvec_q7")
+    body = [[r["target"], *(_cell(r, c) if f"{c}_flash" in r else "-" for c in cols)] for r in dense]
+    head = [
+        "target",
+        "W1A1",
+        "W1 (float act)",
+        "W1, `act_tables=False`",
+        "int8",
+        "plain C int8",
+        "CMSIS-DSP q7",
+        "CMSIS mat x vec q7",
+    ]
     lines += [
         f"**dense {K}x{N}** (bitcompiler: W1A1, W1 with float activations, int8 = `uniform:bits=8,act=8`)",
         "",
