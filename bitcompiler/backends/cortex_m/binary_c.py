@@ -147,21 +147,23 @@ def _row_acc(isa: str, r: int, acc: tuple[str, str], count: int) -> list[str]:
     return [*_fold_bytes(a), f"add {c}, {c}, {a}, lsr #16", f"sub r{r}, r2, {c}, lsl #1"]
 
 
-def _x_loads(start: int, size: int) -> list[str]:
-    """Asm: a group's activation words from ``r7`` (the packed words as they are) into r0-r2,
-    a group of three prepared as ``x0, x0 ^ x1, x0 ^ x2`` (the order of the weights)."""
+def _x_loads(start: int, size: int, prepared: bool) -> list[str]:
+    """Asm: a group's activation words from ``r7`` into r0-r2, a group of three prepared as
+    ``x0, x0 ^ x1, x0 ^ x2`` (the order of the weights) unless the words are (``prepared``)."""
     off = 4 * start
     if size == 1:
         return [f"ldr r0, [r7, #{off}]"]
     lines = [f"ldrd r0, r1, [r7, #{off}]"]
-    return lines + ([f"ldr r2, [r7, #{off + 8}]", "eor r1, r1, r0", "eor r2, r2, r0"] if size == 3 else [])
+    if size == 3:
+        lines += [f"ldr r2, [r7, #{off + 8}]"] + ([] if prepared else ["eor r1, r1, r0", "eor r2, r2, r0"])
+    return lines
 
 
-def _rows_asm(isa: str, kw: int, k: int, pair: bool) -> list[str]:
+def _rows_asm(isa: str, kw: int, k: int, pair: bool, prepared: bool) -> list[str]:
     """Asm of one pass (two rows, or the last one): groups, then ``acc = K - 2 pc`` of each row."""
     lines, parts = [], groups(kw)
     for i, (s, size) in enumerate(parts):
-        lines += _x_loads(s, size)
+        lines += _x_loads(s, size, prepared)
         for r in range(2 if pair else 1):
             lines += _group_row(isa, size, ROW_REGS[r], i)
     lines.append(f"movw r2, #{k}")
@@ -170,16 +172,16 @@ def _rows_asm(isa: str, kw: int, k: int, pair: bool) -> list[str]:
     return lines + (["stmia lr!, {r0, r1}"] if pair else ["str r0, [lr], #4"])
 
 
-def _asm_block(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
+def _asm_block(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str], prepared: bool) -> list[str]:
     """The row loop in Thumb-2, reading the packed words at ``xs`` in place through ``r7`` (saved
     below ``sp`` with the end of the pairs' weights: an 8-byte frame; ``names``: the C
     expressions of ``xs``, ``P`` and ``yi``)."""
     xs, p, yi = names
     text = ["push {r1, r7}", "mov r7, r0"] + [f"mov {ZERO}, #0"] * (isa == "dsp")
     if n >= 2:
-        text += ["1:", *_rows_asm(isa, kw, k, True), "ldr r2, [sp]", "cmp r12, r2", "bne 1b"]
+        text += ["1:", *_rows_asm(isa, kw, k, True, prepared), "ldr r2, [sp]", "cmp r12, r2", "bne 1b"]
     if n % 2:
-        text += _rows_asm(isa, kw, k, False)
+        text += _rows_asm(isa, kw, k, False, prepared)
     text.append("pop {r1, r7}")
     return [
         "{",
@@ -196,7 +198,7 @@ def _asm_block(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -
     ]
 
 
-def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
+def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str], prepared: bool) -> list[str]:
     """The same sums in C, over the same stored order (host builds, unoptimized builds); its
     locals are ``bitc_``-named so that they hide none of the caller's."""
     xs, p, yi = names
@@ -208,7 +210,7 @@ def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
     for s, size in groups(kw):
         w = f"{p}[{kw} * bitc_pair + (bitc_in ? 2 * {s} + bitc_b * {size} : {s})"
         x = [f"(uint32_t){xs}[{s + i}]" for i in range(size)]
-        x = x if size < 3 else [x[0], f"({x[0]} ^ {x[1]})", f"({x[0]} ^ {x[2]})"]  # prepared
+        x = x if size < 3 or prepared else [x[0], f"({x[0]} ^ {x[1]})", f"({x[0]} ^ {x[2]})"]
         terms = [f"({x[i]} ^ (uint32_t){w} + {i}])" for i in range(size)]
         if size == 3:
             ones, twos = "bitc_d ^ bitc_u ^ bitc_v", "bitc_d ^ (bitc_u & bitc_v)"
@@ -221,18 +223,30 @@ def _c_loop(kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
     return [*body, f"  {yi}[j] = {k} - 2 * (int32_t)bitc_pc;", "}"]
 
 
-def rows_lines(isa: str, kw: int, k: int, n: int, names: tuple[str, str, str]) -> list[str]:
+def rows_lines(
+    isa: str, kw: int, k: int, n: int, names: tuple[str, str, str], prepared: bool = False
+) -> list[str]:
     """C lines of ``yi[j] = k - 2 popcount(xs ^ row j)`` for the ``n`` rows of ``P`` (stored by
-    :func:`store_w1a1_words`; ``xs`` the packed words as they are; ``names``: the C
+    :func:`store_w1a1_words`; ``xs`` the packed words as they are, or ``prepared`` (each group of
+    three as ``x0, x0 ^ x1, x0 ^ x2``, by :func:`prepare_lines`); ``names``: the C
     expressions of ``xs``, ``P``, ``yi``): the Thumb-2 row loop (``isa`` "dsp": USADA8 sums, else
     the M3's byte folds) where the core runs it, the C loop elsewhere. ``k`` may be below
     ``32 kw`` when the words carry zero padding in both operands (a conv's taps)."""
-    asm = _asm_block(isa, kw, k, n, names) if kw <= MAX_WORDS else []
-    loop = _c_loop(kw, k, n, names)
+    asm = _asm_block(isa, kw, k, n, names, prepared) if kw <= MAX_WORDS else []
+    loop = _c_loop(kw, k, n, names, prepared)
     if not asm:
         return loop
     guard = "#if BITC_W1A1_ASM" if isa == "dsp" else "#if BITC_THUMB2_ASM"
     return [guard, *asm, "#else", *loop, "#endif"]
+
+
+def prepare_lines(xs: str, kw: int) -> list[str]:
+    """C lines that prepare the ``kw`` words at ``xs`` in place for :func:`rows_lines`
+    (``prepared``): each group of three as ``x0, x0 ^ x1, x0 ^ x2``."""
+    full = kw - kw % 3
+    if not full:
+        return []
+    return [f"for (int32_t i = 0; i < {full}; i += 3) {{ {xs}[i + 1] ^= {xs}[i]; {xs}[i + 2] ^= {xs}[i]; }}"]
 
 
 def _quoted(text: list[str]) -> str:

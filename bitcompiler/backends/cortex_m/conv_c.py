@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitcompiler.backends.cortex_m.binary_c import float_pass, rows_lines
+from bitcompiler.backends.cortex_m.binary_c import float_pass, prepare_lines, rows_lines
 from bitcompiler.backends.cortex_m.conv_tables import table_lines
 from bitcompiler.backends.cortex_m.dense_sources import ROWS, c_kernel, row_accumulators, unpack
 from bitcompiler.backends.cortex_m.kernel_c import Kernel, KernelParam
@@ -244,7 +244,11 @@ class Producer:
         if self.tables:
             sums = table_lines(isa, s, self.tables, ("a", n("P"), "yi"))
         else:
-            sums = rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi"))
+            # the gathered words are the kernel's own: prepared in place, read there by the rows
+            sums = [
+                *prepare_lines("a", words),
+                *rows_lines(isa, words, taps * s.cg, o, ("a", n("P"), "yi"), True),
+            ]
         lines = [
             f"uint32_t a[{words}];",
             f"int32_t miss[{taps}], nm = 0;",
