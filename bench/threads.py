@@ -91,11 +91,14 @@ def scaling_row(name: str, cm, x: torch.Tensor) -> dict:
 
 
 def w1a1_kernel_call(n: int):
-    """The kernel the CPU lowering picks for an n x n W1A1 layer, called directly at batch 1."""
+    """The kernel the CPU lowering picks for an n x n W1A1 layer (AVX-512 `vpopcntq` or AVX2 rows in
+    lanes), called directly at batch 1."""
     target = backend_for(Target("cpu")).tvm_target(Target("cpu"))
     spec = kernels.DenseSpec(n, n, 1, "pm1", "binary", False, False)
     relaid = kernels.relaid_dense_kernel(spec, np.ones((1, n, numerics.num_words(n)), "int32"), target)
-    assert relaid is not None and relaid.suffix == "lanes", "this host has no AVX2 rows-in-lanes kernel"
+    assert relaid is not None and relaid.suffix in ("vpop", "lanes"), (
+        "this host has no AVX2 W1A1 dense kernel"
+    )
     f = tvm.compile(tvm.IRModule({"main": relaid.func}), target=target)["main"]
     args = [
         np.ones((1, n), "float32"),

@@ -129,9 +129,10 @@ def main(argv: list[str]) -> None:
         if not todo:
             continue
         model, x = build(name)
+        tol = tolerance(model, torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(1)))
         for scheme in todo:
             row = {
-                **measure(name, scheme, model, x),
+                **measure(name, scheme, model, x, tol),
                 **stamp,
                 "loadavg": os.getloadavg()[0],
                 "time": time.time(),
@@ -220,8 +221,11 @@ def summary(rows: list[dict]) -> list[str]:
     loads = sorted(r["loadavg"] for r in rows if "loadavg" in r)
     stamps = [r["time"] for r in rows if "time" in r]
     commits = sorted({r.get("commit", "?") for r in rows})
+    models = {r["bench"] for r in rows}
+    per_commit = ", ".join(f"{c} ({sum(r.get('commit', '?') == c for r in rows)} cells)" for c in commits)
     head = (
-        f"Commit measured: {', '.join(commits)}. Batch 1, one thread; times are this thread's CPU time "
+        f"{len(models)} of the corpus's {len(MODELS)} models. Commit measured: {per_commit} (a row's "
+        "`commit` in bench/results.json). Batch 1, one thread; times are this thread's CPU time "
         "per call (`bench.harness.alternate_cpu_ms`: the best of three alternating medians, torch and "
         "bitcompiler in one process), so other processes on the shared host do not enter the ratios."
     )

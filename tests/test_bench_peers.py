@@ -67,3 +67,14 @@ def test_demo_cnn_peer_is_the_demos_float_model_and_ours_its_prepared_twin():
     assert not fp32.training and not prepared.training
     assert any("Quant" in type(m).__name__ for m in prepared.modules())
     assert fp32(torch.randn(2, 1, 28, 28)).shape == prepared(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_threads_bench_calls_the_kernel_the_compiler_picks():
+    """``bench threads`` times the whole call against the W1A1 kernel the lowering picks alone:
+    the kernel it builds must be that one (AVX-512 ``vpop`` or AVX2 ``lanes``) and run."""
+    from bench.threads import w1a1_kernel_call
+    from bitcompiler.kernels.dense_avx2 import avx2_target
+
+    if not avx2_target("llvm"):
+        pytest.skip("the host has no AVX2 W1A1 dense kernel")
+    w1a1_kernel_call(256)()
