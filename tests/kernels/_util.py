@@ -102,3 +102,24 @@ def epilogue_params(n: int, threshold: bool, g: torch.Generator, has_offset: boo
     of = (torch.rand(n, generator=g) - 0.5) if has_offset else torch.zeros(n)
     bi = torch.rand(n, generator=g) - 0.5
     return [sc, of, bi], {"scale": sc, "offset": of, "bias": bi}
+
+
+def check_w1a1_extremes(kernel, layout, k: int, n: int, batch: int, row: int) -> None:
+    """A W1A1 dense ``kernel`` (weights in ``layout``'s order) with unit scales and zero bias gives
+    ``K - 2*popcount`` exactly: ``K`` for weight row 0, which agrees with batch row ``row`` in every
+    bit, and ``-K`` for row 1, which differs in every bit; every output equals the reference."""
+    from bitcompiler.kernels import DenseSpec
+
+    run = build(kernel(DenseSpec(k, n, 1, "pm1", "binary", False, False)))
+    g = torch.Generator().manual_seed(5)
+    codes = random_codes((n, k), 1, "pm1", g)
+    x = torch.randn(batch, k, generator=g)
+    codes[0] = torch.where(x[row] >= 0, 1, -1)
+    codes[1] = -codes[0]
+    planes = nu.code_to_planes(codes, 1, "pm1")
+    ones, zeros = torch.ones(n), torch.zeros(n)
+    w = torch.from_numpy(layout(planes.numpy()))
+    (y,) = run([x, w, ones, zeros, zeros], [((batch, n), "float32")])
+    ref = nu.bit_linear(x, planes, k, "pm1", "binary", scale=ones, offset=zeros, bias=zeros)
+    assert np.array_equal(y, ref.numpy())
+    assert y[row, 0] == k and y[row, 1] == -k

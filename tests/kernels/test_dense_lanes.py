@@ -11,7 +11,15 @@ from bitcompiler.kernels.dense_lanes import fits, lanes_kernel, lanes_layout
 from bitcompiler.quant import numerics as nu
 from tests.backends.test_lower import kernels_called
 from tests.conftest import assert_close as assert_close_t
-from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, host_target, random_codes
+from tests.kernels._util import (
+    act_inputs,
+    assert_close,
+    build,
+    check_w1a1_extremes,
+    epilogue_params,
+    host_target,
+    random_codes,
+)
 
 
 # K=128: one Harley-Seal block; K=384: 3 blocks in one uint8 chunk; K=7936: 62 blocks, two chunks
@@ -43,21 +51,7 @@ def test_lanes_accumulator_is_exact():
     """Unit scales and zero bias: the output is the integer accumulator K - 2*popcount, exactly,
     including the extremes (all bits agree: K; all differ: -K). K=4096 is 32 blocks: uint8 sums
     over all of them would wrap at the all-differ row (32 x 8 = 256)."""
-    k, n = 4096, 32
-    spec = DenseSpec(k, n, 1, "pm1", "binary", False, False)
-    run = build(lanes_kernel(spec))
-    g = torch.Generator().manual_seed(5)
-    codes = random_codes((n, k), 1, "pm1", g)
-    x = torch.randn(3, k, generator=g)
-    codes[0] = torch.where(x[0] >= 0, 1, -1)  # row 0 agrees with batch row 0 everywhere
-    codes[1] = -codes[0]
-    planes = nu.code_to_planes(codes, 1, "pm1")
-    ones, zeros = torch.ones(n), torch.zeros(n)
-    pt = torch.from_numpy(lanes_layout(planes.numpy()))
-    (y,) = run([x, pt, ones, zeros, zeros], [((3, n), "float32")])
-    ref = nu.bit_linear(x, planes, k, "pm1", "binary", scale=ones, offset=zeros, bias=zeros)
-    assert np.array_equal(y, ref.numpy())
-    assert y[0, 0] == k and y[0, 1] == -k
+    check_w1a1_extremes(lanes_kernel, lanes_layout, 4096, 32, batch=3, row=0)
 
 
 @pytest.mark.parametrize("p, scales, threshold", [(4, 4, False), (2, 128, False), (4, 0, True)])

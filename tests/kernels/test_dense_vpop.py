@@ -13,7 +13,14 @@ from bitcompiler.kernels.dense_vpop import fits, vpop_kernel, vpop_layout
 from bitcompiler.quant import numerics as nu
 from tests.backends.test_lower import kernels_called
 from tests.conftest import assert_close as assert_close_t
-from tests.kernels._util import assert_close, build, epilogue_params, host_target, random_codes
+from tests.kernels._util import (
+    assert_close,
+    build,
+    check_w1a1_extremes,
+    epilogue_params,
+    host_target,
+    random_codes,
+)
 
 pytestmark = pytest.mark.skipif(
     not popcnt512_target(host_target()), reason="the host has no AVX-512 vector popcount (vpopcntq)"
@@ -56,21 +63,7 @@ def test_vpop_matches_reference_and_the_lanes_kernel(k, n, threshold):
 def test_vpop_accumulator_is_exact_at_the_extremes():
     """Unit scales, zero bias: the output is K - 2*popcount exactly, K where every bit agrees and -K
     where none does."""
-    k, n = 4096, 8
-    spec = DenseSpec(k, n, 1, "pm1", "binary", False, False)
-    run = build(vpop_kernel(spec))
-    g = torch.Generator().manual_seed(5)
-    codes = random_codes((n, k), 1, "pm1", g)
-    x = torch.randn(6, k, generator=g)
-    codes[0] = torch.where(x[5] >= 0, 1, -1)  # row 0 agrees with batch row 5 everywhere
-    codes[1] = -codes[0]
-    planes = nu.code_to_planes(codes, 1, "pm1")
-    ones, zeros = torch.ones(n), torch.zeros(n)
-    wt = torch.from_numpy(vpop_layout(planes.numpy()))
-    (y,) = run([x, wt, ones, zeros, zeros], [((6, n), "float32")])
-    ref = nu.bit_linear(x, planes, k, "pm1", "binary", scale=ones, offset=zeros, bias=zeros)
-    assert np.array_equal(y, ref.numpy())
-    assert y[5, 0] == k and y[5, 1] == -k
+    check_w1a1_extremes(vpop_kernel, vpop_layout, 4096, 8, batch=6, row=5)
 
 
 @pytest.mark.parametrize(
