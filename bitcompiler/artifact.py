@@ -43,12 +43,20 @@ def save_reference(exported: Any, directory: Path) -> list[str]:
     artifact = serialize.serialize(exported)
     (directory / REFERENCE).write_bytes(artifact.exported_program)
     tensors = {
-        "state_dict": {k: v.detach() for k, v in exported.state_dict.items()},
+        # parameters stay parameters (without gradients): reading the program back checks that
+        # every parameter entry is one (a float model's weights, say)
+        "state_dict": {k: _without_grad(v) for k, v in exported.state_dict.items()},
         "constants": dict(exported.constants),
         "example_inputs": exported.example_inputs,
     }
     torch.save(tensors, directory / REFERENCE_WEIGHTS)
     return [REFERENCE, REFERENCE_WEIGHTS]
+
+
+def _without_grad(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(t.detach(), requires_grad=False)
+    return t.detach()
 
 
 def load_reference(directory: Path) -> Any:

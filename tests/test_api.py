@@ -114,6 +114,20 @@ def test_export_load_round_trip(tmp_path):
     }
 
 
+@pytest.mark.parametrize("scheme", ["none", "binary:act=binary,first_last=quantize"])
+@pytest.mark.parametrize("root", ["linear", "sequential"])
+def test_export_load_keeps_float_parameters(tmp_path, scheme, root):
+    """A float model's weights stay parameters in the reference bundle (loading checks that:
+    ``none`` and a bare ``nn.Linear`` failed to load back before)."""
+    layer = torch.nn.Linear(64, 8)
+    model = (layer if root == "linear" else torch.nn.Sequential(layer)).eval()
+    x = torch.randn(3, 64)
+    cm = bc.compile(model, (x[:1],), scheme=scheme)
+    loaded = bc.load(cm.export(tmp_path / "m"))
+    assert torch.equal(loaded(x), cm(x))
+    assert torch.equal(loaded.reference(x), cm.reference(x))
+
+
 def test_custom_pipeline_is_used():
     calls = []
 

@@ -33,6 +33,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from bitcompiler.kernels import finite
 from bitcompiler.kernels.spec import DenseSpec
 from bitcompiler.kernels.template import Choose, Template, scheduled
 
@@ -116,13 +117,24 @@ def vpop_func(spec: DenseSpec) -> tirx.PrimFunc:
         @T.macro
         def body(X, WT, Y, M, E0, E1):
             XP = T.alloc_buffer((M, T.int64(K // 8)), "uint8")
-            C = T.alloc_buffer((16,), "int32", scope="global")  # 0 (as 0.0 too) x 8, then -1 x 8
+            # 0 (as 0.0 too) x 8, -1 x 8, the exponent field x 8
+            C = T.alloc_buffer((24,), "int32", scope="global")
+            EX = T.alloc_buffer((8,), "int32", scope="global")  # the largest exponent field per lane
             for j in T.vectorized(8):
                 C[j] = 0
             for j in T.vectorized(8):
                 C[8 + j] = -1
+            for j in T.vectorized(8):
+                C[16 + j] = finite.EXPONENT
+            for j in T.vectorized(8):
+                EX[j] = 0
             for m, b in T.grid(M, T.int64(K // 8)):
                 XP[m, b] = _signs(X, m, b, C)
+                EX[T.Ramp(0, 1, 8)] = finite.exponents(
+                    EX[T.Ramp(0, 1, 8)], X[m, T.Ramp(b * 8, T.int64(1), 8)], C[T.Ramp(16, 1, 8)]
+                )
+            for j in range(8):
+                assert EX[j] < finite.EXPONENT, ("ValueError", [finite.MESSAGE])
             X64 = T.decl_buffer((M, T.int64(KW)), U64, data=XP.data)
             if M == 1:
                 for g in range(T.int64(G)):
@@ -186,6 +198,5 @@ def vpop_kernel(spec: DenseSpec) -> tirx.PrimFunc:
     """The scheduled (or tuned) vector-popcount W1A1 kernel for ``spec`` (:func:`fits` must hold)."""
     if not fits(spec):
         raise ValueError(f"the vector-popcount W1A1 kernel does not take {spec}")
-    return scheduled(Template("dense-vpop", vpop_func(spec), schedule_vpop)).with_attr(
-        "global_symbol", "main"
-    )
+    func = scheduled(Template("dense-vpop", vpop_func(spec), schedule_vpop))
+    return finite.mark(func.with_attr("global_symbol", "main"), 0)

@@ -30,9 +30,12 @@ class Block(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
-def kernels_called(cm) -> list[str]:
-    text = cm._runner.executable.as_text()
-    return [line.split()[1] for line in text.splitlines() if line.split()[:1] == ["call"] and "bitc_" in line]
+def kernels_called(cm, prefix: str = "bitc_") -> list[str]:
+    """The kernels named ``prefix...`` that the VM's ``main`` calls, in order (its batch-1 entry
+    ``main_b1`` calls the same ones)."""
+    lines = cm._runner.executable.as_text().split("@main:\n", 1)[1].splitlines()
+    body = lines[: next((i for i, line in enumerate(lines) if line.startswith("@")), len(lines))]
+    return [line.split()[1] for line in body if line.split()[:1] == ["call"] and prefix in line]
 
 
 @pytest.mark.parametrize("use_sum_twice", [False, True])

@@ -11,6 +11,7 @@ from bitcompiler.passes import PassContext, Pipeline
 from bitcompiler.quant import numerics as nu
 from bitcompiler.quant.schemes import Scheme
 from bitcompiler.report import build_report
+from tests.backends.test_lower import kernels_called
 from tests.conftest import assert_close
 
 
@@ -107,11 +108,7 @@ def test_compile_fuses_the_two_stages_of_a_binary_row_aligned_layer():
     model.eval()
     x = torch.randn(3, 512)
     cm = bc.compile(model, (x,), scheme="tiled:p=4,min_weights=1,act=binary,first_last=quantize")
-    calls = [
-        line.split()[1]
-        for line in cm._runner.executable.as_text().splitlines()
-        if line.split()[:1] == ["call"] and "bitc_tiled" in line
-    ]
+    calls = kernels_called(cm, "bitc_tiled")
     assert calls == [
         "bitc_tiled_binary_512x32_p4_thr",
         "bitc_tiled_binary_32x16_p4_rows",
@@ -133,11 +130,7 @@ def test_compile_tiled_rows_in_lanes(final_bn):
     model.eval()
     x = torch.randn(1, 256)
     cm = bc.compile(model, (x,), scheme="tiled:p=4,min_weights=1,act=binary,first_last=quantize")
-    calls = [
-        line.split()[1]
-        for line in cm._runner.executable.as_text().splitlines()
-        if line.split()[:1] == ["call"] and "bitc_tiled" in line
-    ]
+    calls = kernels_called(cm, "bitc_tiled")
     assert calls == ["bitc_tiled_binary_256x256_p4_thr_lanes", "bitc_tiled_binary_256x128_p4_lanes"]
     for batch in (1, 3):
         xb = torch.randn(batch, 256)
@@ -166,11 +159,7 @@ def test_compile_tiled_convs(act):
     x = torch.randn(2, 1, 8, 8)
     cm = bc.compile(model, (x,), scheme=f"tiled:p=4,min_weights=1,act={act},first_last=keep")
     assert sum(isinstance(m, TiledBitConv2d) for m in cm.graph.modules()) == 2
-    calls = [
-        line.split()[1]
-        for line in cm._runner.executable.as_text().splitlines()
-        if line.split()[:1] == ["call"] and "bitc_tiled_conv2d" in line
-    ]
+    calls = kernels_called(cm, "bitc_tiled_conv2d")
     assert [c.split("_p4")[0].split("_")[-2:] + [c.rsplit("_", 1)[-1]] for c in calls] == [
         ["16x32", "3x3", "rows"],
         ["16x32", "3x3", "expand"],

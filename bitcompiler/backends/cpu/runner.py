@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bitcompiler.backends.base import Runner
+from bitcompiler.kernels import finite
 
 LIB = "model.so"
 
@@ -31,6 +32,11 @@ class CPURunner(Runner):
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
         self._main = self.vm["main"]
         self._tvm = tvm
+        # the kernels raise on NaN or Inf in every float input themselves (kernels/finite.py)
+        self.checks_finite = _flag(self.vm, finite.SYMBOL)
+        # main with the batch bound to 1, where the pipeline made one (pipeline.batch_one_entry)
+        self._main1 = _function(self.vm, "main_b1") or self._main
+        self.entries = (self._main, self._main1)  # indexed by "batch is 1"
 
     def __call__(self, inputs: list[Any]) -> list[Any]:
         # torch tensors go straight in: tvm-ffi converts them (and the results, back to torch
@@ -46,7 +52,7 @@ class CPURunner(Runner):
 
     def call_one(self, x: torch.Tensor) -> torch.Tensor:
         """One CPU tensor in, one tensor out: ``cm(x)``'s short path."""
-        out = self._main(_aligned(x))
+        out = (self._main1 if x.shape[0] == 1 else self._main)(_aligned(x))
         return out if isinstance(out, torch.Tensor) else _flatten(out)[0]
 
     def export(self, directory: Path) -> list[str]:
@@ -70,6 +76,20 @@ def quiet_native_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _function(vm: Any, name: str) -> Any:
+    """The executable's function ``name`` (None where it has none: built before it existed)."""
+    try:
+        return vm[name]
+    except (AttributeError, KeyError, RuntimeError, ValueError):
+        return None
+
+
+def _flag(vm: Any, name: str) -> bool:
+    """The value of the executable's function ``name`` (False where it has none)."""
+    f = _function(vm, name)
+    return f is not None and bool(f())
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

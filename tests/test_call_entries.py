@@ -1,0 +1,113 @@
+"""The CPU call's short path: kernels that reject NaN/Inf themselves, and the batch-1 entry.
+
+``cm(x)`` must refuse a non-finite input with the usual :class:`~bitcompiler.InputError`
+whether Python or a kernel finds it (bitcompiler/kernels/finite.py), and the VM's ``main_b1``
+(the batch bound to 1) must compute what ``main`` does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bitcompiler as bc
+from bitcompiler.kernels import dense_avx2
+
+W1A1 = "binary:act=binary,first_last=quantize"
+VPOP = dense_avx2.popcnt512_target(bc.Target("cpu").tvm_target())
+
+
+def agrees(cm, x) -> None:
+    """Compiled == reference: bit for bit for W1A1 (integer accumulators), within 1e-5 for floats."""
+    got, ref = cm(x), cm.reference(x)
+    if cm.report().bits_per_weight < 32:
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def w1a1():
+    torch.manual_seed(0)
+    return bc.compile(torch.nn.Linear(256, 64).eval(), (torch.randn(1, 256),), scheme=W1A1)
+
+
+@pytest.fixture(scope="module")
+def floats():
+    torch.manual_seed(0)
+    return bc.compile(torch.nn.Linear(256, 64).eval(), (torch.randn(1, 256),), scheme="none")
+
+
+@pytest.mark.skipif(not VPOP, reason="the host has no AVX-512 vector popcounts (the checking kernel)")
+def test_a_w1a1_layer_checks_its_input_in_the_kernel(w1a1):
+    assert w1a1._runner.checks_finite
+
+
+def test_float_layers_leave_the_check_to_python(floats):
+    assert not floats._runner.checks_finite
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "neg-inf"])
+@pytest.mark.parametrize("where", [(0, 0), (0, 255), (2, 131)], ids=["first", "last", "middle"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("model", ["w1a1", "floats"])
+def test_non_finite_inputs_are_refused_naming_the_sample(request, model, bad, where, batch):
+    cm = request.getfixturevalue(model)
+    x = torch.randn(batch, 256)
+    sample = min(where[0], batch - 1)
+    x[sample, where[1]] = bad
+    with pytest.raises(bc.InputError, match=f"holds NaN or Inf \\(first in sample {sample}\\)"):
+        cm(x)
+    x[sample, where[1]] = 0.0
+    agrees(cm, x)  # the same model, once the input is finite again
+
+
+def test_extreme_finite_inputs_pass_the_kernel_check(w1a1):
+    x = torch.tensor([[3.4028235e38, -3.4028235e38, 1e-45, -0.0] * 64])
+    assert torch.equal(w1a1(x), w1a1.reference(x))
+
+
+@pytest.mark.parametrize("model", ["w1a1", "floats"])
+def test_the_batch_one_entry_computes_what_main_does(request, model):
+    cm = request.getfixturevalue(model)
+    main, main_b1 = cm._runner.entries
+    assert main_b1 is not main  # a dynamic batch gets a batch-1 entry
+    x = torch.randn(1, 256)
+    assert torch.equal(main_b1(x), main(x))
+    agrees(cm, x)
+    agrees(cm, torch.randn(5, 256))
+
+
+def test_unaligned_or_strided_inputs_take_the_copying_path(w1a1):
+    base = torch.randn(4, 257)
+    for x in (base[:1, 1:], base[:, 1:], torch.randn(256, 3).t()):
+        assert torch.equal(w1a1(x), w1a1.reference(x.contiguous()))
+
+
+def test_an_exported_model_keeps_both(w1a1, tmp_path):
+    loaded = bc.load(w1a1.export(tmp_path / "m"))
+    assert loaded._runner.checks_finite == w1a1._runner.checks_finite
+    assert loaded._runner.entries[1] is not loaded._runner.entries[0]
+    x = torch.randn(1, 256)
+    assert torch.equal(loaded(x), w1a1(x))
+    x[0, 7] = float("nan")
+    with pytest.raises(bc.InputError, match="first in sample 0"):
+        loaded(x)
+
+
+def test_a_fixed_batch_has_one_entry():
+    class FixedBatch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x.view(1, -1))
+
+    with pytest.warns(UserWarning, match="fixed batch of 1"):
+        cm = bc.compile(FixedBatch().eval(), (torch.randn(1, 8),), scheme="none")
+    assert cm._runner.entries[1] is cm._runner.entries[0]
+    x = torch.randn(1, 8)
+    torch.testing.assert_close(cm(x), cm.reference(x))
+    with pytest.raises(bc.InputError, match="fixed batch of 1"):
+        cm(torch.randn(2, 8))
