@@ -43,6 +43,13 @@ def test_a_w1a1_layer_checks_its_input_in_the_kernel(w1a1):
     assert w1a1._runner.checks_finite
 
 
+def test_the_runner_asks_for_the_function_the_pipeline_adds():
+    from bitcompiler.backends.cpu.runner import CHECKS_FINITE
+    from bitcompiler.kernels import finite
+
+    assert CHECKS_FINITE == finite.SYMBOL
+
+
 def test_float_layers_leave_the_check_to_python(floats):
     assert not floats._runner.checks_finite
 

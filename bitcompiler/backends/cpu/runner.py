@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 from bitcompiler.backends.base import Runner
-from bitcompiler.kernels import finite
 
 LIB = "model.so"
+# the executable's function saying its kernels reject NaN/Inf inputs (bitcompiler.kernels.finite's
+# SYMBOL; not imported from there: loading an exported model must not import TVM's kernel modules)
+CHECKS_FINITE = "bitc_checks_finite"
 
 
 class CPURunner(Runner):
@@ -33,7 +35,7 @@ class CPURunner(Runner):
         self._main = self.vm["main"]
         self._tvm = tvm
         # the kernels raise on NaN or Inf in every float input themselves (kernels/finite.py)
-        self.checks_finite = _flag(self.vm, finite.SYMBOL)
+        self.checks_finite = _flag(self.vm, CHECKS_FINITE)
         # main with the batch bound to 1, where the pipeline made one (pipeline.batch_one_entry)
         self._main1 = _function(self.vm, "main_b1") or self._main
         self.entries = (self._main, self._main1)  # indexed by "batch is 1"
