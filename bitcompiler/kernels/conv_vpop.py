@@ -1,0 +1,254 @@
+"""W1A1 conv (``act="binary"``, pm1 weights, groups 1) over a flat im2col with AVX-512 ``vpopcntq``.
+
+For x86 CPUs with ``avx512vpopcntdq`` (znver4, Ice Lake and later);
+:func:`bitcompiler.kernels.conv2d_kernel` picks it where :func:`fits` holds and keeps the
+register-blocked kernel of :mod:`bitcompiler.kernels.conv_binary` otherwise. Same buffers, layout
+and numbers as that kernel.
+
+* A **flat im2col** per batch row, ``XK[tap, word, pixel]``: the output pixels ``oh·OW + ow`` of
+  the whole map in one row, so a 512-bit vector is 8 consecutive output pixels across row ends.
+  The width-im2col of ``conv_binary`` gives each output row its own vectors, and a 14-pixel row
+  then takes two 8-pixel vectors (16 lanes for 14 pixels); here the 196 pixels of a 14x14 map
+  take 25 vectors (the last one overlaps the one before, so every vector stores whole).
+* Padding taps are **masked**, not corrected: ``MK[tap, pixel]`` is all ones where the tap lies
+  inside the image and 0 elsewhere, and a step is ``popcount((x ^ w) & m)``, one ``vpternlogq``
+  (the mask costs no instruction, and the epilogue needs no per-border tables). The epilogue's
+  ``n_valid · cg`` is per pixel (``NVC``), built with the masks.
+* Register block of 8 output channels x 8 pixels: each im2col vector is XOR-ed, masked and
+  popcounted against the 8 channels' broadcast weight words while in a register; the 8 partial
+  vectors stay in registers. Three vector instructions per 64 weight-activation word pairs
+  (ternlog, popcount, add), which is what bounds the kernel.
+* The epilogues are ``conv_binary``'s (threshold, affine, packed next-layer input, residual plus
+  clip), vectorized over the 8 pixels; with the flat pixel index the affine output's 8 pixels are
+  one contiguous store.
+* One parallel region per call, as ``conv_binary``: the tasks build the im2col together (split
+  over taps), meet at a barrier, take output-channel blocks and meet again.
+
+One thread, znver4, 256->256 3x3 on 14x14 (padding 1, batch 1): 129 us -> see BENCHMARKS.md
+(``python -m bench layers``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from bitcompiler.kernels.spec import ConvSpec
+
+F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
+VL = 8  # pixels per vector: int64 lanes of a 512-bit vector
+OB = 8  # output channels per register block
+
+
+def fits(spec: ConvSpec) -> bool:
+    """Binary pm1 weights and activations, groups 1, whole 64-bit words per tap, at least one
+    vector of output pixels and whole blocks of 8 output channels."""
+    return (
+        spec.act == "binary"
+        and spec.code == "pm1"
+        and spec.groups == 1
+        and spec.words_per_group % 2 == 0
+        and spec.out_h * spec.out_w >= VL
+        and spec.out_channels % OB == 0
+    )
+
+
+def _thr_hit(TS: Any, TH: Any, acc: Any, o: Any) -> Any:
+    # the reference's s = sign(TS) * acc (0 when TS = 0), then s >= TH
+    sgn = tirx.Select(TS[o] > 0, 1, 0) - tirx.Select(TS[o] < 0, 1, 0)
+    return sgn * acc >= TH[o]
+
+
+def vpop_conv_func(
+    spec: ConvSpec, packed: bool = False, clip: tuple[float, float] | None = None
+) -> tirx.PrimFunc:
+    """The kernel for ``spec`` (:func:`fits`); arguments as
+    :func:`bitcompiler.kernels.conv_binary.binary_pm1_func` (``packed``: the next layer's packed
+    input; ``clip``: the residual epilogue)."""
+    if not fits(spec):
+        raise ValueError(f"the flat-im2col vpopcnt conv does not fit {spec}")
+    O, H, W, CG = spec.out_channels, spec.in_h, spec.in_w, spec.cg
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    CWG, OH, OW = spec.words_per_group, spec.out_h, spec.out_w
+    CV, NT, NP = CWG // 2, KH * KW, OH * OW
+    NV = (NP + VL - 1) // VL
+    NOB = O // OB
+    ZERO = tirx.const(0, I64)
+    ONES = tirx.const(-1, I64)
+
+    def px(v):
+        # first pixel of vector v: the last vector ends at the map's end (it recomputes a few
+        # pixels of the one before), so that every vector stores whole
+        return tirx.min(v * VL, NP - VL) if NP % VL else v * VL
+
+    def inside(oh, ow, a, b):
+        ih, iw = oh * SH - PH + a * DH, ow * SW - PW + b * DW
+        return tirx.all(ih >= 0, ih < H, iw >= 0, iw < W)
+
+    def n_valid(oh, ow):
+        return sum(tirx.Select(inside(oh, ow, a, b), 1, 0) for a in range(KH) for b in range(KW))
+
+    def thr_value(TS, TH, acc, o):
+        return tirx.Select(_thr_hit(TS, TH, acc, o), tirx.const(1.0, F32), tirx.const(-1.0, F32))
+
+    def aff_value(SC, BI, acc, o):
+        return SC[o] * acc.astype(F32) + BI[o]
+
+    def post(v, RES, at):
+        # with a residual: hardtanh(v + RES[at]) as PyTorch computes it (float32 add, then clamp)
+        if clip is None:
+            return v
+        lo, hi = (tirx.const(float(b), F32) for b in clip)
+        return tirx.min(tirx.max(v + RES[at], lo), hi)
+
+    def make(out_value, E0, E1):
+        def acc(S, NVC, r, v, l):
+            return NVC[px(v) + l] - 2 * S[r, l].astype(I32)
+
+        def byte_at(S, NVC, o0, v, l):
+            # the threshold outputs of channels o0 .. o0 + 7 as the bits of one byte (1 = +1)
+            bits = [
+                tirx.Select(_thr_hit(E0, E1, acc(S, NVC, r, v, l), o0 + r), tirx.const(1 << r, I32), tirx.const(0, I32))
+                for r in range(OB)
+            ]
+            return tirx.Cast(U8, sum(bits[1:], bits[0]))
+
+        @T.macro
+        def im2col_tap(XV, XK, MK, NVC, m, t):
+            # tap t of every output pixel (oh, ow): its CV words (0 outside the image) and its mask
+            for oh, ow in T.grid(T.int64(OH), T.int64(OW)):
+                MK[t, oh * OW + ow] = T.if_then_else(inside(oh, ow, t // KW, t % KW), ONES, ZERO)
+                for w in T.vectorized(T.int64(CV)):
+                    XK[t, w, oh * OW + ow] = T.if_then_else(
+                        inside(oh, ow, t // KW, t % KW),
+                        XV[m, oh * SH - PH + t // KW * DH, ow * SW - PW + t % KW * DW, w],
+                        ZERO,
+                    )
+            if t == 0:
+                for oh, ow in T.grid(T.int64(OH), T.int64(OW)):
+                    NVC[oh * OW + ow] = n_valid(oh, ow) * CG
+
+        @T.macro
+        def block(XK, MK, NVC, PV, Y, M, RES, m, ob):
+            # output channels ob * OB .. ob * OB + OB - 1 of batch row m, every pixel vector
+            for v in range(T.int64(NV)):
+                S = T.alloc_buffer((T.int64(OB), T.int64(VL)), I64, scope="global")
+                for r in T.unroll(T.int64(OB)):
+                    for l in T.vectorized(T.int64(VL)):
+                        S[r, l] = ZERO
+                for t, w in T.grid(T.int64(NT), T.int64(CV)):
+                    for r in T.unroll(T.int64(OB)):
+                        for l in T.vectorized(T.int64(VL)):
+                            S[r, l] = S[r, l] + T.popcount(
+                                (XK[t, w, px(v) + l] ^ PV[ob * OB + r, t, w]) & MK[t, px(v) + l]
+                            )
+                if packed:
+                    # one byte per pixel: the OB = 8 channels' +-1 as bits (bit r = channel o0 + r)
+                    YB = T.decl_buffer((M, T.int64(NP), T.int64(O // 8)), U8, data=Y.data)
+                    for l in T.vectorized(T.int64(VL)):
+                        YB[m, px(v) + l, ob] = byte_at(S, NVC, ob * OB, v, l)
+                else:
+                    YF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=Y.data)
+                    RF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=RES.data)
+                    for r in T.unroll(T.int64(OB)):
+                        for l in T.vectorized(T.int64(VL)):
+                            YF[m, ob * OB + r, px(v) + l] = post(
+                                out_value(E0, E1, acc(S, NVC, r, v, l), ob * OB + r),
+                                RF,
+                                (m, ob * OB + r, px(v) + l),
+                            )
+
+        @T.macro
+        def body(XP, P, Y, M, RES):
+            XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(CV)), I64, data=XP.data)
+            PV = T.decl_buffer((T.int64(O), T.int64(NT), T.int64(CV)), I64, data=P.data)
+            XK = T.alloc_buffer((T.int64(NT), T.int64(CV), T.int64(NP)), I64)
+            MK = T.alloc_buffer((T.int64(NT), T.int64(NP)), I64)
+            NVC = T.alloc_buffer((T.int64(NP),), I32)
+            if NOB > 1:
+                # one parallel region (a TVM launch point): per batch row the tasks build the
+                # im2col together, wait at a barrier, compute their channel blocks and wait again
+                # before the next row overwrites XK (allocated outside the region: shared)
+                with T.attr(0, "pragma_parallel_launch_point", 1):
+                    for m in range(M):
+                        with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                            for t in T.parallel(T.int64(NT)):
+                                im2col_tap(XV, XK, MK, NVC, m, t)
+                        with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                            for ob in T.parallel(T.int64(NOB)):
+                                block(XK, MK, NVC, PV, Y, M, RES, m, ob)
+            else:
+                for m in range(M):
+                    for t in range(T.int64(NT)):
+                        im2col_tap(XV, XK, MK, NVC, m, t)
+                    for ob in range(T.int64(NOB)):
+                        block(XK, MK, NVC, PV, Y, M, RES, m, ob)
+
+        return body
+
+    return _signature(spec, packed, clip, make, thr_value, aff_value)
+
+
+def _signature(spec: ConvSpec, packed: bool, clip: Any, make: Any, thr_value: Any, aff_value: Any) -> tirx.PrimFunc:
+    """The PrimFunc around ``make(...)``'s body with :func:`binary_pm1_func`'s buffers."""
+    O, H, W, CWG = spec.out_channels, spec.in_h, spec.in_w, spec.words_per_group
+    (KH, KW), OH, OW = spec.kernel, spec.out_h, spec.out_w
+
+    if packed:
+
+        @T.prim_func(s_tir=True)
+        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
+            M = T.int64()
+            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(1), T.int64(CWG)), "int32")
+            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+            TS = T.match_buffer(ts, (T.int64(O),), "int32")
+            TH = T.match_buffer(th, (T.int64(O),), "int32")
+            Y = T.match_buffer(y, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
+            make(thr_value, TS, TH)(XP, P, Y, M, Y)
+
+        return func
+
+    if spec.threshold:
+
+        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
+            M = T.int64()
+            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(1), T.int64(CWG)), "int32")
+            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+            TS = T.match_buffer(ts, (T.int64(O),), "int32")
+            TH = T.match_buffer(th, (T.int64(O),), "int32")
+            Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+            make(thr_value, TS, TH)(XP, P, Y, M, Y)
+
+        return func
+
+    if clip is None:
+
+        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+        def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
+            M = T.int64()
+            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(1), T.int64(CWG)), "int32")
+            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+            SC = T.match_buffer(sc, (T.int64(O),), F32)
+            T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
+            BI = T.match_buffer(bi, (T.int64(O),), F32)
+            Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+            make(aff_value, SC, BI)(XP, P, Y, M, Y)
+
+        return func
+
+    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, res: T.handle, y: T.handle):
+        M = T.int64()
+        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(1), T.int64(CWG)), "int32")
+        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+        SC = T.match_buffer(sc, (T.int64(O),), F32)
+        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
+        BI = T.match_buffer(bi, (T.int64(O),), F32)
+        RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        make(aff_value, SC, BI)(XP, P, Y, M, RES)
+
+    return func
