@@ -40,11 +40,30 @@ from bitcompiler.kernels.spec import ConvSpec
 F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
 VL = 8  # pixels per vector: int64 lanes of a 512-bit vector
 OB = 8  # output channels per register block
+NCLS = 16  # border classes a vpermi2q table holds
+
+
+def _patterns(n_out: int, stride: int, pad: int, dil: int, k: int, n_in: int) -> tuple[list, list[int]]:
+    """The distinct sets of valid kernel offsets along one axis, the most frequent first, and each
+    output position's index into them."""
+    sets = [tuple(a for a in range(k) if 0 <= i * stride - pad + a * dil < n_in) for i in range(n_out)]
+    distinct = sorted(set(sets), key=lambda p: (-sets.count(p), p))
+    return distinct, [distinct.index(p) for p in sets]
+
+
+def _classes(spec: ConvSpec) -> tuple[list, list[int], list[int], int]:
+    """Border classes of the output pixels: ``(valid taps per class, row index, column index,
+    columns)``; pixel ``(oh, ow)`` has class ``rows[oh] * columns + cols[ow]``."""
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    rp, rows = _patterns(spec.out_h, SH, PH, DH, KH, spec.in_h)
+    cp, cols = _patterns(spec.out_w, SW, PW, DW, KW, spec.in_w)
+    valid = [[a * KW + b for a in r for b in c] for r in rp for c in cp]
+    return valid, rows, cols, len(cp)
 
 
 def fits(spec: ConvSpec) -> bool:
     """Binary pm1 weights and activations, groups 1, whole 64-bit words per tap, at least one
-    vector of output pixels and whole blocks of 8 output channels."""
+    vector of output pixels, whole blocks of 8 output channels and at most 16 border classes."""
     return (
         spec.act == "binary"
         and spec.code == "pm1"
@@ -52,6 +71,7 @@ def fits(spec: ConvSpec) -> bool:
         and spec.words_per_group % 2 == 0
         and spec.out_h * spec.out_w >= VL
         and spec.out_channels % OB == 0
+        and len(_classes(spec)[0]) <= NCLS
     )
 
 
@@ -59,6 +79,11 @@ def _thr_hit(TS: Any, TH: Any, acc: Any, o: Any) -> Any:
     # the reference's s = sign(TS) * acc (0 when TS = 0), then s >= TH
     sgn = tirx.Select(TS[o] > 0, 1, 0) - tirx.Select(TS[o] < 0, 1, 0)
     return sgn * acc >= TH[o]
+
+
+def _lookup(table_lo: Any, idx: Any, table_hi: Any) -> Any:
+    """``vpermi2q``: lane l of the result is entry ``idx[l]`` of the 16 int64 ``table_lo, table_hi``."""
+    return T.call_llvm_pure_intrin("int64x8", "llvm.x86.avx512.vpermi2var.q.512", table_lo, idx, table_hi)
 
 
 def vpop_conv_func(
@@ -76,19 +101,43 @@ def vpop_conv_func(
     NV = (NP + VL - 1) // VL
     NOB = O // OB
     ZERO = tirx.const(0, I64)
-    ONES = tirx.const(-1, I64)
+    valid, rows, cols, ncols = _classes(spec)
+    lanes = T.ramp(T.int64(0), T.int64(1), VL)
+    high = T.ramp(T.int64(VL), T.int64(1), VL)
 
     def px(v):
         # first pixel of vector v: the last vector ends at the map's end (it recomputes a few
         # pixels of the one before), so that every vector stores whole
         return tirx.min(v * VL, NP - VL) if NP % VL else v * VL
 
-    def inside(oh, ow, a, b):
-        ih, iw = oh * SH - PH + a * DH, ow * SW - PW + b * DW
+    def inside(p, a, b):
+        # whether tap (a, b) of flat output pixel p lies inside the image
+        ih, iw = p // OW * SH - PH + a * DH, p % OW * SW - PW + b * DW
         return tirx.all(ih >= 0, ih < H, iw >= 0, iw < W)
 
-    def n_valid(oh, ow):
-        return sum(tirx.Select(inside(oh, ow, a, b), 1, 0) for a in range(KH) for b in range(KW))
+    def pixel_class(p):
+        # rows[oh] * ncols + cols[ow], as Selects over the border positions (class 0 elsewhere)
+        r = sum((tirx.Select(p // OW == i, c, 0) for i, c in enumerate(rows) if c), tirx.const(0, I32))
+        c = sum((tirx.Select(p % OW == i, c, 0) for i, c in enumerate(cols) if c), tirx.const(0, I32))
+        return (r * ncols + c).astype(I64)
+
+    def class_table(PC, r, c):
+        # class_entry of a loop's class c
+        return sum((tirx.Select(c == k, class_entry(PC, r, k), ZERO) for k in range(len(valid))), ZERO)
+
+    def class_entry(PC, r, c):
+        # acc = E[class] - 2 * S: n_valid * cg, plus twice the weights' popcount on the padding
+        # taps (their zero words counted popcount(w) in S)
+        if c >= len(valid):
+            return ZERO
+        pad = [t for t in range(NT) if t not in valid[c]]
+        corr = sum((PC[r, t] for t in pad), tirx.const(0, I64))
+        return tirx.const(len(valid[c]) * CG, I64) + 2 * corr
+
+    def tap_count(PV, o, t):
+        # the popcount of the weights of one tap: a sum of scalar popcounts (as loops, LLVM
+        # vectorizes them over the channels with gathers)
+        return sum((T.popcount(PV[o, t, w]) for w in range(1, CV)), T.popcount(PV[o, t, 0]))
 
     def thr_value(TS, TH, acc, o):
         return tirx.Select(_thr_hit(TS, TH, acc, o), tirx.const(1.0, F32), tirx.const(-1.0, F32))
@@ -104,35 +153,60 @@ def vpop_conv_func(
         return tirx.min(tirx.max(v + RES[at], lo), hi)
 
     def make(out_value, E0, E1):
-        def acc(S, NVC, r, v, l):
-            return NVC[px(v) + l] - 2 * S[r, l].astype(I32)
-
-        def byte_at(S, NVC, o0, v, l):
+        def byte_at(A, o0, l):
             # the threshold outputs of channels o0 .. o0 + 7 as the bits of one byte (1 = +1)
             bits = [
-                tirx.Select(_thr_hit(E0, E1, acc(S, NVC, r, v, l), o0 + r), tirx.const(1 << r, I32), tirx.const(0, I32))
+                tirx.Select(_thr_hit(E0, E1, A[r, l].astype(I32), o0 + r), tirx.const(1 << r, I32), tirx.const(0, I32))
                 for r in range(OB)
             ]
             return tirx.Cast(U8, sum(bits[1:], bits[0]))
 
         @T.macro
-        def im2col_tap(XV, XK, MK, NVC, m, t):
-            # tap t of every output pixel (oh, ow): its CV words (0 outside the image) and its mask
-            for oh, ow in T.grid(T.int64(OH), T.int64(OW)):
-                MK[t, oh * OW + ow] = T.if_then_else(inside(oh, ow, t // KW, t % KW), ONES, ZERO)
+        def im2col_tap(XV, XK, CLS, m, t):
+            # tap t of every pixel vector: its CV words per pixel (0 outside the image)
+            for v, l in T.grid(T.int64(NV), T.int64(VL)):
                 for w in T.vectorized(T.int64(CV)):
-                    XK[t, w, oh * OW + ow] = T.if_then_else(
-                        inside(oh, ow, t // KW, t % KW),
-                        XV[m, oh * SH - PH + t // KW * DH, ow * SW - PW + t % KW * DW, w],
+                    XK[v, t, w, l] = T.if_then_else(
+                        inside(px(v) + l, t // KW, t % KW),
+                        XV[m, (px(v) + l) // OW * SH - PH + t // KW * DH, (px(v) + l) % OW * SW - PW + t % KW * DW, w],
                         ZERO,
                     )
             if t == 0:
-                for oh, ow in T.grid(T.int64(OH), T.int64(OW)):
-                    NVC[oh * OW + ow] = n_valid(oh, ow) * CG
+                for v, l in T.grid(T.int64(NV), T.int64(VL)):
+                    CLS[v, l] = pixel_class(px(v) + l)
 
         @T.macro
-        def block(XK, MK, NVC, PV, Y, M, RES, m, ob):
+        def tables(PV, E, ob):
+            # E[r, class] of the block's channels (class_entry), from each tap's weight popcount
+            PC = T.alloc_buffer((T.int64(OB), T.int64(NT)), I64, scope="global")
+            for r in T.unroll(T.int64(OB)):
+                for t in range(T.int64(NT)):
+                    PC[r, t] = tap_count(PV, ob * OB + r, t)
+                for c in T.unroll(NCLS):
+                    E[r, c] = class_table(PC, r, c)
+
+        @T.macro
+        def epilogue(A, Y, M, RES, m, ob, v):
+            # the outputs of pixel vector v from the accumulators A (int64 lanes)
+            if packed:
+                # one byte per pixel: the OB = 8 channels' +-1 as bits (bit r = channel o0 + r)
+                YB = T.decl_buffer((M, T.int64(NP), T.int64(O // 8)), U8, data=Y.data)
+                for l in T.vectorized(T.int64(VL)):
+                    YB[m, px(v) + l, ob] = byte_at(A, ob * OB, l)
+            else:
+                YF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=Y.data)
+                RF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=RES.data)
+                for r in T.unroll(T.int64(OB)):
+                    for l in T.vectorized(T.int64(VL)):
+                        YF[m, ob * OB + r, px(v) + l] = post(
+                            out_value(E0, E1, A[r, l].astype(I32), ob * OB + r), RF, (m, ob * OB + r, px(v) + l)
+                        )
+
+        @T.macro
+        def block(XK, CLS, PV, Y, M, RES, m, ob):
             # output channels ob * OB .. ob * OB + OB - 1 of batch row m, every pixel vector
+            E = T.alloc_buffer((T.int64(OB), T.int64(NCLS)), I64, scope="global")
+            tables(PV, E, ob)
             for v in range(T.int64(NV)):
                 S = T.alloc_buffer((T.int64(OB), T.int64(VL)), I64, scope="global")
                 for r in T.unroll(T.int64(OB)):
@@ -141,32 +215,19 @@ def vpop_conv_func(
                 for t, w in T.grid(T.int64(NT), T.int64(CV)):
                     for r in T.unroll(T.int64(OB)):
                         for l in T.vectorized(T.int64(VL)):
-                            S[r, l] = S[r, l] + T.popcount(
-                                (XK[t, w, px(v) + l] ^ PV[ob * OB + r, t, w]) & MK[t, px(v) + l]
-                            )
-                if packed:
-                    # one byte per pixel: the OB = 8 channels' +-1 as bits (bit r = channel o0 + r)
-                    YB = T.decl_buffer((M, T.int64(NP), T.int64(O // 8)), U8, data=Y.data)
-                    for l in T.vectorized(T.int64(VL)):
-                        YB[m, px(v) + l, ob] = byte_at(S, NVC, ob * OB, v, l)
-                else:
-                    YF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=Y.data)
-                    RF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=RES.data)
-                    for r in T.unroll(T.int64(OB)):
-                        for l in T.vectorized(T.int64(VL)):
-                            YF[m, ob * OB + r, px(v) + l] = post(
-                                out_value(E0, E1, acc(S, NVC, r, v, l), ob * OB + r),
-                                RF,
-                                (m, ob * OB + r, px(v) + l),
-                            )
+                            S[r, l] = S[r, l] + T.popcount(XK[v, t, w, l] ^ PV[ob * OB + r, t, w])
+                for r in T.unroll(T.int64(OB)):
+                    S[r, lanes] = _lookup(E[r, lanes], CLS[v, lanes], E[r, high]) - (S[r, lanes] << T.Broadcast(
+                        T.int64(1), VL
+                    ))
+                epilogue(S, Y, M, RES, m, ob, v)
 
         @T.macro
         def body(XP, P, Y, M, RES):
             XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(CV)), I64, data=XP.data)
             PV = T.decl_buffer((T.int64(O), T.int64(NT), T.int64(CV)), I64, data=P.data)
-            XK = T.alloc_buffer((T.int64(NT), T.int64(CV), T.int64(NP)), I64)
-            MK = T.alloc_buffer((T.int64(NT), T.int64(NP)), I64)
-            NVC = T.alloc_buffer((T.int64(NP),), I32)
+            XK = T.alloc_buffer((T.int64(NV), T.int64(NT), T.int64(CV), T.int64(VL)), I64)
+            CLS = T.alloc_buffer((T.int64(NV), T.int64(VL)), I64)
             if NOB > 1:
                 # one parallel region (a TVM launch point): per batch row the tasks build the
                 # im2col together, wait at a barrier, compute their channel blocks and wait again
@@ -175,16 +236,16 @@ def vpop_conv_func(
                     for m in range(M):
                         with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                             for t in T.parallel(T.int64(NT)):
-                                im2col_tap(XV, XK, MK, NVC, m, t)
+                                im2col_tap(XV, XK, CLS, m, t)
                         with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                             for ob in T.parallel(T.int64(NOB)):
-                                block(XK, MK, NVC, PV, Y, M, RES, m, ob)
+                                block(XK, CLS, PV, Y, M, RES, m, ob)
             else:
                 for m in range(M):
                     for t in range(T.int64(NT)):
-                        im2col_tap(XV, XK, MK, NVC, m, t)
+                        im2col_tap(XV, XK, CLS, m, t)
                     for ob in range(T.int64(NOB)):
-                        block(XK, MK, NVC, PV, Y, M, RES, m, ob)
+                        block(XK, CLS, PV, Y, M, RES, m, ob)
 
         return body
 
