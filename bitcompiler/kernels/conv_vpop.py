@@ -2,30 +2,35 @@
 
 For x86 CPUs with ``avx512vpopcntdq`` (znver4, Ice Lake and later);
 :func:`bitcompiler.kernels.conv2d_kernel` picks it where :func:`fits` holds and keeps the
-register-blocked kernel of :mod:`bitcompiler.kernels.conv_binary` otherwise. Same buffers, layout
-and numbers as that kernel.
+register-blocked kernel of :mod:`bitcompiler.kernels.conv_binary` otherwise (and on every other
+CPU). Same buffers, layout and numbers as that kernel.
 
-* A **flat im2col** per batch row, ``XK[tap, word, pixel]``: the output pixels ``oh·OW + ow`` of
-  the whole map in one row, so a 512-bit vector is 8 consecutive output pixels across row ends.
-  The width-im2col of ``conv_binary`` gives each output row its own vectors, and a 14-pixel row
-  then takes two 8-pixel vectors (16 lanes for 14 pixels); here the 196 pixels of a 14x14 map
-  take 25 vectors (the last one overlaps the one before, so every vector stores whole).
-* Padding taps are **masked**, not corrected: ``MK[tap, pixel]`` is all ones where the tap lies
-  inside the image and 0 elsewhere, and a step is ``popcount((x ^ w) & m)``, one ``vpternlogq``
-  (the mask costs no instruction, and the epilogue needs no per-border tables). The epilogue's
-  ``n_valid · cg`` is per pixel (``NVC``), built with the masks.
-* Register block of 8 output channels x 8 pixels: each im2col vector is XOR-ed, masked and
-  popcounted against the 8 channels' broadcast weight words while in a register; the 8 partial
-  vectors stay in registers. Three vector instructions per 64 weight-activation word pairs
-  (ternlog, popcount, add), which is what bounds the kernel.
-* The epilogues are ``conv_binary``'s (threshold, affine, packed next-layer input, residual plus
-  clip), vectorized over the 8 pixels; with the flat pixel index the affine output's 8 pixels are
-  one contiguous store.
+* A **flat im2col** per batch row, ``XK[vector, tap, word, lane]``: the output pixels
+  ``oh·OW + ow`` of the whole map in 8-pixel vectors that run across row ends, each vector's
+  ``taps x words x 8`` int64 contiguous. The width-im2col of ``conv_binary`` gives each output row
+  its own vectors, so a 14-pixel row takes two 8-pixel vectors (16 lanes for 14 pixels); here the
+  196 pixels of a 14x14 map take 25 vectors (the last one overlaps the one before, so every vector
+  stores whole): 11% fewer popcounts.
+* Register block of 8 output channels x 8 pixels: each im2col vector is XOR-ed with the 8
+  channels' broadcast weight words and popcounted while in a register, the 8 partial vectors stay
+  in registers. Three vector instructions (``vpxorq``, ``vpopcntq``, ``vpaddq``) per 64 pairs of
+  64-bit words, the bound of the kernel: on znver4 a C loop of just these runs at 0.42 ns per
+  64 pairs, and ``vpternlogq`` (a padding mask folded into the XOR) at 0.52 ns, so the padding is
+  corrected in the epilogue instead of masked.
+* **Border classes**: padding taps read zero words and so count ``popcount(w)``. Output pixels
+  fall into classes by which kernel rows and columns are inside the image (9 for a 3x3 kernel with
+  padding 1; :func:`fits` allows 16). Per block, ``E[r, class] = n_valid · cg + 2 · (popcount of
+  the weights on the class's padding taps)``, and a pixel's ``acc = E[r, class] - 2 · S``: one
+  ``vpermi2q`` lookup (16 int64 entries in two registers) with the per-pixel class vector
+  ``CLS``, a shift and a subtract per 8 outputs.
+* The epilogues are ``conv_binary``'s (threshold, affine, the next layer's packed input, residual
+  plus clip), vectorized over the 8 pixels; with the flat pixel index an affine output's 8 pixels
+  are one contiguous store.
 * One parallel region per call, as ``conv_binary``: the tasks build the im2col together (split
   over taps), meet at a barrier, take output-channel blocks and meet again.
 
-One thread, znver4, 256->256 3x3 on 14x14 (padding 1, batch 1): 129 us -> see BENCHMARKS.md
-(``python -m bench layers``).
+One thread, znver4, 256->256 3x3 on 14x14 (padding 1, batch 1), the kernel alone
+(``time_evaluator``, best of 3 alternating runs on a loaded host): 127 us -> 107 us.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 from tvm import tirx
 from tvm.script import tirx as T
 
+from bitcompiler.kernels.conv_binary import clipped, pm1_conv_func, thr_hit
 from bitcompiler.kernels.spec import ConvSpec
 
 F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
@@ -73,12 +79,6 @@ def fits(spec: ConvSpec) -> bool:
         and spec.out_channels % OB == 0
         and len(_classes(spec)[0]) <= NCLS
     )
-
-
-def _thr_hit(TS: Any, TH: Any, acc: Any, o: Any) -> Any:
-    # the reference's s = sign(TS) * acc (0 when TS = 0), then s >= TH
-    sgn = tirx.Select(TS[o] > 0, 1, 0) - tirx.Select(TS[o] < 0, 1, 0)
-    return sgn * acc >= TH[o]
 
 
 def _lookup(table_lo: Any, idx: Any, table_hi: Any) -> Any:
@@ -139,24 +139,17 @@ def vpop_conv_func(
         # vectorizes them over the channels with gathers)
         return sum((T.popcount(PV[o, t, w]) for w in range(1, CV)), T.popcount(PV[o, t, 0]))
 
-    def thr_value(TS, TH, acc, o):
-        return tirx.Select(_thr_hit(TS, TH, acc, o), tirx.const(1.0, F32), tirx.const(-1.0, F32))
-
-    def aff_value(SC, BI, acc, o):
-        return SC[o] * acc.astype(F32) + BI[o]
-
-    def post(v, RES, at):
-        # with a residual: hardtanh(v + RES[at]) as PyTorch computes it (float32 add, then clamp)
-        if clip is None:
-            return v
-        lo, hi = (tirx.const(float(b), F32) for b in clip)
-        return tirx.min(tirx.max(v + RES[at], lo), hi)
-
     def make(out_value, E0, E1):
+        def y_at(A, RF, m, o, r, v, l):
+            value = out_value(E0, E1, A[r, l].astype(I32), o)
+            return clipped(value, RF, (m, o, px(v) + l), clip)
+
         def byte_at(A, o0, l):
             # the threshold outputs of channels o0 .. o0 + 7 as the bits of one byte (1 = +1)
             bits = [
-                tirx.Select(_thr_hit(E0, E1, A[r, l].astype(I32), o0 + r), tirx.const(1 << r, I32), tirx.const(0, I32))
+                tirx.Select(
+                    thr_hit(E0, E1, A[r, l].astype(I32), o0 + r), tirx.const(1 << r, I32), tirx.const(0, I32)
+                )
                 for r in range(OB)
             ]
             return tirx.Cast(U8, sum(bits[1:], bits[0]))
@@ -168,7 +161,12 @@ def vpop_conv_func(
                 for w in T.vectorized(T.int64(CV)):
                     XK[v, t, w, l] = T.if_then_else(
                         inside(px(v) + l, t // KW, t % KW),
-                        XV[m, (px(v) + l) // OW * SH - PH + t // KW * DH, (px(v) + l) % OW * SW - PW + t % KW * DW, w],
+                        XV[
+                            m,
+                            (px(v) + l) // OW * SH - PH + t // KW * DH,
+                            (px(v) + l) % OW * SW - PW + t % KW * DW,
+                            w,
+                        ],
                         ZERO,
                     )
             if t == 0:
@@ -198,9 +196,7 @@ def vpop_conv_func(
                 RF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=RES.data)
                 for r in T.unroll(T.int64(OB)):
                     for l in T.vectorized(T.int64(VL)):
-                        YF[m, ob * OB + r, px(v) + l] = post(
-                            out_value(E0, E1, A[r, l].astype(I32), ob * OB + r), RF, (m, ob * OB + r, px(v) + l)
-                        )
+                        YF[m, ob * OB + r, px(v) + l] = y_at(A, RF, m, ob * OB + r, r, v, l)
 
         @T.macro
         def block(XK, CLS, PV, Y, M, RES, m, ob):
@@ -217,9 +213,9 @@ def vpop_conv_func(
                         for l in T.vectorized(T.int64(VL)):
                             S[r, l] = S[r, l] + T.popcount(XK[v, t, w, l] ^ PV[ob * OB + r, t, w])
                 for r in T.unroll(T.int64(OB)):
-                    S[r, lanes] = _lookup(E[r, lanes], CLS[v, lanes], E[r, high]) - (S[r, lanes] << T.Broadcast(
-                        T.int64(1), VL
-                    ))
+                    S[r, lanes] = _lookup(E[r, lanes], CLS[v, lanes], E[r, high]) - (
+                        S[r, lanes] << T.Broadcast(T.int64(1), VL)
+                    )
                 epilogue(S, Y, M, RES, m, ob, v)
 
         @T.macro
@@ -249,67 +245,4 @@ def vpop_conv_func(
 
         return body
 
-    return _signature(spec, packed, clip, make, thr_value, aff_value)
-
-
-def _signature(spec: ConvSpec, packed: bool, clip: Any, make: Any, thr_value: Any, aff_value: Any) -> tirx.PrimFunc:
-    """The PrimFunc around ``make(...)``'s body with :func:`binary_pm1_func`'s buffers."""
-    O, H, W, CWG = spec.out_channels, spec.in_h, spec.in_w, spec.words_per_group
-    (KH, KW), OH, OW = spec.kernel, spec.out_h, spec.out_w
-
-    if packed:
-
-        @T.prim_func(s_tir=True)
-        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-            M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(1), T.int64(CWG)), "int32")
-            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-            TS = T.match_buffer(ts, (T.int64(O),), "int32")
-            TH = T.match_buffer(th, (T.int64(O),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
-            make(thr_value, TS, TH)(XP, P, Y, M, Y)
-
-        return func
-
-    if spec.threshold:
-
-        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-            M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(1), T.int64(CWG)), "int32")
-            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-            TS = T.match_buffer(ts, (T.int64(O),), "int32")
-            TH = T.match_buffer(th, (T.int64(O),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-            make(thr_value, TS, TH)(XP, P, Y, M, Y)
-
-        return func
-
-    if clip is None:
-
-        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-        def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
-            M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(1), T.int64(CWG)), "int32")
-            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-            SC = T.match_buffer(sc, (T.int64(O),), F32)
-            T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
-            BI = T.match_buffer(bi, (T.int64(O),), F32)
-            Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-            make(aff_value, SC, BI)(XP, P, Y, M, Y)
-
-        return func
-
-    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, res: T.handle, y: T.handle):
-        M = T.int64()
-        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(1), T.int64(CWG)), "int32")
-        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-        SC = T.match_buffer(sc, (T.int64(O),), F32)
-        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
-        BI = T.match_buffer(bi, (T.int64(O),), F32)
-        RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        make(aff_value, SC, BI)(XP, P, Y, M, RES)
-
-    return func
+    return pm1_conv_func(spec, make, packed, clip)
