@@ -15,7 +15,9 @@ already-quantized activations); the generic computation guards every load with
 * ``act="int8"`` / ``"float"``: ``X (M, C, H, W)``, the code is unpacked from the planes on the fly.
   :func:`conv2d_c_kernel` reads one ``uint8`` code per weight instead (Cortex-M's C).
 
-The register-blocked W1A1 CPU kernel (``act="binary"``, pm1 weights) lives in
+The W1A1 CPU kernels (``act="binary"``, pm1 weights): :mod:`bitcompiler.kernels.conv_vpop`
+(a flat im2col with AVX-512 ``vpopcntq``) where the CPU has ``avx512vpopcntdq`` and
+:func:`~bitcompiler.kernels.conv_vpop.fits` holds, else the register-blocked
 :mod:`bitcompiler.kernels.conv_binary`. ``act="int8"``/``"float"`` on the CPU decode the codes once per
 call and run the scheduled float convolution core (``_decoded_direct``).
 

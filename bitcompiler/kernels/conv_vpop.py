@@ -29,8 +29,11 @@ CPU). Same buffers, layout and numbers as that kernel.
 * One parallel region per call, as ``conv_binary``: the tasks build the im2col together (split
   over taps), meet at a barrier, take output-channel blocks and meet again.
 
-One thread, znver4, 256->256 3x3 on 14x14 (padding 1, batch 1), the kernel alone
-(``time_evaluator``, best of 3 alternating runs on a loaded host): 127 us -> 107 us.
+One thread, znver4, 256->256 3x3 on 14x14 (padding 1, batch 1), the kernel alone (this thread's
+CPU time per call, alternating with ``conv_binary``'s kernel in one process): 127 us -> 107 us; the
+whole compiled layer (``cm(x)``) 0.145 -> 0.126 ms. Without the im2col the call takes 2.6 us less,
+without the class tables 2.6 us less; the rest is the popcount loop, at the rate of a C loop of
+the same three instructions.
 """
 
 from __future__ import annotations
