@@ -15,7 +15,9 @@ already-quantized activations); the generic computation guards every load with
 * ``act="int8"`` / ``"float"``: ``X (M, C, H, W)``, the code is unpacked from the planes on the fly.
   :func:`conv2d_c_kernel` reads one ``uint8`` code per weight instead (Cortex-M's C).
 
-The register-blocked W1A1 CPU kernel (``act="binary"``, pm1 weights) lives in
+The W1A1 CPU kernels (``act="binary"``, pm1 weights): :mod:`bitcompiler.kernels.conv_vpop`
+(a flat im2col with AVX-512 ``vpopcntq``) where the CPU has ``avx512vpopcntdq`` and
+:func:`~bitcompiler.kernels.conv_vpop.fits` holds, else the register-blocked
 :mod:`bitcompiler.kernels.conv_binary`. ``act="int8"``/``"float"`` on the CPU decode the codes once per
 call and run the scheduled float convolution core (``_decoded_direct``).
 
@@ -31,7 +33,7 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import conv_int8
+from bitcompiler.kernels import conv_int8, conv_vpop
 from bitcompiler.kernels._common import as_i32, batch_var, built_once, i64, shape64, target_kind
 from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
@@ -276,7 +278,9 @@ def conv2d_kernel(
         raise ValueError(f"no residual-epilogue conv kernel for {spec} on {target!r}")
     if packed_output and not (cpu and packs_output(spec)):
         raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
-    if cpu and spec.act == "binary" and spec.code == "pm1":
+    if cpu and popcnt512_target(target) and conv_vpop.fits(spec):
+        func = conv_vpop.vpop_conv_func(spec, packed=packed_output, clip=residual_clip)
+    elif cpu and spec.act == "binary" and spec.code == "pm1":
         func = binary_pm1_func(
             spec,
             byte_lanes=avx2_target(target),

@@ -41,6 +41,8 @@ CPU schedule, ``act="binary"`` with pm1 weights (``binary_pm1_func``, written di
 
 from __future__ import annotations
 
+from typing import Any
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -64,6 +66,92 @@ def packs_output(spec: ConvSpec) -> bool:
 def fuses_residual(spec: ConvSpec) -> bool:
     """Whether :func:`binary_pm1_func` can fold ``hardtanh(conv + residual)`` into ``spec``'s epilogue."""
     return spec.act == "binary" and spec.code == "pm1" and not spec.threshold
+
+
+def thr_hit(TS: Any, TH: Any, a: Any, o: Any) -> Any:
+    """The reference's threshold: ``s = sign(TS[o]) * a`` (0 when TS = 0), then ``s >= TH[o]``."""
+    sgn = tirx.Select(TS[o] > 0, 1, 0) - tirx.Select(TS[o] < 0, 1, 0)
+    return sgn * a >= TH[o]
+
+
+def thr_value(TS: Any, TH: Any, a: Any, o: Any) -> Any:
+    return tirx.Select(thr_hit(TS, TH, a, o), tirx.const(1.0, F32), tirx.const(-1.0, F32))
+
+
+def aff_value(SC: Any, BI: Any, a: Any, o: Any) -> Any:
+    return SC[o] * a.astype(F32) + BI[o]
+
+
+def clipped(v: Any, RES: Any, at: Any, clip: tuple[float, float] | None) -> Any:
+    """With a residual: ``hardtanh(v + RES[at])`` as PyTorch computes it (float32 add, then clamp)."""
+    if clip is None:
+        return v
+    lo, hi = (tirx.const(float(b), F32) for b in clip)
+    return tirx.min(tirx.max(v + RES[at], lo), hi)
+
+
+def pm1_conv_func(spec: ConvSpec, make: Any, packed: bool, clip: tuple[float, float] | None) -> tirx.PrimFunc:
+    """The PrimFunc of a binary pm1 CPU conv with :func:`binary_pm1_func`'s buffers around
+    ``make(out_value, E0, E1)(XP, P, Y, M, RES)``, the kernel's body for an epilogue
+    (``thr_value, TS, TH`` or ``aff_value, SC, BI``)."""
+    O, H, W = spec.out_channels, spec.in_h, spec.in_w
+    (KH, KW), G, CWG, OH, OW = spec.kernel, spec.groups, spec.words_per_group, spec.out_h, spec.out_w
+
+    if packed:
+
+        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
+            M = T.int64()
+            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
+            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+            TS = T.match_buffer(ts, (T.int64(O),), "int32")
+            TH = T.match_buffer(th, (T.int64(O),), "int32")
+            Y = T.match_buffer(y, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
+            make(thr_value, TS, TH)(XP, P, Y, M, Y)
+
+        return func
+
+    if spec.threshold:
+
+        @T.prim_func(s_tir=True)
+        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
+            M = T.int64()
+            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
+            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+            TS = T.match_buffer(ts, (T.int64(O),), "int32")
+            TH = T.match_buffer(th, (T.int64(O),), "int32")
+            Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+            make(thr_value, TS, TH)(XP, P, Y, M, Y)
+
+        return func
+
+    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
+        M = T.int64()
+        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
+        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+        SC = T.match_buffer(sc, (T.int64(O),), F32)
+        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
+        BI = T.match_buffer(bi, (T.int64(O),), F32)
+        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        make(aff_value, SC, BI)(XP, P, Y, M, Y)
+
+    if clip is None:
+        return func
+
+    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, res: T.handle, y: T.handle):
+        M = T.int64()
+        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
+        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+        SC = T.match_buffer(sc, (T.int64(O),), F32)
+        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
+        BI = T.match_buffer(bi, (T.int64(O),), F32)
+        RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        make(aff_value, SC, BI)(XP, P, Y, M, RES)
+
+    return func
 
 
 def binary_pm1_func(
@@ -139,13 +227,6 @@ def binary_pm1_func(
         ]
         return tirx.Cast(U8, sum(bits[1:], bits[0]))
 
-    def post(v, RES, at):
-        # with a residual: hardtanh(v + RES[at]) as PyTorch computes it (float32 add, then clamp)
-        if clip is None:
-            return v
-        lo, hi = (tirx.const(float(b), F32) for b in clip)
-        return tirx.min(tirx.max(v + RES[at], lo), hi)
-
     def interior(v):
         # all VL pixels of vector v are real outputs whose KW taps all lie inside the image
         first, last = px(v), px(v) + (VL - 1)
@@ -154,17 +235,6 @@ def binary_pm1_func(
     def acc_inner(S, RC, r, l, oh):
         # acc_value where every column is valid: a vector subtract and shift per output
         return (n_rows(oh) * KW) * CG - 2 * (as_i32(S[r, l]) - sum(RC[r, b] for b in range(KW)))
-
-    def thr_hit(TS, TH, a, o):
-        # the reference's s = sign(TS) * a (0 when TS = 0), then s >= TH
-        sgn = tirx.Select(TS[o] > 0, 1, 0) - tirx.Select(TS[o] < 0, 1, 0)
-        return sgn * a >= TH[o]
-
-    def thr_value(TS, TH, a, o):
-        return tirx.Select(thr_hit(TS, TH, a, o), tirx.const(1.0, F32), tirx.const(-1.0, F32))
-
-    def aff_value(SC, BI, a, o):
-        return SC[o] * a.astype(F32) + BI[o]
 
     @T.macro
     def reduce_words(XK, PV, S, o0, row0, p0):
@@ -247,7 +317,7 @@ def binary_pm1_func(
         def y_at(E0, E1, S, RC, PCK, RES, m, t, v, r, l, inner):
             o = t // OH * OB + r
             value = out_value(E0, E1, acc_at(S, RC, PCK, t, v, r, l, inner), o)
-            return post(value, RES, (m, o, t % OH, px(v) + l))
+            return clipped(value, RES, (m, o, t % OH, px(v) + l), clip)
 
         def byte_at(E0, E1, S, RC, PCK, t, v, l, inner):
             return packed_byte(
@@ -363,58 +433,4 @@ def binary_pm1_func(
 
         return body
 
-    if packed:
-
-        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-            M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-            TS = T.match_buffer(ts, (T.int64(O),), "int32")
-            TH = T.match_buffer(th, (T.int64(O),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
-            make(thr_value, TS, TH)(XP, P, Y, M, Y)
-
-        return func
-
-    if spec.threshold:
-
-        @T.prim_func(s_tir=True)
-        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-            M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-            TS = T.match_buffer(ts, (T.int64(O),), "int32")
-            TH = T.match_buffer(th, (T.int64(O),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-            make(thr_value, TS, TH)(XP, P, Y, M, Y)
-
-        return func
-
-    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
-        M = T.int64()
-        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-        SC = T.match_buffer(sc, (T.int64(O),), F32)
-        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
-        BI = T.match_buffer(bi, (T.int64(O),), F32)
-        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        make(aff_value, SC, BI)(XP, P, Y, M, Y)
-
-    if clip is None:
-        return func
-
-    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, res: T.handle, y: T.handle):
-        M = T.int64()
-        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-        SC = T.match_buffer(sc, (T.int64(O),), F32)
-        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
-        BI = T.match_buffer(bi, (T.int64(O),), F32)
-        RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        make(aff_value, SC, BI)(XP, P, Y, M, RES)
-
-    return func
+    return pm1_conv_func(spec, make, packed, clip)

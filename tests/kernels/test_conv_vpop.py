@@ -1,0 +1,163 @@
+"""The flat-im2col W1A1 conv with AVX-512 vector popcounts (``conv_vpop``): bit-exact against the
+numerics on borders (every padding class), stride 2, dilation 2, no padding, batch > 1, a map whose
+pixel count is not a multiple of the vector, all four epilogues; shapes it does not fit fall back to
+the register-blocked kernel, and CPUs without ``avx512vpopcntdq`` never get it."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from bitcompiler.kernels import ConvSpec, conv2d_kernel, conv_vpop
+from bitcompiler.kernels.dense_avx2 import popcnt512_target
+from bitcompiler.quant import numerics as nu
+from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, host_target, random_codes
+
+needs_vpopcnt = pytest.mark.skipif(
+    not popcnt512_target(host_target()), reason="the host CPU has no avx512vpopcntdq"
+)
+ICELAKE = {"kind": "llvm", "mcpu": "icelake-server"}
+
+CASES = [
+    # c, o, h, w, kernel, stride, padding, dilation
+    (64, 16, 7, 7, 3, 1, 1, 1),  # 49 pixels: the last vector overlaps the one before
+    (256, 32, 14, 14, 3, 1, 1, 1),  # the benchmark's map: 9 border classes
+    (64, 24, 8, 6, 3, 2, 1, 1),  # stride 2, 3 blocks of 8 channels
+    (128, 8, 9, 9, 3, 1, 0, 1),  # no padding: one class, no correction
+    (64, 16, 10, 10, 3, 1, 2, 2),  # dilation 2, padding 2
+    (64, 8, 4, 5, 1, 1, 0, 1),  # 1x1 kernel, 20 pixels
+    (64, 16, 6, 6, 3, 2, 2, 1),  # padding wider than the stride: taps outside on both sides
+]
+
+
+def _spec(case, threshold):
+    c, o, h, w, k, s, p, d = case
+    return ConvSpec(c, o, h, w, (k, k), (s, s), (p, p), (d, d), 1, 1, "pm1", "binary", False, threshold)
+
+
+def _reference(spec, x, planes, kw):
+    return nu.bit_conv2d(
+        x, planes, spec.in_channels, spec.kernel, "pm1", "binary",
+        stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=1, **kw,
+    )  # fmt: skip
+
+
+def _planes(spec, g):
+    k = spec.kernel
+    return nu.conv_codes_to_planes(random_codes((spec.out_channels, spec.cg, *k), 1, "pm1", g), 1, "pm1")
+
+
+@needs_vpopcnt
+@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_vpop_conv_is_exact(case, threshold):
+    spec = _spec(case, threshold)
+    assert conv_vpop.fits(spec)
+    g = torch.Generator().manual_seed(sum(case))
+    run = build(conv_vpop.vpop_conv_func(spec))
+    planes = _planes(spec, g)
+    ep, kw = epilogue_params(spec.out_channels, threshold, g, False, spec.reduction // 4)
+    if threshold:
+        kw.update(
+            scale=torch.ones(spec.out_channels),
+            offset=torch.zeros(spec.out_channels),
+            bias=torch.zeros(spec.out_channels),
+        )
+    for m in (1, 3):
+        x = torch.randn(m, spec.in_channels, spec.in_h, spec.in_w, generator=g)
+        x[0, :, 0, 0] = 0.0  # sign(0) = +1
+        shape = (m, spec.out_channels, spec.out_h, spec.out_w)
+        (y,) = run(act_inputs(x, "binary", 1) + [planes] + ep, [(shape, "float32")])
+        ref = _reference(spec, x, planes, kw)
+        if threshold:
+            assert np.array_equal(y, ref.numpy())
+        else:
+            assert_close(y, ref)
+
+
+@needs_vpopcnt
+def test_vpop_conv_accumulators_are_exact_integers():
+    """Unit scale, zero bias: the float output is the integer accumulator itself, bit for bit."""
+    spec = _spec((256, 32, 14, 14, 3, 1, 1, 1), False)
+    g = torch.Generator().manual_seed(3)
+    planes = _planes(spec, g)
+    o = spec.out_channels
+    ep = [torch.ones(o), torch.zeros(o), torch.zeros(o)]
+    x = torch.randn(2, spec.in_channels, 14, 14, generator=g)
+    (y,) = build(conv_vpop.vpop_conv_func(spec))(
+        act_inputs(x, "binary", 1) + [planes] + ep, [((2, o, 14, 14), "float32")]
+    )
+    ref = _reference(spec, x, planes, {"scale": ep[0], "offset": ep[1], "bias": ep[2]})
+    assert np.array_equal(y, ref.numpy()) and np.all(y == np.round(y))
+
+
+@needs_vpopcnt
+@pytest.mark.parametrize("case", [(64, 32, 9, 9, 3, 1, 1, 1), (256, 64, 8, 8, 3, 2, 1, 1)])
+def test_vpop_packed_output(case):
+    spec = _spec(case, True)
+    o = spec.out_channels
+    g = torch.Generator().manual_seed(sum(case))
+    planes = _planes(spec, g)
+    ts = torch.randint(-1, 2, (o,), generator=g).to(torch.int32)
+    th = torch.randint(-20, 21, (o,), generator=g).to(torch.int32)
+    run = build(conv_vpop.vpop_conv_func(spec, packed=True))
+    for m in (1, 2):
+        x = torch.randn(m, spec.in_channels, spec.in_h, spec.in_w, generator=g)
+        (y,) = run(
+            act_inputs(x, "binary", 1) + [planes, ts, th],
+            [((m, spec.out_h, spec.out_w, 1, o // 32), "int32")],
+        )
+        kw = {
+            "scale": torch.ones(o),
+            "offset": torch.zeros(o),
+            "bias": torch.zeros(o),
+            "thr_sign": ts,
+            "thr": th,
+        }
+        assert np.array_equal(y, act_inputs(_reference(spec, x, planes, kw), "binary", 1)[0].numpy())
+
+
+@needs_vpopcnt
+def test_vpop_residual_epilogue():
+    spec = _spec((64, 16, 9, 9, 3, 1, 1, 1), False)
+    g = torch.Generator().manual_seed(5)
+    planes = _planes(spec, g)
+    ep, kw = epilogue_params(16, False, g, False, spec.reduction // 4)
+    run = build(conv_vpop.vpop_conv_func(spec, clip=(-1.0, 1.0)))
+    x = torch.randn(2, 64, 9, 9, generator=g)
+    res = torch.randn(2, 16, 9, 9, generator=g)
+    (y,) = run(act_inputs(x, "binary", 1) + [planes] + ep + [res], [((2, 16, 9, 9), "float32")])
+    assert_close(y, torch.nn.functional.hardtanh(_reference(spec, x, planes, kw) + res, -1.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "case, why",
+    [
+        ((96, 8, 8, 8, 3, 1, 1, 1), "odd 32-bit words per tap"),
+        ((64, 12, 8, 8, 3, 1, 1, 1), "output channels not a multiple of 8"),
+        ((64, 8, 2, 3, 3, 1, 1, 1), "fewer pixels than a vector"),
+        ((64, 8, 12, 12, 5, 1, 2, 1), "25 border classes"),
+    ],
+)
+def test_shapes_it_does_not_fit_fall_back(case, why):
+    spec = _spec(case, False)
+    assert not conv_vpop.fits(spec), why
+    with pytest.raises(ValueError, match="does not fit"):
+        conv_vpop.vpop_conv_func(spec)
+    asm = _asm(conv2d_kernel(spec, target=ICELAKE), ICELAKE)
+    assert "vpermi2q" not in asm and "vpermt2q" not in asm  # the register-blocked kernel
+
+
+def _asm(func, target):
+    return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target)).mod.inspect_source("s")
+
+
+def test_chosen_only_with_vector_popcounts():
+    spec = _spec((256, 32, 14, 14, 3, 1, 1, 1), False)
+    asm = _asm(conv2d_kernel(spec, target=ICELAKE), ICELAKE)
+    assert re.search(r"vperm[it]2q", asm) and re.search(r"vpopcntq\s.*%zmm", asm)
+    assert "vpternlog" not in asm.split("vpopcntq", 1)[0][-2000:]  # plain XOR before the popcounts
+    znver3 = {"kind": "llvm", "mcpu": "znver3"}
+    assert not re.search(r"vperm[it]2q", _asm(conv2d_kernel(spec, target=znver3), znver3))
