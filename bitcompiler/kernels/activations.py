@@ -16,7 +16,8 @@ so every channel plane is read contiguously, whole cache lines at a time (readin
 pixel strides by H*W floats per bit and thrashes the cache: 15x slower at 64x32x32; 8 pixels, half a
 line, left 32 planes 4 KiB apart evicting each other between the two halves: 4x slower than 32),
 parallel over the batch and image rows. The int8 quantizer reduces ``max|x|`` with an 8-lane rfactor (vectorized ``vmaxps``), then
-divides/rounds/clamps vectorized, parallel over the batch. Rounding uses ``nearbyint`` (the
+divides/rounds/clamps vectorized, parallel over the batch where one row has ``PARALLEL_MIN``
+elements (:mod:`bitcompiler.kernels._common`; below, on one thread). Rounding uses ``nearbyint`` (the
 default round-half-to-even mode), matching ``torch.round``; ``x / s`` is a true float32 division
 as in the reference, not a multiplication by the reciprocal.
 """
@@ -28,7 +29,15 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels._common import batch_var, i64, largest_divisor, or_reducer, shape64, target_kind
+from bitcompiler.kernels._common import (
+    PARALLEL_MIN,
+    batch_var,
+    i64,
+    largest_divisor,
+    or_reducer,
+    shape64,
+    target_kind,
+)
 from bitcompiler.quant.numerics import EPS, num_words
 
 F32 = "float32"
@@ -109,6 +118,9 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
     XQ = te.compute(shape64(M, *rest), lambda m, *idx: int8_round(X[(m, *idx)], XS[m]), name="XQ")
     func = te.create_prim_func([X, XQ, XS])
     if target_kind(target) == "llvm":
+        # rows in parallel where one row is work enough (PARALLEL_MIN): the rows are the batch (or
+        # a batch of tokens), unknown here, and a few thousand elements take under a microsecond
+        threads = n >= PARALLEL_MIN
         sch = s_tir.Schedule(func)
         b = sch.get_sblock("amax")
         _m, kk = sch.get_loops(b)
@@ -119,7 +131,8 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
             rl = sch.get_loops(rf)  # m, ko, ki
             sch.reorder(rl[0], rl[1], rl[2])
             sch.vectorize(rl[2])
-            sch.parallel(rl[0])
+            if threads:
+                sch.parallel(rl[0])
             sch.decompose_reduction(rf, rl[1])
         qb = sch.get_sblock("XQ")
         loops = sch.get_loops(qb)
@@ -128,7 +141,8 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
         if vq > 1:
             _, vi = sch.split(inner, [None, vq])
             sch.vectorize(vi)
-        sch.parallel(loops[0])
+        if threads:
+            sch.parallel(loops[0])
         func = sch.mod["main"]
     return func.with_attr("global_symbol", "main")
 

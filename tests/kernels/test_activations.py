@@ -1,10 +1,13 @@
 """Activation quantizers: packed words and int8 codes exactly equal to numerics."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from bitcompiler.kernels import pack_sign_nchw, pack_sign_rows, quantize_rows_int8
+from bitcompiler.kernels._common import PARALLEL_MIN
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, build
 
@@ -21,9 +24,12 @@ def test_pack_sign_rows(k):
         assert np.array_equal(y, nu.pack_bits((nu.sign(x) > 0).long()).numpy())
 
 
-@pytest.mark.parametrize("rest", [(40,), (3, 5, 4), (7,)])
+@pytest.mark.parametrize("rest", [(40,), (3, 5, 4), (7,), (256, 256)])
 def test_quantize_rows_int8(rest):
-    run = build(quantize_rows_int8(rest))
+    func = quantize_rows_int8(rest)
+    # rows on threads only where one row is PARALLEL_MIN elements (a launch costs more than less)
+    assert ("T.parallel(" in func.script()) == (math.prod(rest) >= PARALLEL_MIN)
+    run = build(func)
     g = torch.Generator().manual_seed(len(rest))
     for m in (1, 5):
         x = torch.randn(m, *rest, generator=g) * 3
