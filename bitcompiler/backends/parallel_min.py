@@ -21,22 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from bitcompiler.kernels._common import PARALLEL_MIN
-
-
-def work(func: tirx.PrimFunc) -> int:
-    """Block instances of ``func`` summed over its blocks; a symbolic extent counts as one."""
-    infos = normalize_prim_func(s_tir.Schedule(func))
-    total = 0
-    for info in infos or []:
-        n = 1
-        for it in info.iters:
-            n *= it.dom if isinstance(it.dom, int) else 1
-        total += n
-    return total
+from bitcompiler.kernels._common import PARALLEL_MIN, work
 
 
 def without_parallel(func: tirx.PrimFunc, sch: s_tir.Schedule) -> s_tir.Schedule:
