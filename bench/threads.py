@@ -95,6 +95,7 @@ def scaling_row(name: str, cm, x: torch.Tensor, exact: bool = True) -> dict:
         "t1_ms": 1e3 * statistics.median(times["t1"]),
         "t2_ms": 1e3 * statistics.median(times["t2"]),
         "speedup": ratio(times, "t1", "t2"),
+        "load_1min": os.getloadavg()[0],  # a second thread pays only where a core is free for it
     }
 
 
@@ -173,6 +174,11 @@ def markdown(rows: list[dict]) -> list[str]:
             if r["kind"] == "threads"
         ],
     )
+    for r in rows:
+        if r["kind"] == "threads" and "load_1min" in r:
+            lines.append(
+                f"- {r['bench']}, batch {r['batch']}: load average (1 min) {r['load_1min']:.1f} on 2 cores"
+            )
     for r in rows:
         if r["kind"] == "overhead":
             lines.append(
