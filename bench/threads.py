@@ -1,6 +1,7 @@
 """Thread scaling and whole-call overhead, each pair timed alternately in one process.
 
-* 2 threads against 1 on the same compiled model: the process starts TVM's pool with
+* 2 threads against 1 on the same compiled model (the W1A1 4096² layer, binary ResNet-18 and
+  the MLP-Mixer of ``bench.models``): the process starts TVM's pool with
   ``TVM_NUM_THREADS=2`` and switches it between 1 and 2 threads (``bc.set_num_threads``) before
   each round, so both sides see the same machine load. torch runs on one thread here (it only
   computes the references).
@@ -67,8 +68,15 @@ def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
-def scaling_row(name: str, cm, x: torch.Tensor) -> dict:
-    assert torch.equal(cm(x), cm.reference(x)), f"{name}: compiled output differs from the reference"
+def scaling_row(name: str, cm, x: torch.Tensor, exact: bool = True) -> dict:
+    """``cm(x)`` at 2 threads against 1; the output equal to the reference (``exact``) or within
+    1e-5 relative (a model with float ops Relax computes in another order, e.g. an MLP-Mixer)."""
+    got, want = cm(x), cm.reference(x)
+    if exact:
+        assert torch.equal(got, want), f"{name}: compiled output differs from the reference"
+    else:
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err <= 1e-5, f"{name}: compiled output {err:.2g} from the reference (relative)"
 
     def threads(n: int):
         def apply() -> None:
@@ -87,6 +95,7 @@ def scaling_row(name: str, cm, x: torch.Tensor) -> dict:
         "t1_ms": 1e3 * statistics.median(times["t1"]),
         "t2_ms": 1e3 * statistics.median(times["t2"]),
         "speedup": ratio(times, "t1", "t2"),
+        "load_1min": os.getloadavg()[0],  # a second thread pays only where a core is free for it
     }
 
 
@@ -143,6 +152,8 @@ def main() -> None:
     resnet = zoo.randomized(zoo.ResNet18())
     cm = bc.compile(resnet, (torch.randn(1, 3, 32, 32),), scheme="binary:act=binary")
     rows.append(scaling_row("ResNet-18 (CIFAR)", cm, torch.randn(1, 3, 32, 32)))
+    mixer = bc.compile(zoo.MLPMixer().eval(), (torch.randn(1, 3, 32, 32),), scheme="binary:act=binary")
+    rows.append(scaling_row("MLP-Mixer", mixer, torch.randn(1, 3, 32, 32), exact=False))
     print(json.dumps(rows))
 
 
@@ -163,6 +174,11 @@ def markdown(rows: list[dict]) -> list[str]:
             if r["kind"] == "threads"
         ],
     )
+    for r in rows:
+        if r["kind"] == "threads" and "load_1min" in r:
+            lines.append(
+                f"- {r['bench']}, batch {r['batch']}: load average (1 min) {r['load_1min']:.1f} on 2 cores"
+            )
     for r in rows:
         if r["kind"] == "overhead":
             lines.append(

@@ -3,7 +3,8 @@
 TVM 0.27's CPU dlight rules cover GEMV and reductions only; element-wise ops (residual adds,
 clips, GELU, transposes) otherwise run as unscheduled scalar loops -- a 64x32x32 clip took
 57 µs instead of a few. ``Injective`` inlines producers, vectorizes the static trailing loops and
-runs the rest in parallel when the op is big enough for threads to pay.
+runs the rest in parallel (the CPU pipeline keeps an op too small for threads to pay on one thread:
+:mod:`bitcompiler.backends.parallel_min`).
 
 A transpose of the last two axes (``x.transpose(1, 2)`` of an MLP-Mixer's token-mixing block, also
 fused with a residual add) reads with a stride along the output's vectors: it is tiled instead, 16 x
@@ -20,8 +21,6 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
-
-PARALLEL_MIN = 16384  # elements below which a thread pool costs more than it saves
 
 
 class Injective(CPUScheduleRule):
@@ -63,7 +62,7 @@ class Injective(CPUScheduleRule):
                     outer.append(rest)
                 else:
                     outer.append(inner)
-            if outer and (first_static > 0 or n_static >= PARALLEL_MIN):
+            if outer:
                 sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return sch
 
@@ -86,10 +85,5 @@ def _tile_transpose(sch: s_tir.Schedule, block: Any, loops: list) -> bool:
     sch.reorder(ro, co, ci, ri)
     sch.unroll(ci)
     sch.vectorize(ri)
-    sizes = [get_extent(sch, loop) for loop in loops[:-2]]
-    n = extents[0] * extents[1]
-    for e in sizes:
-        n = n * e if isinstance(e, int) else PARALLEL_MIN  # a dynamic batch: threads may pay
-    if n >= PARALLEL_MIN:
-        sch.parallel(sch.fuse(*loops[:-2], ro, co))
+    sch.parallel(sch.fuse(*loops[:-2], ro, co))
     return True

@@ -41,8 +41,9 @@ def _contiguous_sum(sch: s_tir.Schedule, info: Any, lanes: int) -> bool:
 
 
 class LaneReduction(CPUScheduleRule):
-    """Row reductions with vector partial sums: the rows in parallel, every block of a row
-    computed under the row's loop, element-wise blocks vectorized."""
+    """Row reductions with vector partial sums: the rows in parallel (the CPU pipeline keeps a small
+    one on one thread: :mod:`bitcompiler.backends.parallel_min`), every block of a row computed
+    under the row's loop, element-wise blocks vectorized."""
 
     def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):

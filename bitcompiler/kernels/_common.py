@@ -12,6 +12,35 @@ import tvm
 from tvm import te, tirx
 
 WORD_DTYPE = "int32"
+# The work (elements written, or multiply-adds) below which a kernel runs on the calling thread: a
+# parallel loop is a launch of TVM's thread pool (a few µs with the workers spinning on idle cores,
+# far more when a worker waits for a core another process holds), more than a second thread saves
+# on 1-5 µs of work. A GELU over 64 x 1024 floats (26 µs) stays parallel; a LayerNorm, a residual
+# add or a transpose over 64 x 256 floats (1-5 µs) does not.
+PARALLEL_MIN = 65536
+
+
+def work(func: tirx.PrimFunc) -> int:
+    """The work of an unscheduled ``func`` for :data:`PARALLEL_MIN`: its blocks' instances (elements
+    written, times the reduction's extent for a reduction) summed, a symbolic extent (the batch,
+    unknown when the kernel is built) counted as one."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    total = 0
+    for info in normalize_prim_func(s_tir.Schedule(func)) or []:
+        n = 1
+        for it in info.iters:
+            n *= it.dom if isinstance(it.dom, int) else 1
+        total += n
+    return total
+
+
+def threads_pay(func: tirx.PrimFunc) -> bool:
+    """Whether a parallel loop pays in ``func`` (unscheduled): :func:`work` of ``PARALLEL_MIN`` or more."""
+    return work(func) >= PARALLEL_MIN
+
+
 _Builder = TypeVar("_Builder", bound=Callable[..., Any])
 
 

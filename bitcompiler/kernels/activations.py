@@ -16,7 +16,9 @@ so every channel plane is read contiguously, whole cache lines at a time (readin
 pixel strides by H*W floats per bit and thrashes the cache: 15x slower at 64x32x32; 8 pixels, half a
 line, left 32 planes 4 KiB apart evicting each other between the two halves: 4x slower than 32),
 parallel over the batch and image rows. The int8 quantizer reduces ``max|x|`` with an 8-lane rfactor (vectorized ``vmaxps``), then
-divides/rounds/clamps vectorized, parallel over the batch. Rounding uses ``nearbyint`` (the
+divides/rounds/clamps vectorized, parallel over the batch. Each runs on one thread where one
+sample is less work than ``PARALLEL_MIN`` (:func:`bitcompiler.kernels._common.threads_pay`: a
+parallel launch costs more than it saves). Rounding uses ``nearbyint`` (the
 default round-half-to-even mode), matching ``torch.round``; ``x / s`` is a true float32 division
 as in the reference, not a multiplication by the reciprocal.
 """
@@ -28,7 +30,15 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels._common import batch_var, i64, largest_divisor, or_reducer, shape64, target_kind
+from bitcompiler.kernels._common import (
+    batch_var,
+    i64,
+    largest_divisor,
+    or_reducer,
+    shape64,
+    target_kind,
+    threads_pay,
+)
 from bitcompiler.quant.numerics import EPS, num_words
 
 F32 = "float32"
@@ -62,7 +72,8 @@ def pack_sign_rows(k: int, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
         sch = s_tir.Schedule(func)
         b = sch.get_sblock("XP")
         m, _w, jj = sch.get_loops(b)
-        sch.parallel(m)
+        if threads_pay(func):  # one sample of PARALLEL_MIN sign bits (see quantize_rows_int8)
+            sch.parallel(m)
         sch.unroll(jj)
         func = sch.mod["main"]
     return func.with_attr("global_symbol", "main")
@@ -109,6 +120,9 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
     XQ = te.compute(shape64(M, *rest), lambda m, *idx: int8_round(X[(m, *idx)], XS[m]), name="XQ")
     func = te.create_prim_func([X, XQ, XS])
     if target_kind(target) == "llvm":
+        # rows in parallel where one row is work enough (PARALLEL_MIN): the rows are the batch (or
+        # a batch of tokens), unknown here, and a few thousand elements take under a microsecond
+        threads = threads_pay(func)
         sch = s_tir.Schedule(func)
         b = sch.get_sblock("amax")
         _m, kk = sch.get_loops(b)
@@ -119,7 +133,8 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
             rl = sch.get_loops(rf)  # m, ko, ki
             sch.reorder(rl[0], rl[1], rl[2])
             sch.vectorize(rl[2])
-            sch.parallel(rl[0])
+            if threads:
+                sch.parallel(rl[0])
             sch.decompose_reduction(rf, rl[1])
         qb = sch.get_sblock("XQ")
         loops = sch.get_loops(qb)
@@ -128,7 +143,8 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
         if vq > 1:
             _, vi = sch.split(inner, [None, vq])
             sch.vectorize(vi)
-        sch.parallel(loops[0])
+        if threads:
+            sch.parallel(loops[0])
         func = sch.mod["main"]
     return func.with_attr("global_symbol", "main")
 
@@ -174,8 +190,9 @@ def pack_sign_nchw(c: int, h: int, w: int, groups: int, target: str | dict | Any
             so, si = sch.split(sch.fuse(y, x), [None, v])
             sch.reorder(m, so, g, wd, si)
             sch.vectorize(si)
-            sch.parallel(sch.fuse(m, so))
-        else:
+            if threads_pay(func):  # one sample of PARALLEL_MIN words (see quantize_rows_int8)
+                sch.parallel(sch.fuse(m, so))
+        elif threads_pay(func):
             sch.parallel(sch.fuse(m, y))
         func = sch.mod["main"]
     return func.with_attr("global_symbol", "main")

@@ -32,6 +32,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from bitcompiler.kernels._common import PARALLEL_MIN
 from bitcompiler.kernels.dense_avx2 import F32, U8, _bc, _epilogue, _tree_sum
 from bitcompiler.kernels.spec import DenseSpec
 
@@ -80,12 +81,33 @@ def _int8_entry(spec: DenseSpec, body: Any, w_shape: tuple, w_dtype: str) -> tir
 
 
 def _row_sums(spec: DenseSpec, nb: int, chunks: int, step: int, dot: Any, tail: Any, acc_of: Any) -> Any:
-    """The int8 kernels' loop nest as a macro ``rows(W, X, WT, XQ, XS, Y, E0, E1, E2, M)``: parallel
-    over blocks of ``nb`` output rows, per batch row ``int32x8`` partial sums of ``dot(W, X, n, m, c)``
+    """The int8 kernels' loop nest as a macro ``rows(W, X, WT, XQ, XS, Y, E0, E1, E2, M)``: over
+    blocks of ``nb`` output rows (in parallel from ``PARALLEL_MIN`` multiply-adds), per batch row ``int32x8`` partial sums of ``dot(W, X, n, m, c)``
     over ``chunks`` chunks of ``step`` inputs (in registers), their horizontal sum, the scalar tail
     ``tail(WT, n, k) * XQ[m, k]`` for ``k >= chunks * step``, and the epilogue of
     ``acc_of(sum, sumx)`` (``sumx = sum_k XQ[m, k]``)."""
     K, N = spec.in_features, spec.out_features
+
+    @T.macro
+    def row_block(W, X, WT, XQ, XS, Y, E0, E1, E2, M, SX, no):
+        for m in range(M):
+            # "global" scope: a stack array LLVM keeps in registers (see dense.py's docstring)
+            a32 = T.alloc_buffer((nb * 8,), "int32", scope="global")
+            red = T.alloc_buffer((nb,), "int32", scope="global")
+            for r in T.unroll(nb):
+                a32[T.ramp(r * 8, 1, 8)] = _bc(0, "int32", 8)
+            for c in range(T.int64(chunks)):
+                for r in T.unroll(nb):
+                    a32[T.ramp(r * 8, 1, 8)] = a32[T.ramp(r * 8, 1, 8)] + dot(W, X, no * nb + r, m, c)
+            for r in T.unroll(nb):
+                red[r] = 0
+                for lane in range(8):
+                    red[r] = red[r] + a32[r * 8 + lane]
+                for k in range(T.int64(chunks * step), T.int64(K)):
+                    red[r] = red[r] + tail(WT, no * nb + r, k) * T.Cast("int32", XQ[m, k])
+                Y[m, no * nb + r] = _epilogue(
+                    spec, acc_of(red[r], SX[m]), SX[m], XS[m], no * nb + r, E0, E1, E2
+                )
 
     @T.macro
     def rows(W, X, WT, XQ, XS, Y, E0, E1, E2, M):
@@ -94,25 +116,14 @@ def _row_sums(spec: DenseSpec, nb: int, chunks: int, step: int, dot: Any, tail: 
             SX[m] = 0
             for k in range(T.int64(K)):
                 SX[m] = SX[m] + T.Cast("int32", XQ[m, k])
-        for no in T.parallel(T.int64(N // nb)):
-            for m in range(M):
-                # "global" scope: a stack array LLVM keeps in registers (see dense.py's docstring)
-                a32 = T.alloc_buffer((nb * 8,), "int32", scope="global")
-                red = T.alloc_buffer((nb,), "int32", scope="global")
-                for r in T.unroll(nb):
-                    a32[T.ramp(r * 8, 1, 8)] = _bc(0, "int32", 8)
-                for c in range(T.int64(chunks)):
-                    for r in T.unroll(nb):
-                        a32[T.ramp(r * 8, 1, 8)] = a32[T.ramp(r * 8, 1, 8)] + dot(W, X, no * nb + r, m, c)
-                for r in T.unroll(nb):
-                    red[r] = 0
-                    for lane in range(8):
-                        red[r] = red[r] + a32[r * 8 + lane]
-                    for k in range(T.int64(chunks * step), T.int64(K)):
-                        red[r] = red[r] + tail(WT, no * nb + r, k) * T.Cast("int32", XQ[m, k])
-                    Y[m, no * nb + r] = _epilogue(
-                        spec, acc_of(red[r], SX[m]), SX[m], XS[m], no * nb + r, E0, E1, E2
-                    )
+        # threads only for work they pay for (PARALLEL_MIN): a 256 x 10 classifier at batch 1 is
+        # 2,560 multiply-adds, under a microsecond
+        if M * T.int64(K * N) >= T.int64(PARALLEL_MIN):
+            for no in T.parallel(T.int64(N // nb)):
+                row_block(W, X, WT, XQ, XS, Y, E0, E1, E2, M, SX, no)
+        else:
+            for no in range(T.int64(N // nb)):
+                row_block(W, X, WT, XQ, XS, Y, E0, E1, E2, M, SX, no)
 
     return rows
 

@@ -14,6 +14,9 @@ whole 64-bit words.
   takes a few).
 * ``MB`` batch rows share each weight vector (one load, ``MB`` XOR-popcount-adds against each
   row's broadcast word); their counts stay in registers.
+* Row groups and batch blocks run in parallel where the call has ``PARALLEL_MIN`` words of work
+  (batch rows x N x K/64, decided per call); below, a serial copy of the same nest runs on the
+  calling thread (an MLP-Mixer's 64 -> 128 token layer over 256 rows: 32,768 words, 6 µs).
 
 ``acc = K - 2 * popcount`` exactly as :func:`bitcompiler.quant.numerics.bit_linear` defines it for
 pm1 weights and binary activations; the epilogue is the rows-in-lanes kernel's (same numbers).
@@ -34,6 +37,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from bitcompiler.kernels import finite
+from bitcompiler.kernels._common import PARALLEL_MIN
 from bitcompiler.kernels.spec import DenseSpec
 from bitcompiler.kernels.template import Choose, Template, scheduled
 
@@ -115,6 +119,15 @@ def vpop_func(spec: DenseSpec) -> tirx.PrimFunc:
         one, block = make(out_value, 1), make(out_value, MB)
 
         @T.macro
+        def blocks(name, X64, WT, Y, E0, E1, M):
+            for mo, g in T.grid((M + MB - 1) // MB, T.int64(G)):
+                with T.sblock(name):
+                    vmo, vg = T.axis.remap("SS", [mo, g])
+                    T.reads(WT[vg, 0:KW, 0:R], X64[0:M, 0:KW], E0[0:N], E1[0:N])
+                    T.writes(Y[0:M, vg * R : vg * R + R])
+                    block(X64, WT, Y, E0, E1, M, vmo, vg)
+
+        @T.macro
         def body(X, WT, Y, M, E0, E1):
             XP = T.alloc_buffer((M, T.int64(K // 8)), "uint8")
             # 0 (as 0.0 too) x 8, -1 x 8, the exponent field x 8
@@ -143,13 +156,10 @@ def vpop_func(spec: DenseSpec) -> tirx.PrimFunc:
                         T.reads(WT[vg, 0:KW, 0:R], X64[0, 0:KW], E0[0:N], E1[0:N])
                         T.writes(Y[0, vg * R : vg * R + R])
                         one(X64, WT, Y, E0, E1, M, T.int64(0), vg)
-            else:
-                for mo, g in T.grid((M + MB - 1) // MB, T.int64(G)):
-                    with T.sblock("rows"):
-                        vmo, vg = T.axis.remap("SS", [mo, g])
-                        T.reads(WT[vg, 0:KW, 0:R], X64[0:M, 0:KW], E0[0:N], E1[0:N])
-                        T.writes(Y[0:M, vg * R : vg * R + R])
-                        block(X64, WT, Y, E0, E1, M, vmo, vg)
+            elif M * T.int64(N * KW) >= T.int64(PARALLEL_MIN):  # the block the schedule parallelizes
+                blocks("rows", X64, WT, Y, E0, E1, M)
+            else:  # too few words for a parallel launch to pay (PARALLEL_MIN): the calling thread
+                blocks("rows_serial", X64, WT, Y, E0, E1, M)
 
         return body
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels._common import batch_var, largest_divisor, shape64, target_kind
+from bitcompiler.kernels._common import batch_var, largest_divisor, shape64, target_kind, threads_pay
 
 F32 = "float32"
 MAX_TAPS = 64  # larger windows: TVM's legalization (a reduction) instead of one unrolled expression
@@ -65,7 +65,7 @@ def _reduce(window: PoolWindow, tap: Any, combine: Any, pad: Any, y: Any, x: Any
 
 
 def _schedule(func: tirx.PrimFunc, name: str, outer: int) -> tirx.PrimFunc:
-    """The first ``outer`` loops in parallel, the rest fused and vectorized where they divide."""
+    """The first ``outer`` loops in parallel (:func:`~bitcompiler.kernels._common.threads_pay`), the rest fused and vectorized where they divide."""
     sch = s_tir.Schedule(func)
     loops = sch.get_loops(sch.get_sblock(name))
     extent = 1
@@ -76,7 +76,8 @@ def _schedule(func: tirx.PrimFunc, name: str, outer: int) -> tirx.PrimFunc:
         sch.vectorize(sch.split(sch.fuse(*loops[outer:]), [None, lanes])[1])
     else:  # e.g. 3x3 outputs: plain nested loops, the innermost unrolled (no divisions)
         sch.unroll(loops[-1])
-    sch.parallel(sch.fuse(*loops[:outer]))
+    if threads_pay(func):  # one sample of PARALLEL_MIN outputs (a launch costs more than less saves)
+        sch.parallel(sch.fuse(*loops[:outer]))
     return sch.mod["main"]
 
 

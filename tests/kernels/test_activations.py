@@ -1,17 +1,22 @@
 """Activation quantizers: packed words and int8 codes exactly equal to numerics."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from bitcompiler.kernels import pack_sign_nchw, pack_sign_rows, quantize_rows_int8
+from bitcompiler.kernels._common import PARALLEL_MIN
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, build
 
 
-@pytest.mark.parametrize("k", [64, 37, 5])
+@pytest.mark.parametrize("k", [64, 37, 5, 70000])
 def test_pack_sign_rows(k):
-    run = build(pack_sign_rows(k))
+    func = pack_sign_rows(k)
+    assert ("T.parallel(" in func.script()) == (32 * nu.num_words(k) >= PARALLEL_MIN)  # 70000 only
+    run = build(func)
     g = torch.Generator().manual_seed(k)
     for m in (1, 5):
         x = torch.randn(m, k, generator=g)
@@ -21,9 +26,12 @@ def test_pack_sign_rows(k):
         assert np.array_equal(y, nu.pack_bits((nu.sign(x) > 0).long()).numpy())
 
 
-@pytest.mark.parametrize("rest", [(40,), (3, 5, 4), (7,)])
+@pytest.mark.parametrize("rest", [(40,), (3, 5, 4), (7,), (256, 256)])
 def test_quantize_rows_int8(rest):
-    run = build(quantize_rows_int8(rest))
+    func = quantize_rows_int8(rest)
+    # rows on threads only where one row is PARALLEL_MIN work (a launch costs more than less saves)
+    assert ("T.parallel(" in func.script()) == (2 * math.prod(rest) + 1 >= PARALLEL_MIN)
+    run = build(func)
     g = torch.Generator().manual_seed(len(rest))
     for m in (1, 5):
         x = torch.randn(m, *rest, generator=g) * 3
@@ -46,10 +54,21 @@ def test_quantize_rounds_half_to_even():
 
 @pytest.mark.parametrize(
     "c, h, w, groups",
-    [(6, 3, 4, 1), (40, 2, 3, 2), (8, 3, 3, 8), (70, 2, 2, 1), (70, 3, 14, 1), (96, 2, 7, 3)],
+    [
+        (6, 3, 4, 1),
+        (40, 2, 3, 2),
+        (8, 3, 3, 8),
+        (70, 2, 2, 1),
+        (70, 3, 14, 1),
+        (96, 2, 7, 3),
+        (3, 256, 256, 1),
+    ],
 )
 def test_pack_sign_nchw(c, h, w, groups):
-    run = build(pack_sign_nchw(c, h, w, groups))
+    func = pack_sign_nchw(c, h, w, groups)
+    # threads where one sample is PARALLEL_MIN words (65,536: 256 x 256 pixels of one word)
+    assert ("T.parallel(" in func.script()) == (h * w * groups * nu.num_words(c // groups) >= PARALLEL_MIN)
+    run = build(func)
     g = torch.Generator().manual_seed(c)
     for m in (1, 3):
         x = torch.randn(m, c, h, w, generator=g)

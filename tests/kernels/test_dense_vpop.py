@@ -60,6 +60,15 @@ def test_vpop_matches_reference_and_the_lanes_kernel(k, n, threshold):
             assert np.array_equal(y, y_lanes)
 
 
+def test_vpop_runs_batches_of_few_words_on_the_calling_thread():
+    """Batch rows x N x K/64 words below PARALLEL_MIN take a serial copy of the batched nest (the
+    test above runs both: 256 x 256 at batch 64 is 65,536 words, at batch 5 far fewer)."""
+    text = vpop_kernel(DenseSpec(64, 128, 1, "pm1", "binary", False, False)).script()
+    assert "M * T.int64(128) >= T.int64(65536)" in text and 'T.sblock("rows_serial' in text
+    serial = text.split('T.sblock("rows_serial')[0].rsplit("else:", 1)[1]
+    assert "T.parallel(" not in serial
+
+
 def test_vpop_accumulator_is_exact_at_the_extremes():
     """Unit scales, zero bias: the output is K - 2*popcount exactly, K where every bit agrees and -K
     where none does."""

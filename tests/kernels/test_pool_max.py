@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import tvm
 
 from bitcompiler import kernels
+from bitcompiler.kernels._common import PARALLEL_MIN
 
 # (h, w, kernel, stride, padding, dilation, ceil_mode)
 WINDOWS = [
@@ -15,6 +16,7 @@ WINDOWS = [
     (7, 7, 2, 2, 0, 1, False),
     (7, 7, 3, 2, 1, 1, True),
     (9, 8, 3, 1, 1, 2, False),
+    (82, 82, 2, 2, 0, 1, False),  # 40 x 41 x 41 outputs a sample: the one in parallel (PARALLEL_MIN)
 ]
 
 
@@ -35,7 +37,9 @@ def run(prim, x: np.ndarray, out_shape: tuple, dtype: str) -> np.ndarray:
 def test_float_max_pool_equals_torch(case):
     window, x = window_of(*case)
     want = F.max_pool2d(x, *case[2:6], ceil_mode=case[6]).numpy()
-    got = run(kernels.max_pool2d_kernel(40, window), x.numpy(), want.shape, "float32")
+    prim = kernels.max_pool2d_kernel(40, window)
+    assert ("T.parallel(" in prim.script()) == (40 * want.shape[2] * want.shape[3] >= PARALLEL_MIN)
+    got = run(prim, x.numpy(), want.shape, "float32")
     assert np.array_equal(got, want)
 
 

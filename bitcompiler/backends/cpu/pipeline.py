@@ -22,7 +22,10 @@ def relax_pipeline(target: Any) -> Any:
     from bitcompiler.backends.exact_float import no_contraction
     from bitcompiler.backends.fast_math import legalize_map
     from bitcompiler.backends.injective import Injective
+    from bitcompiler.backends.parallel_min import SerialBelow
     from bitcompiler.backends.reduction import LaneReduction
+
+    rules = (dl.cpu.GEMV(), LaneReduction(), dl.cpu.Reduction(), Injective())
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
@@ -38,7 +41,8 @@ def relax_pipeline(target: Any) -> Any:
                 + cpu_generic.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
                 + cpu_generic.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), LaneReduction(), dl.cpu.Reduction(), Injective())]
+                # (each on one thread where its work is too small for a parallel launch to pay)
+                + [dl.ApplyDefaultSchedule(*map(SerialBelow, rules))]
                 + [finite_entry(), batch_one_entry()]
                 + cpu_generic.dataflow_lower_passes(target)
             )
