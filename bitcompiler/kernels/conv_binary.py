@@ -276,16 +276,15 @@ def binary_pm1_func(
             return tirx.Cast(U8, sum(bits[1:], bits[0]))
 
         @T.macro
-        def sign_bytes(Y, YP, M, m, t, v):
-            # the packed signs of the VL pixels of vector v just written to Y
+        def sign_bytes(Y, YP, M, m, t):
+            # the packed signs of the output row just written to Y, 8 pixels a step (one 256-bit
+            # compare per channel), the rest of the row one pixel a step
             YS = T.decl_buffer((M, T.int64(OH), T.int64(OW), T.int64(O // 8)), U8, data=YP.data)
-            if OWP == OW:
-                for l in T.vectorized(T.int64(VL)):
-                    YS[m, t % OH, px(v) + l, t // OH] = sign_byte(Y, m, t, px(v) + l)
-            else:
-                for l in range(T.int64(VL)):
-                    if px(v) + l < OW:
-                        YS[m, t % OH, px(v) + l, t // OH] = sign_byte(Y, m, t, px(v) + l)
+            for j in range(T.int64(OW // 8)):
+                for l in T.vectorized(T.int64(8)):
+                    YS[m, t % OH, j * 8 + l, t // OH] = sign_byte(Y, m, t, j * 8 + l)
+            for l in range(T.int64(OW % 8)):
+                YS[m, t % OH, OW // 8 * 8 + l, t // OH] = sign_byte(Y, m, t, OW // 8 * 8 + l)
 
         @T.macro
         def im2col_row(XV, XK, m, r):
@@ -363,8 +362,8 @@ def binary_pm1_func(
                                 Y[m, t // OH * OB + r, t % OH, px(v) + l] = y_at(
                                     E0, E1, S, RC, PCK, RES, m, t, v, r, l, False
                                 )
-                    if signs:
-                        sign_bytes(Y, YP, M, m, t, v)
+                if signs:
+                    sign_bytes(Y, YP, M, m, t)
 
         @T.macro
         def body(XP, P, Y, M, RES, YP):
