@@ -113,7 +113,8 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, extra: tuple[str, ..
         except Exception:  # noqa: BLE001, S112  (absent when nothing needs it)
             continue
         loops = sch.get_loops(b)
-        sch.parallel(sch.fuse(*loops[:2]))
+        # the padded copy split over its rows too: a stem's 3 channels at batch 1 are 3 tasks
+        sch.parallel(sch.fuse(*loops[: 3 if name == "XZ" else 2]))
     y = sch.get_sblock("Y")
     acc = sch.get_sblock("acc")
     m, o, oh, ow = sch.get_loops(y)
@@ -339,7 +340,7 @@ def _schedule_sumx(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
     vl = largest_divisor(spec.out_w, (8, 4, 2))
     wo, wi = sch.split(ow, [None, vl])
     sch.reorder(m, g, oh, wo, c, kh, kw, wi)
-    sch.parallel(sch.fuse(m, g))
+    sch.parallel(sch.fuse(m, g, oh))  # (groups 1 at batch 1 would be one task)
     if vl > 1:
         sch.vectorize(wi)
     sch.decompose_reduction(b, c)
