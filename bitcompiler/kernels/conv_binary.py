@@ -31,7 +31,9 @@ CPU schedule, ``act="binary"`` with pm1 weights (``binary_pm1_func``, written di
   threshold layer feeding only binary layers writes their **packed input** directly (one byte =
   the 8 channels of a block, ``packed=True``; it replaces the float +-1 output and the packing
   kernel), and an affine layer whose only use is ``hardtanh(conv + residual)`` adds the
-  **residual** and clamps in its epilogue (``clip=(lo, hi)``; replaces an add and a clip kernel).
+  **residual** and clamps in its epilogue (``clip=(lo, hi)``; replaces an add and a clip kernel);
+  with both, that output is written as floats (the next block's residual) and, once each output
+  row is done, its signs packed (the next block's binary input; replaces the packing kernel).
 * One parallel region per call (a TVM launch point): per batch row the tasks build the im2col
   together (split over padded rows), meet at a barrier, take output-channel blocks (each builds
   its tables once, rows inside) and meet again; a kernel with one block or one padded row keeps
