@@ -11,7 +11,13 @@ import bitcompiler as bc
 from bitcompiler.backends.lower import to_relax
 from bitcompiler.capture import export_graph
 from bitcompiler.kernels import ConvSpec
-from bitcompiler.kernels.conv_float import KERNEL_NAME, float_conv_kernel, lanes, relayout_weights
+from bitcompiler.kernels.conv_float import (
+    KERNEL_NAME,
+    float_conv_kernel,
+    lanes,
+    register_block,
+    relayout_weights,
+)
 from tests.conftest import assert_close
 from tests.kernels._util import WORKSPACE, build, llvm_ir_beside_another
 
@@ -88,11 +94,27 @@ def _workspace_allocations(prim) -> int:
 def test_register_block_is_a_stack_array(case: tuple) -> None:
     """The accumulators stay in registers: the block is under 1 KiB and no heap workspace holds it
     (only the zero-padded input copy, when there is padding)."""
-    from bitcompiler.kernels.conv_float import register_block
-
     c, o, h, w, k, p = case
     spec = ConvSpec(c, o, h, w, (k, k), (1, 1), (p, p), (1, 1), 1, 1, "pm1", "float", False, False)
     vb = lanes(spec)
     nv, rh, rw = register_block(spec, vb)
     assert nv * rh * rw * vb * 4 < 1024
     assert _workspace_allocations(float_conv_kernel(spec, bias=True)) == (1 if p else 0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_epilogue_stores_vectors_beside_other_functions(bias: bool) -> None:
+    """Built in one module with other functions (the Relax VM's: LLVM gets no ``noalias``
+    arguments), the epilogue stores each channel's pixels of a register block as one vector instead
+    of one float at a time (reloading the bias before each)."""
+    spec = ConvSpec(3, 64, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "float", False, False)
+    nv, rh, rw = register_block(spec, lanes(spec))
+    assert rw == 8
+    ll = llvm_ir_beside_another(float_conv_kernel(spec, bias=bias))
+    body = next(
+        b
+        for b in ll.split("\ndefine ")[1:]
+        if "@__tvm_parallel_lambda" in b.split("\n", 1)[0] and "fmul" in b
+    )
+    assert "store float" not in body
+    assert body.count("store <8 x float>") == nv * rh * lanes(spec)
