@@ -78,7 +78,7 @@ class CompiledModel:
         self._call_one = getattr(runner, "call_one", None) if simple else None
         # the VM's entries themselves (any batch, batch 1), called from __call__ without a frame
         # between: a batch-1 layer of 25 µs spent 1 µs in the calls around it
-        self._entries = getattr(runner, "entries", None) if simple else None
+        self._entries: Any = getattr(runner, "entries", None)
         # the compiled code raises on NaN or Inf itself (bitcompiler/kernels/finite.py): the short
         # path skips Python's pass over the input, and looks only when a call fails
         self._kernels_check_finite = bool(getattr(runner, "checks_finite", False))
@@ -158,16 +158,9 @@ class CompiledModel:
         return tuple(outs) if self._tuple_output else outs[0]
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
-        if self._entries is not None and len(inputs) == 1:
+        if self._call_one is not None and len(inputs) == 1:
             x = inputs[0]
-            # TVM takes DLPack data only contiguous and 64-byte aligned (call_one copies otherwise)
-            if (
-                type(x) is torch.Tensor
-                and x.is_cpu
-                and not x.requires_grad
-                and x.is_contiguous()
-                and not x.data_ptr() % 64
-            ):
+            if isinstance(x, torch.Tensor) and x.is_cpu and not x.requires_grad:
                 if (
                     not self._kernels_check_finite
                     and x.is_floating_point()
@@ -176,22 +169,16 @@ class CompiledModel:
                 ):
                     self._check_values(inputs)  # raises, naming the first bad sample
                 try:
-                    out = self._entries[x.shape[0] == 1](x)
+                    # TVM takes DLPack data only contiguous and 64-byte aligned: call_one copies others
+                    if x.is_contiguous() and not x.data_ptr() % 64:
+                        out = self._entries[x.shape[0] == 1](x)
+                    else:
+                        out = self._call_one(x)
                 except Exception:
                     self._check(inputs)  # raises, naming what is wrong with the input
                     self._check_values(inputs)  # a kernel found NaN or Inf: name the sample
                     raise
-                return out if type(out) is torch.Tensor else _first(out)
-        if self._call_one is not None and len(inputs) == 1:
-            x = inputs[0]
-            if isinstance(x, torch.Tensor) and x.is_cpu and not x.requires_grad:
-                if x.is_floating_point() and x.numel() and not _all_finite(x):
-                    self._check_values(inputs)  # raises, naming the first bad sample
-                try:
-                    return self._call_one(x)
-                except Exception:
-                    self._check(inputs)  # raises, naming what is wrong with the input
-                    raise
+                return out if isinstance(out, torch.Tensor) else _first(out)
         # a runner that checks count, dtypes and shapes itself (the Relax VM's entry does) is called
         # directly: only a failed call pays for the checks that turn its error into one naming the input
         if not self._runner_checks and not self._valid(inputs):

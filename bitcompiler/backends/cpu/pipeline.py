@@ -68,8 +68,8 @@ def finite_entry() -> Any:
 
     @tvm.transform.module_pass(opt_level=0, name="bitc_finite_entry")
     def _finite_entry(mod: Any, _ctx: Any) -> Any:
-        main = mod["main"] if any(gv.name_hint == "main" for gv in mod.functions) else None
-        if not isinstance(main, relax.Function) or not _inputs_checked(mod, main, finite.checked_params):
+        main = _relax_main(mod)
+        if main is None or not _inputs_checked(mod, main, finite.checked_params):
             return mod
         bb = relax.BlockBuilder(mod)
         with bb.function(finite.SYMBOL, []):
@@ -84,14 +84,11 @@ def batch_one_entry() -> Any:
     VM's shape bookkeeping (shape heap, matches, shape function: about 0.7 µs a call). It calls the
     same kernels (built for any batch) and is made after legalization, so it costs no kernel build."""
     import tvm
-    from tvm import relax
 
     @tvm.transform.module_pass(opt_level=0, name="bitc_batch_one_entry")
     def _batch_one_entry(mod: Any, _ctx: Any) -> Any:
-        main = mod["main"] if any(gv.name_hint == "main" for gv in mod.functions) else None
-        if not isinstance(main, relax.Function):
-            return mod
-        batch = _batch_var(main)
+        main = _relax_main(mod)
+        batch = None if main is None else _batch_var(main)
         if batch is None:
             return mod
         mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
@@ -102,6 +99,14 @@ def batch_one_entry() -> Any:
 
 
 BATCH_ONE = "main_b1"
+
+
+def _relax_main(mod: Any) -> Any:
+    """The module's Relax ``main`` (None where it has none)."""
+    from tvm import relax
+
+    main = next((f for gv, f in mod.functions.items() if gv.name_hint == "main"), None)
+    return main if isinstance(main, relax.Function) else None
 
 
 def _batch_var(main: Any) -> Any:
