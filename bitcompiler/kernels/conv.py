@@ -35,7 +35,7 @@ from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels import conv_int8, conv_vpop
 from bitcompiler.kernels._common import as_i32, batch_var, built_once, i64, shape64, target_kind
-from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output
+from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
 from bitcompiler.kernels.spec import ConvSpec, centered_offset_expr
 
@@ -269,14 +269,17 @@ def conv2d_kernel(
     output channels) writes ``Y int32 (M,OH,OW,1,O/32)`` instead: the +-1 outputs already packed
     as :func:`bitcompiler.kernels.pack_sign_nchw` packs them for a groups-1 binary layer.
     ``residual_clip=(lo, hi)`` (CPU, :func:`fuses_residual` specs) adds a residual input ``RES f32
-    (M,O,OH,OW)`` after the epilogue buffers and writes ``Y = hardtanh(epilogue + RES, lo, hi)``.
+    (M,O,OH,OW)`` after the epilogue buffers and writes ``Y = hardtanh(epilogue + RES, lo, hi)``;
+    both options (:func:`packs_residual` specs) write ``Y`` and then its signs packed, ``YP int32
+    (M,OH,OW,1,O/32)``: the block's output and the next binary layer's input.
     """
     if not isinstance(spec, ConvSpec):
         raise ValueError(f"conv2d_kernel needs a ConvSpec, got {type(spec).__name__}")  # noqa: TRY004
     cpu = target_kind(target) == "llvm"
     if residual_clip is not None and not (cpu and fuses_residual(spec)):
         raise ValueError(f"no residual-epilogue conv kernel for {spec} on {target!r}")
-    if packed_output and not (cpu and packs_output(spec)):
+    packs = packs_residual(spec) if residual_clip is not None else packs_output(spec)
+    if packed_output and not (cpu and packs):
         raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
     if cpu and popcnt512_target(target) and conv_vpop.fits(spec):
         func = conv_vpop.vpop_conv_func(spec, packed=packed_output, clip=residual_clip)

@@ -31,7 +31,9 @@ CPU schedule, ``act="binary"`` with pm1 weights (``binary_pm1_func``, written di
   threshold layer feeding only binary layers writes their **packed input** directly (one byte =
   the 8 channels of a block, ``packed=True``; it replaces the float +-1 output and the packing
   kernel), and an affine layer whose only use is ``hardtanh(conv + residual)`` adds the
-  **residual** and clamps in its epilogue (``clip=(lo, hi)``; replaces an add and a clip kernel).
+  **residual** and clamps in its epilogue (``clip=(lo, hi)``; replaces an add and a clip kernel);
+  with both, that output is written as floats (the next block's residual) and, once each output
+  row is done, its signs packed (the next block's binary input; replaces the packing kernel).
 * One parallel region per call (a TVM launch point): per batch row the tasks build the im2col
   together (split over padded rows), meet at a barrier, take output-channel blocks (each builds
   its tables once, rows inside) and meet again; a kernel with one block or one padded row keeps
@@ -90,10 +92,13 @@ def clipped(v: Any, RES: Any, at: Any, clip: tuple[float, float] | None) -> Any:
     return tirx.min(tirx.max(v + RES[at], lo), hi)
 
 
-def pm1_conv_func(spec: ConvSpec, make: Any, packed: bool, clip: tuple[float, float] | None) -> tirx.PrimFunc:
+def pm1_conv_func(
+    spec: ConvSpec, make: Any, packed: bool, clip: tuple[float, float] | None, signs: bool = False
+) -> tirx.PrimFunc:
     """The PrimFunc of a binary pm1 CPU conv with :func:`binary_pm1_func`'s buffers around
-    ``make(out_value, E0, E1)(XP, P, Y, M, RES)``, the kernel's body for an epilogue
-    (``thr_value, TS, TH`` or ``aff_value, SC, BI``)."""
+    ``make(out_value, E0, E1)(XP, P, Y, M, RES, YP)``, the kernel's body for an epilogue
+    (``thr_value, TS, TH`` or ``aff_value, SC, BI``); ``signs``: a residual epilogue that also
+    writes its output's signs packed, ``YP``."""
     O, H, W = spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), G, CWG, OH, OW = spec.kernel, spec.groups, spec.words_per_group, spec.out_h, spec.out_w
 
@@ -107,7 +112,7 @@ def pm1_conv_func(spec: ConvSpec, make: Any, packed: bool, clip: tuple[float, fl
             TS = T.match_buffer(ts, (T.int64(O),), "int32")
             TH = T.match_buffer(th, (T.int64(O),), "int32")
             Y = T.match_buffer(y, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
-            make(thr_value, TS, TH)(XP, P, Y, M, Y)
+            make(thr_value, TS, TH)(XP, P, Y, M, Y, Y)
 
         return func
 
@@ -121,7 +126,7 @@ def pm1_conv_func(spec: ConvSpec, make: Any, packed: bool, clip: tuple[float, fl
             TS = T.match_buffer(ts, (T.int64(O),), "int32")
             TH = T.match_buffer(th, (T.int64(O),), "int32")
             Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-            make(thr_value, TS, TH)(XP, P, Y, M, Y)
+            make(thr_value, TS, TH)(XP, P, Y, M, Y, Y)
 
         return func
 
@@ -134,7 +139,7 @@ def pm1_conv_func(spec: ConvSpec, make: Any, packed: bool, clip: tuple[float, fl
         T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
         BI = T.match_buffer(bi, (T.int64(O),), F32)
         Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        make(aff_value, SC, BI)(XP, P, Y, M, Y)
+        make(aff_value, SC, BI)(XP, P, Y, M, Y, Y)
 
     if clip is None:
         return func
@@ -149,9 +154,40 @@ def pm1_conv_func(spec: ConvSpec, make: Any, packed: bool, clip: tuple[float, fl
         BI = T.match_buffer(bi, (T.int64(O),), F32)
         RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
         Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        make(aff_value, SC, BI)(XP, P, Y, M, RES)
+        make(aff_value, SC, BI)(XP, P, Y, M, RES, Y)
+
+    if not signs:
+        return func
+
+    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
+    def func(
+        xp: T.handle,
+        p: T.handle,
+        sc: T.handle,
+        of: T.handle,
+        bi: T.handle,
+        res: T.handle,
+        y: T.handle,
+        yp: T.handle,
+    ):
+        M = T.int64()
+        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
+        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
+        SC = T.match_buffer(sc, (T.int64(O),), F32)
+        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
+        BI = T.match_buffer(bi, (T.int64(O),), F32)
+        RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        YP = T.match_buffer(yp, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
+        make(aff_value, SC, BI)(XP, P, Y, M, RES, YP)
 
     return func
+
+
+def packs_residual(spec: ConvSpec) -> bool:
+    """Whether :func:`binary_pm1_func` can also write the signs of a residual epilogue's output as the
+    next binary layer's packed input (:func:`fuses_residual` with 32k output channels)."""
+    return fuses_residual(spec) and spec.out_channels % 32 == 0 and spec.og % 8 == 0
 
 
 def binary_pm1_func(
@@ -166,11 +202,17 @@ def binary_pm1_func(
     (threshold layers, :func:`packs_output`) writes ``Y int32 (M, OH, OW, 1, O/32)`` in the layout
     :func:`bitcompiler.kernels.pack_sign_nchw` gives (groups 1) instead of +-1 floats. ``clip =
     (lo, hi)`` (affine layers) takes a residual ``RES f32 (M, O, OH, OW)`` before ``Y`` and writes
-    ``Y = hardtanh(epilogue + RES, lo, hi)``: a ResNet block's add and activation in the epilogue."""
-    if clip is not None and (spec.threshold or packed):
+    ``Y = hardtanh(epilogue + RES, lo, hi)``: a ResNet block's add and activation in the epilogue;
+    with ``packed`` too (:func:`packs_residual`) a second output ``YP int32 (M, OH, OW, 1, O/32)``
+    after ``Y`` holds Y's signs packed as :func:`bitcompiler.kernels.pack_sign_nchw` packs them."""
+    if clip is not None and spec.threshold:
         raise ValueError("a residual epilogue needs the float (non-threshold) output")
-    if packed and not packs_output(spec):
+    if clip is not None and packed and not packs_residual(spec):
+        raise ValueError("a packed residual output needs a binary pm1 affine conv with 32k output channels")
+    if clip is None and packed and not packs_output(spec):
         raise ValueError("a packed output needs a binary pm1 threshold conv with 32k output channels")
+    signs = packed and clip is not None  # Y and its packed signs
+    packed = packed and clip is None
     O, H, W = spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     G, CG, OG, CWG = spec.groups, spec.cg, spec.og, spec.words_per_group
@@ -324,6 +366,26 @@ def binary_pm1_func(
                 E0, E1, [acc_at(S, RC, PCK, t, v, r, l, inner) for r in range(OB)], t // OH * OB
             )
 
+        def sign_byte(Y, m, t, x):
+            # the signs (1 = y >= 0) of the OB = 8 channels of block t // OH at one pixel as the bits
+            # of one byte, as pack_sign_nchw packs them
+            bits = [
+                tirx.Select(Y[m, t // OH * OB + r, t % OH, x] >= tirx.const(0.0, F32), 1 << r, 0)
+                for r in range(OB)
+            ]
+            return tirx.Cast(U8, sum(bits[1:], bits[0]))
+
+        @T.macro
+        def sign_bytes(Y, YP, M, m, t):
+            # the packed signs of the output row just written to Y, 8 pixels a step (one 256-bit
+            # compare per channel), the rest of the row one pixel a step
+            YS = T.decl_buffer((M, T.int64(OH), T.int64(OW), T.int64(O // 8)), U8, data=YP.data)
+            for j in range(T.int64(OW // 8)):
+                for l in T.vectorized(T.int64(8)):
+                    YS[m, t % OH, j * 8 + l, t // OH] = sign_byte(Y, m, t, j * 8 + l)
+            for l in range(T.int64(OW % 8)):
+                YS[m, t % OH, OW // 8 * 8 + l, t // OH] = sign_byte(Y, m, t, OW // 8 * 8 + l)
+
         @T.macro
         def im2col_row(XV, XK, m, r):
             # row r of the width-im2col of the padded activations: XK[g, r, kw, word, ow]
@@ -339,7 +401,7 @@ def binary_pm1_func(
                 )
 
         @T.macro
-        def block(XK, PV, LUT, Y, M, RES, m, ob):
+        def block(XK, PV, LUT, Y, M, RES, YP, m, ob):
             # output channels ob * OB .. ob * OB + OB - 1 of batch row m, all rows and pixels
             WN = T.alloc_buffer(
                 (T.int64(OB), T.int64(2), T.int64(STEPS if byte_lanes else 1)),
@@ -400,9 +462,11 @@ def binary_pm1_func(
                                 Y[m, t // OH * OB + r, t % OH, px(v) + l] = y_at(
                                     E0, E1, S, RC, PCK, RES, m, t, v, r, l, False
                                 )
+                if signs:
+                    sign_bytes(Y, YP, M, m, t)
 
         @T.macro
-        def body(XP, P, Y, M, RES):
+        def body(XP, P, Y, M, RES, YP):
             XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(G), T.int64(CV)), WT, data=XP.data)
             PV = T.decl_buffer((T.int64(O), T.int64(KH), T.int64(KW), T.int64(CV)), WT, data=P.data)
             # the nibble popcount table, written here and read in the parallel body (a separate
@@ -423,14 +487,14 @@ def binary_pm1_func(
                                 im2col_row(XV, XK, m, r)
                         with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                             for ob in T.parallel(T.int64(NOB)):
-                                block(XK, PV, LUT, Y, M, RES, m, ob)
+                                block(XK, PV, LUT, Y, M, RES, YP, m, ob)
             else:
                 for m in range(M):
                     for r in range(T.int64(HP)):
                         im2col_row(XV, XK, m, r)
                     for ob in T.parallel(T.int64(NOB)):
-                        block(XK, PV, LUT, Y, M, RES, m, ob)
+                        block(XK, PV, LUT, Y, M, RES, YP, m, ob)
 
         return body
 
-    return pm1_conv_func(spec, make, packed, clip)
+    return pm1_conv_func(spec, make, packed, clip, signs)

@@ -26,8 +26,18 @@ CPU). Same buffers, layout and numbers as that kernel.
 * The epilogues are ``conv_binary``'s (threshold, affine, the next layer's packed input, residual
   plus clip), vectorized over the 8 pixels; with the flat pixel index an affine output's 8 pixels
   are one contiguous store.
-* One parallel region per call, as ``conv_binary``: the tasks build the im2col together (split
-  over taps), meet at a barrier, take output-channel blocks and meet again.
+* **Threads.** On a map of at least ``PIXEL_SPLIT_MIN`` (16) pixel vectors the tasks split the
+  pixels: each takes whole chunks of vectors (about 16 chunks a batch row), builds their im2col in
+  its own buffer and computes every output channel of them, so no task reads what another wrote
+  (one parallel loop, no barrier; the blocks' tables are made first, on the calling thread). A
+  task that reads another core's im2col pays for every cache line: on a 2-core Xeon VM a one-layer
+  64->64 3x3 model on 32x32 took 78 us a call at 2 threads against 65 us at one with a shared
+  im2col, and 49 us with chunks of pixels (one thread: 64 us either way). Smaller maps keep one parallel region: the
+  tasks build one im2col together (split over taps), meet at a barrier, take output-channel
+  blocks and meet again. Chunks of pixels also keep a ResNet's data where it was made: each block
+  reads the residual and packed input rows that the same thread wrote in the block before.
+* A residual epilogue can also write its output's signs packed (``packed`` and ``clip``), the
+  next block's binary input, instead of a separate ``pack_sign_nchw`` over the float map.
 
 One thread, znver4, 256->256 3x3 on 14x14 (padding 1, batch 1), the kernel alone (this thread's
 CPU time per call, alternating with ``conv_binary``'s kernel in one process): 127 us -> 107 us; the
@@ -50,6 +60,7 @@ F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
 VL = 8  # pixels per vector: int64 lanes of a 512-bit vector
 OB = 8  # output channels per register block
 NCLS = 16  # border classes a vpermi2q table holds
+PIXEL_SPLIT_MIN = 16  # pixel vectors a map needs for its tasks to split it by pixels
 
 
 def _patterns(n_out: int, stride: int, pad: int, dil: int, k: int, n_in: int) -> tuple[list, list[int]]:
@@ -90,19 +101,33 @@ def _lookup(table_lo: Any, idx: Any, table_hi: Any) -> Any:
 
 
 def vpop_conv_func(
-    spec: ConvSpec, packed: bool = False, clip: tuple[float, float] | None = None
+    spec: ConvSpec,
+    packed: bool = False,
+    clip: tuple[float, float] | None = None,
+    split: str | None = None,
 ) -> tirx.PrimFunc:
     """The kernel for ``spec`` (:func:`fits`); arguments as
     :func:`bitcompiler.kernels.conv_binary.binary_pm1_func` (``packed``: the next layer's packed
-    input; ``clip``: the residual epilogue)."""
+    input; ``clip``: the residual epilogue; both: the residual output and its signs packed).
+    ``split`` = ``"pixels"`` or ``"channels"`` overrides how the tasks divide the work (default:
+    pixels on maps of at least ``PIXEL_SPLIT_MIN`` pixel vectors)."""
     if not fits(spec):
         raise ValueError(f"the flat-im2col vpopcnt conv does not fit {spec}")
+    signs = packed and clip is not None  # a residual output and its signs packed
+    packed = packed and clip is None
     O, H, W, CG = spec.out_channels, spec.in_h, spec.in_w, spec.cg
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     CWG, OH, OW = spec.words_per_group, spec.out_h, spec.out_w
     CV, NT, NP = CWG // 2, KH * KW, OH * OW
     NV = (NP + VL - 1) // VL
     NOB = O // OB
+    # large maps: tasks take chunks of pixel vectors (about 16 chunks a batch row) instead of
+    # channel blocks, so that no task reads what another wrote (see the module docstring)
+    if split not in (None, "pixels", "channels"):
+        raise ValueError(f"split must be 'pixels' or 'channels', got {split!r}")
+    SPLIT_PIXELS = NV >= PIXEL_SPLIT_MIN if split is None else split == "pixels"
+    CHV = -(-NV // 16)
+    NCH = -(-NV // CHV)
     ZERO = tirx.const(0, I64)
     valid, rows, cols, ncols = _classes(spec)
     lanes = T.ramp(T.int64(0), T.int64(1), VL)
@@ -147,6 +172,15 @@ def vpop_conv_func(
             value = out_value(E0, E1, A[r, l].astype(I32), o)
             return clipped(value, RF, (m, o, px(v) + l), clip)
 
+        def sign_byte(YF, m, o0, p):
+            bits = [
+                tirx.Select(
+                    YF[m, o0 + r, p] >= tirx.const(0.0, F32), tirx.const(1 << r, I32), tirx.const(0, I32)
+                )
+                for r in range(OB)
+            ]
+            return tirx.Cast(U8, sum(bits[1:], bits[0]))
+
         def byte_at(A, o0, l):
             # the threshold outputs of channels o0 .. o0 + 7 as the bits of one byte (1 = +1)
             bits = [
@@ -158,23 +192,24 @@ def vpop_conv_func(
             return tirx.Cast(U8, sum(bits[1:], bits[0]))
 
         @T.macro
-        def im2col_tap(XV, XK, CLS, m, t):
-            # tap t of every pixel vector: its CV words per pixel (0 outside the image)
-            for v, l in T.grid(T.int64(NV), T.int64(VL)):
+        def im2col_tap(XV, XK, CLS, m, t, v0, nv):
+            # tap t of pixel vectors v0 .. v0 + nv - 1 (XK's vectors 0 .. nv - 1): their CV words
+            # per pixel (0 outside the image)
+            for j, l in T.grid(nv, T.int64(VL)):
                 for w in T.vectorized(T.int64(CV)):
-                    XK[v, t, w, l] = T.if_then_else(
-                        inside(px(v) + l, t // KW, t % KW),
+                    XK[j, t, w, l] = T.if_then_else(
+                        inside(px(v0 + j) + l, t // KW, t % KW),
                         XV[
                             m,
-                            (px(v) + l) // OW * SH - PH + t // KW * DH,
-                            (px(v) + l) % OW * SW - PW + t % KW * DW,
+                            (px(v0 + j) + l) // OW * SH - PH + t // KW * DH,
+                            (px(v0 + j) + l) % OW * SW - PW + t % KW * DW,
                             w,
                         ],
                         ZERO,
                     )
             if t == 0:
-                for v, l in T.grid(T.int64(NV), T.int64(VL)):
-                    CLS[v, l] = pixel_class(px(v) + l)
+                for j, l in T.grid(nv, T.int64(VL)):
+                    CLS[j, l] = pixel_class(px(v0 + j) + l)
 
         @T.macro
         def tables(PV, E, ob):
@@ -184,10 +219,10 @@ def vpop_conv_func(
                 for t in range(T.int64(NT)):
                     PC[r, t] = tap_count(PV, ob * OB + r, t)
                 for c in T.unroll(NCLS):
-                    E[r, c] = class_table(PC, r, c)
+                    E[ob, r, c] = class_table(PC, r, c)
 
         @T.macro
-        def epilogue(A, Y, M, RES, m, ob, v):
+        def epilogue(A, Y, M, RES, YP, m, ob, v):
             # the outputs of pixel vector v from the accumulators A (int64 lanes)
             if packed:
                 # one byte per pixel: the OB = 8 channels' +-1 as bits (bit r = channel o0 + r)
@@ -200,13 +235,18 @@ def vpop_conv_func(
                 for r in T.unroll(T.int64(OB)):
                     for l in T.vectorized(T.int64(VL)):
                         YF[m, ob * OB + r, px(v) + l] = y_at(A, RF, m, ob * OB + r, r, v, l)
+                if signs:
+                    # the block's signs (bit r = channel o0 + r, 1 = y >= 0) as pack_sign_nchw
+                    # packs them: the next binary layer's input
+                    YS = T.decl_buffer((M, T.int64(NP), T.int64(O // 8)), U8, data=YP.data)
+                    for l in T.vectorized(T.int64(VL)):
+                        YS[m, px(v) + l, ob] = sign_byte(YF, m, ob * OB, px(v) + l)
 
         @T.macro
-        def block(XK, CLS, PV, Y, M, RES, m, ob):
-            # output channels ob * OB .. ob * OB + OB - 1 of batch row m, every pixel vector
-            E = T.alloc_buffer((T.int64(OB), T.int64(NCLS)), I64, scope="global")
-            tables(PV, E, ob)
-            for v in range(T.int64(NV)):
+        def block(XK, CLS, PV, E, Y, M, RES, YP, m, ob, v0, nv):
+            # output channels ob * OB .. ob * OB + OB - 1 of batch row m, pixel vectors v0 ..
+            # v0 + nv - 1 (XK's and CLS's 0 .. nv - 1), with the block's tables E
+            for j in range(nv):
                 S = T.alloc_buffer((T.int64(OB), T.int64(VL)), I64, scope="global")
                 for r in T.unroll(T.int64(OB)):
                     for l in T.vectorized(T.int64(VL)):
@@ -214,38 +254,61 @@ def vpop_conv_func(
                 for t, w in T.grid(T.int64(NT), T.int64(CV)):
                     for r in T.unroll(T.int64(OB)):
                         for l in T.vectorized(T.int64(VL)):
-                            S[r, l] = S[r, l] + T.popcount(XK[v, t, w, l] ^ PV[ob * OB + r, t, w])
+                            S[r, l] = S[r, l] + T.popcount(XK[j, t, w, l] ^ PV[ob * OB + r, t, w])
                 for r in T.unroll(T.int64(OB)):
-                    S[r, lanes] = _lookup(E[r, lanes], CLS[v, lanes], E[r, high]) - (
+                    S[r, lanes] = _lookup(E[ob, r, lanes], CLS[j, lanes], E[ob, r, high]) - (
                         S[r, lanes] << T.Broadcast(T.int64(1), VL)
                     )
-                epilogue(S, Y, M, RES, m, ob, v)
+                epilogue(S, Y, M, RES, YP, m, ob, v0 + j)
 
         @T.macro
-        def body(XP, P, Y, M, RES):
+        def body(XP, P, Y, M, RES, YP):
             XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(CV)), I64, data=XP.data)
             PV = T.decl_buffer((T.int64(O), T.int64(NT), T.int64(CV)), I64, data=P.data)
-            XK = T.alloc_buffer((T.int64(NV), T.int64(NT), T.int64(CV), T.int64(VL)), I64)
-            CLS = T.alloc_buffer((T.int64(NV), T.int64(VL)), I64)
-            if NOB > 1:
+            if SPLIT_PIXELS:
+                # the blocks' tables on the calling thread (a few popcounts per weight word), then
+                # tasks that share nothing: each takes whole chunks of CHV pixel vectors (batch
+                # rows x chunks), builds their im2col in its own buffers and computes every
+                # output channel of them
+                EA = T.alloc_buffer((T.int64(NOB), T.int64(OB), T.int64(NCLS)), I64)
+                for ob in range(T.int64(NOB)):
+                    tables(PV, EA, ob)
+                for i in T.parallel(M * T.int64(NCH)):
+                    XK = T.alloc_buffer((T.int64(CHV), T.int64(NT), T.int64(CV), T.int64(VL)), I64)
+                    CLS = T.alloc_buffer((T.int64(CHV), T.int64(VL)), I64)
+                    v0 = i % NCH * CHV  # the chunk's first vector, and its vectors
+                    nv = T.min(CHV, NV - v0)
+                    for t in range(T.int64(NT)):
+                        im2col_tap(XV, XK, CLS, i // NCH, t, v0, nv)
+                    for ob in range(T.int64(NOB)):
+                        block(XK, CLS, PV, EA, Y, M, RES, YP, i // NCH, ob, v0, nv)
+            elif NOB > 1:
                 # one parallel region (a TVM launch point): per batch row the tasks build the
                 # im2col together, wait at a barrier, compute their channel blocks and wait again
                 # before the next row overwrites XK (allocated outside the region: shared)
+                XK = T.alloc_buffer((T.int64(NV), T.int64(NT), T.int64(CV), T.int64(VL)), I64)
+                CLS = T.alloc_buffer((T.int64(NV), T.int64(VL)), I64)
+                EA = T.alloc_buffer((T.int64(NOB), T.int64(OB), T.int64(NCLS)), I64)
                 with T.attr(0, "pragma_parallel_launch_point", 1):
                     for m in range(M):
                         with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                             for t in T.parallel(T.int64(NT)):
-                                im2col_tap(XV, XK, CLS, m, t)
+                                im2col_tap(XV, XK, CLS, m, t, T.int64(0), T.int64(NV))
                         with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                             for ob in T.parallel(T.int64(NOB)):
-                                block(XK, CLS, PV, Y, M, RES, m, ob)
+                                tables(PV, EA, ob)
+                                block(XK, CLS, PV, EA, Y, M, RES, YP, m, ob, T.int64(0), T.int64(NV))
             else:
+                XK = T.alloc_buffer((T.int64(NV), T.int64(NT), T.int64(CV), T.int64(VL)), I64)
+                CLS = T.alloc_buffer((T.int64(NV), T.int64(VL)), I64)
+                EA = T.alloc_buffer((T.int64(NOB), T.int64(OB), T.int64(NCLS)), I64)
                 for m in range(M):
                     for t in range(T.int64(NT)):
-                        im2col_tap(XV, XK, CLS, m, t)
+                        im2col_tap(XV, XK, CLS, m, t, T.int64(0), T.int64(NV))
                     for ob in range(T.int64(NOB)):
-                        block(XK, CLS, PV, Y, M, RES, m, ob)
+                        tables(PV, EA, ob)
+                        block(XK, CLS, PV, EA, Y, M, RES, YP, m, ob, T.int64(0), T.int64(NV))
 
         return body
 
-    return pm1_conv_func(spec, make, packed, clip)
+    return pm1_conv_func(spec, make, packed, clip, signs)

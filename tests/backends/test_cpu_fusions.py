@@ -126,6 +126,27 @@ def test_a_residual_add_and_clip_go_into_the_conv_epilogue(order):
     tvm.ir.assert_structural_equal(fused(fuse_residual_clip, before), expected)
 
 
+def test_a_residual_conv_read_packed_writes_its_signs_too():
+    spec = conv_spec(threshold=False)
+    params = [*conv_params(spec), var("res", (M, C, H, H))]
+
+    def body(bb, p):
+        y = conv_call(bb, spec, p[:-1])
+        out = bb.emit(relax.op.clip(bb.emit(relax.op.add(y, p[-1])), -1.0, 1.0))
+        return bb.emit(relax.Tuple([out, pack_call(bb, out)]))
+
+    def expected_body(bb, p):
+        prim = kernels.conv2d_kernel(spec, str(TARGET), packed_output=True, residual_clip=(-1.0, 1.0))
+        tys = [relax.TensorType((M, C, H, H), F32), relax.TensorType((M, H, H, 1, C // 32), I32)]
+        both = emit_kernel(bb, prim, f"bitc_conv2d_{C}_res_packed", p, tys)
+        return bb.emit(
+            relax.Tuple([bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))])
+        )
+
+    before = module(params, body)
+    tvm.ir.assert_structural_equal(fused(fuse_residual_clip, before), module(params, expected_body))
+
+
 @pytest.mark.parametrize("why", ["the sum is read again", "the conv is read again", "a threshold conv"])
 def test_no_residual_epilogue_where_another_reader_needs_the_parts(why):
     spec = conv_spec(threshold=why == "a threshold conv")

@@ -56,6 +56,42 @@ def test_block_rewrites(use_sum_twice):
     assert_close(cm(x), cm.reference(x))
 
 
+class TwoBlocks(nn.Module):
+    """Two binary basic blocks: the first one's output is the second one's residual and, packed,
+    its convs' input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.c = nn.ModuleList(nn.Conv2d(32, 32, 3, padding=1, bias=False) for _ in range(4))
+        self.b = nn.ModuleList(nn.BatchNorm2d(32) for _ in range(4))
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = F.hardtanh(self.stem(x))
+        for i in (0, 2):
+            x = F.hardtanh(self.b[i + 1](self.c[i + 1](F.hardtanh(self.b[i](self.c[i](x))))) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_block_output_read_packed_is_packed_by_its_conv():
+    torch.manual_seed(0)
+    model = randomize_bn(TwoBlocks()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    cm = bc.compile(model, (x,), scheme="binary:act=binary")
+    calls = kernels_called(cm)
+    convs = [c for c in calls if c.startswith("bitc_conv2d_binary")]
+    # the first block's last conv writes its float output (the next residual) and its signs packed
+    assert [c.rsplit("_", 2)[-2:] for c in convs] == [
+        ["thr", "packed"],
+        ["res", "packed"],
+        ["thr", "packed"],
+        ["3x3", "res"],
+    ]
+    assert sum(c.startswith("bitc_pack_sign_nchw") for c in calls) == 1  # the stem's output only
+    assert_close(cm(x), cm.reference(x))
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, (2, 5)])
 def test_adaptive_max_pool2d_lowers_exactly(size):
     # TVM's frontend has no adaptive_max_pool2d (CBAM's channel attention uses it)

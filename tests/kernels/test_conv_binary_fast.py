@@ -12,7 +12,7 @@ import torch
 import tvm
 
 from bitcompiler.kernels import ConvSpec, conv2d_kernel
-from bitcompiler.kernels.conv_binary import fuses_residual, packs_output
+from bitcompiler.kernels.conv_binary import fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import popcnt512_target
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, host_target, random_codes
@@ -128,6 +128,45 @@ def test_residual_epilogue_is_hardtanh_of_conv_plus_residual(c, o, hw, s, clip):
         assert_close(y, torch.nn.functional.hardtanh(conv + res, *clip))
 
 
+@pytest.mark.parametrize("isa", ISAS, ids=["host", "avx2", "x86-64"])
+@pytest.mark.parametrize(
+    "c, o, hw, s, clip",
+    [
+        (64, 32, 9, 1, (-1.0, 1.0)),
+        (64, 64, 8, 2, (0.0, 2.0)),
+        (96, 32, 3, 1, (-1.0, 1.0)),
+        (64, 32, 16, 1, (-1.0, 1.0)),
+    ],
+)
+def test_residual_epilogue_packs_its_signs(c, o, hw, s, clip, isa):
+    # Y as the residual epilogue alone writes it (bit for bit), then Y's signs packed as
+    # pack_sign_nchw packs them: rows with padded pixel vectors, a row shorter than a vector,
+    # stride 2, a clip at 0 (exact zeros count as +1), batch 1 and 2
+    g = torch.Generator().manual_seed(c + o + hw + s)
+    spec = ConvSpec(c, o, hw, hw, (3, 3), (s, s), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, False)
+    assert packs_residual(spec)
+    planes = nu.conv_codes_to_planes(random_codes((o, c, 3, 3), 1, "pm1", g), 1, "pm1")
+    ep, _ = epilogue_params(o, False, g, False, spec.reduction // 4)
+    both = build(conv2d_kernel(spec, isa, packed_output=True, residual_clip=clip))
+    alone = build(conv2d_kernel(spec, isa, residual_clip=clip))
+    oh, ow = spec.out_h, spec.out_w
+    for m in (1, 2):
+        x = torch.randn(m, c, hw, hw, generator=g)
+        res = torch.randn(m, o, oh, ow, generator=g)
+        inputs = act_inputs(x, "binary", 1) + [planes] + ep + [res]
+        y, yp = both(inputs, [((m, o, oh, ow), "float32"), ((m, oh, ow, 1, o // 32), "int32")])
+        (expected,) = alone(inputs, [((m, o, oh, ow), "float32")])
+        assert np.array_equal(y, expected)
+        assert np.array_equal(yp, act_inputs(torch.from_numpy(y), "binary", 1)[0].numpy())
+
+
+def test_packed_residual_needs_32k_channels():
+    spec = ConvSpec(64, 24, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, False)
+    assert fuses_residual(spec) and not packs_residual(spec)
+    with pytest.raises(ValueError, match="packed-output"):
+        conv2d_kernel(spec, packed_output=True, residual_clip=(-1.0, 1.0))
+
+
 def test_residual_epilogue_needs_a_float_output():
     spec = ConvSpec(64, 32, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, True)
     assert not fuses_residual(spec)
@@ -148,7 +187,7 @@ def test_im2col_and_channel_blocks_are_one_parallel_region():
     """The im2col is split over the tasks of the channel loop's region (one launch, a barrier after
     each part); with one channel block the kernel keeps its plain parallel loop (a one-iteration
     loop in a region would run on every task)."""
-    spec = ConvSpec(256, 256, 14, 14, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, True)
+    spec = ConvSpec(256, 256, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, True)
     assert _barriers_and_launches(spec) == (2, 1)
     one_block = ConvSpec(96, 8, 5, 9, (3, 3), (1, 1), (0, 0), (1, 1), 1, 1, "pm1", "binary", False, True)
     assert _barriers_and_launches(one_block)[0] == 0

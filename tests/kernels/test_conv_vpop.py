@@ -161,3 +161,87 @@ def test_chosen_only_with_vector_popcounts():
     assert "vpternlog" not in asm.split("vpopcntq", 1)[0][-2000:]  # plain XOR before the popcounts
     znver3 = {"kind": "llvm", "mcpu": "znver3"}
     assert not re.search(r"vperm[it]2q", _asm(conv2d_kernel(spec, target=znver3), znver3))
+
+
+SPLIT_CASES = [
+    # c, o, h, w, kernel, stride, padding, dilation
+    (64, 64, 32, 32, 3, 1, 1, 1),  # ResNet-18's first stage: 128 vectors in 16 chunks of 8
+    (64, 16, 14, 14, 3, 1, 1, 1),  # 25 vectors: chunks of 2, the last one of 1 (overlapping)
+    (64, 32, 16, 16, 3, 2, 1, 1),  # stride 2: 8 vectors
+    (128, 8, 12, 12, 1, 1, 0, 1),  # 1x1, one channel block
+]
+
+
+def _split_outputs(spec, g, kind, split, inputs, m):
+    o, oh, ow = spec.out_channels, spec.out_h, spec.out_w
+    shapes = {
+        "affine": [((m, o, oh, ow), "float32")],
+        "threshold": [((m, o, oh, ow), "float32")],
+        "packed": [((m, oh, ow, 1, o // 32), "int32")],
+        "residual": [((m, o, oh, ow), "float32")],
+        "signs": [((m, o, oh, ow), "float32"), ((m, oh, ow, 1, o // 32), "int32")],
+    }[kind]
+    func = conv_vpop.vpop_conv_func(
+        spec, packed=kind in ("packed", "signs"), clip=(-1.0, 1.0) if kind in ("residual", "signs") else None,
+        split=split,
+    )  # fmt: skip
+    run = build(func)
+    first = run(inputs, shapes)
+    for _ in range(20):  # many calls on the pool's threads: a task reading another's buffer would differ
+        again = run(inputs, shapes)
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    return first
+
+
+@needs_vpopcnt
+@pytest.mark.parametrize("kind", ["affine", "threshold", "packed", "residual", "signs"])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_pixel_and_channel_splits_agree(case, kind):
+    """Tasks that take chunks of pixels (each with its own im2col) and tasks that take channel blocks
+    (one shared im2col) write the same bits, batch 1 and 3, every epilogue; the residual epilogue's
+    packed signs are those pack_sign_nchw makes of its output."""
+    spec = _spec(case, kind in ("threshold", "packed"))
+    if kind in ("packed", "signs") and spec.out_channels % 32:
+        pytest.skip("packed outputs need 32k channels")
+    g = torch.Generator().manual_seed(sum(case) + len(kind))
+    planes = _planes(spec, g)
+    o = spec.out_channels
+    if spec.threshold:
+        ep = [
+            torch.randint(-1, 2, (o,), generator=g).to(torch.int32),
+            torch.randint(-20, 21, (o,), generator=g).to(torch.int32),
+        ]
+    else:
+        ep, _ = epilogue_params(o, False, g, False, spec.reduction // 4)
+    for m in (1, 3):
+        x = torch.randn(m, spec.in_channels, spec.in_h, spec.in_w, generator=g)
+        inputs = act_inputs(x, "binary", 1) + [planes] + ep
+        if kind in ("residual", "signs"):
+            inputs.append(torch.randn(m, o, spec.out_h, spec.out_w, generator=g))
+        pixels = _split_outputs(spec, g, kind, "pixels", inputs, m)
+        channels = _split_outputs(spec, g, kind, "channels", inputs, m)
+        assert all(np.array_equal(a, b) for a, b in zip(pixels, channels))
+        if kind == "signs":
+            y, yp = pixels
+            assert np.array_equal(yp, act_inputs(torch.from_numpy(y), "binary", 1)[0].numpy())
+
+
+def test_split_must_be_named():
+    with pytest.raises(ValueError, match="split"):
+        conv_vpop.vpop_conv_func(_spec(SPLIT_CASES[0], False), split="rows")
+
+
+@needs_vpopcnt
+def test_pixel_split_is_one_launch_without_barriers():
+    """A large map's tasks share nothing: one parallel loop, no barrier (the channel split of a small
+    map builds one im2col together and meets twice)."""
+    host = host_target()
+
+    def count(spec, what):
+        ll = tvm.compile(tvm.IRModule({"main": conv2d_kernel(spec, target=host)}), target=host).mod
+        return ll.inspect_source("ll").count(f"load ptr, ptr @__TVMBackendParallel{what}")
+
+    large = _spec((256, 256, 14, 14, 3, 1, 1, 1), True)
+    small = _spec((256, 256, 7, 7, 3, 1, 1, 1), True)
+    assert (count(large, "Launch"), count(large, "Barrier")) == (1, 0)
+    assert (count(small, "Launch"), count(small, "Barrier")) == (1, 2)

@@ -12,7 +12,9 @@ as the calls they replace.
   sign bits, the same bits; a threshold conv's ``y`` is then packed by the conv itself (next pass).
 * :func:`fuse_residual_clip`: ``clip(conv(args) + res, lo, hi)`` of an affine binary conv
   (:func:`~bitcompiler.kernels.conv_binary.fuses_residual`) whose output and sum nothing else
-  reads (a ResNet block's end) becomes ``conv_res(args, res)``.
+  reads (a ResNet block's end) becomes ``conv_res(args, res)``; where a groups-1
+  ``pack_sign_nchw`` reads that output too (the next block's binary convs), the conv writes both
+  (:func:`~bitcompiler.kernels.conv_binary.packs_residual`): ``y, p = conv_res_packed(args, res)``.
 
 The converters mark the calls these passes may rewrite (``relax_emit.kernel_func``'s ``about``);
 the replaced calls stay until ``DeadCodeElimination``, later in the pipeline, drops those nothing
@@ -41,11 +43,17 @@ class _Scope:
         self.mod, self.bb, self.target = mod, bb, str(target)
         self.var2val = relax.analysis.get_var2val(func)
         self.pending: list = []  # bindings a rewrite added (:meth:`bind`), placed before its own
+        self.var: Any = None  # the variable of the binding being rewritten
         self.uses: dict[Any, int] = {}
+        self.packed: dict[Any, Any] = {}  # a variable a groups-1 pack reads -> the packed type
+        self.signs: dict[Any, Any] = {}  # a residual conv's output -> the (output, signs) call
         for block in func.body.blocks:
             if isinstance(block, relax.DataflowBlock):
                 for var, users in relax.analysis.udchain(block).items():
                     self.uses[var] = len(users)
+            for b in block.bindings:
+                if _packs_groups_1(self, b.value):
+                    self.packed[b.value.args[1].fields[0]] = b.value.ty
 
     def only_use(self, var: Any) -> bool:
         """``var`` is a dataflow variable read by exactly one binding."""
@@ -79,6 +87,11 @@ class _Scope:
         var = relax.DataflowVar(name, value.ty)
         self.pending.append(relax.VarBinding(var, value))
         return var
+
+
+def _packs_groups_1(scope: _Scope, value: Any) -> bool:
+    pack = scope.marked(value)
+    return pack is not None and pack[0] == {"op": "pack_sign_nchw", "groups": 1}
 
 
 def _is_var(expr: Any) -> bool:
@@ -125,9 +138,10 @@ def _residual_clip(value: Any, scope: _Scope) -> Any | None:
     """``clip(conv(args) + res, lo, hi)`` whose conv output and sum have no other reader:
     the conv with the residual and clamp in its epilogue."""
     import tvm_ffi
+    from tvm import relax
 
     from bitcompiler import kernels
-    from bitcompiler.kernels.conv_binary import fuses_residual
+    from bitcompiler.kernels.conv_binary import fuses_residual, packs_residual
 
     if not _is_op(value, "relax.clip") or not scope.only_use(value.args[0]):
         return None
@@ -143,9 +157,26 @@ def _residual_clip(value: Any, scope: _Scope) -> Any | None:
         spec = _conv_spec(about)
         if not fuses_residual(spec) or not tvm_ffi.structural_equal(res.ty, conv_var.ty):
             continue
+        args = [*conv.args[1].fields, res]
+        packed_ty = scope.packed.get(scope.var)
+        if packed_ty is not None and packs_residual(spec):  # the next block's input too
+            prim = kernels.conv2d_kernel(spec, scope.target, packed_output=True, residual_clip=(lo, hi))
+            both = scope.emit(prim, f"{about['name']}_res_packed", args, [value.ty, packed_ty])
+            scope.signs[scope.var] = scope.bind(both, "res_packed")
+            return relax.TupleGetItem(scope.signs[scope.var], 0)
         prim = kernels.conv2d_kernel(spec, scope.target, residual_clip=(lo, hi))
-        return scope.emit(prim, f"{about['name']}_res", [*conv.args[1].fields, res], value.ty)
+        return scope.emit(prim, f"{about['name']}_res", args, value.ty)
     return None
+
+
+def _residual_signs(value: Any, scope: _Scope) -> Any | None:
+    """``pack_sign_nchw(y)`` (groups 1) of a residual conv's ``y`` that writes them: its second output."""
+    from tvm import relax
+
+    if not _packs_groups_1(scope, value):
+        return None
+    both = scope.signs.get(value.args[1].fields[0])
+    return None if both is None else relax.TupleGetItem(both, 1)
 
 
 def _packed_pool(value: Any, scope: _Scope) -> Any | None:
@@ -214,6 +245,7 @@ def _rewrite_function(func: Any, rewrite: Rewrite, scope: _Scope) -> Any | None:
     for block in func.body.blocks:
         bindings = []
         for b in block.bindings:
+            scope.var = b.var
             new = rewrite(b.value, scope) if isinstance(b, relax.VarBinding) else None
             changed |= new is not None
             bindings += scope.pending if new is not None else []  # what the rewrite bound first
@@ -250,8 +282,17 @@ fuse_packed_output = _module_pass("bitc.FusePackedOutput", _packed_output)
 fuse_packed_output.__doc__ = "The pass writing a threshold conv's output packed for the next binary layer."
 fuse_packed_pool = _module_pass("bitc.FusePackedPool", _packed_pool)
 fuse_packed_pool.__doc__ = "The pass max-pooling packed sign bits (an OR) instead of the floats before them."
-fuse_residual_clip = _module_pass("bitc.FuseResidualClip", _residual_clip)
-fuse_residual_clip.__doc__ = "The pass folding ``clip(conv + residual)`` into a binary conv's epilogue."
+
+
+def _residual(value: Any, scope: _Scope) -> Any | None:
+    new = _residual_clip(value, scope)
+    return new if new is not None else _residual_signs(value, scope)
+
+
+fuse_residual_clip = _module_pass("bitc.FuseResidualClip", _residual)
+fuse_residual_clip.__doc__ = (
+    "The pass folding ``clip(conv + residual)`` (and the packing of its signs) into a binary conv's epilogue."
+)
 
 
 def build_deferred(target: Any) -> Any:
