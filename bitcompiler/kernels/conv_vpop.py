@@ -26,16 +26,18 @@ CPU). Same buffers, layout and numbers as that kernel.
 * The epilogues are ``conv_binary``'s (threshold, affine, the next layer's packed input, residual
   plus clip), vectorized over the 8 pixels; with the flat pixel index an affine output's 8 pixels
   are one contiguous store.
-* **Threads.** On a map of at least ``PIXEL_SPLIT_MIN`` (16) pixel vectors the tasks split the
-  pixels: each takes whole chunks of vectors (about 16 chunks a batch row), builds their im2col in
-  its own buffer and computes every output channel of them, so no task reads what another wrote
-  (one parallel loop, no barrier; the blocks' tables are made first, on the calling thread). A
-  task that reads another core's im2col pays for every cache line: on a 2-core Xeon VM a one-layer
-  64->64 3x3 model on 32x32 took 78 us a call at 2 threads against 65 us at one with a shared
-  im2col, and 49 us with chunks of pixels (one thread: 64 us either way). Smaller maps keep one parallel region: the
-  tasks build one im2col together (split over taps), meet at a barrier, take output-channel
-  blocks and meet again. Chunks of pixels also keep a ResNet's data where it was made: each block
-  reads the residual and packed input rows that the same thread wrote in the block before.
+* **Threads.** A kernel with less than ``PARALLEL_MIN`` 64-bit word popcounts a sample (a
+  ResNet's 1x1 shortcuts) runs on the calling thread. On a map of at least ``PIXEL_SPLIT_MIN``
+  (16) pixel vectors the tasks split the pixels: each takes whole chunks of vectors (about 16
+  chunks a batch row), builds their im2col in its own buffer and computes every output channel of
+  them, so no task reads what another wrote (one parallel loop, no barrier; the blocks' tables are
+  made first, on the calling thread). A task that reads another core's im2col pays for every cache
+  line: on a 2-core Xeon VM a one-layer 64->64 3x3 model on 32x32 took 78 us a call at 2 threads
+  against 65 us at one with a shared im2col, and 49 us with chunks of pixels (one thread: 64 us
+  either way). Smaller maps keep one parallel region: the tasks build one im2col together (split
+  over taps), meet at a barrier, take output-channel blocks and meet again. Chunks of pixels also
+  keep a ResNet's data where it was made: each block reads the residual and packed input rows
+  that the same thread wrote in the block before.
 * A residual epilogue can also write its output's signs packed (``packed`` and ``clip``), the
   next block's binary input, instead of a separate ``pack_sign_nchw`` over the float map.
 
@@ -53,6 +55,7 @@ from typing import Any
 from tvm import tirx
 from tvm.script import tirx as T
 
+from bitcompiler.kernels._common import PARALLEL_MIN
 from bitcompiler.kernels.conv_binary import clipped, pm1_conv_func, thr_hit
 from bitcompiler.kernels.spec import ConvSpec
 
@@ -109,8 +112,9 @@ def vpop_conv_func(
     """The kernel for ``spec`` (:func:`fits`); arguments as
     :func:`bitcompiler.kernels.conv_binary.binary_pm1_func` (``packed``: the next layer's packed
     input; ``clip``: the residual epilogue; both: the residual output and its signs packed).
-    ``split`` = ``"pixels"`` or ``"channels"`` overrides how the tasks divide the work (default:
-    pixels on maps of at least ``PIXEL_SPLIT_MIN`` pixel vectors)."""
+    ``split`` = ``"pixels"``, ``"channels"`` or ``"serial"`` overrides how the tasks divide the
+    work (default: serial below ``PARALLEL_MIN`` word popcounts a sample, else pixels on maps of at
+    least ``PIXEL_SPLIT_MIN`` pixel vectors, else channels)."""
     if not fits(spec):
         raise ValueError(f"the flat-im2col vpopcnt conv does not fit {spec}")
     signs = packed and clip is not None  # a residual output and its signs packed
@@ -123,9 +127,12 @@ def vpop_conv_func(
     NOB = O // OB
     # large maps: tasks take chunks of pixel vectors (about 16 chunks a batch row) instead of
     # channel blocks, so that no task reads what another wrote (see the module docstring)
-    if split not in (None, "pixels", "channels"):
-        raise ValueError(f"split must be 'pixels' or 'channels', got {split!r}")
-    SPLIT_PIXELS = NV >= PIXEL_SPLIT_MIN if split is None else split == "pixels"
+    if split not in (None, "pixels", "channels", "serial"):
+        raise ValueError(f"split must be 'pixels', 'channels' or 'serial', got {split!r}")
+    if split is None:  # the work of one sample in 64-bit word popcounts
+        split = (
+            "serial" if O * NP * NT * CV < PARALLEL_MIN else "pixels" if NV >= PIXEL_SPLIT_MIN else "channels"
+        )
     CHV = -(-NV // 16)
     NCH = -(-NV // CHV)
     ZERO = tirx.const(0, I64)
@@ -265,7 +272,7 @@ def vpop_conv_func(
         def body(XP, P, Y, M, RES, YP):
             XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(CV)), I64, data=XP.data)
             PV = T.decl_buffer((T.int64(O), T.int64(NT), T.int64(CV)), I64, data=P.data)
-            if SPLIT_PIXELS:
+            if split == "pixels":
                 # the blocks' tables on the calling thread (a few popcounts per weight word), then
                 # tasks that share nothing: each takes whole chunks of CHV pixel vectors (batch
                 # rows x chunks), builds their im2col in its own buffers and computes every
@@ -282,7 +289,7 @@ def vpop_conv_func(
                         im2col_tap(XV, XK, CLS, i // NCH, t, v0, nv)
                     for ob in range(T.int64(NOB)):
                         block(XK, CLS, PV, EA, Y, M, RES, YP, i // NCH, ob, v0, nv)
-            elif NOB > 1:
+            elif split == "channels" and NOB > 1:
                 # one parallel region (a TVM launch point): per batch row the tasks build the
                 # im2col together, wait at a barrier, compute their channel blocks and wait again
                 # before the next row overwrites XK (allocated outside the region: shared)

@@ -197,8 +197,8 @@ def _split_outputs(spec, g, kind, split, inputs, m):
 @pytest.mark.parametrize("kind", ["affine", "threshold", "packed", "residual", "signs"])
 @pytest.mark.parametrize("case", SPLIT_CASES)
 def test_pixel_and_channel_splits_agree(case, kind):
-    """Tasks that take chunks of pixels (each with its own im2col) and tasks that take channel blocks
-    (one shared im2col) write the same bits, batch 1 and 3, every epilogue; the residual epilogue's
+    """Tasks that take chunks of pixels (each with its own im2col), tasks that take channel blocks
+    (one shared im2col) and the calling thread alone write the same bits, batch 1 and 3, every epilogue; the residual epilogue's
     packed signs are those pack_sign_nchw makes of its output."""
     spec = _spec(case, kind in ("threshold", "packed"))
     if kind in ("packed", "signs") and spec.out_channels % 32:
@@ -219,22 +219,23 @@ def test_pixel_and_channel_splits_agree(case, kind):
         if kind in ("residual", "signs"):
             inputs.append(torch.randn(m, o, spec.out_h, spec.out_w, generator=g))
         pixels = _split_outputs(spec, g, kind, "pixels", inputs, m)
-        channels = _split_outputs(spec, g, kind, "channels", inputs, m)
-        assert all(np.array_equal(a, b) for a, b in zip(pixels, channels))
+        for split in ("channels", "serial"):
+            other = _split_outputs(spec, g, kind, split, inputs, m)
+            assert all(np.array_equal(a, b) for a, b in zip(pixels, other)), split
         if kind == "signs":
             y, yp = pixels
             assert np.array_equal(yp, act_inputs(torch.from_numpy(y), "binary", 1)[0].numpy())
 
 
 def test_split_must_be_named():
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ValueError, match="split must be 'pixels', 'channels' or 'serial'"):
         conv_vpop.vpop_conv_func(_spec(SPLIT_CASES[0], False), split="rows")
 
 
 @needs_vpopcnt
 def test_pixel_split_is_one_launch_without_barriers():
     """A large map's tasks share nothing: one parallel loop, no barrier (the channel split of a small
-    map builds one im2col together and meets twice)."""
+    map builds one im2col together and meets twice); a kernel of little work has no parallel loop."""
     host = host_target()
 
     def count(spec, what):
@@ -243,5 +244,7 @@ def test_pixel_split_is_one_launch_without_barriers():
 
     large = _spec((256, 256, 14, 14, 3, 1, 1, 1), True)
     small = _spec((256, 256, 7, 7, 3, 1, 1, 1), True)
+    shortcut = _spec((64, 128, 32, 32, 1, 2, 0, 1), False)  # 128 x 256 x 1 word popcounts
     assert (count(large, "Launch"), count(large, "Barrier")) == (1, 0)
     assert (count(small, "Launch"), count(small, "Barrier")) == (1, 2)
+    assert count(shortcut, "Launch") == 0  # below PARALLEL_MIN: on the calling thread
