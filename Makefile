@@ -11,9 +11,10 @@ STAMP := $(VENV)/.setup-stamp
 # torch goes in first and alone: on an empty venv a bare `torch` requirement pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 EXTRAS := dev,bench,repro,onnx
-# Debian packages: Fashion-MNIST IDX files, the Cortex-M toolchain and emulator, the aarch64 ones,
+# Debian packages: Fashion-MNIST IDX files, the Cortex-M toolchain and emulator, the aarch64 ones
+# (with its C library: apt-get runs without recommended packages),
 # and pocl (OpenCL on the CPU: tests/gpu run the generated OpenCL kernels on it).
-APT_PACKAGES := dataset-fashion-mnist gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm gcc-aarch64-linux-gnu qemu-user pocl-opencl-icd
+APT_PACKAGES := dataset-fashion-mnist gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user pocl-opencl-icd
 TEST_ENV := BITC_DEBUG=1 TVM_NUM_THREADS=2
 PYTEST_ARGS ?=
 

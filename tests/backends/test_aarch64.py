@@ -241,3 +241,18 @@ def test_float_activation_dense_runs_on_neon(scheme, kernel):
     assert (cm._runner.bundle / "kernels.c").read_text().count(f"void {kernel}") == 2
     xs = torch.randn(2, 3, 100)
     assert_close(cm(xs), cm.reference(xs))  # float sums in another order: float32 rounding
+
+
+def test_a_cross_compiler_without_its_c_library_is_a_missing_tool(monkeypatch):
+    """Debian's cross gcc without libc6-dev-arm64-cross fails on <stdio.h>: that is a missing tool
+    with its package named, not a build error inside the compile."""
+    if toolchain.native():
+        pytest.skip("an aarch64 host builds with its own C library")
+    monkeypatch.setattr(toolchain, "CC", "false")  # a "compiler" that fails on every input
+    toolchain._cross_libc.cache_clear()
+    try:
+        missing = toolchain.missing_tools()
+        assert toolchain.LIBC in missing
+        assert "libc6-dev-arm64-cross" in toolchain.install_hint(missing)
+    finally:
+        toolchain._cross_libc.cache_clear()

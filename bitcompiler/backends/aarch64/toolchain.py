@@ -7,6 +7,7 @@ Instruction counts are exact: QEMU's log of translated blocks, read through a pi
 
 from __future__ import annotations
 
+import functools
 import platform
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ from bitcompiler.errors import FirmwareError, ToolchainMissing
 
 CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
-PACKAGES = {CC: "gcc-aarch64-linux-gnu", QEMU: "qemu-user", "make": "make"}
+LIBC = "the aarch64 C library headers"  # a cross gcc without them fails on <stdio.h>
+PACKAGES = {CC: "gcc-aarch64-linux-gnu", QEMU: "qemu-user", "make": "make", LIBC: "libc6-dev-arm64-cross"}
 RUN_TIMEOUT_S = 900
 
 
@@ -38,7 +40,27 @@ def missing_tools(count: bool = False) -> list[str]:
     if not native() or count:
         needed.append(QEMU)
     needed.append("make")
-    return [t for t in needed if not shutil.which(t)]
+    missing = [t for t in needed if not shutil.which(t)]
+    if not native() and CC not in missing and not _cross_libc():
+        missing.append(LIBC)
+    return missing
+
+
+@functools.cache
+def _cross_libc() -> bool:
+    """Whether the cross compiler finds the C library's headers (Debian installs the compiler
+    without them when recommended packages are skipped)."""
+    try:
+        done = subprocess.run(
+            [CC, "-E", "-x", "c", "-", "-o", "/dev/null"],
+            input=b"#include <stdio.h>\n",
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 def install_hint(tools: list[str]) -> str:
