@@ -64,6 +64,7 @@ VL = 8  # pixels per vector: int64 lanes of a 512-bit vector
 OB = 8  # output channels per register block
 NCLS = 16  # border classes a vpermi2q table holds
 PIXEL_SPLIT_MIN = 16  # pixel vectors a map needs for its tasks to split it by pixels
+CHUNKS = 16  # about how many chunks of pixel vectors a batch row is cut into then
 
 
 def _patterns(n_out: int, stride: int, pad: int, dil: int, k: int, n_in: int) -> tuple[list, list[int]]:
@@ -125,7 +126,7 @@ def vpop_conv_func(
     CV, NT, NP = CWG // 2, KH * KW, OH * OW
     NV = (NP + VL - 1) // VL
     NOB = O // OB
-    # large maps: tasks take chunks of pixel vectors (about 16 chunks a batch row) instead of
+    # large maps: tasks take chunks of CHV pixel vectors (NCH chunks a batch row) instead of
     # channel blocks, so that no task reads what another wrote (see the module docstring)
     if split not in (None, "pixels", "channels", "serial"):
         raise ValueError(f"split must be 'pixels', 'channels' or 'serial', got {split!r}")
@@ -133,7 +134,7 @@ def vpop_conv_func(
         split = (
             "serial" if O * NP * NT * CV < PARALLEL_MIN else "pixels" if NV >= PIXEL_SPLIT_MIN else "channels"
         )
-    CHV = -(-NV // 16)
+    CHV = -(-NV // CHUNKS)
     NCH = -(-NV // CHV)
     ZERO = tirx.const(0, I64)
     valid, rows, cols, ncols = _classes(spec)
