@@ -35,7 +35,8 @@ from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels import conv_int8, conv_vpop
 from bitcompiler.kernels._common import as_i32, batch_var, built_once, i64, shape64, target_kind
-from bitcompiler.kernels.conv_binary import binary_pm1_func, fuses_residual, packs_output, packs_residual
+from bitcompiler.kernels.conv_binary import binary_pm1_func
+from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
 from bitcompiler.kernels.spec import ConvSpec, centered_offset_expr
 

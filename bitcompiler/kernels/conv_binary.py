@@ -1,7 +1,9 @@
 """Register-blocked W1A1 conv (``act="binary"``, pm1 weights) for the host CPU.
 
 Computes exactly what :mod:`bitcompiler.kernels.conv` documents (same buffers and layout);
-:func:`bitcompiler.kernels.conv2d_kernel` picks it for LLVM targets.
+:func:`bitcompiler.kernels.conv2d_kernel` picks it for LLVM targets. Which epilogues a layer can
+take, their values and the PrimFunc signatures are :mod:`bitcompiler.kernels.conv_pm1`'s, shared
+with the AVX-512 kernel :mod:`bitcompiler.kernels.conv_vpop`.
 
 CPU schedule, ``act="binary"`` with pm1 weights (``binary_pm1_func``, written directly as loops):
 
@@ -43,151 +45,21 @@ CPU schedule, ``act="binary"`` with pm1 weights (``binary_pm1_func``, written di
 
 from __future__ import annotations
 
-from typing import Any
-
 from tvm import tirx
 from tvm.script import tirx as T
 
 from bitcompiler.kernels._common import as_i32, largest_divisor
+from bitcompiler.kernels.conv_pm1 import (
+    bits_byte,
+    clipped,
+    packs_output,
+    packs_residual,
+    pm1_conv_func,
+    thr_hit,
+)
 from bitcompiler.kernels.spec import ConvSpec
 
 F32 = "float32"
-
-
-def packs_output(spec: ConvSpec) -> bool:
-    """Whether :func:`binary_pm1_func` can write ``spec``'s thresholds as the next layer's packed input."""
-    return (
-        spec.act == "binary"
-        and spec.code == "pm1"
-        and spec.threshold
-        and spec.out_channels % 32 == 0
-        and spec.og % 8 == 0
-    )
-
-
-def fuses_residual(spec: ConvSpec) -> bool:
-    """Whether :func:`binary_pm1_func` can fold ``hardtanh(conv + residual)`` into ``spec``'s epilogue."""
-    return spec.act == "binary" and spec.code == "pm1" and not spec.threshold
-
-
-def thr_hit(TS: Any, TH: Any, a: Any, o: Any) -> Any:
-    """The reference's threshold: ``s = sign(TS[o]) * a`` (0 when TS = 0), then ``s >= TH[o]``."""
-    sgn = tirx.Select(TS[o] > 0, 1, 0) - tirx.Select(TS[o] < 0, 1, 0)
-    return sgn * a >= TH[o]
-
-
-def thr_value(TS: Any, TH: Any, a: Any, o: Any) -> Any:
-    return tirx.Select(thr_hit(TS, TH, a, o), tirx.const(1.0, F32), tirx.const(-1.0, F32))
-
-
-def aff_value(SC: Any, BI: Any, a: Any, o: Any) -> Any:
-    return SC[o] * a.astype(F32) + BI[o]
-
-
-def clipped(v: Any, RES: Any, at: Any, clip: tuple[float, float] | None) -> Any:
-    """With a residual: ``hardtanh(v + RES[at])`` as PyTorch computes it (float32 add, then clamp)."""
-    if clip is None:
-        return v
-    lo, hi = (tirx.const(float(b), F32) for b in clip)
-    return tirx.min(tirx.max(v + RES[at], lo), hi)
-
-
-def pm1_conv_func(
-    spec: ConvSpec, make: Any, packed: bool, clip: tuple[float, float] | None, signs: bool = False
-) -> tirx.PrimFunc:
-    """The PrimFunc of a binary pm1 CPU conv with :func:`binary_pm1_func`'s buffers around
-    ``make(out_value, E0, E1)(XP, P, Y, M, RES, YP)``, the kernel's body for an epilogue
-    (``thr_value, TS, TH`` or ``aff_value, SC, BI``); ``signs``: a residual epilogue that also
-    writes its output's signs packed, ``YP``."""
-    O, H, W = spec.out_channels, spec.in_h, spec.in_w
-    (KH, KW), G, CWG, OH, OW = spec.kernel, spec.groups, spec.words_per_group, spec.out_h, spec.out_w
-
-    if packed:
-
-        @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-            M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-            TS = T.match_buffer(ts, (T.int64(O),), "int32")
-            TH = T.match_buffer(th, (T.int64(O),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
-            make(thr_value, TS, TH)(XP, P, Y, M, Y, Y)
-
-        return func
-
-    if spec.threshold:
-
-        @T.prim_func(s_tir=True)
-        def func(xp: T.handle, p: T.handle, ts: T.handle, th: T.handle, y: T.handle):
-            M = T.int64()
-            XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-            P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-            TS = T.match_buffer(ts, (T.int64(O),), "int32")
-            TH = T.match_buffer(th, (T.int64(O),), "int32")
-            Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-            make(thr_value, TS, TH)(XP, P, Y, M, Y, Y)
-
-        return func
-
-    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, y: T.handle):
-        M = T.int64()
-        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-        SC = T.match_buffer(sc, (T.int64(O),), F32)
-        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
-        BI = T.match_buffer(bi, (T.int64(O),), F32)
-        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        make(aff_value, SC, BI)(XP, P, Y, M, Y, Y)
-
-    if clip is None:
-        return func
-
-    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(xp: T.handle, p: T.handle, sc: T.handle, of: T.handle, bi: T.handle, res: T.handle, y: T.handle):
-        M = T.int64()
-        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-        SC = T.match_buffer(sc, (T.int64(O),), F32)
-        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
-        BI = T.match_buffer(bi, (T.int64(O),), F32)
-        RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        make(aff_value, SC, BI)(XP, P, Y, M, RES, Y)
-
-    if not signs:
-        return func
-
-    @T.prim_func(s_tir=True)  # type: ignore[no-redef]
-    def func(
-        xp: T.handle,
-        p: T.handle,
-        sc: T.handle,
-        of: T.handle,
-        bi: T.handle,
-        res: T.handle,
-        y: T.handle,
-        yp: T.handle,
-    ):
-        M = T.int64()
-        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), "int32")
-        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), "int32")
-        SC = T.match_buffer(sc, (T.int64(O),), F32)
-        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
-        BI = T.match_buffer(bi, (T.int64(O),), F32)
-        RES = T.match_buffer(res, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        Y = T.match_buffer(y, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
-        YP = T.match_buffer(yp, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), "int32")
-        make(aff_value, SC, BI)(XP, P, Y, M, RES, YP)
-
-    return func
-
-
-def packs_residual(spec: ConvSpec) -> bool:
-    """Whether :func:`binary_pm1_func` can also write the signs of a residual epilogue's output as the
-    next binary layer's packed input (:func:`fuses_residual` with 32k output channels)."""
-    return fuses_residual(spec) and spec.out_channels % 32 == 0 and spec.og % 8 == 0
 
 
 def binary_pm1_func(
@@ -263,11 +135,7 @@ def binary_pm1_func(
     def packed_byte(TS, TH, accs, o0):
         # the threshold outputs of channels o0 .. o0 + 7 (accumulators ``accs``) as the bits of one
         # byte (1 = +1), i.e. exactly what pack_sign_nchw makes of them
-        bits = [
-            tirx.Select(thr_hit(TS, TH, a, o0 + r), tirx.const(1 << r, I32), tirx.const(0, I32))
-            for r, a in enumerate(accs)
-        ]
-        return tirx.Cast(U8, sum(bits[1:], bits[0]))
+        return bits_byte([thr_hit(TS, TH, a, o0 + r) for r, a in enumerate(accs)])
 
     def interior(v):
         # all VL pixels of vector v are real outputs whose KW taps all lie inside the image
@@ -369,11 +237,7 @@ def binary_pm1_func(
         def sign_byte(Y, m, t, x):
             # the signs (1 = y >= 0) of the OB = 8 channels of block t // OH at one pixel as the bits
             # of one byte, as pack_sign_nchw packs them
-            bits = [
-                tirx.Select(Y[m, t // OH * OB + r, t % OH, x] >= tirx.const(0.0, F32), 1 << r, 0)
-                for r in range(OB)
-            ]
-            return tirx.Cast(U8, sum(bits[1:], bits[0]))
+            return bits_byte([Y[m, t // OH * OB + r, t % OH, x] >= tirx.const(0.0, F32) for r in range(OB)])
 
         @T.macro
         def sign_bytes(Y, YP, M, m, t):

@@ -56,7 +56,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from bitcompiler.kernels._common import PARALLEL_MIN
-from bitcompiler.kernels.conv_binary import clipped, pm1_conv_func, thr_hit
+from bitcompiler.kernels.conv_pm1 import bits_byte, clipped, pm1_conv_func, thr_hit
 from bitcompiler.kernels.spec import ConvSpec
 
 F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
@@ -181,23 +181,11 @@ def vpop_conv_func(
             return clipped(value, RF, (m, o, px(v) + l), clip)
 
         def sign_byte(YF, m, o0, p):
-            bits = [
-                tirx.Select(
-                    YF[m, o0 + r, p] >= tirx.const(0.0, F32), tirx.const(1 << r, I32), tirx.const(0, I32)
-                )
-                for r in range(OB)
-            ]
-            return tirx.Cast(U8, sum(bits[1:], bits[0]))
+            return bits_byte([YF[m, o0 + r, p] >= tirx.const(0.0, F32) for r in range(OB)])
 
         def byte_at(A, o0, l):
             # the threshold outputs of channels o0 .. o0 + 7 as the bits of one byte (1 = +1)
-            bits = [
-                tirx.Select(
-                    thr_hit(E0, E1, A[r, l].astype(I32), o0 + r), tirx.const(1 << r, I32), tirx.const(0, I32)
-                )
-                for r in range(OB)
-            ]
-            return tirx.Cast(U8, sum(bits[1:], bits[0]))
+            return bits_byte([thr_hit(E0, E1, A[r, l].astype(I32), o0 + r) for r in range(OB)])
 
         @T.macro
         def im2col_tap(XV, XK, CLS, m, t, v0, nv):

@@ -12,7 +12,7 @@ import torch
 import tvm
 
 from bitcompiler.kernels import ConvSpec, conv2d_kernel
-from bitcompiler.kernels.conv_binary import fuses_residual, packs_output, packs_residual
+from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import popcnt512_target
 from bitcompiler.quant import numerics as nu
 from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, host_target, random_codes

@@ -5,16 +5,16 @@ after each. They are target matters: only the CPU's binary conv kernel
 as the calls they replace.
 
 * :func:`fuse_packed_output`: ``pack_sign_nchw(conv(args))`` of a threshold binary conv
-  (:func:`~bitcompiler.kernels.conv_binary.packs_output`), packed for a groups-1 binary layer,
+  (:func:`~bitcompiler.kernels.conv_pm1.packs_output`), packed for a groups-1 binary layer,
   becomes ``conv_packed(args)``: the conv writes the next layer's packed input itself.
 * :func:`fuse_packed_pool`: ``pack_sign_nchw(clip(max_pool2d(y)))`` (any chain of max pools and
   clips that keep the sign) becomes ``or_pool(pack_sign_nchw(y))``: the window's OR of the packed
   sign bits, the same bits; a threshold conv's ``y`` is then packed by the conv itself (next pass).
 * :func:`fuse_residual_clip`: ``clip(conv(args) + res, lo, hi)`` of an affine binary conv
-  (:func:`~bitcompiler.kernels.conv_binary.fuses_residual`) whose output and sum nothing else
+  (:func:`~bitcompiler.kernels.conv_pm1.fuses_residual`) whose output and sum nothing else
   reads (a ResNet block's end) becomes ``conv_res(args, res)``; where a groups-1
   ``pack_sign_nchw`` reads that output too (the next block's binary convs), the conv writes both
-  (:func:`~bitcompiler.kernels.conv_binary.packs_residual`): ``y, p = conv_res_packed(args, res)``.
+  (:func:`~bitcompiler.kernels.conv_pm1.packs_residual`): ``y, p = conv_res_packed(args, res)``.
 
 The converters mark the calls these passes may rewrite (``relax_emit.kernel_func``'s ``about``);
 the replaced calls stay until ``DeadCodeElimination``, later in the pipeline, drops those nothing
@@ -119,7 +119,7 @@ def _conv_spec(about: dict) -> Any:
 def _packed_output(value: Any, scope: _Scope) -> Any | None:
     """``pack_sign_nchw(y)`` (groups 1) of a packable threshold conv's ``y``: that conv, packed."""
     from bitcompiler import kernels
-    from bitcompiler.kernels.conv_binary import packs_output
+    from bitcompiler.kernels.conv_pm1 import packs_output
 
     pack = scope.marked(value)
     if pack is None or pack[0] != {"op": "pack_sign_nchw", "groups": 1}:
@@ -141,7 +141,7 @@ def _residual_clip(value: Any, scope: _Scope) -> Any | None:
     from tvm import relax
 
     from bitcompiler import kernels
-    from bitcompiler.kernels.conv_binary import fuses_residual, packs_residual
+    from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_residual
 
     if not _is_op(value, "relax.clip") or not scope.only_use(value.args[0]):
         return None
