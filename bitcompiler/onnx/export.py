@@ -25,6 +25,7 @@ from bitcompiler import ops
 from bitcompiler.errors import ExportError, UnsupportedExport, first_line
 from bitcompiler.onnx.emit import FORMATS, QONNX_DOMAIN, Builder
 from bitcompiler.onnx.layers import QuantLayer, constant_tensors, read_layer
+from bitcompiler.quant import numerics
 
 OPSET = 17
 _DOMAIN = "bitc_export"
@@ -68,6 +69,9 @@ def _avg_pool(x: torch.Tensor, kernel: list, stride: list, padding: list, count_
 
 
 def _exact_unary(x: torch.Tensor, fn: str) -> Any:
+    if fn == "gelu_sign":  # the sign rule itself: two comparisons and a Where
+        keep = (x >= 0) | (x <= numerics.f32(numerics.GELU_ZERO_BELOW))
+        return torch.where(keep, torch.ones_like(x), -torch.ones_like(x))
     return torch.sigmoid(x) if fn == "sigmoid" else torch.tanh(x)
 
 
@@ -79,7 +83,7 @@ def placeholder_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[QuantLay
         name = ops.op_name(node)
         if name == "window_mean":
             node.target = _avg_pool
-        elif name == "exact_unary":  # ONNX's own Sigmoid / Tanh
+        elif name == "exact_unary":  # ONNX's own Sigmoid / Tanh; GELU's sign rule
             node.target = _exact_unary
         elif name in ops.ATTRS:
             layers.append(read_layer(gm, node))

@@ -12,7 +12,10 @@ not, as PyTorch runs them, and are rewritten here:
 * sigmoid and tanh (squeeze-excitation gates, LSTM attention) are approximated differently by
   PyTorch and by TVM: they become ``bitc::exact_unary``, one formulation of basic float32
   operations (``numerics.sigmoid32``, ``numerics.tanh32``) that the reference and the kernels
-  evaluate alike.
+  evaluate alike;
+* a GELU whose every reader is a layer with binary activations (an MLP block's hidden layer)
+  only has its sign read: it becomes ``bitc::exact_unary(x, "gelu_sign")``, two comparisons
+  (``numerics.gelu_sign32``) instead of an erf per element.
 
 Ops this pass does not match (other pools, ceil mode, other transcendental functions) keep their
 PyTorch form and are outside the contract.
@@ -30,6 +33,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from bitcompiler.passes.graph_utils import finish, fresh_name, module_of
 from bitcompiler.passes.pipeline import PassContext
 from bitcompiler.passes.rewrites.fold_batchnorm import bn_affine
+from bitcompiler.quant.bitlayers import BIT_LAYERS
+from bitcompiler.quant.tiled_layers import TILED_LAYERS
 
 aten = torch.ops.aten
 _AVG = (F.avg_pool2d, aten.avg_pool2d.default)
@@ -44,6 +49,7 @@ _UNARY: dict[Any, str] = {
     aten.tanh.default: "tanh",
 }
 _UNARY_MODULES: dict[type, str] = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+_GELU = (F.gelu, torch._C._nn.gelu, aten.gelu.default)
 
 
 def _unary(node: fx.Node, m: nn.Module | None) -> str | None:
@@ -53,6 +59,27 @@ def _unary(node: fx.Node, m: nn.Module | None) -> str | None:
     if node.op == "call_method":
         return str(node.target) if node.target in ("sigmoid", "tanh") else None
     return _UNARY.get(node.target) if node.op == "call_function" else None
+
+
+def _exact_gelu(node: fx.Node, m: nn.Module | None) -> bool:
+    """An out-of-place exact (erf) GELU, module or function."""
+    if isinstance(m, nn.GELU):
+        return m.approximate == "none"
+    if node.op != "call_function" or node.target not in _GELU or len(node.args) != 1:
+        return False
+    return set(node.kwargs) <= {"approximate"} and node.kwargs.get("approximate", "none") == "none"
+
+
+def _only_signs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Every reader of ``node`` is a bit or tiled layer with binary activations taking it as its
+    input, so only the sign of each element matters."""
+    for user in node.users:
+        m = module_of(gm, user)
+        if not isinstance(m, (*BIT_LAYERS, *TILED_LAYERS)) or m.act != "binary":
+            return False
+        if user.args[:1] != (node,) or node in user.args[1:] or node in user.kwargs.values():
+            return False
+    return bool(node.users)
 
 
 def _pair(v: object) -> tuple[int, int] | None:
@@ -110,7 +137,7 @@ def _window(node: fx.Node, m: nn.Module | None, hw: tuple[int, int]) -> tuple | 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Average pools -> ``bitc::window_mean``, leftover BatchNorm -> multiply then add, sigmoid and
-    tanh -> ``bitc::exact_unary``."""
+    tanh -> ``bitc::exact_unary``, a GELU only binary layers read -> its sign rule."""
     if ctx.example_inputs:
         _propagate_shapes(gm, ctx.example_inputs)
     for node in list(gm.graph.nodes):
@@ -126,6 +153,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if getattr(meta, "dtype", None) != torch.float32:
             continue
         fn = _unary(node, m)
+        if fn is None and _exact_gelu(node, m) and _only_signs_read(gm, node):
+            fn = "gelu_sign"
+            node.kwargs = {}
         if fn is not None and len(node.args) == 1 and not node.kwargs:
             with gm.graph.inserting_before(node):
                 y = gm.graph.call_function(torch.ops.bitc.exact_unary.default, (x, fn))

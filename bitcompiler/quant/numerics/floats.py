@@ -127,9 +127,28 @@ def tanh32(x: Any, m: Any) -> Any:
     return m.select_gt(a, TANH_SMALL, m.select_gt(x, 0.0, big, m.const(0.0) - big), small)
 
 
-EXACT_UNARY = {"sigmoid": sigmoid32, "tanh": tanh32}
+# PyTorch's float32 GELU is -0.0 (sign +1) below about -5.54: erf(x/sqrt(2)) rounds to -1 there
+GELU_ZERO_BELOW = -5.54
+
+
+def gelu_sign32(x: Any, m: Any) -> Any:
+    """The +-1 a binary activation (``sign``, ``sign(0) = +1``) makes of float32 ``gelu(x)``.
+
+    ``gelu(x) = x * Phi(x)`` is negative for every ``x < 0`` in exact arithmetic, but PyTorch's
+    float32 GELU computes ``erf(x / sqrt(2))`` as exactly -1 below about -5.54 and returns -0.0,
+    which binarizes to +1. The rule here: +1 for ``x >= 0`` and for ``x <= GELU_ZERO_BELOW``, else
+    -1. It equals ``sign(F.gelu(x))`` everywhere outside [-5.543, -5.486]; inside that band
+    PyTorch's own result depends on the rounding of its erf (some inputs give -0.0, others a tiny
+    negative number, and a lone element and a vector of them can differ)."""
+    one, minus_one = m.const(1.0), m.const(-1.0)
+    negative = m.select_gt(x, GELU_ZERO_BELOW, minus_one, one)
+    return m.select_gt(m.const(0.0) - x, 0.0, negative, one)
+
+
+EXACT_UNARY = {"sigmoid": sigmoid32, "tanh": tanh32, "gelu_sign": gelu_sign32}
 
 
 def exact_unary(x: torch.Tensor, fn: str) -> torch.Tensor:
-    """``fn`` (``"sigmoid"`` or ``"tanh"``) of float32 ``x`` in the fixed formulation above."""
+    """``fn`` (``"sigmoid"``, ``"tanh"`` or ``"gelu_sign"``) of float32 ``x`` in the fixed
+    formulation above."""
     return EXACT_UNARY[fn](x.float(), TorchFloat32())

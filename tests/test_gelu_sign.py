@@ -1,0 +1,127 @@
+"""A GELU that only layers with binary activations read (an MLP block's hidden layer) is compiled as
+its sign rule (``bitc::exact_unary(x, "gelu_sign")``, ``numerics.gelu_sign32``): two comparisons
+instead of an erf per element, equal to ``sign(F.gelu(x))`` as PyTorch computes it outside a narrow
+band where PyTorch's own rounding of erf decides, and bit-identical in the reference and the code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitcompiler as bc
+from bitcompiler.quant import numerics
+
+# PyTorch's float32 GELU rounds to -0.0 for some inputs in here and not for others
+BAND = (-5.5426, -5.4858)
+
+
+def _sweep() -> torch.Tensor:
+    """Every 97th float32 in [-16, 16] (both signs), zeros, the rule's threshold, large values."""
+    pos = np.arange(0, 0x41800000, 97, dtype=np.int64).astype(np.int32).view(np.float32)
+    edges = np.float32([0.0, -0.0, numerics.GELU_ZERO_BELOW, -5.5426, -5.4858, 1e30, -1e30, 100, -100])
+    return torch.from_numpy(np.concatenate([pos, -pos, edges]))
+
+
+def test_rule_is_the_sign_of_torch_gelu_outside_the_band():
+    x = _sweep()
+    want = numerics.sign(F.gelu(x))
+    got = numerics.exact_unary(x, "gelu_sign")
+    outside = (x < BAND[0]) | (x > BAND[1])
+    assert torch.equal(got[outside], want[outside])
+    assert set(got.unique().tolist()) == {-1.0, 1.0}
+    # where PyTorch's GELU is -0.0 (far below zero) the binary activation reads +1, and so does the rule
+    assert got[x < -6].eq(1).all() and got[(x < 0) & (x > BAND[1])].eq(-1).all()
+
+
+def test_cpu_kernel_equals_reference_bit_for_bit():
+    import tvm
+    from tvm import te
+
+    from bitcompiler.backends.exact_float import TirFloat32
+
+    x = _sweep()
+    X = te.placeholder((x.numel(),), "float32", "X")
+    Y = te.compute(X.shape, lambda i: numerics.gelu_sign32(X[i], TirFloat32()), name="Y")
+    func = te.create_prim_func([X, Y]).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=bc.Target("cpu").tvm_target())
+    out = tvm.runtime.tensor(torch.zeros_like(x).numpy())
+    lib["main"](tvm.runtime.tensor(x.numpy()), out)
+    assert torch.equal(torch.from_numpy(out.numpy()), numerics.exact_unary(x, "gelu_sign"))
+
+
+class GeluMLP(nn.Module):
+    """8-bit first and last layers, two binary hidden layers behind a GELU module and function."""
+
+    def __init__(self, spread: float = 1.0) -> None:
+        super().__init__()
+        self.inp, self.mid, self.mid2, self.out = (
+            nn.Linear(16, 128),
+            nn.Linear(128, 128),
+            nn.Linear(128, 64),
+            nn.Linear(64, 10),
+        )
+        self.act = nn.GELU()
+        with torch.no_grad():
+            self.inp.weight.mul_(spread)
+
+    def forward(self, x):
+        return self.out(self.mid2(F.gelu(self.mid(self.act(self.inp(x))))))
+
+
+class Kept(GeluMLP):
+    """GELUs whose values matter: one also read by an add, a tanh-approximate one, one read by the
+    8-bit last layer."""
+
+    def forward(self, x):
+        g = F.gelu(self.inp(x))
+        h = self.mid(g) + g
+        return self.out(F.gelu(self.mid2(F.gelu(h, approximate="tanh"))))
+
+
+def _targets(cm) -> list[str]:
+    return [str(n.target) for n in cm.graph.graph.nodes]
+
+
+def test_only_gelus_whose_signs_alone_are_read_are_rewritten():
+    torch.manual_seed(0)
+    cm = bc.compile(GeluMLP().eval(), (torch.randn(1, 16),), scheme="binary:act=binary")
+    assert sum("exact_unary" in t for t in _targets(cm)) == 2
+    assert not any("gelu" in t for t in _targets(cm))
+    assert cm.report().float_ops["gelu_sign"] == 2
+    kept = bc.compile(Kept().eval(), (torch.randn(1, 16),), scheme="binary:act=binary")
+    assert not any("exact_unary" in t for t in _targets(kept))
+    # float activations: the binary layers read values, not signs
+    plain = bc.compile(GeluMLP().eval(), (torch.randn(1, 16),), scheme="binary")
+    assert not any("exact_unary" in t for t in _targets(plain))
+
+
+def test_compiled_model_is_bit_exact_across_the_band():
+    """Pre-activations spread over about +-20: hundreds fall in the band and below the threshold;
+    every output equals the reference's, and the first GELU's readers see the rule's signs."""
+    torch.manual_seed(0)
+    model = GeluMLP(spread=12.0).eval()
+    x = torch.randn(2000, 16)
+    with torch.no_grad():
+        pre = model.inp(x)
+    assert ((pre > BAND[0]) & (pre < BAND[1])).sum() > 100 and (pre < -6).sum() > 1000
+    cm = bc.compile(model, (x[:1],), scheme="binary:act=binary")
+    assert torch.equal(cm(x), cm.reference(x))
+
+
+def test_onnx_export_writes_the_rule(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from tests.test_onnx import run_ort
+
+    torch.manual_seed(0)
+    cm = bc.compile(GeluMLP().eval(), (torch.randn(1, 16),), scheme="binary:act=binary")
+    path = cm.export_onnx(tmp_path / "g.onnx", format="qdq")
+    kinds = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Where" in kinds and "Erf" not in kinds and "Gelu" not in kinds
+    x = torch.randn(8, 16)
+    ref = cm.reference(x)
+    assert float((run_ort(path, x) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
