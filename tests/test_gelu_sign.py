@@ -98,6 +98,22 @@ def test_only_gelus_whose_signs_alone_are_read_are_rewritten():
     assert not any("exact_unary" in t for t in _targets(plain))
 
 
+def test_vpop_dense_kernels_apply_the_rule_in_their_sign_packing():
+    """Where the CPU has AVX-512 vector popcounts, the binary dense kernel reads the GELU's input and
+    packs it by the rule itself: no separate rule kernel is left (elsewhere the rule's kernel runs)."""
+    from bitcompiler.kernels.dense_avx2 import popcnt512_target
+    from bitcompiler.target import Target, backend_for
+
+    torch.manual_seed(0)
+    cm = bc.compile(GeluMLP().eval(), (torch.randn(1, 16),), scheme="binary:act=binary")
+    names = set(cm.profile(torch.randn(3, 16), repeat=2).kernels)
+    fused = [n for n in names if "_vpop_gelu" in n]
+    if popcnt512_target(backend_for(Target("cpu")).tvm_target(Target("cpu"))):
+        assert len(fused) == 2 and not any("gelu_sign" in n for n in names), sorted(names)
+    else:
+        assert not fused and sum("gelu_sign" in n for n in names) == 2, sorted(names)
+
+
 def test_compiled_model_is_bit_exact_across_the_band():
     """Pre-activations spread over about +-20: hundreds fall in the band and below the threshold;
     every output equals the reference's, and the first GELU's readers see the rule's signs."""

@@ -119,6 +119,7 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     from tvm import relax
 
     from bitcompiler import kernels
+    from bitcompiler.kernels import dense_vpop
 
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
@@ -139,6 +140,12 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
         epilogue[0] = relax.const(relaid.weights)
         prim, name = relaid.func, f"{name}_{relaid.suffix}"
         inputs = [x2] if relaid.float_input else quantized_input(bb, x2, a.act, None, (kw,))
+        before = _gelu_input(call.x)
+        if relaid.suffix == "vpop" and before is not None:
+            # the GELU's sign rule in the kernel's own sign packing: it reads the GELU's input, and
+            # the rule's call goes (DeadCodeElimination) once no other layer reads it
+            prim, name = dense_vpop.vpop_kernel(spec, gelu=True), f"{name}_gelu"
+            inputs = [as_rows(bb, env[before], a.k)[0]]
     else:
         prim, inputs = (
             kernels.dense_kernel(spec, kernel_target()),
@@ -146,6 +153,13 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
         )
     y = emit_kernel(bb, prim, name, inputs + epilogue, relax.TensorType((rows, n), "float32"))
     return from_rows(bb, y, lead, n)
+
+
+def _gelu_input(x: Any) -> fx.Node | None:
+    """The input of ``x`` where ``x`` is ``bitc::exact_unary(input, "gelu_sign")``, else None."""
+    if isinstance(x, fx.Node) and ops.op_name(x) == "exact_unary" and x.args[1:] == ("gelu_sign",):
+        return x.args[0] if isinstance(x.args[0], fx.Node) else None
+    return None
 
 
 def conv_shapes(env: dict, call: ops.BoundCall) -> tuple[Any, int, int, int, Any, int, int]:

@@ -60,6 +60,33 @@ def test_vpop_matches_reference_and_the_lanes_kernel(k, n, threshold):
             assert np.array_equal(y, y_lanes)
 
 
+@pytest.mark.parametrize("threshold", [False, True])
+def test_vpop_gelu_variant_packs_by_the_gelu_sign_rule(threshold):
+    """``gelu=True``: the kernel reads a GELU's input and binarizes it as ``numerics.gelu_sign32``
+    (+1 at and above 0 and at and below -5.54): the numbers of the rule followed by the plain kernel."""
+    g = torch.Generator().manual_seed(3)
+    k, n = 256, 40
+    spec = DenseSpec(k, n, 1, "pm1", "binary", False, threshold)
+    run = build(vpop_kernel(spec, gelu=True))
+    planes = nu.code_to_planes(random_codes((n, k), 1, "pm1", g), 1, "pm1")
+    ep, kw = epilogue_params(n, threshold, g, False, k)
+    if threshold:
+        kw.update(scale=torch.ones(n), offset=torch.zeros(n), bias=torch.zeros(n))
+    wt = torch.from_numpy(vpop_layout(planes.numpy()))
+    for m in (1, 5, 64):
+        x = 6 * torch.randn(m, k, generator=g)
+        limit = float(np.float32(nu.GELU_ZERO_BELOW))
+        x[0, :4] = torch.tensor([0.0, -0.0, limit, float(np.nextafter(np.float32(limit), 0))])
+        (y,) = run([x, wt] + ep, [((m, n), "float32")])
+        ref = nu.bit_linear(nu.exact_unary(x, "gelu_sign"), planes, k, "pm1", "binary", **kw)
+        if threshold:
+            assert np.array_equal(y, ref.numpy())
+        else:
+            assert_close(y, ref)
+        plain = nu.bit_linear(x, planes, k, "pm1", "binary", **kw)  # the rule moved some signs
+        assert not np.array_equal(ref.numpy(), plain.numpy())
+
+
 def test_vpop_runs_batches_of_few_words_on_the_calling_thread():
     """Batch rows x N x K/64 words below PARALLEL_MIN take a serial copy of the batched nest (the
     test above runs both: 256 x 256 at batch 64 is 65,536 words, at batch 5 far fewer)."""
