@@ -46,11 +46,11 @@ def test_01_untraceable_control_flow():
 
 
 def test_02_03_op_without_lowering_lenient_and_strict():
-    model = nn.Sequential(nn.Conv1d(2, 2, 3), nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2))
     x = torch.randn(1, 2, 4)
     rows = {r.name: r for r in bc.compile(model, (x,)).report().layers}
-    assert rows["0"].scheme == "float" and "Conv1d has no bit lowering" in rows["0"].note
-    raises(bc.PassError, "layer '0' (Conv1d)", bc.compile, model, (x,), strict=True)
+    assert rows["0"].scheme == "float" and "ConvTranspose1d has no bit lowering" in rows["0"].note
+    raises(bc.PassError, "layer '0' (ConvTranspose1d)", bc.compile, model, (x,), strict=True)
 
 
 @pytest.mark.parametrize("model", [nn.Sequential(), nn.Identity()], ids=["04-empty", "05-identity"])

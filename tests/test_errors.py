@@ -65,12 +65,12 @@ def test_wrong_number_of_inputs(compiled):
 
 
 def test_strict_mode_names_the_op_without_bit_lowering():
-    model = nn.Sequential(nn.Conv1d(2, 2, 3), nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2))
     x = torch.randn(1, 2, 4)
     cm = bc.compile(model, (x,))
     rows = {r.name: r for r in cm.report().layers}
-    assert rows["0"].scheme == "float" and "Conv1d has no bit lowering" in rows["0"].note
-    with pytest.raises(bc.PassError, match="layer '0' \\(Conv1d\\): Conv1d has no bit lowering"):
+    assert rows["0"].scheme == "float" and "ConvTranspose1d has no bit lowering" in rows["0"].note
+    with pytest.raises(bc.PassError, match="layer '0' \\(ConvTranspose1d\\): ConvTranspose1d has no bit lowering"):
         bc.compile(model, (x,), strict=True)
 
 

@@ -141,3 +141,30 @@ def test_onnx_export_writes_the_rule(tmp_path):
     x = torch.randn(8, 16)
     ref = cm.reference(x)
     assert float((run_ort(path, x) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+class ConvTokenMixer(nn.Module):
+    """A Mixer block whose token MLP is two ``Conv1d(kernel_size=1)`` over the tokens as channels:
+    the first GELU reaches its binary reader through the 1-d conv's ``unsqueeze``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(48, 32), nn.Linear(32, 10)
+        self.norm = nn.LayerNorm(32)
+        self.t1, self.t2 = nn.Conv1d(16, 64, 1), nn.Conv1d(64, 16, 1)
+        self.c1, self.c2 = nn.Linear(32, 128), nn.Linear(128, 32)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.t2(F.gelu(self.t1(self.norm(h))))
+        h = h + self.c2(F.gelu(self.c1(self.norm(h))))
+        return self.out(h.mean(1))
+
+
+def test_gelu_read_through_a_conv1d_unsqueeze_is_rewritten():
+    torch.manual_seed(0)
+    cm = bc.compile(ConvTokenMixer().eval(), (torch.randn(1, 16, 48),), scheme="binary:act=binary")
+    assert cm.report().float_ops.get("gelu_sign") == 2 and "gelu" not in cm.report().float_ops
+    x = torch.randn(5, 16, 48)
+    ref = cm.reference(x)
+    assert float((cm(x) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

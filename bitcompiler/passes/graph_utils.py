@@ -67,3 +67,14 @@ SIGN_PRESERVING_FUNCS = (
     "contiguous",
 )
 SIGN_PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Hardtanh, nn.Identity)
+# ops that only move elements (each output element is one input element)
+REARRANGING_FUNCS = (
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.permute,
+    torch.transpose,
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "transpose",
+)

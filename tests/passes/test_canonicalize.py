@@ -106,3 +106,52 @@ def test_a_weight_that_depends_on_the_input_stays_float_with_the_reason():
     torch.testing.assert_close(cm(xb), cm.reference(xb), rtol=1e-5, atol=1e-5)
     with pytest.raises(PassError, match="depends on the input"):
         bc.compile(model, (x,), scheme="binary", strict=True)
+
+
+class Conv1ds(nn.Module):
+    """1-d convs of every kind canonicalize takes (module and functional; stride, dilation, groups,
+    "same" and "valid" padding) and one it leaves (circular padding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.point = nn.Conv1d(4, 8, 1)
+        self.strided = nn.Conv1d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
+        self.circular = nn.Conv1d(8, 8, 3, padding=1, padding_mode="circular")
+        self.w, self.b = nn.Parameter(torch.randn(8, 8, 3)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        x = self.strided(torch.relu(self.point(x)))
+        x = F.conv1d(x, self.w, self.b, padding="same")
+        return self.circular(F.conv1d(x, self.w, padding="valid"))
+
+
+def test_conv1d_becomes_conv2d_over_a_map_of_height_one():
+    model = Conv1ds().eval()
+    x = torch.randn(3, 4, 20)
+    gm = canonicalize.run(trace(model))
+    kinds = [k for op, k in structure(gm) if op == "call_module"]
+    assert kinds == ["Conv2d"] * 4 + ["Conv1d"], kinds
+    assert not any(op == "call_function" and k == "conv1d" for op, k in structure(gm))
+    strided = gm.get_submodule("strided")  # a module keeps its name
+    assert (strided.kernel_size, strided.stride, strided.padding, strided.dilation, strided.groups) == (
+        (1, 3), (1, 2), (0, 2), (1, 2), 2,
+    )
+    assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_conv1d_layers_are_quantized_and_exact():
+    import bitcompiler as bc
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv1d(8, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv1d(32, 64, 1), nn.Hardtanh(),
+        nn.Conv1d(64, 64, 3, padding=1, stride=2), nn.Hardtanh(),
+        nn.Flatten(), nn.Linear(64 * 8, 10),
+    ).eval()
+    x = torch.randn(6, 8, 16)
+    cm = bc.compile(net, (x[:1],), scheme="binary:act=binary")
+    rows = cm.report().layers
+    assert [r.op for r in rows] == ["conv2d"] * 3 + ["linear"]
+    assert [r.scheme for r in rows][1:3] == ["binary:act=binary"] * 2
+    assert torch.equal(cm(x), cm.reference(x))

@@ -6,6 +6,12 @@ stored as buffers. Functional and ATen linear/conv2d/batch_norm calls on constan
 then become module calls (``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``), so every later
 pass matches one pattern; dropout and identity disappear. A functional linear/conv2d whose
 weight depends on the input stays float and the report says why (``strict=True``: an error).
+
+A 1-d convolution (``nn.Conv1d`` or ``F.conv1d`` on a constant weight, zero padding) becomes a
+2-d one over a map of height 1: ``conv2d(x.unsqueeze(2)).squeeze(2)`` with kernel, stride,
+padding and dilation ``(1, k)``, the same sums. It is then quantized and compiled as any conv2d
+(an MLP-Mixer written with ``Conv1d(kernel_size=1)`` token mixing: its token layers were float,
+and TVM's default conv1d took 19.8 ms of a 19.7 ms call where PyTorch takes 1.3 ms).
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bitcompiler.passes.graph_utils import fresh_name, get_attr_value, is_call, module_of
+from bitcompiler.passes.graph_utils import fresh_name, get_attr_value, is_call, module_of, set_module
 from bitcompiler.passes.pipeline import PassError, fact_check, graph_pass
 
 aten = torch.ops.aten
 _LINEAR = (F.linear, torch._C._nn.linear, aten.linear.default)
 _CONV = (F.conv2d, torch.conv2d, aten.conv2d.default)
+_CONV1D = (F.conv1d, torch.conv1d, aten.conv1d.default)
 _DROPOUT = (F.dropout, torch.dropout, aten.dropout.default)
 _BN_EPS_ARG = {aten.batch_norm.default: 7, aten._native_batch_norm_legit_no_training.default: 6}
 
@@ -63,6 +70,73 @@ def _conv_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if b is not None:
         m.bias = nn.Parameter(b.detach().clone())
     return m
+
+
+def _one(v: Any) -> int | None:
+    """A 1-d conv's stride/padding/dilation argument as one int (an int or a 1-tuple), else None."""
+    if isinstance(v, (tuple, list)) and len(v) == 1:
+        v = v[0]
+    return v if isinstance(v, int) else None
+
+
+def _conv1d_as_2d(
+    w: torch.Tensor, b: torch.Tensor | None, stride: Any, padding: Any, dilation: Any, groups: int
+) -> nn.Conv2d | None:
+    """The ``nn.Conv2d`` over ``(N, C, 1, L)`` that computes a 1-d conv's sums, or None for
+    arguments it cannot take (``padding="same"`` with a stride or an odd total padding)."""
+    s, d = _one(stride), _one(dilation)
+    if s is None or d is None or w.dim() != 3:
+        return None
+    k = int(w.shape[2])
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        if s != 1 or d * (k - 1) % 2:
+            return None
+        padding = d * (k - 1) // 2
+    p = _one(padding)
+    if p is None:
+        return None
+    m = nn.Conv2d(w.shape[1] * groups, w.shape[0], (1, k), (1, s), (0, p), (1, d), groups, bias=b is not None)
+    m.weight = nn.Parameter(w.detach().clone().unsqueeze(2))
+    if b is not None:
+        m.bias = nn.Parameter(b.detach().clone())
+    return m
+
+
+def _conv1d_module(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
+    """The 2-d form of a ``Conv1d`` module call or a functional conv1d on constant weights."""
+    m = module_of(gm, node)
+    if isinstance(m, nn.Conv1d):
+        if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
+            return None
+        return _conv1d_as_2d(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+    if not is_call(node, *_CONV1D):
+        return None
+    w, b = get_attr_value(gm, _arg(node, 1, "weight", None)), get_attr_value(gm, _arg(node, 2, "bias", None))
+    if w is None or (_arg(node, 2, "bias", None) is not None and b is None):
+        return None
+    return _conv1d_as_2d(
+        w, b, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1),
+        int(_arg(node, 6, "groups", 1)),
+    )
+
+
+def _replace_conv1d(gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d) -> None:
+    """``node`` (a 1-d conv) -> ``conv(x.unsqueeze(2)).squeeze(2)``; a module keeps its name."""
+    x = _arg(node, 0, "input", None)
+    if node.op == "call_module":
+        name = str(node.target)
+        set_module(gm, name, conv)
+    else:
+        name = fresh_name(gm, node.name)
+        gm.add_submodule(name, conv)
+    with gm.graph.inserting_before(node):
+        x4 = gm.graph.call_method("unsqueeze", (x, 2))
+        y4 = gm.graph.call_module(name, (x4,))
+        y = gm.graph.call_method("squeeze", (y4, 2))
+    node.replace_all_uses_with(y)
+    gm.graph.erase_node(node)
 
 
 def _bn_module(gm: fx.GraphModule, node: Any) -> nn.Module | None:
@@ -178,6 +252,8 @@ def run(gm: fx.GraphModule, ctx: Any = None) -> fx.GraphModule:
         elif is_call(node, *_CONV) and (conv := _conv_module(gm, node)) is not None:
             node.replace_all_uses_with(_to_module(gm, node, conv, "conv", _arg(node, 0, "input", None)))
             gm.graph.erase_node(node)
+        elif (conv2d := _conv1d_module(gm, node)) is not None:
+            _replace_conv1d(gm, node, conv2d)
         elif is_call(node, *_LINEAR, *_CONV) and ctx is not None and ctx.scheme.quantizes:
             reason = _computed_weight_reason(node)
             if ctx.strict:

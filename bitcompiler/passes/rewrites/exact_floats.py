@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from bitcompiler.passes.graph_utils import finish, fresh_name, module_of
+from bitcompiler.passes.graph_utils import (
+    REARRANGING_FUNCS,
+    SIGN_PRESERVING_FUNCS,
+    SIGN_PRESERVING_MODULES,
+    finish,
+    fresh_name,
+    module_of,
+)
 from bitcompiler.passes.pipeline import PassContext
 from bitcompiler.passes.rewrites.fold_batchnorm import bn_affine
 from bitcompiler.quant.bitlayers import BIT_LAYERS
@@ -72,12 +79,22 @@ def _exact_gelu(node: fx.Node, m: nn.Module | None) -> bool:
 
 def _only_signs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Every reader of ``node`` is a bit or tiled layer with binary activations taking it as its
-    input, so only the sign of each element matters."""
+    input, directly or through ops that keep each element's sign (a reshape, a transpose, the
+    ``unsqueeze`` of a 1-d conv), so only the sign of each element matters."""
     for user in node.users:
-        m = module_of(gm, user)
-        if not isinstance(m, (*BIT_LAYERS, *TILED_LAYERS)) or m.act != "binary":
-            return False
         if user.args[:1] != (node,) or node in user.args[1:] or node in user.kwargs.values():
+            return False
+        m = module_of(gm, user)
+        if isinstance(m, (*BIT_LAYERS, *TILED_LAYERS)):
+            if m.act != "binary":
+                return False
+        elif isinstance(m, SIGN_PRESERVING_MODULES) or (
+            user.op in ("call_function", "call_method")
+            and user.target in (*SIGN_PRESERVING_FUNCS, *REARRANGING_FUNCS)
+        ):
+            if not _only_signs_read(gm, user):
+                return False
+        else:
             return False
     return bool(node.users)
 
