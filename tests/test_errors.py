@@ -70,7 +70,9 @@ def test_strict_mode_names_the_op_without_bit_lowering():
     cm = bc.compile(model, (x,))
     rows = {r.name: r for r in cm.report().layers}
     assert rows["0"].scheme == "float" and "ConvTranspose1d has no bit lowering" in rows["0"].note
-    with pytest.raises(bc.PassError, match="layer '0' \\(ConvTranspose1d\\): ConvTranspose1d has no bit lowering"):
+    with pytest.raises(
+        bc.PassError, match="layer '0' \\(ConvTranspose1d\\): ConvTranspose1d has no bit lowering"
+    ):
         bc.compile(model, (x,), strict=True)
 
 

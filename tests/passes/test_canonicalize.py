@@ -134,7 +134,11 @@ def test_conv1d_becomes_conv2d_over_a_map_of_height_one():
     assert not any(op == "call_function" and k == "conv1d" for op, k in structure(gm))
     strided = gm.get_submodule("strided")  # a module keeps its name
     assert (strided.kernel_size, strided.stride, strided.padding, strided.dilation, strided.groups) == (
-        (1, 3), (1, 2), (0, 2), (1, 2), 2,
+        (1, 3),
+        (1, 2),
+        (0, 2),
+        (1, 2),
+        2,
     )
     assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
@@ -144,10 +148,14 @@ def test_compiled_conv1d_layers_are_quantized_and_exact():
 
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv1d(8, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv1d(32, 64, 1), nn.Hardtanh(),
-        nn.Conv1d(64, 64, 3, padding=1, stride=2), nn.Hardtanh(),
-        nn.Flatten(), nn.Linear(64 * 8, 10),
+        nn.Conv1d(8, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(32, 64, 1),
+        nn.Hardtanh(),
+        nn.Conv1d(64, 64, 3, padding=1, stride=2),
+        nn.Hardtanh(),
+        nn.Flatten(),
+        nn.Linear(64 * 8, 10),
     ).eval()
     x = torch.randn(6, 8, 16)
     cm = bc.compile(net, (x[:1],), scheme="binary:act=binary")

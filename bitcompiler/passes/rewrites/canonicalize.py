@@ -117,7 +117,11 @@ def _conv1d_module(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
     if w is None or (_arg(node, 2, "bias", None) is not None and b is None):
         return None
     return _conv1d_as_2d(
-        w, b, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1),
+        w,
+        b,
+        _arg(node, 3, "stride", 1),
+        _arg(node, 4, "padding", 0),
+        _arg(node, 5, "dilation", 1),
         int(_arg(node, 6, "groups", 1)),
     )
 
