@@ -146,6 +146,33 @@ def test_pointwise_convs_run_on_the_dense_kernels(scheme, stride):
         assert_close(cm(xb), cm.reference(xb), rtol=3e-5)
 
 
+@pytest.mark.parametrize("scheme", ["binary:act=binary", "uniform:bits=2,act=8", "uniform:bits=8,act=8"])
+@pytest.mark.parametrize(("kernel", "size"), [((4, 4), 16), ((3, 2), 11)])
+def test_patch_embeddings_run_on_the_dense_kernels(scheme, kernel, size):
+    """A conv whose windows tile its input (kernel = stride: a ViT's or MLP-Mixer's patch
+    embedding) is a dense layer over patches, each patch's inputs in the weights' (KH, KW, C) order;
+    the rows and columns no window covers (11 is not a multiple of 3 or 2) are dropped. The same
+    numbers as the conv: bit for bit with int8 activations, then a binary and an 8-bit layer."""
+    from bitcompiler.backends.lower import to_relax
+
+    torch.manual_seed(0)
+    oh, ow = size // kernel[0], size // kernel[1]
+    model = nn.Sequential(
+        nn.Conv2d(5, 64, kernel, stride=kernel),
+        nn.Hardtanh(),  # signs of both kinds for a binary layer
+        nn.Conv2d(64, 64, 1),
+        nn.Flatten(),
+        nn.Linear(64 * oh * ow, 10),
+    ).eval()
+    x = 2 * torch.randn(6, 5, size, size)
+    cm = bc.compile(model, (x[:1],), scheme=scheme)
+    names = [gv.name_hint for gv in to_relax(cm._exported).functions]
+    k = 5 * kernel[0] * kernel[1]
+    assert any(n.startswith(f"bitc_dense_int8_uint8_{k}x64") for n in names), names
+    assert not any(n.startswith("bitc_conv2d") and "_5x64_" in n for n in names), names
+    assert torch.equal(cm(x), cm.reference(x))
+
+
 @pytest.mark.parametrize("shape", [(3, 24), (3, 5, 24)])
 def test_in_place_relu_after_a_bit_linear(shape):
     # DIA-PreResNet's attention LSTM: nn.ReLU(inplace=True) on a Linear's output whose input needs
