@@ -64,6 +64,30 @@ def test_wrong_number_of_inputs(compiled):
         compiled(torch.randn(1, 3, 4), torch.randn(1, 3, 4))
 
 
+class _SplitThenUpsample(nn.Module):
+    """torch.fx cannot iterate a split's result: captured by torch.export, whose graph holds the
+    transposed conv as a functional ``aten.conv_transpose1d`` call on its constant weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose1d(4, 4, 3)
+        self.mid, self.out = nn.Linear(24, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.cat([p * 2 for p in torch.split(x, 2, dim=1)], 1)
+        return self.out(self.mid(self.up(x).flatten(1)))
+
+
+def test_functional_weighted_op_without_bit_lowering_is_noted_or_strict_error():
+    model, x = _SplitThenUpsample().eval(), torch.randn(1, 4, 4)
+    cm = bc.compile(model, (x,), scheme="binary:act=binary")
+    rows = {r.name: r for r in cm.report().layers}
+    assert rows["up"].scheme == "float"
+    assert "conv_transpose1d on a constant weight has no bit lowering" in rows["up"].note
+    with pytest.raises(bc.PassError, match="layer 'up' \\(conv_transpose1d\\)"):
+        bc.compile(model, (x,), scheme="binary:act=binary", strict=True)
+
+
 def test_strict_mode_names_the_op_without_bit_lowering():
     model = nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2))
     x = torch.randn(1, 2, 4)
