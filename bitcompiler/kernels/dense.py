@@ -232,7 +232,7 @@ def relaid_dense_kernel(
     """The kernel for ``spec`` on an AVX2 host when one reads a better weight order, else None
     (then :func:`dense_kernel` on the planes as they are):
 
-    * W1A1, N % 8 == 0, K % 64 == 0, AVX-512 vector popcounts: 8 rows in the 64-bit lanes of a
+    * W1A1, N % 8 == 0, AVX-512 vector popcounts: 8 rows in the 64-bit lanes of a
       512-bit vector (:mod:`~bitcompiler.kernels.dense_vpop`);
     * W1A1, N % 32 == 0, K % 128 == 0: rows in vector lanes (:mod:`~bitcompiler.kernels.dense_lanes`);
     * 2-bit weights, int8 activations, K % 256 == 0: with AVX-512 VNNI, four codes per byte for
@@ -246,7 +246,9 @@ def relaid_dense_kernel(
     if not dense_avx2.avx2_target(target):
         return None
     if dense_vpop.fits(spec) and dense_avx2.popcnt512_target(target):
-        return Relaid(dense_vpop.vpop_kernel(spec), dense_vpop.vpop_layout(planes), "vpop", True)
+        return Relaid(
+            dense_vpop.vpop_kernel(spec), dense_vpop.vpop_layout(planes, spec.in_features), "vpop", True
+        )
     if dense_lanes.fits(spec):
         return Relaid(dense_lanes.lanes_kernel(spec), dense_lanes.lanes_layout(planes), "lanes", True)
     if dense_vnni.fits(spec) and dense_vnni.vnni_target(target):
