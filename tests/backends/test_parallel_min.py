@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from torch import nn
 from tvm import te, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
 
 import bitcompiler as bc
 from bench import zoo
@@ -96,3 +98,30 @@ def test_a_compiled_mixer_runs_its_small_float_ops_on_one_thread(tmp_path, monke
     serial = [n for n in tir if n.startswith(("layer_norm", "add", "transpose", "fused_transpose", "mean"))]
     assert serial and all("T.parallel(" not in tir[n] for n in serial), serial
     assert "T.parallel(" in tir["gelu1"] or "T.parallel(" in tir["gelu"]
+
+
+class _OneTokenAttention(nn.Module):
+    """Self-attention over one token (a ViT's last stage at a small input): ``attn @ v`` is a
+    float matmul with a reduction of length 1, which TVM's GEMV rule matches and then asserts on."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, d))
+
+
+def test_a_rule_that_fails_on_a_function_does_not_apply():
+    class Failing(ScheduleRule):
+        def apply(self, func, target, tunable):
+            raise AssertionError
+
+    assert SerialBelow(Failing()).apply(_add_gelu(8, 8), TARGET, False) is None
+    torch.manual_seed(0)
+    cm = bc.compile(_OneTokenAttention().eval(), (torch.randn(1, 1, 32),), scheme="binary:act=binary")
+    x = torch.randn(3, 1, 32)
+    assert torch.equal(cm(x), cm.reference(x))

@@ -163,3 +163,75 @@ def test_compiled_conv1d_layers_are_quantized_and_exact():
     assert [r.op for r in rows] == ["conv2d"] * 3 + ["linear"]
     assert [r.scheme for r in rows][1:3] == ["binary:act=binary"] * 2
     assert torch.equal(cm(x), cm.reference(x))
+
+
+def test_string_padding_of_conv2d_becomes_integers():
+    """``padding="same"`` at stride 1 (odd kernels, any dilation) and ``"valid"`` are written as the
+    integers they mean, module or functional; ``"same"`` with an even kernel pads one side more and
+    stays a string (the layer then stays float, with a note)."""
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same = nn.Conv2d(4, 4, 5, padding="same", groups=4)
+            self.dilated = nn.Conv2d(4, 4, 3, padding="same", dilation=2)
+            self.valid = nn.Conv2d(4, 4, 3, padding="valid")
+            self.even = nn.Conv2d(4, 4, (3, 4), padding="same")
+            self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+
+        def forward(self, x):
+            x = self.valid(self.dilated(self.same(x)))
+            return self.even(F.conv2d(x, self.w, padding="same"))
+
+    model = Padded().eval()
+    x = torch.randn(2, 4, 11, 11)
+    gm = canonicalize.run(trace(model))
+    paddings = {n: m.padding for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)}
+    assert paddings == {"same": (2, 2), "dilated": (2, 2), "valid": (0, 0), "even": "same", "conv": (1, 1)}
+    assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _NormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` in small: a rank assertion, then ``F.batch_norm`` called with the
+    module's statistics, then an activation."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4D input")
+        x = F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=False,
+            momentum=0.1,
+            eps=self.eps,
+        )
+        return F.hardtanh(x)
+
+
+def test_functional_batch_norm_after_a_conv_folds_and_shape_asserts_go():
+    import bitcompiler as bc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        _NormAct(16),
+        nn.Conv2d(16, 16, 3, padding=1),
+        _NormAct(16),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 10),
+    ).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    gm = canonicalize.run(trace(model))
+    kinds = structure(gm)
+    assert ("call_module", "BatchNorm2d") in kinds
+    assert not any(k in ("batch_norm", "_assert", "eq") for _, k in kinds), kinds
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    cm = bc.compile(model, (x[:1],), scheme="binary:act=binary")
+    assert set(cm.report().float_ops) <= {"flatten", "hardtanh", "Flatten"}, cm.report().float_ops
+    assert torch.equal(cm(x), cm.reference(x))

@@ -3,9 +3,14 @@
 Values computed only from parameters and buffers (a masked weight ``w * mask``, weight
 normalization, a reparametrization) are constant at inference: they are computed once and
 stored as buffers. Functional and ATen linear/conv2d/batch_norm calls on constant weights
+(``F.batch_norm`` after a conv2d: timm's ``BatchNormAct2d``)
 then become module calls (``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``), so every later
-pass matches one pattern; dropout and identity disappear. A functional linear/conv2d whose
+pass matches one pattern; dropout, identity and assertions on shapes (``torch._assert(x.ndim == 4)``)
+disappear. A functional linear/conv2d whose
 weight depends on the input stays float and the report says why (``strict=True``: an error).
+
+A conv2d's string padding (``padding="same"`` at stride 1, ``"valid"``) is written as the
+integers it means, so the layer can be quantized (timm's ConvMixer: every depthwise conv).
 
 A 1-d convolution (``nn.Conv1d`` or ``F.conv1d`` on a constant weight, zero padding) becomes a
 2-d one over a map of height 1: ``conv2d(x.unsqueeze(2)).squeeze(2)`` with kernel, stride,
@@ -16,6 +21,7 @@ and TVM's default conv1d took 19.8 ms of a 19.7 ms call where PyTorch takes 1.3 
 
 from __future__ import annotations
 
+import operator
 from typing import Any, cast
 
 import torch
@@ -50,12 +56,29 @@ def _linear_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return m
 
 
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _explicit_padding(padding: Any, kernel: Any, stride: Any, dilation: Any) -> Any:
+    """``padding`` with ``"valid"`` as 0 and ``"same"`` as the symmetric padding it means at stride
+    1 (``d * (k - 1) / 2`` per axis); unchanged where it is not a string or cannot be written so
+    (an odd total pads one side more)."""
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same" or _pair(stride) != (1, 1):
+        return padding
+    totals = [d * (k - 1) for k, d in zip(_pair(kernel), _pair(dilation))]
+    return padding if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+
+
 def _conv_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     w, b = get_attr_value(gm, _arg(node, 1, "weight", None)), get_attr_value(gm, _arg(node, 2, "bias", None))
     if w is None or w.dim() != 4 or (_arg(node, 2, "bias", None) is not None and b is None):
         return None
     stride, padding = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0)
     dilation, groups = _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1)
+    padding = _explicit_padding(padding, (w.shape[2], w.shape[3]), stride, dilation)
     m = nn.Conv2d(
         w.shape[1] * groups,
         w.shape[0],
@@ -141,6 +164,89 @@ def _replace_conv1d(gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d) -> None:
         y = gm.graph.call_method("squeeze", (y4, 2))
     node.replace_all_uses_with(y)
     gm.graph.erase_node(node)
+
+
+def _with_padding(m: nn.Conv2d, padding: tuple[int, int]) -> nn.Conv2d:
+    """A copy of ``m`` with integer ``padding`` (same weights)."""
+    conv = nn.Conv2d(
+        m.in_channels,
+        m.out_channels,
+        _pair(m.kernel_size),
+        _pair(m.stride),
+        padding,
+        _pair(m.dilation),
+        m.groups,
+        bias=m.bias is not None,
+    )
+    conv.weight = nn.Parameter(m.weight.detach().clone())
+    if m.bias is not None:
+        conv.bias = nn.Parameter(m.bias.detach().clone())
+    return conv.train(m.training)
+
+
+def _functional_bn(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)`` on
+    constant statistics after a conv2d (timm's ``BatchNormAct2d`` calls it so): the eval-mode
+    ``nn.BatchNorm2d`` it computes, so fold_batchnorm can fold it into the conv."""
+    x = _arg(node, 0, "input", None)
+    if not isinstance(x, fx.Node) or not isinstance(module_of(gm, x), nn.Conv2d):
+        return None  # only a conv's output is surely 4-d
+    if _arg(node, 5, "training", False) is not False:
+        return None
+    mean, var = (
+        get_attr_value(gm, _arg(node, i, n, None)) for i, n in ((1, "running_mean"), (2, "running_var"))
+    )
+    w, b = (get_attr_value(gm, _arg(node, i, n, None)) for i, n in ((3, "weight"), (4, "bias")))
+    if mean is None or var is None or (_arg(node, 3, "weight", None) is not None and w is None):
+        return None
+    if _arg(node, 4, "bias", None) is not None and b is None:
+        return None
+    m = nn.BatchNorm2d(mean.shape[0], eps=float(_arg(node, 7, "eps", 1e-5)), affine=w is not None).eval()
+    cast(torch.Tensor, m.running_mean).data = mean.detach().clone()
+    cast(torch.Tensor, m.running_var).data = var.detach().clone()
+    if w is not None:
+        m.weight.data.copy_(w)
+        m.bias.data.copy_(b if b is not None else torch.zeros_like(w))
+    return m
+
+
+_SHAPE_ATTRS = ("ndim", "shape")
+_COMPARE = (
+    operator.eq,
+    operator.ne,
+    operator.lt,
+    operator.le,
+    operator.gt,
+    operator.ge,
+    operator.and_,
+    operator.or_,
+    operator.not_,
+    operator.getitem,
+    len,
+)
+
+
+def _about_shapes(value: Any) -> bool:
+    """Whether ``value`` is computed from tensors' ranks and shapes alone (``x.ndim == 4``)."""
+    if not isinstance(value, fx.Node):
+        return True
+    if value.op == "call_function" and value.target is getattr:
+        return value.args[1] in _SHAPE_ATTRS
+    if value.op == "call_method" and value.target in ("dim", "size"):
+        return True
+    if value.op == "call_function" and value.target in _COMPARE:
+        return all(_about_shapes(a) for a in value.args)
+    return False
+
+
+def _shape_assert(node: fx.Node) -> bool:
+    """A ``torch._assert`` (or a library's ``_assert``) of a condition on shapes only: the rank
+    check of timm's ``BatchNormAct2d``. ``cm(x)`` checks its input's shape itself, and the check
+    would be one more reader of the conv's output (no BatchNorm folding)."""
+    name = getattr(node.target, "__name__", "")
+    return (
+        node.op == "call_function" and name == "_assert" and bool(node.args) and _about_shapes(node.args[0])
+    )
 
 
 def _bn_module(gm: fx.GraphModule, node: Any) -> nn.Module | None:
@@ -250,6 +356,8 @@ def run(gm: fx.GraphModule, ctx: Any = None) -> fx.GraphModule:
         if isinstance(m, (nn.Dropout, nn.Identity)) or is_call(node, *_DROPOUT):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+        elif _shape_assert(node) and not node.users:
+            gm.graph.erase_node(node)
         elif is_call(node, *_LINEAR) and (lin := _linear_module(gm, node)) is not None:
             node.replace_all_uses_with(_to_module(gm, node, lin, "linear", _arg(node, 0, "input", None)))
             gm.graph.erase_node(node)
@@ -258,11 +366,18 @@ def run(gm: fx.GraphModule, ctx: Any = None) -> fx.GraphModule:
             gm.graph.erase_node(node)
         elif (conv2d := _conv1d_module(gm, node)) is not None:
             _replace_conv1d(gm, node, conv2d)
+        elif isinstance(m, nn.Conv2d) and isinstance(m.padding, str) and m.padding_mode == "zeros":
+            padding = _explicit_padding(m.padding, m.kernel_size, m.stride, m.dilation)
+            if not isinstance(padding, str):  # "same" / "valid" written as the integers they mean
+                set_module(gm, str(node.target), _with_padding(m, padding))
         elif is_call(node, *_LINEAR, *_CONV) and ctx is not None and ctx.scheme.quantizes:
             reason = _computed_weight_reason(node)
             if ctx.strict:
                 raise PassError("canonicalize", reason + "; pass strict=False to keep it in float", node.name)
             ctx.notes.append((node.name, f"kept float: {reason}"))
+        elif is_call(node, F.batch_norm) and (bn := _functional_bn(gm, node)) is not None:
+            node.replace_all_uses_with(_to_module(gm, node, bn, "batchnorm", node.args[0]))
+            gm.graph.erase_node(node)
         elif is_call(node, *_BN_EPS_ARG) and (bn := _bn_module(gm, node)) is not None:
             new = _to_module(gm, node, bn, "batchnorm", node.args[0])
             if node.target is aten.batch_norm.default:
