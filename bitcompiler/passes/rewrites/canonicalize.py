@@ -201,7 +201,14 @@ def _functional_bn(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
         return None
     if _arg(node, 4, "bias", None) is not None and b is None:
         return None
-    m = nn.BatchNorm2d(mean.shape[0], eps=float(_arg(node, 7, "eps", 1e-5)), affine=w is not None).eval()
+    return _eval_bn(mean, var, w, b, float(_arg(node, 7, "eps", 1e-5)))
+
+
+def _eval_bn(
+    mean: torch.Tensor, var: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+) -> nn.BatchNorm2d:
+    """The eval-mode ``nn.BatchNorm2d`` with these statistics and affine (none where ``w`` is None)."""
+    m = nn.BatchNorm2d(mean.shape[0], eps=eps, affine=w is not None).eval()
     cast(torch.Tensor, m.running_mean).data = mean.detach().clone()
     cast(torch.Tensor, m.running_var).data = var.detach().clone()
     if w is not None:
@@ -253,15 +260,7 @@ def _bn_module(gm: fx.GraphModule, node: Any) -> nn.Module | None:
     w, b, mean, var = (get_attr_value(gm, node.args[i]) for i in (1, 2, 3, 4))
     if mean is None or var is None or (node.target is aten.batch_norm.default and node.args[5]):
         return None  # a training-mode batch norm has no fixed affine
-    m = nn.BatchNorm2d(
-        mean.shape[0], eps=float(node.args[_BN_EPS_ARG[node.target]]), affine=w is not None
-    ).eval()
-    cast(torch.Tensor, m.running_mean).data = mean.detach().clone()
-    cast(torch.Tensor, m.running_var).data = var.detach().clone()
-    if w is not None:
-        m.weight.data.copy_(w)
-        m.bias.data.copy_(b if b is not None else torch.zeros_like(w))
-    return m
+    return _eval_bn(mean, var, w, b, float(node.args[_BN_EPS_ARG[node.target]]))
 
 
 def _to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str, x: fx.Node) -> fx.Node:
