@@ -78,7 +78,7 @@ def _epilogue_args(env: dict, call: ops.BoundCall, bb: Any = None, cg: int = 0) 
 
 
 # relaid kernels whose stored order wastes nothing (they fit only whole words, or store bytes)
-_NO_PADDING = ("lanes", "vpop", "il", "codes", "vnni", "fcodes")
+_NO_PADDING = ("lanes", "vpop", "vpop_gelu", "il", "codes", "vnni", "fcodes")
 
 
 def _compact(node: Any, cg: int) -> bool:
@@ -119,7 +119,6 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     from tvm import relax
 
     from bitcompiler import kernels
-    from bitcompiler.kernels import dense_vpop
 
     bb, env = importer.block_builder, importer.env
     call = ops.bind(node)
@@ -131,8 +130,11 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
     name = f"bitc_dense_{a.act}_{a.code}{bits}_{a.k}x{n}" + ("_thr" if a.threshold else "")
     epilogue = _epilogue_args(env, call, bb, a.k)
     weights = constant_of(planes)
+    before = _gelu_input(call.x)
     relaid = (
-        kernels.relaid_dense_kernel(spec, weights.numpy(), kernel_target()) if weights is not None else None
+        kernels.relaid_dense_kernel(spec, weights.numpy(), kernel_target(), gelu=before is not None)
+        if weights is not None
+        else None
     )
     if relaid is not None and relaid.suffix not in _NO_PADDING and _compact(planes, a.k):
         relaid = None  # its order pads the rows: the compact stream, expanded, is smaller
@@ -140,11 +142,9 @@ def convert_bit_linear(node: fx.Node, importer: Any) -> Any:
         epilogue[0] = relax.const(relaid.weights)
         prim, name = relaid.func, f"{name}_{relaid.suffix}"
         inputs = [x2] if relaid.float_input else quantized_input(bb, x2, a.act, None, (kw,))
-        before = _gelu_input(call.x)
-        if relaid.suffix == "vpop" and before is not None:
+        if relaid.suffix == "vpop_gelu" and before is not None:
             # the GELU's sign rule in the kernel's own sign packing: it reads the GELU's input, and
             # the rule's call goes (DeadCodeElimination) once no other layer reads it
-            prim, name = dense_vpop.vpop_kernel(spec, gelu=True), f"{name}_gelu"
             inputs = [as_rows(bb, env[before], a.k)[0]]
     else:
         prim, inputs = (

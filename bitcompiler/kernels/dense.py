@@ -227,13 +227,19 @@ class Relaid:
 
 
 def relaid_dense_kernel(
-    spec: DenseSpec, planes: np.ndarray, target: str | dict | Any = "llvm", fuse_quantizer: bool = True
+    spec: DenseSpec,
+    planes: np.ndarray,
+    target: str | dict | Any = "llvm",
+    fuse_quantizer: bool = True,
+    gelu: bool = False,
 ) -> Relaid | None:
     """The kernel for ``spec`` on an AVX2 host when one reads a better weight order, else None
     (then :func:`dense_kernel` on the planes as they are):
 
     * W1A1, N % 8 == 0, AVX-512 vector popcounts: 8 rows in the 64-bit lanes of a
-      512-bit vector (:mod:`~bitcompiler.kernels.dense_vpop`);
+      512-bit vector (:mod:`~bitcompiler.kernels.dense_vpop`); with ``gelu`` (the input is that of
+      a GELU only binary layers read) the variant that packs by GELU's sign rule, suffix
+      ``vpop_gelu`` (the other kernels do not take the rule: ``gelu`` is ignored there);
     * W1A1, N % 32 == 0, K % 128 == 0: rows in vector lanes (:mod:`~bitcompiler.kernels.dense_lanes`);
     * 2-bit weights, int8 activations, K % 256 == 0: with AVX-512 VNNI, four codes per byte for
       ``vpdpbusd`` (:mod:`~bitcompiler.kernels.dense_vnni`; ``fuse_quantizer``: the kernel quantizes
@@ -246,9 +252,9 @@ def relaid_dense_kernel(
     if not dense_avx2.avx2_target(target):
         return None
     if dense_vpop.fits(spec) and dense_avx2.popcnt512_target(target):
-        return Relaid(
-            dense_vpop.vpop_kernel(spec), dense_vpop.vpop_layout(planes, spec.in_features), "vpop", True
-        )
+        func = dense_vpop.vpop_kernel(spec, gelu=gelu)
+        suffix = "vpop_gelu" if gelu else "vpop"
+        return Relaid(func, dense_vpop.vpop_layout(planes, spec.in_features), suffix, True)
     if dense_lanes.fits(spec):
         return Relaid(dense_lanes.lanes_kernel(spec), dense_lanes.lanes_layout(planes), "lanes", True)
     if dense_vnni.fits(spec) and dense_vnni.vnni_target(target):

@@ -69,9 +69,8 @@ def _avg_pool(x: torch.Tensor, kernel: list, stride: list, padding: list, count_
 
 
 def _exact_unary(x: torch.Tensor, fn: str) -> Any:
-    if fn == "gelu_sign":  # the sign rule itself: two comparisons and a Where
-        keep = (x >= 0) | (x <= numerics.f32(numerics.GELU_ZERO_BELOW))
-        return torch.where(keep, torch.ones_like(x), -torch.ones_like(x))
+    if fn == "gelu_sign":  # the rule's own formulation: comparisons and Where
+        return numerics.exact_unary(x, fn)
     return torch.sigmoid(x) if fn == "sigmoid" else torch.tanh(x)
 
 

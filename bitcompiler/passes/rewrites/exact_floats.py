@@ -30,18 +30,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from bitcompiler.passes.graph_utils import (
-    REARRANGING_FUNCS,
-    SIGN_PRESERVING_FUNCS,
-    SIGN_PRESERVING_MODULES,
-    finish,
-    fresh_name,
-    module_of,
-)
+from bitcompiler.passes.graph_utils import REARRANGING_FUNCS, finish, fresh_name, module_of
 from bitcompiler.passes.pipeline import PassContext
 from bitcompiler.passes.rewrites.fold_batchnorm import bn_affine
-from bitcompiler.quant.bitlayers import BIT_LAYERS
-from bitcompiler.quant.tiled_layers import TILED_LAYERS
+from bitcompiler.passes.rewrites.fold_scales import feeds_only_binary_layers
 
 aten = torch.ops.aten
 _AVG = (F.avg_pool2d, aten.avg_pool2d.default)
@@ -75,28 +67,6 @@ def _exact_gelu(node: fx.Node, m: nn.Module | None) -> bool:
     if node.op != "call_function" or node.target not in _GELU or len(node.args) != 1:
         return False
     return set(node.kwargs) <= {"approximate"} and node.kwargs.get("approximate", "none") == "none"
-
-
-def _only_signs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Every reader of ``node`` is a bit or tiled layer with binary activations taking it as its
-    input, directly or through ops that keep each element's sign (a reshape, a transpose, the
-    ``unsqueeze`` of a 1-d conv), so only the sign of each element matters."""
-    for user in node.users:
-        if user.args[:1] != (node,) or node in user.args[1:] or node in user.kwargs.values():
-            return False
-        m = module_of(gm, user)
-        if isinstance(m, (*BIT_LAYERS, *TILED_LAYERS)):
-            if m.act != "binary":
-                return False
-        elif isinstance(m, SIGN_PRESERVING_MODULES) or (
-            user.op in ("call_function", "call_method")
-            and user.target in (*SIGN_PRESERVING_FUNCS, *REARRANGING_FUNCS)
-        ):
-            if not _only_signs_read(gm, user):
-                return False
-        else:
-            return False
-    return bool(node.users)
 
 
 def _pair(v: object) -> tuple[int, int] | None:
@@ -170,7 +140,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if getattr(meta, "dtype", None) != torch.float32:
             continue
         fn = _unary(node, m)
-        if fn is None and _exact_gelu(node, m) and _only_signs_read(gm, node):
+        if fn is None and _exact_gelu(node, m) and feeds_only_binary_layers(gm, node, REARRANGING_FUNCS):
             fn = "gelu_sign"
             node.kwargs = {}
         if fn is not None and len(node.args) == 1 and not node.kwargs:

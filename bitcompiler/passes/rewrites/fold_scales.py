@@ -28,6 +28,7 @@ from bitcompiler.passes.pipeline import fact_check, graph_pass
 from bitcompiler.passes.rewrites.fold_batchnorm import bn_affine
 from bitcompiler.quant.bitlayers import BIT_LAYERS, to_bit_layer
 from bitcompiler.quant.modules import QUANT_LAYERS
+from bitcompiler.quant.tiled_layers import TILED_LAYERS
 
 _MUL = (operator.mul, torch.mul, "mul")
 _ADD = (operator.add, torch.add, "add")
@@ -57,21 +58,23 @@ def _following_affine(gm: fx.GraphModule, node: fx.Node, channels: int) -> tuple
     return None
 
 
-def _feeds_only_binary_layers(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Every path from ``node`` reaches sign() of a binary bit layer through sign-preserving ops."""
+def feeds_only_binary_layers(gm: fx.GraphModule, node: fx.Node, through: tuple = ()) -> bool:
+    """Every path from ``node`` reaches sign() of a binary bit (or tiled) layer through
+    sign-preserving ops, or the ops ``through`` (``graph_utils.REARRANGING_FUNCS``: each output
+    element one input element), so only the sign of each element of ``node`` matters."""
     if not node.users:
         return False
     for user in node.users:
         m = module_of(gm, user)
-        if isinstance(m, BIT_LAYERS):
+        if isinstance(m, (*BIT_LAYERS, *TILED_LAYERS)):
             if m.act != "binary" or user.args[0] is not node:
                 return False
         elif isinstance(m, SIGN_PRESERVING_MODULES) or (
             user.op in ("call_function", "call_method")
-            and user.target in SIGN_PRESERVING_FUNCS
+            and user.target in (*SIGN_PRESERVING_FUNCS, *through)
             and user.args[0] is node
         ):
-            if not _feeds_only_binary_layers(gm, user):
+            if not feeds_only_binary_layers(gm, user, through):
                 return False
         else:
             return False
@@ -115,7 +118,7 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
             isinstance(layer, BIT_LAYERS)
             and layer.act == "binary"
             and not layer.has_offset
-            and _feeds_only_binary_layers(gm, node)
+            and feeds_only_binary_layers(gm, node)
         ):
             layer.set_thresholds()
             # the layer now outputs exactly +-1: a hardtanh after it changes nothing
