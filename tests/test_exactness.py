@@ -157,3 +157,62 @@ def test_float_activation_classifier_sums_like_the_reference():
     x = _inputs((64,), 200)
     got, ref = cm(x), cm.reference(x)
     assert float((got - ref).abs().max()) <= 4e-6 * float(ref.abs().max())
+
+
+class TokenNorms(nn.Module):
+    """LeViT's ``LinearNorm`` (a BatchNorm1d over the flattened tokens, then reshaped back) between
+    Linears, a BatchNorm1d over a sequence's channels ``(N, C, L)`` and one on ``(N, C)``: none
+    absorbed by a layer (each follows a float op or a reshape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.n1 = nn.Linear(16, 32), nn.BatchNorm1d(32)
+        self.l2, self.n2 = nn.Linear(32, 32), nn.BatchNorm1d(8)
+        self.l3, self.n3 = nn.Linear(32 * 8, 24), nn.BatchNorm1d(24)
+        self.l4 = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 8 tokens, 16)
+        y = self.l1(x)
+        y = self.n1(y.flatten(0, 1)).reshape_as(y)  # (N, 8, 32), normalized per feature
+        y = self.n2(torch.relu(self.l2(y)))  # (N, 8, 32) as (N, C=8, L=32)
+        y = self.n3(torch.relu(self.l3(y.flatten(1))))  # (N, 24)
+        return self.l4(torch.relu(y))
+
+
+def _token_norms() -> nn.Module:
+    torch.manual_seed(0)
+    model = TokenNorms().eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):  # statistics far from the identity
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+def test_batchnorm1d_between_int8_layers_is_bit_exact():
+    """A BatchNorm1d no layer absorbs becomes a multiply then an add, as a BatchNorm2d does (ATen's
+    kernel rounded differently from TVM's: 88 of these 100 batches differed before)."""
+    x = _inputs((8, 16), 400)
+    with pytest.warns(UserWarning, match="fixed batch"):  # flatten(0, 1) fixes the batch
+        cm = bc.compile(_token_norms(), (x[:4],), scheme="uniform:bits=2,act=8")
+    ops = cm.report().float_ops
+    assert not any("BatchNorm" in k for k in ops), ops
+    assert ops.get("mul") == 3 and ops.get("add") == 3, ops
+    for chunk in x.split(4):
+        assert torch.equal(cm(chunk), cm.reference(chunk))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing_tools()), reason="arm-none-eabi-gcc / qemu-system-arm missing")
+def test_cortex_m_batchnorm1d_factors_are_bit_exact():
+    """The same model on Cortex-M4: the multiply and add read their per-channel factors from flash,
+    broadcast over the channel axis, and ``reshape_as`` is an alias (both raised before)."""
+    x = _inputs((8, 16), 16)
+    target = bc.Target("cortex-m4", count_instructions=False)
+    with pytest.warns(UserWarning, match="fixed batch"):
+        cm = bc.compile(_token_norms(), (x[:4],), target=target, scheme="uniform:bits=2,act=8")
+    for chunk in x.split(4):
+        assert torch.equal(cm(chunk), cm.reference(chunk))

@@ -38,6 +38,7 @@ ALIASES = {
     "flatten.using_ints",
     "view.default",
     "reshape.default",
+    "reshape_as.default",
     "_unsafe_view.default",
     "squeeze.dim",
     "squeeze.dims",
@@ -337,15 +338,27 @@ class _Builder:
                 f"{', '.join(sorted(float_ops.EMITTERS))}. Quantize the layer (bit layers always lower) "
                 "or run it on target='cpu'."
             )
-        ins = [self.tensors[a.name] for a in node.args if isinstance(a, torch.fx.Node)]
-        if any(a.name in self.remat for a in node.args if isinstance(a, torch.fx.Node)):
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if any(a.name in self.remat for a in args):
             raise CortexMLoweringError(f"node {node.name} reads a map that was never stored (internal)")
+        # computed maps by their arena slot; constants (a leftover BatchNorm's factors) from flash
+        ins = [self.tensors[a.name] for a in args if a.name in self.tensors]
+        refs, shapes = [], []
+        for a in args:
+            if a.name in self.tensors:
+                refs.append(f"@{a.name}@")
+                shapes.append(self.tensors[a.name].shape)
+            elif a.name in self.param_of:
+                refs.append(self.weight(a, "float32"))
+                shapes.append(tuple(self.state[self.param_of[a.name]].shape))
+            else:
+                raise CortexMLoweringError(f"node {node.name} reads {a.name}, which nothing computed (internal)")
         y = self.new_tensor(node.name, shape, "float32")
         try:
-            body = emit(node, [t.shape for t in ins], y.shape)
+            body = emit(node, shapes, y.shape)
         except float_ops.UnsupportedFloatOp as e:
             raise CortexMLoweringError(f"op aten.{name}: {e}") from e
-        decls = [f"const float* x{i} = (const float*)@{t.name}@;" for i, t in enumerate(ins)]
+        decls = [f"const float* x{i} = (const float*){r};" for i, r in enumerate(refs)]
         code = [*decls, f"float* y = (float*)@{y.name}@;", *body]
         inplace = tuple(t.name for t in ins if t.shape == y.shape) if name in float_ops.ELEMENTWISE else ()
         self.steps.append(Step(code, [t.name for t in ins], [y.name], f"{node.name} ({name})", inplace))

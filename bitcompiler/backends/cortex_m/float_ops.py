@@ -55,11 +55,11 @@ def _binary(op: str) -> Callable:
         if not isinstance(a, torch.fx.Node):
             raise UnsupportedFloatOp(f"{node.name}: a scalar first operand is not supported")
         if isinstance(b, torch.fx.Node):
-            if tuple(shapes[1]) != tuple(out) or tuple(shapes[0]) != tuple(out):
+            if tuple(shapes[0]) != tuple(out):
                 raise UnsupportedFloatOp(
                     f"{node.name}: broadcasting {shapes[0]} {op} {shapes[1]} is not supported"
                 )
-            rhs = "x1[i]"
+            rhs = f"x1[{_broadcast_index(tuple(shapes[1]), tuple(out), node.name, op)}]"
         else:
             rhs = _f(float(b))
         if alpha != 1:
@@ -67,6 +67,23 @@ def _binary(op: str) -> Callable:
         return [f"for (int i = 0; i < {_numel(out)}; ++i) y[i] = x0[i] {op} {rhs};"]
 
     return emit
+
+
+def _broadcast_index(shape: tuple, out: tuple, name: str, op: str) -> str:
+    """The C index into an operand of ``shape`` broadcast to ``out`` at flat output index ``i``
+    (a leftover BatchNorm's per-channel ``(C, 1, 1)`` or ``(C,)`` factors)."""
+    if shape == out:
+        return "i"
+    if len(shape) > len(out) or any(d not in (1, o) for d, o in zip(shape[::-1], out[::-1])):
+        raise UnsupportedFloatOp(f"{name}: broadcasting {out} {op} {shape} is not supported")
+    full = (1,) * (len(out) - len(shape)) + shape
+    terms, stride_out, stride_in = [], 1, 1
+    for d, o in zip(full[::-1], out[::-1]):
+        if d == o and o > 1:
+            terms.append(f"(i / {stride_out} % {o}) * {stride_in}")
+            stride_in *= d
+        stride_out *= o
+    return " + ".join(terms) or "0"
 
 
 def _pool_loops(shapes: list, out: tuple) -> tuple[int, int, int, int, int, int]:

@@ -129,7 +129,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         _propagate_shapes(gm, ctx.example_inputs)
     for node in list(gm.graph.nodes):
         m = module_of(gm, node)
-        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and not m.training:
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None and not m.training:
             _affine(gm, node, m)
             continue
         if node.op not in ("call_module", "call_function", "call_method") or not node.args:
@@ -201,12 +201,23 @@ class _FakeShapes(ShapeProp):
         return attrs.call(args[0], layer.op_tensors())
 
 
-def _affine(gm: fx.GraphModule, node: fx.Node, bn: nn.BatchNorm2d) -> None:
+def _affine(gm: fx.GraphModule, node: fx.Node, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+    """``bn(x)`` -> ``x * a + b``, ``a`` and ``b`` shaped to broadcast over ``x``'s channel axis
+    (1: ``(C, 1, 1)`` for a BatchNorm2d, ``(C, 1)`` for a BatchNorm1d on ``(N, C, L)`` and ``(C,)``
+    on ``(N, C)``: LeViT's BatchNorm1d over flattened tokens); left as is where the rank is not
+    known."""
+    if isinstance(bn, nn.BatchNorm2d):
+        rank = 4
+    else:
+        meta: Any = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+        rank = len(meta.shape) if getattr(meta, "shape", None) is not None else None
+        if rank not in (2, 3):
+            return
     scale, shift = bn_affine(bn)
     names = []
     for t in (scale, shift):
         name = fresh_name(gm, f"{node.name}_affine")
-        gm.register_buffer(name, t.detach().float().reshape(-1, 1, 1).clone())
+        gm.register_buffer(name, t.detach().float().reshape(-1, *[1] * (rank - 2)).clone())
         names.append(name)
     with gm.graph.inserting_before(node):
         a, b = (gm.graph.get_attr(n) for n in names)
