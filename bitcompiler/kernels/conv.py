@@ -15,7 +15,9 @@ already-quantized activations); the generic computation guards every load with
 * ``act="int8"`` / ``"float"``: ``X (M, C, H, W)``, the code is unpacked from the planes on the fly.
   :func:`conv2d_c_kernel` reads one ``uint8`` code per weight instead (Cortex-M's C).
 
-The W1A1 CPU kernels (``act="binary"``, pm1 weights): :mod:`bitcompiler.kernels.conv_vpop`
+The W1A1 CPU kernels (``act="binary"``, pm1 weights): :mod:`bitcompiler.kernels.conv_amx`
+(signs expanded to bytes, an int8 matrix product on AMX tiles) where the CPU has AMX and
+:func:`~bitcompiler.kernels.conv_amx.fits` holds, :mod:`bitcompiler.kernels.conv_vpop`
 (a flat im2col with AVX-512 ``vpopcntq``) where the CPU has ``avx512vpopcntdq`` and
 :func:`~bitcompiler.kernels.conv_vpop.fits` holds, else the register-blocked
 :mod:`bitcompiler.kernels.conv_binary`. ``act="int8"``/``"float"`` on the CPU decode the codes once per
@@ -33,8 +35,16 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import conv_int8, conv_vpop
-from bitcompiler.kernels._common import as_i32, batch_var, built_once, i64, shape64, target_kind
+from bitcompiler.kernels import conv_amx, conv_int8, conv_vpop
+from bitcompiler.kernels._common import (
+    as_i32,
+    as_tvm_target,
+    batch_var,
+    built_once,
+    i64,
+    shape64,
+    target_kind,
+)
 from bitcompiler.kernels.conv_binary import binary_pm1_func
 from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
@@ -282,7 +292,10 @@ def conv2d_kernel(
     packs = packs_residual(spec) if residual_clip is not None else packs_output(spec)
     if packed_output and not (cpu and packs):
         raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
-    if cpu and popcnt512_target(target) and conv_vpop.fits(spec):
+    if cpu and conv_amx.amx_target(target) and conv_amx.fits(spec):
+        cores = int(as_tvm_target(target).attrs.get("num-cores", 0) or 2)
+        func = conv_amx.amx_conv_func(spec, packed=packed_output, clip=residual_clip, cores=cores)
+    elif cpu and popcnt512_target(target) and conv_vpop.fits(spec):
         func = conv_vpop.vpop_conv_func(spec, packed=packed_output, clip=residual_clip)
     elif cpu and spec.act == "binary" and spec.code == "pm1":
         func = binary_pm1_func(

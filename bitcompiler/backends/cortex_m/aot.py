@@ -352,7 +352,9 @@ class _Builder:
                 refs.append(self.weight(a, "float32"))
                 shapes.append(tuple(self.state[self.param_of[a.name]].shape))
             else:
-                raise CortexMLoweringError(f"node {node.name} reads {a.name}, which nothing computed (internal)")
+                raise CortexMLoweringError(
+                    f"node {node.name} reads {a.name}, which nothing computed (internal)"
+                )
         y = self.new_tensor(node.name, shape, "float32")
         try:
             body = emit(node, shapes, y.shape)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bitcompiler import amx
 from bitcompiler.backends.base import Backend, BuildInput, Capabilities, Target, register_backend
 from bitcompiler.backends.cpu.build import build_cached, build_relax, load_library
 from bitcompiler.backends.cpu.pipeline import relax_pipeline
@@ -39,11 +40,18 @@ class CPUBackend(Backend):
 
         mcpu = target.get("mcpu") or codegen.llvm_get_system_cpu()
         spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": _cores()}
+        mattr = []
         if mcpu.startswith(("znver", "bdver", "btver", "amdfam10")):
             # no SSE4a: LLVM's SLP vectorizer sometimes gathers byte lanes with the legacy-SSE
             # `insertq`, which made a 128x64 W1A1 dense 50x slower (1.4 ms instead of 28 µs
             # at batch 256) when it was built next to any other function (measured on znver3)
-            spec["mattr"] = ["-sse4a"]
+            mattr.append("-sse4a")
+        if not target.get("mcpu") and amx.enable():
+            # this host's AMX tiles (LLVM names some AMX CPUs by an older model without them);
+            # the W1A1 convs that fit run on them (kernels/conv_amx.py)
+            mattr += ["+amx-tile", "+amx-int8"]
+        if mattr:
+            spec["mattr"] = mattr
         return tvm.target.Target(spec)
 
     def capabilities(self, target: Target) -> Capabilities:

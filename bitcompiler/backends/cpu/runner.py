@@ -30,6 +30,9 @@ class CPURunner(Runner):
         import tvm
         from tvm import relax
 
+        from bitcompiler.amx import enable
+
+        enable()  # its AMX kernels, if any, need the tile state (bitcompiler/amx.py)
         self.executable = executable
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
         self._main = self.vm["main"]

@@ -206,13 +206,13 @@ def _affine(gm: fx.GraphModule, node: fx.Node, bn: nn.BatchNorm1d | nn.BatchNorm
     (1: ``(C, 1, 1)`` for a BatchNorm2d, ``(C, 1)`` for a BatchNorm1d on ``(N, C, L)`` and ``(C,)``
     on ``(N, C)``: LeViT's BatchNorm1d over flattened tokens); left as is where the rank is not
     known."""
-    if isinstance(bn, nn.BatchNorm2d):
-        rank = 4
-    else:
+    rank = 4
+    if not isinstance(bn, nn.BatchNorm2d):
         meta: Any = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-        rank = len(meta.shape) if getattr(meta, "shape", None) is not None else None
-        if rank not in (2, 3):
+        shape = getattr(meta, "shape", None)
+        if shape is None or len(shape) not in (2, 3):
             return
+        rank = len(shape)
     scale, shift = bn_affine(bn)
     names = []
     for t in (scale, shift):

@@ -1,0 +1,349 @@
+"""W1A1 conv (``act="binary"``, pm1 weights, groups 1) as an int8 matrix product on Intel AMX tiles.
+
+For x86 CPUs with AMX (``amx-tile``, ``amx-int8``: Sapphire Rapids and later) where the process
+got the tile state (:mod:`bitcompiler.amx`); :func:`bitcompiler.kernels.conv2d_kernel`
+picks it over :mod:`bitcompiler.kernels.conv_vpop` where :func:`fits` holds. Same buffers, layout
+and numbers as that kernel.
+
+A +-1 x +-1 product is a signed byte product, so the layer is ``C (O, P) = W (O, K) X (K, P)``
+with every sign bit expanded to one byte (a 1 bit to -1, a 0 bit to +1), and ``tdpbssd`` sums
+16 x 16 x 64 of them per instruction. A tap outside the image is zero bytes: it adds nothing, so
+``C`` is the layer's integer dot product itself, with no border correction.
+
+* **Expansion.** A 64-bit sign word becomes 64 bytes in a few vector instructions: the word
+  broadcast to the eight int64 lanes, a test against ``1 << lane`` per byte, a blend of -1 and +1.
+  Byte ``L`` gets bit ``8 (L % 8) + L // 8`` of the word: the same permutation of the 64 channels
+  on both sides of every product, so every sum is unchanged.
+* **Weights** (the ``A`` tiles, 16 output channels x 64 bytes of one reduction word): each
+  channel's words expanded in place, once per call.
+* **Input** (the ``B`` tiles, ``tdpbssd``'s layout ``[k / 4][pixel][4 bytes]``): the map with its
+  zero border, expanded once per call and stored transposed: per map row and word, row ``q`` holds
+  bytes ``4q .. 4q + 3`` of every pixel side by side (16 pixels' expanded words transposed in
+  registers: four rounds of two-source shuffles). For a stride-1 row of output pixels the ``B``
+  tile of tap ``(kh, kw)`` is then a plain strided tile load at the window's first pixel: no
+  im2col. A tile holds up to 16 pixels of one output row (``OW`` of them when ``OW < 16``).
+* **Register blocking**: two channel tiles x two pixel tiles in the four accumulator tiles; the
+  accumulators go to a small buffer and the epilogue (``conv_vpop``'s: threshold, the next
+  layer's packed input, affine, residual plus clip, its signs) reads them per channel, the
+  tile's pixels as one vector (the last pair of an odd count repeats its first tile and
+  writes nothing for it).
+* **Threads**: one parallel loop expands the map (per row); a second one splits the product. A
+  float output (threshold, affine, residual) is split by pairs of channel tiles: each task
+  expands its own channels' weights and writes planes of its own. A packed output (the next
+  layer's input, the residual's signs) is split by chunks of pixel tiles (``cores`` a batch row),
+  each task expanding all the weights: every pixel's packed bytes hold all its channels, so a
+  channel split would have both cores write every cache line of it. Either way no task reads
+  weights another core wrote. Each task loads the tile configuration (``ldtilecfg``) itself.
+
+On a 2-core Xeon VM (one thread, the kernel alone, alternating with ``conv_vpop``'s in one
+process, every epilogue): 256->256 3x3 on 14x14 88-107 us against 109-120 us; 64->64 on 32x32
+28-39 us against 52-62; 128->128 on 16x16 30-34 us against 42-44. On 8x8 maps it lost (47
+against 35 us: the weights' expansion is not paid back over 64 pixels), hence
+:data:`MIN_PIXELS`. Binary ResNet-18 (CIFAR), whole call: 1.13x faster at one thread, 1.03-1.07x
+at two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from bitcompiler.kernels.conv_pm1 import bits_byte, clipped, pm1_conv_func, thr_hit
+from bitcompiler.kernels.dense_avx2 import x86_features
+from bitcompiler.kernels.spec import ConvSpec
+
+F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
+TILE = 16  # rows of a tile: output channels (A, C) or reduction quads (B)
+MIN_CHANNELS = 64
+MIN_PIXELS = 128
+
+
+def fits(spec: ConvSpec) -> bool:
+    """Binary pm1 weights and activations, groups 1, input channels in whole 64-bit words (no
+    padding bits: a 0 bit would count as +1), output channels in pairs of tiles, stride 1 along
+    the width, output rows of at most 16 pixels or whole 16-pixel tiles, and a map and channel
+    count big enough to pay for the expansions (:data:`MIN_CHANNELS`, :data:`MIN_PIXELS`)."""
+    return (
+        spec.act == "binary"
+        and spec.code == "pm1"
+        and spec.groups == 1
+        and spec.cg % 64 == 0
+        and spec.out_channels % (2 * TILE) == 0
+        and spec.out_channels >= MIN_CHANNELS
+        and spec.out_h * spec.out_w >= MIN_PIXELS
+        and spec.stride[1] == 1
+        and (spec.out_w <= TILE or spec.out_w % TILE == 0)
+    )
+
+
+def amx_target(target: Any) -> bool:
+    """True for an LLVM x86 target with the AMX tile and int8 instructions, on a host whose process
+    may run them (:func:`bitcompiler.amx.enable`)."""
+    from bitcompiler.amx import enable
+
+    return x86_features(target, "amx-tile", "amx-int8") and enable()
+
+
+def _tile(op: str, *args: Any) -> Any:
+    return T.call_llvm_intrin("void", f"llvm.x86.{op}", *args)
+
+
+def _u8(v: int) -> Any:
+    return tirx.const(v, U8)
+
+
+def _expand(word: Any) -> Any:
+    """The 64 signs of ``word`` (int64) as bytes, -1 for a 1 bit, as 16 int32 lanes (see the
+    module docstring for the order)."""
+    bytes_ = tirx.reinterpret("int8x64", tirx.Broadcast(word, 8))
+    one = tirx.Broadcast(tirx.const(0x0101010101010101, I64), 8)
+    mask = tirx.reinterpret("int8x64", one << T.ramp(T.int64(0), T.int64(1), 8))
+    hit = tirx.NE(tirx.bitwise_and(bytes_, mask), tirx.Broadcast(tirx.const(0, "int8"), 64))
+    signs = tirx.Select(
+        hit, tirx.Broadcast(tirx.const(-1, "int8"), 64), tirx.Broadcast(tirx.const(1, "int8"), 64)
+    )
+    return tirx.reinterpret("int32x16", signs)
+
+
+def _half(d: int, hi: bool) -> list:
+    """One round ``d`` of a 16 x 16 transpose by two-source shuffles: the lane indices, into the
+    32 concatenated lanes of rows ``a`` and ``a + d``, of new row ``a`` (``hi`` False) or ``a + d``."""
+    if hi:
+        return [tirx.IntImm(I32, j + d if not j & d else 16 + j) for j in range(16)]
+    return [tirx.IntImm(I32, j if not j & d else 16 + j - d) for j in range(16)]
+
+
+def amx_conv_func(
+    spec: ConvSpec,
+    packed: bool = False,
+    clip: tuple[float, float] | None = None,
+    cores: int = 2,
+) -> tirx.PrimFunc:
+    """The kernel for ``spec`` (:func:`fits`); arguments as
+    :func:`bitcompiler.kernels.conv_vpop.vpop_conv_func`. ``cores``: the chunks of pixels a batch
+    row is cut into where the tasks split pixels (a packed output), each expanding the weights."""
+    if not fits(spec):
+        raise ValueError(f"the AMX conv does not fit {spec}")
+    signs = packed and clip is not None
+    packed = packed and clip is None
+    O, H, W = spec.out_channels, spec.in_h, spec.in_w
+    (KH, KW), (SH, _), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    CV, OH, OW = spec.words_per_group // 2, spec.out_h, spec.out_w
+    NT, NP = KH * KW, OH * OW
+    NW = min(OW, TILE)  # output pixels (of one row) a tile holds: its columns
+    NWT = OW // NW  # tiles per output row
+    HP = H + 2 * PH
+    WP = -(-(W + 2 * PW) // TILE) * TILE  # the zero-bordered map, rows in whole 16-pixel chunks
+    KT = NT * CV  # 64-bit words (64-byte tile columns) of the reduction
+    NOT = O // TILE  # channel tiles
+    NU = OH * NWT  # pixel tiles a batch row
+    NUP = -(-NU // 2)  # pairs of them
+    by_channels = not (packed or signs)
+    NCC = max(1, min(cores, NOT // 2))  # tasks of a float output: chunks of channel-tile pairs
+    NCP = max(1, cores)  # tasks of a packed output: chunks of all batch rows' pixel-tile pairs
+    NA = 2 * -(-(NOT // 2) // NCC) if by_channels else NOT  # channel tiles a task expands
+    lanes16 = T.ramp(T.int64(0), T.int64(1), 16)
+    zero16 = tirx.Broadcast(tirx.const(0, I32), 16)
+
+    def make(out_value, E0, E1):
+        def y_at(C, RF, m, o, p, c, r, l):
+            return clipped(out_value(E0, E1, C[c, r, l], o), RF, (m, o, p), clip)
+
+        def sign_bytes(YF, m, o0, p):
+            return bits_byte([YF[m, o0 + r, p] >= tirx.const(0.0, F32) for r in range(8)])
+
+        @T.macro
+        def config(CFG):
+            # palette 1; tiles 0-3 (C) and 6-7 (B): 16 rows x NW pixels; 4-5 (A): 16 x 64 bytes
+            for i in range(64):
+                CFG[i] = _u8(0)
+            CFG[0] = _u8(1)
+            for i in range(8):
+                CFG[16 + 2 * i] = _u8(4 * NW)
+                CFG[48 + i] = _u8(16)
+            CFG[16 + 8] = _u8(64)
+            CFG[16 + 10] = _u8(64)
+            T.evaluate(_tile("ldtilecfg", T.address_of(CFG[0])))
+
+        @T.macro
+        def transpose_round(VA, VB, d):
+            for a in T.unroll(8):
+                if a // d % 2 == 0:
+                    VB[a] = tirx.Shuffle([VA[a], VA[a + d]], _half(d, False))
+                    VB[a + d] = tirx.Shuffle([VA[a], VA[a + d]], _half(d, True))
+
+        @T.macro
+        def map_row(XV, XT, V0, V1, V2, V3, m, hp):
+            # row hp of the zero-bordered map, each word's 16 int32 of every pixel transposed into
+            # XT[hp, w, q, :] (dword q of each pixel: a B tile's row q, pixels side by side)
+            for w, c in T.grid(T.int64(CV), T.int64(WP // TILE)):
+                for p in T.unroll(8):
+                    V0[p] = tirx.Select(
+                        tirx.all(hp >= PH, hp < PH + H, c * TILE + p >= PW, c * TILE + p < PW + W),
+                        _expand(
+                            XV[
+                                m,
+                                T.min(T.max(hp - PH, 0), H - 1),
+                                T.min(T.max(c * TILE + p - PW, 0), W - 1),
+                                w,
+                            ]
+                        ),
+                        zero16,
+                    )
+                    V1[p] = tirx.Select(
+                        tirx.all(hp >= PH, hp < PH + H, c * TILE + p + 8 >= PW, c * TILE + p + 8 < PW + W),
+                        _expand(
+                            XV[
+                                m,
+                                T.min(T.max(hp - PH, 0), H - 1),
+                                T.min(T.max(c * TILE + p + 8 - PW, 0), W - 1),
+                                w,
+                            ]
+                        ),
+                        zero16,
+                    )
+                for a in T.unroll(8):
+                    V2[a] = tirx.Shuffle([V0[a], V1[a]], _half(8, False))
+                    V3[a] = tirx.Shuffle([V0[a], V1[a]], _half(8, True))
+                transpose_round(V2, V0, 4)
+                transpose_round(V3, V1, 4)
+                transpose_round(V0, V2, 2)
+                transpose_round(V1, V3, 2)
+                transpose_round(V2, V0, 1)
+                transpose_round(V3, V1, 1)
+                for q in T.unroll(8):
+                    XT[hp, w, q, T.ramp(c * TILE, T.int64(1), 16)] = V0[q]
+                    XT[hp, w, q + 8, T.ramp(c * TILE, T.int64(1), 16)] = V1[q]
+
+        @T.macro
+        def outputs(C, Y, M, RES, YP, m, ot, p0, c, l):
+            # channel tile ot x output pixel p0 + l from accumulator tile c (l: lanes or one)
+            if packed:
+                YB = T.decl_buffer((M, T.int64(NP), T.int64(O // 8)), U8, data=Y.data)
+                for b in range(2):
+                    YB[m, p0 + l, ot * 2 + b] = bits_byte(
+                        [thr_hit(E0, E1, C[c, b * 8 + r, l], ot * TILE + b * 8 + r) for r in range(8)]
+                    )
+            else:
+                YF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=Y.data)
+                RF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=RES.data)
+                for r in T.unroll(TILE):
+                    YF[m, ot * TILE + r, p0 + l] = y_at(C, RF, m, ot * TILE + r, p0 + l, c, r, l)
+                if signs:
+                    YS = T.decl_buffer((M, T.int64(NP), T.int64(O // 8)), U8, data=YP.data)
+                    for b in range(2):
+                        YS[m, p0 + l, ot * 2 + b] = sign_bytes(YF, m, ot * TILE + b * 8, p0 + l)
+
+        @T.macro
+        def epilogue(C, Y, M, RES, YP, m, ot, u, c):
+            if u < NU:
+                for l in T.vectorized(NW):
+                    outputs(C, Y, M, RES, YP, m, ot, u // NWT * OW + u % NWT * NW, c, l)
+
+        @T.macro
+        def block(XT, AW, C, Y, M, RES, YP, m, up, op, a0):
+            # channel tiles 2 op, 2 op + 1 (AW[a0], AW[a0 + 1]) x pixel tiles 2 up, 2 up + 1 of row m
+            T.evaluate(_tile("tilezero", _u8(0)))
+            T.evaluate(_tile("tilezero", _u8(1)))
+            T.evaluate(_tile("tilezero", _u8(2)))
+            T.evaluate(_tile("tilezero", _u8(3)))
+            for t, w in T.grid(T.int64(NT), T.int64(CV)):
+                T.evaluate(_tile("tileloadd64", _u8(4), T.address_of(AW[a0, t * CV + w, 0, 0]), T.int64(64)))
+                T.evaluate(
+                    _tile(
+                        "tileloadd64",
+                        _u8(6),
+                        T.address_of(
+                            XT[up * 2 // NWT * SH + t // KW * DH, w, 0, up * 2 % NWT * NW + t % KW * DW]
+                        ),
+                        T.int64(4 * WP),
+                    )
+                )
+                T.evaluate(_tile("tdpbssd", _u8(0), _u8(4), _u8(6)))
+                T.evaluate(
+                    _tile(
+                        "tileloadd64",
+                        _u8(7),
+                        T.address_of(
+                            XT[
+                                T.min(up * 2 + 1, NU - 1) // NWT * SH + t // KW * DH,
+                                w,
+                                0,
+                                T.min(up * 2 + 1, NU - 1) % NWT * NW + t % KW * DW,
+                            ]
+                        ),
+                        T.int64(4 * WP),
+                    )
+                )
+                T.evaluate(_tile("tdpbssd", _u8(1), _u8(4), _u8(7)))
+                T.evaluate(
+                    _tile("tileloadd64", _u8(5), T.address_of(AW[a0 + 1, t * CV + w, 0, 0]), T.int64(64))
+                )
+                T.evaluate(_tile("tdpbssd", _u8(2), _u8(5), _u8(6)))
+                T.evaluate(_tile("tdpbssd", _u8(3), _u8(5), _u8(7)))
+            T.evaluate(_tile("tilestored64", _u8(0), T.address_of(C[0, 0, 0]), T.int64(4 * NW)))
+            T.evaluate(_tile("tilestored64", _u8(1), T.address_of(C[1, 0, 0]), T.int64(4 * NW)))
+            T.evaluate(_tile("tilestored64", _u8(2), T.address_of(C[2, 0, 0]), T.int64(4 * NW)))
+            T.evaluate(_tile("tilestored64", _u8(3), T.address_of(C[3, 0, 0]), T.int64(4 * NW)))
+            for c in range(4):
+                epilogue(C, Y, M, RES, YP, m, op * 2 + c // 2, up * 2 + c % 2, c)
+
+        @T.macro
+        def body(XP, P, Y, M, RES, YP):
+            XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(CV)), I64, data=XP.data)
+            PV = T.decl_buffer((T.int64(O), T.int64(KT)), I64, data=P.data)
+            # one launch, tasks that share nothing: each expands the map of the batch rows it
+            # takes (the B tiles, transposed) and the weights it uses (the A tiles) itself. A
+            # float output (planes per channel) splits by chunks of channel-tile pairs; a packed
+            # output (every pixel's bytes hold all its channels: a channel split would have both
+            # cores write every cache line) by chunks of pixel-tile pairs
+            for i in T.parallel(T.int64(NCC) if by_channels else T.int64(NCP)):
+                XT = T.alloc_buffer((T.int64(HP), T.int64(CV), T.int64(TILE), T.int64(WP)), I32)
+                AW = T.alloc_buffer((T.int64(NA), T.int64(KT), T.int64(TILE), T.int64(16)), I32)
+                CFG = T.alloc_buffer((64,), U8)
+                C = T.alloc_buffer((4, TILE, NW), I32)
+                V0 = T.alloc_buffer((8,), "int32x16", scope="global")
+                V1 = T.alloc_buffer((8,), "int32x16", scope="global")
+                V2 = T.alloc_buffer((8,), "int32x16", scope="global")
+                V3 = T.alloc_buffer((8,), "int32x16", scope="global")
+                for a, kt, r in T.grid(T.int64(NA), T.int64(KT), T.int64(TILE)):
+                    if not by_channels or i * NA + a < NOT:
+                        AW[a, kt, r, lanes16] = _expand(
+                            PV[T.min((i * NA if by_channels else 0) + a, NOT - 1) * TILE + r, kt]
+                        )
+                config(CFG)
+                if by_channels:
+                    for m in range(M):
+                        for hp in range(T.int64(HP)):
+                            map_row(XV, XT, V0, V1, V2, V3, m, hp)
+                        for up, j in T.grid(T.int64(NUP), T.int64(NA // 2)):
+                            if i * (NA // 2) + j < NOT // 2:
+                                block(XT, AW, C, Y, M, RES, YP, m, up, i * (NA // 2) + j, j * 2)
+                else:
+                    per = (M * NUP + NCP - 1) // NCP  # pixel-tile pairs a task
+                    for k in range(per):
+                        if i * per + k < M * NUP:
+                            if k == 0 or (i * per + k) % NUP == 0:  # a batch row's first pair
+                                for hp in range(T.int64(HP)):
+                                    map_row(XV, XT, V0, V1, V2, V3, (i * per + k) // NUP, hp)
+                            for op in range(T.int64(NOT // 2)):
+                                block(
+                                    XT,
+                                    AW,
+                                    C,
+                                    Y,
+                                    M,
+                                    RES,
+                                    YP,
+                                    (i * per + k) // NUP,
+                                    (i * per + k) % NUP,
+                                    op,
+                                    op * 2,
+                                )
+                T.evaluate(_tile("tilerelease"))
+
+        return body
+
+    return pm1_conv_func(spec, make, packed, clip, signs)
