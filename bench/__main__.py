@@ -290,7 +290,8 @@ def write(info: dict, rows: list[dict]) -> None:
             "Cold = caches evicted (64 MiB written) before every call. HW floor = the W1A1 time at this "
             "machine's measured scalar `popcnt` throughput (bench/limits.py), as a percentage of the "
             "measured time: above 100% means the kernel beats one popcount per 64-bit word (byte-lane "
-            "sums, or Harley-Seal carry-save adders that popcount one word in 16). "
+            "sums, Harley-Seal carry-save adders that popcount one word in 16, or the W1A1 conv's "
+            "+-1 byte products on AMX tiles where the CPU has them). "
             "Machine load varies between runs (a shared 2-core VM): compare ratios within a row."
         ),
         "",
