@@ -73,19 +73,9 @@ def test_amx_conv_is_exact(case, kind):
     o, oh, ow = spec.out_channels, spec.out_h, spec.out_w
     g = torch.Generator().manual_seed(sum(case[:4]) + len(kind))
     planes = nu.conv_codes_to_planes(random_codes((o, spec.cg, *spec.kernel), 1, "pm1", g), 1, "pm1")
+    ep, kw = epilogue_params(o, spec.threshold, g, False, spec.reduction // 4)
     if spec.threshold:
-        ts = torch.randint(-1, 2, (o,), generator=g).to(torch.int32)
-        th = torch.randint(-20, 21, (o,), generator=g).to(torch.int32)
-        ep = [ts, th]
-        kw = {
-            "scale": torch.ones(o),
-            "offset": torch.zeros(o),
-            "bias": torch.zeros(o),
-            "thr_sign": ts,
-            "thr": th,
-        }
-    else:
-        ep, kw = epilogue_params(o, False, g, False, spec.reduction // 4)
+        kw.update(scale=torch.ones(o), offset=torch.zeros(o), bias=torch.zeros(o))
     packed, clip = kind in ("packed", "signs"), (-1.0, 1.0) if kind in ("residual", "signs") else None
     run = _build(conv_amx.amx_conv_func(spec, packed=packed, clip=clip))
     for m in (1, 3):
