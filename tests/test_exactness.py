@@ -216,3 +216,34 @@ def test_cortex_m_batchnorm1d_factors_are_bit_exact():
         cm = bc.compile(_token_norms(), (x[:4],), target=target, scheme="uniform:bits=2,act=8")
     for chunk in x.split(4):
         assert torch.equal(cm(chunk), cm.reference(chunk))
+
+
+class IdentityNorm(nn.Module):
+    """RepVGG's block as timm writes it: a 3x3 and a 1x1 conv branch plus a BatchNorm of the input
+    itself (the identity branch), called as ``F.batch_norm`` on the module's buffers (timm's
+    ``BatchNormAct2d``), summed and ReLU'd, between int8 layers."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.c3, self.c1 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.bn = nn.BatchNorm2d(c)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        b = self.bn
+        ident = F.batch_norm(x, b.running_mean, b.running_var, b.weight, b.bias, False, 0.1, b.eps)
+        return self.head(torch.relu(self.c3(x) + self.c1(x) + ident))
+
+
+def test_functional_batchnorm_of_a_map_no_conv_made_is_bit_exact():
+    """An eval ``F.batch_norm`` whose input no conv wrote (so nothing folds it) becomes a multiply
+    then an add like a leftover BatchNorm module (timm's RepVGG: 8 of 8 batches differed)."""
+    torch.manual_seed(0)
+    model = randomize_bn(IdentityNorm()).eval()
+    x = _inputs((3, 12, 12), 200)
+    cm = bc.compile(model, (x[:1],), scheme="uniform:bits=2,act=8")
+    ops = cm.report().float_ops
+    assert "batch_norm" not in ops and ops.get("mul") == 1, ops
+    assert _mismatches(cm, x) == 0

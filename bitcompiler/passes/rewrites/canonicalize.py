@@ -172,6 +172,13 @@ def _functional_bn(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     x = _arg(node, 0, "input", None)
     if not isinstance(x, fx.Node) or not isinstance(module_of(gm, x), nn.Conv2d):
         return None  # only a conv's output is surely 4-d
+    return functional_eval_bn(gm, node)
+
+
+def functional_eval_bn(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d | None:
+    """The per-channel affine of an eval-mode ``F.batch_norm`` call on constant statistics, as an
+    eval ``nn.BatchNorm2d`` (whatever the input's rank), or None (training mode, or statistics
+    computed in the graph)."""
     if _arg(node, 5, "training", False) is not False:
         return None
     mean, var = (

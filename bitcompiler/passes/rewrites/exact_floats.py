@@ -8,7 +8,9 @@ not, as PyTorch runs them, and are rewritten here:
   sums in an order of PyTorch's choosing: it becomes ``bitc::window_mean`` (serial row-major sum,
   then one division), which the CPU kernel and the Cortex-M C loop compute the same way;
 * a BatchNorm that no layer absorbed runs ATen's kernel (its own formula, possibly fused
-  multiply-adds): it becomes ``x * a + b``, a multiply then an add with ``a``, ``b`` per channel;
+  multiply-adds): it becomes ``x * a + b``, a multiply then an add with ``a``, ``b`` per channel
+  (``BatchNorm2d`` and ``BatchNorm1d`` modules, and eval ``F.batch_norm`` calls on constant
+  statistics, as timm's ``BatchNormAct2d`` makes them);
 * sigmoid and tanh (squeeze-excitation gates, LSTM attention) are approximated differently by
   PyTorch and by TVM: they become ``bitc::exact_unary``, one formulation of basic float32
   operations (``numerics.sigmoid32``, ``numerics.tanh32``) that the reference and the kernels
@@ -32,6 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bitcompiler.passes.graph_utils import REARRANGING_FUNCS, finish, fresh_name, module_of
 from bitcompiler.passes.pipeline import PassContext
+from bitcompiler.passes.rewrites.canonicalize import functional_eval_bn
 from bitcompiler.passes.rewrites.fold_batchnorm import bn_affine
 from bitcompiler.passes.rewrites.fold_scales import feeds_only_binary_layers
 
@@ -132,6 +135,11 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None and not m.training:
             _affine(gm, node, m)
             continue
+        if node.op == "call_function" and node.target is F.batch_norm:
+            # timm's BatchNormAct2d on a map no conv made (RepVGG's identity branch)
+            if (bn := functional_eval_bn(gm, node)) is not None:
+                _affine(gm, node, bn)
+            continue
         if node.op not in ("call_module", "call_function", "call_method") or not node.args:
             continue
         x = node.args[0]
@@ -203,16 +211,20 @@ class _FakeShapes(ShapeProp):
 
 def _affine(gm: fx.GraphModule, node: fx.Node, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
     """``bn(x)`` -> ``x * a + b``, ``a`` and ``b`` shaped to broadcast over ``x``'s channel axis
-    (1: ``(C, 1, 1)`` for a BatchNorm2d, ``(C, 1)`` for a BatchNorm1d on ``(N, C, L)`` and ``(C,)``
-    on ``(N, C)``: LeViT's BatchNorm1d over flattened tokens); left as is where the rank is not
-    known."""
-    rank = 4
-    if not isinstance(bn, nn.BatchNorm2d):
-        meta: Any = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-        shape = getattr(meta, "shape", None)
-        if shape is None or len(shape) not in (2, 3):
-            return
-        rank = len(shape)
+    (1: ``(C, 1, 1)`` on a map, ``(C, 1)`` on ``(N, C, L)`` and ``(C,)`` on ``(N, C)``: LeViT's
+    BatchNorm1d over flattened tokens); left as is where the rank is not known (a BatchNorm2d
+    module's input is a map)."""
+    meta: Any = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    rank = (
+        len(shape)
+        if shape is not None
+        else 4
+        if isinstance(bn, nn.BatchNorm2d) and node.op == "call_module"
+        else 0
+    )
+    if rank not in (2, 3, 4):
+        return
     scale, shift = bn_affine(bn)
     names = []
     for t in (scale, shift):
