@@ -27,20 +27,21 @@ with every sign bit expanded to one byte (a 1 bit to -1, a 0 bit to +1), and ``t
   layer's packed input, affine, residual plus clip, its signs) reads them per channel, the
   tile's pixels as one vector (the last pair of an odd count repeats its first tile and
   writes nothing for it).
-* **Threads**: one parallel loop expands the map (per row); a second one splits the product. A
-  float output (threshold, affine, residual) is split by pairs of channel tiles: each task
-  expands its own channels' weights and writes planes of its own. A packed output (the next
-  layer's input, the residual's signs) is split by chunks of pixel tiles (``cores`` a batch row),
-  each task expanding all the weights: every pixel's packed bytes hold all its channels, so a
-  channel split would have both cores write every cache line of it. Either way no task reads
-  weights another core wrote. Each task loads the tile configuration (``ldtilecfg``) itself.
+* **Threads**: one parallel loop whose tasks share nothing: each expands the map of the batch
+  rows it takes and the weights it uses itself. A float output (threshold, affine, residual) is
+  split into ``cores`` chunks of channel-tile pairs, each expanding only its own channels'
+  weights and writing planes of its own. A packed output (the next layer's input, the
+  residual's signs) is split into ``cores`` chunks of all batch rows' pixel-tile pairs, each
+  expanding all the weights: every pixel's packed bytes hold all its channels, so a channel
+  split would have both cores write every cache line of them. Each task loads the tile
+  configuration (``ldtilecfg``) and releases the tiles itself.
 
 On a 2-core Xeon VM (one thread, the kernel alone, alternating with ``conv_vpop``'s in one
 process, every epilogue): 256->256 3x3 on 14x14 88-107 us against 109-120 us; 64->64 on 32x32
-28-39 us against 52-62; 128->128 on 16x16 30-34 us against 42-44. On 8x8 maps it lost (47
-against 35 us: the weights' expansion is not paid back over 64 pixels), hence
+28-39 us against 52-62; 128->128 on 16x16 30-42 us against 42-46. On 8x8 maps it lost (49-66
+against 36-39 us: the weights' expansion is not paid back over 64 pixels), hence
 :data:`MIN_PIXELS`. Binary ResNet-18 (CIFAR), whole call: 1.13x faster at one thread, 1.03-1.07x
-at two.
+at two; the 256->256 layer 1.57x faster at two threads than at one.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def amx_conv_func(
     cores: int = 2,
 ) -> tirx.PrimFunc:
     """The kernel for ``spec`` (:func:`fits`); arguments as
-    :func:`bitcompiler.kernels.conv_vpop.vpop_conv_func`. ``cores``: the chunks of pixels a batch
-    row is cut into where the tasks split pixels (a packed output), each expanding the weights."""
+    :func:`bitcompiler.kernels.conv_vpop.vpop_conv_func`. ``cores``: how many tasks split the work
+    (chunks of channel-tile pairs for a float output, of pixel-tile pairs for a packed one)."""
     if not fits(spec):
         raise ValueError(f"the AMX conv does not fit {spec}")
     signs = packed and clip is not None
