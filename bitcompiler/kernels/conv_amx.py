@@ -37,7 +37,8 @@ with every sign bit expanded to one byte (a 1 bit to -1, a 0 bit to +1), and ``t
   configuration (``ldtilecfg``) and releases the tiles itself.
 
 On a 2-core Xeon VM (one thread, the kernel alone, alternating with ``conv_vpop``'s in one
-process, every epilogue): 256->256 3x3 on 14x14 88-107 us against 109-120 us; 64->64 on 32x32
+process, every epilogue): 256->256 3x3 on 14x14 85-100 us against 105-112 us (116 against 115
+with the residual's signs: its pixel split expands all the weights once per task); 64->64 on 32x32
 28-39 us against 52-62; 128->128 on 16x16 30-42 us against 42-46. On 8x8 maps it lost (49-66
 against 36-39 us: the weights' expansion is not paid back over 64 pixels), hence
 :data:`MIN_PIXELS`. Binary ResNet-18 (CIFAR), whole call: 1.13x faster at one thread, 1.03-1.07x
