@@ -156,6 +156,17 @@ def amx_conv_func(
         def sign_bytes(YF, m, o0, p):
             return bits_byte([YF[m, o0 + r, p] >= tirx.const(0.0, F32) for r in range(8)])
 
+        def map_word(XV, m, hp, col, w):
+            # word w of the zero-bordered map's pixel (hp, col), expanded (zeros on the border)
+            inside = tirx.all(hp >= PH, hp < PH + H, col >= PW, col < PW + W)
+            ih, iw = T.min(T.max(hp - PH, 0), H - 1), T.min(T.max(col - PW, 0), W - 1)
+            return tirx.Select(inside, _expand(XV[m, ih, iw, w]), zero16)
+
+        def b_tile(XT, u, t, w):
+            # the B tile of pixel tile u (clamped to the last), tap t, word w: a strided load
+            u = T.min(u, NU - 1)
+            return T.address_of(XT[u // NWT * SH + t // KW * DH, w, 0, u % NWT * NW + t % KW * DW])
+
         @T.macro
         def config(CFG):
             # palette 1; tiles 0-3 (C) and 6-7 (B): 16 rows x NW pixels; 4-5 (A): 16 x 64 bytes
@@ -182,30 +193,8 @@ def amx_conv_func(
             # XT[hp, w, q, :] (dword q of each pixel: a B tile's row q, pixels side by side)
             for w, c in T.grid(T.int64(CV), T.int64(WP // TILE)):
                 for p in T.unroll(8):
-                    V0[p] = tirx.Select(
-                        tirx.all(hp >= PH, hp < PH + H, c * TILE + p >= PW, c * TILE + p < PW + W),
-                        _expand(
-                            XV[
-                                m,
-                                T.min(T.max(hp - PH, 0), H - 1),
-                                T.min(T.max(c * TILE + p - PW, 0), W - 1),
-                                w,
-                            ]
-                        ),
-                        zero16,
-                    )
-                    V1[p] = tirx.Select(
-                        tirx.all(hp >= PH, hp < PH + H, c * TILE + p + 8 >= PW, c * TILE + p + 8 < PW + W),
-                        _expand(
-                            XV[
-                                m,
-                                T.min(T.max(hp - PH, 0), H - 1),
-                                T.min(T.max(c * TILE + p + 8 - PW, 0), W - 1),
-                                w,
-                            ]
-                        ),
-                        zero16,
-                    )
+                    V0[p] = map_word(XV, m, hp, c * TILE + p, w)
+                    V1[p] = map_word(XV, m, hp, c * TILE + p + 8, w)
                 for a in T.unroll(8):
                     V2[a] = tirx.Shuffle([V0[a], V1[a]], _half(8, False))
                     V3[a] = tirx.Shuffle([V0[a], V1[a]], _half(8, True))
@@ -253,32 +242,9 @@ def amx_conv_func(
             T.evaluate(_tile("tilezero", _u8(3)))
             for t, w in T.grid(T.int64(NT), T.int64(CV)):
                 T.evaluate(_tile("tileloadd64", _u8(4), T.address_of(AW[a0, t * CV + w, 0, 0]), T.int64(64)))
-                T.evaluate(
-                    _tile(
-                        "tileloadd64",
-                        _u8(6),
-                        T.address_of(
-                            XT[up * 2 // NWT * SH + t // KW * DH, w, 0, up * 2 % NWT * NW + t % KW * DW]
-                        ),
-                        T.int64(4 * WP),
-                    )
-                )
+                T.evaluate(_tile("tileloadd64", _u8(6), b_tile(XT, up * 2, t, w), T.int64(4 * WP)))
                 T.evaluate(_tile("tdpbssd", _u8(0), _u8(4), _u8(6)))
-                T.evaluate(
-                    _tile(
-                        "tileloadd64",
-                        _u8(7),
-                        T.address_of(
-                            XT[
-                                T.min(up * 2 + 1, NU - 1) // NWT * SH + t // KW * DH,
-                                w,
-                                0,
-                                T.min(up * 2 + 1, NU - 1) % NWT * NW + t % KW * DW,
-                            ]
-                        ),
-                        T.int64(4 * WP),
-                    )
-                )
+                T.evaluate(_tile("tileloadd64", _u8(7), b_tile(XT, up * 2 + 1, t, w), T.int64(4 * WP)))
                 T.evaluate(_tile("tdpbssd", _u8(1), _u8(4), _u8(7)))
                 T.evaluate(
                     _tile("tileloadd64", _u8(5), T.address_of(AW[a0 + 1, t * CV + w, 0, 0]), T.int64(64))

@@ -18,9 +18,10 @@ def host_target() -> tvm.target.Target:
     return _TARGET
 
 
-def build(prim: tvm.tirx.PrimFunc):
-    """Compile one PrimFunc for the host; returns a callable ``f(*numpy_arrays, outs=[...])``."""
-    lib = tvm.compile(tvm.IRModule({"main": prim}), target=host_target())
+def build(prim: tvm.tirx.PrimFunc, target: tvm.target.Target | None = None):
+    """Compile one PrimFunc for ``target`` (default: the host); returns a callable
+    ``f(*numpy_arrays, outs=[...])``."""
+    lib = tvm.compile(tvm.IRModule({"main": prim}), target=target or host_target())
 
     def run(inputs: list, out_shapes: list) -> list[np.ndarray]:
         outs = [tvm.runtime.tensor(np.zeros(s, dtype=d)) for s, d in out_shapes]

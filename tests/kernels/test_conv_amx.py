@@ -8,14 +8,13 @@ reference."""
 import numpy as np
 import pytest
 import torch
-import tvm
 
 import bitcompiler as bc
 from bitcompiler import amx
 from bitcompiler.kernels import ConvSpec, conv2d_kernel, conv_amx
 from bitcompiler.quant import numerics as nu
 from bitcompiler.target import Target, backend_for
-from tests.kernels._util import act_inputs, assert_close, epilogue_params, random_codes
+from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
 
 CPU = backend_for(Target("cpu")).tvm_target(Target("cpu"))
 needs_amx = pytest.mark.skipif(not conv_amx.amx_target(CPU), reason="the host has no AMX tiles it may use")
@@ -45,17 +44,14 @@ def _reference(spec, x, planes, kw):
 
 
 def _build(func):
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=CPU)
+    """:func:`build` for the backend's AMX target; ``run(inputs, shapes, calls)`` repeats the call
+    on the pool (a task reading another's buffer would differ) and returns the first outputs."""
+    once = build(func, CPU)
 
     def run(inputs, shapes, calls=1):
-        outs = [tvm.runtime.tensor(np.full(s, 7, d)) for s, d in shapes]
-        args = [tvm.runtime.tensor(np.ascontiguousarray(np.asarray(a))) for a in inputs]
-        first = None
-        for _ in range(calls):  # repeated calls on the pool: a task reading another's buffer would differ
-            lib["main"](*args, *outs)
-            got = [o.numpy() for o in outs]
-            assert first is None or all(np.array_equal(a, b) for a, b in zip(first, got))
-            first = got
+        first = once(inputs, shapes)
+        for _ in range(calls - 1):
+            assert all(np.array_equal(a, b) for a, b in zip(first, once(inputs, shapes)))
         return first
 
     return run

@@ -342,12 +342,12 @@ class _Builder:
         if any(a.name in self.remat for a in args):
             raise CortexMLoweringError(f"node {node.name} reads a map that was never stored (internal)")
         # computed maps by their arena slot; constants (a leftover BatchNorm's factors) from flash
-        ins = [self.tensors[a.name] for a in args if a.name in self.tensors]
-        refs, shapes = [], []
+        ins, refs, shapes = [], [], []
         for a in args:
             if a.name in self.tensors:
+                ins.append(self.tensors[a.name])
                 refs.append(f"@{a.name}@")
-                shapes.append(self.tensors[a.name].shape)
+                shapes.append(ins[-1].shape)
             elif a.name in self.param_of:
                 refs.append(self.weight(a, "float32"))
                 shapes.append(tuple(self.state[self.param_of[a.name]].shape))

@@ -216,13 +216,12 @@ def _affine(gm: fx.GraphModule, node: fx.Node, bn: nn.BatchNorm1d | nn.BatchNorm
     module's input is a map)."""
     meta: Any = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
     shape = getattr(meta, "shape", None)
-    rank = (
-        len(shape)
-        if shape is not None
-        else 4
-        if isinstance(bn, nn.BatchNorm2d) and node.op == "call_module"
-        else 0
-    )
+    if shape is not None:
+        rank = len(shape)
+    elif isinstance(bn, nn.BatchNorm2d) and node.op == "call_module":
+        rank = 4
+    else:
+        return
     if rank not in (2, 3, 4):
         return
     scale, shift = bn_affine(bn)
