@@ -52,6 +52,7 @@ from typing import Any
 from tvm import tirx
 from tvm.script import tirx as T
 
+from bitcompiler.kernels._common import as_tvm_target
 from bitcompiler.kernels.conv_pm1 import bits_byte, clipped, pm1_conv_func, thr_hit
 from bitcompiler.kernels.dense_avx2 import x86_features
 from bitcompiler.kernels.spec import ConvSpec
@@ -88,6 +89,14 @@ def amx_target(target: Any) -> bool:
     return x86_features(target, "amx-tile", "amx-int8") and enable()
 
 
+def amx_cores(target: Any) -> int:
+    """0 where :func:`amx_target` does not hold, else how many tasks an AMX kernel splits its work
+    into: the target's ``num-cores`` (2 where it is unset)."""
+    if not amx_target(target):
+        return 0
+    return int(as_tvm_target(target).attrs.get("num-cores", 0) or 2)
+
+
 def _tile(op: str, *args: Any) -> Any:
     return T.call_llvm_intrin("void", f"llvm.x86.{op}", *args)
 
@@ -115,6 +124,56 @@ def _half(d: int, hi: bool) -> list:
     if hi:
         return [tirx.IntImm(I32, j + d if not j & d else 16 + j) for j in range(16)]
     return [tirx.IntImm(I32, j if not j & d else 16 + j - d) for j in range(16)]
+
+
+LANES = T.ramp(0, 1, 16)
+
+
+@T.macro
+def _transpose_round(VA, VB, d):
+    for a in T.unroll(8):
+        if a // d % 2 == 0:
+            VB[a, LANES] = tirx.Shuffle([VA[a, LANES], VA[a + d, LANES]], _half(d, False))
+            VB[a + d, LANES] = tirx.Shuffle([VA[a, LANES], VA[a + d, LANES]], _half(d, True))
+
+
+@T.macro
+def transpose16(V0, V1, V2, V3):
+    """A 16 x 16 int32 transpose in registers: rows ``p`` and ``p + 8`` in ``V0[p]``, ``V1[p]``
+    (``(8, 16) int32`` buffers, ``V2``, ``V3`` scratch) become columns: lane ``p`` of the new row ``q``
+    (``V0[q]``, ``V1[q]`` for ``q + 8``) is lane ``q`` of the old row ``p``."""
+    for a in T.unroll(8):
+        V2[a, LANES] = tirx.Shuffle([V0[a, LANES], V1[a, LANES]], _half(8, False))
+        V3[a, LANES] = tirx.Shuffle([V0[a, LANES], V1[a, LANES]], _half(8, True))
+    _transpose_round(V2, V0, 4)
+    _transpose_round(V3, V1, 4)
+    _transpose_round(V0, V2, 2)
+    _transpose_round(V1, V3, 2)
+    _transpose_round(V2, V0, 1)
+    _transpose_round(V3, V1, 1)
+
+
+def tile_config(colsb: list[int]) -> Any:
+    """A macro ``(CFG)`` that loads palette 1 with tile ``i`` 16 rows of ``colsb[i]`` bytes (a
+    64-byte ``uint8`` buffer ``CFG``)."""
+
+    def colsb_of(i):  # colsb[i] for the loop variable i
+        width = _u8(colsb[-1])
+        for j in reversed(range(len(colsb) - 1)):
+            width = tirx.Select(i == j, _u8(colsb[j]), width)
+        return width
+
+    @T.macro
+    def config(CFG):
+        for i in range(64):
+            CFG[i] = _u8(0)
+        CFG[0] = _u8(1)
+        for i in range(8):
+            CFG[16 + 2 * i] = colsb_of(i)
+            CFG[48 + i] = _u8(16)
+        T.evaluate(_tile("ldtilecfg", T.address_of(CFG[0])))
+
+    return config
 
 
 def amx_conv_func(
@@ -167,25 +226,8 @@ def amx_conv_func(
             u = T.min(u, NU - 1)
             return T.address_of(XT[u // NWT * SH + t // KW * DH, w, 0, u % NWT * NW + t % KW * DW])
 
-        @T.macro
-        def config(CFG):
-            # palette 1; tiles 0-3 (C) and 6-7 (B): 16 rows x NW pixels; 4-5 (A): 16 x 64 bytes
-            for i in range(64):
-                CFG[i] = _u8(0)
-            CFG[0] = _u8(1)
-            for i in range(8):
-                CFG[16 + 2 * i] = _u8(4 * NW)
-                CFG[48 + i] = _u8(16)
-            CFG[16 + 8] = _u8(64)
-            CFG[16 + 10] = _u8(64)
-            T.evaluate(_tile("ldtilecfg", T.address_of(CFG[0])))
-
-        @T.macro
-        def transpose_round(VA, VB, d):
-            for a in T.unroll(8):
-                if a // d % 2 == 0:
-                    VB[a] = tirx.Shuffle([VA[a], VA[a + d]], _half(d, False))
-                    VB[a + d] = tirx.Shuffle([VA[a], VA[a + d]], _half(d, True))
+        # tiles 0-3 (C) and 6-7 (B): 16 rows x NW pixels; 4-5 (A): 16 x 64 bytes
+        config = tile_config([4 * NW] * 4 + [64, 64] + [4 * NW] * 2)
 
         @T.macro
         def map_row(XV, XT, V0, V1, V2, V3, m, hp):
@@ -193,20 +235,12 @@ def amx_conv_func(
             # XT[hp, w, q, :] (dword q of each pixel: a B tile's row q, pixels side by side)
             for w, c in T.grid(T.int64(CV), T.int64(WP // TILE)):
                 for p in T.unroll(8):
-                    V0[p] = map_word(XV, m, hp, c * TILE + p, w)
-                    V1[p] = map_word(XV, m, hp, c * TILE + p + 8, w)
-                for a in T.unroll(8):
-                    V2[a] = tirx.Shuffle([V0[a], V1[a]], _half(8, False))
-                    V3[a] = tirx.Shuffle([V0[a], V1[a]], _half(8, True))
-                transpose_round(V2, V0, 4)
-                transpose_round(V3, V1, 4)
-                transpose_round(V0, V2, 2)
-                transpose_round(V1, V3, 2)
-                transpose_round(V2, V0, 1)
-                transpose_round(V3, V1, 1)
+                    V0[p, LANES] = map_word(XV, m, hp, c * TILE + p, w)
+                    V1[p, LANES] = map_word(XV, m, hp, c * TILE + p + 8, w)
+                transpose16(V0, V1, V2, V3)
                 for q in T.unroll(8):
-                    XT[hp, w, q, T.ramp(c * TILE, T.int64(1), 16)] = V0[q]
-                    XT[hp, w, q + 8, T.ramp(c * TILE, T.int64(1), 16)] = V1[q]
+                    XT[hp, w, q, T.ramp(c * TILE, T.int64(1), 16)] = V0[q, LANES]
+                    XT[hp, w, q + 8, T.ramp(c * TILE, T.int64(1), 16)] = V1[q, LANES]
 
         @T.macro
         def outputs(C, Y, M, RES, YP, m, ot, p0, c, l):
@@ -272,10 +306,10 @@ def amx_conv_func(
                 AW = T.alloc_buffer((T.int64(NA), T.int64(KT), T.int64(TILE), T.int64(16)), I32)
                 CFG = T.alloc_buffer((64,), U8)
                 C = T.alloc_buffer((4, TILE, NW), I32)
-                V0 = T.alloc_buffer((8,), "int32x16", scope="global")
-                V1 = T.alloc_buffer((8,), "int32x16", scope="global")
-                V2 = T.alloc_buffer((8,), "int32x16", scope="global")
-                V3 = T.alloc_buffer((8,), "int32x16", scope="global")
+                V0 = T.alloc_buffer((8, 16), I32)
+                V1 = T.alloc_buffer((8, 16), I32)
+                V2 = T.alloc_buffer((8, 16), I32)
+                V3 = T.alloc_buffer((8, 16), I32)
                 for a, kt, r in T.grid(T.int64(NA), T.int64(KT), T.int64(TILE)):
                     if not by_channels or i * NA + a < NOT:
                         AW[a, kt, r, lanes16] = _expand(

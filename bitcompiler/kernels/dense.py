@@ -42,7 +42,15 @@ from typing import Any
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import dense_avx2, dense_fcodes, dense_int8, dense_lanes, dense_vnni, dense_vpop
+from bitcompiler.kernels import (
+    conv_amx,
+    dense_avx2,
+    dense_fcodes,
+    dense_int8,
+    dense_lanes,
+    dense_vnni,
+    dense_vpop,
+)
 from bitcompiler.kernels._common import (
     as_i32,
     batch_var,
@@ -237,7 +245,8 @@ def relaid_dense_kernel(
     (then :func:`dense_kernel` on the planes as they are):
 
     * W1A1, N % 8 == 0, AVX-512 vector popcounts: 8 rows in the 64-bit lanes of a
-      512-bit vector (:mod:`~bitcompiler.kernels.dense_vpop`); with ``gelu`` (the input is that of
+      512-bit vector (:mod:`~bitcompiler.kernels.dense_vpop`), with a branch on AMX tiles for calls
+      of 32 rows or more where the CPU has them (:mod:`~bitcompiler.kernels.dense_amx`); with ``gelu`` (the input is that of
       a GELU only binary layers read) the variant that packs by GELU's sign rule, suffix
       ``vpop_gelu`` (the other kernels do not take the rule: ``gelu`` is ignored there);
     * W1A1, N % 32 == 0, K % 128 == 0: rows in vector lanes (:mod:`~bitcompiler.kernels.dense_lanes`);
@@ -252,7 +261,7 @@ def relaid_dense_kernel(
     if not dense_avx2.avx2_target(target):
         return None
     if dense_vpop.fits(spec) and dense_avx2.popcnt512_target(target):
-        func = dense_vpop.vpop_kernel(spec, gelu=gelu)
+        func = dense_vpop.vpop_kernel(spec, gelu=gelu, amx_cores=conv_amx.amx_cores(target))
         suffix = "vpop_gelu" if gelu else "vpop"
         return Relaid(func, dense_vpop.vpop_layout(planes, spec.in_features), suffix, True)
     if dense_lanes.fits(spec):

@@ -105,13 +105,14 @@ def epilogue_params(n: int, threshold: bool, g: torch.Generator, has_offset: boo
     return [sc, of, bi], {"scale": sc, "offset": of, "bias": bi}
 
 
-def check_w1a1_extremes(kernel, layout, k: int, n: int, batch: int, row: int) -> None:
+def check_w1a1_extremes(kernel, layout, k: int, n: int, batch: int, row: int, target=None) -> None:
     """A W1A1 dense ``kernel`` (weights in ``layout``'s order) with unit scales and zero bias gives
     ``K - 2*popcount`` exactly: ``K`` for weight row 0, which agrees with batch row ``row`` in every
-    bit, and ``-K`` for row 1, which differs in every bit; every output equals the reference."""
+    bit, and ``-K`` for row 1, which differs in every bit; every output equals the reference
+    (built for ``target``, default the host)."""
     from bitcompiler.kernels import DenseSpec
 
-    run = build(kernel(DenseSpec(k, n, 1, "pm1", "binary", False, False)))
+    run = build(kernel(DenseSpec(k, n, 1, "pm1", "binary", False, False)), target)
     g = torch.Generator().manual_seed(5)
     codes = random_codes((n, k), 1, "pm1", g)
     x = torch.randn(batch, k, generator=g)
