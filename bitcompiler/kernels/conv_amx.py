@@ -21,7 +21,18 @@ with every sign bit expanded to one byte (a 1 bit to -1, a 0 bit to +1), and ``t
   bytes ``4q .. 4q + 3`` of every pixel side by side (16 pixels' expanded words transposed in
   registers: four rounds of two-source shuffles). For a stride-1 row of output pixels the ``B``
   tile of tap ``(kh, kw)`` is then a plain strided tile load at the window's first pixel: no
-  im2col. A tile holds up to 16 pixels of one output row (``OW`` of them when ``OW < 16``).
+  im2col. A tile holds :func:`row_tile` pixels of one output row: the largest divisor of ``OW``
+  up to 16 (14 on 28- and 56-pixel rows: 64->64 3x3 on 56x56 111 us against 182 for
+  ``conv_vpop``, 128->128 on 28x28 90 against 136).
+* **The im2col form** (:func:`by_im2col`: small maps, strides along the width, rows no tile of 8
+  to 16 pixels divides): a ``B`` tile is 16 flat output pixels' window words, built per pair of
+  pixel tiles (expanded, transposed, zero outside the image) and used by every channel pair;
+  the weights are expanded one word ahead of their tile loads (as the AMX dense branch does)
+  instead of all at once, and the work splits by pixel-tile pairs whatever the output (a
+  tile's 16 pixels of a float plane are one cache line). 256->256 3x3 on 8x8 26-28 us against
+  34-36; 64->128 3x3 stride 2 from 32x32 19-20 against 23-24; 512->512 on 7x7 109-112 against
+  126-130. On 4x4 maps it lost (43-50 against 37: each expanded weight serves one tile), hence
+  :data:`MIN_IM2COL_PIXELS`; with 64 output channels too (the im2col serves few channel pairs).
 * **Register blocking**: two channel tiles x two pixel tiles in the four accumulator tiles; the
   accumulators go to a small buffer and the epilogue (``conv_vpop``'s: threshold, the next
   layer's packed input, affine, residual plus clip, its signs) reads them per channel, the
@@ -39,10 +50,11 @@ with every sign bit expanded to one byte (a 1 bit to -1, a 0 bit to +1), and ``t
 On a 2-core Xeon VM (one thread, the kernel alone, alternating with ``conv_vpop``'s in one
 process, every epilogue): 256->256 3x3 on 14x14 85-100 us against 105-112 us (116 against 115
 with the residual's signs: its pixel split expands all the weights once per task); 64->64 on 32x32
-28-39 us against 52-62; 128->128 on 16x16 30-42 us against 42-46. On 8x8 maps it lost (49-66
-against 36-39 us: the weights' expansion is not paid back over 64 pixels), hence
-:data:`MIN_PIXELS`. Binary ResNet-18 (CIFAR), whole call: 1.13x faster at one thread, 1.03-1.07x
-at two; the 256->256 layer 1.57x faster at two threads than at one.
+28-39 us against 52-62; 128->128 on 16x16 30-42 us against 42-46. On 8x8 maps the row form lost
+(49-66 against 36-39 us: all the weights expanded for 64 pixels), hence :data:`MIN_PIXELS`.
+Binary ResNet-18 (CIFAR), whole call: 1.13x faster at one thread, 1.03-1.07x at two; the im2col
+form took its 8x8 and stride-2 layers 30-40 us lower, the whole call 1-2% (the other kernels and
+the calls between them ran slower beside more AMX work, in one process).
 """
 
 from __future__ import annotations
@@ -61,13 +73,15 @@ F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
 TILE = 16  # rows of a tile: output channels (A, C) or reduction quads (B)
 MIN_CHANNELS = 64
 MIN_PIXELS = 128
+MIN_IM2COL_WORDS = 9  # the im2col form: words of a reduction,
+MIN_IM2COL_CHANNELS = 128  # output channels (each pixel pair's im2col serves them all)
+MIN_IM2COL_PIXELS = 32  # and output pixels from which it pays
 
 
 def fits(spec: ConvSpec) -> bool:
     """Binary pm1 weights and activations, groups 1, input channels in whole 64-bit words (no
-    padding bits: a 0 bit would count as +1), output channels in pairs of tiles, stride 1 along
-    the width, output rows of at most 16 pixels or whole 16-pixel tiles, and a map and channel
-    count big enough to pay for the expansions (:data:`MIN_CHANNELS`, :data:`MIN_PIXELS`)."""
+    padding bits: a 0 bit would count as +1), output channels in pairs of tiles and
+    :data:`MIN_CHANNELS` or more, and :func:`by_rows` or :func:`by_im2col` holds."""
     return (
         spec.act == "binary"
         and spec.code == "pm1"
@@ -75,9 +89,36 @@ def fits(spec: ConvSpec) -> bool:
         and spec.cg % 64 == 0
         and spec.out_channels % (2 * TILE) == 0
         and spec.out_channels >= MIN_CHANNELS
-        and spec.out_h * spec.out_w >= MIN_PIXELS
+        and (by_rows(spec) or by_im2col(spec))
+    )
+
+
+def row_tile(ow: int) -> int:
+    """Output pixels of one row a tile holds in the row form: the largest divisor of ``ow`` up to 16."""
+    return max(d for d in range(1, min(ow, TILE) + 1) if ow % d == 0)
+
+
+def by_rows(spec: ConvSpec) -> bool:
+    """The B tiles as strided loads of the transposed map: stride 1 along the width,
+    :data:`MIN_PIXELS` output pixels or more, output rows cut in tiles of 8 to 16 pixels (or a row
+    of fewer: :func:`row_tile`)."""
+    nw = row_tile(spec.out_w)
+    return (
+        spec.out_h * spec.out_w >= MIN_PIXELS
         and spec.stride[1] == 1
-        and (spec.out_w <= TILE or spec.out_w % TILE == 0)
+        and (nw >= TILE // 2 or nw == spec.out_w)
+    )
+
+
+def by_im2col(spec: ConvSpec) -> bool:
+    """The B tiles from an im2col of 16 output pixels at a time (any stride, any map): where
+    :func:`by_rows` does not hold, with :data:`MIN_IM2COL_WORDS` words of reduction,
+    :data:`MIN_IM2COL_CHANNELS` output channels and :data:`MIN_IM2COL_PIXELS` output pixels."""
+    return (
+        not by_rows(spec)
+        and spec.kernel[0] * spec.kernel[1] * spec.cg // 64 >= MIN_IM2COL_WORDS
+        and spec.out_channels >= MIN_IM2COL_CHANNELS
+        and spec.out_h * spec.out_w >= MIN_IM2COL_PIXELS
     )
 
 
@@ -153,6 +194,39 @@ def transpose16(V0, V1, V2, V3):
     _transpose_round(V3, V1, 1)
 
 
+@T.macro
+def zero_accumulators():
+    """Tiles 0-3, the accumulators, to zero."""
+    T.evaluate(_tile("tilezero", _u8(0)))
+    T.evaluate(_tile("tilezero", _u8(1)))
+    T.evaluate(_tile("tilezero", _u8(2)))
+    T.evaluate(_tile("tilezero", _u8(3)))
+
+
+@T.macro
+def product_2x2(a0, a1, b0, b1, b_stride):
+    """One reduction step of the 2 x 2 blocking: ``A`` tiles at ``a0``, ``a1`` (rows of 64 bytes) into
+    tiles 4, 5, ``B`` tiles at ``b0``, ``b1`` (rows ``b_stride`` bytes apart) into 6, 7, and the four
+    products ``C[2 a + b] += A[a] B[b]`` (tiles 0-3)."""
+    T.evaluate(_tile("tileloadd64", _u8(4), a0, T.int64(64)))
+    T.evaluate(_tile("tileloadd64", _u8(6), b0, b_stride))
+    T.evaluate(_tile("tdpbssd", _u8(0), _u8(4), _u8(6)))
+    T.evaluate(_tile("tileloadd64", _u8(7), b1, b_stride))
+    T.evaluate(_tile("tdpbssd", _u8(1), _u8(4), _u8(7)))
+    T.evaluate(_tile("tileloadd64", _u8(5), a1, T.int64(64)))
+    T.evaluate(_tile("tdpbssd", _u8(2), _u8(5), _u8(6)))
+    T.evaluate(_tile("tdpbssd", _u8(3), _u8(5), _u8(7)))
+
+
+@T.macro
+def store_accumulators(C, row_bytes):
+    """Tiles 0-3 into ``C[0..3]`` (an int32 buffer, rows ``row_bytes`` bytes apart)."""
+    T.evaluate(_tile("tilestored64", _u8(0), T.address_of(C[0, 0, 0]), row_bytes))
+    T.evaluate(_tile("tilestored64", _u8(1), T.address_of(C[1, 0, 0]), row_bytes))
+    T.evaluate(_tile("tilestored64", _u8(2), T.address_of(C[2, 0, 0]), row_bytes))
+    T.evaluate(_tile("tilestored64", _u8(3), T.address_of(C[3, 0, 0]), row_bytes))
+
+
 def tile_config(colsb: list[int]) -> Any:
     """A macro ``(CFG)`` that loads palette 1 with tile ``i`` 16 rows of ``colsb[i]`` bytes (a
     64-byte ``uint8`` buffer ``CFG``)."""
@@ -193,13 +267,14 @@ def amx_conv_func(
     (KH, KW), (SH, _), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     CV, OH, OW = spec.words_per_group // 2, spec.out_h, spec.out_w
     NT, NP = KH * KW, OH * OW
-    NW = min(OW, TILE)  # output pixels (of one row) a tile holds: its columns
-    NWT = OW // NW  # tiles per output row
+    flat = by_im2col(spec)  # B tiles from an im2col of 16 flat output pixels (else map rows)
+    NW = TILE if flat else row_tile(OW)  # output pixels a tile holds: its columns
+    NWT = 1 if flat else OW // NW  # tiles per output row
     HP = H + 2 * PH
     WP = -(-(W + 2 * PW) // TILE) * TILE  # the zero-bordered map, rows in whole 16-pixel chunks
     KT = NT * CV  # 64-bit words (64-byte tile columns) of the reduction
     NOT = O // TILE  # channel tiles
-    NU = OH * NWT  # pixel tiles a batch row
+    NU = -(-NP // TILE) if flat else OH * NWT  # pixel tiles a batch row
     NUP = -(-NU // 2)  # pairs of them
     by_channels = not (packed or signs)
     NCC = max(1, min(cores, NOT // 2))  # tasks of a float output: chunks of channel-tile pairs
@@ -220,6 +295,15 @@ def amx_conv_func(
             inside = tirx.all(hp >= PH, hp < PH + H, col >= PW, col < PW + W)
             ih, iw = T.min(T.max(hp - PH, 0), H - 1), T.min(T.max(col - PW, 0), W - 1)
             return tirx.Select(inside, _expand(XV[m, ih, iw, w]), zero16)
+
+        def pixel_word(XV, m, pf, kt):
+            # word kt (tap t, word w) of the window of flat output pixel pf, expanded (zeros outside)
+            t, w = kt // CV, kt % CV
+            ih = pf // OW * SH - PH + t // KW * DH
+            iw = pf % OW * spec.stride[1] - PW + t % KW * DW
+            inside = tirx.all(pf < NP, ih >= 0, ih < H, iw >= 0, iw < W)
+            cih, ciw = T.min(T.max(ih, 0), H - 1), T.min(T.max(iw, 0), W - 1)
+            return tirx.Select(inside, _expand(XV[m, cih, ciw, w]), zero16)
 
         def b_tile(XT, u, t, w):
             # the B tile of pixel tile u (clamped to the last), tap t, word w: a strided load
@@ -243,6 +327,25 @@ def amx_conv_func(
                     XT[hp, w, q + 8, T.ramp(c * TILE, T.int64(1), 16)] = V1[q, LANES]
 
         @T.macro
+        def im2col_pair(XV, XT, V0, V1, V2, V3, m, up):
+            # pixel tiles 2 up, 2 up + 1 of batch row m (the second clamped to the last): word kt of
+            # 16 flat output pixels' windows, transposed into XT[s, kt, q, :] (a B tile)
+            for s, kt in T.grid(2, T.int64(KT)):
+                for p in T.unroll(8):
+                    V0[p, LANES] = pixel_word(XV, m, T.min(up * 2 + s, NU - 1) * TILE + p, kt)
+                    V1[p, LANES] = pixel_word(XV, m, T.min(up * 2 + s, NU - 1) * TILE + p + 8, kt)
+                transpose16(V0, V1, V2, V3)
+                for q in T.unroll(8):
+                    XT[s, kt, q, LANES] = V0[q, LANES]
+                    XT[s, kt, q + 8, LANES] = V1[q, LANES]
+
+        @T.macro
+        def weights(PV, AW, op, kt):
+            # word kt of channel tiles 2 op, 2 op + 1 expanded into AW[kt % 2]
+            for a, r in T.grid(2, TILE):
+                AW[kt % 2, a, r, LANES] = _expand(PV[(op * 2 + a) * TILE + r, kt])
+
+        @T.macro
         def outputs(C, Y, M, RES, YP, m, ot, p0, c, l):
             # channel tile ot x output pixel p0 + l from accumulator tile c (l: lanes or one)
             if packed:
@@ -263,39 +366,81 @@ def amx_conv_func(
 
         @T.macro
         def epilogue(C, Y, M, RES, YP, m, ot, u, c):
-            if u < NU:
+            if flat:
+                if u * TILE + TILE <= NP:
+                    for l in T.vectorized(TILE):
+                        outputs(C, Y, M, RES, YP, m, ot, u * TILE, c, l)
+                elif u < NU:  # the last tile, part of it
+                    for l in range(TILE):
+                        if u * TILE + l < NP:
+                            outputs(C, Y, M, RES, YP, m, ot, u * TILE, c, l)
+            elif u < NU:
                 for l in T.vectorized(NW):
                     outputs(C, Y, M, RES, YP, m, ot, u // NWT * OW + u % NWT * NW, c, l)
 
         @T.macro
         def block(XT, AW, C, Y, M, RES, YP, m, up, op, a0):
             # channel tiles 2 op, 2 op + 1 (AW[a0], AW[a0 + 1]) x pixel tiles 2 up, 2 up + 1 of row m
-            T.evaluate(_tile("tilezero", _u8(0)))
-            T.evaluate(_tile("tilezero", _u8(1)))
-            T.evaluate(_tile("tilezero", _u8(2)))
-            T.evaluate(_tile("tilezero", _u8(3)))
+            zero_accumulators()
             for t, w in T.grid(T.int64(NT), T.int64(CV)):
-                T.evaluate(_tile("tileloadd64", _u8(4), T.address_of(AW[a0, t * CV + w, 0, 0]), T.int64(64)))
-                T.evaluate(_tile("tileloadd64", _u8(6), b_tile(XT, up * 2, t, w), T.int64(4 * WP)))
-                T.evaluate(_tile("tdpbssd", _u8(0), _u8(4), _u8(6)))
-                T.evaluate(_tile("tileloadd64", _u8(7), b_tile(XT, up * 2 + 1, t, w), T.int64(4 * WP)))
-                T.evaluate(_tile("tdpbssd", _u8(1), _u8(4), _u8(7)))
-                T.evaluate(
-                    _tile("tileloadd64", _u8(5), T.address_of(AW[a0 + 1, t * CV + w, 0, 0]), T.int64(64))
+                product_2x2(
+                    T.address_of(AW[a0, t * CV + w, 0, 0]),
+                    T.address_of(AW[a0 + 1, t * CV + w, 0, 0]),
+                    b_tile(XT, up * 2, t, w),
+                    b_tile(XT, up * 2 + 1, t, w),
+                    T.int64(4 * WP),
                 )
-                T.evaluate(_tile("tdpbssd", _u8(2), _u8(5), _u8(6)))
-                T.evaluate(_tile("tdpbssd", _u8(3), _u8(5), _u8(7)))
-            T.evaluate(_tile("tilestored64", _u8(0), T.address_of(C[0, 0, 0]), T.int64(4 * NW)))
-            T.evaluate(_tile("tilestored64", _u8(1), T.address_of(C[1, 0, 0]), T.int64(4 * NW)))
-            T.evaluate(_tile("tilestored64", _u8(2), T.address_of(C[2, 0, 0]), T.int64(4 * NW)))
-            T.evaluate(_tile("tilestored64", _u8(3), T.address_of(C[3, 0, 0]), T.int64(4 * NW)))
+            store_accumulators(C, T.int64(4 * NW))
             for c in range(4):
                 epilogue(C, Y, M, RES, YP, m, op * 2 + c // 2, up * 2 + c % 2, c)
 
         @T.macro
-        def body(XP, P, Y, M, RES, YP):
-            XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(CV)), I64, data=XP.data)
-            PV = T.decl_buffer((T.int64(O), T.int64(KT)), I64, data=P.data)
+        def block_im2col(XT, PV, AW, C, Y, M, RES, YP, m, up, op):
+            # channel tiles 2 op, 2 op + 1 x pixel tiles 2 up, 2 up + 1 (XT[0], XT[1]) of row m
+            zero_accumulators()
+            weights(PV, AW, op, T.int64(0))
+            for kt in range(T.int64(KT)):
+                if kt + 1 < KT:  # the next word's, while this word's tiles load
+                    weights(PV, AW, op, kt + 1)
+                product_2x2(
+                    T.address_of(AW[kt % 2, 0, 0, 0]),
+                    T.address_of(AW[kt % 2, 1, 0, 0]),
+                    T.address_of(XT[0, kt, 0, 0]),
+                    T.address_of(XT[1, kt, 0, 0]),
+                    T.int64(64),
+                )
+            store_accumulators(C, T.int64(64))
+            for c in range(4):
+                epilogue(C, Y, M, RES, YP, m, op * 2 + c // 2, up * 2 + c % 2, c)
+
+        @T.macro
+        def body_im2col(XV, PV, Y, M, RES, YP):
+            # tasks that share nothing, each a chunk of all batch rows' pixel-tile pairs, whatever
+            # the output: a pair's im2col is built once for every channel pair, the weights are
+            # expanded a word ahead of their loads anyway, and a tile's 16 pixels of a channel's
+            # float plane are one cache line
+            for i in T.parallel(T.int64(NCP)):
+                XT = T.alloc_buffer((2, T.int64(KT), T.int64(TILE), T.int64(16)), I32)
+                AW = T.alloc_buffer((2, 2, TILE, 16), I32)
+                CFG = T.alloc_buffer((64,), U8)
+                C = T.alloc_buffer((4, TILE, TILE), I32)
+                V0 = T.alloc_buffer((8, 16), I32)
+                V1 = T.alloc_buffer((8, 16), I32)
+                V2 = T.alloc_buffer((8, 16), I32)
+                V3 = T.alloc_buffer((8, 16), I32)
+                config(CFG)
+                per = (M * NUP + NCP - 1) // NCP  # pixel-tile pairs a task
+                for k in range(per):
+                    if i * per + k < M * NUP:
+                        im2col_pair(XV, XT, V0, V1, V2, V3, (i * per + k) // NUP, (i * per + k) % NUP)
+                        for op in range(T.int64(NOT // 2)):
+                            block_im2col(
+                                XT, PV, AW, C, Y, M, RES, YP, (i * per + k) // NUP, (i * per + k) % NUP, op
+                            )
+                T.evaluate(_tile("tilerelease"))
+
+        @T.macro
+        def body_rows(XV, PV, Y, M, RES, YP):
             # one launch, tasks that share nothing: each expands the map of the batch rows it
             # takes (the B tiles, transposed) and the weights it uses (the A tiles) itself. A
             # float output (planes per channel) splits by chunks of channel-tile pairs; a packed
@@ -345,6 +490,15 @@ def amx_conv_func(
                                     op * 2,
                                 )
                 T.evaluate(_tile("tilerelease"))
+
+        @T.macro
+        def body(XP, P, Y, M, RES, YP):
+            XV = T.decl_buffer((M, T.int64(H), T.int64(W), T.int64(CV)), I64, data=XP.data)
+            PV = T.decl_buffer((T.int64(O), T.int64(KT)), I64, data=P.data)
+            if flat:
+                body_im2col(XV, PV, Y, M, RES, YP)
+            else:
+                body_rows(XV, PV, Y, M, RES, YP)
 
         return body
 

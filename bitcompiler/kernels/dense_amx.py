@@ -43,7 +43,16 @@ from typing import Any
 from tvm import tirx
 from tvm.script import tirx as T
 
-from bitcompiler.kernels.conv_amx import LANES, _expand, _tile, _u8, tile_config, transpose16
+from bitcompiler.kernels.conv_amx import (
+    LANES,
+    _expand,
+    _tile,
+    product_2x2,
+    store_accumulators,
+    tile_config,
+    transpose16,
+    zero_accumulators,
+)
 
 TILE = 16
 MIN_ROWS = 32  # batch rows from which a call takes the AMX branch
@@ -112,34 +121,19 @@ def amx_rows_func(K: int, N: int, KW: int, cores: int, out_value: Any) -> Any:
             config(CFG)
             for bp, j in T.grid(rows(M) // 32, T.int64(PER)):
                 if i * PER + j < NPAIR:
-                    T.evaluate(_tile("tilezero", _u8(0)))
-                    T.evaluate(_tile("tilezero", _u8(1)))
-                    T.evaluate(_tile("tilezero", _u8(2)))
-                    T.evaluate(_tile("tilezero", _u8(3)))
+                    zero_accumulators()
                     weights(WT, AW, i * PER + j, T.int64(0))
                     for kw in range(T.int64(KW)):
                         if kw + 1 < KW:  # the next word's, while this word's tiles load
                             weights(WT, AW, i * PER + j, kw + 1)
-                        T.evaluate(
-                            _tile("tileloadd64", _u8(4), T.address_of(AW[kw % 2, 0, 0, 0]), T.int64(64))
+                        product_2x2(
+                            T.address_of(AW[kw % 2, 0, 0, 0]),
+                            T.address_of(AW[kw % 2, 1, 0, 0]),
+                            T.address_of(XT[bp * 2, kw, 0, 0]),
+                            T.address_of(XT[bp * 2 + 1, kw, 0, 0]),
+                            T.int64(64),
                         )
-                        T.evaluate(
-                            _tile("tileloadd64", _u8(6), T.address_of(XT[bp * 2, kw, 0, 0]), T.int64(64))
-                        )
-                        T.evaluate(_tile("tdpbssd", _u8(0), _u8(4), _u8(6)))
-                        T.evaluate(
-                            _tile("tileloadd64", _u8(7), T.address_of(XT[bp * 2 + 1, kw, 0, 0]), T.int64(64))
-                        )
-                        T.evaluate(_tile("tdpbssd", _u8(1), _u8(4), _u8(7)))
-                        T.evaluate(
-                            _tile("tileloadd64", _u8(5), T.address_of(AW[kw % 2, 1, 0, 0]), T.int64(64))
-                        )
-                        T.evaluate(_tile("tdpbssd", _u8(2), _u8(5), _u8(6)))
-                        T.evaluate(_tile("tdpbssd", _u8(3), _u8(5), _u8(7)))
-                    T.evaluate(_tile("tilestored64", _u8(0), T.address_of(C[0, 0, 0]), T.int64(64)))
-                    T.evaluate(_tile("tilestored64", _u8(1), T.address_of(C[1, 0, 0]), T.int64(64)))
-                    T.evaluate(_tile("tilestored64", _u8(2), T.address_of(C[2, 0, 0]), T.int64(64)))
-                    T.evaluate(_tile("tilestored64", _u8(3), T.address_of(C[3, 0, 0]), T.int64(64)))
+                    store_accumulators(C, T.int64(64))
                     for c in range(4):
                         # C[c]: output rows (tile c // 2) x batch rows (tile c % 2) -> CT: batch x rows
                         for p in T.unroll(8):

@@ -28,6 +28,10 @@ CASES = [
     (64, 96, 16, 16, 3, (1, 1), 2, 2),  # dilation 2, three channel pairs
     (64, 64, 24, 14, 3, (2, 1), 1, 1),  # stride 2 down the height only
     (64, 64, 12, 12, 1, (1, 1), 0, 1),  # 1x1
+    (64, 64, 28, 28, 3, (1, 1), 1, 1),  # rows in two 14-pixel tiles
+    (128, 128, 8, 8, 3, (1, 1), 1, 1),  # im2col form: four 16-pixel tiles of the flat map
+    (64, 128, 16, 16, 3, (2, 2), 1, 1),  # im2col form, stride 2 both ways
+    (128, 128, 7, 7, 3, (1, 1), 1, 1),  # im2col form, 49 pixels: a last tile of one
 ]
 
 
@@ -114,14 +118,22 @@ def test_accumulators_are_exact_integers():
     assert np.array_equal(y, ref.numpy()) and np.all(y == np.round(y))
 
 
+def test_each_case_takes_the_form_its_comment_says():
+    forms = [("rows" if conv_amx.by_rows(_spec(c, False)) else "im2col") for c in CASES]
+    assert forms == ["rows"] * 8 + ["im2col"] * 3
+    assert conv_amx.row_tile(28) == 14 and conv_amx.row_tile(13) == 13 and conv_amx.row_tile(17) == 1
+
+
 @pytest.mark.parametrize(
     ("case", "why"),
     [
         ((96, 64, 16, 16, 3, (1, 1), 1, 1), "96 input channels: a word with padding bits"),
         ((64, 48, 16, 16, 3, (1, 1), 1, 1), "48 output channels: not pairs of 16-channel tiles"),
-        ((64, 64, 8, 8, 3, (1, 1), 1, 1), "64 output pixels: the weights' expansion does not pay"),
-        ((64, 64, 32, 32, 3, (2, 2), 1, 1), "stride 2 along the width"),
-        ((64, 64, 20, 20, 3, (1, 1), 1, 1), "20-pixel rows: neither one tile nor whole tiles"),
+        ((64, 64, 8, 8, 3, (1, 1), 1, 1), "64 output pixels, 64 channels: the expansions do not pay"),
+        ((64, 64, 32, 32, 3, (2, 2), 1, 1), "stride 2 along the width, 64 channels"),
+        ((64, 64, 17, 17, 3, (1, 1), 1, 1), "17-pixel rows: no tile of 8 to 16 pixels, 64 channels"),
+        ((512, 512, 4, 4, 3, (1, 1), 1, 1), "16 output pixels: each expanded weight serves one tile"),
+        ((128, 256, 16, 16, 1, (2, 2), 0, 1), "a 1x1 stride-2 shortcut: 2 words of reduction"),
     ],
 )
 def test_shapes_it_does_not_fit(case, why):
