@@ -46,13 +46,17 @@ def _target(name):
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "c{}o{}_{}x{}".format(g[0], g[1], *g[4]))
-@pytest.mark.parametrize("bits, has_offset", [(2, True), (4, False), (7, True)])
+@pytest.mark.parametrize("bits, has_offset", [(2, True), (4, False), (7, True), (8, False)])
 @pytest.mark.parametrize("isa", sorted(TARGETS))
 @pytest.mark.parametrize("stored", [False, True], ids=["planes", "stored"])
 def test_int8_conv_matches_reference(geom, bits, has_offset, isa, stored):
     c, o, h, w, k, s, p, d = geom
     target = _target(isa)
     spec = ConvSpec(c, o, h, w, k, s, p, d, 1, bits, "uint", "int8", has_offset, False)
+    vnni = conv_int8.uses_vnni(target)
+    if bits == 8 and not vnni:  # a vpmaddubsw pair sum of 8-bit codes can pass 2^15
+        assert not conv_int8.fits(spec, target)
+        return
     assert conv_int8.fits(spec, target)
     if stored and 8 % bits:
         pytest.skip("codes are stored in bytes only for 1, 2 and 4 bits")
@@ -62,6 +66,8 @@ def test_int8_conv_matches_reference(geom, bits, has_offset, isa, stored):
         else conv2d_kernel(spec, target)
     )
     assert "vpdpbusd" in func.script() or "pmadd" in func.script()
+    # 16-channel blocks take one 512-bit vpdpbusd where the CPU has AVX-512 VNNI
+    assert ("vpdpbusd.512" in func.script()) == (vnni and conv_int8._vb(spec) == 16)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     g = torch.Generator().manual_seed(c * o + bits)
     codes = random_codes((o, c, *k), bits, "uint", g)
