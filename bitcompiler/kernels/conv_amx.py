@@ -258,7 +258,8 @@ def amx_conv_func(
 ) -> tirx.PrimFunc:
     """The kernel for ``spec`` (:func:`fits`); arguments as
     :func:`bitcompiler.kernels.conv_vpop.vpop_conv_func`. ``cores``: how many tasks split the work
-    (chunks of channel-tile pairs for a float output, of pixel-tile pairs for a packed one)."""
+    (chunks of channel-tile pairs for a float output, of pixel-tile pairs for a packed one; of
+    pixel-tile pairs for any output in the im2col form)."""
     if not fits(spec):
         raise ValueError(f"the AMX conv does not fit {spec}")
     signs = packed and clip is not None

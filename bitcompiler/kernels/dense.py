@@ -246,7 +246,7 @@ def relaid_dense_kernel(
 
     * W1A1, N % 8 == 0, AVX-512 vector popcounts: 8 rows in the 64-bit lanes of a
       512-bit vector (:mod:`~bitcompiler.kernels.dense_vpop`), with a branch on AMX tiles for calls
-      of 32 rows or more where the CPU has them (:mod:`~bitcompiler.kernels.dense_amx`); with ``gelu`` (the input is that of
+      of 32 rows and 2^21 words of work or more where the CPU has them (:mod:`~bitcompiler.kernels.dense_amx`); with ``gelu`` (the input is that of
       a GELU only binary layers read) the variant that packs by GELU's sign rule, suffix
       ``vpop_gelu`` (the other kernels do not take the rule: ``gelu`` is ignored there);
     * W1A1, N % 32 == 0, K % 128 == 0: rows in vector lanes (:mod:`~bitcompiler.kernels.dense_lanes`);

@@ -26,7 +26,7 @@ whole 64-bit words.
   (batch rows x N x K/64, decided per call); below, a serial copy of the same nest runs on the
   calling thread (an MLP-Mixer's 64 -> 128 token layer over 256 rows: 32,768 words, 6 µs).
 * With ``amx_cores`` (a CPU with AMX tiles the process may use) a layer of 512 inputs or more and
-  whole pairs of 16 rows has a branch that calls of 32 batch rows or more take
+  whole pairs of 16 rows has a branch that calls of 32 batch rows or more (and 2^21 words of work) take
   (:mod:`~bitcompiler.kernels.dense_amx`): 4096² at batch 64 0.67-0.79 ms against 1.16-1.21 ms on a 2-core
   Xeon VM.
 
@@ -120,7 +120,7 @@ def vpop_func(spec: DenseSpec, gelu: bool = False, amx_cores: int = 0) -> tirx.P
     """TVMScript of the kernel: ``X (M, K) f32, WT (N/8, K/64, 8) uint64``, then ``TS, TH`` (threshold)
     or ``SC, OF, BI``, then ``Y (M, N) f32``. ``gelu``: ``X`` is the input of a GELU only this kind
     of layer reads, binarized by its sign rule (``numerics.gelu_sign32``). ``amx_cores`` > 0: calls
-    of :data:`dense_amx.MIN_ROWS` rows or more take the AMX branch (:mod:`~bitcompiler.kernels.dense_amx`,
+    of :func:`dense_amx.min_rows` rows or more take the AMX branch (:mod:`~bitcompiler.kernels.dense_amx`,
     split in that many tasks)."""
     amx = amx_cores > 0 and dense_amx.fits(spec.in_features, spec.out_features)
     K, N = spec.in_features, spec.out_features
@@ -203,7 +203,7 @@ def vpop_func(spec: DenseSpec, gelu: bool = False, amx_cores: int = 0) -> tirx.P
             for j in range(8):
                 assert EX[j] < finite.EXPONENT, ("ValueError", [finite.MESSAGE])
             X64 = T.decl_buffer((M, T.int64(KW)), U64, data=XP.data)
-            if amx and M >= dense_amx.MIN_ROWS:
+            if amx and M >= dense_amx.min_rows(K, N):
                 amx_rows(X64, WT, Y, E0, E1, M)
             elif M == 1:
                 for g in range(T.int64(G)):

@@ -20,6 +20,12 @@ CPU = backend_for(Target("cpu")).tvm_target(Target("cpu"))
 needs_amx = pytest.mark.skipif(not conv_amx.amx_target(CPU), reason="the host has no AMX tiles it may use")
 
 
+@pytest.fixture(autouse=True)
+def any_work(monkeypatch):
+    """The branch for these small layers too (in a model it waits for 2^21 words of work)."""
+    monkeypatch.setattr(dense_amx, "MIN_WORDS", 0)
+
+
 def _uses_tiles(func) -> bool:
     return "tdpbssd" in func.script()
 
@@ -86,6 +92,14 @@ def test_task_counts_agree():
     inputs = [torch.randn(m, k, generator=g), torch.from_numpy(vpop_layout(planes.numpy(), k))] + ep
     outs = [_run(vpop_kernel(spec, amx_cores=c))(inputs, [((m, n), "float32")])[0] for c in (1, 2, 3)]
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+def test_calls_take_the_branch_from_32_rows_and_enough_work():
+    dense_amx.MIN_WORDS = 1 << 21  # as in a model (the fixture puts it back)
+    assert dense_amx.min_rows(4096, 4096) == 32  # 4096 x 64 words a row
+    assert dense_amx.min_rows(1024, 256) == 512  # an MLP-Mixer's channel layer: not at 64 tokens
+    text = vpop_kernel(DenseSpec(1024, 256, 1, "pm1", "binary", False, False), amx_cores=2).script()
+    assert "M >= T.int64(512)" in text and "tdpbssd" in text
 
 
 def test_only_layers_and_targets_that_pay_have_the_branch():
