@@ -35,7 +35,7 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
-from bitcompiler.kernels import conv_amx, conv_int8, conv_vpop
+from bitcompiler.kernels import amx_tiles, conv_amx, conv_int8, conv_vpop
 from bitcompiler.kernels._common import (
     as_i32,
     batch_var,
@@ -291,7 +291,7 @@ def conv2d_kernel(
     packs = packs_residual(spec) if residual_clip is not None else packs_output(spec)
     if packed_output and not (cpu and packs):
         raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
-    if cpu and conv_amx.fits(spec) and (cores := conv_amx.amx_cores(target)):
+    if cpu and conv_amx.fits(spec) and (cores := amx_tiles.amx_cores(target)):
         func = conv_amx.amx_conv_func(spec, packed=packed_output, clip=residual_clip, cores=cores)
     elif cpu and popcnt512_target(target) and conv_vpop.fits(spec):
         func = conv_vpop.vpop_conv_func(spec, packed=packed_output, clip=residual_clip)

@@ -1,7 +1,7 @@
 """W1A1 conv (``act="binary"``, pm1 weights, groups 1) as an int8 matrix product on Intel AMX tiles.
 
 For x86 CPUs with AMX (``amx-tile``, ``amx-int8``: Sapphire Rapids and later) where the process
-got the tile state (:mod:`bitcompiler.amx`); :func:`bitcompiler.kernels.conv2d_kernel`
+got the tile state (:mod:`bitcompiler.amx`, :func:`~bitcompiler.kernels.amx_tiles.amx_target`); :func:`bitcompiler.kernels.conv2d_kernel`
 picks it over :mod:`bitcompiler.kernels.conv_vpop` where :func:`fits` holds. Same buffers, layout
 and numbers as that kernel.
 
@@ -10,10 +10,7 @@ with every sign bit expanded to one byte (a 1 bit to -1, a 0 bit to +1), and ``t
 16 x 16 x 64 of them per instruction. A tap outside the image is zero bytes: it adds nothing, so
 ``C`` is the layer's integer dot product itself, with no border correction.
 
-* **Expansion.** A 64-bit sign word becomes 64 bytes in a few vector instructions: the word
-  broadcast to the eight int64 lanes, a test against ``1 << lane`` per byte, a blend of -1 and +1.
-  Byte ``L`` gets bit ``8 (L % 8) + L // 8`` of the word: the same permutation of the 64 channels
-  on both sides of every product, so every sum is unchanged.
+* **Expansion** of each sign word to 64 bytes: :func:`bitcompiler.kernels.amx_tiles.expand`.
 * **Weights** (the ``A`` tiles, 16 output channels x 64 bytes of one reduction word): each
   channel's words expanded in place, once per call.
 * **Input** (the ``B`` tiles, ``tdpbssd``'s layout ``[k / 4][pixel][4 bytes]``): the map with its
@@ -59,14 +56,20 @@ the calls between them ran slower beside more AMX work, in one process).
 
 from __future__ import annotations
 
-from typing import Any
-
 from tvm import tirx
 from tvm.script import tirx as T
 
-from bitcompiler.kernels._common import as_tvm_target
+from bitcompiler.kernels.amx_tiles import (
+    LANES,
+    expand,
+    product_2x2,
+    store_accumulators,
+    tile_config,
+    tile_op,
+    transpose16,
+    zero_accumulators,
+)
 from bitcompiler.kernels.conv_pm1 import bits_byte, clipped, pm1_conv_func, thr_hit
-from bitcompiler.kernels.dense_avx2 import x86_features
 from bitcompiler.kernels.spec import ConvSpec
 
 F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
@@ -122,134 +125,6 @@ def by_im2col(spec: ConvSpec) -> bool:
     )
 
 
-def amx_target(target: Any) -> bool:
-    """True for an LLVM x86 target with the AMX tile and int8 instructions, on a host whose process
-    may run them (:func:`bitcompiler.amx.enable`)."""
-    from bitcompiler.amx import enable
-
-    return x86_features(target, "amx-tile", "amx-int8") and enable()
-
-
-def amx_cores(target: Any) -> int:
-    """0 where :func:`amx_target` does not hold, else how many tasks an AMX kernel splits its work
-    into: the target's ``num-cores`` (2 where it is unset)."""
-    if not amx_target(target):
-        return 0
-    return int(as_tvm_target(target).attrs.get("num-cores", 0) or 2)
-
-
-def _tile(op: str, *args: Any) -> Any:
-    return T.call_llvm_intrin("void", f"llvm.x86.{op}", *args)
-
-
-def _u8(v: int) -> Any:
-    return tirx.const(v, U8)
-
-
-def _expand(word: Any) -> Any:
-    """The 64 signs of ``word`` (int64) as bytes, -1 for a 1 bit, as 16 int32 lanes (see the
-    module docstring for the order)."""
-    bytes_ = tirx.reinterpret("int8x64", tirx.Broadcast(word, 8))
-    one = tirx.Broadcast(tirx.const(0x0101010101010101, I64), 8)
-    mask = tirx.reinterpret("int8x64", one << T.ramp(T.int64(0), T.int64(1), 8))
-    hit = tirx.NE(tirx.bitwise_and(bytes_, mask), tirx.Broadcast(tirx.const(0, "int8"), 64))
-    signs = tirx.Select(
-        hit, tirx.Broadcast(tirx.const(-1, "int8"), 64), tirx.Broadcast(tirx.const(1, "int8"), 64)
-    )
-    return tirx.reinterpret("int32x16", signs)
-
-
-def _half(d: int, hi: bool) -> list:
-    """One round ``d`` of a 16 x 16 transpose by two-source shuffles: the lane indices, into the
-    32 concatenated lanes of rows ``a`` and ``a + d``, of new row ``a`` (``hi`` False) or ``a + d``."""
-    if hi:
-        return [tirx.IntImm(I32, j + d if not j & d else 16 + j) for j in range(16)]
-    return [tirx.IntImm(I32, j if not j & d else 16 + j - d) for j in range(16)]
-
-
-LANES = T.ramp(0, 1, 16)
-
-
-@T.macro
-def _transpose_round(VA, VB, d):
-    for a in T.unroll(8):
-        if a // d % 2 == 0:
-            VB[a, LANES] = tirx.Shuffle([VA[a, LANES], VA[a + d, LANES]], _half(d, False))
-            VB[a + d, LANES] = tirx.Shuffle([VA[a, LANES], VA[a + d, LANES]], _half(d, True))
-
-
-@T.macro
-def transpose16(V0, V1, V2, V3):
-    """A 16 x 16 int32 transpose in registers: rows ``p`` and ``p + 8`` in ``V0[p]``, ``V1[p]``
-    (``(8, 16) int32`` buffers, ``V2``, ``V3`` scratch) become columns: lane ``p`` of the new row ``q``
-    (``V0[q]``, ``V1[q]`` for ``q + 8``) is lane ``q`` of the old row ``p``."""
-    for a in T.unroll(8):
-        V2[a, LANES] = tirx.Shuffle([V0[a, LANES], V1[a, LANES]], _half(8, False))
-        V3[a, LANES] = tirx.Shuffle([V0[a, LANES], V1[a, LANES]], _half(8, True))
-    _transpose_round(V2, V0, 4)
-    _transpose_round(V3, V1, 4)
-    _transpose_round(V0, V2, 2)
-    _transpose_round(V1, V3, 2)
-    _transpose_round(V2, V0, 1)
-    _transpose_round(V3, V1, 1)
-
-
-@T.macro
-def zero_accumulators():
-    """Tiles 0-3, the accumulators, to zero."""
-    T.evaluate(_tile("tilezero", _u8(0)))
-    T.evaluate(_tile("tilezero", _u8(1)))
-    T.evaluate(_tile("tilezero", _u8(2)))
-    T.evaluate(_tile("tilezero", _u8(3)))
-
-
-@T.macro
-def product_2x2(a0, a1, b0, b1, b_stride):
-    """One reduction step of the 2 x 2 blocking: ``A`` tiles at ``a0``, ``a1`` (rows of 64 bytes) into
-    tiles 4, 5, ``B`` tiles at ``b0``, ``b1`` (rows ``b_stride`` bytes apart) into 6, 7, and the four
-    products ``C[2 a + b] += A[a] B[b]`` (tiles 0-3)."""
-    T.evaluate(_tile("tileloadd64", _u8(4), a0, T.int64(64)))
-    T.evaluate(_tile("tileloadd64", _u8(6), b0, b_stride))
-    T.evaluate(_tile("tdpbssd", _u8(0), _u8(4), _u8(6)))
-    T.evaluate(_tile("tileloadd64", _u8(7), b1, b_stride))
-    T.evaluate(_tile("tdpbssd", _u8(1), _u8(4), _u8(7)))
-    T.evaluate(_tile("tileloadd64", _u8(5), a1, T.int64(64)))
-    T.evaluate(_tile("tdpbssd", _u8(2), _u8(5), _u8(6)))
-    T.evaluate(_tile("tdpbssd", _u8(3), _u8(5), _u8(7)))
-
-
-@T.macro
-def store_accumulators(C, row_bytes):
-    """Tiles 0-3 into ``C[0..3]`` (an int32 buffer, rows ``row_bytes`` bytes apart)."""
-    T.evaluate(_tile("tilestored64", _u8(0), T.address_of(C[0, 0, 0]), row_bytes))
-    T.evaluate(_tile("tilestored64", _u8(1), T.address_of(C[1, 0, 0]), row_bytes))
-    T.evaluate(_tile("tilestored64", _u8(2), T.address_of(C[2, 0, 0]), row_bytes))
-    T.evaluate(_tile("tilestored64", _u8(3), T.address_of(C[3, 0, 0]), row_bytes))
-
-
-def tile_config(colsb: list[int]) -> Any:
-    """A macro ``(CFG)`` that loads palette 1 with tile ``i`` 16 rows of ``colsb[i]`` bytes (a
-    64-byte ``uint8`` buffer ``CFG``)."""
-
-    def colsb_of(i):  # colsb[i] for the loop variable i
-        width = _u8(colsb[-1])
-        for j in reversed(range(len(colsb) - 1)):
-            width = tirx.Select(i == j, _u8(colsb[j]), width)
-        return width
-
-    @T.macro
-    def config(CFG):
-        for i in range(64):
-            CFG[i] = _u8(0)
-        CFG[0] = _u8(1)
-        for i in range(8):
-            CFG[16 + 2 * i] = colsb_of(i)
-            CFG[48 + i] = _u8(16)
-        T.evaluate(_tile("ldtilecfg", T.address_of(CFG[0])))
-
-    return config
-
-
 def amx_conv_func(
     spec: ConvSpec,
     packed: bool = False,
@@ -295,7 +170,7 @@ def amx_conv_func(
             # word w of the zero-bordered map's pixel (hp, col), expanded (zeros on the border)
             inside = tirx.all(hp >= PH, hp < PH + H, col >= PW, col < PW + W)
             ih, iw = T.min(T.max(hp - PH, 0), H - 1), T.min(T.max(col - PW, 0), W - 1)
-            return tirx.Select(inside, _expand(XV[m, ih, iw, w]), zero16)
+            return tirx.Select(inside, expand(XV[m, ih, iw, w]), zero16)
 
         def pixel_word(XV, m, pf, kt):
             # word kt (tap t, word w) of the window of flat output pixel pf, expanded (zeros outside)
@@ -304,7 +179,7 @@ def amx_conv_func(
             iw = pf % OW * spec.stride[1] - PW + t % KW * DW
             inside = tirx.all(pf < NP, ih >= 0, ih < H, iw >= 0, iw < W)
             cih, ciw = T.min(T.max(ih, 0), H - 1), T.min(T.max(iw, 0), W - 1)
-            return tirx.Select(inside, _expand(XV[m, cih, ciw, w]), zero16)
+            return tirx.Select(inside, expand(XV[m, cih, ciw, w]), zero16)
 
         def b_tile(XT, u, t, w):
             # the B tile of pixel tile u (clamped to the last), tap t, word w: a strided load
@@ -315,36 +190,36 @@ def amx_conv_func(
         config = tile_config([4 * NW] * 4 + [64, 64] + [4 * NW] * 2)
 
         @T.macro
-        def map_row(XV, XT, V0, V1, V2, V3, m, hp):
+        def map_row(XV, XT, V, m, hp):
             # row hp of the zero-bordered map, each word's 16 int32 of every pixel transposed into
             # XT[hp, w, q, :] (dword q of each pixel: a B tile's row q, pixels side by side)
             for w, c in T.grid(T.int64(CV), T.int64(WP // TILE)):
                 for p in T.unroll(8):
-                    V0[p, LANES] = map_word(XV, m, hp, c * TILE + p, w)
-                    V1[p, LANES] = map_word(XV, m, hp, c * TILE + p + 8, w)
-                transpose16(V0, V1, V2, V3)
+                    V[0, p, LANES] = map_word(XV, m, hp, c * TILE + p, w)
+                    V[1, p, LANES] = map_word(XV, m, hp, c * TILE + p + 8, w)
+                transpose16(V)
                 for q in T.unroll(8):
-                    XT[hp, w, q, T.ramp(c * TILE, T.int64(1), 16)] = V0[q, LANES]
-                    XT[hp, w, q + 8, T.ramp(c * TILE, T.int64(1), 16)] = V1[q, LANES]
+                    XT[hp, w, q, T.ramp(c * TILE, T.int64(1), 16)] = V[0, q, LANES]
+                    XT[hp, w, q + 8, T.ramp(c * TILE, T.int64(1), 16)] = V[1, q, LANES]
 
         @T.macro
-        def im2col_pair(XV, XT, V0, V1, V2, V3, m, up):
+        def im2col_pair(XV, XT, V, m, up):
             # pixel tiles 2 up, 2 up + 1 of batch row m (the second clamped to the last): word kt of
             # 16 flat output pixels' windows, transposed into XT[s, kt, q, :] (a B tile)
             for s, kt in T.grid(2, T.int64(KT)):
                 for p in T.unroll(8):
-                    V0[p, LANES] = pixel_word(XV, m, T.min(up * 2 + s, NU - 1) * TILE + p, kt)
-                    V1[p, LANES] = pixel_word(XV, m, T.min(up * 2 + s, NU - 1) * TILE + p + 8, kt)
-                transpose16(V0, V1, V2, V3)
+                    V[0, p, LANES] = pixel_word(XV, m, T.min(up * 2 + s, NU - 1) * TILE + p, kt)
+                    V[1, p, LANES] = pixel_word(XV, m, T.min(up * 2 + s, NU - 1) * TILE + p + 8, kt)
+                transpose16(V)
                 for q in T.unroll(8):
-                    XT[s, kt, q, LANES] = V0[q, LANES]
-                    XT[s, kt, q + 8, LANES] = V1[q, LANES]
+                    XT[s, kt, q, LANES] = V[0, q, LANES]
+                    XT[s, kt, q + 8, LANES] = V[1, q, LANES]
 
         @T.macro
         def weights(PV, AW, op, kt):
             # word kt of channel tiles 2 op, 2 op + 1 expanded into AW[kt % 2]
             for a, r in T.grid(2, TILE):
-                AW[kt % 2, a, r, LANES] = _expand(PV[(op * 2 + a) * TILE + r, kt])
+                AW[kt % 2, a, r, LANES] = expand(PV[(op * 2 + a) * TILE + r, kt])
 
         @T.macro
         def outputs(C, Y, M, RES, YP, m, ot, p0, c, l):
@@ -425,20 +300,17 @@ def amx_conv_func(
                 AW = T.alloc_buffer((2, 2, TILE, 16), I32)
                 CFG = T.alloc_buffer((64,), U8)
                 C = T.alloc_buffer((4, TILE, TILE), I32)
-                V0 = T.alloc_buffer((8, 16), I32)
-                V1 = T.alloc_buffer((8, 16), I32)
-                V2 = T.alloc_buffer((8, 16), I32)
-                V3 = T.alloc_buffer((8, 16), I32)
+                V = T.alloc_buffer((4, 8, 16), I32)  # transposes' rows
                 config(CFG)
                 per = (M * NUP + NCP - 1) // NCP  # pixel-tile pairs a task
                 for k in range(per):
                     if i * per + k < M * NUP:
-                        im2col_pair(XV, XT, V0, V1, V2, V3, (i * per + k) // NUP, (i * per + k) % NUP)
+                        im2col_pair(XV, XT, V, (i * per + k) // NUP, (i * per + k) % NUP)
                         for op in range(T.int64(NOT // 2)):
                             block_im2col(
                                 XT, PV, AW, C, Y, M, RES, YP, (i * per + k) // NUP, (i * per + k) % NUP, op
                             )
-                T.evaluate(_tile("tilerelease"))
+                T.evaluate(tile_op("tilerelease"))
 
         @T.macro
         def body_rows(XV, PV, Y, M, RES, YP):
@@ -452,20 +324,17 @@ def amx_conv_func(
                 AW = T.alloc_buffer((T.int64(NA), T.int64(KT), T.int64(TILE), T.int64(16)), I32)
                 CFG = T.alloc_buffer((64,), U8)
                 C = T.alloc_buffer((4, TILE, NW), I32)
-                V0 = T.alloc_buffer((8, 16), I32)
-                V1 = T.alloc_buffer((8, 16), I32)
-                V2 = T.alloc_buffer((8, 16), I32)
-                V3 = T.alloc_buffer((8, 16), I32)
+                V = T.alloc_buffer((4, 8, 16), I32)  # transposes' rows
                 for a, kt, r in T.grid(T.int64(NA), T.int64(KT), T.int64(TILE)):
                     if not by_channels or i * NA + a < NOT:
-                        AW[a, kt, r, lanes16] = _expand(
+                        AW[a, kt, r, lanes16] = expand(
                             PV[T.min((i * NA if by_channels else 0) + a, NOT - 1) * TILE + r, kt]
                         )
                 config(CFG)
                 if by_channels:
                     for m in range(M):
                         for hp in range(T.int64(HP)):
-                            map_row(XV, XT, V0, V1, V2, V3, m, hp)
+                            map_row(XV, XT, V, m, hp)
                         for up, j in T.grid(T.int64(NUP), T.int64(NA // 2)):
                             if i * (NA // 2) + j < NOT // 2:
                                 block(XT, AW, C, Y, M, RES, YP, m, up, i * (NA // 2) + j, j * 2)
@@ -475,7 +344,7 @@ def amx_conv_func(
                         if i * per + k < M * NUP:
                             if k == 0 or (i * per + k) % NUP == 0:  # a batch row's first pair
                                 for hp in range(T.int64(HP)):
-                                    map_row(XV, XT, V0, V1, V2, V3, (i * per + k) // NUP, hp)
+                                    map_row(XV, XT, V, (i * per + k) // NUP, hp)
                             for op in range(T.int64(NOT // 2)):
                                 block(
                                     XT,
@@ -490,7 +359,7 @@ def amx_conv_func(
                                     op,
                                     op * 2,
                                 )
-                T.evaluate(_tile("tilerelease"))
+                T.evaluate(tile_op("tilerelease"))
 
         @T.macro
         def body(XP, P, Y, M, RES, YP):

@@ -47,8 +47,8 @@ LANES = 8  # int32 sums per 256-bit register
 
 def _dot(kind: str, n: int = LANES) -> tirx.PrimFunc:
     """``C[i] += sum_k A[k] * B[i, k]`` over ``n`` lanes x 4 bytes: the description (``kind="desc"``)
-    or its ``"avx2"`` / ``"vnni"`` implementation (8 lanes), or ``"vnni512"`` (16 lanes, one
-    512-bit ``vpdpbusd``)."""
+    or its ``"avx2"`` (8 lanes) / ``"vnni"`` implementation (8 lanes: a 256-bit ``vpdpbusd``; 16: a
+    512-bit one)."""
 
     @T.prim_func(s_tir=True)
     def dot(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -80,25 +80,16 @@ def _dot(kind: str, n: int = LANES) -> tirx.PrimFunc:
                     T.int16x16(1),
                     dtype="int32x8",
                 )
-            elif kind == "vnni512":
-                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                    C.vload([0], dtype="int32x16"),
-                    B.vload([0, 0], dtype="uint8x64"),
+            else:  # vpdpbusd (256- or 512-bit): four u8 x s8 products added into each int32 lane
+                C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * n}"),
+                    C.vload([0], dtype=f"int32x{n}"),
+                    B.vload([0, 0], dtype=f"uint8x{4 * n}"),
                     T.reinterpret(
-                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64"
+                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), n),
+                        dtype=f"int8x{4 * n}",
                     ),
-                    dtype="int32x16",
-                )
-            else:  # vpdpbusd: four u8 x s8 products added into each int32 lane
-                C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
-                    C.vload([0], dtype="int32x8"),
-                    B.vload([0, 0], dtype="uint8x32"),
-                    T.reinterpret(
-                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"
-                    ),
-                    dtype="int32x8",
+                    dtype=f"int32x{n}",
                 )
 
     return dot
@@ -113,7 +104,7 @@ DOT_VNNI512 = "bitc_dot_16x4_u8s8_vnni512"
 def _register() -> None:
     s_tir.TensorIntrin.register(DOT_AVX2, _dot("desc"), _dot("avx2"))
     s_tir.TensorIntrin.register(DOT_VNNI, _dot("desc"), _dot("vnni"))
-    s_tir.TensorIntrin.register(DOT_VNNI512, _dot("desc", 16), _dot("vnni512", 16))
+    s_tir.TensorIntrin.register(DOT_VNNI512, _dot("desc", 16), _dot("vnni", 16))
 
 
 def fits(spec: ConvSpec, target: Any = "llvm") -> bool:

@@ -43,7 +43,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels import (
-    conv_amx,
+    amx_tiles,
     dense_avx2,
     dense_fcodes,
     dense_int8,
@@ -261,7 +261,7 @@ def relaid_dense_kernel(
     if not dense_avx2.avx2_target(target):
         return None
     if dense_vpop.fits(spec) and dense_avx2.popcnt512_target(target):
-        func = dense_vpop.vpop_kernel(spec, gelu=gelu, amx_cores=conv_amx.amx_cores(target))
+        func = dense_vpop.vpop_kernel(spec, gelu=gelu, amx_cores=amx_tiles.amx_cores(target))
         suffix = "vpop_gelu" if gelu else "vpop"
         return Relaid(func, dense_vpop.vpop_layout(planes, spec.in_features), suffix, True)
     if dense_lanes.fits(spec):

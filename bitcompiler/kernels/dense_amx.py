@@ -44,13 +44,13 @@ from typing import Any
 from tvm import tirx
 from tvm.script import tirx as T
 
-from bitcompiler.kernels.conv_amx import (
+from bitcompiler.kernels.amx_tiles import (
     LANES,
-    _expand,
-    _tile,
+    expand,
     product_2x2,
     store_accumulators,
     tile_config,
+    tile_op,
     transpose16,
     zero_accumulators,
 )
@@ -96,38 +96,32 @@ def amx_rows_func(K: int, N: int, KW: int, cores: int, out_value: Any) -> Any:
         # word kw of the 32 output rows of tile pair ``pair`` (row n: lane n % 8 of group n // 8)
         # expanded into AW[kw % 2]
         for a, r in T.grid(2, TILE):
-            AW[kw % 2, a, r, LANES] = _expand(WT[(pair * 32 + a * 16 + r) // 8, kw, r % 8])
+            AW[kw % 2, a, r, LANES] = expand(WT[(pair * 32 + a * 16 + r) // 8, kw, r % 8])
 
     @T.macro
     def body(X64, WT, Y, E0, E1, M):
         # the batch rows' B tiles, expanded and transposed once, a tile of 16 rows a task
         XT = T.alloc_buffer((rows(M) // 16, T.int64(KW), T.int64(TILE), T.int64(16)), I32)
         for c in T.parallel(rows(M) // 16):
-            U0 = T.alloc_buffer((8, 16), I32)
-            U1 = T.alloc_buffer((8, 16), I32)
-            U2 = T.alloc_buffer((8, 16), I32)
-            U3 = T.alloc_buffer((8, 16), I32)
+            U = T.alloc_buffer((4, 8, 16), I32)  # the transpose's rows
             for kw in range(T.int64(KW)):
                 for p in T.unroll(8):
-                    U0[p, LANES] = tirx.Select(
-                        c * 16 + p < M, _expand(X64[T.min(c * 16 + p, M - 1), kw]), zero16
+                    U[0, p, LANES] = tirx.Select(
+                        c * 16 + p < M, expand(X64[T.min(c * 16 + p, M - 1), kw]), zero16
                     )
-                    U1[p, LANES] = tirx.Select(
-                        c * 16 + p + 8 < M, _expand(X64[T.min(c * 16 + p + 8, M - 1), kw]), zero16
+                    U[1, p, LANES] = tirx.Select(
+                        c * 16 + p + 8 < M, expand(X64[T.min(c * 16 + p + 8, M - 1), kw]), zero16
                     )
-                transpose16(U0, U1, U2, U3)
+                transpose16(U)
                 for q in T.unroll(8):
-                    XT[c, kw, q, LANES] = U0[q, LANES]
-                    XT[c, kw, q + 8, LANES] = U1[q, LANES]
+                    XT[c, kw, q, LANES] = U[0, q, LANES]
+                    XT[c, kw, q + 8, LANES] = U[1, q, LANES]
         for i in T.parallel(T.int64(NC)):
             AW = T.alloc_buffer((2, 2, TILE, 16), I32)
             CFG = T.alloc_buffer((64,), "uint8")
             C = T.alloc_buffer((4, TILE, 16), I32)
             CT = T.alloc_buffer((TILE, 16), I32)
-            V0 = T.alloc_buffer((8, 16), I32)
-            V1 = T.alloc_buffer((8, 16), I32)
-            V2 = T.alloc_buffer((8, 16), I32)
-            V3 = T.alloc_buffer((8, 16), I32)
+            V = T.alloc_buffer((4, 8, 16), I32)  # the transpose's rows
             config(CFG)
             for bp, j in T.grid(rows(M) // 32, T.int64(PER)):
                 if i * PER + j < NPAIR:
@@ -147,12 +141,12 @@ def amx_rows_func(K: int, N: int, KW: int, cores: int, out_value: Any) -> Any:
                     for c in range(4):
                         # C[c]: output rows (tile c // 2) x batch rows (tile c % 2) -> CT: batch x rows
                         for p in T.unroll(8):
-                            V0[p, LANES] = C[c, p, LANES]
-                            V1[p, LANES] = C[c, p + 8, LANES]
-                        transpose16(V0, V1, V2, V3)
+                            V[0, p, LANES] = C[c, p, LANES]
+                            V[1, p, LANES] = C[c, p + 8, LANES]
+                        transpose16(V)
                         for q in T.unroll(8):
-                            CT[q, LANES] = V0[q, LANES]
-                            CT[q + 8, LANES] = V1[q, LANES]
+                            CT[q, LANES] = V[0, q, LANES]
+                            CT[q + 8, LANES] = V[1, q, LANES]
                         for q in range(TILE):
                             if bp * 32 + c % 2 * 16 + q < M:
                                 for r in T.vectorized(TILE):
@@ -164,6 +158,6 @@ def amx_rows_func(K: int, N: int, KW: int, cores: int, out_value: Any) -> Any:
                                             (i * PER + j) * 32 + c // 2 * 16 + r,
                                         )
                                     )
-            T.evaluate(_tile("tilerelease"))
+            T.evaluate(tile_op("tilerelease"))
 
     return body

@@ -11,13 +11,13 @@ import torch
 
 import bitcompiler as bc
 from bitcompiler import amx
-from bitcompiler.kernels import ConvSpec, conv2d_kernel, conv_amx
+from bitcompiler.kernels import ConvSpec, amx_tiles, conv2d_kernel, conv_amx
 from bitcompiler.quant import numerics as nu
 from bitcompiler.target import Target, backend_for
 from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, random_codes
 
 CPU = backend_for(Target("cpu")).tvm_target(Target("cpu"))
-needs_amx = pytest.mark.skipif(not conv_amx.amx_target(CPU), reason="the host has no AMX tiles it may use")
+needs_amx = pytest.mark.skipif(not amx_tiles.amx_target(CPU), reason="the host has no AMX tiles it may use")
 
 CASES = [
     # c, o, h, w, kernel, stride (h, w), padding, dilation

@@ -9,7 +9,7 @@ import torch
 
 import bitcompiler as bc
 from bitcompiler import amx
-from bitcompiler.kernels import DenseSpec, conv_amx, dense_amx, relaid_dense_kernel
+from bitcompiler.kernels import DenseSpec, amx_tiles, dense_amx, relaid_dense_kernel
 from bitcompiler.kernels.dense_vpop import vpop_kernel, vpop_layout
 from bitcompiler.quant import numerics as nu
 from bitcompiler.target import Target, backend_for
@@ -17,7 +17,7 @@ from tests.conftest import assert_close as assert_close_t
 from tests.kernels._util import assert_close, build, check_w1a1_extremes, epilogue_params, random_codes
 
 CPU = backend_for(Target("cpu")).tvm_target(Target("cpu"))
-needs_amx = pytest.mark.skipif(not conv_amx.amx_target(CPU), reason="the host has no AMX tiles it may use")
+needs_amx = pytest.mark.skipif(not amx_tiles.amx_target(CPU), reason="the host has no AMX tiles it may use")
 
 
 @pytest.fixture(autouse=True)
