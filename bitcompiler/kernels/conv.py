@@ -202,8 +202,11 @@ def _packed_output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, 
     return epi, te.compute(shape64(M, OH, OW, 1, (O + 31) // 32), word, name="YP")
 
 
-def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tensor]:
-    """The epilogue parameters and ``Y``: a BN threshold (sign) or ``(SC s) acc + (OF s) sumx + BI``."""
+def _output(
+    spec: ConvSpec, M, acc_value, sumx_value, XS, clip: tuple[float, float | None] | None = None
+) -> tuple[list, te.Tensor]:
+    """The epilogue parameters and ``Y``: a BN threshold (sign) or ``(SC s) acc + (OF s) sumx + BI``,
+    clamped to ``clip = (lo, hi)`` where given (``hi`` None: a ReLU's ``max(y, lo)``)."""
     O, OH, OW = spec.out_channels, spec.out_h, spec.out_w
     if spec.threshold:
         TS = te.placeholder(shape64(O), "int32", "TS")
@@ -227,7 +230,12 @@ def _output(spec: ConvSpec, M, acc_value, sumx_value, XS) -> tuple[list, te.Tens
             of = centered_offset_expr(spec, OF[o], SC[o])
             b = of if s is None else of * s
             v = v + b * sumx_value(m, o, oh, ow).astype(F32)
-        return v + BI[o]
+        v = v + BI[o]
+        if clip is not None:
+            v = tirx.max(v, tirx.const(clip[0], F32))
+            if clip[1] is not None:
+                v = tirx.min(v, tirx.const(clip[1], F32))
+        return v
 
     return [SC, OF, BI], te.compute(shape64(M, O, OH, OW), y, name="Y")
 
@@ -267,6 +275,7 @@ def conv2d_kernel(
     target: str | dict | Any = "llvm",
     packed_output: bool = False,
     residual_clip: tuple[float, float] | None = None,
+    clip: tuple[float, float | None] | None = None,
 ) -> tirx.PrimFunc:
     """The conv bit kernel for ``spec``; scheduled for the host CPU when ``target`` is LLVM.
 
@@ -282,10 +291,17 @@ def conv2d_kernel(
     (M,O,OH,OW)`` after the epilogue buffers and writes ``Y = hardtanh(epilogue + RES, lo, hi)``;
     both options (:func:`packs_residual` specs) write ``Y`` and then its signs packed, ``YP int32
     (M,OH,OW,1,O/32)``: the block's output and the next binary layer's input.
+    ``clip=(lo, hi)`` (CPU, :func:`clamps_output` specs: the integer conv of int8 activations)
+    writes ``Y = clamp(epilogue, lo, hi)``, ``hi=None`` for a ReLU's ``max(epilogue, lo)``.
     """
     if not isinstance(spec, ConvSpec):
         raise ValueError(f"conv2d_kernel needs a ConvSpec, got {type(spec).__name__}")  # noqa: TRY004
     cpu = target_kind(target) == "llvm"
+    if clip is not None:
+        if not (cpu and clamps_output(spec, target)) or residual_clip is not None or packed_output:
+            raise ValueError(f"no clamped-output conv kernel for {spec} on {target!r}")
+        out = functools.partial(_output, clip=clip)
+        return conv_int8.int8_conv_func(spec, out, target).with_attr("global_symbol", "main")
     if residual_clip is not None and not (cpu and fuses_residual(spec)):
         raise ValueError(f"no residual-epilogue conv kernel for {spec} on {target!r}")
     packs = packs_residual(spec) if residual_clip is not None else packs_output(spec)
@@ -312,6 +328,12 @@ def conv2d_kernel(
         if cpu:
             func = _schedule(func, spec)
     return func.with_attr("global_symbol", "main")
+
+
+def clamps_output(spec: ConvSpec, target: Any = "llvm") -> bool:
+    """Whether :func:`conv2d_kernel` can clamp ``spec``'s output in its epilogue (``clip=``): the
+    integer conv of int8 activations, affine outputs."""
+    return target_kind(target) == "llvm" and conv_int8.fits(spec, target)
 
 
 def codes_conv_fits(spec: ConvSpec) -> bool:

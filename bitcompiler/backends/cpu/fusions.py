@@ -1,8 +1,9 @@
 """The CPU backend's fusions: Relax passes over the lowered module, first in its Relax pipeline
 (:func:`bitcompiler.backends.cpu.pipeline.relax_pipeline`), so ``BITC_DUMP`` shows the module
-after each. They are target matters: only the CPU's binary conv kernel
-(:mod:`bitcompiler.kernels.conv_binary`) has these epilogues, and the results are the same numbers
-as the calls they replace.
+after each. They are target matters: only the CPU's binary conv kernels
+(:mod:`bitcompiler.kernels.conv_binary` and its faster forms) and its integer conv
+(:mod:`bitcompiler.kernels.conv_int8`, the clamp) have these epilogues, and the results are the
+same numbers as the calls they replace.
 
 * :func:`fuse_packed_output`: ``pack_sign_nchw(conv(args))`` of a threshold binary conv
   (:func:`~bitcompiler.kernels.conv_pm1.packs_output`), packed for a groups-1 binary layer,
@@ -15,6 +16,10 @@ as the calls they replace.
   reads (a ResNet block's end) becomes ``conv_res(args, res)``; where a groups-1
   ``pack_sign_nchw`` reads that output too (the next block's binary convs), the conv writes both
   (:func:`~bitcompiler.kernels.conv_pm1.packs_residual`): ``y, p = conv_res_packed(args, res)``.
+* :func:`fuse_clamped_output`: ``relu(conv(args))`` or ``clip(conv(args), lo, hi)`` of an
+  int8-activation conv (:func:`~bitcompiler.kernels.conv.clamps_output`: a stem's BN + ReLU or
+  hardtanh) whose output nothing else reads becomes ``conv_clamped(args)``. An ImageNet stem's
+  ReLU over 64x112x112 floats took 230 us as a pass of its own.
 
 The converters mark the calls these passes may rewrite (``relax_emit.kernel_func``'s ``about``);
 the replaced calls stay until ``DeadCodeElimination``, later in the pipeline, drops those nothing
@@ -169,6 +174,32 @@ def _residual_clip(value: Any, scope: _Scope) -> Any | None:
     return None
 
 
+def _clamped(value: Any, scope: _Scope) -> Any | None:
+    """``clip(conv(args), lo, hi)`` or ``relu(conv(args))`` of an int8-activation conv whose output
+    nothing else reads (a stem's BN + ReLU or hardtanh): the conv with the clamp in its epilogue."""
+    from bitcompiler import kernels
+    from bitcompiler.kernels.conv import clamps_output
+
+    bounds: tuple[float, float | None]
+    if _is_op(value, "relax.nn.relu"):
+        bounds = (0.0, None)
+    elif _is_op(value, "relax.clip"):
+        lo, hi = (_float(v) for v in value.args[1:])
+        if lo is None or hi is None:
+            return None
+        bounds = (lo, hi)
+    else:
+        return None
+    producer = scope.producer(value.args[0])
+    if producer is None or producer[0]["op"] != "bit_conv2d" or not scope.only_use(value.args[0]):
+        return None
+    (about, conv), spec = producer, _conv_spec(producer[0])
+    if spec.threshold or not clamps_output(spec, scope.target):
+        return None
+    prim = kernels.conv2d_kernel(spec, scope.target, clip=bounds)
+    return scope.emit(prim, f"{about['name']}_clamped", list(conv.args[1].fields), value.ty)
+
+
 def _residual_signs(value: Any, scope: _Scope) -> Any | None:
     """``pack_sign_nchw(y)`` (groups 1) of a residual conv's ``y`` that writes them: its second output."""
     from tvm import relax
@@ -289,6 +320,8 @@ def _residual(value: Any, scope: _Scope) -> Any | None:
     return new if new is not None else _residual_signs(value, scope)
 
 
+fuse_clamped_output = _module_pass("bitc.FuseClampedOutput", _clamped)
+fuse_clamped_output.__doc__ = "The pass folding a ReLU or clip of an int8-activation conv into its epilogue."
 fuse_residual_clip = _module_pass("bitc.FuseResidualClip", _residual)
 fuse_residual_clip.__doc__ = (
     "The pass folding ``clip(conv + residual)`` (and the packing of its signs) into a binary conv's epilogue."
@@ -323,4 +356,10 @@ def fusion_passes(target: Any) -> list:
     # first the frontend's (values, indices) tuple of a max pool folded away: ``pool[0]`` is then
     # the pool itself, read once
     tidy = [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
-    return [*tidy, fuse_packed_pool(target), fuse_packed_output(target), fuse_residual_clip(target)]
+    return [
+        *tidy,
+        fuse_packed_pool(target),
+        fuse_packed_output(target),
+        fuse_residual_clip(target),
+        fuse_clamped_output(target),
+    ]
