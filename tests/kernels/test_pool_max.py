@@ -17,6 +17,10 @@ WINDOWS = [
     (7, 7, 3, 2, 1, 1, True),
     (9, 8, 3, 1, 1, 2, False),
     (82, 82, 2, 2, 0, 1, False),  # 40 x 41 x 41 outputs a sample: the one in parallel (PARALLEL_MIN)
+    # vectors along rows of 8 or 4 outputs: padding on both sides, stride 1 and 2, dilation
+    (56, 20, 3, 2, 1, 1, False),
+    (12, 32, 3, 1, 1, 1, False),
+    (16, 17, 3, 2, 1, 2, True),
 ]
 
 
