@@ -148,11 +148,12 @@ def _residual_clip(value: Any, scope: _Scope) -> Any | None:
     from bitcompiler import kernels
     from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_residual
 
-    if not _is_op(value, "relax.clip") or not scope.only_use(value.args[0]):
+    bounds = _clip_bounds(value)
+    if bounds is None or not scope.only_use(value.args[0]):
         return None
-    lo, hi = (_float(v) for v in value.args[1:])
+    lo, hi = bounds
     total = scope.var2val.get(value.args[0])
-    if lo is None or hi is None or not _is_op(total, "relax.add"):
+    if not _is_op(total, "relax.add"):
         return None
     for conv_var, res in (total.args, total.args[::-1]):
         producer = scope.producer(conv_var)
@@ -180,15 +181,10 @@ def _clamped(value: Any, scope: _Scope) -> Any | None:
     from bitcompiler import kernels
     from bitcompiler.kernels.conv import clamps_output
 
-    bounds: tuple[float, float | None]
-    if _is_op(value, "relax.nn.relu"):
-        bounds = (0.0, None)
-    elif _is_op(value, "relax.clip"):
-        lo, hi = (_float(v) for v in value.args[1:])
-        if lo is None or hi is None:
-            return None
-        bounds = (lo, hi)
-    else:
+    bounds: tuple[float, float | None] | None = (
+        (0.0, None) if _is_op(value, "relax.nn.relu") else _clip_bounds(value)
+    )
+    if bounds is None:
         return None
     producer = scope.producer(value.args[0])
     if producer is None or producer[0]["op"] != "bit_conv2d" or not scope.only_use(value.args[0]):
@@ -227,8 +223,8 @@ def _packed_pool(value: Any, scope: _Scope) -> Any | None:
     while scope.only_use(y):
         src = scope.var2val.get(y)
         if _is_op(src, "relax.clip"):
-            lo, hi = (_float(v) for v in src.args[1:])
-            if lo is None or hi is None or not lo < 0 <= hi:
+            bounds = _clip_bounds(src)
+            if bounds is None or not bounds[0] < 0 <= bounds[1]:
                 break
         elif _is_op(src, "relax.nn.max_pool2d"):
             window = pool_window(src)
@@ -258,6 +254,14 @@ def _is_op(expr: Any, name: str) -> bool:
     from tvm import relax
 
     return isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get(name))
+
+
+def _clip_bounds(expr: Any) -> tuple[float, float] | None:
+    """``(lo, hi)`` of a ``relax.clip`` with finite constant bounds, else None."""
+    if not _is_op(expr, "relax.clip"):
+        return None
+    lo, hi = (_float(v) for v in expr.args[1:])
+    return None if lo is None or hi is None else (lo, hi)
 
 
 def _float(expr: Any) -> float | None:
