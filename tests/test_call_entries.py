@@ -118,3 +118,62 @@ def test_a_fixed_batch_has_one_entry():
     torch.testing.assert_close(cm(x), cm.reference(x))
     with pytest.raises(bc.InputError, match="fixed batch of 1"):
         cm(torch.randn(2, 8))
+
+
+class Stem(torch.nn.Module):
+    """An 8-bit first conv reading the input (``bitc_quantize_int8``), then a binary one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32)
+        self.conv2 = torch.nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+@pytest.fixture(scope="module")
+def convs():
+    """Models whose first kernel reads the input in full and checks it: the int8 quantizer
+    (``stem``), the sign packer of a binary first conv (``binary``)."""
+    torch.manual_seed(0)
+    stem = bc.compile(Stem().eval(), (torch.randn(1, 3, 12, 12),), scheme="binary:act=binary")
+    conv = torch.nn.Sequential(torch.nn.Conv2d(64, 32, 3, padding=1)).eval()
+    binary = bc.compile(conv, (torch.randn(1, 64, 6, 7),), scheme="binary:act=binary")
+    return {"stem": (stem, (3, 12, 12)), "binary": (binary, (64, 6, 7))}
+
+
+@pytest.mark.parametrize("name", ["stem", "binary"])
+def test_a_first_quantizer_or_packer_checks_the_input_in_the_kernel(convs, name):
+    cm, shape = convs[name]
+    assert cm._runner.checks_finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for batch, sample, at in ((1, 0, 0), (3, 2, -1), (3, 1, 100)):
+            x = torch.randn(batch, *shape)
+            x[sample].view(-1)[at] = bad
+            with pytest.raises(bc.InputError, match=f"holds NaN or Inf \\(first in sample {sample}\\)"):
+                cm(x)
+            x[sample].view(-1)[at] = 3.4e38  # the largest finite magnitudes pass the check
+            assert torch.equal(cm(x), cm.reference(x))
+
+
+def test_a_float_op_before_the_first_quantizer_leaves_the_check_to_python():
+    """Only a kernel reading the input itself checks it: after ``x * 2`` the quantizer reads an
+    activation, takes no check, and Python still refuses a NaN input."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(64, 32, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x * 2)
+
+    torch.manual_seed(0)
+    cm = bc.compile(Scaled().eval(), (torch.randn(1, 64, 6, 7),), scheme="binary:act=binary")
+    assert not cm._runner.checks_finite
+    x = torch.randn(2, 64, 6, 7)
+    assert torch.equal(cm(x), cm.reference(x))
+    x[1, 3, 2, 2] = float("nan")
+    with pytest.raises(bc.InputError, match="first in sample 1"):
+        cm(x)

@@ -35,16 +35,23 @@ def quantized_input(
     from tvm import relax
 
     from bitcompiler import kernels
+    from bitcompiler.kernels._common import target_kind
 
     target = target or kernel_target()
     emit = emit or emit_kernel
 
     shape = shape_of(x)
     m, rest = shape[0], [as_int(d) for d in shape[1:]]
+    # the model's own input (a function parameter, not a binding of the dataflow block) on the
+    # CPU: the kernel that reads it in full raises on NaN or Inf itself, and cm(x) skips Python's
+    # check (backends/cpu/pipeline.py: finite_entry)
+    check = (
+        target_kind(target) == "llvm" and isinstance(x, relax.Var) and not isinstance(x, relax.DataflowVar)
+    )
     if act == "float":
         return [x]
     if act == "int8":
-        prim = kernels.quantize_rows_int8(tuple(rest), target)
+        prim = kernels.quantize_rows_int8(tuple(rest), target, check=check)
         out = emit(
             bb,
             prim,
@@ -58,7 +65,7 @@ def quantized_input(
         prim = kernels.pack_sign_rows(k, target)
         return [emit(bb, prim, "bitc_pack_sign", [x], relax.TensorType((m, words[0]), "int32"))]
     c, h, w, groups = nchw
-    prim = kernels.pack_sign_nchw(c, h, w, groups, target)
+    prim = kernels.pack_sign_nchw(c, h, w, groups, target, check=check)
     out = relax.TensorType((m, h, w, groups, words[0]), "int32")
     about = {"op": "pack_sign_nchw", "groups": groups}
     return [emit(bb, prim, "bitc_pack_sign_nchw", [x], out, about)]

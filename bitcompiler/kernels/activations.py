@@ -30,6 +30,7 @@ from typing import Any
 
 from tvm import s_tir, te, tirx
 
+from bitcompiler.kernels import finite
 from bitcompiler.kernels._common import (
     batch_var,
     i64,
@@ -95,8 +96,15 @@ def int8_round(x: tirx.PrimExpr, s: tirx.PrimExpr, lanes: int = 1) -> tirx.PrimE
     return r.astype("int8" if lanes == 1 else f"int8x{lanes}")
 
 
-def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
-    """``X f32 (M, *rest) -> (XQ int8 (M, *rest), XS f32 (M,))``: per-sample symmetric int8."""
+def quantize_rows_int8(
+    shape_without_batch: tuple, target: str | dict | Any = "llvm", check: bool = False
+) -> tirx.PrimFunc:
+    """``X f32 (M, *rest) -> (XQ int8 (M, *rest), XS f32 (M,))``: per-sample symmetric int8.
+
+    ``check=True``: the kernel raises on a NaN or Inf in ``X`` (:mod:`bitcompiler.kernels.finite`;
+    for a model's input, whose Python check it then replaces): ``max|x|`` is reduced over the
+    floats' bits without their sign (the same maximum for finite values), and a row's largest
+    reaching the exponent field's all-ones is the check, at no extra pass."""
     rest = tuple(shape_without_batch)
     if not rest or not all(isinstance(d, int) and d >= 1 for d in rest):
         raise ValueError(
@@ -115,8 +123,16 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
         return tuple(reversed(idx))
 
     k = te.reduce_axis((i64(0), i64(n)), "k")
-    amax = te.compute(shape64(M), lambda m: te.max(tirx.abs(X[(m, *unflat(k.var))]), axis=[k]), name="amax")
-    XS = te.compute(shape64(M), lambda m: int8_scale(amax[m]), name="XS")
+    if check:
+        amax = te.compute(
+            shape64(M), lambda m: te.max(finite.magnitude_bits(X[(m, *unflat(k.var))]), axis=[k]), name="amax"
+        )
+        XS = te.compute(shape64(M), lambda m: int8_scale(tirx.reinterpret(F32, amax[m])), name="XS")
+    else:
+        amax = te.compute(
+            shape64(M), lambda m: te.max(tirx.abs(X[(m, *unflat(k.var))]), axis=[k]), name="amax"
+        )
+        XS = te.compute(shape64(M), lambda m: int8_scale(amax[m]), name="XS")
     XQ = te.compute(shape64(M, *rest), lambda m, *idx: int8_round(X[(m, *idx)], XS[m]), name="XQ")
     func = te.create_prim_func([X, XQ, XS])
     if target_kind(target) == "llvm":
@@ -124,18 +140,7 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
         # a batch of tokens), unknown here, and a few thousand elements take under a microsecond
         threads = threads_pay(func)
         sch = s_tir.Schedule(func)
-        b = sch.get_sblock("amax")
-        _m, kk = sch.get_loops(b)
-        v = largest_divisor(n, (8,))
-        if v > 1:
-            _ko, ki = sch.split(kk, [None, v])
-            rf = sch.rfactor(ki, 1)
-            rl = sch.get_loops(rf)  # m, ko, ki
-            sch.reorder(rl[0], rl[1], rl[2])
-            sch.vectorize(rl[2])
-            if threads:
-                sch.parallel(rl[0])
-            sch.decompose_reduction(rf, rl[1])
+        _rows_max(sch, "amax", n, threads, (8,))
         qb = sch.get_sblock("XQ")
         loops = sch.get_loops(qb)
         inner = sch.fuse(*loops[1:]) if len(loops) > 2 else loops[1]
@@ -146,11 +151,19 @@ def quantize_rows_int8(shape_without_batch: tuple, target: str | dict | Any = "l
         if threads:
             sch.parallel(loops[0])
         func = sch.mod["main"]
+    if check:
+        func = finite.check_rows(func, "amax", 0)
     return func.with_attr("global_symbol", "main")
 
 
-def pack_sign_nchw(c: int, h: int, w: int, groups: int, target: str | dict | Any = "llvm") -> tirx.PrimFunc:
-    """``X f32 (M, C, H, W) -> XP int32 (M, H, W, G, CWg)``; group g packs channels g*cg..(g+1)*cg-1."""
+def pack_sign_nchw(
+    c: int, h: int, w: int, groups: int, target: str | dict | Any = "llvm", check: bool = False
+) -> tirx.PrimFunc:
+    """``X f32 (M, C, H, W) -> XP int32 (M, H, W, G, CWg)``; group g packs channels g*cg..(g+1)*cg-1.
+
+    ``check=True``: the kernel raises on a NaN or Inf in ``X`` (:mod:`bitcompiler.kernels.finite`;
+    for a model's input, whose Python check it then replaces): each row's largest exponent field,
+    one more vectorized pass over ``X`` (still in cache from the packing)."""
     for name, v in (("c", c), ("h", h), ("w", w), ("groups", groups)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -176,8 +189,19 @@ def pack_sign_nchw(c: int, h: int, w: int, groups: int, target: str | dict | Any
 
     XP = te.compute(shape64(M, h, w, groups, cwg), word, name="XP")
     func = te.create_prim_func([X, XP])
+    threads = threads_pay(func)
+    if check:
+        k = te.reduce_axis((i64(0), i64(c * h * w)), "k")
+        EX = te.compute(
+            shape64(M),
+            lambda m: te.max(finite.exponent_field(X[m, k // (h * w), k % (h * w) // w, k % w]), axis=[k]),
+            name="EX",
+        )
+        func = te.create_prim_func([X, XP, EX])
     if target_kind(target) == "llvm":
         sch = s_tir.Schedule(func)
+        if check:
+            _rows_max(sch, "EX", c * h * w, threads)
         b = sch.get_sblock("XP")
         m, y, x, g, wd = sch.get_loops(b)
         # eight or sixteen pixels of the plane a step (rows and columns fused: a 14x14 plane has
@@ -190,9 +214,30 @@ def pack_sign_nchw(c: int, h: int, w: int, groups: int, target: str | dict | Any
             so, si = sch.split(sch.fuse(y, x), [None, v])
             sch.reorder(m, so, g, wd, si)
             sch.vectorize(si)
-            if threads_pay(func):  # one sample of PARALLEL_MIN words (see quantize_rows_int8)
+            if threads:  # one sample of PARALLEL_MIN words (see quantize_rows_int8)
                 sch.parallel(sch.fuse(m, so))
-        elif threads_pay(func):
+        elif threads:
             sch.parallel(sch.fuse(m, y))
         func = sch.mod["main"]
+    if check:
+        func = finite.check_rows(func, "EX", 0)
     return func.with_attr("global_symbol", "main")
+
+
+def _rows_max(sch: Any, name: str, n: int, threads: bool, lanes: tuple = (16, 8)) -> None:
+    """Schedule the per-row max reduction ``name`` over ``n`` contiguous values: the first of
+    ``lanes`` dividing ``n`` (an rfactor: one vector ``max`` a step), rows in parallel where
+    ``threads``."""
+    b = sch.get_sblock(name)
+    _m, kk = sch.get_loops(b)
+    v = largest_divisor(n, lanes)
+    if v == 1:
+        return
+    _ko, ki = sch.split(kk, [None, v])
+    rf = sch.rfactor(ki, 1)
+    rl = sch.get_loops(rf)  # m, ko, ki
+    sch.reorder(rl[0], rl[1], rl[2])
+    sch.vectorize(rl[2])
+    if threads:
+        sch.parallel(rl[0])
+    sch.decompose_reduction(rf, rl[1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm import tirx
+from tvm import ir, tirx
 from tvm.script import tirx as T
 
 ATTR = "bitc.checks_finite"  # PrimFunc attribute: the parameter indices the kernel checks in full
@@ -42,3 +42,78 @@ def checked_params(func: Any) -> list[int]:
 def exponents(E: Any, values: Any, mask: Any) -> Any:
     """``max(E, bits(values) & mask)`` lane-wise: ``values`` 8 floats, ``mask`` 8 ``EXPONENT``s."""
     return T.max(E, T.reinterpret("int32x8", values) & mask)
+
+
+def exponent_field(value: Any) -> Any:
+    """``bits(value) & EXPONENT`` (int32): :data:`EXPONENT` itself exactly for NaN and Inf."""
+    return tirx.reinterpret("int32", value) & tirx.const(EXPONENT, "int32")
+
+
+def magnitude_bits(value: Any) -> Any:
+    """``bits(|value|)`` (int32): ordered as ``|value|`` is for finite floats, and at least
+    :data:`EXPONENT` exactly for NaN and Inf (so a row's largest is its ``max|x|`` and its check)."""
+    return tirx.reinterpret("int32", value) & tirx.const(0x7FFFFFFF, "int32")
+
+
+def check_rows(func: tirx.PrimFunc, name: str, *params: int) -> tirx.PrimFunc:
+    """``func`` raising ``ValueError(MESSAGE)`` after its body where any ``name[m]`` (an int32
+    buffer of one value per batch row: a row's largest :func:`exponent_field` or
+    :func:`magnitude_bits`) reaches :data:`EXPONENT`, and :func:`mark`-ed as checking ``params``.
+
+    ``name`` is one of ``func``'s buffers (a TE kernel's intermediate) or one of its parameters
+    (a TE kernel built with the reduction as an extra output): a parameter becomes a buffer of the
+    kernel's own, so its callers pass the arguments they did before.
+    """
+    from tvm import s_tir
+
+    realize = func.body
+    if not isinstance(realize, s_tir.SBlockRealize):
+        raise TypeError(f"check_rows needs a TE kernel's root block, got {type(realize).__name__}")
+    block = realize.block
+    params_now, buffers = list(func.params), list(block.alloc_buffers)
+    found = [p for p in params_now if p.name == name]
+    if found:
+        params_now.remove(found[0])
+        buffers.append(found[0])
+    found = found or [b for b in buffers if b.name == name]
+    if not found:
+        raise ValueError(f"check_rows: the kernel has no buffer {name!r}")
+    rows = found[0]
+    m = tirx.Var("m", "int64")  # the batch (batch_var: int64)
+    ok = tirx.BufferLoad(rows, [m]) < tirx.const(EXPONENT, "int32")
+    check = tirx.For(
+        m,
+        tirx.const(0, "int64"),
+        rows.shape[0],
+        tirx.ForKind.SERIAL,
+        _assert(ok),
+    )
+    body = s_tir.SBlock(
+        block.iter_vars,
+        block.reads,
+        block.writes,
+        block.name_hint,
+        tirx.SeqStmt([block.body, check]),
+        block.init,
+        buffers,
+        block.match_buffers,
+        block.annotations,
+    )
+    out = tirx.PrimFunc(
+        params_now,
+        s_tir.SBlockRealize(realize.iter_values, realize.predicate, body),
+        func.ret_type,
+        func.attrs,
+    )
+    return mark(out, *params)
+
+
+def _assert(ok: Any) -> Any:
+    """``assert ok, ValueError(MESSAGE)`` as a TIR statement. TVM 0.27's Python ``AssertStmt``
+    passes ``(kind, condition)`` to a constructor that takes ``(condition, kind)``; the order
+    the constructor accepts is used (either way the statement is the same)."""
+    kind, parts = ir.StringImm("ValueError"), [ir.StringImm(MESSAGE)]
+    try:
+        return tirx.AssertStmt(kind, ok, parts)
+    except TypeError:
+        return tirx.AssertStmt(ok, kind, parts)  # type: ignore[arg-type]

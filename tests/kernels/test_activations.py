@@ -102,3 +102,68 @@ def test_pack_sign_nchw_vectorizes_the_plane_when_its_rows_do_not_divide(c, h, w
     """Rows and columns fused: a 14x14 plane (no vector of whole rows) is packed 4 pixels a step."""
     script = pack_sign_nchw(c, h, w, 1, "llvm -mcpu=core-avx2").script()
     assert "T.vectorized" in script
+
+
+EXTREMES = [3.4028235e38, -3.4028235e38, 1e-45, -1e-45, -0.0, 0.0]
+
+
+def _checked_cases():
+    # (name, kernel(check), input shape without batch, output shapes per batch)
+    def quant(rest):
+        return (
+            "quantize",
+            lambda check: quantize_rows_int8(rest, check=check),
+            rest,
+            lambda m: [((m, *rest), "int8"), ((m,), "float32")],
+        )
+
+    def pack(c, h, w, g):
+        return (
+            "pack",
+            lambda check: pack_sign_nchw(c, h, w, g, check=check),
+            (c, h, w),
+            lambda m: [((m, h, w, g, nu.num_words(c // g)), "int32")],
+        )
+
+    # (3, 256, 256): the parallel schedules; (70, 3, 14): a tail word; (5, 3, 7): no 8 lanes divide
+    return [
+        quant((3, 32, 32)),
+        quant((5, 3, 7)),
+        quant((3, 256, 256)),
+        pack(256, 14, 14, 1),
+        pack(70, 3, 14, 1),
+        pack(96, 2, 7, 3),
+        pack(3, 256, 256, 1),
+    ]
+
+
+@pytest.mark.parametrize("case", _checked_cases(), ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[2]))}")
+def test_checked_kernels_raise_on_nan_or_inf_and_compute_what_the_unchecked_do(case):
+    """``check=True`` (a model's input): the same outputs bit for bit, extremes included, and a
+    ``ValueError`` for a NaN or Inf anywhere; the unchecked kernel raises nothing."""
+    _name, make, rest, outs = case
+    plain, checked = build(make(False)), build(make(True))
+    g = torch.Generator().manual_seed(7)
+    for m in (1, 3):
+        x = torch.randn(m, *rest, generator=g) * 5
+        flat = x.view(m, -1)
+        flat[0, : len(EXTREMES)] = torch.tensor(EXTREMES[: flat.shape[1]])
+        for a, b in zip(plain([x], outs(m)), checked([x], outs(m))):
+            assert np.array_equal(a, b)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for row, col in ((0, 0), (m - 1, flat.shape[1] - 1), (m - 1, flat.shape[1] // 2)):
+                y = x.clone()
+                y.view(m, -1)[row, col] = bad
+                with pytest.raises(ValueError, match="NaN or Inf"):
+                    checked([y], outs(m))
+                plain([y], outs(m))  # no check: whatever it computes, no error
+
+
+def test_check_rows_refuses_a_kernel_without_the_buffer():
+    from bitcompiler.kernels import finite
+
+    with pytest.raises(ValueError, match="no buffer 'EX'"):
+        finite.check_rows(quantize_rows_int8((8,)), "EX", 0)
+    assert finite.checked_params(quantize_rows_int8((8,), check=True)) == [0]
+    assert finite.checked_params(pack_sign_nchw(8, 2, 2, 1, check=True)) == [0]
+    assert finite.checked_params(pack_sign_nchw(8, 2, 2, 1)) == []
