@@ -22,8 +22,15 @@ def compile_relax(mod: Any, target: Target) -> Any:
     """The Relax module ``mod`` compiled for ``target``: a VM executable (not yet machine code)."""
     import tvm
 
+    from bitcompiler.backends.cpu import parallel_tir
+
     tvm_target = target.tvm_target()
-    return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+    return tvm.compile(
+        mod,
+        target=tvm_target,
+        relax_pipeline=relax_pipeline(tvm_target),
+        tir_pipeline=parallel_tir.register(),  # the kernels lowered on every core
+    )
 
 
 def build_relax(mod: Any, target: Target) -> CPURunner:
