@@ -157,6 +157,38 @@ def test_a_first_quantizer_or_packer_checks_the_input_in_the_kernel(convs, name)
             assert torch.equal(cm(x), cm.reference(x))
 
 
+class Patches(torch.nn.Module):
+    """An MLP-Mixer's patch embedding: the input reshaped and transposed into 16 patches of 12
+    values, then an 8-bit linear layer (its quantizer reads the moved input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Linear(12, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        b = x.shape[0]
+        x = x.reshape(b, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 12)
+        return self.head(torch.relu(self.embed(x)))
+
+
+@pytest.mark.parametrize("name", ["patches", "flatten"])
+def test_an_input_moved_by_reshapes_and_transposes_is_checked_in_the_kernel(name):
+    torch.manual_seed(0)
+    if name == "patches":
+        model, shape, scheme = Patches().eval(), (3, 8, 8), "binary:act=binary"
+    else:
+        flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32), torch.nn.Linear(32, 4))
+        model, shape, scheme = flat.eval(), (3, 4, 4), "uniform:bits=2,act=8"
+    cm = bc.compile(model, (torch.randn(1, *shape),), scheme=scheme)
+    assert cm._runner.checks_finite
+    for batch, sample, at in ((1, 0, 0), (3, 2, -1), (3, 1, 17)):
+        x = torch.randn(batch, *shape)
+        agrees(cm, x)
+        x[sample].view(-1)[at] = float("nan")
+        with pytest.raises(bc.InputError, match=f"first in sample {sample}"):
+            cm(x)
+
+
 def test_a_float_op_before_the_first_quantizer_leaves_the_check_to_python():
     """Only a kernel reading the input itself checks it: after ``x * 2`` the quantizer reads an
     activation, takes no check, and Python still refuses a NaN input."""

@@ -42,12 +42,10 @@ def quantized_input(
 
     shape = shape_of(x)
     m, rest = shape[0], [as_int(d) for d in shape[1:]]
-    # the model's own input (a function parameter, not a binding of the dataflow block) on the
-    # CPU: the kernel that reads it in full raises on NaN or Inf itself, and cm(x) skips Python's
-    # check (backends/cpu/pipeline.py: finite_entry)
-    check = (
-        target_kind(target) == "llvm" and isinstance(x, relax.Var) and not isinstance(x, relax.DataflowVar)
-    )
+    # the model's own input on the CPU (or a reshape or transpose of it): the kernel that reads
+    # it in full raises on NaN or Inf itself, and cm(x) skips Python's check
+    # (backends/cpu/pipeline.py: finite_entry)
+    check = target_kind(target) == "llvm" and _is_input(bb, x)
     if act == "float":
         return [x]
     if act == "int8":
@@ -69,6 +67,26 @@ def quantized_input(
     out = relax.TensorType((m, h, w, groups, words[0]), "int32")
     about = {"op": "pack_sign_nchw", "groups": groups}
     return [emit(bb, prim, "bitc_pack_sign_nchw", [x], out, about)]
+
+
+def _is_input(bb: Any, x: Any) -> bool:
+    """Whether ``x`` is a parameter of the function being built (the model's input: not a binding
+    of its dataflow block), or holds one's values moved by layout ops (a reshape, a transpose)."""
+    from tvm import ir, relax
+
+    from bitcompiler.backends.cpu.pipeline import LAYOUT_OPS, layout_source
+
+    layout = {ir.Op.get(name) for name in LAYOUT_OPS}
+
+    def up(v: Any) -> Any:
+        if not isinstance(v, relax.DataflowVar):
+            return None
+        value = bb.lookup_binding(v)
+        ok = isinstance(value, relax.Call) and value.op in layout and len(value.args) > 0
+        return value.args[0] if ok else None
+
+    x = layout_source(x, up)
+    return isinstance(x, relax.Var) and not isinstance(x, relax.DataflowVar)
 
 
 def _epilogue_args(env: dict, call: ops.BoundCall, bb: Any = None, cg: int = 0) -> list:

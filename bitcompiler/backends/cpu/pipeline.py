@@ -38,12 +38,14 @@ def relax_pipeline(target: Any) -> Any:
                 + [relax.transform.EliminateCommonSubexpr(), relax.transform.DeadCodeElimination()]
                 # the deferred kernels still called (see lower.to_relax)
                 + [build_deferred(target)]
+                # (before legalization: a reshape or transpose of an input is still a Relax op)
+                + [finite_entry()]
                 + cpu_generic.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
                 + cpu_generic.legalize_passes(target)
                 # (each on one thread where its work is too small for a parallel launch to pay)
                 + [dl.ApplyDefaultSchedule(*map(SerialBelow, rules))]
-                + [finite_entry(), batch_one_entry()]
+                + [batch_one_entry()]
                 + cpu_generic.dataflow_lower_passes(target)
             )
             seq = tvm.transform.Sequential(
@@ -60,7 +62,9 @@ def relax_pipeline(target: Any) -> Any:
 def finite_entry() -> Any:
     """The pass adding the Relax function ``bitc_checks_finite`` (returns 1) when every float input
     of ``main`` is read in full by a kernel that raises on NaN or Inf
-    (:mod:`bitcompiler.kernels.finite`): ``cm(x)`` then leaves that check to the compiled code."""
+    (:mod:`bitcompiler.kernels.finite`), directly or through ops that only move its values
+    (:data:`LAYOUT_OPS`): ``cm(x)`` then leaves that check to the compiled code. It runs before
+    legalization, while those ops are still Relax ops."""
     import tvm
     from tvm import relax
 
@@ -133,17 +137,37 @@ def _inputs_checked(mod: Any, main: Any, checked_params: Any) -> bool:
     if not floats or not isinstance(main.body, relax.SeqExpr):
         return False
     call_tir = ir.Op.get("relax.call_tir")
+    layout = {ir.Op.get(name) for name in LAYOUT_OPS}
+    source: dict = {}  # a var bound to a layout op -> the var whose values it holds
     seen: set = set()
     for block in main.body.blocks:
         for binding in block.bindings:
             call = binding.value
+            if isinstance(call, relax.Call) and call.op in layout and call.args:
+                source[binding.var] = call.args[0]
             if not isinstance(call, relax.Call) or call.op != call_tir or len(call.args) < 2:
                 continue
             args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []
             for i in checked_params(mod[call.args[0]]):
-                if i < len(args) and args[i] in floats:
-                    seen.add(args[i])
-    return seen == floats
+                if i < len(args):
+                    seen.add(layout_source(args[i], source))
+    return floats <= seen
+
+
+# Relax ops whose output holds every value of their input and nothing else (moved, not computed)
+LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims")
+
+
+def layout_source(x: Any, source: Any) -> Any:
+    """The var whose values ``x`` holds, following ``source`` (a var -> the input of the layout op
+    it is bound to: a dict, or a function of the var returning None where it is not one)."""
+    lookup = source.get if isinstance(source, dict) else source
+    for _ in range(64):  # a chain of layout ops (never a cycle in SSA; bounded all the same)
+        up = lookup(x)
+        if up is None:
+            return x
+        x = up
+    return x
 
 
 def instrumented(passes: list) -> list:
