@@ -15,6 +15,7 @@ from torch import fx
 
 from bitcompiler import ops
 from bitcompiler.backends.relax_emit import (
+    LAYOUT_OPS,
     as_int,
     as_rows,
     constant_of,
@@ -23,6 +24,7 @@ from bitcompiler.backends.relax_emit import (
     emit_kernel,
     from_rows,
     kernel_target,
+    layout_source,
     shape_of,
 )
 
@@ -73,8 +75,6 @@ def _is_input(bb: Any, x: Any) -> bool:
     """Whether ``x`` is a parameter of the function being built (the model's input: not a binding
     of its dataflow block), or holds one's values moved by layout ops (a reshape, a transpose)."""
     from tvm import ir, relax
-
-    from bitcompiler.backends.cpu.pipeline import LAYOUT_OPS, layout_source
 
     layout = {ir.Op.get(name) for name in LAYOUT_OPS}
 

@@ -151,3 +151,19 @@ def lowering(
         yield scope
     finally:
         _LOWERING.reset(token)
+
+
+# Relax ops whose output holds every value of their input and nothing else (moved, not computed)
+LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims")
+
+
+def layout_source(x: Any, source: Any) -> Any:
+    """The var whose values ``x`` holds, following ``source`` (a var -> the input of the layout op
+    it is bound to: a dict, or a function of the var returning None where it is not one)."""
+    lookup = source.get if isinstance(source, dict) else source
+    for _ in range(64):  # a chain of layout ops (never a cycle in SSA; bounded all the same)
+        up = lookup(x)
+        if up is None:
+            return x
+        x = up
+    return x

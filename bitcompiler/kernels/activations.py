@@ -163,7 +163,7 @@ def pack_sign_nchw(
 
     ``check=True``: the kernel raises on a NaN or Inf in ``X`` (:mod:`bitcompiler.kernels.finite`;
     for a model's input, whose Python check it then replaces): each row's largest exponent field,
-    one more vectorized pass over ``X`` (still in cache from the packing)."""
+    one more vectorized pass over ``X`` (in cache beside the packing's)."""
     for name, v in (("c", c), ("h", h), ("w", w), ("groups", groups)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")

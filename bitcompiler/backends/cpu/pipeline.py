@@ -63,7 +63,7 @@ def finite_entry() -> Any:
     """The pass adding the Relax function ``bitc_checks_finite`` (returns 1) when every float input
     of ``main`` is read in full by a kernel that raises on NaN or Inf
     (:mod:`bitcompiler.kernels.finite`), directly or through ops that only move its values
-    (:data:`LAYOUT_OPS`): ``cm(x)`` then leaves that check to the compiled code. It runs before
+    (:data:`bitcompiler.backends.relax_emit.LAYOUT_OPS`): ``cm(x)`` then leaves that check to the compiled code. It runs before
     legalization, while those ops are still Relax ops."""
     import tvm
     from tvm import relax
@@ -133,6 +133,8 @@ def _inputs_checked(mod: Any, main: Any, checked_params: Any) -> bool:
     """Whether each float tensor parameter of ``main`` is an argument a called kernel checks in full."""
     from tvm import ir, relax
 
+    from bitcompiler.backends.relax_emit import LAYOUT_OPS, layout_source
+
     floats = {p for p in main.params if str(getattr(p.ty, "dtype", "")).startswith("float")}
     if not floats or not isinstance(main.body, relax.SeqExpr):
         return False
@@ -152,22 +154,6 @@ def _inputs_checked(mod: Any, main: Any, checked_params: Any) -> bool:
                 if i < len(args):
                     seen.add(layout_source(args[i], source))
     return floats <= seen
-
-
-# Relax ops whose output holds every value of their input and nothing else (moved, not computed)
-LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims")
-
-
-def layout_source(x: Any, source: Any) -> Any:
-    """The var whose values ``x`` holds, following ``source`` (a var -> the input of the layout op
-    it is bound to: a dict, or a function of the var returning None where it is not one)."""
-    lookup = source.get if isinstance(source, dict) else source
-    for _ in range(64):  # a chain of layout ops (never a cycle in SSA; bounded all the same)
-        up = lookup(x)
-        if up is None:
-            return x
-        x = up
-    return x
 
 
 def instrumented(passes: list) -> list:
