@@ -15,7 +15,6 @@ from torch import fx
 
 from bitcompiler import ops
 from bitcompiler.backends.relax_emit import (
-    LAYOUT_OPS,
     as_int,
     as_rows,
     constant_of,
@@ -24,6 +23,7 @@ from bitcompiler.backends.relax_emit import (
     emit_kernel,
     from_rows,
     kernel_target,
+    layout_input,
     layout_source,
     shape_of,
 )
@@ -74,16 +74,10 @@ def quantized_input(
 def _is_input(bb: Any, x: Any) -> bool:
     """Whether ``x`` is a parameter of the function being built (the model's input: not a binding
     of its dataflow block), or holds one's values moved by layout ops (a reshape, a transpose)."""
-    from tvm import ir, relax
-
-    layout = {ir.Op.get(name) for name in LAYOUT_OPS}
+    from tvm import relax
 
     def up(v: Any) -> Any:
-        if not isinstance(v, relax.DataflowVar):
-            return None
-        value = bb.lookup_binding(v)
-        ok = isinstance(value, relax.Call) and value.op in layout and len(value.args) > 0
-        return value.args[0] if ok else None
+        return layout_input(bb.lookup_binding(v)) if isinstance(v, relax.DataflowVar) else None
 
     x = layout_source(x, up)
     return isinstance(x, relax.Var) and not isinstance(x, relax.DataflowVar)

@@ -157,13 +157,18 @@ def lowering(
 LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims")
 
 
-def layout_source(x: Any, source: Any) -> Any:
-    """The var whose values ``x`` holds, following ``source`` (a var -> the input of the layout op
-    it is bound to: a dict, or a function of the var returning None where it is not one)."""
-    lookup = source.get if isinstance(source, dict) else source
-    for _ in range(64):  # a chain of layout ops (never a cycle in SSA; bounded all the same)
-        up = lookup(x)
-        if up is None:
-            return x
-        x = up
+def layout_input(value: Any) -> Any:
+    """The input of ``value`` where it is a call of one of :data:`LAYOUT_OPS`, else None."""
+    from tvm import ir, relax
+
+    if isinstance(value, relax.Call) and value.args and value.op in {ir.Op.get(n) for n in LAYOUT_OPS}:
+        return value.args[0]
+    return None
+
+
+def layout_source(x: Any, up: Any) -> Any:
+    """The var whose values ``x`` holds: ``up`` (a var -> the input of the layout op it is bound
+    to, None where it is bound to none) followed to its end (SSA: a chain, never a cycle)."""
+    while (src := up(x)) is not None:
+        x = src
     return x

@@ -133,26 +133,25 @@ def _inputs_checked(mod: Any, main: Any, checked_params: Any) -> bool:
     """Whether each float tensor parameter of ``main`` is an argument a called kernel checks in full."""
     from tvm import ir, relax
 
-    from bitcompiler.backends.relax_emit import LAYOUT_OPS, layout_source
+    from bitcompiler.backends.relax_emit import layout_input, layout_source
 
     floats = {p for p in main.params if str(getattr(p.ty, "dtype", "")).startswith("float")}
     if not floats or not isinstance(main.body, relax.SeqExpr):
         return False
     call_tir = ir.Op.get("relax.call_tir")
-    layout = {ir.Op.get(name) for name in LAYOUT_OPS}
     source: dict = {}  # a var bound to a layout op -> the var whose values it holds
     seen: set = set()
     for block in main.body.blocks:
         for binding in block.bindings:
             call = binding.value
-            if isinstance(call, relax.Call) and call.op in layout and call.args:
-                source[binding.var] = call.args[0]
+            if (src := layout_input(call)) is not None:
+                source[binding.var] = src
             if not isinstance(call, relax.Call) or call.op != call_tir or len(call.args) < 2:
                 continue
             args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []
             for i in checked_params(mod[call.args[0]]):
                 if i < len(args):
-                    seen.add(layout_source(args[i], source))
+                    seen.add(layout_source(args[i], source.get))
     return floats <= seen
 
 
