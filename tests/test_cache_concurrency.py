@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     if sys.argv[1] == "die":  # killed half-way through writing the cache entry
         import os
         from bitcompiler.backends.cpu import build
-        def write_library(executable, d):
+        def write_library(built, d):
             (d / "model.so").write_bytes(b"half")
             os._exit(9)
         build.write_library = write_library

@@ -13,35 +13,28 @@ from typing import Any
 
 from bitcompiler import cache
 from bitcompiler.backends.base import BuildInput, Target
+from bitcompiler.backends.cpu import parallel_build
 from bitcompiler.backends.cpu.pipeline import relax_pipeline
 from bitcompiler.backends.cpu.runner import LIB, CPURunner, quiet_native_stderr
 from bitcompiler.backends.lower import to_relax
 
 
-def compile_relax(mod: Any, target: Target) -> Any:
-    """The Relax module ``mod`` compiled for ``target``: a VM executable (not yet machine code)."""
-    import tvm
-
-    from bitcompiler.backends.cpu import parallel_tir
-
+def compile_relax(mod: Any, target: Target) -> parallel_build.Built:
+    """The Relax module ``mod`` compiled for ``target`` (not yet machine code), its kernels built on
+    every core (:mod:`bitcompiler.backends.cpu.parallel_build`)."""
     tvm_target = target.tvm_target()
-    return tvm.compile(
-        mod,
-        target=tvm_target,
-        relax_pipeline=relax_pipeline(tvm_target),
-        tir_pipeline=parallel_tir.register(),  # the kernels lowered on every core
-    )
+    return parallel_build.compile_relax(mod, tvm_target, relax_pipeline(tvm_target))
 
 
 def build_relax(mod: Any, target: Target) -> CPURunner:
     """The Relax module ``mod`` compiled for ``target`` (no cache; LLVM's JIT makes its machine code)."""
-    return CPURunner(compile_relax(mod, target))
+    return CPURunner(compile_relax(mod, target).executable())
 
 
-def write_library(executable: Any, directory: Path) -> None:
-    """The executable's machine code as ``directory/model.so`` (LLVM makes it here)."""
+def write_library(built: parallel_build.Built, directory: Path) -> None:
+    """The compiled model's machine code as ``directory/model.so`` (LLVM makes it here)."""
     with quiet_native_stderr():
-        executable.export_library(str(directory / LIB))
+        built.export(str(directory / LIB))
 
 
 def load_library(directory: Path) -> CPURunner:
@@ -83,11 +76,11 @@ def build_cached(inp: BuildInput, target: Target) -> CPURunner:
         return hit
     with scheduling_with(records):
         mod = to_relax(inp.exported, target, deferred=True)  # the CPU pipeline builds the stubs
-    executable = compile_relax(mod, target)
+    built = compile_relax(mod, target)
     applied = {"tuned kernels": len(records.applied)}
 
     def write(path: Path) -> None:
-        write_library(executable, path)
+        write_library(built, path)
         (path / "tuning.json").write_text(json.dumps(applied))
 
     if entry is not None:
@@ -99,6 +92,6 @@ def build_cached(inp: BuildInput, target: Target) -> CPURunner:
         if isinstance(stored, CPURunner):
             stored.report_extra = {**extra, **applied}
             return stored
-    runner = CPURunner(executable)
+    runner = CPURunner(built.executable())
     runner.report_extra = {**extra, **applied}
     return runner
