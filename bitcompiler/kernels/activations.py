@@ -18,7 +18,8 @@ line, left 32 planes 4 KiB apart evicting each other between the two halves: 4x 
 parallel over the batch and image rows. The int8 quantizer reduces ``max|x|`` with an 8-lane rfactor (vectorized ``vmaxps``), then
 divides/rounds/clamps vectorized, parallel over the batch. Each runs on one thread where one
 sample is less work than ``PARALLEL_MIN`` (:func:`bitcompiler.kernels._common.threads_pay`: a
-parallel launch costs more than it saves). Rounding uses ``nearbyint`` (the
+parallel launch costs more than it saves; for the NCHW packer the work is the floats it reads, 32
+a word). Rounding uses ``nearbyint`` (the
 default round-half-to-even mode), matching ``torch.round``; ``x / s`` is a true float32 division
 as in the reference, not a multiplication by the reciprocal.
 """
@@ -32,6 +33,7 @@ from tvm import s_tir, te, tirx
 
 from bitcompiler.kernels import finite
 from bitcompiler.kernels._common import (
+    PARALLEL_MIN,
     batch_var,
     i64,
     largest_divisor,
@@ -189,7 +191,9 @@ def pack_sign_nchw(
 
     XP = te.compute(shape64(M, h, w, groups, cwg), word, name="XP")
     func = te.create_prim_func([X, XP])
-    threads = threads_pay(func)
+    # the work is the floats read, 32 a word written: a 64-channel 32x32 map (8 KiB of words, 256
+    # KiB of floats) is threads' work, and a binary conv after it reads the rows each task packed
+    threads = c * h * w >= PARALLEL_MIN
     if check:
         k = te.reduce_axis((i64(0), i64(c * h * w)), "k")
         EX = te.compute(

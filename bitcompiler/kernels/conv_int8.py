@@ -15,6 +15,11 @@ products instead of float multiply-adds:
   An ImageNet stem (3 -> 64, 7x7, stride 2 at 224x224, 8-bit codes with an offset, one thread)
   took 2.5 ms on the decoded float conv and takes 0.8 ms here; the CIFAR stem (3x3 at 32x32)
   47 -> 28 us.
+* where a stem's rows of outputs are whole vectors of 16 pixels at stride 1 (:func:`pixel_lanes`,
+  512-bit VNNI), the lanes are pixels instead: 16 neighbouring words of the input row (16 pixels
+  x four channels) times one output channel's four codes broadcast, so the epilogue takes whole
+  vectors of one channel's pixels (:func:`_schedule_pixels`; the CIFAR stem 36 -> 18-21 us, the
+  kernel alone, one thread).
 
 A register block of ``VB`` output channels x ``RW`` pixels of one output row (a stack array under
 1 KiB, which LLVM promotes to registers) stays in registers over the whole reduction, then the bit conv's own epilogue (``(SC s) acc + (OF s) sumx + BI`` or
@@ -22,6 +27,12 @@ the threshold) writes ``Y (M, O, OH, OW)``. Channels are zero-padded to multiple
 ``VB`` (output); a zero code or a zero activation adds nothing, so every sum is the reference's.
 The window sums ``sumx`` of affine codes are a separate int32 pass: each word's four bytes summed,
 then the window over those sums.
+
+Threads: the dot products' tasks take output rows (every channel block of a row), so that the rows
+a thread writes are the pixels it packs and reads in the binary conv after a stem (which splits
+its pixels the same way). The input copy, the decoded codes and the window sums run in parallel
+only when they are ``PARALLEL_MIN`` work a sample; a CIFAR stem's are 1-2 us each, less than the
+thread pool's launch.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
-from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, shape64
+from bitcompiler.kernels._common import PARALLEL_MIN, as_i32, batch_var, i64, largest_divisor, shape64
 from bitcompiler.kernels.dense_avx2 import x86_features
 from bitcompiler.kernels.spec import ConvSpec
 
@@ -95,9 +106,47 @@ def _dot(kind: str, n: int = LANES) -> tirx.PrimFunc:
     return dot
 
 
+def _dot_pixels(kind: str) -> tirx.PrimFunc:
+    """``C[i] += sum_k A[i, k] * B[k]``: 16 pixels' four channels ``A`` (s8) times one output
+    channel's four codes ``B`` (u8), one int32 sum a pixel; the description or the 512-bit
+    ``vpdpbusd`` (the codes broadcast to every lane)."""
+
+    @T.prim_func(s_tir=True)
+    def dot(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (PIXELS, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4,), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (PIXELS,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:PIXELS], A[0:PIXELS, 0:4], B[0:4])
+            T.writes(C[0:PIXELS])
+            if kind == "desc":
+                for i in T.serial(0, PIXELS):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+            else:
+                C[T.ramp(T.int32(0), 1, PIXELS)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                    C.vload([0], dtype=f"int32x{PIXELS}"),
+                    T.reinterpret(
+                        T.broadcast(T.reinterpret(B.vload([0], "uint8x4"), dtype="int32"), PIXELS),
+                        dtype=f"uint8x{4 * PIXELS}",
+                    ),
+                    A.vload([0, 0], dtype=f"int8x{4 * PIXELS}"),
+                    dtype=f"int32x{PIXELS}",
+                )
+
+    return dot
+
+
 DOT_AVX2 = "bitc_dot_8x4_u8s8_avx2"
 DOT_VNNI = "bitc_dot_8x4_u8s8_vnni"
 DOT_VNNI512 = "bitc_dot_16x4_u8s8_vnni512"
+DOT_PIXELS = "bitc_dot_16px_s8u8_vnni512"
+PIXELS = 16  # pixels (int32 lanes) of one 512-bit vpdpbusd in the pixel-lanes kernel
+PIXEL_BLOCK = 4  # output channels of its register block (see _schedule_pixels)
+PIXEL_MAX_CHANNELS = 16  # input channels up to which it is taken (see pixel_lanes)
 
 
 @functools.cache
@@ -105,6 +154,7 @@ def _register() -> None:
     s_tir.TensorIntrin.register(DOT_AVX2, _dot("desc"), _dot("avx2"))
     s_tir.TensorIntrin.register(DOT_VNNI, _dot("desc"), _dot("vnni"))
     s_tir.TensorIntrin.register(DOT_VNNI512, _dot("desc", 16), _dot("vnni", 16))
+    s_tir.TensorIntrin.register(DOT_PIXELS, _dot_pixels("desc"), _dot_pixels("vnni"))
 
 
 def fits(spec: ConvSpec, target: Any = "llvm") -> bool:
@@ -123,6 +173,21 @@ def fits(spec: ConvSpec, target: Any = "llvm") -> bool:
 
 def uses_vnni(target: Any = "llvm") -> bool:
     return x86_features(target, "avx2", "avx512vnni", "avx512vl")
+
+
+def pixel_lanes(spec: ConvSpec, target: Any = "llvm") -> bool:
+    """Whether ``spec`` takes the pixel-lanes schedule: 512-bit VNNI, few input channels (a stem:
+    its epilogue is most of the time), stride 1 along the rows (16 neighbouring outputs read 16
+    neighbouring words) and whole vectors of pixels and channel blocks. With more channels the
+    channel lanes are as fast or faster (W2A8 3x3 64 -> 64 at 32x32: 0.257 against 0.270 ms; 128
+    -> 128 at 16x16, one vector of pixels a row: 0.235 against 0.221 ms)."""
+    return (
+        uses_vnni(target)
+        and spec.in_channels <= PIXEL_MAX_CHANNELS
+        and spec.stride[1] == 1
+        and spec.out_w % PIXELS == 0
+        and spec.out_channels % PIXEL_BLOCK == 0
+    )
 
 
 def _vb(spec: ConvSpec) -> int:
@@ -203,15 +268,27 @@ def int8_conv_func(
     kh = te.reduce_axis((i64(0), i64(KH)), "kh")
     kw = te.reduce_axis((i64(0), i64(KW)), "kw")
     ci = te.reduce_axis((i64(0), i64(4)), "ci")
-    acc = te.compute(
-        shape64(M, OB, spec.out_h, spec.out_w, vb),
-        lambda m, ob, oh, ow, oi: te.sum(
-            XZ[m, c4.var, oh * SH + kh.var * DH, ow * SW + kw.var * DW, ci.var].astype("int32")
-            * WQ[ob, c4.var, kh.var, kw.var, oi, ci.var].astype("int32"),
-            axis=[c4, kh, kw, ci],
-        ),
-        name="acc",
-    )
+    pixels = pixel_lanes(spec, target)
+    if pixels:  # one sum per output channel and pixel, in the output's order
+        acc = te.compute(
+            shape64(M, O, spec.out_h, spec.out_w),
+            lambda m, o, oh, ow: te.sum(
+                XZ[m, c4.var, oh * SH + kh.var * DH, ow + kw.var * DW, ci.var].astype("int32")
+                * WQ[o // vb, c4.var, kh.var, kw.var, o % vb, ci.var].astype("int32"),
+                axis=[c4, kh, kw, ci],
+            ),
+            name="acc",
+        )
+    else:
+        acc = te.compute(
+            shape64(M, OB, spec.out_h, spec.out_w, vb),
+            lambda m, ob, oh, ow, oi: te.sum(
+                XZ[m, c4.var, oh * SH + kh.var * DH, ow * SW + kw.var * DW, ci.var].astype("int32")
+                * WQ[ob, c4.var, kh.var, kw.var, oi, ci.var].astype("int32"),
+                axis=[c4, kh, kw, ci],
+            ),
+            name="acc",
+        )
     sumx_value = None
     if spec.has_offset:
         # the four channels of each word summed first (contiguous bytes), then the window: a
@@ -231,11 +308,20 @@ def int8_conv_func(
             name="sumx",
         )
         sumx_value = lambda m, o, oh, ow: sumx[m, oh, ow]
-    acc_value = lambda m, o, oh, ow: acc[m, o // vb, oh, ow, o % vb]
+    if pixels:
+        acc_value = lambda m, o, oh, ow: acc[m, o, oh, ow]
+    else:
+        acc_value = lambda m, o, oh, ow: acc[m, o // vb, oh, ow, o % vb]
     epi, Y = output(spec, M, acc_value, sumx_value, XS)
     func = te.create_prim_func([XQ, XS, P, *epi, Y])
-    intrin = (DOT_VNNI512 if vb == 16 else DOT_VNNI) if uses_vnni(target) else DOT_AVX2
-    return _schedule(func, spec, vb, intrin, stored)
+    sch = s_tir.Schedule(func)
+    _schedule_inputs(sch, spec, stored)
+    if pixels:
+        _schedule_pixels(sch, spec)
+    else:
+        intrin = (DOT_VNNI512 if vb == 16 else DOT_VNNI) if uses_vnni(target) else DOT_AVX2
+        _schedule(sch, spec, vb, intrin)
+    return sch.mod["main"]
 
 
 def codes_shape(spec: ConvSpec) -> tuple[int, int, int, int]:
@@ -282,15 +368,78 @@ def relayout_codes(spec: ConvSpec, planes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.astype(np.uint8))
 
 
-def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, intrin: str, stored: bool) -> tirx.PrimFunc:
-    sch = s_tir.Schedule(func)
+def _pays(sch: Any, loops: list) -> bool:
+    """Whether a stage's loop nest (its instances, a batch counted as one) is ``PARALLEL_MIN``
+    work: a parallel loop of less costs a launch of the thread pool for a few µs of work."""
+    n = 1
+    for loop in loops:
+        extent = sch.get(loop).extent
+        n *= int(extent) if isinstance(extent, tirx.IntImm) else 1
+    return n >= PARALLEL_MIN
+
+
+def _schedule_inputs(sch: Any, spec: ConvSpec, stored: bool) -> None:
+    """The input copy, the decoded codes and the window sums."""
     for name in ("XZ", "WQ"):
         b = sch.get_sblock(name)
         loops = sch.get_loops(b)
-        sch.parallel(sch.fuse(*loops[:2]))
+        if _pays(sch, loops):  # a CIFAR stem's (3 channels, 64 of 3x3) are a launch each for 1-2 us
+            sch.parallel(sch.fuse(*loops[:3]))
         if name == "WQ" and stored:  # one step's 8 x 4 bytes: a shift and a mask
             _, inner = sch.split(loops[-2], [None, LANES])
             sch.vectorize(sch.fuse(inner, loops[-1]))
+    if spec.has_offset:
+        xw = sch.get_sblock("XW")
+        m, c4, r, _w, ci = xw_loops = sch.get_loops(xw)
+        if _pays(sch, xw_loops):
+            sch.parallel(sch.fuse(m, c4, r))
+        sch.decompose_reduction(xw, ci)
+        b = sch.get_sblock("sumx")
+        m, oh, ow, *red = sumx_loops = sch.get_loops(b)
+        pays = _pays(sch, sumx_loops)
+        # pixels in vector lanes where they are contiguous (stride 1), else one at a time
+        vl = largest_divisor(spec.out_w, (8, 4, 2)) if spec.stride[1] == 1 else 1
+        wo, wi = sch.split(ow, [None, vl])
+        sch.reorder(m, oh, wo, *red, wi)
+        if pays:
+            sch.parallel(sch.fuse(m, oh))
+        if vl > 1:
+            sch.vectorize(wi)
+        sch.decompose_reduction(b, red[0])
+
+
+def _schedule_pixels(sch: Any, spec: ConvSpec) -> None:
+    """The pixel-lanes schedule (:func:`pixel_lanes`): a register block of ``PIXEL_BLOCK`` output
+    channels x ``PIXELS`` (or twice as many) pixels of one row, a ``vpdpbusd`` per channel, tap and
+    vector of pixels with the channel's four codes broadcast; the epilogue reads and writes whole
+    vectors of one channel's pixels. The channel-lanes block's epilogue gathers each channel's
+    pixels from the block (16 gathers a block: half of a CIFAR stem's time). 4 channels x 32
+    pixels (512 bytes of sums) was the fastest block on znver4 (CIFAR stem 3 -> 64, 8-bit codes,
+    one thread, the kernel alone: 18.3 us; 2 x 32 19.5, 4 x 16 20.2, 8 x 16 32, channel lanes
+    36.3); 8 x 32 is 1 KiB, which TVM allocates on the heap instead of the stack."""
+    acc, y = sch.get_sblock("acc"), sch.get_sblock("Y")
+    nv = 2 if spec.out_w % (2 * PIXELS) == 0 else 1
+    m, o, oh, ow = sch.get_loops(y)
+    ob, oi = sch.split(o, [None, PIXEL_BLOCK])
+    owo, owi = sch.split(ow, [None, nv * PIXELS])
+    sch.reorder(m, oh, ob, owo, oi, owi)  # tasks take rows, as in _schedule
+    sch.parallel(sch.fuse(m, oh, ob))
+    # the block's sums in the global scope: a stack array LLVM keeps in registers (see _schedule)
+    sch.compute_at(acc, owo, preserve_unit_loops=True)
+    sch.unroll(oi)
+    sch.vectorize(sch.split(owi, [None, PIXELS])[1])
+    a_oi, a_oh, a_ow, c4, kh, kw, ci = sch.get_loops(acc)[-7:]
+    a_owv, a_owl = sch.split(a_ow, [None, PIXELS])
+    sch.reorder(c4, kh, kw, a_oi, a_oh, a_owv, a_owl, ci)
+    init = sch.decompose_reduction(acc, c4)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(a_oi)
+    sch.unroll(a_owv)
+    sch.tensorize(a_owl, DOT_PIXELS)
+
+
+def _schedule(sch: Any, spec: ConvSpec, vb: int, intrin: str) -> None:
+    """The channel-lanes schedule: a register block of ``vb`` output channels in vector lanes."""
     # the register block (acc, vb x rw int32 sums, at most 384 bytes) stays in the global scope:
     # inside the parallel loop a small global buffer is a stack array LLVM promotes to registers,
     # where a "local" one becomes a heap workspace and every dot product stores its sums
@@ -300,8 +449,10 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, intrin: str, stored:
         m, o, _oh, ow = sch.get_loops(y)
         ob, oi = sch.split(o, [None, vb])
         owo, owi = sch.split(ow, [None, rw])
-        sch.reorder(m, ob, _oh, owo, oi, owi)
-        sch.parallel(sch.fuse(m, ob, _oh))
+        # tasks take rows (every channel block of them), as a binary conv after this one takes
+        # chunks of pixels: the rows a thread writes here are those it packs and reads next
+        sch.reorder(m, _oh, ob, owo, oi, owi)
+        sch.parallel(sch.fuse(m, _oh, ob))
         sch.compute_at(acc, owo, preserve_unit_loops=True)
         # the epilogue in vectors of the block's pixels (contiguous in Y): the fenced products
         # (backends/exact_float.py) stop LLVM's SLP vectorizer, and unrolled scalar code took
@@ -332,19 +483,3 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec, vb: int, intrin: str, stored:
     sch.unroll(a_owi)
     sch.unroll(oio)
     sch.tensorize(oii, intrin)
-    if spec.has_offset:
-        xw = sch.get_sblock("XW")
-        m, c4, r, _w, ci = sch.get_loops(xw)
-        sch.parallel(sch.fuse(m, c4, r))
-        sch.decompose_reduction(xw, ci)
-        b = sch.get_sblock("sumx")
-        m, oh, ow, *red = sch.get_loops(b)
-        # pixels in vector lanes where they are contiguous (stride 1), else one at a time
-        vl = largest_divisor(spec.out_w, (8, 4, 2)) if spec.stride[1] == 1 else 1
-        wo, wi = sch.split(ow, [None, vl])
-        sch.reorder(m, oh, wo, *red, wi)
-        sch.parallel(sch.fuse(m, oh))
-        if vl > 1:
-            sch.vectorize(wi)
-        sch.decompose_reduction(b, red[0])
-    return sch.mod["main"]

@@ -39,7 +39,12 @@ GEOMETRIES = [
     (16, 32, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
     (70, 8, 5, 7, (2, 3), (1, 2), (0, 1), (2, 1)),
     (32, 24, 6, 5, (1, 1), (1, 1), (0, 0), (1, 1)),
+    # whole vectors of 16 output pixels a row (stride 1 along it): the pixel-lanes schedule on a
+    # VNNI host, 24 channels (six blocks of 4), a row stride and column dilation
+    (3, 24, 8, 32, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (6, 16, 5, 36, (3, 3), (2, 1), (1, 0), (1, 2)),
 ]
+PIXEL_LANES = GEOMETRIES[-2:]
 TARGETS = {"avx2": "znver3", "host": None}
 
 
@@ -63,14 +68,27 @@ def test_int8_conv_matches_reference(geom, bits, has_offset, isa, stored):
     assert conv_int8.fits(spec, target)
     if stored and 8 % bits:
         pytest.skip("codes are stored in bytes only for 1, 2 and 4 bits")
-    func = (
+    func = _kernel(spec, target, stored)
+    assert conv_int8.pixel_lanes(spec, target) == (vnni and geom in PIXEL_LANES)
+    assert "vpdpbusd" in func.script() or "pmadd" in func.script()
+    # 16-channel blocks, or 16 pixels, take one 512-bit vpdpbusd where the CPU has AVX-512 VNNI
+    wide = conv_int8._vb(spec) == 16 or conv_int8.pixel_lanes(spec, target)
+    assert ("vpdpbusd.512" in func.script()) == (vnni and wide)
+    _check(spec, func, target, stored)
+
+
+def _kernel(spec, target, stored):
+    return (
         conv_int8.int8_conv_func(spec, _output, target, stored=True)
         if stored
         else conv2d_kernel(spec, target)
     )
-    assert "vpdpbusd" in func.script() or "pmadd" in func.script()
-    # 16-channel blocks take one 512-bit vpdpbusd where the CPU has AVX-512 VNNI
-    assert ("vpdpbusd.512" in func.script()) == (vnni and conv_int8._vb(spec) == 16)
+
+
+def _check(spec, func, target, stored):
+    """``func`` (the kernel of ``spec``) on random codes and inputs, batch 1 and 3, against the reference."""
+    c, o, h, w, k, bits = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w, spec.kernel, spec.bits
+    s, p, d, has_offset = spec.stride, spec.padding, spec.dilation, spec.has_offset
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     g = torch.Generator().manual_seed(c * o + bits)
     codes = random_codes((o, c, *k), bits, "uint", g)
@@ -87,6 +105,36 @@ def test_int8_conv_matches_reference(geom, bits, has_offset, isa, stored):
         lib["main"](*args, y)
         ref = nu.bit_conv2d(x, planes, c, k, "uint", "int8", stride=s, padding=p, dilation=d, groups=1, **kw)
         assert_close(y.numpy(), ref)
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["planes", "stored"])
+@pytest.mark.parametrize(
+    "c, o, h, k, parallel",
+    [
+        # a CIFAR stem: only the dot products are threads' work (the input copy, the decoded
+        # codes and the window sums are a launch each for 1-2 us)
+        (3, 64, 32, 3, {"Y"}),
+        # an input and window sums of 65,536 or more: those in parallel too
+        (3, 16, 128, 3, {"Y", "XZ", "XW", "sumx"}),
+        # 64 x 128 x 3 x 3 codes (73,728) decoded in parallel
+        (64, 128, 4, 3, {"Y", "WQ"}),
+    ],
+)
+def test_parallel_stages_are_threads_work(c, o, h, k, parallel, stored):
+    """Each stage runs in a parallel loop only when it is PARALLEL_MIN work (a batch row), and the
+    kernel stays exact either way."""
+    target = _target("host")
+    spec = ConvSpec(c, o, h, h, (k, k), (1, 1), (1, 1), (1, 1), 1, 2, "uint", "int8", True, False)
+    func = _kernel(spec, target, stored)
+    sch = tvm.s_tir.Schedule(func)
+    found = set()
+    for name in ("Y", "XZ", "WQ", "XW", "sumx"):
+        block = name if name in ("Y", "XZ", "WQ") else name + "_update"  # reductions: two blocks
+        kinds = [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock(block))]
+        if tvm.tirx.ForKind.PARALLEL in kinds:
+            found.add(name)
+    assert found == parallel
+    _check(spec, func, target, stored)
 
 
 def test_vnni_choice_follows_the_target():
@@ -137,3 +185,32 @@ def test_epilogue_in_vectors_with_fenced_products(geom):
     scalar = len(re.findall(r"fmul (?:\w+ )*float ", ll))
     # scalars only for the per-channel scale of a 16-channel block (unvectorized: 512 against 0)
     assert vector > 0 and scalar <= 32, (vector, scalar)
+
+
+@pytest.mark.skipif(not conv_int8.uses_vnni(_target("host")), reason="the pixel lanes need AVX-512 VNNI")
+def test_a_model_with_pixel_lanes_stems_is_bit_exact():
+    """A CIFAR-shaped W2A8 net whose 3 -> 16 and 16 -> 16 convs take the pixel lanes, compiled
+    whole: its outputs equal the numeric reference's, batch 1 and 5."""
+    from torch import nn
+
+    import bitcompiler as bc
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    for spec in (
+        ConvSpec(3, 16, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2, "uint", "int8", True, False),
+        ConvSpec(16, 16, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2, "uint", "int8", True, False),
+    ):
+        assert conv_int8.pixel_lanes(spec, _target("host"))
+    cm = bc.compile(net, (torch.randn(1, 3, 32, 32),), scheme="uniform:bits=2,act=8")
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32) * 2
+        assert torch.equal(cm(x), cm.reference(x))
