@@ -20,7 +20,9 @@ four ``vpdpbusd``. ``VNNI_ROWS`` output rows share each activation vector: 16 ac
 products (``max|x|``, the scale and the codes vectorized, exactly as
 :func:`~bitcompiler.kernels.quantize_rows_int8`: the same :func:`~bitcompiler.kernels.activations.int8_scale`
 and :func:`~bitcompiler.kernels.activations.int8_round`) and sums the codes (``sumx``), parallel
-over the batch: one VM call per layer instead of two. Without it the kernel takes ``XQ, XS`` as the other
+over the batch: one VM call per layer instead of two. It checks the rows on the way (each row's
+largest exponent field, :mod:`~bitcompiler.kernels.finite`) and raises on NaN or Inf, so ``cm(x)``
+skips Python's pass over the input (4096 floats: 2.4 us of a 120 us call). Without it the kernel takes ``XQ, XS`` as the other
 int8 kernels do (a 1x1 conv's pixels carry their sample's scale).
 
 Measured in one process (``TVM_NUM_THREADS=1``, 4096x4096, batch 1, znver4 VM with 2 shared cores,
@@ -41,6 +43,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from bitcompiler.kernels import finite
 from bitcompiler.kernels.activations import int8_round, int8_scale
 from bitcompiler.kernels.dense_avx2 import F32, U8, _bc, _epilogue, x86_features
 from bitcompiler.kernels.dense_int8 import _int8_entry
@@ -90,15 +93,25 @@ def vnni_w2_dense_func(spec: DenseSpec, float_input: bool = True) -> tirx.PrimFu
         return T.ramp(start, 1, n)
 
     @T.macro
-    def quantize(X, XQ, XS, m):
-        """Row m of X: its scale into XS[m], its codes into XQ[m] (as quantize_rows_int8)."""
+    def quantize(X, XQ, XS, XE, m):
+        """Row m of X: its scale into XS[m], its codes into XQ[m] (as quantize_rows_int8), its
+        largest exponent field into XE[m] (kernels/finite.py: EXPONENT for NaN or Inf)."""
         am = T.alloc_buffer((LANES,), F32, scope="global")
+        ex = T.alloc_buffer((LANES,), "int32", scope="global")
         am[lanes(0)] = _bc(0.0, F32, LANES)
+        ex[lanes(0)] = _bc(0, "int32", LANES)
         for c in range(T.int64(K // LANES)):
             am[lanes(0)] = T.max(am[lanes(0)], T.abs(X[m, lanes(c * LANES)]))
+            ex[lanes(0)] = T.max(
+                ex[lanes(0)],
+                T.reinterpret(f"int32x{LANES}", X[m, lanes(c * LANES)])
+                & _bc(finite.EXPONENT, "int32", LANES),
+            )
         XS[m] = T.float32(0.0)
+        XE[m] = 0
         for i in range(LANES):
             XS[m] = T.max(XS[m], am[i])
+            XE[m] = T.max(XE[m], ex[i])
         XS[m] = int8_scale(XS[m])
         for c in range(T.int64(K // LANES)):
             XQ[m, lanes(c * LANES)] = int8_round(X[m, lanes(c * LANES)], T.Broadcast(XS[m], LANES), LANES)
@@ -165,13 +178,16 @@ def vnni_w2_dense_func(spec: DenseSpec, float_input: bool = True) -> tirx.PrimFu
     def body(X, W, Y, E0, E1, E2, M):
         XQ = T.alloc_buffer((M, T.int64(K)), "int8")
         XS = T.alloc_buffer((M,), F32)
+        XE = T.alloc_buffer((M,), "int32")
         SX = T.alloc_buffer((M,), "int32")
         for m in T.parallel(M):
-            quantize(X, XQ, XS, m)
+            quantize(X, XQ, XS, XE, m)
             code_sum(XQ, SX, m)
+        for m in range(M):  # the input checked on the way: cm(x) skips Python's pass over it
+            assert XE[m] < finite.EXPONENT, ("ValueError", [finite.MESSAGE])
         rows(XQ, XS, SX, W, Y, E0, E1, E2, M)
 
-    return _float_entry(spec, body, (N, KB))
+    return finite.mark(_float_entry(spec, body, (N, KB)), 0)
 
 
 def _float_entry(spec: DenseSpec, body: Any, w_shape: tuple) -> tirx.PrimFunc:
