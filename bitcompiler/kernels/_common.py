@@ -27,18 +27,29 @@ def work(func: tirx.PrimFunc) -> int:
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-    total = 0
-    for info in normalize_prim_func(s_tir.Schedule(func)) or []:
-        n = 1
-        for it in info.iters:
-            n *= it.dom if isinstance(it.dom, int) else 1
-        total += n
-    return total
+    return sum(
+        _instances(it.dom for it in info.iters) for info in normalize_prim_func(s_tir.Schedule(func)) or []
+    )
+
+
+def _instances(extents: Any) -> int:
+    """The product of ``extents``, a symbolic one (the batch) counted as one."""
+    n = 1
+    for e in extents:
+        n *= int(e) if isinstance(e, (int, tirx.IntImm)) else 1
+    return n
 
 
 def threads_pay(func: tirx.PrimFunc) -> bool:
     """Whether a parallel loop pays in ``func`` (unscheduled): :func:`work` of ``PARALLEL_MIN`` or more."""
     return work(func) >= PARALLEL_MIN
+
+
+def loops_pay(sch: Any, loops: list) -> bool:
+    """Whether one stage of a schedule ``sch`` (its loop nest ``loops``; instances counted as
+    :func:`work` does) is ``PARALLEL_MIN`` work: a parallel loop of less costs a launch of the
+    thread pool for a few µs of work."""
+    return _instances(sch.get(loop).extent for loop in loops) >= PARALLEL_MIN
 
 
 _Builder = TypeVar("_Builder", bound=Callable[..., Any])

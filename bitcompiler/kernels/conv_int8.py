@@ -37,124 +37,23 @@ thread pool's launch.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from tvm import s_tir, te, tirx
-from tvm.script import tirx as T
 
-from bitcompiler.kernels._common import PARALLEL_MIN, as_i32, batch_var, i64, largest_divisor, shape64
+from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor, loops_pay, shape64
 from bitcompiler.kernels.dense_avx2 import x86_features
+from bitcompiler.kernels.dot_int8 import DOT_AVX2, DOT_PIXELS, DOT_VNNI, DOT_VNNI512, LANES, PIXELS, register
 from bitcompiler.kernels.spec import ConvSpec
 
 F32 = "float32"
 MAX_BITS = 7  # u8 codes up to 127: a vpmaddubsw pair sum (2 * 128 * 127) stays below 2^15
 MAX_BITS_VNNI = 8  # vpdpbusd adds its four u8 x s8 products in int32: any byte code
-LANES = 8  # int32 sums per 256-bit register
-
-
-def _dot(kind: str, n: int = LANES) -> tirx.PrimFunc:
-    """``C[i] += sum_k A[k] * B[i, k]`` over ``n`` lanes x 4 bytes: the description (``kind="desc"``)
-    or its ``"avx2"`` (8 lanes) / ``"vnni"`` implementation (8 lanes: a 256-bit ``vpdpbusd``; 16: a
-    512-bit one)."""
-
-    @T.prim_func(s_tir=True)
-    def dot(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (n, 4), "uint8", offset_factor=1)
-        C = T.match_buffer(c, (n,), "int32", offset_factor=1)  # global: see _schedule
-        with T.sblock("root"):
-            T.reads(C[0:n], A[0:4], B[0:n, 0:4])
-            T.writes(C[0:n])
-            if kind == "desc":
-                for i in T.serial(0, n):
-                    for k in T.serial(0, 4):
-                        with T.sblock("update"):
-                            vi, vk = T.axis.remap("SR", [i, k])
-                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-            # (no named values: a name bound here is a buffer, a heap workspace inside a parallel loop)
-            elif kind == "avx2":  # u8 x s8 pairs summed in int16, then pairs of those in int32
-                C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                    T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                        B.vload([0, 0], dtype="uint8x32"),
-                        T.reinterpret(
-                            T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8),
-                            dtype="int8x32",
-                        ),
-                        dtype="int16x16",
-                    ),
-                    T.int16x16(1),
-                    dtype="int32x8",
-                )
-            else:  # vpdpbusd (256- or 512-bit): four u8 x s8 products added into each int32 lane
-                C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * n}"),
-                    C.vload([0], dtype=f"int32x{n}"),
-                    B.vload([0, 0], dtype=f"uint8x{4 * n}"),
-                    T.reinterpret(
-                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), n),
-                        dtype=f"int8x{4 * n}",
-                    ),
-                    dtype=f"int32x{n}",
-                )
-
-    return dot
-
-
-def _dot_pixels(kind: str) -> tirx.PrimFunc:
-    """``C[i] += sum_k A[i, k] * B[k]``: 16 pixels' four channels ``A`` (s8) times one output
-    channel's four codes ``B`` (u8), one int32 sum a pixel; the description or the 512-bit
-    ``vpdpbusd`` (the codes broadcast to every lane)."""
-
-    @T.prim_func(s_tir=True)
-    def dot(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (PIXELS, 4), "int8", offset_factor=1)
-        B = T.match_buffer(b, (4,), "uint8", offset_factor=1)
-        C = T.match_buffer(c, (PIXELS,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:PIXELS], A[0:PIXELS, 0:4], B[0:4])
-            T.writes(C[0:PIXELS])
-            if kind == "desc":
-                for i in T.serial(0, PIXELS):
-                    for k in T.serial(0, 4):
-                        with T.sblock("update"):
-                            vi, vk = T.axis.remap("SR", [i, k])
-                            C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
-            else:
-                C[T.ramp(T.int32(0), 1, PIXELS)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                    C.vload([0], dtype=f"int32x{PIXELS}"),
-                    T.reinterpret(
-                        T.broadcast(T.reinterpret(B.vload([0], "uint8x4"), dtype="int32"), PIXELS),
-                        dtype=f"uint8x{4 * PIXELS}",
-                    ),
-                    A.vload([0, 0], dtype=f"int8x{4 * PIXELS}"),
-                    dtype=f"int32x{PIXELS}",
-                )
-
-    return dot
-
-
-DOT_AVX2 = "bitc_dot_8x4_u8s8_avx2"
-DOT_VNNI = "bitc_dot_8x4_u8s8_vnni"
-DOT_VNNI512 = "bitc_dot_16x4_u8s8_vnni512"
-DOT_PIXELS = "bitc_dot_16px_s8u8_vnni512"
-PIXELS = 16  # pixels (int32 lanes) of one 512-bit vpdpbusd in the pixel-lanes kernel
 PIXEL_BLOCK = 4  # output channels of its register block (see _schedule_pixels)
 PIXEL_MAX_CHANNELS = 16  # input channels up to which it is taken (see pixel_lanes)
-
-
-@functools.cache
-def _register() -> None:
-    s_tir.TensorIntrin.register(DOT_AVX2, _dot("desc"), _dot("avx2"))
-    s_tir.TensorIntrin.register(DOT_VNNI, _dot("desc"), _dot("vnni"))
-    s_tir.TensorIntrin.register(DOT_VNNI512, _dot("desc", 16), _dot("vnni", 16))
-    s_tir.TensorIntrin.register(DOT_PIXELS, _dot_pixels("desc"), _dot_pixels("vnni"))
 
 
 def fits(spec: ConvSpec, target: Any = "llvm") -> bool:
@@ -210,7 +109,7 @@ def int8_conv_func(
     documents for int8 activations: ``XQ, XS, P``, the epilogue buffers, ``Y``. ``output`` builds
     the epilogue (the bit conv's). ``stored=True`` (:func:`stores_codes` specs) takes the codes in
     :func:`relayout_codes`' order instead of ``P``."""
-    _register()
+    register()
     C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     B = spec.bits
@@ -368,22 +267,12 @@ def relayout_codes(spec: ConvSpec, planes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.astype(np.uint8))
 
 
-def _pays(sch: Any, loops: list) -> bool:
-    """Whether a stage's loop nest (its instances, a batch counted as one) is ``PARALLEL_MIN``
-    work: a parallel loop of less costs a launch of the thread pool for a few µs of work."""
-    n = 1
-    for loop in loops:
-        extent = sch.get(loop).extent
-        n *= int(extent) if isinstance(extent, tirx.IntImm) else 1
-    return n >= PARALLEL_MIN
-
-
 def _schedule_inputs(sch: Any, spec: ConvSpec, stored: bool) -> None:
     """The input copy, the decoded codes and the window sums."""
     for name in ("XZ", "WQ"):
         b = sch.get_sblock(name)
         loops = sch.get_loops(b)
-        if _pays(sch, loops):  # a CIFAR stem's (3 channels, 64 of 3x3) are a launch each for 1-2 us
+        if loops_pay(sch, loops):  # a CIFAR stem's (3 channels, 64 of 3x3) are a launch each for 1-2 us
             sch.parallel(sch.fuse(*loops[:3]))
         if name == "WQ" and stored:  # one step's 8 x 4 bytes: a shift and a mask
             _, inner = sch.split(loops[-2], [None, LANES])
@@ -391,12 +280,12 @@ def _schedule_inputs(sch: Any, spec: ConvSpec, stored: bool) -> None:
     if spec.has_offset:
         xw = sch.get_sblock("XW")
         m, c4, r, _w, ci = xw_loops = sch.get_loops(xw)
-        if _pays(sch, xw_loops):
+        if loops_pay(sch, xw_loops):
             sch.parallel(sch.fuse(m, c4, r))
         sch.decompose_reduction(xw, ci)
         b = sch.get_sblock("sumx")
         m, oh, ow, *red = sumx_loops = sch.get_loops(b)
-        pays = _pays(sch, sumx_loops)
+        pays = loops_pay(sch, sumx_loops)
         # pixels in vector lanes where they are contiguous (stride 1), else one at a time
         vl = largest_divisor(spec.out_w, (8, 4, 2)) if spec.stride[1] == 1 else 1
         wo, wi = sch.split(ow, [None, vl])

@@ -13,7 +13,7 @@ from bench import zoo
 from bitcompiler.backends.injective import Injective
 from bitcompiler.backends.parallel_min import SerialBelow, work
 from bitcompiler.backends.reduction import LaneReduction
-from bitcompiler.kernels._common import PARALLEL_MIN
+from bitcompiler.kernels._common import PARALLEL_MIN, loops_pay
 from tests.backends.test_reduction import _layer_norm, _legalized, _run
 
 TARGET = tvm.target.Target({"kind": "llvm"})
@@ -33,6 +33,16 @@ def test_work_counts_block_instances_with_the_batch_as_one():
     assert work(_add_gelu(64, 256)) == 2 * 64 * 256
     func = _legalized(_layer_norm, (64, 256))
     assert 64 * 256 < work(func) < 8 * 64 * 256  # sums, variance, the normalized output
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(64, 1024), (64, 1023), (3, 5)])
+def test_a_scheduled_stage_pays_as_its_unscheduled_work_counts(rows, cols):
+    """``loops_pay`` counts one stage's loop instances (the batch as one) on a schedule, split or not."""
+    sch = tvm.s_tir.Schedule(_add_gelu(rows, cols))
+    stage = sch.get_loops(sch.get_sblock("gelu"))
+    assert loops_pay(sch, stage) == (rows * cols >= PARALLEL_MIN)
+    sch.split(stage[2], [None, 8] if cols % 8 == 0 else [None, cols])
+    assert loops_pay(sch, sch.get_loops(sch.get_sblock("gelu"))) == (rows * cols >= PARALLEL_MIN)
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(64, 256), (64, 1024), (3, 5)])
