@@ -276,6 +276,7 @@ def conv2d_kernel(
     packed_output: bool = False,
     residual_clip: tuple[float, float] | None = None,
     clip: tuple[float, float | None] | None = None,
+    shortcut: ConvSpec | None = None,
 ) -> tirx.PrimFunc:
     """The conv bit kernel for ``spec``; scheduled for the host CPU when ``target`` is LLVM.
 
@@ -293,6 +294,9 @@ def conv2d_kernel(
     (M,OH,OW,1,O/32)``: the block's output and the next binary layer's input.
     ``clip=(lo, hi)`` (CPU, :func:`clamps_output` specs: the integer conv of int8 activations)
     writes ``Y = clamp(epilogue, lo, hi)``, ``hi=None`` for a ReLU's ``max(epilogue, lo)``.
+    ``shortcut`` (with ``packed_output``, :func:`fuses_shortcut` specs) also computes a ResNet
+    block's 1x1 projection shortcut of the same input: its ``P, SC, OF, BI`` follow ``TS, TH``,
+    and its ``Y f32 (M,O,OH,OW)`` follows the packed output.
     """
     if not isinstance(spec, ConvSpec):
         raise ValueError(f"conv2d_kernel needs a ConvSpec, got {type(spec).__name__}")  # noqa: TRY004
@@ -307,7 +311,11 @@ def conv2d_kernel(
     packs = packs_residual(spec) if residual_clip is not None else packs_output(spec)
     if packed_output and not (cpu and packs):
         raise ValueError(f"no packed-output conv kernel for {spec} on {target!r}")
-    if cpu and conv_amx.fits(spec) and (cores := amx_tiles.amx_cores(target)):
+    if shortcut is not None:
+        if not (packed_output and fuses_shortcut(spec, shortcut, target)):
+            raise ValueError(f"no conv kernel for {spec} that computes the shortcut {shortcut} on {target!r}")
+        func = conv_vpop.vpop_conv_func(spec, packed=True, shortcut=shortcut)
+    elif cpu and conv_amx.fits(spec) and (cores := amx_tiles.amx_cores(target)):
         func = conv_amx.amx_conv_func(spec, packed=packed_output, clip=residual_clip, cores=cores)
     elif cpu and popcnt512_target(target) and conv_vpop.fits(spec):
         func = conv_vpop.vpop_conv_func(spec, packed=packed_output, clip=residual_clip)
@@ -328,6 +336,19 @@ def conv2d_kernel(
         if cpu:
             func = _schedule(func, spec)
     return func.with_attr("global_symbol", "main")
+
+
+def fuses_shortcut(spec: ConvSpec, shortcut: ConvSpec, target: Any = "llvm") -> bool:
+    """Whether :func:`conv2d_kernel` can compute ``shortcut`` (a 1x1 binary conv of the same input)
+    in ``spec``'s packed-output kernel (``shortcut=``): the vector-popcount kernel
+    (:func:`~bitcompiler.kernels.conv_vpop.fuses_shortcut`), on a CPU without AMX tiles."""
+    return (
+        target_kind(target) == "llvm"
+        and popcnt512_target(target)
+        and not (conv_amx.fits(spec) and amx_tiles.amx_cores(target))
+        and packs_output(spec)
+        and conv_vpop.fuses_shortcut(spec, shortcut)
+    )
 
 
 def clamps_output(spec: ConvSpec, target: Any = "llvm") -> bool:

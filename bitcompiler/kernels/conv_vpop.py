@@ -40,6 +40,11 @@ CPU). Same buffers, layout and numbers as that kernel.
   that the same thread wrote in the block before.
 * A residual epilogue can also write its output's signs packed (``packed`` and ``clip``), the
   next block's binary input, instead of a separate ``pack_sign_nchw`` over the float map.
+* A ResNet block's first conv (packed output) can also compute the block's 1x1 projection
+  shortcut (``shortcut``, :func:`fuses_shortcut`): the shortcut's input pixel ``(oh * S, ow * S)``
+  is the first conv's centre tap, already in the im2col, so each task adds the shortcut's output
+  channels of its pixels (or its channel blocks) from those words. Alone, the shortcut (a 64 ->
+  128 1x1 at 16x16 is 32,768 word popcounts) runs on the calling thread, below ``PARALLEL_MIN``.
 
 One thread, znver4, 256->256 3x3 on 14x14 (padding 1, batch 1), the kernel alone (this thread's
 CPU time per call, alternating with ``conv_binary``'s kernel in one process): 127 us -> 107 us; the
@@ -56,7 +61,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from bitcompiler.kernels._common import PARALLEL_MIN
-from bitcompiler.kernels.conv_pm1 import bits_byte, clipped, pm1_conv_func, thr_hit
+from bitcompiler.kernels.conv_pm1 import aff_value, bits_byte, clipped, pm1_conv_func, thr_hit, thr_value
 from bitcompiler.kernels.spec import ConvSpec
 
 F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
@@ -109,15 +114,21 @@ def vpop_conv_func(
     packed: bool = False,
     clip: tuple[float, float] | None = None,
     split: str | None = None,
+    shortcut: ConvSpec | None = None,
 ) -> tirx.PrimFunc:
     """The kernel for ``spec`` (:func:`fits`); arguments as
     :func:`bitcompiler.kernels.conv_binary.binary_pm1_func` (``packed``: the next layer's packed
     input; ``clip``: the residual epilogue; both: the residual output and its signs packed).
     ``split`` = ``"pixels"``, ``"channels"`` or ``"serial"`` overrides how the tasks divide the
     work (default: serial below ``PARALLEL_MIN`` word popcounts a sample, else pixels on maps of at
-    least ``PIXEL_SPLIT_MIN`` pixel vectors, else channels)."""
+    least ``PIXEL_SPLIT_MIN`` pixel vectors, else channels). ``shortcut`` (with ``packed``, a
+    :func:`fuses_shortcut` spec) also computes that 1x1 conv's affine output from this kernel's
+    centre tap; its arguments follow ``TS, TH``: ``SP int32 (1,O,1,1,CWg), SC, OF, BI f32 (O,)``,
+    then ``Y`` and the shortcut's ``SY f32 (M,O,OH,OW)``."""
     if not fits(spec):
         raise ValueError(f"the flat-im2col vpopcnt conv does not fit {spec}")
+    if shortcut is not None and not (packed and clip is None and fuses_shortcut(spec, shortcut)):
+        raise ValueError(f"no shortcut {shortcut} computed in the packed conv {spec}")
     signs = packed and clip is not None  # a residual output and its signs packed
     packed = packed and clip is None
     O, H, W, CG = spec.out_channels, spec.in_h, spec.in_w, spec.cg
@@ -139,6 +150,7 @@ def vpop_conv_func(
     ZERO = tirx.const(0, I64)
     valid, rows, cols, ncols = _classes(spec)
     lanes = T.ramp(T.int64(0), T.int64(1), VL)
+    centre = _centre_tap(spec)  # the shortcut's input tap
     high = T.ramp(T.int64(VL), T.int64(1), VL)
 
     def px(v):
@@ -175,7 +187,8 @@ def vpop_conv_func(
         # vectorizes them over the channels with gathers)
         return sum((T.popcount(PV[o, t, w]) for w in range(1, CV)), T.popcount(PV[o, t, 0]))
 
-    def make(out_value, E0, E1):
+    def make(out_value, E0, E1, short=None):
+        # short: the shortcut's buffers (weights, scale, bias, output), or None
         def y_at(A, RF, m, o, r, v, l):
             value = out_value(E0, E1, A[r, l].astype(I32), o)
             return clipped(value, RF, (m, o, px(v) + l), clip)
@@ -239,6 +252,28 @@ def vpop_conv_func(
                         YS[m, px(v) + l, ob] = sign_byte(YF, m, ob * OB, px(v) + l)
 
         @T.macro
+        def shortcut_block(XK, M, m, ob, v0, nv):
+            # the 1x1 shortcut's output channels ob * OB .. ob * OB + OB - 1 from the centre tap's
+            # words of XK (always inside the image): acc = CG - 2 * popcount(x ^ w)
+            SP, SC, SB, SY = short
+            SV = T.decl_buffer((T.int64(O), T.int64(CV)), I64, data=SP.data)
+            SF = T.decl_buffer((M, T.int64(O), T.int64(NP)), F32, data=SY.data)
+            for j in range(nv):
+                S = T.alloc_buffer((T.int64(OB), T.int64(VL)), I64, scope="global")
+                for r in T.unroll(T.int64(OB)):
+                    for l in T.vectorized(T.int64(VL)):
+                        S[r, l] = ZERO
+                for w in range(T.int64(CV)):
+                    for r in T.unroll(T.int64(OB)):
+                        for l in T.vectorized(T.int64(VL)):
+                            S[r, l] = S[r, l] + T.popcount(XK[j, centre, w, l] ^ SV[ob * OB + r, w])
+                for r in T.unroll(T.int64(OB)):
+                    for l in T.vectorized(T.int64(VL)):
+                        SF[m, ob * OB + r, px(v0 + j) + l] = aff_value(
+                            SC, SB, (tirx.const(CG, I64) - 2 * S[r, l]).astype(I32), ob * OB + r
+                        )
+
+        @T.macro
         def block(XK, CLS, PV, E, Y, M, RES, YP, m, ob, v0, nv):
             # output channels ob * OB .. ob * OB + OB - 1 of batch row m, pixel vectors v0 ..
             # v0 + nv - 1 (XK's and CLS's 0 .. nv - 1), with the block's tables E
@@ -256,6 +291,8 @@ def vpop_conv_func(
                         S[r, lanes] << T.Broadcast(T.int64(1), VL)
                     )
                 epilogue(S, Y, M, RES, YP, m, ob, v0 + j)
+            if short is not None:
+                shortcut_block(XK, M, m, ob, v0, nv)
 
         @T.macro
         def body(XP, P, Y, M, RES, YP):
@@ -307,4 +344,64 @@ def vpop_conv_func(
 
         return body
 
-    return pm1_conv_func(spec, make, packed, clip, signs)
+    if shortcut is None:
+        return pm1_conv_func(spec, make, packed, clip, signs)
+    G, KH, KW = spec.groups, spec.kernel[0], spec.kernel[1]
+
+    @T.prim_func(s_tir=True)
+    def func(
+        xp: T.handle,
+        p: T.handle,
+        ts: T.handle,
+        th: T.handle,
+        sp: T.handle,
+        sc: T.handle,
+        of: T.handle,
+        bi: T.handle,
+        y: T.handle,
+        sy: T.handle,
+    ):
+        M = T.int64()
+        XP = T.match_buffer(xp, (M, T.int64(H), T.int64(W), T.int64(G), T.int64(CWG)), I32)
+        P = T.match_buffer(p, (T.int64(1), T.int64(O), T.int64(KH), T.int64(KW), T.int64(CWG)), I32)
+        TS = T.match_buffer(ts, (T.int64(O),), I32)
+        TH = T.match_buffer(th, (T.int64(O),), I32)
+        SP = T.match_buffer(sp, (T.int64(1), T.int64(O), T.int64(1), T.int64(1), T.int64(CWG)), I32)
+        SC = T.match_buffer(sc, (T.int64(O),), F32)
+        T.match_buffer(of, (T.int64(O),), F32)  # pm1 codes carry no offset
+        SB = T.match_buffer(bi, (T.int64(O),), F32)
+        Y = T.match_buffer(y, (M, T.int64(OH), T.int64(OW), T.int64(1), T.int64(O // 32)), I32)
+        SY = T.match_buffer(sy, (M, T.int64(O), T.int64(OH), T.int64(OW)), F32)
+        make(thr_value, TS, TH, (SP, SC, SB, SY))(XP, P, Y, M, Y, Y)
+
+    return func
+
+
+def _centre_tap(spec: ConvSpec) -> int | None:
+    """The tap of ``spec``'s kernel that reads input pixel ``(oh * SH, ow * SW)`` for output pixel
+    ``(oh, ow)``: a 1x1 conv's input with the same stride and no padding, or None."""
+    (KH, KW), (PH, PW), (DH, DW) = spec.kernel, spec.padding, spec.dilation
+    if PH % DH or PW % DW or PH // DH >= KH or PW // DW >= KW:
+        return None
+    return PH // DH * KW + PW // DW
+
+
+def fuses_shortcut(spec: ConvSpec, shortcut: ConvSpec) -> bool:
+    """Whether the packed-output kernel of ``spec`` (:func:`fits`, a threshold conv: a ResNet
+    block's first conv) can also compute ``shortcut``, a 1x1 binary affine conv of the same input
+    with the same stride, no padding and the same output map and channels (the block's projection
+    shortcut): its input is ``spec``'s centre tap, already in the im2col. The shortcut's output is
+    then written by the task that computes those pixels (or channels) of ``spec``, as the block's
+    second conv reads it."""
+    same = ("in_channels", "in_h", "in_w", "stride", "out_channels", "groups", "act", "code", "bits")
+    return (
+        fits(spec)
+        and spec.threshold
+        and _centre_tap(spec) is not None
+        and all(getattr(spec, f) == getattr(shortcut, f) for f in same)
+        and shortcut.kernel == (1, 1)
+        and shortcut.padding == (0, 0)
+        and not shortcut.threshold
+        and not shortcut.has_offset
+        and (shortcut.out_h, shortcut.out_w) == (spec.out_h, spec.out_w)
+    )

@@ -19,6 +19,7 @@ from bitcompiler.backends.cpu.fusions import (
     fuse_residual_clip,
 )
 from bitcompiler.backends.relax_emit import emit_kernel
+from bitcompiler.kernels.dense_avx2 import popcnt512_target
 from tests.conftest import assert_close, randomize_bn
 
 TARGET = tvm.target.Target("llvm")
@@ -252,6 +253,50 @@ def test_clamped_stem_model_equals_the_reference_bit_for_bit(act, tmp_path, monk
     assert "_clamped" in final, "the stem's activation should be in its epilogue"
     for batch in (1, 3):
         x = torch.randn(batch, 3, 20, 20) * 2
+        assert torch.equal(cm(x), cm.reference(x))
+
+
+# --------------------------------------------------------------------------- projection shortcut
+class Downsample(nn.Module):
+    """A binary ResNet block that halves the map, with a 1x1 projection shortcut computed after its
+    convs (as the CIFAR ResNets write it) or before them (``identity = self.downsample(x)`` first,
+    as torchvision's and pytorchcv's blocks do)."""
+
+    def __init__(self, shortcut_first: bool, size: int):
+        super().__init__()
+        self.first = shortcut_first
+        self.stem = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.c1, self.b1 = nn.Conv2d(64, 128, 3, 2, 1, bias=False), nn.BatchNorm2d(128)
+        self.c2, self.b2 = nn.Conv2d(128, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128)
+        self.sc = nn.Sequential(nn.Conv2d(64, 128, 1, 2, bias=False), nn.BatchNorm2d(128))
+        self.fc = nn.Linear(128, 5)
+
+    def forward(self, x):
+        x = F.hardtanh(self.stem(x))
+        s = self.sc(x) if self.first else None
+        y = self.b2(self.c2(F.hardtanh(self.b1(self.c1(x)))))
+        y = F.hardtanh(y + (s if self.first else self.sc(x)))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("size", [32, 16], ids=["pixel-chunks", "channel-blocks"])
+@pytest.mark.parametrize("shortcut_first", [False, True], ids=["shortcut-last", "shortcut-first"])
+def test_a_projection_shortcut_is_computed_in_the_blocks_first_conv(
+    shortcut_first, size, tmp_path, monkeypatch
+):
+    """On a CPU with vector popcounts the block's first conv writes the shortcut's output too (one
+    call, two outputs), whichever of the two the model computes first; the outputs equal the
+    reference's bit for bit."""
+    monkeypatch.setenv("BITC_DUMP", str(tmp_path))
+    torch.manual_seed(2)
+    model = randomize_bn(Downsample(shortcut_first, size)).eval()
+    cm = bc.compile(model, (torch.randn(1, 3, size, size),), scheme="binary:act=binary")
+    final = max((tmp_path / "relax").iterdir()).read_text()
+    fused_here = popcnt512_target(HOST)
+    assert ("_thr_packed_shortcut" in final) == fused_here
+    assert ("_1x1" in final) != fused_here  # the shortcut's own kernel is not built where fused
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, size, size)
         assert torch.equal(cm(x), cm.reference(x))
 
 

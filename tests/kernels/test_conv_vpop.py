@@ -3,6 +3,7 @@ numerics on borders (every padding class), stride 2, dilation 2, no padding, bat
 pixel count is not a multiple of the vector, all four epilogues; shapes it does not fit fall back to
 the register-blocked kernel, and CPUs without ``avx512vpopcntdq`` never get it."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -248,3 +249,78 @@ def test_pixel_split_is_one_launch_without_barriers():
     assert (count(large, "Launch"), count(large, "Barrier")) == (1, 0)
     assert (count(small, "Launch"), count(small, "Barrier")) == (1, 2)
     assert count(shortcut, "Launch") == 0  # below PARALLEL_MIN: on the calling thread
+
+
+SHORTCUT_CASES = [
+    # c, o, h (= w), stride: the block's 3x3 conv (padding 1) and its 1x1 shortcut (padding 0)
+    (64, 128, 32, 2),  # ResNet-18's second stage: 32 pixel vectors, tasks take chunks of them
+    (128, 256, 16, 2),  # 8 vectors: tasks take channel blocks of one shared im2col
+    (64, 32, 9, 1),  # stride 1, 81 pixels: the last vector overlaps
+    (64, 32, 7, 2),  # an odd map at stride 2: 16 pixels
+]
+
+
+def _shortcut_specs(case):
+    c, o, h, s = case
+    return _spec((c, o, h, h, 3, s, 1, 1), True), _spec((c, o, h, h, 1, s, 0, 1), False)
+
+
+@needs_vpopcnt
+@pytest.mark.parametrize("split", ["pixels", "channels", "serial"])
+@pytest.mark.parametrize("case", SHORTCUT_CASES)
+def test_a_packed_conv_computes_its_shortcut_too(case, split):
+    """The block's first conv (packed output) with its 1x1 projection shortcut read from the
+    centre tap of its im2col: the packed bits equal the packed conv's alone, the shortcut's floats
+    equal the 1x1 conv's kernel alone bit for bit (and the reference within float rounding), in
+    every task split, batch 1 and 3."""
+    spec, short = _shortcut_specs(case)
+    assert conv_vpop.fuses_shortcut(spec, short)
+    o, oh, ow = spec.out_channels, spec.out_h, spec.out_w
+    g = torch.Generator().manual_seed(sum(case))
+    planes, s_planes = _planes(spec, g), _planes(short, g)
+    ts = torch.randint(-1, 2, (o,), generator=g).to(torch.int32)
+    th = torch.randint(-20, 21, (o,), generator=g).to(torch.int32)
+    ep, kw = epilogue_params(o, False, g, False, short.reduction // 4)
+    run = build(conv_vpop.vpop_conv_func(spec, packed=True, split=split, shortcut=short))
+    alone, s_alone = (
+        build(conv_vpop.vpop_conv_func(spec, packed=True)),
+        build(conv_vpop.vpop_conv_func(short)),
+    )
+    for m in (1, 3):
+        x = torch.randn(m, spec.in_channels, spec.in_h, spec.in_w, generator=g)
+        xp = act_inputs(x, "binary", 1)
+        packed_shape, float_shape = ((m, oh, ow, 1, o // 32), "int32"), ((m, o, oh, ow), "float32")
+        for _ in range(5):  # repeated calls on the pool's threads
+            y, sy = run(xp + [planes, ts, th, s_planes] + ep, [packed_shape, float_shape])
+            assert np.array_equal(y, alone(xp + [planes, ts, th], [packed_shape])[0])
+            assert np.array_equal(sy, s_alone(xp + [s_planes] + ep, [float_shape])[0])
+        assert_close(sy, _reference(short, x, s_planes, kw))
+
+
+@pytest.mark.parametrize(
+    "why",
+    [
+        "padded shortcut",
+        "other stride",
+        "3x3 shortcut",
+        "other channels",
+        "threshold shortcut",
+        "smaller map",
+    ],
+)
+def test_no_shortcut_where_it_is_not_the_centre_tap(why):
+    spec, short = _shortcut_specs((64, 128, 16, 2))
+    change = {
+        "padded shortcut": {"padding": (1, 1)},
+        "other stride": {"stride": (1, 1)},
+        "3x3 shortcut": {"kernel": (3, 3), "padding": (1, 1)},
+        "other channels": {"out_channels": 64},
+        "threshold shortcut": {"threshold": True},
+        "smaller map": {},
+    }[why]
+    if why == "smaller map":  # a 3x3 without padding: 7x7 outputs against the 1x1 conv's 8x8
+        spec = dataclasses.replace(spec, padding=(0, 0))
+    short = dataclasses.replace(short, **change)
+    assert not conv_vpop.fuses_shortcut(spec, short), why
+    with pytest.raises(ValueError, match="no shortcut"):
+        conv_vpop.vpop_conv_func(spec, packed=True, shortcut=short)

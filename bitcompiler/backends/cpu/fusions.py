@@ -8,6 +8,12 @@ same numbers as the calls they replace.
 * :func:`fuse_packed_output`: ``pack_sign_nchw(conv(args))`` of a threshold binary conv
   (:func:`~bitcompiler.kernels.conv_pm1.packs_output`), packed for a groups-1 binary layer,
   becomes ``conv_packed(args)``: the conv writes the next layer's packed input itself.
+  Where the same packed input feeds a ResNet block's 1x1 projection shortcut and that conv's
+  kernel can compute it from its im2col's centre tap
+  (:func:`~bitcompiler.kernels.conv.fuses_shortcut`), both become one call with two outputs:
+  ``p, s = conv_packed_shortcut(args, shortcut_args)``. The shortcut's output is then written by
+  the threads that write those pixels of the block (and read them in its second conv), in the
+  same parallel loop; on its own it ran on the calling thread (too little work for a launch).
 * :func:`fuse_packed_pool`: ``pack_sign_nchw(clip(max_pool2d(y)))`` (any chain of max pools and
   clips that keep the sign) becomes ``or_pool(pack_sign_nchw(y))``: the window's OR of the packed
   sign bits, the same bits; a threshold conv's ``y`` is then packed by the conv itself (next pass).
@@ -52,6 +58,9 @@ class _Scope:
         self.uses: dict[Any, int] = {}
         self.packed: dict[Any, Any] = {}  # a variable a groups-1 pack reads -> the packed type
         self.signs: dict[Any, Any] = {}  # a residual conv's output -> the (output, signs) call
+        self.func = func
+        self._shortcuts: dict[Any, tuple] | None = None
+        self.fused: dict[Any, tuple[Any, int]] = {}  # a replaced binding's var -> (call, its output)
         for block in func.body.blocks:
             if isinstance(block, relax.DataflowBlock):
                 for var, users in relax.analysis.udchain(block).items():
@@ -73,6 +82,56 @@ class _Scope:
             return None
         about = kernel_about(self.mod[call.args[0]])
         return None if about is None else (about, call)
+
+    def shortcuts(self) -> dict[Any, tuple]:
+        """``(pack, shortcut, spec, shortcut spec, fused call's arguments, its kernel's name)``
+        keyed by each of the two variables: a ResNet block's first conv's packed output and the
+        block's 1x1 projection shortcut on the same packed input (the same float map packed),
+        where one kernel can compute both (:func:`~bitcompiler.kernels.conv.fuses_shortcut`)."""
+        from tvm import relax
+
+        from bitcompiler.kernels.conv import fuses_shortcut
+
+        if self._shortcuts is not None:
+            return self._shortcuts
+
+        def source(xp: Any) -> Any:
+            # the float map a groups-1 pack made xp from (each reader has its own pack call until
+            # common subexpressions are eliminated, later), else xp
+            value = self.var2val.get(xp) if _is_var(xp) else None
+            return value.args[1].fields[0] if value is not None and _packs_groups_1(self, value) else xp
+
+        def ready(call: Any) -> bool:  # its arguments but the input are constants or parameters
+            return not any(isinstance(a, relax.DataflowVar) for a in call.args[1].fields[1:])
+
+        packs: dict[Any, tuple] = {}  # source -> (pack var, its conv call, its conv's about)
+        shorts: dict[Any, list] = {}  # source -> [(1x1 conv var, call, spec)]
+        order: dict[Any, int] = {}
+        for block in self.func.body.blocks:
+            for b in block.bindings:
+                order[b.var] = len(order)
+                conv = _packed_conv(b.value, self)
+                if conv is not None and ready(conv[1]):
+                    packs.setdefault(source(conv[1].args[1].fields[0]), (b.var, conv[1], conv[0]))
+                marked = self.marked(b.value)
+                if marked is not None and marked[0]["op"] == "bit_conv2d" and ready(marked[1]):
+                    spec = _conv_spec(marked[0])
+                    if spec.kernel == (1, 1) and not spec.threshold:
+                        shorts.setdefault(source(marked[1].args[1].fields[0]), []).append(
+                            (b.var, marked[1], spec)
+                        )
+        self._shortcuts = {}
+        for key, (pack, conv, about) in packs.items():
+            spec = _conv_spec(about)
+            for short, s_call, s_spec in shorts.get(key, []):
+                if fuses_shortcut(spec, s_spec, self.target):
+                    # the input of whichever comes first (the other's may be bound after it)
+                    xp = (conv if order[pack] < order[short] else s_call).args[1].fields[0]
+                    args = [xp, *conv.args[1].fields[1:], *s_call.args[1].fields[1:]]
+                    name = f"{about['name']}_packed_shortcut"
+                    self._shortcuts[pack] = self._shortcuts[short] = (pack, short, spec, s_spec, args, name)
+                    break
+        return self._shortcuts
 
     def producer(self, var: Any) -> tuple[dict, Any] | None:
         """:meth:`marked` of the value ``var`` is bound to."""
@@ -121,21 +180,41 @@ def _conv_spec(about: dict) -> Any:
     return ConvSpec(**fields)
 
 
-def _packed_output(value: Any, scope: _Scope) -> Any | None:
-    """``pack_sign_nchw(y)`` (groups 1) of a packable threshold conv's ``y``: that conv, packed."""
-    from bitcompiler import kernels
+def _packed_conv(value: Any, scope: _Scope) -> tuple[dict, Any] | None:
+    """``(about, conv)`` where ``value`` is ``pack_sign_nchw(y)`` (groups 1) of a packable
+    threshold conv's ``y``."""
     from bitcompiler.kernels.conv_pm1 import packs_output
 
-    pack = scope.marked(value)
-    if pack is None or pack[0] != {"op": "pack_sign_nchw", "groups": 1}:
+    if not _packs_groups_1(scope, value):
         return None
     producer = scope.producer(value.args[1].fields[0])
-    if producer is None or producer[0]["op"] != "bit_conv2d":
+    if producer is None or producer[0]["op"] != "bit_conv2d" or not packs_output(_conv_spec(producer[0])):
         return None
-    (about, conv), spec = producer, _conv_spec(producer[0])
-    if not packs_output(spec):
+    return producer
+
+
+def _packed_output(value: Any, scope: _Scope) -> Any | None:
+    """``pack_sign_nchw(y)`` (groups 1) of a packable threshold conv's ``y``: that conv, packed;
+    with the block's 1x1 shortcut where one kernel computes both (:meth:`_Scope.shortcuts`), the
+    two bindings become the two outputs of one call, placed at the first of them."""
+    from tvm import relax
+
+    from bitcompiler import kernels
+
+    if scope.var in scope.fused:  # the second binding of a pair
+        return relax.TupleGetItem(*scope.fused[scope.var])
+    pair = scope.shortcuts().get(scope.var)
+    if pair is not None:
+        pack, short, spec, s_spec, args, name = pair
+        prim = kernels.conv2d_kernel(spec, scope.target, packed_output=True, shortcut=s_spec)
+        both = scope.bind(scope.emit(prim, name, args, [pack.ty, short.ty]), "packed_shortcut")
+        scope.fused[pack], scope.fused[short] = (both, 0), (both, 1)
+        return relax.TupleGetItem(*scope.fused[scope.var])
+    producer = _packed_conv(value, scope)
+    if producer is None:
         return None
-    prim = kernels.conv2d_kernel(spec, scope.target, packed_output=True)
+    about, conv = producer
+    prim = kernels.conv2d_kernel(_conv_spec(about), scope.target, packed_output=True)
     return scope.emit(prim, f"{about['name']}_packed", list(conv.args[1].fields), value.ty)
 
 
