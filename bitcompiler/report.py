@@ -107,7 +107,11 @@ class Report:
                 "ops run in float: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.float_ops.items()))
             )
         for k, v in self.extra.items():
-            lines.append(f"{k}: {v}")
+            if isinstance(v, dict):  # e.g. "kernel tuning": a line per kernel
+                lines.append(f"{k}:")
+                lines += [f"  {name}: {value}" for name, value in v.items()]
+            else:
+                lines.append(f"{k}: {v}")
         return "\n".join(line.rstrip() for line in lines)
 
     # Cortex-M figures (None on other targets): measured under QEMU for one inference

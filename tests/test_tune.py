@@ -32,14 +32,21 @@ def test_tune_writes_a_record_that_later_compiles_apply(tmp_path: Path) -> None:
     assert cm.report().extra["tuning s"] > 0
     assert len(_records(db)) == 1  # only the winner of tuned-vs-hand is kept
     assert_close(cm(x), cm.reference(x))
+    status = cm.report().extra["kernel tuning"]  # every kernel the call runs, by name
+    tuned = [name for name, s in status.items() if s == "tuned"]
+    assert len(tuned) == 1 and "dense" in tuned[0], status
+    assert "untunable" in status.values() and set(status.values()) <= {"tuned", "no record", "untunable"}
+    assert f"  {tuned[0]}: tuned" in str(cm.report()).splitlines()
 
     again = bc.compile(model, (x,), scheme=SCHEME, db=db)  # tune=False still reads the records
     assert again.report().extra["tuned kernels"] == 1
+    assert again.report().extra["kernel tuning"] == status
     xb = torch.randn(8, 256)  # tuned at batch 1; the kernel keeps its dynamic batch
     assert_close(again(xb), again.reference(xb))
 
     untuned = bc.compile(model, (x,), scheme=SCHEME, db=tmp_path / "empty")
     assert untuned.report().extra["tuned kernels"] == 0
+    assert untuned.report().extra["kernel tuning"] == {**status, tuned[0]: "no record"}
     assert not getattr(untuned._runner, "cache_hit", False)  # the tuned build is a different cache entry
     assert_close(untuned(xb), untuned.reference(xb))
 

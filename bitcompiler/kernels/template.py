@@ -79,7 +79,21 @@ def scheduling_with(scheduler: Scheduler) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+TUNING_ATTR = "bitc.tuning"
+"""A kernel's PrimFunc attribute: ``"tuned"`` where a tuning record scheduled it, ``"no record"``
+where a template was scheduled by hand; kernels without it are not tunable."""
+
+
 def scheduled(template: Template) -> tirx.PrimFunc:
-    """``template`` scheduled by the active scheduler, or by hand when none is active."""
+    """``template`` scheduled by the active scheduler, or by hand when none is active; marked
+    (:data:`TUNING_ATTR`) ``"no record"`` unless the scheduler marked it ``"tuned"``."""
     scheduler = _ACTIVE.get()
-    return scheduler(template) if scheduler is not None else apply_hand(template)
+    func = scheduler(template) if scheduler is not None else apply_hand(template)
+    if TUNING_ATTR not in (func.attrs or {}):
+        func = func.with_attr(TUNING_ATTR, "no record")
+    return func
+
+
+def tuning_status(func: tirx.PrimFunc) -> str:
+    """``"tuned"``, ``"no record"`` or ``"untunable"`` (not a template) for a built kernel."""
+    return str((func.attrs or {}).get(TUNING_ATTR, "untunable"))

@@ -20,7 +20,7 @@ from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
 
 from bitcompiler import cache
-from bitcompiler.kernels.template import Template, apply_hand, hand, sampled, scheduling_with
+from bitcompiler.kernels.template import TUNING_ATTR, Template, apply_hand, hand, sampled, scheduling_with
 from bitcompiler.tuning import TuneOptions
 
 CHUNK = 8  # schedules drawn per MetaSchedule round; the time budget and progress bar are checked between
@@ -92,7 +92,7 @@ class Records:
         self.applied.append(
             f"{template.kind}:{statistics.fmean(float(s) for s in record.run_secs) * 1e6:.1f}us"
         )
-        return sch.mod["main"]
+        return sch.mod["main"].with_attr(TUNING_ATTR, "tuned")
 
     def fingerprint(self) -> str:
         """A digest of every record for this target: part of the compile cache key."""

@@ -77,7 +77,7 @@ def build_cached(inp: BuildInput, target: Target) -> CPURunner:
     with scheduling_with(records):
         mod = to_relax(inp.exported, target, deferred=True)  # the CPU pipeline builds the stubs
     built = compile_relax(mod, target)
-    applied = {"tuned kernels": len(records.applied)}
+    applied = {"tuned kernels": len(records.applied), "kernel tuning": built.tuning}
 
     def write(path: Path) -> None:
         write_library(built, path)

@@ -58,8 +58,15 @@ class Built:
     """A compiled Relax module: the VM executable (chunk 0's kernels built in) and the other
     chunks' LLVM modules."""
 
-    def __init__(self, executable: Any, modules: list[Any], symbols: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        executable: Any,
+        modules: list[Any],
+        symbols: list[str] | None = None,
+        tuning: dict | None = None,
+    ) -> None:
         self._executable = executable
+        self.tuning = tuning or {}  # each kernel's name -> "tuned", "no record" or "untunable"
         self.modules = modules  # the other chunks, each an LLVM runtime module
         self._symbols = symbols or []  # a kernel of each chunk, chunk 0's first
         self._imported = not modules
@@ -109,12 +116,15 @@ def compile_relax(mod: Any, target: Any, pipeline: Any) -> Built:
     import tvm
     from tvm import relax
 
+    from bitcompiler.kernels.template import tuning_status
+
     with target:
         mod = pipeline(mod)
     kernels = [(gv, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    tuning = {gv.name_hint: tuning_status(f) for gv, f in sorted(kernels, key=lambda k: k[0].name_hint)}
     parts = chunks(kernels, workers())
     if len(parts) < 2:
-        return Built(tvm.compile(mod, target=target, relax_pipeline=None), [])
+        return Built(tvm.compile(mod, target=target, relax_pipeline=None), [], tuning=tuning)
     moved = {gv for part in parts[1:] for gv, _ in part}
     symbols = {gv: str((f.attrs or {}).get("global_symbol", gv.name_hint)) for gv, f in kernels}
 
@@ -140,4 +150,4 @@ def compile_relax(mod: Any, target: Any, pipeline: Any) -> Built:
         futures: list[Future] = [pool.submit(build, part) for part in parts[1:]]
         executable = tvm.compile(rest, target=target, relax_pipeline=None)
         modules = [f.result() for f in futures]
-    return Built(executable, modules, [symbols[part[0][0]] for part in parts])
+    return Built(executable, modules, [symbols[part[0][0]] for part in parts], tuning)
