@@ -129,3 +129,96 @@ def test_sampled_template_replays_on_the_dynamic_kernel() -> None:
         lib(*args)
         outs.append(args[-1].numpy())
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def _cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    convs = [
+        m
+        for _ in range(2)
+        for m in (torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.Hardtanh())
+    ]
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 64, 3, padding=1),
+        torch.nn.BatchNorm2d(64),
+        torch.nn.Hardtanh(),
+        *convs,
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * 16 * 16, 10),
+    ).eval()
+
+
+def test_conv_templates_are_tuned_and_replayed(tmp_path: Path) -> None:
+    """A binary CNN's convs (the int8 stem and the W1A1 convs, fused packed output included) are
+    templates: tuned, applied by a later compile (in this process and in a fresh one, which has
+    not registered the int8 dot products the stem's trace names), bit-exact at another batch."""
+    import subprocess
+    import sys
+
+    model, x = _cnn(), torch.randn(1, 3, 16, 16)
+    db = tmp_path / "db"
+    untuned = bc.compile(model, (x,), scheme="binary:act=binary", db=tmp_path / "empty")
+    status = untuned.report().extra["kernel tuning"]
+    convs = sorted(name for name in status if "conv2d" in name)
+    assert any("packed" in c for c in convs) and any("int8" in c for c in convs), convs
+    if not all(status[c] == "no record" for c in convs):  # (the W1A1 templates need vpopcntq)
+        pytest.skip(f"this CPU's conv kernels are not all templates: {status}")
+    cm = bc.tune(model, (x,), scheme="binary:act=binary", trials=2, db=db)
+    assert {c: cm.report().extra["kernel tuning"][c] for c in convs} == dict.fromkeys(convs, "tuned")
+    assert cm.report().extra["tuned kernels"] == len(convs)
+    again = bc.compile(model, (x,), scheme="binary:act=binary", db=db)
+    assert again.report().extra["kernel tuning"] == cm.report().extra["kernel tuning"]
+    xb = torch.randn(3, 3, 16, 16)
+    assert torch.equal(again(xb), again.reference(xb))
+    fresh = (
+        "import torch, bitcompiler as bc; from tests.test_tune import _cnn\n"
+        f"cm = bc.compile(_cnn(), (torch.randn(1, 3, 16, 16),), scheme='binary:act=binary', db={str(db)!r})\n"
+        "print(cm.report().extra['tuned kernels'])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", fresh],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(len(convs))
+
+
+def test_generated_template_stands_in_for_its_kernels() -> None:
+    """kernels.template.generated: the workload is a stand-in naming the hand kernel (a changed
+    generator is a new workload); a schedule's annotations pick the kernel ``finish`` builds,
+    each distinct one built once; a default outside its candidates is refused."""
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    from bitcompiler.kernels.template import KERNEL_ATTR, Knob, generated
+
+    calls = []
+
+    def build(scale: int, offset: int = 0):
+        calls.append((scale, offset))
+
+        @T.prim_func(s_tir=True)
+        def func(a: T.Buffer((8,), "int32"), b: T.Buffer((8,), "int32")):
+            for i in range(8):
+                b[i] = a[i] * scale + offset
+
+        return func
+
+    knobs = [Knob("scale", (2, 3, 5), 3)]
+    template = generated("toy", knobs, build)
+    other = generated("toy", knobs, lambda scale: build(scale, offset=1))
+    name = str(template.func.body.block.annotations[KERNEL_ATTR])
+    assert name.startswith("toy:") and name != str(other.func.body.block.annotations[KERNEL_ATTR])
+    assert len(template.func.params) == 2 and "b[i]" not in template.func.script()
+    calls.clear()
+    for value in (5, 5, 2, 3):
+        sch = s_tir.Schedule(template.func)
+        template.apply(sch, lambda _n, _c, _d, v=value: v)
+        assert f"a[i] * {value}" in template.finish(sch.mod["main"]).script()
+    assert calls == [(5, 0), (2, 0)]  # 5 once; the default was built with the template
+    with pytest.raises(ValueError, match="default 4 is not among the candidates"):
+        generated("toy", [Knob("scale", (1, 2), 4)], build)

@@ -48,6 +48,7 @@ from bitcompiler.kernels.conv_binary import binary_pm1_func
 from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
 from bitcompiler.kernels.spec import ConvSpec, centered_offset_expr
+from bitcompiler.kernels.template import Template, scheduled
 
 F32 = "float32"
 
@@ -269,7 +270,6 @@ def _schedule(func: tirx.PrimFunc, spec: ConvSpec) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-@built_once
 def conv2d_kernel(
     spec: ConvSpec,
     target: str | dict | Any = "llvm",
@@ -297,7 +297,26 @@ def conv2d_kernel(
     ``shortcut`` (with ``packed_output``, :func:`fuses_shortcut` specs) also computes a ResNet
     block's 1x1 projection shortcut of the same input: its ``P, SC, OF, BI`` follow ``TS, TH``,
     and its ``Y f32 (M,O,OH,OW)`` follows the packed output.
+
+    The vector-popcount W1A1 kernels and the int8-activation integer kernels are tuning templates
+    (:func:`bitcompiler.kernels.conv_vpop.vpop_template`,
+    :func:`bitcompiler.kernels.conv_int8.int8_conv_template`): scheduled by the active scheduler
+    (:func:`bitcompiler.kernels.template.scheduled`: a tuning record, else by hand).
     """
+    made = _conv_kernel(spec, target, packed_output, residual_clip, clip, shortcut)
+    return (scheduled(made) if isinstance(made, Template) else made).with_attr("global_symbol", "main")
+
+
+@built_once
+def _conv_kernel(
+    spec: ConvSpec,
+    target: str | dict | Any,
+    packed_output: bool,
+    residual_clip: tuple[float, float] | None,
+    clip: tuple[float, float | None] | None,
+    shortcut: ConvSpec | None,
+) -> tirx.PrimFunc | Template:
+    """:func:`conv2d_kernel`'s kernel, or its template (built once: scheduled at each call)."""
     if not isinstance(spec, ConvSpec):
         raise ValueError(f"conv2d_kernel needs a ConvSpec, got {type(spec).__name__}")  # noqa: TRY004
     cpu = target_kind(target) == "llvm"
@@ -305,7 +324,7 @@ def conv2d_kernel(
         if not (cpu and clamps_output(spec, target)) or residual_clip is not None or packed_output:
             raise ValueError(f"no clamped-output conv kernel for {spec} on {target!r}")
         out = functools.partial(_output, clip=clip)
-        return conv_int8.int8_conv_func(spec, out, target).with_attr("global_symbol", "main")
+        return conv_int8.int8_conv_template(spec, out, target)
     if residual_clip is not None and not (cpu and fuses_residual(spec)):
         raise ValueError(f"no residual-epilogue conv kernel for {spec} on {target!r}")
     packs = packs_residual(spec) if residual_clip is not None else packs_output(spec)
@@ -314,12 +333,12 @@ def conv2d_kernel(
     if shortcut is not None:
         if not (packed_output and fuses_shortcut(spec, shortcut, target)):
             raise ValueError(f"no conv kernel for {spec} that computes the shortcut {shortcut} on {target!r}")
-        func = conv_vpop.vpop_conv_func(spec, packed=True, shortcut=shortcut)
-    elif cpu and conv_amx.fits(spec) and (cores := amx_tiles.amx_cores(target)):
-        func = conv_amx.amx_conv_func(spec, packed=packed_output, clip=residual_clip, cores=cores)
-    elif cpu and popcnt512_target(target) and conv_vpop.fits(spec):
-        func = conv_vpop.vpop_conv_func(spec, packed=packed_output, clip=residual_clip)
-    elif cpu and spec.act == "binary" and spec.code == "pm1":
+        return conv_vpop.vpop_template(spec, packed=True, shortcut=shortcut)
+    if cpu and conv_amx.fits(spec) and (cores := amx_tiles.amx_cores(target)):
+        return conv_amx.amx_conv_func(spec, packed=packed_output, clip=residual_clip, cores=cores)
+    if cpu and popcnt512_target(target) and conv_vpop.fits(spec):
+        return conv_vpop.vpop_template(spec, packed=packed_output, clip=residual_clip)
+    if cpu and spec.act == "binary" and spec.code == "pm1":
         func = binary_pm1_func(
             spec,
             byte_lanes=avx2_target(target),
@@ -328,14 +347,14 @@ def conv2d_kernel(
             popcnt512=popcnt512_target(target),
         )
     elif cpu and conv_int8.fits(spec, target):
-        func = conv_int8.int8_conv_func(spec, _output, target)
+        return conv_int8.int8_conv_template(spec, _output, target)
     elif cpu and spec.act != "binary":
         func = _decoded_direct(spec)
     else:
         func = _conv_func(spec)
         if cpu:
             func = _schedule(func, spec)
-    return func.with_attr("global_symbol", "main")
+    return func
 
 
 def fuses_shortcut(spec: ConvSpec, shortcut: ConvSpec, target: Any = "llvm") -> bool:
@@ -390,17 +409,22 @@ def codes_from_planes(planes: Any, cg: int) -> Any:
     return q.numpy().astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=256)
 def stored_codes_conv_kernel(spec: ConvSpec, target: str = "llvm") -> tirx.PrimFunc:
     """The conv reading its weights as :func:`stored_weights` stores them (the integer conv's
     codes, or the float core's sign bytes); buffers as :func:`conv2d_kernel`'s with ``P``
-    replaced by those bytes."""
+    replaced by those bytes. The integer conv is a tuning template, as in :func:`conv2d_kernel`."""
+    made = _stored_codes_conv(spec, target)
+    return (scheduled(made) if isinstance(made, Template) else made).with_attr("global_symbol", "main")
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_codes_conv(spec: ConvSpec, target: str) -> tirx.PrimFunc | Template:
     from bitcompiler.kernels.conv_float import stores_signs
 
     if conv_int8.stores_codes(spec, target):
-        return conv_int8.int8_conv_func(spec, _output, target, stored=True).with_attr("global_symbol", "main")
+        return conv_int8.int8_conv_template(spec, _output, target, stored=True)
     if stores_signs(spec) and target_kind(target) == "llvm":
-        return _decoded_direct(spec, stored=True).with_attr("global_symbol", "main")
+        return _decoded_direct(spec, stored=True)
     raise ValueError(f"no stored-codes conv kernel for {spec} on {target!r}")
 
 

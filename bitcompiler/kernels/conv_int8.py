@@ -48,6 +48,7 @@ from bitcompiler.kernels._common import as_i32, batch_var, i64, largest_divisor,
 from bitcompiler.kernels.dense_avx2 import x86_features
 from bitcompiler.kernels.dot_int8 import DOT_AVX2, DOT_PIXELS, DOT_VNNI, DOT_VNNI512, LANES, PIXELS, register
 from bitcompiler.kernels.spec import ConvSpec
+from bitcompiler.kernels.template import Choose, Template, hand, scheduled
 
 F32 = "float32"
 MAX_BITS = 7  # u8 codes up to 127: a vpmaddubsw pair sum (2 * 128 * 127) stays below 2^15
@@ -108,7 +109,36 @@ def int8_conv_func(
     """The kernel for ``spec`` (:func:`fits`); arguments as :func:`bitcompiler.kernels.conv2d_kernel`
     documents for int8 activations: ``XQ, XS, P``, the epilogue buffers, ``Y``. ``output`` builds
     the epilogue (the bit conv's). ``stored=True`` (:func:`stores_codes` specs) takes the codes in
-    :func:`relayout_codes`' order instead of ``P``."""
+    :func:`relayout_codes`' order instead of ``P``. Scheduled by the active scheduler
+    (:func:`bitcompiler.kernels.template.scheduled`) from :func:`int8_conv_template`."""
+    return scheduled(int8_conv_template(spec, output, target, stored))
+
+
+def int8_conv_template(
+    spec: ConvSpec, output: Callable, target: Any = "llvm", stored: bool = False
+) -> Template:
+    """:func:`int8_conv_func` as a tuning template: the unscheduled function and its schedule,
+    whose choices are the register block's pixels (channel lanes, ``rw``) or its output
+    channels and vectors of pixels (pixel lanes, ``block`` and ``vectors``)."""
+    func = unscheduled_func(spec, output, target, stored)
+    vb = _vb(spec)
+    intrin = (DOT_VNNI512 if vb == 16 else DOT_VNNI) if uses_vnni(target) else DOT_AVX2
+
+    def apply(sch: s_tir.Schedule, choose: Choose) -> None:
+        _schedule_inputs(sch, spec, stored)
+        if pixel_lanes(spec, target):
+            _schedule_pixels(sch, spec, choose)
+        else:
+            _schedule(sch, spec, vb, intrin, choose)
+
+    return Template("conv-int8", func, apply)
+
+
+def unscheduled_func(
+    spec: ConvSpec, output: Callable, target: Any = "llvm", stored: bool = False
+) -> tirx.PrimFunc:
+    """:func:`int8_conv_template`'s function: the padded input, the decoded codes, the sums (and
+    window sums) and ``output``'s epilogue as TE stages, not scheduled."""
     register()
     C, O, H, W = spec.in_channels, spec.out_channels, spec.in_h, spec.in_w
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
@@ -212,15 +242,7 @@ def int8_conv_func(
     else:
         acc_value = lambda m, o, oh, ow: acc[m, o // vb, oh, ow, o % vb]
     epi, Y = output(spec, M, acc_value, sumx_value, XS)
-    func = te.create_prim_func([XQ, XS, P, *epi, Y])
-    sch = s_tir.Schedule(func)
-    _schedule_inputs(sch, spec, stored)
-    if pixels:
-        _schedule_pixels(sch, spec)
-    else:
-        intrin = (DOT_VNNI512 if vb == 16 else DOT_VNNI) if uses_vnni(target) else DOT_AVX2
-        _schedule(sch, spec, vb, intrin)
-    return sch.mod["main"]
+    return te.create_prim_func([XQ, XS, P, *epi, Y])
 
 
 def codes_shape(spec: ConvSpec) -> tuple[int, int, int, int]:
@@ -297,7 +319,7 @@ def _schedule_inputs(sch: Any, spec: ConvSpec, stored: bool) -> None:
         sch.decompose_reduction(b, red[0])
 
 
-def _schedule_pixels(sch: Any, spec: ConvSpec) -> None:
+def _schedule_pixels(sch: Any, spec: ConvSpec, choose: Choose = hand) -> None:
     """The pixel-lanes schedule (:func:`pixel_lanes`): a register block of ``PIXEL_BLOCK`` output
     channels x ``PIXELS`` (or twice as many) pixels of one row, a ``vpdpbusd`` per channel, tap and
     vector of pixels with the channel's four codes broadcast; the epilogue reads and writes whole
@@ -307,9 +329,11 @@ def _schedule_pixels(sch: Any, spec: ConvSpec) -> None:
     one thread, the kernel alone: 18.3 us; 2 x 32 19.5, 4 x 16 20.2, 8 x 16 32, channel lanes
     36.3); 8 x 32 is 1 KiB, which TVM allocates on the heap instead of the stack."""
     acc, y = sch.get_sblock("acc"), sch.get_sblock("Y")
-    nv = 2 if spec.out_w % (2 * PIXELS) == 0 else 1
+    wide = spec.out_w % (2 * PIXELS) == 0
+    nv = choose("vectors", (1, 2) if wide else (1,), 2 if wide else 1)
+    block = choose("block", tuple(b for b in (2, 4, 8) if spec.out_channels % b == 0), PIXEL_BLOCK)
     m, o, oh, ow = sch.get_loops(y)
-    ob, oi = sch.split(o, [None, PIXEL_BLOCK])
+    ob, oi = sch.split(o, [None, block])
     owo, owi = sch.split(ow, [None, nv * PIXELS])
     sch.reorder(m, oh, ob, owo, oi, owi)  # tasks take rows, as in _schedule
     sch.parallel(sch.fuse(m, oh, ob))
@@ -327,13 +351,16 @@ def _schedule_pixels(sch: Any, spec: ConvSpec) -> None:
     sch.tensorize(a_owl, DOT_PIXELS)
 
 
-def _schedule(sch: Any, spec: ConvSpec, vb: int, intrin: str) -> None:
+def _schedule(sch: Any, spec: ConvSpec, vb: int, intrin: str, choose: Choose = hand) -> None:
     """The channel-lanes schedule: a register block of ``vb`` output channels in vector lanes."""
     # the register block (acc, vb x rw int32 sums, at most 384 bytes) stays in the global scope:
     # inside the parallel loop a small global buffer is a stack array LLVM promotes to registers,
     # where a "local" one becomes a heap workspace and every dot product stores its sums
     acc, y = sch.get_sblock("acc"), sch.get_sblock("Y")
     rw = _register_width(spec, vb, intrin == DOT_VNNI512)
+    # (tuning: any width dividing the row whose sums stay within 384 bytes, or the hand width)
+    widths = (1, 2, 3, 4, 5, 6, 7, 8, 12)
+    rw = choose("rw", tuple(w for w in widths if spec.out_w % w == 0 and w <= max(rw, 96 // vb)), rw)
     if spec.out_channels % vb == 0:
         m, o, _oh, ow = sch.get_loops(y)
         ob, oi = sch.split(o, [None, vb])

@@ -63,6 +63,7 @@ from tvm.script import tirx as T
 from bitcompiler.kernels._common import PARALLEL_MIN
 from bitcompiler.kernels.conv_pm1 import aff_value, bits_byte, clipped, pm1_conv_func, thr_hit, thr_value
 from bitcompiler.kernels.spec import ConvSpec
+from bitcompiler.kernels.template import Knob, Template, generated
 
 F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
 VL = 8  # pixels per vector: int64 lanes of a 512-bit vector
@@ -115,13 +116,14 @@ def vpop_conv_func(
     clip: tuple[float, float] | None = None,
     split: str | None = None,
     shortcut: ConvSpec | None = None,
+    chunks: int = CHUNKS,
 ) -> tirx.PrimFunc:
     """The kernel for ``spec`` (:func:`fits`); arguments as
     :func:`bitcompiler.kernels.conv_binary.binary_pm1_func` (``packed``: the next layer's packed
     input; ``clip``: the residual epilogue; both: the residual output and its signs packed).
     ``split`` = ``"pixels"``, ``"channels"`` or ``"serial"`` overrides how the tasks divide the
-    work (default: serial below ``PARALLEL_MIN`` word popcounts a sample, else pixels on maps of at
-    least ``PIXEL_SPLIT_MIN`` pixel vectors, else channels). ``shortcut`` (with ``packed``, a
+    work (default: :func:`default_split`); with ``"pixels"`` a batch row is cut into about
+    ``chunks`` chunks of pixel vectors. ``shortcut`` (with ``packed``, a
     :func:`fuses_shortcut` spec) also computes that 1x1 conv's affine output from this kernel's
     centre tap; its arguments follow ``TS, TH``: ``SP int32 (1,O,1,1,CWg), SC, OF, BI f32 (O,)``,
     then ``Y`` and the shortcut's ``SY f32 (M,O,OH,OW)``."""
@@ -141,11 +143,10 @@ def vpop_conv_func(
     # channel blocks, so that no task reads what another wrote (see the module docstring)
     if split not in (None, "pixels", "channels", "serial"):
         raise ValueError(f"split must be 'pixels', 'channels' or 'serial', got {split!r}")
-    if split is None:  # the work of one sample in 64-bit word popcounts
-        split = (
-            "serial" if O * NP * NT * CV < PARALLEL_MIN else "pixels" if NV >= PIXEL_SPLIT_MIN else "channels"
-        )
-    CHV = -(-NV // CHUNKS)
+    split = split or default_split(spec)
+    if chunks < 1:
+        raise ValueError(f"chunks must be at least 1, got {chunks}")
+    CHV = -(-NV // chunks)  # (more chunks than vectors: a vector each)
     NCH = -(-NV // CHV)
     ZERO = tirx.const(0, I64)
     valid, rows, cols, ncols = _classes(spec)
@@ -375,6 +376,55 @@ def vpop_conv_func(
         make(thr_value, TS, TH, (SP, SC, SB, SY))(XP, P, Y, M, Y, Y)
 
     return func
+
+
+SPLITS = ("serial", "channels", "pixels")  # the template's ``split`` knob: an index into these
+CHUNK_CHOICES = (4, 8, 16, 32, 64)  # its ``chunks`` knob (pixel split only)
+
+
+def default_split(spec: ConvSpec) -> str:
+    """The hand schedule's split: serial below ``PARALLEL_MIN`` 64-bit word popcounts a sample,
+    else pixels on maps of at least ``PIXEL_SPLIT_MIN`` pixel vectors, else channels."""
+    NV = -(-spec.out_h * spec.out_w // VL)
+    work = (
+        spec.out_channels
+        * spec.out_h
+        * spec.out_w
+        * spec.kernel[0]
+        * spec.kernel[1]
+        * spec.words_per_group
+        // 2
+    )
+    return "serial" if work < PARALLEL_MIN else "pixels" if NV >= PIXEL_SPLIT_MIN else "channels"
+
+
+def vpop_template(
+    spec: ConvSpec,
+    packed: bool = False,
+    clip: tuple[float, float] | None = None,
+    shortcut: ConvSpec | None = None,
+) -> Template:
+    """:func:`vpop_conv_func` as a tuning template (:func:`bitcompiler.kernels.template.generated`):
+    its choices are how the tasks divide the work (``split``: serial, output-channel blocks or
+    chunks of pixel vectors) and, for chunks of pixels, about how many chunks a batch row is cut
+    into (``chunks``). The hand schedule is :func:`default_split` with ``CHUNKS``. A knob that
+    does not apply (chunks of a channel split) is normalized away, so each kernel is built once."""
+    nv = -(-spec.out_h * spec.out_w // VL)
+    knobs = [
+        Knob("split", tuple(range(len(SPLITS))), SPLITS.index(default_split(spec))),
+        Knob("chunks", CHUNK_CHOICES, CHUNKS),
+    ]
+    made: dict[tuple, tirx.PrimFunc] = {}
+
+    def build(split: int, chunks: int) -> tirx.PrimFunc:
+        # the kernel depends on chunks only through the vectors a chunk takes, and only when the
+        # tasks split the pixels
+        key = (split, -(-nv // chunks) if SPLITS[split] == "pixels" else 0)
+        if key not in made:
+            made[key] = vpop_conv_func(spec, packed, clip, SPLITS[split], shortcut, chunks)
+        return made[key]
+
+    return generated("conv-vpop", knobs, build)
 
 
 def _centre_tap(spec: ConvSpec) -> int | None:

@@ -12,6 +12,12 @@ choice it makes (rows per register block, vector width, unroll) goes through
 Which of the two (or a tuning record) schedules a kernel is decided by whoever built it:
 :func:`scheduling_with` installs a scheduler for the kernels built inside the ``with``.
 
+A kernel written whole in TVMScript (the conv kernels: loops, vectors and parallel regions by
+hand) has no schedule to vary; its choices are its generator's arguments. :func:`generated` makes
+such a template: the schedule only records each choice as an annotation of the function's root
+block (``bitc.knob.<name>``), and :meth:`Template.finish` generates the kernel those annotations
+name. MetaSchedule samples, stores and replays the choices as for any other template.
+
 >>> from bitcompiler.kernels import DenseSpec, dense_kernel
 >>> with scheduling_with(lambda t: apply_hand(t)):
 ...     f = dense_kernel(DenseSpec(64, 8, 1, "pm1", "binary", False, False))
@@ -22,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tvm import s_tir, tirx
 
@@ -37,6 +43,12 @@ class Template:
     kind: str  # which kernel builder made it, for messages ("dense")
     func: tirx.PrimFunc
     apply: Callable[[s_tir.Schedule, Choose], None]
+    # the kernel a schedule of ``func`` stands for (generated templates); None: the schedule itself
+    realize: Callable[[tirx.PrimFunc], tirx.PrimFunc] | None = field(default=None, compare=False)
+
+    def finish(self, scheduled: tirx.PrimFunc) -> tirx.PrimFunc:
+        """The kernel to build for ``scheduled`` (``func`` after ``apply``)."""
+        return scheduled if self.realize is None else self.realize(scheduled)
 
 
 def hand(_name: str, candidates: Sequence[int], default: int) -> int:
@@ -62,7 +74,58 @@ def apply_hand(template: Template) -> tirx.PrimFunc:
     """``template.func`` with the hand schedule."""
     sch = s_tir.Schedule(template.func)
     template.apply(sch, hand)
-    return sch.mod["main"]
+    return template.finish(sch.mod["main"])
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One choice of a :func:`generated` template: a generator argument and its candidate values."""
+
+    name: str
+    candidates: tuple[int, ...]
+    default: int
+
+
+KNOB_PREFIX = "bitc.knob."
+KERNEL_ATTR = "bitc.kernel"  # a generated template's stand-in: which kernel it stands for
+
+
+def generated(kind: str, knobs: Sequence[Knob], build: Callable[..., tirx.PrimFunc]) -> Template:
+    """A template whose choices are ``build``'s keyword arguments (one per knob, int values).
+
+    ``func`` stands for the kernel: ``build``'s parameters with the defaults, and for a body a
+    root block naming the hand kernel (``kind`` and the structural hash of ``build`` with the
+    defaults: a changed generator is a new workload, so its old records no longer apply). The
+    tuning database keys records by it, and MetaSchedule's task analysis (which cannot read the
+    explicit vector code) sees an empty body. A schedule annotates the root block with the chosen
+    values; :meth:`Template.finish` returns ``build(**values)``, each distinct kernel made once.
+    """
+    import tvm_ffi
+
+    for k in knobs:
+        hand(k.name, k.candidates, k.default)  # the default is a candidate
+    defaults = {k.name: k.default for k in knobs}
+    made = {tuple(defaults.values()): build(**defaults)}
+    base = made[tuple(defaults.values())]
+    name = f"{kind}:{tvm_ffi.structural_hash(base) & (2**64 - 1):016x}"
+    root = s_tir.SBlock([], [], [], "root", tirx.Evaluate(0), annotations={KERNEL_ATTR: name})
+    func = base.with_body(s_tir.SBlockRealize([], True, root))
+
+    def apply(sch: s_tir.Schedule, choose: Choose) -> None:
+        root = sch.get_sblock("root")
+        for k in knobs:
+            sch.annotate(root, KNOB_PREFIX + k.name, choose(k.name, k.candidates, k.default))
+
+    def realize(scheduled: tirx.PrimFunc) -> tirx.PrimFunc:
+        marks = scheduled.body.block.annotations
+        values = tuple(int(marks[KNOB_PREFIX + k.name]) for k in knobs)
+        if values not in made:
+            made[values] = build(**dict(zip(defaults, values)))
+        out = made[values]
+        symbol = (scheduled.attrs or {}).get("global_symbol")
+        return out if symbol is None else out.with_attr("global_symbol", symbol)
+
+    return Template(kind, func, apply, realize)
 
 
 Scheduler = Callable[[Template], tirx.PrimFunc]

@@ -7,6 +7,7 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
 
 from bitcompiler import cache
+from bitcompiler.kernels import dot_int8
 from bitcompiler.kernels.template import TUNING_ATTR, Template, apply_hand, hand, sampled, scheduling_with
 from bitcompiler.tuning import TuneOptions
 
@@ -43,6 +45,9 @@ def open_database(db: str | os.PathLike | ms.Database | None, create: bool) -> t
     files = [path / "database_workload.json", path / "database_tuning_record.json"]
     if not create and not all(f.exists() for f in files):
         return None, str(path)
+    # a record's trace names the tensor intrinsics its schedule used (the int8 dot products):
+    # loading it needs them registered, in a process that has not built such a kernel yet too
+    dot_int8.register()
     try:
         path.mkdir(parents=True, exist_ok=True)
         return ms.database.JSONDatabase(work_dir=str(path)), str(path)
@@ -89,10 +94,11 @@ class Records:
             return apply_hand(template)
         sch = s_tir.Schedule(template.func)
         record.trace.apply_to_schedule(sch, remove_postproc=False)
+        func = template.finish(sch.mod["main"])
         self.applied.append(
             f"{template.kind}:{statistics.fmean(float(s) for s in record.run_secs) * 1e6:.1f}us"
         )
-        return sch.mod["main"].with_attr(TUNING_ATTR, "tuned")
+        return func.with_attr(TUNING_ATTR, "tuned")
 
     def fingerprint(self) -> str:
         """A digest of every record for this target: part of the compile cache key."""
@@ -151,7 +157,11 @@ def _tune_one(
 ) -> None:
     start = time.perf_counter()
     mod = workload(template.func, records.batch)
-    measure = _Measure(mod, records.target) if runner is None else _RemoteMeasure(mod, records.target, runner)
+    measure = (
+        _Measure(mod, records.target, template.finish)
+        if runner is None
+        else _RemoteMeasure(mod, records.target, runner, template.finish)
+    )
     scratch = ms.database.MemoryDatabase()
     space = ms.space_generator.ScheduleFn(
         lambda sch: template.apply(sch, sampled(sch)), sch_rules=[], postprocs=[], mutator_probs={}
@@ -205,9 +215,10 @@ def _task(mod: tvm.IRModule, target: Any, space: Any, name: str, rand_state: int
 class _Measure:
     """In-process MetaSchedule builder and runner for one workload (random inputs at its batch)."""
 
-    def __init__(self, mod: tvm.IRModule, target: Any) -> None:
+    def __init__(self, mod: tvm.IRModule, target: Any, finish: Callable[[Any], Any] = lambda f: f) -> None:
         self.mod = mod
         self.target = target
+        self.finish = finish  # a scheduled workload -> the kernel to build (Template.finish)
         self.args = _random_args(mod["main"])
         self.built: dict[str, Any] = {}  # artifact key -> module, or a cached RunnerResult
         self.seen: dict[int, str] = {}  # structural hash of a scheduled module -> artifact key
@@ -215,7 +226,12 @@ class _Measure:
         self.builder = _InProcessBuilder(self)
         self.runner = _InProcessRunner(self)
 
+    def kernel(self, mod: tvm.IRModule) -> tvm.IRModule:
+        """The module to build for the scheduled workload ``mod``."""
+        return tvm.IRModule({"main": self.finish(mod["main"])})
+
     def build(self, mod: tvm.IRModule, target: Any) -> BuilderResult:
+        mod = self.kernel(mod)  # (generated templates: schedules naming one kernel are built once)
         h = tvm_ffi.structural_hash(mod)
         if h in self.seen:
             return BuilderResult(self.seen[h], None)
@@ -245,7 +261,7 @@ class _Measure:
         for trace in traces:
             sch = s_tir.Schedule(self.mod)
             trace.apply_to_schedule(sch, remove_postproc=False)
-            libs.append(tvm.compile(sch.mod, target=self.target))
+            libs.append(tvm.compile(self.kernel(sch.mod), target=self.target))
         times: list[list[float]] = [[] for _ in libs]
         for _ in range(rounds):
             for lib, t in zip(libs, times):
@@ -304,12 +320,12 @@ class _RemoteMeasure(_Measure):
     """Candidates exported to files and measured on a server of a TVM RPC tracker: MetaSchedule's
     ``RPCRunner`` for the search, one RPC session for the finalists (:mod:`bitcompiler.rpc`)."""
 
-    def __init__(self, mod: tvm.IRModule, target: Any, address: str) -> None:
+    def __init__(self, mod: tvm.IRModule, target: Any, address: str, finish: Callable[[Any], Any]) -> None:
         import tempfile
 
         from bitcompiler import rpc
 
-        super().__init__(mod, target)
+        super().__init__(mod, target, finish)
         self.address = rpc.parse(address)
         self.dir = tempfile.TemporaryDirectory(prefix="bitc-tune-rpc-")
         evaluator = ms.runner.EvaluatorConfig(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+import tvm_ffi
 
 from bitcompiler.kernels import ConvSpec, conv2d_kernel, conv_vpop
 from bitcompiler.kernels.dense_avx2 import popcnt512_target
@@ -324,3 +325,56 @@ def test_no_shortcut_where_it_is_not_the_centre_tap(why):
     assert not conv_vpop.fuses_shortcut(spec, short), why
     with pytest.raises(ValueError, match="no shortcut"):
         conv_vpop.vpop_conv_func(spec, packed=True, shortcut=short)
+
+
+def _choices(template, values=None):
+    """``template`` scheduled with the given choices (name -> value; others by hand), as a record
+    would schedule it, and the names of its choices."""
+    from tvm import s_tir
+
+    names = []
+
+    def choose(name, candidates, default):
+        names.append(name)
+        value = (values or {}).get(name, default)
+        assert value in candidates
+        return value
+
+    sch = s_tir.Schedule(template.func)
+    template.apply(sch, choose)
+    return template.finish(sch.mod["main"]), names
+
+
+@needs_vpopcnt
+@pytest.mark.parametrize("kind", ["threshold", "packed"])
+def test_every_template_choice_is_exact(kind):
+    """The tuning template's choices (how the tasks split the work, how many chunks of pixels)
+    each give the reference's bits, batch 3: 14x14 is 25 pixel vectors, in chunks of 7, 4, 2 and 1."""
+    spec = _spec((64, 32, 14, 14, 3, 1, 1, 1), True)
+    template = conv_vpop.vpop_template(spec, packed=kind == "packed")
+    hand, names = _choices(template)
+    assert names == ["split", "chunks"]
+    assert tvm_ffi.structural_equal(hand, conv_vpop.vpop_conv_func(spec, packed=kind == "packed"))
+    g = torch.Generator().manual_seed(7)
+    planes = _planes(spec, g)
+    o = spec.out_channels
+    ep, kw = epilogue_params(o, True, g, False, spec.reduction // 4)
+    x = torch.randn(3, spec.in_channels, spec.in_h, spec.in_w, generator=g)
+    ref = _reference(
+        spec, x, planes, {**kw, "scale": torch.ones(o), "offset": torch.zeros(o), "bias": torch.zeros(o)}
+    )
+    if kind == "packed":
+        want, shape = (
+            act_inputs(ref, "binary", 1)[0].numpy(),
+            ((3, spec.out_h, spec.out_w, 1, o // 32), "int32"),
+        )
+    else:
+        want, shape = ref.numpy(), (tuple(ref.shape), "float32")
+    kernels = set()
+    for split in range(len(conv_vpop.SPLITS)):
+        for chunks in conv_vpop.CHUNK_CHOICES:
+            func, _ = _choices(template, {"split": split, "chunks": chunks})
+            kernels.add(tvm_ffi.structural_hash(func))
+            (y,) = build(func)(act_inputs(x, "binary", 1) + [planes] + ep, [shape])
+            assert np.array_equal(y, want), (conv_vpop.SPLITS[split], chunks)
+    assert len(kernels) == 2 + 4  # serial, channels, and pixels in chunks of 7, 4, 2 and 1 vectors

@@ -14,7 +14,7 @@ from typing import Any
 from bitcompiler import cache
 from bitcompiler.backends.base import BuildInput, Target
 from bitcompiler.backends.cpu import parallel_build
-from bitcompiler.backends.cpu.pipeline import relax_pipeline
+from bitcompiler.backends.cpu.pipeline import kernel_passes, relax_pipeline
 from bitcompiler.backends.cpu.runner import LIB, CPURunner, quiet_native_stderr
 from bitcompiler.backends.lower import to_relax
 
@@ -45,6 +45,17 @@ def load_library(directory: Path) -> CPURunner:
     return CPURunner(module, directory / LIB)
 
 
+def _kernels(inp: BuildInput, target: Target) -> Any:
+    """The Relax module with every bit kernel a compile builds (the fused ones too), not compiled."""
+    import tvm
+
+    tvm_target = target.tvm_target()
+    with tvm_target:
+        return tvm.transform.Sequential(kernel_passes(tvm_target))(
+            to_relax(inp.exported, target, deferred=True)
+        )
+
+
 def build_cached(inp: BuildInput, target: Target) -> CPURunner:
     """Build through the compile cache. Tunes first when ``inp.tune`` asks for it."""
     from bitcompiler.kernels.template import scheduling_with
@@ -55,7 +66,7 @@ def build_cached(inp: BuildInput, target: Target) -> CPURunner:
     records = tuner.Records(database, tvm_target, inp.example_inputs[0].shape[0])
     extra: dict[str, float] = {}
     if inp.tune is not None:
-        kernels = tuner.kernels_of(lambda: to_relax(inp.exported, target))
+        kernels = tuner.kernels_of(lambda: _kernels(inp, target))
         extra["tuning s"] = tuner.tune_kernels(kernels, records, inp.tune, where)
     try:
         entry: str | None = cache.key(inp.exported, str(target) + str(tvm_target) + records.fingerprint())
@@ -74,9 +85,9 @@ def build_cached(inp: BuildInput, target: Target) -> CPURunner:
     if isinstance(hit, CPURunner):
         hit.cache_hit = True
         return hit
-    with scheduling_with(records):
+    with scheduling_with(records):  # (the pipeline builds the conv kernels a fusion may replace)
         mod = to_relax(inp.exported, target, deferred=True)  # the CPU pipeline builds the stubs
-    built = compile_relax(mod, target)
+        built = compile_relax(mod, target)
     applied = {"tuned kernels": len(records.applied), "kernel tuning": built.tuning}
 
     def write(path: Path) -> None:

@@ -18,7 +18,6 @@ def relax_pipeline(target: Any) -> Any:
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
-    from bitcompiler.backends.cpu.fusions import build_deferred, fusion_passes
     from bitcompiler.backends.exact_float import no_contraction
     from bitcompiler.backends.fast_math import legalize_map
     from bitcompiler.backends.injective import Injective
@@ -31,13 +30,7 @@ def relax_pipeline(target: Any) -> Any:
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             passes = (
-                # the CPU kernels' fused epilogues (packed outputs, residual + hardtanh)
-                fusion_passes(target)
-                # one activation packing per tensor, however many bit layers read it; the calls
-                # the fusions replaced go unless something else reads them
-                + [relax.transform.EliminateCommonSubexpr(), relax.transform.DeadCodeElimination()]
-                # the deferred kernels still called (see lower.to_relax)
-                + [build_deferred(target)]
+                kernel_passes(target)
                 # (before legalization: a reshape or transpose of an input is still a Relax op)
                 + [finite_entry()]
                 + cpu_generic.library_dispatch_passes(target)
@@ -203,3 +196,22 @@ def checkpoint(name: str, check: bool, dump: str | None, last: bool = False) -> 
         return mod
 
     return _checkpoint
+
+
+def kernel_passes(target: Any) -> list:
+    """The first passes of :func:`relax_pipeline`: those that choose and build the bit kernels of a
+    deferred lowering (``to_relax(..., deferred=True)``). Tuning runs just these to find the
+    kernels a compile builds, fused ones included."""
+    from tvm import relax
+
+    from bitcompiler.backends.cpu.fusions import build_deferred, fusion_passes
+
+    return (
+        # the CPU kernels' fused epilogues (packed outputs, residual + hardtanh, shortcuts)
+        fusion_passes(target)
+        # one activation packing per tensor, however many bit layers read it; the calls the
+        # fusions replaced go unless something else reads them
+        + [relax.transform.EliminateCommonSubexpr(), relax.transform.DeadCodeElimination()]
+        # the deferred kernels still called (see lower.to_relax)
+        + [build_deferred(target)]
+    )
