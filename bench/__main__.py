@@ -142,6 +142,8 @@ TARGETS = [
      lambda r: r["speedup_call"], 4, "x"),
     ("#6", "tuned vs untuned W1A1 4096², batch 1 (never slower; 3% noise band)", "tune", "linear4096_w1a1_tune", 1,
      lambda r: r["speedup"], 0.97, "x"),
+    ("#19", "tuned vs untuned binary ResNet-18 (CIFAR), batch 1: conv templates (never slower; 3% noise band)",
+     "tune", "resnet18_w1a1_tune", 1, lambda r: r["speedup"], 0.97, "x"),
     ("#7", "256x256 W1A1 on cortex-m4: fewer instructions than CMSIS-DSP q7", "cortex_m", "dense 256x256", 1,
      lambda r: r["cmsis_q7_instructions"] / r["w1a1_instructions"], 8, "x"),
     ("#17", "256x256 W1A1 on cortex-m4: fewer instructions than CMSIS-DSP q7", "cortex_m", "dense 256x256", 1,

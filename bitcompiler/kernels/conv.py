@@ -44,7 +44,7 @@ from bitcompiler.kernels._common import (
     shape64,
     target_kind,
 )
-from bitcompiler.kernels.conv_binary import binary_pm1_func
+from bitcompiler.kernels.conv_binary import binary_template
 from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
 from bitcompiler.kernels.spec import ConvSpec, centered_offset_expr
@@ -298,8 +298,9 @@ def conv2d_kernel(
     block's 1x1 projection shortcut of the same input: its ``P, SC, OF, BI`` follow ``TS, TH``,
     and its ``Y f32 (M,O,OH,OW)`` follows the packed output.
 
-    The vector-popcount W1A1 kernels and the int8-activation integer kernels are tuning templates
-    (:func:`bitcompiler.kernels.conv_vpop.vpop_template`,
+    The W1A1 kernels (but the AMX one) and the int8-activation integer kernels are tuning
+    templates (:func:`bitcompiler.kernels.conv_vpop.vpop_template`,
+    :func:`bitcompiler.kernels.conv_binary.binary_template`,
     :func:`bitcompiler.kernels.conv_int8.int8_conv_template`): scheduled by the active scheduler
     (:func:`bitcompiler.kernels.template.scheduled`: a tuning record, else by hand).
     """
@@ -339,22 +340,18 @@ def _conv_kernel(
     if cpu and popcnt512_target(target) and conv_vpop.fits(spec):
         return conv_vpop.vpop_template(spec, packed=packed_output, clip=residual_clip)
     if cpu and spec.act == "binary" and spec.code == "pm1":
-        func = binary_pm1_func(
+        return binary_template(
             spec,
             byte_lanes=avx2_target(target),
             packed=packed_output,
             clip=residual_clip,
             popcnt512=popcnt512_target(target),
         )
-    elif cpu and conv_int8.fits(spec, target):
+    if cpu and conv_int8.fits(spec, target):
         return conv_int8.int8_conv_template(spec, _output, target)
-    elif cpu and spec.act != "binary":
-        func = _decoded_direct(spec)
-    else:
-        func = _conv_func(spec)
-        if cpu:
-            func = _schedule(func, spec)
-    return func
+    if cpu and spec.act != "binary":
+        return _decoded_direct(spec)
+    return _schedule(_conv_func(spec), spec) if cpu else _conv_func(spec)
 
 
 def fuses_shortcut(spec: ConvSpec, shortcut: ConvSpec, target: Any = "llvm") -> bool:

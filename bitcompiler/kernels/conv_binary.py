@@ -48,7 +48,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from bitcompiler.kernels._common import as_i32, largest_divisor
+from bitcompiler.kernels._common import as_i32, divisors, largest_divisor
 from bitcompiler.kernels.conv_pm1 import (
     bits_byte,
     clipped,
@@ -58,6 +58,7 @@ from bitcompiler.kernels.conv_pm1 import (
     thr_hit,
 )
 from bitcompiler.kernels.spec import ConvSpec
+from bitcompiler.kernels.template import Knob, Template, generated
 
 F32 = "float32"
 
@@ -68,6 +69,8 @@ def binary_pm1_func(
     packed: bool = False,
     clip: tuple[float, float] | None = None,
     popcnt512: bool = False,
+    block: int | None = None,
+    region: bool | None = None,
 ) -> tirx.PrimFunc:
     """Register-blocked act="binary", code="pm1" conv for the host CPU (see the module docstring);
     ``byte_lanes`` (AVX2) sums the popcounts in uint8 lanes where the shape allows. ``packed``
@@ -76,7 +79,10 @@ def binary_pm1_func(
     (lo, hi)`` (affine layers) takes a residual ``RES f32 (M, O, OH, OW)`` before ``Y`` and writes
     ``Y = hardtanh(epilogue + RES, lo, hi)``: a ResNet block's add and activation in the epilogue;
     with ``packed`` too (:func:`packs_residual`) a second output ``YP int32 (M, OH, OW, 1, O/32)``
-    after ``Y`` holds Y's signs packed as :func:`bitcompiler.kernels.pack_sign_nchw` packs them."""
+    after ``Y`` holds Y's signs packed as :func:`bitcompiler.kernels.pack_sign_nchw` packs them.
+    ``block`` (output channels per register block) and ``region`` (one parallel region with
+    barriers, where the shape has more than one channel block and padded row) override the hand
+    choices (:func:`binary_template`'s knobs)."""
     if clip is not None and spec.threshold:
         raise ValueError("a residual epilogue needs the float (non-threshold) output")
     if clip is not None and packed and not packs_residual(spec):
@@ -98,11 +104,15 @@ def binary_pm1_func(
     NV = (OW + VL - 1) // VL
     OWP = max(OW, VL)  # im2col columns: the last vector overlaps the one before when VL does not divide OW
     HP = (OH - 1) * SH + (KH - 1) * DH + 1
-    OB = largest_divisor(OG, (8, 4, 2))  # output channels per register block
+    OB = block or largest_divisor(OG, (8, 4, 2))  # output channels per register block
+    if OG % OB or ((packed or signs) and OB != 8):
+        raise ValueError(
+            f"block must divide the {OG} output channels of a group (8 for a packed output), got {OB}"
+        )
     NOB = O // OB
     # one launch for the im2col and the channel blocks, unless a loop has one iteration: TVM drops
     # such a loop, and its body would then run on every task of the region
-    region = NOB > 1 and HP > 1
+    region = (NOB > 1 and HP > 1) if region is None else region and NOB > 1 and HP > 1
     ZERO = tirx.const(0, WT)
     I32, U8 = "int32", "uint8"
     STEPS = KH * KW * CV
@@ -362,3 +372,36 @@ def binary_pm1_func(
         return body
 
     return pm1_conv_func(spec, make, packed, clip, signs)
+
+
+def binary_template(
+    spec: ConvSpec,
+    byte_lanes: bool = False,
+    packed: bool = False,
+    clip: tuple[float, float] | None = None,
+    popcnt512: bool = False,
+) -> Template:
+    """:func:`binary_pm1_func` as a tuning template (:func:`bitcompiler.kernels.template.generated`):
+    its choices are the output channels per register block (``block``: 8, 4 or 2 dividing a
+    group's; 8 for a packed output), one parallel region with barriers or a parallel loop per
+    stage (``region``), and, where the CPU has ``vpopcntq``, 512- or 256-bit vectors of pixels
+    (``lanes512``). The hand schedule is the function's defaults."""
+    OG, KH, SH, DH = spec.og, spec.kernel[0], spec.stride[0], spec.dilation[0]
+    blocks = (8,) if packed else tuple(divisors(OG, (8, 4, 2)))
+    VL = 4 if spec.words_per_group % 2 == 0 else 8
+    lanes512 = (1, 0) if popcnt512 and spec.out_w >= 2 * VL else (int(popcnt512),)
+    rows = (spec.out_h - 1) * SH + (KH - 1) * DH + 1
+    knobs = [
+        Knob("block", blocks, blocks[0]),
+        Knob("region", (1, 0) if rows > 1 else (0,), int(rows > 1)),
+        Knob("lanes512", lanes512, lanes512[0]),
+    ]
+    made: dict[tuple, tirx.PrimFunc] = {}
+
+    def build(block: int, region: int, lanes512: int) -> tirx.PrimFunc:
+        key = (block, region and spec.out_channels > block, lanes512)  # (one block: no region)
+        if key not in made:
+            made[key] = binary_pm1_func(spec, byte_lanes, packed, clip, bool(lanes512), block, bool(region))
+        return made[key]
+
+    return generated("conv-binary", knobs, build)

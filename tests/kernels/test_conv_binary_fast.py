@@ -211,3 +211,50 @@ def test_repeated_calls_on_the_pool_are_exact(case):
         )
         ref = nu.bit_conv2d(x, planes, c, (3, 3), "pm1", "binary", stride=(s, s), padding=(p, p), **kw)
         assert np.array_equal(y, ref.numpy()), f"call {i}"
+
+
+@pytest.mark.parametrize("isa", ISAS[:2], ids=["host", "avx2"])
+@pytest.mark.parametrize("kind", ["threshold", "packed"])
+def test_every_template_choice_is_exact(kind, isa):
+    """The tuning template's choices (channels per register block, one parallel region or a loop
+    per stage, 512- or 256-bit vectors where the CPU has vpopcntq) each give the reference's
+    bits, batch 1 and 3; the hand choices build the kernel the function's defaults build."""
+    import itertools
+
+    import tvm_ffi
+    from tvm import s_tir
+
+    from bitcompiler.kernels.conv_binary import binary_pm1_func, binary_template
+    from bitcompiler.kernels.dense_avx2 import avx2_target
+
+    c, o, h, w = 32, 32, 6, 20  # one 32-bit word a pixel (int32 lanes), 16-pixel rows on AVX-512
+    spec = ConvSpec(c, o, h, w, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, "pm1", "binary", False, True)
+    packed = kind == "packed"
+    flags = {"byte_lanes": avx2_target(isa), "packed": packed, "popcnt512": popcnt512_target(isa)}
+    template = binary_template(spec, **flags)
+    found = {}
+    template.apply(s_tir.Schedule(template.func), lambda n, cands, d: found.setdefault(n, (cands, d))[1])
+    assert list(found) == ["block", "region", "lanes512"]
+    assert found["block"][0] == ((8,) if packed else (8, 4, 2))
+    g = torch.Generator().manual_seed(5)
+    planes = nu.conv_codes_to_planes(random_codes((o, c, 3, 3), 1, "pm1", g), 1, "pm1")
+    ep, kw = epilogue_params(o, True, g, False, spec.reduction // 4)
+    kw.update(scale=torch.ones(o), offset=torch.zeros(o), bias=torch.zeros(o))
+    x = torch.randn(3, c, h, w, generator=g)
+    ref = nu.bit_conv2d(
+        x, planes, c, (3, 3), "pm1", "binary", stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, **kw
+    )
+    want = act_inputs(ref, "binary", 1)[0].numpy() if packed else ref.numpy()
+    shape = ((3, h, w, 1, o // 32), "int32") if packed else ((3, o, h, w), "float32")
+    kernels = set()
+    for values in itertools.product(*(cands for cands, _ in found.values())):
+        chosen = dict(zip(found, values))
+        sch = s_tir.Schedule(template.func)
+        template.apply(sch, lambda n, cands, d, chosen=chosen: chosen[n])
+        func = template.finish(sch.mod["main"])
+        if values == tuple(d for _, d in found.values()):
+            assert tvm_ffi.structural_equal(func, binary_pm1_func(spec, **flags))
+        kernels.add(tvm_ffi.structural_hash(func))
+        (y,) = build(func)(act_inputs(x, "binary", 1) + [planes] + ep, [shape])
+        assert np.array_equal(y, want), values
+    assert len(kernels) == len(list(itertools.product(*(cands for cands, _ in found.values()))))
