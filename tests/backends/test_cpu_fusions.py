@@ -303,13 +303,13 @@ def test_kernels_a_fusion_replaces_are_never_built(monkeypatch):
     from bitcompiler.kernels import conv as conv_module
 
     built = []
-    real = conv_module.binary_pm1_func
+    real = conv_module.binary_template
 
     def counting(spec, **variant):
         built.append("packed" if variant.get("packed") else "res" if variant.get("clip") else "plain")
         return real(spec, **variant)
 
-    monkeypatch.setattr(conv_module, "binary_pm1_func", counting)
+    monkeypatch.setattr(conv_module, "binary_template", counting)
     torch.manual_seed(1)
     model = randomize_bn(Fusible()).eval()
     x = torch.randn(2, 3, 11, 11)  # a size no other test builds (kernels are built once per spec)
