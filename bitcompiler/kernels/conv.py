@@ -48,7 +48,7 @@ from bitcompiler.kernels.conv_binary import binary_template
 from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import avx2_target, popcnt512_target
 from bitcompiler.kernels.spec import ConvSpec, centered_offset_expr
-from bitcompiler.kernels.template import Template, scheduled
+from bitcompiler.kernels.template import Template, as_kernel
 
 F32 = "float32"
 
@@ -305,7 +305,7 @@ def conv2d_kernel(
     (:func:`bitcompiler.kernels.template.scheduled`: a tuning record, else by hand).
     """
     made = _conv_kernel(spec, target, packed_output, residual_clip, clip, shortcut)
-    return (scheduled(made) if isinstance(made, Template) else made).with_attr("global_symbol", "main")
+    return as_kernel(made).with_attr("global_symbol", "main")
 
 
 @built_once
@@ -411,7 +411,7 @@ def stored_codes_conv_kernel(spec: ConvSpec, target: str = "llvm") -> tirx.PrimF
     codes, or the float core's sign bytes); buffers as :func:`conv2d_kernel`'s with ``P``
     replaced by those bytes. The integer conv is a tuning template, as in :func:`conv2d_kernel`."""
     made = _stored_codes_conv(spec, target)
-    return (scheduled(made) if isinstance(made, Template) else made).with_attr("global_symbol", "main")
+    return as_kernel(made).with_attr("global_symbol", "main")
 
 
 @functools.lru_cache(maxsize=256)

@@ -396,12 +396,11 @@ def binary_template(
         Knob("region", (1, 0) if rows > 1 else (0,), int(rows > 1)),
         Knob("lanes512", lanes512, lanes512[0]),
     ]
-    made: dict[tuple, tirx.PrimFunc] = {}
 
     def build(block: int, region: int, lanes512: int) -> tirx.PrimFunc:
-        key = (block, region and spec.out_channels > block, lanes512)  # (one block: no region)
-        if key not in made:
-            made[key] = binary_pm1_func(spec, byte_lanes, packed, clip, bool(lanes512), block, bool(region))
-        return made[key]
+        return binary_pm1_func(spec, byte_lanes, packed, clip, bool(lanes512), block, bool(region))
 
-    return generated("conv-binary", knobs, build)
+    def key(block: int, region: int, lanes512: int) -> tuple:
+        return block, bool(region) and spec.out_channels > block, lanes512  # (one block: no region)
+
+    return generated("conv-binary", knobs, build, key)

@@ -60,49 +60,24 @@ from typing import Any
 from tvm import tirx
 from tvm.script import tirx as T
 
-from bitcompiler.kernels._common import PARALLEL_MIN
 from bitcompiler.kernels.conv_pm1 import aff_value, bits_byte, clipped, pm1_conv_func, thr_hit, thr_value
+from bitcompiler.kernels.conv_vpop_plan import (
+    CHUNK_CHOICES,
+    CHUNKS,
+    NCLS,
+    OB,
+    SPLITS,
+    VL,
+    centre_tap,
+    classes,
+    default_split,
+    fits,
+    fuses_shortcut,
+)
 from bitcompiler.kernels.spec import ConvSpec
 from bitcompiler.kernels.template import Knob, Template, generated
 
 F32, I32, I64, U8 = "float32", "int32", "int64", "uint8"
-VL = 8  # pixels per vector: int64 lanes of a 512-bit vector
-OB = 8  # output channels per register block
-NCLS = 16  # border classes a vpermi2q table holds
-PIXEL_SPLIT_MIN = 16  # pixel vectors a map needs for its tasks to split it by pixels
-CHUNKS = 16  # about how many chunks of pixel vectors a batch row is cut into then
-
-
-def _patterns(n_out: int, stride: int, pad: int, dil: int, k: int, n_in: int) -> tuple[list, list[int]]:
-    """The distinct sets of valid kernel offsets along one axis, the most frequent first, and each
-    output position's index into them."""
-    sets = [tuple(a for a in range(k) if 0 <= i * stride - pad + a * dil < n_in) for i in range(n_out)]
-    distinct = sorted(set(sets), key=lambda p: (-sets.count(p), p))
-    return distinct, [distinct.index(p) for p in sets]
-
-
-def _classes(spec: ConvSpec) -> tuple[list, list[int], list[int], int]:
-    """Border classes of the output pixels: ``(valid taps per class, row index, column index,
-    columns)``; pixel ``(oh, ow)`` has class ``rows[oh] * columns + cols[ow]``."""
-    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
-    rp, rows = _patterns(spec.out_h, SH, PH, DH, KH, spec.in_h)
-    cp, cols = _patterns(spec.out_w, SW, PW, DW, KW, spec.in_w)
-    valid = [[a * KW + b for a in r for b in c] for r in rp for c in cp]
-    return valid, rows, cols, len(cp)
-
-
-def fits(spec: ConvSpec) -> bool:
-    """Binary pm1 weights and activations, groups 1, whole 64-bit words per tap, at least one
-    vector of output pixels, whole blocks of 8 output channels and at most 16 border classes."""
-    return (
-        spec.act == "binary"
-        and spec.code == "pm1"
-        and spec.groups == 1
-        and spec.words_per_group % 2 == 0
-        and spec.out_h * spec.out_w >= VL
-        and spec.out_channels % OB == 0
-        and len(_classes(spec)[0]) <= NCLS
-    )
 
 
 def _lookup(table_lo: Any, idx: Any, table_hi: Any) -> Any:
@@ -149,9 +124,9 @@ def vpop_conv_func(
     CHV = -(-NV // chunks)  # (more chunks than vectors: a vector each)
     NCH = -(-NV // CHV)
     ZERO = tirx.const(0, I64)
-    valid, rows, cols, ncols = _classes(spec)
+    valid, rows, cols, ncols = classes(spec)
     lanes = T.ramp(T.int64(0), T.int64(1), VL)
-    centre = _centre_tap(spec)  # the shortcut's input tap
+    centre = centre_tap(spec)  # the shortcut's input tap
     high = T.ramp(T.int64(VL), T.int64(1), VL)
 
     def px(v):
@@ -390,26 +365,6 @@ def vpop_conv_func(
     return func
 
 
-SPLITS = ("serial", "channels", "pixels")  # the template's ``split`` knob: an index into these
-CHUNK_CHOICES = (4, 8, 16, 32, 64)  # its ``chunks`` knob (pixel split only)
-
-
-def default_split(spec: ConvSpec) -> str:
-    """The hand schedule's split: serial below ``PARALLEL_MIN`` 64-bit word popcounts a sample,
-    else pixels on maps of at least ``PIXEL_SPLIT_MIN`` pixel vectors, else channels."""
-    NV = -(-spec.out_h * spec.out_w // VL)
-    work = (
-        spec.out_channels
-        * spec.out_h
-        * spec.out_w
-        * spec.kernel[0]
-        * spec.kernel[1]
-        * spec.words_per_group
-        // 2
-    )
-    return "serial" if work < PARALLEL_MIN else "pixels" if NV >= PIXEL_SPLIT_MIN else "channels"
-
-
 def vpop_template(
     spec: ConvSpec,
     packed: bool = False,
@@ -426,44 +381,13 @@ def vpop_template(
         Knob("split", tuple(range(len(SPLITS))), SPLITS.index(default_split(spec))),
         Knob("chunks", CHUNK_CHOICES, CHUNKS),
     ]
-    made: dict[tuple, tirx.PrimFunc] = {}
 
     def build(split: int, chunks: int) -> tirx.PrimFunc:
+        return vpop_conv_func(spec, packed, clip, SPLITS[split], shortcut, chunks)
+
+    def key(split: int, chunks: int) -> tuple[int, int]:
         # the kernel depends on chunks only through the vectors a chunk takes, and only when the
         # tasks split the pixels
-        key = (split, -(-nv // chunks) if SPLITS[split] == "pixels" else 0)
-        if key not in made:
-            made[key] = vpop_conv_func(spec, packed, clip, SPLITS[split], shortcut, chunks)
-        return made[key]
+        return split, -(-nv // chunks) if SPLITS[split] == "pixels" else 0
 
-    return generated("conv-vpop", knobs, build)
-
-
-def _centre_tap(spec: ConvSpec) -> int | None:
-    """The tap of ``spec``'s kernel that reads input pixel ``(oh * SH, ow * SW)`` for output pixel
-    ``(oh, ow)``: a 1x1 conv's input with the same stride and no padding, or None."""
-    (KH, KW), (PH, PW), (DH, DW) = spec.kernel, spec.padding, spec.dilation
-    if PH % DH or PW % DW or PH // DH >= KH or PW // DW >= KW:
-        return None
-    return PH // DH * KW + PW // DW
-
-
-def fuses_shortcut(spec: ConvSpec, shortcut: ConvSpec) -> bool:
-    """Whether the packed-output kernel of ``spec`` (:func:`fits`, a threshold conv: a ResNet
-    block's first conv) can also compute ``shortcut``, a 1x1 binary affine conv of the same input
-    with the same stride, no padding and the same output map and channels (the block's projection
-    shortcut): its input is ``spec``'s centre tap, already in the im2col. The shortcut's output is
-    then written by the task that computes those pixels (or channels) of ``spec``, as the block's
-    second conv reads it."""
-    same = ("in_channels", "in_h", "in_w", "stride", "out_channels", "groups", "act", "code", "bits")
-    return (
-        fits(spec)
-        and spec.threshold
-        and _centre_tap(spec) is not None
-        and all(getattr(spec, f) == getattr(shortcut, f) for f in same)
-        and shortcut.kernel == (1, 1)
-        and shortcut.padding == (0, 0)
-        and not shortcut.threshold
-        and not shortcut.has_offset
-        and (shortcut.out_h, shortcut.out_w) == (spec.out_h, spec.out_w)
-    )
+    return generated("conv-vpop", knobs, build, key)

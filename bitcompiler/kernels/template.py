@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tvm import s_tir, tirx
@@ -90,7 +90,12 @@ KNOB_PREFIX = "bitc.knob."
 KERNEL_ATTR = "bitc.kernel"  # a generated template's stand-in: which kernel it stands for
 
 
-def generated(kind: str, knobs: Sequence[Knob], build: Callable[..., tirx.PrimFunc]) -> Template:
+def generated(
+    kind: str,
+    knobs: Sequence[Knob],
+    build: Callable[..., tirx.PrimFunc],
+    key: Callable[..., Hashable] | None = None,
+) -> Template:
     """A template whose choices are ``build``'s keyword arguments (one per knob, int values).
 
     ``func`` stands for the kernel: ``build``'s parameters with the defaults, and for a body a
@@ -98,15 +103,22 @@ def generated(kind: str, knobs: Sequence[Knob], build: Callable[..., tirx.PrimFu
     defaults: a changed generator is a new workload, so its old records no longer apply). The
     tuning database keys records by it, and MetaSchedule's task analysis (which cannot read the
     explicit vector code) sees an empty body. A schedule annotates the root block with the chosen
-    values; :meth:`Template.finish` returns ``build(**values)``, each distinct kernel made once.
+    values; :meth:`Template.finish` returns ``build(**values)``, each distinct kernel made once:
+    ``key(**values)`` (default: the values) names the kernel, so choices that give the same kernel
+    (a knob that does not apply to the others' values) share one build.
     """
     import tvm_ffi
 
     for k in knobs:
         hand(k.name, k.candidates, k.default)  # the default is a candidate
     defaults = {k.name: k.default for k in knobs}
-    made = {tuple(defaults.values()): build(**defaults)}
-    base = made[tuple(defaults.values())]
+    names = tuple(defaults)
+
+    def kernel_key(values: tuple[int, ...]) -> Hashable:
+        return values if key is None else key(**dict(zip(names, values)))
+
+    base = build(**defaults)
+    made = {kernel_key(tuple(defaults.values())): base}
     name = f"{kind}:{tvm_ffi.structural_hash(base) & (2**64 - 1):016x}"
     root = s_tir.SBlock([], [], [], "root", tirx.Evaluate(0), annotations={KERNEL_ATTR: name})
     func = base.with_body(s_tir.SBlockRealize([], True, root))
@@ -119,9 +131,9 @@ def generated(kind: str, knobs: Sequence[Knob], build: Callable[..., tirx.PrimFu
     def realize(scheduled: tirx.PrimFunc) -> tirx.PrimFunc:
         marks = scheduled.body.block.annotations
         values = tuple(int(marks[KNOB_PREFIX + k.name]) for k in knobs)
-        if values not in made:
-            made[values] = build(**dict(zip(defaults, values)))
-        out = made[values]
+        if kernel_key(values) not in made:
+            made[kernel_key(values)] = build(**dict(zip(names, values)))
+        out = made[kernel_key(values)]
         symbol = (scheduled.attrs or {}).get("global_symbol")
         return out if symbol is None else out.with_attr("global_symbol", symbol)
 
@@ -155,6 +167,11 @@ def scheduled(template: Template) -> tirx.PrimFunc:
     if TUNING_ATTR not in (func.attrs or {}):
         func = func.with_attr(TUNING_ATTR, "no record")
     return func
+
+
+def as_kernel(made: tirx.PrimFunc | Template) -> tirx.PrimFunc:
+    """A kernel builder's result as a kernel: a template :func:`scheduled`, a function as it is."""
+    return scheduled(made) if isinstance(made, Template) else made
 
 
 def tuning_status(func: tirx.PrimFunc) -> str:

@@ -60,6 +60,44 @@ def parallel_workspaces(ll: str) -> list[int]:
     return [b.count(WORKSPACE) for b in bodies if "@__tvm_parallel_lambda" in b.split("\n", 1)[0]]
 
 
+def template_choices(template) -> dict:
+    """The choices ``template``'s schedule makes, in order: ``name -> (candidates, default)``."""
+    from tvm import s_tir
+
+    found = {}
+    template.apply(
+        s_tir.Schedule(template.func), lambda n, cands, d: found.setdefault(n, (tuple(cands), d))[1]
+    )
+    return found
+
+
+def with_choices(template, values: dict | None = None) -> tvm.tirx.PrimFunc:
+    """The kernel of ``template`` scheduled with the given choices (``name -> value``, the others
+    by hand), as a tuning record would schedule it."""
+    from tvm import s_tir
+
+    def choose(name, candidates, default):
+        value = (values or {}).get(name, default)
+        assert value in candidates, (name, value, candidates)
+        return value
+
+    sch = s_tir.Schedule(template.func)
+    template.apply(sch, choose)
+    return template.finish(sch.mod["main"])
+
+
+def every_choice(template):
+    """``(values, kernel)`` for the hand schedule, then for each combination of ``template``'s
+    choices' candidates."""
+    import itertools
+
+    found = template_choices(template)
+    yield {n: d for n, (_, d) in found.items()}, with_choices(template)
+    for combo in itertools.product(*(cands for cands, _ in found.values())):
+        values = dict(zip(found, combo))
+        yield values, with_choices(template, values)
+
+
 def _np(a) -> np.ndarray:
     return a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 

@@ -15,7 +15,16 @@ from bitcompiler.kernels import ConvSpec, conv2d_kernel
 from bitcompiler.kernels.conv_pm1 import fuses_residual, packs_output, packs_residual
 from bitcompiler.kernels.dense_avx2 import popcnt512_target
 from bitcompiler.quant import numerics as nu
-from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, host_target, random_codes
+from tests.kernels._util import (
+    act_inputs,
+    assert_close,
+    build,
+    epilogue_params,
+    every_choice,
+    host_target,
+    random_codes,
+    template_choices,
+)
 
 # where the kernels are built for: the host, an AVX2 CPU without AVX-512, and x86-64 without AVX2
 ISAS = ["llvm", {"kind": "llvm", "mcpu": "znver3"}, {"kind": "llvm", "mcpu": "x86-64"}]
@@ -222,7 +231,6 @@ def test_every_template_choice_is_exact(kind, isa):
     import itertools
 
     import tvm_ffi
-    from tvm import s_tir
 
     from bitcompiler.kernels.conv_binary import binary_pm1_func, binary_template
     from bitcompiler.kernels.dense_avx2 import avx2_target
@@ -232,8 +240,7 @@ def test_every_template_choice_is_exact(kind, isa):
     packed = kind == "packed"
     flags = {"byte_lanes": avx2_target(isa), "packed": packed, "popcnt512": popcnt512_target(isa)}
     template = binary_template(spec, **flags)
-    found = {}
-    template.apply(s_tir.Schedule(template.func), lambda n, cands, d: found.setdefault(n, (cands, d))[1])
+    found = template_choices(template)
     assert list(found) == ["block", "region", "lanes512"]
     assert found["block"][0] == ((8,) if packed else (8, 4, 2))
     g = torch.Generator().manual_seed(5)
@@ -247,12 +254,8 @@ def test_every_template_choice_is_exact(kind, isa):
     want = act_inputs(ref, "binary", 1)[0].numpy() if packed else ref.numpy()
     shape = ((3, h, w, 1, o // 32), "int32") if packed else ((3, o, h, w), "float32")
     kernels = set()
-    for values in itertools.product(*(cands for cands, _ in found.values())):
-        chosen = dict(zip(found, values))
-        sch = s_tir.Schedule(template.func)
-        template.apply(sch, lambda n, cands, d, chosen=chosen: chosen[n])
-        func = template.finish(sch.mod["main"])
-        if values == tuple(d for _, d in found.values()):
+    for i, (values, func) in enumerate(every_choice(template)):
+        if i == 0:  # the hand schedule
             assert tvm_ffi.structural_equal(func, binary_pm1_func(spec, **flags))
         kernels.add(tvm_ffi.structural_hash(func))
         (y,) = build(func)(act_inputs(x, "binary", 1) + [planes] + ep, [shape])

@@ -19,6 +19,7 @@ from tests.kernels._util import (
     act_inputs,
     assert_close,
     epilogue_params,
+    every_choice,
     llvm_ir_beside_another,
     parallel_workspaces,
     random_codes,
@@ -216,23 +217,6 @@ def test_a_model_with_pixel_lanes_stems_is_bit_exact():
         assert torch.equal(cm(x), cm.reference(x))
 
 
-def _every_choice(template):
-    """``template`` scheduled with each combination of its choices' candidates (a record's
-    schedule), the hand schedule first."""
-    import itertools
-
-    from tvm import s_tir
-
-    found = {}
-    template.apply(s_tir.Schedule(template.func), lambda n, cands, d: found.setdefault(n, (cands, d))[1])
-    names = list(found)
-    combos = [dict(zip(names, c)) for c in itertools.product(*(found[n][0] for n in names))]
-    for values in [{n: found[n][1] for n in names}, *combos]:
-        sch = s_tir.Schedule(template.func)
-        template.apply(sch, lambda n, cands, d, values=values: values[n])
-        yield values, template.finish(sch.mod["main"])
-
-
 @pytest.mark.parametrize(
     "geom", [GEOMETRIES[0], *PIXEL_LANES], ids=["channel-lanes", "pixel-lanes", "pixel-lanes-strided"]
 )
@@ -244,7 +228,7 @@ def test_every_template_choice_is_exact(geom):
     spec = ConvSpec(c, o, h, w, k, s, p, d, 1, 2, "uint", "int8", True, False)
     template = conv_int8.int8_conv_template(spec, _output, target)
     seen = []
-    for values, func in _every_choice(template):
+    for values, func in every_choice(template):
         seen.append(values)
         _check(spec, func, target, False)
     assert len(seen) > 2, seen  # the hand schedule and at least two others

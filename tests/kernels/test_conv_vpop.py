@@ -15,7 +15,17 @@ import tvm_ffi
 from bitcompiler.kernels import ConvSpec, conv2d_kernel, conv_vpop
 from bitcompiler.kernels.dense_avx2 import popcnt512_target
 from bitcompiler.quant import numerics as nu
-from tests.kernels._util import act_inputs, assert_close, build, epilogue_params, host_target, random_codes
+from tests.kernels._util import (
+    act_inputs,
+    assert_close,
+    build,
+    epilogue_params,
+    every_choice,
+    host_target,
+    random_codes,
+    template_choices,
+    with_choices,
+)
 
 needs_vpopcnt = pytest.mark.skipif(
     not popcnt512_target(host_target()), reason="the host CPU has no avx512vpopcntdq"
@@ -328,24 +338,6 @@ def test_no_shortcut_where_it_is_not_the_centre_tap(why):
         conv_vpop.vpop_conv_func(spec, packed=True, shortcut=short)
 
 
-def _choices(template, values=None):
-    """``template`` scheduled with the given choices (name -> value; others by hand), as a record
-    would schedule it, and the names of its choices."""
-    from tvm import s_tir
-
-    names = []
-
-    def choose(name, candidates, default):
-        names.append(name)
-        value = (values or {}).get(name, default)
-        assert value in candidates
-        return value
-
-    sch = s_tir.Schedule(template.func)
-    template.apply(sch, choose)
-    return template.finish(sch.mod["main"]), names
-
-
 @needs_vpopcnt
 @pytest.mark.parametrize("kind", ["threshold", "packed"])
 def test_every_template_choice_is_exact(kind):
@@ -353,8 +345,12 @@ def test_every_template_choice_is_exact(kind):
     each give the reference's bits, batch 3: 14x14 is 25 pixel vectors, in chunks of 7, 4, 2 and 1."""
     spec = _spec((64, 32, 14, 14, 3, 1, 1, 1), True)
     template = conv_vpop.vpop_template(spec, packed=kind == "packed")
-    hand, names = _choices(template)
-    assert names == ["split", "chunks"]
+    choices = template_choices(template)
+    assert choices == {
+        "split": (tuple(range(len(conv_vpop.SPLITS))), conv_vpop.SPLITS.index(conv_vpop.default_split(spec))),
+        "chunks": (conv_vpop.CHUNK_CHOICES, conv_vpop.CHUNKS),
+    }
+    hand = with_choices(template)
     assert tvm_ffi.structural_equal(hand, conv_vpop.vpop_conv_func(spec, packed=kind == "packed"))
     g = torch.Generator().manual_seed(7)
     planes = _planes(spec, g)
@@ -372,10 +368,8 @@ def test_every_template_choice_is_exact(kind):
     else:
         want, shape = ref.numpy(), (tuple(ref.shape), "float32")
     kernels = set()
-    for split in range(len(conv_vpop.SPLITS)):
-        for chunks in conv_vpop.CHUNK_CHOICES:
-            func, _ = _choices(template, {"split": split, "chunks": chunks})
-            kernels.add(tvm_ffi.structural_hash(func))
-            (y,) = build(func)(act_inputs(x, "binary", 1) + [planes] + ep, [shape])
-            assert np.array_equal(y, want), (conv_vpop.SPLITS[split], chunks)
+    for values, func in every_choice(template):
+        kernels.add(tvm_ffi.structural_hash(func))
+        (y,) = build(func)(act_inputs(x, "binary", 1) + [planes] + ep, [shape])
+        assert np.array_equal(y, want), values
     assert len(kernels) == 2 + 4  # serial, channels, and pixels in chunks of 7, 4, 2 and 1 vectors
