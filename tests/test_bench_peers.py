@@ -78,3 +78,31 @@ def test_threads_bench_calls_the_kernel_the_compiler_picks():
     if not avx2_target("llvm"):
         pytest.skip("the host has no AVX2 W1A1 dense kernel")
     w1a1_kernel_call(256)()
+
+
+def test_threads_probe_runs_its_arithmetic_and_picks_free_core_rounds(monkeypatch):
+    """The host probe of ``bench threads`` really computes its xorshift generators (LLVM cannot
+    fold them away: its outputs are their values), and only rounds whose probe ran at least
+    ``FREE_CORES`` faster at 2 threads, before and after the model, count as rounds with two
+    free cores."""
+    from bench import threads
+
+    monkeypatch.setattr(threads, "PROBE_STEPS", 100)
+    out = threads.probe_kernel()().numpy()
+    mask = 2**64 - 1
+
+    def chain(x):
+        for _ in range(100):
+            x ^= (x << 13) & mask
+            x ^= x >> 7
+            x ^= (x << 17) & mask
+        return x
+
+    chains = threads.PROBE_CHAINS
+    want = [
+        [[chain(88172645463325252 + (t * chains + c) * 8 + lane) for lane in range(8)] for c in range(chains)]
+        for t in (0, 1)
+    ]
+    assert out.tolist() == want
+    times = {"p1": [2.0] * 4, "p2": [1.0, 1.6, 1.1, 1.0], "q1": [2.0] * 4, "q2": [1.0, 1.0, 1.0, 1.5]}
+    assert threads.free_core_rounds(times) == [0, 2]
