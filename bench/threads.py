@@ -124,14 +124,18 @@ def probe_kernel():
     return run
 
 
+def probe_ratios(times: dict[str, list[float]]) -> list[float]:
+    """Per round, the probe's 2-vs-1-thread ratio: the lower of the one before (``p1``, ``p2``) and
+    the one after (``q1``, ``q2``) the model's sides."""
+    return [
+        min(p1 / p2, q1 / q2) for p1, p2, q1, q2 in zip(times["p1"], times["p2"], times["q1"], times["q2"])
+    ]
+
+
 def free_core_rounds(times: dict[str, list[float]]) -> list[int]:
     """The rounds whose probe ran at least ``FREE_CORES`` times faster at 2 threads than at 1, both
-    before (``p1``, ``p2``) and after (``q1``, ``q2``) the model's sides."""
-    return [
-        i
-        for i in range(len(times["p1"]))
-        if min(times["p1"][i] / times["p2"][i], times["q1"][i] / times["q2"][i]) >= FREE_CORES
-    ]
+    before and after the model's sides."""
+    return [i for i, r in enumerate(probe_ratios(times)) if r >= FREE_CORES]
 
 
 def scaling_row(name: str, cm, x: torch.Tensor, exact: bool = True) -> dict:
@@ -171,10 +175,7 @@ def scaling_row(name: str, cm, x: torch.Tensor, exact: bool = True) -> dict:
         "t1_ms": 1e3 * statistics.median(times["t1"]),
         "t2_ms": 1e3 * statistics.median(times["t2"]),
         "speedup": ratio(times, "t1", "t2"),
-        "probe_speedup": statistics.median(
-            min(times["p1"][i] / times["p2"][i], times["q1"][i] / times["q2"][i])
-            for i in range(len(times["p1"]))
-        ),
+        "probe_speedup": statistics.median(probe_ratios(times)),
         "rounds": ROUNDS,
         "attempts": attempt,
         "free_core_rounds": len(free),

@@ -63,6 +63,17 @@ from bitcompiler.kernels.template import Knob, Template, generated
 F32 = "float32"
 
 
+def _lanes(spec: ConvSpec) -> int:
+    """Output pixels per 256-bit vector: 4 int64 lanes (an even count of 32-bit words a tap) or 8
+    int32 lanes."""
+    return 4 if spec.words_per_group % 2 == 0 else 8
+
+
+def _input_rows(spec: ConvSpec) -> int:
+    """The input rows a batch row's whole output map reads (padding included)."""
+    return (spec.out_h - 1) * spec.stride[0] + (spec.kernel[0] - 1) * spec.dilation[0] + 1
+
+
 def binary_pm1_func(
     spec: ConvSpec,
     byte_lanes: bool = False,
@@ -98,12 +109,12 @@ def binary_pm1_func(
     wide = CWG % 2 == 0
     WT = "int64" if wide else "int32"
     CV = CWG // 2 if wide else CWG
-    VL = 4 if wide else 8  # output pixels per vector
+    VL = _lanes(spec)  # output pixels per vector
     if popcnt512 and spec.out_w >= 2 * VL:
         VL *= 2  # 512-bit vectors: vpopcntq / vpopcntd on 8 / 16 pixels
     NV = (OW + VL - 1) // VL
     OWP = max(OW, VL)  # im2col columns: the last vector overlaps the one before when VL does not divide OW
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    HP = _input_rows(spec)
     OB = block or largest_divisor(OG, (8, 4, 2))  # output channels per register block
     if OG % OB or ((packed or signs) and OB != 8):
         raise ValueError(
@@ -386,11 +397,9 @@ def binary_template(
     group's; 8 for a packed output), one parallel region with barriers or a parallel loop per
     stage (``region``), and, where the CPU has ``vpopcntq``, 512- or 256-bit vectors of pixels
     (``lanes512``). The hand schedule is the function's defaults."""
-    OG, KH, SH, DH = spec.og, spec.kernel[0], spec.stride[0], spec.dilation[0]
-    blocks = (8,) if packed else tuple(divisors(OG, (8, 4, 2)))
-    VL = 4 if spec.words_per_group % 2 == 0 else 8
-    lanes512 = (1, 0) if popcnt512 and spec.out_w >= 2 * VL else (int(popcnt512),)
-    rows = (spec.out_h - 1) * SH + (KH - 1) * DH + 1
+    blocks = (8,) if packed else tuple(divisors(spec.og, (8, 4, 2)))
+    lanes512 = (1, 0) if popcnt512 and spec.out_w >= 2 * _lanes(spec) else (int(popcnt512),)
+    rows = _input_rows(spec)
     knobs = [
         Knob("block", blocks, blocks[0]),
         Knob("region", (1, 0) if rows > 1 else (0,), int(rows > 1)),

@@ -31,8 +31,8 @@ CPU). Same buffers, layout and numbers as that kernel.
   (16) pixel vectors the tasks split the pixels: each takes whole chunks of vectors (about 16
   chunks a batch row), builds their im2col in its own buffer and computes every output channel of
   them, so no task reads what another wrote (one parallel region: the tasks first make the
-  blocks' tables, split over channel blocks, and meet at a barrier). A task that reads another core's im2col pays for every cache
-  line: on a 2-core Xeon VM a one-layer 64->64 3x3 model on 32x32 took 78 us a call at 2 threads
+  blocks' tables, split over channel blocks, and meet at a barrier). A task that reads another
+  core's im2col pays for every cache line: on a 2-core Xeon VM a one-layer 64->64 3x3 model on 32x32 took 78 us a call at 2 threads
   against 65 us at one with a shared im2col, and 49 us with chunks of pixels (one thread: 64 us
   either way). Smaller maps keep one parallel region: the tasks build one im2col together (split
   over taps), meet at a barrier, take output-channel blocks and meet again. Chunks of pixels also
@@ -73,6 +73,7 @@ from bitcompiler.kernels.conv_vpop_plan import (
     default_split,
     fits,
     fuses_shortcut,
+    pixel_vectors,
 )
 from bitcompiler.kernels.spec import ConvSpec
 from bitcompiler.kernels.template import Knob, Template, generated
@@ -111,12 +112,11 @@ def vpop_conv_func(
     O, H, W, CG = spec.out_channels, spec.in_h, spec.in_w, spec.cg
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = spec.kernel, spec.stride, spec.padding, spec.dilation
     CWG, OH, OW = spec.words_per_group, spec.out_h, spec.out_w
-    CV, NT, NP = CWG // 2, KH * KW, OH * OW
-    NV = (NP + VL - 1) // VL
+    CV, NT, NP, NV = CWG // 2, KH * KW, OH * OW, pixel_vectors(spec)
     NOB = O // OB
     # large maps: tasks take chunks of CHV pixel vectors (NCH chunks a batch row) instead of
     # channel blocks, so that no task reads what another wrote (see the module docstring)
-    if split not in (None, "pixels", "channels", "serial"):
+    if split not in (None, *SPLITS):
         raise ValueError(f"split must be 'pixels', 'channels' or 'serial', got {split!r}")
     split = split or default_split(spec)
     if chunks < 1:
@@ -376,7 +376,7 @@ def vpop_template(
     chunks of pixel vectors) and, for chunks of pixels, about how many chunks a batch row is cut
     into (``chunks``). The hand schedule is :func:`default_split` with ``CHUNKS``. A knob that
     does not apply (chunks of a channel split) is normalized away, so each kernel is built once."""
-    nv = -(-spec.out_h * spec.out_w // VL)
+    nv = pixel_vectors(spec)
     knobs = [
         Knob("split", tuple(range(len(SPLITS))), SPLITS.index(default_split(spec))),
         Knob("chunks", CHUNK_CHOICES, CHUNKS),

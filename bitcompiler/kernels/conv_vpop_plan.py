@@ -41,6 +41,11 @@ def classes(spec: ConvSpec) -> tuple[list, list[int], list[int], int]:
     return valid, rows, cols, len(cp)
 
 
+def pixel_vectors(spec: ConvSpec) -> int:
+    """Vectors of ``VL`` output pixels that cover a batch row's map (the last may overlap)."""
+    return -(-spec.out_h * spec.out_w // VL)
+
+
 def fits(spec: ConvSpec) -> bool:
     """Binary pm1 weights and activations, groups 1, whole 64-bit words per tap, at least one
     vector of output pixels, whole blocks of 8 output channels and at most 16 border classes."""
@@ -62,7 +67,6 @@ CHUNK_CHOICES = (4, 8, 16, 32, 64)  # its ``chunks`` knob (pixel split only)
 def default_split(spec: ConvSpec) -> str:
     """The hand schedule's split: serial below ``PARALLEL_MIN`` 64-bit word popcounts a sample,
     else pixels on maps of at least ``PIXEL_SPLIT_MIN`` pixel vectors, else channels."""
-    NV = -(-spec.out_h * spec.out_w // VL)
     work = (
         spec.out_channels
         * spec.out_h
@@ -72,7 +76,13 @@ def default_split(spec: ConvSpec) -> str:
         * spec.words_per_group
         // 2
     )
-    return "serial" if work < PARALLEL_MIN else "pixels" if NV >= PIXEL_SPLIT_MIN else "channels"
+    return (
+        "serial"
+        if work < PARALLEL_MIN
+        else "pixels"
+        if pixel_vectors(spec) >= PIXEL_SPLIT_MIN
+        else "channels"
+    )
 
 
 def centre_tap(spec: ConvSpec) -> int | None:

@@ -131,9 +131,10 @@ def generated(
     def realize(scheduled: tirx.PrimFunc) -> tirx.PrimFunc:
         marks = scheduled.body.block.annotations
         values = tuple(int(marks[KNOB_PREFIX + k.name]) for k in knobs)
-        if kernel_key(values) not in made:
-            made[kernel_key(values)] = build(**dict(zip(names, values)))
-        out = made[kernel_key(values)]
+        kernel = kernel_key(values)
+        if kernel not in made:
+            made[kernel] = build(**dict(zip(names, values)))
+        out = made[kernel]
         symbol = (scheduled.attrs or {}).get("global_symbol")
         return out if symbol is None else out.with_attr("global_symbol", symbol)
 
