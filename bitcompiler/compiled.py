@@ -82,6 +82,15 @@ class CompiledModel:
         # the compiled code raises on NaN or Inf itself (bitcompiler/kernels/finite.py): the short
         # path skips Python's pass over the input, and looks only when a call fails
         self._kernels_check_finite = bool(getattr(runner, "checks_finite", False))
+        # where kernels check every value of the one input (NaN/Inf) and so take it, with their
+        # own argument checks, the fastest path (__call__): the entry for any batch, the batch-1
+        # entry, and one sample's number of values (a call with that many is a batch of 1; any
+        # other shape of as many values fails in the entry, and the path below names it)
+        self._fast: tuple | None = (
+            (self._entries[0], self._entries[1], math.prod(inputs[0].shape))
+            if self._call_one is not None and self._kernels_check_finite and self._entries is not None
+            else None
+        )
 
     def _valid(self, inputs: tuple) -> bool:
         if len(inputs) != len(self._expected):
@@ -158,6 +167,19 @@ class CompiledModel:
         return tuple(outs) if self._tuple_output else outs[0]
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
+        entries = self._fast
+        if entries is not None and len(inputs) == 1:
+            # the fewest Python steps around the entry: after a kernel that streamed megabytes of
+            # weights each runs on cold caches (0.1-0.3 µs a step, on a 25 µs layer). The input
+            # reaches a kernel (as a NaN/Inf check needs), and TVM's argument checks refuse another
+            # device, dtype, shape or a strided layout; the kernels may assume 64-byte aligned data
+            x = inputs[0]
+            try:
+                if not x.data_ptr() % 64:
+                    out = entries[x.numel() == entries[2]](x)
+                    return out if type(out) is _TENSOR else _first(out)
+            except Exception:  # noqa: BLE001, S110 - the path below calls again and names the fault
+                pass
         if self._call_one is not None and len(inputs) == 1:
             x = inputs[0]
             if isinstance(x, torch.Tensor) and x.is_cpu and not x.requires_grad:
@@ -258,6 +280,7 @@ class CompiledModel:
 
 # torch reduces a tensor of up to this many elements on the calling thread (at::internal::GRAIN_SIZE)
 _TORCH_GRAIN = 32768
+_TENSOR = torch.Tensor
 _NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
 
 

@@ -7,10 +7,14 @@ whether Python or a kernel finds it (bitcompiler/kernels/finite.py), and the VM'
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 import pytest
 import torch
 
 import bitcompiler as bc
+from bitcompiler import errors
 from bitcompiler.kernels import dense_avx2, dense_vnni
 
 W1A1 = "binary:act=binary,first_last=quantize"
@@ -102,10 +106,100 @@ def test_the_batch_one_entry_computes_what_main_does(request, model):
     agrees(cm, torch.randn(5, 256))
 
 
+def test_the_fastest_path_is_where_the_compiled_code_checks_every_value(w1a1, floats):
+    """Only a model whose kernels refuse NaN/Inf themselves skips Python's checks; a float model
+    keeps Python's pass over its input."""
+    assert (w1a1._fast is not None) == w1a1._runner.checks_finite
+    assert floats._fast is None
+
+
+@pytest.mark.parametrize(
+    "inputs, kind, needle",
+    [
+        ((torch.randn(1, 255),), bc.InputError, "expected float32 tensor of shape (batch, 256)"),
+        ((torch.randn(256),), bc.InputError, "got float32 tensor of shape (256,)"),
+        ((torch.randn(2, 128),), bc.InputError, "got float32 tensor of shape (2, 128)"),
+        ((torch.randn(1, 256, dtype=torch.float64),), bc.InputError, "convert with .to(torch.float32)"),
+        ((torch.randn(1, 256).numpy(),), errors.InputTypeError, "expected a torch.Tensor"),
+        ((torch.randn(1, 256, device="meta"),), bc.InputError, "on the meta device"),
+        ((torch.randn(1, 256), torch.randn(1, 256)), bc.InputError, "expected 1 input(s)"),
+    ],
+    ids=["shape", "rank", "one-sample-of-values", "dtype", "numpy", "meta", "two"],
+)
+def test_a_bad_call_on_the_fastest_path_names_what_is_wrong(w1a1, inputs, kind, needle):
+    with pytest.raises(kind, match=re.escape(needle)):
+        w1a1(*inputs)
+
+
+def test_the_batch_one_entry_leaves_an_input_only_kernels_read_to_their_checks(w1a1):
+    """``main_b1`` of a layer whose kernel takes the input has no VM checks of it; the kernel's
+    own checks refuse each wrong input (nothing computes on it), and ``cm(x)`` names the fault."""
+    from bitcompiler.backends.cpu.pipeline import PARAM_CHECKS
+
+    text = w1a1._runner.executable.as_text()
+    entry = text[text.index("@main_b1:") :].split("\n\n")[0]
+    assert "bitc_dense" in entry and not any(check in entry for check in PARAM_CHECKS)
+    main = text[text.index("@main:") :].split("\n\n")[0]
+    assert all(check in main for check in PARAM_CHECKS)  # any batch: the VM reads the shape
+    main_b1 = w1a1._runner.entries[1]
+    bad = [
+        torch.randn(2, 128),
+        torch.randn(256),
+        torch.randn(1, 256, dtype=torch.float64),
+        torch.randn(1, 1, 256),
+        torch.randn(1, 256).to(torch.int32),
+        torch.randn(256, 2).t()[:1],
+    ]
+    for x in bad:
+        with pytest.raises((TypeError, ValueError), match="Mismatched X"):
+            main_b1(x)
+        with pytest.raises(bc.InputError) if x.is_contiguous() else contextlib.nullcontext():
+            w1a1(x)  # a strided batch-1 row is copied and computed
+
+
+def test_an_input_a_reshape_reads_keeps_the_checks():
+    """A reshape would take any tensor of as many values: the VM checks that input's shape."""
+    from bitcompiler.backends.cpu.pipeline import PARAM_CHECKS
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32)).eval()
+    cm = bc.compile(model, (torch.randn(1, 3, 4, 4),), scheme=W1A1)
+    text = cm._runner.executable.as_text()
+    entry = text[text.index("@main_b1:") :].split("\n\n")[0]
+    assert all(check in entry for check in PARAM_CHECKS)
+    with pytest.raises(bc.InputError, match=re.escape("got float32 tensor of shape (1, 4, 4, 3)")):
+        cm(torch.randn(1, 4, 4, 3))
+
+
+def test_an_input_that_needs_gradients_gives_the_plain_result(w1a1):
+    for batch in (1, 3):
+        x = torch.randn(batch, 256, requires_grad=True)
+        got = w1a1(x)
+        assert not got.requires_grad
+        assert torch.equal(got, w1a1.reference(x.detach()))
+
+
 def test_unaligned_or_strided_inputs_take_the_copying_path(w1a1):
     base = torch.randn(4, 257)
     for x in (base[:1, 1:], base[:, 1:], torch.randn(256, 3).t()):
         assert torch.equal(w1a1(x), w1a1.reference(x.contiguous()))
+
+
+def test_a_strided_or_unaligned_input_to_a_reshape_is_copied_first():
+    """The fastest path leaves layouts to TVM's checks: a reshape of the input (the first op
+    here) refuses a strided tensor, and the path that copies it computes the same."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32)).eval()
+    cm = bc.compile(model, (torch.randn(1, 3, 4, 4),), scheme=W1A1)
+    assert cm._fast is not None
+    base = torch.randn(2 * 48 + 1)
+    for x in (
+        torch.randn(1, 4, 4, 3).permute(0, 3, 1, 2),
+        torch.randn(3, 4, 4, 3).permute(0, 3, 1, 2),
+        base[1:49].view(1, 3, 4, 4),
+        base[1:97].view(2, 3, 4, 4),
+    ):
+        assert torch.equal(cm(x), cm.reference(x.contiguous()))
 
 
 def test_an_exported_model_keeps_both(w1a1, tmp_path):
