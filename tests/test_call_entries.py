@@ -320,3 +320,37 @@ def test_a_float_op_before_the_first_quantizer_leaves_the_check_to_python():
     x[1, 3, 2, 2] = float("nan")
     with pytest.raises(bc.InputError, match="first in sample 1"):
         cm(x)
+
+
+@pytest.mark.parametrize("use", ["kernel", "alias", "reshape", "result"])
+def test_only_an_input_kernels_alone_take_loses_its_checks(use):
+    """The pass on a hand-written entry: the input passed straight to a kernel loses the VM's
+    check; read through an alias, a reshape or returned as the result, it keeps it."""
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    from bitcompiler.backends.cpu.pipeline import BATCH_ONE, kernel_checked_entry
+
+    @T.prim_func(s_tir=True)
+    def copy(a: T.Buffer((1, 4), "float32"), b: T.Buffer((1, 4), "float32")):
+        for i in range(4):
+            with T.sblock("copy"):
+                vi = T.axis.spatial(4, i)
+                b[0, vi] = a[0, vi]
+
+    bb = relax.BlockBuilder()
+    ty = relax.TensorType((1, 4), "float32")
+    x = relax.Var("x", ty)
+    kernel = bb.add_func(copy, "copy")
+    with bb.function(BATCH_ONE, [x], pure=False):
+        bb.emit(relax.Call(relax.ExternFunc("vm.builtin.check_tensor_info"), [x]))
+        src = x
+        if use == "alias":
+            src = bb.emit(x)
+        elif use == "reshape":
+            src = bb.emit(relax.Call(relax.ExternFunc("vm.builtin.reshape"), [x], ty_args=[ty]))
+        out = bb.emit(relax.Call(relax.ExternFunc("vm.builtin.alloc_tensor"), [], ty_args=[ty]))
+        bb.emit(relax.Call(kernel, [src, out]))
+        bb.emit_func_output(relax.Tuple([out, x]) if use == "result" else out)
+    after = kernel_checked_entry()(bb.get())[BATCH_ONE].script()
+    assert ("check_tensor_info" in after) == (use != "kernel")

@@ -136,19 +136,30 @@ def kernel_checked_entry() -> Any:
         if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
             return mod
         params = list(func.params)
-        read_otherwise: list = pick([func.body.body], params)  # returned as it is
 
-        def visit(e: Any) -> None:
-            if isinstance(e, relax.Call):
-                if not (isinstance(e.op, ir.GlobalVar) and isinstance(mod[e.op], tirx.PrimFunc)):
-                    read_otherwise.extend(pick(e.args, params))
-            elif isinstance(e, relax.Tuple):
-                read_otherwise.extend(pick(e.fields, params))
+        def params_in(expr: Any) -> list:
+            found: list = []
+            relax.analysis.post_order_visit(
+                expr, lambda e: found.extend(pick([e], params)) if isinstance(e, relax.Var) else None
+            )
+            return found
 
-        bindings = [b for block in func.body.blocks for b in block.bindings]
-        for b in bindings:
-            if not is_check(b.value):
-                relax.analysis.post_order_visit(b.value, visit)
+        # a parameter anywhere but as a kernel's own argument: an alias, a reshape, a tuple, the result
+        read_otherwise = params_in(func.body.body)
+        for b in (b for block in func.body.blocks for b in block.bindings):
+            v = b.value
+            if is_check(v):
+                continue
+            if (
+                isinstance(v, relax.Call)
+                and isinstance(v.op, ir.GlobalVar)
+                and isinstance(mod[v.op], tirx.PrimFunc)
+            ):
+                for a in v.args:
+                    if not isinstance(a, relax.Var):
+                        read_otherwise.extend(params_in(a))
+            else:
+                read_otherwise.extend(params_in(v))
         kernel_only = [p for p in params if not pick(read_otherwise, [p])]
         if not kernel_only:
             return mod
