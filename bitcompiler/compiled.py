@@ -83,9 +83,10 @@ class CompiledModel:
         # path skips Python's pass over the input, and looks only when a call fails
         self._kernels_check_finite = bool(getattr(runner, "checks_finite", False))
         # where kernels check every value of the one input (NaN/Inf) and so take it, with their
-        # own argument checks, the fastest path (__call__): the entry for any batch, the batch-1
-        # entry, and one sample's number of values (a call with that many is a batch of 1; any
-        # other shape of as many values fails in the entry, and the path below names it)
+        # own argument checks, the fastest path (__call__). One tuple, read with one attribute
+        # lookup on the hot path: the entry for any batch, the batch-1 entry, and one sample's
+        # number of values (a call with that many is a batch of 1; any other shape of as many
+        # values fails in the entry, and the path below names it)
         self._fast: tuple | None = (
             (self._entries[0], self._entries[1], math.prod(inputs[0].shape))
             if self._call_one is not None and self._kernels_check_finite and self._entries is not None

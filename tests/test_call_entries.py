@@ -32,6 +32,20 @@ def agrees(cm, x) -> None:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def vm_function(cm, name: str) -> str:
+    """The VM's instructions of the executable's function ``name``."""
+    text = cm._runner.executable.as_text()
+    return text[text.index(f"@{name}:") :].split("\n\n")[0]
+
+
+@pytest.fixture(scope="module")
+def flat():
+    """A reshape (``Flatten``) first: the VM reads the input's shape."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32)).eval()
+    return bc.compile(model, (torch.randn(1, 3, 4, 4),), scheme=W1A1)
+
+
 @pytest.fixture(scope="module")
 def w1a1():
     torch.manual_seed(0)
@@ -136,10 +150,8 @@ def test_the_batch_one_entry_leaves_an_input_only_kernels_read_to_their_checks(w
     own checks refuse each wrong input (nothing computes on it), and ``cm(x)`` names the fault."""
     from bitcompiler.backends.cpu.pipeline import PARAM_CHECKS
 
-    text = w1a1._runner.executable.as_text()
-    entry = text[text.index("@main_b1:") :].split("\n\n")[0]
+    entry, main = vm_function(w1a1, "main_b1"), vm_function(w1a1, "main")
     assert "bitc_dense" in entry and not any(check in entry for check in PARAM_CHECKS)
-    main = text[text.index("@main:") :].split("\n\n")[0]
     assert all(check in main for check in PARAM_CHECKS)  # any batch: the VM reads the shape
     main_b1 = w1a1._runner.entries[1]
     bad = [
@@ -157,18 +169,13 @@ def test_the_batch_one_entry_leaves_an_input_only_kernels_read_to_their_checks(w
             w1a1(x)  # a strided batch-1 row is copied and computed
 
 
-def test_an_input_a_reshape_reads_keeps_the_checks():
+def test_an_input_a_reshape_reads_keeps_the_checks(flat):
     """A reshape would take any tensor of as many values: the VM checks that input's shape."""
     from bitcompiler.backends.cpu.pipeline import PARAM_CHECKS
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32)).eval()
-    cm = bc.compile(model, (torch.randn(1, 3, 4, 4),), scheme=W1A1)
-    text = cm._runner.executable.as_text()
-    entry = text[text.index("@main_b1:") :].split("\n\n")[0]
-    assert all(check in entry for check in PARAM_CHECKS)
+    assert all(check in vm_function(flat, "main_b1") for check in PARAM_CHECKS)
     with pytest.raises(bc.InputError, match=re.escape("got float32 tensor of shape (1, 4, 4, 3)")):
-        cm(torch.randn(1, 4, 4, 3))
+        flat(torch.randn(1, 4, 4, 3))
 
 
 def test_an_input_that_needs_gradients_gives_the_plain_result(w1a1):
@@ -185,12 +192,10 @@ def test_unaligned_or_strided_inputs_take_the_copying_path(w1a1):
         assert torch.equal(w1a1(x), w1a1.reference(x.contiguous()))
 
 
-def test_a_strided_or_unaligned_input_to_a_reshape_is_copied_first():
+def test_a_strided_or_unaligned_input_to_a_reshape_is_copied_first(flat):
     """The fastest path leaves layouts to TVM's checks: a reshape of the input (the first op
     here) refuses a strided tensor, and the path that copies it computes the same."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32)).eval()
-    cm = bc.compile(model, (torch.randn(1, 3, 4, 4),), scheme=W1A1)
+    cm = flat
     assert cm._fast is not None
     base = torch.randn(2 * 48 + 1)
     for x in (

@@ -119,14 +119,21 @@ def kernel_checked_entry() -> Any:
     import tvm
     from tvm import ir, relax, tirx
 
-    def pick(exprs: Any, among: list) -> list:
-        return [p for p in among if any(e.same_as(p) for e in exprs)]
+    def among(e: Any, exprs: list) -> bool:
+        return any(e.same_as(x) for x in exprs)
 
     def is_check(value: Any) -> bool:
         return (
             isinstance(value, relax.Call)
             and isinstance(value.op, relax.ExternFunc)
             and str(value.op.global_symbol) in PARAM_CHECKS
+        )
+
+    def is_kernel_call(mod: Any, value: Any) -> bool:
+        return (
+            isinstance(value, relax.Call)
+            and isinstance(value.op, ir.GlobalVar)
+            and isinstance(mod[value.op], tirx.PrimFunc)
         )
 
     @tvm.transform.module_pass(opt_level=0, name="bitc_kernel_checked_entry")
@@ -136,40 +143,28 @@ def kernel_checked_entry() -> Any:
         if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
             return mod
         params = list(func.params)
+        read_otherwise: list = []  # parameters read anywhere but as a kernel's own argument
 
-        def params_in(expr: Any) -> list:
-            found: list = []
+        def note_params_in(expr: Any) -> None:
             relax.analysis.post_order_visit(
-                expr, lambda e: found.extend(pick([e], params)) if isinstance(e, relax.Var) else None
+                expr,
+                lambda e: read_otherwise.append(e) if isinstance(e, relax.Var) and among(e, params) else None,
             )
-            return found
 
-        # a parameter anywhere but as a kernel's own argument: an alias, a reshape, a tuple, the result
-        read_otherwise = params_in(func.body.body)
+        note_params_in(func.body.body)  # the result
         for b in (b for block in func.body.blocks for b in block.bindings):
-            v = b.value
-            if is_check(v):
-                continue
-            if (
-                isinstance(v, relax.Call)
-                and isinstance(v.op, ir.GlobalVar)
-                and isinstance(mod[v.op], tirx.PrimFunc)
-            ):
-                for a in v.args:
-                    if not isinstance(a, relax.Var):
-                        read_otherwise.extend(params_in(a))
-            else:
-                read_otherwise.extend(params_in(v))
-        kernel_only = [p for p in params if not pick(read_otherwise, [p])]
+            if is_kernel_call(mod, b.value):
+                for a in b.value.args:
+                    if not isinstance(a, relax.Var):  # a kernel's own argument needs no VM check
+                        note_params_in(a)
+            elif not is_check(b.value):
+                note_params_in(b.value)  # an alias, a reshape, a tuple, any other call
+        kernel_only = [p for p in params if not among(p, read_otherwise)]
         if not kernel_only:
             return mod
         blocks = [
             relax.BindingBlock(
-                [
-                    b
-                    for b in block.bindings
-                    if not (is_check(b.value) and pick([b.value.args[0]], kernel_only))
-                ]
+                [b for b in block.bindings if not (is_check(b.value) and among(b.value.args[0], kernel_only))]
             )
             for block in func.body.blocks
         ]
