@@ -1,8 +1,8 @@
 """Compile cache: built artifacts keyed by the exported graph, its constants and the target.
 
 Recompiling an unchanged model loads the library instead of running TVM again.
-Entries live under ``$BITC_CACHE/compiled`` (default ``~/.cache/bitcompiler``;
-``BITC_CACHE=off`` disables caching). Writes are atomic: an entry is built in
+Entries live under ``$BITC_CACHE/compiled`` (default ``~/.cache/bitcompiler``, also for
+``BITC_CACHE=on``/``1``/``true``; ``BITC_CACHE=off``/``0`` disables caching). Writes are atomic: an entry is built in
 a private temporary directory and renamed into place, so two processes
 compiling the same model at once both end with a complete entry.
 """
@@ -21,13 +21,16 @@ from pathlib import Path
 import torch
 
 FORMAT = "1"
+DEFAULT_ROOT = "~/.cache/bitcompiler"
 
 
 def root() -> Path | None:
     """The cache directory, or None when caching is off."""
-    value = os.environ.get("BITC_CACHE", "~/.cache/bitcompiler")
-    if value.lower() in ("off", "0", "none", ""):
+    value = os.environ.get("BITC_CACHE", DEFAULT_ROOT)
+    if value.lower() in ("off", "0", "false", "no", "none", ""):
         return None
+    if value.lower() in ("on", "1", "true", "yes"):  # a switch, not a directory named "on"
+        value = DEFAULT_ROOT
     return Path(value).expanduser()
 
 

@@ -1,5 +1,6 @@
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,15 @@ def test_corrupt_entry_is_ignored_with_a_warning(tmp_path, monkeypatch):
 def test_cache_off(monkeypatch):
     monkeypatch.setenv("BITC_CACHE", "off")
     assert cache.root() is None
+
+
+@pytest.mark.parametrize("switch", ["on", "1", "true", "ON"])
+def test_cache_on_is_the_default_directory_not_one_named_on(monkeypatch, switch):
+    monkeypatch.setenv("BITC_CACHE", switch)
+    assert cache.root() == Path("~/.cache/bitcompiler").expanduser()
+    for off in ("0", "false", "no"):
+        monkeypatch.setenv("BITC_CACHE", off)
+        assert cache.root() is None
 
 
 def test_a_model_loaded_from_the_cache_exports_and_loads(tmp_path, monkeypatch):
